@@ -1,0 +1,83 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::{Lsn, TableSchema};
+
+/// One column of a row image, in the source's text encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datum {
+    Null,
+    /// A TOASTed value the update did not touch: Postgres does not resend it, so the
+    /// sink must keep the value it already has. Never written as a value.
+    Unchanged,
+    Text(Bytes),
+}
+
+impl Datum {
+    pub fn as_text(&self) -> Option<&[u8]> {
+        match self {
+            Datum::Text(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+pub type Row = Vec<Datum>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A row read by the initial snapshot.
+    Read,
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    /// The Debezium envelope's `op` letter.
+    pub fn code(self) -> char {
+        match self {
+            Op::Read => 'r',
+            Op::Insert => 'c',
+            Op::Update => 'u',
+            Op::Delete => 'd',
+            Op::Truncate => 't',
+        }
+    }
+}
+
+/// Where a change sits in the source's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SourcePosition {
+    /// LSN of the change's own WAL record (0 when the protocol does not carry it).
+    pub lsn: Lsn,
+    /// LSN of the commit record of the change's transaction.
+    pub commit_lsn: Lsn,
+    pub xid: u32,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// Order of the change within its transaction, from 0.
+    pub seq: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub op: Op,
+    pub table: Arc<TableSchema>,
+    /// The old key (replica identity default/index) or the whole old row (full).
+    pub before: Option<Row>,
+    pub after: Option<Row>,
+    pub position: SourcePosition,
+}
+
+impl ChangeEvent {
+    /// Size of the row images' payload in bytes, for throughput metrics.
+    pub fn payload_bytes(&self) -> usize {
+        let len = |r: &Option<Row>| {
+            r.as_ref().map_or(0, |r| r.iter().map(|d| d.as_text().map_or(0, <[u8]>::len)).sum())
+        };
+        len(&self.before) + len(&self.after)
+    }
+}

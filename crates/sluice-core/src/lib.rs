@@ -1,0 +1,17 @@
+//! Sluice's core model: log positions, table schemas, change events and typed values.
+//!
+//! Row images are kept as the source's own text encoding ([`Datum`]) because that is
+//! lossless and costs nothing to forward to a Postgres sink; sinks that need typed
+//! values (Avro, search documents) decode a datum with [`Value::parse`] on demand.
+
+mod error;
+mod event;
+mod lsn;
+mod schema;
+mod value;
+
+pub use error::{CoreError, ErrorKind};
+pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition};
+pub use lsn::Lsn;
+pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident};
+pub use value::{Interval, Numeric, PgType, Value};

@@ -1,0 +1,106 @@
+use std::fmt;
+
+use crate::PgType;
+
+/// A schema-qualified table name, kept unquoted; quote with [`TableName::quoted`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { schema: schema.into(), name: name.into() }
+    }
+
+    /// Parses `schema.table` or `table` (schema `public`). Names are taken literally:
+    /// a dot inside a name is not supported here.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let (schema, name) = s.split_once('.').unwrap_or(("public", s));
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return None;
+        }
+        Some(Self::new(schema, name))
+    }
+
+    /// `"schema"."name"`, safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier, doubling embedded quotes.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    Default,
+    Nothing,
+    Full,
+    Index,
+}
+
+impl ReplicaIdentity {
+    pub fn from_pg(c: u8) -> Self {
+        match c {
+            b'n' => Self::Nothing,
+            b'f' => Self::Full,
+            b'i' => Self::Index,
+            _ => Self::Default,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSchema {
+    pub name: String,
+    pub type_oid: u32,
+    /// The type as Postgres prints it with its modifier (`numeric(10,2)`, `text[]`).
+    pub type_name: String,
+    pub pg_type: PgType,
+    pub nullable: bool,
+    /// Part of the key the sink upserts by (the primary key, or the replica-identity index).
+    pub is_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    pub name: TableName,
+    pub relid: u32,
+    pub columns: Vec<ColumnSchema>,
+    pub replica_identity: ReplicaIdentity,
+}
+
+impl TableSchema {
+    pub fn key_indexes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i)
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.columns.iter().any(|c| c.is_key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_quotes_names() {
+        let t = TableName::parse("app.Order\"s").unwrap();
+        assert_eq!(t.quoted(), "\"app\".\"Order\"\"s\"");
+        assert_eq!(TableName::parse("users").unwrap(), TableName::new("public", "users"));
+        assert!(TableName::parse("a.b.c").is_none());
+        assert!(TableName::parse(".x").is_none());
+    }
+}
