@@ -81,3 +81,25 @@ impl ChangeEvent {
         len(&self.before) + len(&self.after)
     }
 }
+
+/// A committed source transaction, in commit order.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub xid: u32,
+    /// LSN of the commit record: orders transactions and identifies them for replay.
+    pub commit_lsn: Lsn,
+    /// LSN just past the commit record: what the source is told is flushed.
+    pub end_lsn: Lsn,
+    /// Microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    pub events: Vec<ChangeEvent>,
+}
+
+/// A place changes are delivered to. `apply` returns only once every transaction given
+/// is durable there together with the position it came from, so that after a crash the
+/// source can be told exactly what is safe to discard.
+pub trait Destination: Send {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn apply(&mut self, txns: &[Transaction]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}

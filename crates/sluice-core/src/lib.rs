@@ -11,7 +11,7 @@ mod schema;
 mod value;
 
 pub use error::{CoreError, ErrorKind};
-pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition};
+pub use event::{ChangeEvent, Datum, Destination, Op, Row, SourcePosition, Transaction};
 pub use lsn::Lsn;
 pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident};
 pub use value::{Interval, Numeric, PgType, Value};

@@ -71,6 +71,8 @@ pub struct ColumnSchema {
     pub nullable: bool,
     /// Part of the key the sink upserts by (the primary key, or the replica-identity index).
     pub is_key: bool,
+    /// The labels of an enum type (or of an array of enums), in order; empty otherwise.
+    pub enum_labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,1 +1,18 @@
+//! The Postgres side of Sluice: logical-replication source, consistent snapshots and
+//! the Postgres sink.
 
+mod catalog;
+pub mod cluster;
+mod conn;
+mod error;
+mod pgoutput;
+mod sink;
+mod snapshot;
+mod stream;
+
+pub use catalog::{load_table, publication_tables, slot_info, verify_slot, wal_level, SlotInfo};
+pub use conn::{connect, PgConnConfig};
+pub use error::{PgError, Result};
+pub use sink::{Checkpoint, PostgresSink};
+pub use snapshot::{run_snapshot, SnapshotOptions, SnapshotProgress, SnapshotTable};
+pub use stream::{ReplicationStream, StreamItem, HEARTBEAT_PREFIX};

@@ -1,0 +1,76 @@
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::{PgError, Result};
+
+/// Session settings pinned on every connection, so values are printed in the one
+/// text form the decoder and the sink expect (and floats without rounding).
+pub(crate) const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c intervalstyle=iso_8601 -c timezone=UTC \
+     -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
+
+/// How to reach a Postgres database. The password never appears in logs or `Debug`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConnConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+impl PgConnConfig {
+    /// Where this points, for messages: never includes the password.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+
+    pub(crate) fn replication(&self, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
+        pgwire_replication::ReplicationConfig::new(
+            self.host.clone(),
+            self.user.clone(),
+            self.password.expose_secret().to_string(),
+            self.database.clone(),
+            slot.to_string(),
+            publication.to_string(),
+        )
+        .with_port(self.port)
+        .with_tls(pgwire_replication::TlsConfig::disabled())
+        .with_options(SESSION_OPTIONS)
+        .with_application_name(format!("sluice:{slot}"))
+        .with_status_interval(Duration::from_millis(200))
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(4096)
+    }
+}
+
+/// Opens a regular (non-replication) connection; `what` names it in errors.
+pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&cfg.host)
+        .port(cfg.port)
+        .user(&cfg.user)
+        .password(cfg.password.expose_secret())
+        .dbname(&cfg.database)
+        .options(SESSION_OPTIONS)
+        .application_name("sluice")
+        .connect_timeout(Duration::from_secs(10));
+    let (client, connection) = pg
+        .connect(NoTls)
+        .await
+        .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}

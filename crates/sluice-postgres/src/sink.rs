@@ -1,0 +1,620 @@
+//! The Postgres sink: applies committed source transactions to target tables.
+//!
+//! Each call to [`PostgresSink::apply`] runs in one target transaction that also moves
+//! the pipeline's checkpoint (`sluice.pipelines`), so a batch is applied exactly once:
+//! after a crash the source resends from its confirmed position and every transaction
+//! at or below the checkpoint is skipped.
+//!
+//! Changes are coalesced per key within a segment (a run of changes without a
+//! TRUNCATE), streamed with COPY into a temporary staging table, then merged with one
+//! DELETE, one INSERT .. ON CONFLICT and, for rows whose TOASTed columns were left
+//! untouched by an update, one UPDATE that keeps the target's current value for those
+//! columns. An unchanged TOAST column therefore never reaches a table as a value: the
+//! sink keeps the value it already holds, which is the one the source still holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::SinkExt;
+use sluice_core::{quote_ident, ChangeEvent, Datum, Destination, Lsn, Op, Row, TableName, TableSchema, Transaction};
+use tokio_postgres::Client;
+
+use crate::conn::{connect, PgConnConfig};
+use crate::error::{PgError, Result};
+
+pub(crate) const STATE_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS sluice;
+CREATE TABLE IF NOT EXISTS sluice.pipelines (
+    pipeline text PRIMARY KEY,
+    commit_lsn pg_lsn NOT NULL DEFAULT '0/0',
+    end_lsn pg_lsn NOT NULL DEFAULT '0/0',
+    applied_txns int8 NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS sluice.snapshot_chunks (
+    pipeline text NOT NULL,
+    table_name text NOT NULL,
+    chunk int4 NOT NULL,
+    lo int8,
+    hi int8,
+    done bool NOT NULL DEFAULT false,
+    snapshot_lsn pg_lsn,
+    rows int8,
+    PRIMARY KEY (pipeline, table_name, chunk)
+);";
+
+/// What the sink has durably applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Commit LSN of the last applied transaction: anything at or below is a replay.
+    pub commit_lsn: Lsn,
+    /// End LSN of that transaction (or a later idle position): safe to confirm.
+    pub end_lsn: Lsn,
+}
+
+/// One snapshot chunk: a key range of a table, copied as of `snapshot_lsn`.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub table: String,
+    pub chunk: i32,
+    pub lo: Option<i64>,
+    pub hi: Option<i64>,
+    pub done: bool,
+    pub snapshot_lsn: Option<Lsn>,
+}
+
+impl Chunk {
+    fn contains(&self, key: i64) -> bool {
+        self.lo.is_none_or(|lo| key >= lo) && self.hi.is_none_or(|hi| key < hi)
+    }
+}
+
+pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<Chunk>> {
+    let rows = client
+        .query(
+            "SELECT table_name, chunk, lo, hi, done, snapshot_lsn::text FROM sluice.snapshot_chunks
+             WHERE pipeline = $1 ORDER BY table_name, chunk",
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::from_pg("reading snapshot state from the sink", e))?;
+    rows.iter()
+        .map(|r| {
+            let lsn: Option<String> = r.get(5);
+            Ok(Chunk {
+                table: r.get(0),
+                chunk: r.get(1),
+                lo: r.get(2),
+                hi: r.get(3),
+                done: r.get(4),
+                snapshot_lsn: lsn.map(|l| l.parse()).transpose().map_err(|e: sluice_core::CoreError| PgError::permanent(e.to_string()))?,
+            })
+        })
+        .collect()
+}
+
+/// Which stream changes the snapshot already contains. A chunk copied as of LSN `s`
+/// holds the effect of every transaction that committed before `s`, so those are
+/// skipped for keys in that chunk; after the last chunk's LSN, nothing is.
+#[derive(Debug, Default)]
+struct SnapshotFilter {
+    by_table: HashMap<String, Vec<Chunk>>,
+    max_lsn: Lsn,
+}
+
+impl SnapshotFilter {
+    fn new(chunks: Vec<Chunk>) -> Self {
+        let mut f = SnapshotFilter::default();
+        for c in chunks {
+            if let Some(l) = c.snapshot_lsn {
+                f.max_lsn = f.max_lsn.max(l);
+            }
+            f.by_table.entry(c.table.clone()).or_default().push(c);
+        }
+        f
+    }
+
+    /// The snapshot LSN of the chunk holding `key` (or of the table's only chunk).
+    fn snapshot_lsn(&self, table: &str, key: Option<i64>) -> Option<Lsn> {
+        let chunks = self.by_table.get(table)?;
+        let chunk = match (chunks.len(), key) {
+            (1, _) => &chunks[0],
+            (_, Some(k)) => chunks.iter().find(|c| c.contains(k))?,
+            (_, None) => return chunks.iter().filter_map(|c| c.snapshot_lsn).max(),
+        };
+        chunk.snapshot_lsn
+    }
+
+    fn covers(&self, table: &str, key: Option<i64>, commit_lsn: Lsn) -> bool {
+        commit_lsn < self.max_lsn && self.snapshot_lsn(table, key).is_some_and(|s| commit_lsn < s)
+    }
+}
+
+struct Target {
+    source: Arc<TableSchema>,
+    name: TableName,
+    stage: String,
+    /// Column types as the target prints them, for casts from staged text.
+    types: Vec<String>,
+    keys: Vec<usize>,
+    /// Index of the single integer key column, when chunks can split by key range.
+    int_key: Option<usize>,
+}
+
+/// A pending change for one key within a segment.
+enum Pending {
+    Delete(Row),
+    Upsert(Row),
+}
+
+pub struct PostgresSink {
+    client: Client,
+    pipeline: String,
+    target_schema: Option<String>,
+    targets: HashMap<TableName, Target>,
+    checkpoint: Checkpoint,
+    filter: SnapshotFilter,
+    buf: BytesMut,
+}
+
+fn key_of(row: &Row, keys: &[usize]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
+    for &i in keys {
+        match &row[i] {
+            Datum::Text(b) => {
+                k.extend((b.len() as u32).to_be_bytes());
+                k.extend_from_slice(b);
+            }
+            _ => k.extend(u32::MAX.to_be_bytes()),
+        }
+    }
+    k
+}
+
+fn int_key(row: &Row, idx: Option<usize>) -> Option<i64> {
+    std::str::from_utf8(row.get(idx?)?.as_text()?).ok()?.parse().ok()
+}
+
+/// Appends a COPY text-format field.
+fn put_field(buf: &mut BytesMut, d: &Datum) {
+    match d {
+        Datum::Text(b) => {
+            for &c in b.iter() {
+                match c {
+                    b'\\' => buf.put_slice(b"\\\\"),
+                    b'\t' => buf.put_slice(b"\\t"),
+                    b'\n' => buf.put_slice(b"\\n"),
+                    b'\r' => buf.put_slice(b"\\r"),
+                    _ => buf.put_u8(c),
+                }
+            }
+        }
+        Datum::Null | Datum::Unchanged => buf.put_slice(b"\\N"),
+    }
+}
+
+impl PostgresSink {
+    /// Connects and creates the sink's state tables (`sluice.*`) if missing.
+    pub async fn connect(cfg: &PgConnConfig, pipeline: &str, target_schema: Option<String>) -> Result<Self> {
+        let client = connect(cfg, "sink").await?;
+        client.batch_execute(STATE_DDL).await.map_err(|e| PgError::from_pg("creating sluice state tables in the sink", e))?;
+        client
+            .execute("INSERT INTO sluice.pipelines (pipeline) VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline])
+            .await
+            .map_err(|e| PgError::from_pg("registering the pipeline in the sink", e))?;
+        let row = client
+            .query_one("SELECT commit_lsn::text, end_lsn::text FROM sluice.pipelines WHERE pipeline = $1", &[&pipeline])
+            .await
+            .map_err(|e| PgError::from_pg("reading the sink checkpoint", e))?;
+        let parse = |s: String| s.parse::<Lsn>().map_err(|e| PgError::permanent(e.to_string()));
+        let checkpoint = Checkpoint { commit_lsn: parse(row.get(0))?, end_lsn: parse(row.get(1))? };
+        let filter = SnapshotFilter::new(load_chunks(&client, pipeline).await?);
+        Ok(Self {
+            client,
+            pipeline: pipeline.to_string(),
+            target_schema,
+            targets: HashMap::new(),
+            checkpoint,
+            filter,
+            buf: BytesMut::with_capacity(1 << 20),
+        })
+    }
+
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint
+    }
+
+    /// Re-reads the snapshot chunks after a snapshot ran on other connections.
+    pub async fn reload_snapshot_state(&mut self) -> Result<()> {
+        self.filter = SnapshotFilter::new(load_chunks(&self.client, &self.pipeline).await?);
+        Ok(())
+    }
+
+    pub fn target_name(&self, source: &TableName) -> TableName {
+        TableName::new(self.target_schema.clone().unwrap_or_else(|| source.schema.clone()), source.name.clone())
+    }
+
+    /// Creates the target table (and any enum types it needs) when absent, checks an
+    /// existing one can be upserted by the source key, and prepares its staging table.
+    pub async fn prepare_table(&mut self, schema: &Arc<TableSchema>) -> Result<()> {
+        let name = self.target_name(&schema.name);
+        let c = &self.client;
+        let err = |what: &str| {
+            let what = format!("{what} for {name} in the sink");
+            move |e| PgError::from_pg(&what, e)
+        };
+        c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)))
+            .await
+            .map_err(err("creating schema"))?;
+        let exists = c
+            .query_opt("SELECT to_regclass($1)::text", &[&name.quoted()])
+            .await
+            .map_err(err("looking up table"))?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some();
+        if !exists {
+            let mut cols = Vec::new();
+            for col in &schema.columns {
+                let ty = self.target_type(col, &name).await?;
+                cols.push(format!("{} {ty}{}", quote_ident(&col.name), if col.is_key { " NOT NULL" } else { "" }));
+            }
+            let keys: Vec<String> = schema.columns.iter().filter(|c| c.is_key).map(|c| quote_ident(&c.name)).collect();
+            let ddl = format!("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))", name.quoted(), cols.join(", "), keys.join(", "));
+            self.client.batch_execute(&ddl).await.map_err(err("creating table"))?;
+            tracing::info!(table = %name, "created target table");
+        }
+        self.sync_columns(schema, &name).await?;
+        let target = self.describe_target(schema, &name).await?;
+        self.targets.insert(schema.name.clone(), target);
+        Ok(())
+    }
+
+    /// The type to give a column in the target: the source's type when the target
+    /// knows it (enums are created from their labels), otherwise `text`, which keeps
+    /// the value exactly as the source printed it.
+    async fn target_type(&self, col: &sluice_core::ColumnSchema, table: &TableName) -> Result<String> {
+        let known = |ty: String| async move {
+            let r = self.client.query_one("SELECT to_regtype($1)::text", &[&ty]).await;
+            r.map(|r| r.get::<_, Option<String>>(0).is_some()).unwrap_or(false)
+        };
+        if known(col.type_name.clone()).await {
+            return Ok(col.type_name.clone());
+        }
+        if !col.enum_labels.is_empty() {
+            let base = col.type_name.trim_end_matches("[]");
+            let labels: Vec<String> = col.enum_labels.iter().map(|l| format!("'{}'", l.replace('\'', "''"))).collect();
+            // The name comes from format_type, which already quotes it where needed.
+            let ddl = format!("DO $$ BEGIN CREATE TYPE {base} AS ENUM ({}); EXCEPTION WHEN duplicate_object THEN NULL; END $$", labels.join(", "));
+            self.client.batch_execute(&ddl).await.map_err(|e| PgError::from_pg(&format!("creating enum type {base} in the sink"), e))?;
+            return Ok(col.type_name.clone());
+        }
+        tracing::warn!(table = %table, column = %col.name, source_type = %col.type_name, "type unknown to the sink: stored as text");
+        Ok("text".to_string())
+    }
+
+    /// Adds columns the source has and the target lacks (schema evolution).
+    async fn sync_columns(&self, schema: &TableSchema, name: &TableName) -> Result<()> {
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+                &[&name.quoted()],
+            )
+            .await
+            .map_err(|e| PgError::from_pg(&format!("reading columns of {name} in the sink"), e))?;
+        let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        for col in schema.columns.iter().filter(|c| !have.contains(&c.name)) {
+            let ty = self.target_type(col, name).await?;
+            let ddl = format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", name.quoted(), quote_ident(&col.name));
+            self.client.batch_execute(&ddl).await.map_err(|e| PgError::from_pg(&format!("adding column {} to {name}", col.name), e))?;
+            tracing::info!(table = %name, column = %col.name, "added column to target table");
+        }
+        Ok(())
+    }
+
+    async fn describe_target(&self, schema: &Arc<TableSchema>, name: &TableName) -> Result<Target> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&name.quoted()],
+            )
+            .await
+            .map_err(|e| PgError::from_pg(&format!("reading columns of {name} in the sink"), e))?;
+        let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let types: Vec<String> = schema.columns.iter().map(|c| types.get(&c.name).cloned().unwrap_or_else(|| "text".into())).collect();
+        let keys: Vec<usize> = schema.key_indexes().collect();
+        let key_names: Vec<String> = keys.iter().map(|&i| schema.columns[i].name.clone()).collect();
+        // ON CONFLICT needs a unique index on exactly the key columns.
+        let unique = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_index i WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indpred IS NULL
+                   AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
+                        WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[]))
+                       = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)",
+                &[&name.quoted(), &key_names],
+            )
+            .await
+            .map_err(|e| PgError::from_pg(&format!("reading indexes of {name} in the sink"), e))?;
+        if unique.is_none() {
+            return Err(PgError::permanent(format!(
+                "target table {name} has no primary key or unique index on ({}): add one, or drop the table and let Sluice create it",
+                key_names.join(", ")
+            )));
+        }
+        let stage = format!("_sluice_stage_{}", schema.relid);
+        let stage_cols: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i} text")).collect();
+        self.client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} (_op \"char\", _u bool[], {})",
+                stage_cols.join(", ")
+            ))
+            .await
+            .map_err(|e| PgError::from_pg("creating a staging table in the sink", e))?;
+        let int_key = match keys.as_slice() {
+            [k] if matches!(schema.columns[*k].pg_type, sluice_core::PgType::Int2 | sluice_core::PgType::Int4 | sluice_core::PgType::Int8) => Some(*k),
+            _ => None,
+        };
+        Ok(Target { source: schema.clone(), name: name.clone(), stage, types, keys, int_key })
+    }
+
+    /// Makes sure the target matches a (possibly changed) source schema.
+    async fn ensure_schema(&mut self, schema: &Arc<TableSchema>) -> Result<()> {
+        match self.targets.get(&schema.name) {
+            Some(t) if Arc::ptr_eq(&t.source, schema) || *t.source == **schema => Ok(()),
+            _ => self.prepare_table(schema).await,
+        }
+    }
+
+    async fn apply_inner(&mut self, txns: &[Transaction]) -> Result<()> {
+        let todo: Vec<&Transaction> = txns.iter().filter(|t| t.commit_lsn > self.checkpoint.commit_lsn).collect();
+        let Some(last) = todo.last() else { return Ok(()) };
+        let (commit_lsn, end_lsn) = (last.commit_lsn, last.end_lsn);
+        for t in &todo {
+            for e in &t.events {
+                self.ensure_schema(&e.table).await?;
+            }
+        }
+        let client = &self.client;
+        client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
+        let mut segment: HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)> = HashMap::new();
+        for t in &todo {
+            for e in &t.events {
+                if e.op == Op::Truncate {
+                    self.flush(&mut segment).await?;
+                    self.truncate(e, t.commit_lsn).await?;
+                } else {
+                    self.stage_event(&mut segment, e, t.commit_lsn);
+                }
+            }
+        }
+        self.flush(&mut segment).await?;
+        let client = &self.client;
+        client
+            .execute(
+                "UPDATE sluice.pipelines SET commit_lsn = $2::text::pg_lsn, end_lsn = $3::text::pg_lsn,
+                 applied_txns = applied_txns + $4, updated_at = now() WHERE pipeline = $1",
+                &[&self.pipeline, &commit_lsn.to_string(), &end_lsn.to_string(), &(todo.len() as i64)],
+            )
+            .await
+            .map_err(|e| PgError::from_pg("moving the sink checkpoint", e))?;
+        client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
+        self.checkpoint = Checkpoint { commit_lsn, end_lsn };
+        Ok(())
+    }
+
+    fn stage_event(&self, segment: &mut HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>, e: &ChangeEvent, commit_lsn: Lsn) {
+        let Some(target) = self.targets.get(&e.table.name) else { return };
+        let table = e.table.name.to_string();
+        let covered = |row: &Row| self.filter.covers(&table, int_key(row, target.int_key), commit_lsn);
+        let (order, map) = segment.entry(e.table.name.clone()).or_default();
+        fn put(order: &mut Vec<Vec<u8>>, map: &mut HashMap<Vec<u8>, Pending>, key: Vec<u8>, p: Pending) {
+            if map.insert(key.clone(), p).is_none() {
+                order.push(key);
+            }
+        }
+        match (e.op, &e.before, &e.after) {
+            (Op::Delete, Some(old), _) => {
+                if !covered(old) {
+                    put(order, map, key_of(old, &target.keys), Pending::Delete(old.clone()));
+                }
+            }
+            (Op::Insert | Op::Update | Op::Read, before, Some(new)) => {
+                let new_key = key_of(new, &target.keys);
+                if let Some(old) = before {
+                    let old_key = key_of(old, &target.keys);
+                    if old_key != new_key && !covered(old) {
+                        put(order, map, old_key, Pending::Delete(old.clone()));
+                    }
+                }
+                if covered(new) {
+                    return;
+                }
+                let mut row = new.clone();
+                if row.iter().any(|d| *d == Datum::Unchanged) {
+                    // An earlier change to the same key in this segment knows the value.
+                    if let Some(Pending::Upsert(prev)) = map.get(&new_key) {
+                        for (d, p) in row.iter_mut().zip(prev) {
+                            if *d == Datum::Unchanged {
+                                *d = p.clone();
+                            }
+                        }
+                    }
+                }
+                put(order, map, new_key, Pending::Upsert(row));
+            }
+            _ => tracing::warn!(table = %e.table.name, op = ?e.op, "change without a row image skipped"),
+        }
+    }
+
+    async fn truncate(&mut self, e: &ChangeEvent, commit_lsn: Lsn) -> Result<()> {
+        let Some(target) = self.targets.get(&e.table.name) else { return Ok(()) };
+        let table = e.table.name.to_string();
+        let chunks = self.filter.by_table.get(&table).map(Vec::as_slice).unwrap_or(&[]);
+        let newer: Vec<&Chunk> = chunks.iter().filter(|c| c.snapshot_lsn.is_some_and(|s| commit_lsn < s)).collect();
+        let sql = if newer.is_empty() {
+            format!("TRUNCATE {}", target.name.quoted())
+        } else if newer.len() == chunks.len() {
+            return Ok(()); // the snapshot was taken after this truncate
+        } else {
+            // Only the key ranges copied before the truncate lose their rows.
+            let k = quote_ident(&target.source.columns[target.int_key.unwrap_or(0)].name);
+            let ranges: Vec<String> = chunks
+                .iter()
+                .filter(|c| !newer.iter().any(|n| n.chunk == c.chunk))
+                .map(|c| {
+                    let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
+                    let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
+                    format!("({lo} AND {hi})")
+                })
+                .collect();
+            format!("DELETE FROM {} WHERE {}", target.name.quoted(), ranges.join(" OR "))
+        };
+        self.client.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("truncating {}", target.name), e))
+    }
+
+    async fn flush(&mut self, segment: &mut HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>) -> Result<()> {
+        for (table, (order, mut map)) in segment.drain() {
+            let target = &self.targets[&table];
+            let ncols = target.source.columns.len();
+            let buf = &mut self.buf;
+            buf.clear();
+            let (mut deletes, mut upserts, mut partial) = (false, false, false);
+            for key in &order {
+                let Some(p) = map.remove(key) else { continue };
+                let (op, row) = match &p {
+                    Pending::Delete(r) => (b'D', r),
+                    Pending::Upsert(r) => (b'U', r),
+                };
+                buf.put_u8(op);
+                buf.put_u8(b'\t');
+                if op == b'U' && row.contains(&Datum::Unchanged) {
+                    partial = true;
+                    buf.put_u8(b'{');
+                    for (i, d) in row.iter().enumerate() {
+                        if i > 0 {
+                            buf.put_u8(b',');
+                        }
+                        buf.put_u8(if *d == Datum::Unchanged { b't' } else { b'f' });
+                    }
+                    buf.put_u8(b'}');
+                } else {
+                    buf.put_slice(b"\\N");
+                    if op == b'D' {
+                        deletes = true;
+                    } else {
+                        upserts = true;
+                    }
+                }
+                for d in row.iter().take(ncols) {
+                    buf.put_u8(b'\t');
+                    put_field(buf, d);
+                }
+                for _ in row.len()..ncols {
+                    buf.put_slice(b"\t\\N");
+                }
+                buf.put_u8(b'\n');
+            }
+            if buf.is_empty() {
+                continue;
+            }
+            let data: Bytes = buf.split().freeze();
+            let c = &self.client;
+            let ctx = |what: &str| format!("{what} {}", target.name);
+            let sink = c
+                .copy_in(&format!("COPY pg_temp.{} FROM STDIN", target.stage))
+                .await
+                .map_err(|e| PgError::from_pg(&ctx("staging changes for"), e))?;
+            futures::pin_mut!(sink);
+            sink.send(data).await.map_err(|e| PgError::from_pg(&ctx("staging changes for"), e))?;
+            sink.finish().await.map_err(|e| PgError::from_pg(&ctx("staging changes for"), e))?;
+            let mut sql = String::new();
+            let cast = |i: usize| format!("s.c{i}::{}", target.types[i]);
+            let cols = &target.source.columns;
+            let key_match: Vec<String> = target.keys.iter().map(|&i| format!("t.{} = {}", quote_ident(&cols[i].name), cast(i))).collect();
+            let key_match = key_match.join(" AND ");
+            if deletes {
+                sql += &format!("DELETE FROM {} t USING pg_temp.{} s WHERE s._op = 'D' AND {key_match};\n", target.name.quoted(), target.stage);
+            }
+            if upserts {
+                let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+                let values: Vec<String> = (0..ncols).map(cast).collect();
+                let keys: Vec<String> = target.keys.iter().map(|&i| quote_ident(&cols[i].name)).collect();
+                let sets: Vec<String> = cols.iter().filter(|c| !c.is_key).map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name))).collect();
+                let action = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
+                sql += &format!(
+                    "INSERT INTO {} ({}) SELECT {} FROM pg_temp.{} s WHERE s._op = 'U' AND s._u IS NULL ON CONFLICT ({}) DO {action};\n",
+                    target.name.quoted(),
+                    names.join(", "),
+                    values.join(", "),
+                    target.stage,
+                    keys.join(", ")
+                );
+            }
+            if partial {
+                let sets: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.is_key)
+                    .map(|(i, c)| format!("{0} = CASE WHEN s._u[{1}] THEN t.{0} ELSE {2} END", quote_ident(&c.name), i + 1, cast(i)))
+                    .collect();
+                if !sets.is_empty() {
+                    sql += &format!(
+                        "UPDATE {} t SET {} FROM pg_temp.{} s WHERE s._op = 'U' AND s._u IS NOT NULL AND {key_match};\n",
+                        target.name.quoted(),
+                        sets.join(", "),
+                        target.stage
+                    );
+                }
+            }
+            sql += &format!("TRUNCATE pg_temp.{}", target.stage);
+            c.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&ctx("applying changes to"), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Destination for PostgresSink {
+    type Error = PgError;
+
+    async fn apply(&mut self, txns: &[Transaction]) -> Result<()> {
+        let r = self.apply_inner(txns).await;
+        if r.is_err() {
+            // Leave the connection usable for a retry; the failed batch is rolled back.
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: i32, lo: Option<i64>, hi: Option<i64>, lsn: u64) -> Chunk {
+        Chunk { table: "public.t".into(), chunk: n, lo, hi, done: true, snapshot_lsn: Some(Lsn(lsn)) }
+    }
+
+    #[test]
+    fn filter_skips_only_what_each_chunk_already_has() {
+        let f = SnapshotFilter::new(vec![chunk(0, None, Some(100), 10), chunk(1, Some(100), None, 50)]);
+        assert!(!f.covers("public.t", Some(5), Lsn(20)), "chunk 0 was copied before LSN 20");
+        assert!(f.covers("public.t", Some(150), Lsn(20)), "chunk 1 was copied after LSN 20");
+        assert!(!f.covers("public.t", Some(150), Lsn(50)));
+        assert!(f.covers("public.t", Some(5), Lsn(9)));
+        assert!(!f.covers("public.other", Some(5), Lsn(1)));
+    }
+
+    #[test]
+    fn copy_fields_escape_control_characters() {
+        let mut b = BytesMut::new();
+        put_field(&mut b, &Datum::Text(Bytes::from_static(b"a\tb\\c\nd\re")));
+        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\\re");
+        b.clear();
+        put_field(&mut b, &Datum::Null);
+        assert_eq!(&b[..], b"\\N");
+    }
+}

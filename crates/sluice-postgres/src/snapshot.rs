@@ -1,0 +1,251 @@
+//! Consistent initial snapshot, copied in parallel chunks and resumable per chunk.
+//!
+//! The pipeline's slot already exists when this runs. A temporary slot is created with
+//! an exported snapshot; every chunk is copied inside that snapshot, and the chunk's
+//! rows commit in the sink together with the row that marks it done and records the
+//! snapshot's consistent point. Streaming then starts from the pipeline slot, and the
+//! sink skips, per chunk, the transactions that committed before that chunk's
+//! snapshot (see `SnapshotFilter`). After a crash, the chunks not done are copied
+//! under a fresh snapshot the same way: nothing is copied twice and no change is
+//! applied on top of a snapshot that already holds it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{SinkExt, StreamExt};
+use sluice_core::{quote_ident, Lsn, PgType, TableName, TableSchema};
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use crate::conn::{connect, PgConnConfig};
+use crate::error::{PgError, Result};
+use crate::sink::{load_chunks, Chunk, STATE_DDL};
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub pipeline: String,
+    pub slot: String,
+    pub publication: String,
+    /// Chunks copied at once, each on its own pair of connections.
+    pub parallelism: usize,
+    /// Target rows per chunk (tables with a single integer key are split by key range).
+    pub chunk_rows: u64,
+}
+
+/// Progress counters, read by the CLI's progress bar and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct SnapshotProgress {
+    pub rows_estimated: AtomicU64,
+    pub rows_copied: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub chunks_total: AtomicU64,
+    pub chunks_done: AtomicU64,
+}
+
+/// A table to snapshot: its source schema and where it goes in the sink.
+pub struct SnapshotTable {
+    pub schema: Arc<TableSchema>,
+    pub target: TableName,
+}
+
+async fn snapshot_txn(client: &Client, snapshot: &str) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| PgError::from_pg("importing the exported snapshot", e))
+}
+
+fn int_key(schema: &TableSchema) -> Option<&str> {
+    let keys: Vec<_> = schema.columns.iter().filter(|c| c.is_key).collect();
+    match keys.as_slice() {
+        [k] if matches!(k.pg_type, PgType::Int2 | PgType::Int4 | PgType::Int8) => Some(&k.name),
+        _ => None,
+    }
+}
+
+/// Splits a table into key ranges of about `chunk_rows` rows (one chunk when the key
+/// is not a single integer column). The first and last ranges are open so rows
+/// inserted later still belong to a chunk.
+async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<(Vec<(Option<i64>, Option<i64>)>, u64)> {
+    let t = schema.name.quoted();
+    let err = |e| PgError::from_pg(&format!("planning the snapshot of {}", schema.name), e);
+    let est: f64 = client
+        .query_one(
+            "SELECT GREATEST(c.reltuples, pg_relation_size(c.oid) / 100)::float8 FROM pg_class c WHERE c.oid = $1::regclass",
+            &[&t],
+        )
+        .await
+        .map_err(err)?
+        .get(0);
+    let est = est.max(0.0) as u64;
+    let Some(key) = int_key(schema) else { return Ok((vec![(None, None)], est)) };
+    let k = quote_ident(key);
+    let row = client.query_one(&format!("SELECT min({k})::int8, max({k})::int8 FROM {t}"), &[]).await.map_err(err)?;
+    let (Some(min), Some(max)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) else {
+        return Ok((vec![(None, None)], est));
+    };
+    let n = est.div_ceil(chunk_rows.max(1)).clamp(1, 4096) as i128;
+    let span = (max as i128 - min as i128 + 1).max(1);
+    let mut bounds: Vec<i64> = (1..n).map(|i| (min as i128 + span * i / n) as i64).collect();
+    bounds.dedup();
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut lo = None;
+    for b in bounds {
+        ranges.push((lo, Some(b)));
+        lo = Some(b);
+    }
+    ranges.push((lo, None));
+    Ok((ranges, est))
+}
+
+fn chunk_predicate(schema: &TableSchema, c: &Chunk) -> String {
+    let Some(key) = int_key(schema) else { return "true".into() };
+    let k = quote_ident(key);
+    let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
+    let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
+    format!("{lo} AND {hi}")
+}
+
+/// Copies every chunk not yet done. Returns at once when all are done.
+pub async fn run_snapshot(
+    source: &PgConnConfig,
+    sink: &PgConnConfig,
+    opts: &SnapshotOptions,
+    tables: &[SnapshotTable],
+    progress: Arc<SnapshotProgress>,
+) -> Result<()> {
+    let state = connect(sink, "sink").await?;
+    state.batch_execute(STATE_DDL).await.map_err(|e| PgError::from_pg("creating sluice state tables in the sink", e))?;
+    let existing = load_chunks(&state, &opts.pipeline).await?;
+    let planned = |t: &SnapshotTable| existing.iter().any(|c| c.table == t.schema.name.to_string());
+    let pending_tables = tables.iter().any(|t| !planned(t));
+    if !pending_tables && existing.iter().all(|c| c.done) {
+        return Ok(());
+    }
+
+    // The temporary slot lives as long as this session; its snapshot stays importable
+    // until the session runs its next command.
+    let mut repl = pgwire_replication::ReplicationClient::connect_gated(source.replication(&opts.slot, &opts.publication))
+        .await
+        .map_err(|e| PgError::from_wire("opening a replication connection for the snapshot", e))?;
+    let temp_slot = format!("{}_snap_{}", opts.slot, std::process::id());
+    let rows = repl
+        .simple_query(&format!("CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT", quote_ident(&temp_slot)))
+        .await
+        .map_err(|e| PgError::from_wire("creating the snapshot slot", e))?;
+    let row = rows.first().ok_or_else(|| PgError::protocol("CREATE_REPLICATION_SLOT returned no row"))?;
+    let text = |i: usize| row.get(i).cloned().flatten().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let consistent: Lsn = text(1).parse().map_err(|_| PgError::protocol("bad consistent point from CREATE_REPLICATION_SLOT"))?;
+    let snapshot_name = text(2);
+    tracing::info!(consistent_point = %consistent, "snapshot slot created");
+
+    // Plan the tables that have no chunks yet, inside the snapshot.
+    let planner = connect(source, "source").await?;
+    snapshot_txn(&planner, &snapshot_name).await?;
+    let mut estimated = 0u64;
+    for t in tables {
+        let (ranges, est) = plan(&planner, &t.schema, opts.chunk_rows).await?;
+        estimated += est;
+        if planned(t) {
+            continue;
+        }
+        let name = t.schema.name.to_string();
+        for (i, (lo, hi)) in ranges.iter().enumerate() {
+            state
+                .execute(
+                    "INSERT INTO sluice.snapshot_chunks (pipeline, table_name, chunk, lo, hi) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT DO NOTHING",
+                    &[&opts.pipeline, &name, &(i as i32), lo, hi],
+                )
+                .await
+                .map_err(|e| PgError::from_pg("recording the snapshot plan", e))?;
+        }
+    }
+    drop(planner);
+    let chunks = load_chunks(&state, &opts.pipeline).await?;
+    let todo: Vec<Chunk> = chunks.iter().filter(|c| !c.done).cloned().collect();
+    progress.rows_estimated.store(estimated, Ordering::Relaxed);
+    progress.chunks_total.store(chunks.len() as u64, Ordering::Relaxed);
+    progress.chunks_done.store((chunks.len() - todo.len()) as u64, Ordering::Relaxed);
+    tracing::info!(chunks = chunks.len(), remaining = todo.len(), "snapshot planned");
+
+    let queue = Arc::new(Mutex::new(todo));
+    let mut workers = Vec::new();
+    for _ in 0..opts.parallelism.max(1) {
+        let queue = queue.clone();
+        let (source, sink, progress) = (source.clone(), sink.clone(), progress.clone());
+        let snapshot_name = snapshot_name.clone();
+        let pipeline = opts.pipeline.clone();
+        let tables: Vec<(Arc<TableSchema>, TableName)> = tables.iter().map(|t| (t.schema.clone(), t.target.clone())).collect();
+        workers.push(tokio::spawn(async move {
+            let src = connect(&source, "source").await?;
+            snapshot_txn(&src, &snapshot_name).await?;
+            let dst = connect(&sink, "sink").await?;
+            loop {
+                let Some(chunk) = queue.lock().await.pop() else { break };
+                let Some((schema, target)) = tables.iter().find(|(s, _)| s.name.to_string() == chunk.table) else {
+                    continue; // a table no longer in the config
+                };
+                copy_chunk(&src, &dst, &pipeline, schema, target, &chunk, consistent, &progress).await?;
+            }
+            Ok::<_, PgError>(())
+        }));
+    }
+    let mut first_err = None;
+    for w in workers {
+        let r = w.await.map_err(|e| PgError::transient(format!("snapshot worker failed: {e}"))).and_then(|r| r);
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let _ = repl.shutdown().await;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_chunk(
+    src: &Client,
+    dst: &Client,
+    pipeline: &str,
+    schema: &TableSchema,
+    target: &TableName,
+    chunk: &Chunk,
+    consistent: Lsn,
+    progress: &SnapshotProgress,
+) -> Result<()> {
+    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let cols = cols.join(", ");
+    let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
+    let err = |e| PgError::from_pg(&ctx, e);
+    dst.batch_execute("BEGIN").await.map_err(err)?;
+    let out = src
+        .copy_out(&format!("COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT", schema.name.quoted(), chunk_predicate(schema, chunk)))
+        .await
+        .map_err(err)?;
+    let inp = dst.copy_in(&format!("COPY {} ({cols}) FROM STDIN", target.quoted())).await.map_err(err)?;
+    futures::pin_mut!(out);
+    futures::pin_mut!(inp);
+    while let Some(data) = out.next().await {
+        let data = data.map_err(err)?;
+        progress.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        inp.send(data).await.map_err(err)?;
+    }
+    let rows = inp.finish().await.map_err(err)?;
+    dst.execute(
+        "UPDATE sluice.snapshot_chunks SET done = true, rows = $4, snapshot_lsn = $5::text::pg_lsn
+         WHERE pipeline = $1 AND table_name = $2 AND chunk = $3",
+        &[&pipeline, &chunk.table, &chunk.chunk, &(rows as i64), &consistent.to_string()],
+    )
+    .await
+    .map_err(err)?;
+    dst.batch_execute("COMMIT").await.map_err(err)?;
+    progress.rows_copied.fetch_add(rows, Ordering::Relaxed);
+    progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Streaming from the pipeline's slot: pgoutput messages assembled into committed
+//! transactions of change events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use sluice_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgType, SourcePosition, TableName, TableSchema, Transaction};
+use tokio_postgres::Client;
+
+use crate::conn::PgConnConfig;
+use crate::error::{PgError, Result};
+use crate::pgoutput::{self, Message, Relation};
+
+/// Microseconds from the Unix epoch to the Postgres epoch (2000-01-01).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// The prefix of Sluice's heartbeat messages (`pg_logical_emit_message`).
+pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
+
+#[derive(Debug)]
+pub enum StreamItem {
+    Txn(Transaction),
+    /// Everything before this position has been delivered: with nothing pending, it is
+    /// safe to confirm (idle streams, heartbeats).
+    Position(Lsn),
+}
+
+pub struct ReplicationStream {
+    client: ReplicationClient,
+    catalog: Client,
+    tables: HashMap<TableName, Arc<TableSchema>>,
+    relations: HashMap<u32, Arc<TableSchema>>,
+    current: Option<Transaction>,
+    last_position: Lsn,
+}
+
+impl ReplicationStream {
+    /// Starts streaming from the slot at `start` (the sink's checkpoint; the server
+    /// resumes from the later of it and the slot's confirmed position).
+    pub async fn start(
+        cfg: &PgConnConfig,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+        tables: &[Arc<TableSchema>],
+        catalog: Client,
+    ) -> Result<Self> {
+        let rc = cfg
+            .replication(slot, publication)
+            .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
+            .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0));
+        let mut client = ReplicationClient::connect(rc).await.map_err(|e| PgError::from_wire("starting replication", e))?;
+        client.wait_started().await.map_err(|e| PgError::from_wire(&format!("starting replication from slot {slot}"), e))?;
+        Ok(Self {
+            client,
+            catalog,
+            tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            relations: HashMap::new(),
+            current: None,
+            last_position: start,
+        })
+    }
+
+    /// Tells the source everything up to `lsn` is durable in the sink.
+    pub fn ack(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.client.shutdown().await;
+    }
+
+    /// The next committed transaction or idle position; `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<StreamItem>> {
+        loop {
+            let Some(ev) = self.client.recv().await.map_err(|e| PgError::from_wire("replication stream", e))? else {
+                return Ok(None);
+            };
+            match ev {
+                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                    self.current = Some(Transaction {
+                        xid,
+                        commit_lsn: Lsn(final_lsn.as_u64()),
+                        end_lsn: Lsn::ZERO,
+                        commit_time_us: commit_time_micros + PG_EPOCH_US,
+                        events: Vec::new(),
+                    });
+                }
+                ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                    let mut txn = self.current.take().ok_or_else(|| PgError::protocol("pgoutput: Commit without Begin"))?;
+                    txn.commit_lsn = Lsn(lsn.as_u64());
+                    txn.end_lsn = Lsn(end_lsn.as_u64());
+                    txn.commit_time_us = commit_time_micros + PG_EPOCH_US;
+                    self.last_position = self.last_position.max(txn.end_lsn);
+                    return Ok(Some(StreamItem::Txn(txn)));
+                }
+                ReplicationEvent::XLogData { data, wal_start, .. } => {
+                    let msg = pgoutput::decode(data)?;
+                    self.handle(msg, Lsn(wal_start.as_u64())).await?;
+                }
+                ReplicationEvent::Message { transactional: false, lsn, prefix, .. } if prefix == HEARTBEAT_PREFIX => {
+                    if let Some(p) = self.idle_position(Lsn(lsn.as_u64())) {
+                        return Ok(Some(p));
+                    }
+                }
+                ReplicationEvent::Message { .. } => {} // other applications' messages
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if let Some(p) = self.idle_position(Lsn(wal_end.as_u64())) {
+                        return Ok(Some(p));
+                    }
+                }
+                ReplicationEvent::StoppedAt { .. } => return Ok(None),
+            }
+        }
+    }
+
+    fn idle_position(&mut self, lsn: Lsn) -> Option<StreamItem> {
+        if self.current.is_some() || lsn <= self.last_position {
+            return None;
+        }
+        self.last_position = lsn;
+        Some(StreamItem::Position(lsn))
+    }
+
+    async fn handle(&mut self, msg: Message, lsn: Lsn) -> Result<()> {
+        let (op, relid, before, after) = match msg {
+            Message::Relation(rel) => {
+                let schema = self.resolve(rel).await?;
+                self.relations.insert(schema.relid, schema);
+                return Ok(());
+            }
+            Message::Insert { relid, new } => (Op::Insert, relid, None, Some(new)),
+            Message::Update { relid, old, new } => (Op::Update, relid, old, Some(new)),
+            Message::Delete { relid, old } => (Op::Delete, relid, Some(old), None),
+            Message::Truncate { relids, .. } => {
+                for relid in relids {
+                    self.push(Op::Truncate, relid, None, None, lsn)?;
+                }
+                return Ok(());
+            }
+            Message::Ignored(_) => return Ok(()),
+        };
+        self.push(op, relid, before, after, lsn)
+    }
+
+    fn push(&mut self, op: Op, relid: u32, before: Option<sluice_core::Row>, after: Option<sluice_core::Row>, lsn: Lsn) -> Result<()> {
+        let table = self
+            .relations
+            .get(&relid)
+            .ok_or_else(|| PgError::protocol(format!("pgoutput: change for relation {relid} before its Relation message")))?
+            .clone();
+        let txn = self.current.as_mut().ok_or_else(|| PgError::protocol("pgoutput: change outside a transaction"))?;
+        let position = SourcePosition {
+            lsn,
+            commit_lsn: txn.commit_lsn,
+            xid: txn.xid,
+            commit_time_us: txn.commit_time_us,
+            seq: txn.events.len() as u32,
+        };
+        txn.events.push(ChangeEvent { op, table, before, after, position });
+        Ok(())
+    }
+
+    /// Maps a Relation message to a schema: the catalog's when it still matches the
+    /// columns the message lists, otherwise one built from the message (a column was
+    /// added or changed since the pipeline started).
+    async fn resolve(&mut self, rel: Relation) -> Result<Arc<TableSchema>> {
+        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        if let Some(known) = self.tables.get(&name) {
+            let same = known.columns.len() == rel.columns.len()
+                && known.columns.iter().zip(&rel.columns).all(|(c, r)| c.name == r.name && c.type_oid == r.type_oid && c.is_key == r.is_key);
+            if same {
+                let mut s = known.clone();
+                if s.relid != rel.relid {
+                    Arc::make_mut(&mut s).relid = rel.relid;
+                }
+                return Ok(s);
+            }
+        }
+        let err = |e| PgError::from_pg(&format!("reading the changed schema of {name}"), e);
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        for rc in &rel.columns {
+            let prior = self.tables.get(&name).and_then(|t| t.columns.iter().find(|c| c.name == rc.name && c.type_oid == rc.type_oid));
+            let col = match prior {
+                Some(c) => ColumnSchema { is_key: rc.is_key, ..c.clone() },
+                None => {
+                    let row = self
+                        .catalog
+                        .query_one(
+                            "SELECT format_type($1::int8::oid, $2), t.typtype::text,
+                                    COALESCE((SELECT array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = t.oid), '{}')
+                             FROM pg_type t WHERE t.oid = $1::int8::oid",
+                            &[&(rc.type_oid as i64), &rc.type_modifier],
+                        )
+                        .await
+                        .map_err(err)?;
+                    let typtype: String = row.get(1);
+                    ColumnSchema {
+                        name: rc.name.clone(),
+                        type_oid: rc.type_oid,
+                        type_name: row.get(0),
+                        pg_type: if typtype == "e" { PgType::Enum } else { PgType::from_oid(rc.type_oid) },
+                        nullable: !rc.is_key,
+                        is_key: rc.is_key,
+                        enum_labels: row.get(2),
+                    }
+                }
+            };
+            columns.push(col);
+        }
+        let schema = Arc::new(TableSchema {
+            name: name.clone(),
+            relid: rel.relid,
+            columns,
+            replica_identity: sluice_core::ReplicaIdentity::from_pg(rel.replica_identity),
+        });
+        tracing::info!(table = %name, columns = schema.columns.len(), "source table schema changed");
+        self.tables.insert(name, schema.clone());
+        Ok(schema)
+    }
+}
