@@ -15,4 +15,4 @@ pub use conn::{connect, PgConnConfig};
 pub use error::{PgError, Result};
 pub use sink::{Checkpoint, PostgresSink};
 pub use snapshot::{run_snapshot, SnapshotOptions, SnapshotProgress, SnapshotTable};
-pub use stream::{ReplicationStream, StreamItem, HEARTBEAT_PREFIX};
+pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX};

@@ -33,6 +33,26 @@ pub struct ReplicationStream {
     relations: HashMap<u32, Arc<TableSchema>>,
     current: Option<Transaction>,
     last_position: Lsn,
+    acks: tokio::sync::watch::Receiver<Lsn>,
+    // Kept so `acks.changed()` never fails: a dropped sender would make it ready forever.
+    ack_tx: Arc<tokio::sync::watch::Sender<Lsn>>,
+}
+
+/// Confirms positions to the source from another task than the one reading.
+#[derive(Clone)]
+pub struct Acker(Arc<tokio::sync::watch::Sender<Lsn>>);
+
+impl Acker {
+    /// Everything up to `lsn` is durable in the sink.
+    pub fn ack(&self, lsn: Lsn) {
+        self.0.send_if_modified(|cur| {
+            let newer = lsn > *cur;
+            if newer {
+                *cur = lsn;
+            }
+            newer
+        });
+    }
 }
 
 impl ReplicationStream {
@@ -52,9 +72,12 @@ impl ReplicationStream {
             .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0));
         let mut client = ReplicationClient::connect(rc).await.map_err(|e| PgError::from_wire("starting replication", e))?;
         client.wait_started().await.map_err(|e| PgError::from_wire(&format!("starting replication from slot {slot}"), e))?;
+        let (ack_tx, acks) = tokio::sync::watch::channel(start);
         Ok(Self {
             client,
             catalog,
+            acks,
+            ack_tx: Arc::new(ack_tx),
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             relations: HashMap::new(),
             current: None,
@@ -62,19 +85,44 @@ impl ReplicationStream {
         })
     }
 
-    /// Tells the source everything up to `lsn` is durable in the sink.
-    pub fn ack(&self, lsn: Lsn) {
-        self.client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+    pub fn acker(&self) -> Acker {
+        Acker(self.ack_tx.clone())
     }
 
+    /// Sends the last confirmed position and closes the stream.
     pub async fn shutdown(mut self) {
+        let lsn = *self.acks.borrow();
+        self.client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        // The worker reports a raised position within its status interval (200 ms).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let _ = self.client.shutdown().await;
+    }
+
+    async fn recv(&mut self) -> Result<Option<ReplicationEvent>> {
+        loop {
+            enum Next {
+                Ack,
+                Event(std::result::Result<Option<ReplicationEvent>, pgwire_replication::PgWireError>),
+            }
+            // Only the channel receives are raced here, and both are cancel-safe.
+            let next = tokio::select! {
+                _ = self.acks.changed() => Next::Ack,
+                ev = self.client.recv() => Next::Event(ev),
+            };
+            match next {
+                Next::Ack => {
+                    let lsn = *self.acks.borrow_and_update();
+                    self.client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+                }
+                Next::Event(ev) => return ev.map_err(|e| PgError::from_wire("replication stream", e)),
+            }
+        }
     }
 
     /// The next committed transaction or idle position; `None` when the stream ended.
     pub async fn next(&mut self) -> Result<Option<StreamItem>> {
         loop {
-            let Some(ev) = self.client.recv().await.map_err(|e| PgError::from_wire("replication stream", e))? else {
+            let Some(ev) = self.recv().await? else {
                 return Ok(None);
             };
             match ev {

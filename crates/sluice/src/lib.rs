@@ -1,1 +1,6 @@
+//! The `sluice` binary's library: configuration, the pipeline runner, metrics and the demo.
 
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod pipeline;

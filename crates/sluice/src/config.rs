@@ -1,0 +1,254 @@
+//! Pipeline configuration: one YAML file, strictly checked (unknown keys are errors).
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use sluice_core::TableName;
+use sluice_postgres::PgConnConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Lowercase letters, digits and `_`: names the slot and publication.
+    pub pipeline: String,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+    /// Tables to replicate, as `schema.table` (or `table` for `public`).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Publication to use; created when missing. Default: `sluice_<pipeline>`.
+    pub publication: Option<String>,
+    /// Replication slot to use; created when missing. Default: `sluice_<pipeline>`.
+    pub slot: Option<String>,
+    /// How often to write a heartbeat into the WAL so the slot advances on idle tables.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+// The connection fields are spelled out in each section (not flattened) because serde
+// cannot reject unknown keys through `flatten`.
+macro_rules! connection {
+    ($t:ty) => {
+        impl $t {
+            pub fn connection(&self) -> PgConnConfig {
+                PgConnConfig {
+                    host: self.host.clone(),
+                    port: self.port,
+                    user: self.user.clone(),
+                    password: self.password.clone(),
+                    database: self.database.clone(),
+                }
+            }
+        }
+    };
+}
+connection!(SourceConfig);
+connection!(PostgresSinkConfig);
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SinkConfig {
+    Postgres(PostgresSinkConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+    /// Put every table in this schema instead of the source table's schema.
+    pub schema: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self { enabled: true, parallelism: default_parallelism(), chunk_rows: default_chunk_rows() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_parallelism() -> usize {
+    2
+}
+fn default_chunk_rows() -> u64 {
+    100_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Apply once this many changes are waiting (whole transactions are never split).
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_rows: default_max_rows() }
+    }
+}
+
+fn default_max_rows() -> usize {
+    20_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl PipelineConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid { path: p, message })
+    }
+
+    /// Parses and checks a config; the error is one line naming the key and the fix.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: PipelineConfig = serde_yaml::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            // serde_yaml appends "at line L column C"; keep it, it points at the key.
+            msg.replace('\n', " ")
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let p = &self.pipeline;
+        if p.is_empty() || p.len() > 40 || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(format!(
+                "pipeline: {p:?} must be 1-40 characters of lowercase letters, digits and _ (it names the replication slot)"
+            ));
+        }
+        if self.source.tables.is_empty() && self.source.publication.is_none() {
+            return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
+        }
+        for t in &self.source.tables {
+            if TableName::parse(t).is_none() {
+                return Err(format!("source.tables: {t:?} is not a table name; write schema.table or table"));
+            }
+        }
+        if self.snapshot.parallelism == 0 || self.snapshot.parallelism > 32 {
+            return Err("snapshot.parallelism: must be between 1 and 32".into());
+        }
+        if self.snapshot.chunk_rows == 0 {
+            return Err("snapshot.chunk_rows: must be at least 1".into());
+        }
+        if self.batch.max_rows == 0 {
+            return Err("batch.max_rows: must be at least 1".into());
+        }
+        if self.source.heartbeat_interval < Duration::from_millis(100) {
+            return Err("source.heartbeat_interval: must be at least 100ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn slot_name(&self) -> String {
+        self.source.slot.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
+    }
+
+    pub fn publication_name(&self) -> String {
+        self.source.publication.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
+    }
+
+    pub fn tables(&self) -> Vec<TableName> {
+        self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+pipeline: orders
+source: {host: 127.0.0.1, user: u, password: secret-pw, database: app, tables: [public.orders, items]}
+sink: {postgres: {host: 127.0.0.1, port: 5433, user: u, password: p, database: replica}}
+";
+
+    #[test]
+    fn parses_a_minimal_config_with_defaults() {
+        let c = PipelineConfig::parse(GOOD).unwrap();
+        assert_eq!(c.slot_name(), "sluice_orders");
+        assert_eq!(c.source.connection().port, 5432);
+        assert_eq!(c.tables()[1], TableName::new("public", "items"));
+        assert!(c.snapshot.enabled);
+        assert!(!format!("{c:?}").contains("secret-pw"), "passwords must not show in Debug");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_everywhere() {
+        for bad in [
+            GOOD.replace("pipeline: orders", "pipeline: orders\ncolour: blue"),
+            GOOD.replace("tables:", "tabels:"),
+            GOOD.replace("database: replica", "database: replica, sslmode: x"),
+            GOOD.to_string() + "snapshot: {paralel: 2}\n",
+        ] {
+            let err = PipelineConfig::parse(&bad).unwrap_err();
+            assert!(err.contains("unknown field"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values_with_the_key_named() {
+        let cases = [
+            (GOOD.replace("pipeline: orders", "pipeline: Orders-1"), "pipeline:"),
+            (GOOD.replace("tables: [public.orders, items]", "tables: []"), "source:"),
+            (GOOD.replace("items", "a.b.c"), "source.tables"),
+            (GOOD.to_string() + "snapshot: {parallelism: 0}\n", "snapshot.parallelism"),
+            (GOOD.replace("postgres:", "kafka:"), "unknown variant"),
+        ];
+        for (text, want) in cases {
+            let err = PipelineConfig::parse(&text).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+            assert!(!err.contains('\n'));
+        }
+    }
+}

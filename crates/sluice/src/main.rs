@@ -1,0 +1,163 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::config::PipelineConfig;
+use sluice::metrics::Metrics;
+use sluice::pipeline::Pipeline;
+use tokio::sync::watch;
+
+/// Sluice moves data out of Postgres as it changes: a consistent snapshot, then every
+/// committed change, applied exactly once to the sink, surviving crashes and restarts.
+#[derive(Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (e.g. `info`, `sluice=debug`); also read from RUST_LOG.
+    #[arg(long, global = true, default_value = "info", env = "RUST_LOG")]
+    log: String,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until SIGINT/SIGTERM: snapshot the tables, then stream changes.
+    ///
+    /// Example config (pipeline.yaml):
+    ///
+    ///   pipeline: orders
+    ///   source: {host: db1, user: repl, password: ..., database: shop, tables: [public.orders]}
+    ///   sink: {postgres: {host: db2, user: app, password: ..., database: shop_copy}}
+    ///
+    /// Sluice creates the publication and slot (sluice_<pipeline>) and the target tables
+    /// if missing. Stopping (Ctrl-C) flushes and confirms what was applied, then exits 0;
+    /// a restart resumes where it stopped, with nothing lost and nothing applied twice.
+    Run {
+        /// The pipeline's YAML config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Log lines as text or JSON.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Check a config and both databases without changing anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Start two throwaway Postgres servers, load sample data, and replicate it live
+    /// from one to the other while printing progress and lag.
+    Demo {
+        /// How long to keep writing changes.
+        #[arg(long, default_value = "20s", value_parser = humantime_parse)]
+        duration: std::time::Duration,
+        /// Changes per second to write during the demo.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Rows in the sample table before replication starts (the snapshot).
+        #[arg(long, default_value_t = 200_000)]
+        rows: u32,
+    },
+}
+
+fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn init_logs(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: flushing and confirming what was applied");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, metrics_addr, output } => {
+            init_logs(&cli.log, output == Output::Json);
+            let cfg = PipelineConfig::load(&config)?;
+            let metrics = Arc::new(Metrics::default());
+            if let Some(addr) = metrics_addr {
+                sluice::metrics::serve(addr, cfg.pipeline.clone(), metrics.clone()).await?;
+            }
+            let mut p = Pipeline::new(cfg, metrics, shutdown_signal());
+            p.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            p.run().await
+        }
+        Command::Check { config, output } => {
+            init_logs("warn", false);
+            let cfg = PipelineConfig::load(&config)?;
+            let (_tx, rx) = watch::channel(false);
+            let p = Pipeline::new(cfg.clone(), Arc::new(Metrics::default()), rx);
+            let checked = p.check().await?;
+            let tables: Vec<String> = checked.tables.iter().map(|t| t.name.to_string()).collect();
+            if output == Output::Json {
+                let v = serde_json::json!({
+                    "ok": true,
+                    "pipeline": cfg.pipeline,
+                    "tables": tables,
+                    "slot": cfg.slot_name(),
+                    "slot_exists": checked.slot_exists,
+                    "publication": cfg.publication_name(),
+                    "publication_exists": checked.publication_exists,
+                });
+                println!("{v}");
+            } else {
+                println!("ok: pipeline {} can replicate {} table(s): {}", cfg.pipeline, tables.len(), tables.join(", "));
+                println!("slot {} {}", cfg.slot_name(), if checked.slot_exists { "exists" } else { "will be created" });
+            }
+            Ok(())
+        }
+        Command::Demo { duration, rate, rows } => {
+            init_logs(&cli.log.replace("info", "warn"), false);
+            sluice::demo::run(duration, rate, rows, shutdown_signal()).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the outermost message already names the thing and the fix.
+            eprintln!("error: {e}");
+            if std::env::var_os("SLUICE_ERROR_CHAIN").is_some() {
+                for cause in e.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

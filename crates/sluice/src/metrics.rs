@@ -1,0 +1,125 @@
+//! Pipeline metrics, rendered in the Prometheus text format on `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use sluice_postgres::SnapshotProgress;
+
+/// Upper bounds (ms) of the lag histogram's buckets.
+const LAG_BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 60_000];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub events: AtomicU64,
+    pub bytes: AtomicU64,
+    pub transactions: AtomicU64,
+    pub batches: AtomicU64,
+    pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub lag_last_ms: AtomicI64,
+    lag_buckets: [AtomicU64; LAG_BUCKETS_MS.len() + 1],
+    lag_sum_ms: AtomicU64,
+    lag_count: AtomicU64,
+    /// WAL the slot holds back (`pg_current_wal_lsn() - restart_lsn`), -1 when unknown.
+    pub wal_retained_bytes: AtomicI64,
+    pub confirmed_lsn: AtomicU64,
+    pub snapshot: Arc<SnapshotProgress>,
+}
+
+impl Metrics {
+    pub fn observe_lag_ms(&self, ms: i64) {
+        let ms = ms.max(0);
+        self.lag_last_ms.store(ms, Ordering::Relaxed);
+        let i = LAG_BUCKETS_MS.iter().position(|&b| ms as u64 <= b).unwrap_or(LAG_BUCKETS_MS.len());
+        self.lag_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.lag_sum_ms.fetch_add(ms as u64, Ordering::Relaxed);
+        self.lag_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Approximate lag quantile (the bucket's upper bound), in ms.
+    pub fn lag_quantile_ms(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.lag_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(LAG_BUCKETS_MS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+
+    pub fn render(&self, pipeline: &str) -> String {
+        let mut s = String::new();
+        let l = format!("pipeline=\"{pipeline}\"");
+        let c = |s: &mut String, name: &str, help: &str, kind: &str, v: String| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}");
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        c(&mut s, "sluice_events_total", "Change events applied to the sink.", "counter", get(&self.events));
+        c(&mut s, "sluice_bytes_total", "Bytes of row data applied to the sink.", "counter", get(&self.bytes));
+        c(&mut s, "sluice_transactions_total", "Source transactions applied.", "counter", get(&self.transactions));
+        c(&mut s, "sluice_batches_total", "Sink batches committed.", "counter", get(&self.batches));
+        c(&mut s, "sluice_errors_total", "Errors met (each retried or fatal).", "counter", get(&self.errors));
+        c(&mut s, "sluice_reconnects_total", "Times the pipeline reconnected after a transient error.", "counter", get(&self.reconnects));
+        c(&mut s, "sluice_lag_ms", "Lag of the last applied transaction, source commit to sink commit.", "gauge", self.lag_last_ms.load(Ordering::Relaxed).to_string());
+        c(&mut s, "sluice_wal_retained_bytes", "WAL retained by the replication slot.", "gauge", self.wal_retained_bytes.load(Ordering::Relaxed).to_string());
+        c(&mut s, "sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", get(&self.confirmed_lsn));
+        c(&mut s, "sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", get(&self.snapshot.rows_copied));
+        c(&mut s, "sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", get(&self.snapshot.chunks_done));
+        c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));
+        let _ = writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
+        let mut cum = 0;
+        for (i, b) in self.lag_buckets.iter().enumerate() {
+            cum += b.load(Ordering::Relaxed);
+            let le = LAG_BUCKETS_MS.get(i).map_or("+Inf".to_string(), |v| v.to_string());
+            let _ = writeln!(s, "sluice_lag_histogram_ms_bucket{{{l},le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(s, "sluice_lag_histogram_ms_sum{{{l}}} {}", self.lag_sum_ms.load(Ordering::Relaxed));
+        let _ = writeln!(s, "sluice_lag_histogram_ms_count{{{l}}} {}", self.lag_count.load(Ordering::Relaxed));
+        s
+    }
+}
+
+/// Serves `/metrics` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, pipeline: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let (m, p) = (metrics.clone(), pipeline.clone());
+            async move { ([("content-type", "text/plain; version=0.0.4")], m.render(&p)) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_quantiles_come_from_buckets() {
+        let m = Metrics::default();
+        for ms in [1, 3, 3, 40, 400] {
+            m.observe_lag_ms(ms);
+        }
+        assert_eq!(m.lag_quantile_ms(0.5), Some(5));
+        assert_eq!(m.lag_quantile_ms(0.99), Some(500));
+        let text = m.render("p");
+        assert!(text.contains("sluice_lag_histogram_ms_bucket{pipeline=\"p\",le=\"+Inf\"} 5"), "{text}");
+        assert!(text.contains("sluice_lag_histogram_ms_count{pipeline=\"p\"} 5"));
+    }
+}

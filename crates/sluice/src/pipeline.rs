@@ -1,0 +1,352 @@
+//! Runs one pipeline: checks, setup, consistent snapshot, then streaming with
+//! reconnects, until asked to stop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use sluice_core::{Destination, Lsn, TableName, TableSchema, Transaction, quote_ident};
+use sluice_postgres::{
+    Acker, PgConnConfig, PgError, PostgresSink, ReplicationStream, SnapshotOptions, SnapshotTable, StreamItem,
+    HEARTBEAT_PREFIX,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+
+use crate::config::{PipelineConfig, SinkConfig};
+use crate::metrics::Metrics;
+
+pub struct Pipeline {
+    cfg: PipelineConfig,
+    source: PgConnConfig,
+    sink: PgConnConfig,
+    target_schema: Option<String>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    /// Draw a progress bar for the snapshot (interactive terminals).
+    pub progress_bar: bool,
+}
+
+/// What the checks found; nothing has been written when this is returned.
+pub struct Checked {
+    pub tables: Vec<Arc<TableSchema>>,
+    pub slot_exists: bool,
+    pub publication_missing: Vec<TableName>,
+    pub publication_exists: bool,
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<PgError>().is_some_and(PgError::is_transient))
+}
+
+impl Pipeline {
+    pub fn new(cfg: PipelineConfig, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
+        let source = cfg.source.connection();
+        let SinkConfig::Postgres(pg) = &cfg.sink;
+        let (sink, target_schema) = (pg.connection(), pg.schema.clone());
+        Self { cfg, source, sink, target_schema, metrics, shutdown, progress_bar: false }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Runs until shutdown. Transient failures (a server restart, a dropped
+    /// connection) are retried with backoff; anything else ends the run.
+    pub async fn run(&mut self) -> Result<()> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            match self.run_once().await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_transient(&e) && !self.stopping() => {
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "transient failure; reconnecting");
+                    let mut sd = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = sd.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Every check that can fail on bad input, before anything is written anywhere.
+    pub async fn check(&self) -> Result<Checked> {
+        let src = sluice_postgres::connect(&self.source, "source").await?;
+        let level = sluice_postgres::wal_level(&src).await?;
+        if level != "logical" {
+            bail!(PgError::permanent(format!(
+                "source {} has wal_level={level}, but logical replication needs wal_level=logical: run \
+                 ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+                self.source.describe()
+            )));
+        }
+        let publication = self.cfg.publication_name();
+        let published = sluice_postgres::publication_tables(&src, &publication).await?;
+        let names = if self.cfg.source.tables.is_empty() {
+            match &published {
+                Some(t) if !t.is_empty() => t.clone(),
+                Some(_) => bail!(PgError::permanent(format!("publication {publication} publishes no tables: add tables to it, or list them in source.tables"))),
+                None => bail!(PgError::permanent(format!("publication {publication} does not exist in source {}: create it, or list the tables in source.tables", self.source.describe()))),
+            }
+        } else {
+            self.cfg.tables()
+        };
+        let mut tables = Vec::new();
+        for name in &names {
+            tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await?));
+        }
+        let publication_missing =
+            names.iter().filter(|n| published.as_ref().is_none_or(|p| !p.contains(n))).cloned().collect();
+        let slot = self.cfg.slot_name();
+        let slot_info = sluice_postgres::slot_info(&src, &slot).await?;
+        if let Some(info) = &slot_info {
+            sluice_postgres::verify_slot(&slot, info, &self.source.database)?;
+        }
+        // The sink must be reachable with these credentials before anything is created.
+        let sink = sluice_postgres::connect(&self.sink, "sink").await?;
+        drop(sink);
+        Ok(Checked { tables, slot_exists: slot_info.is_some(), publication_missing, publication_exists: published.is_some() })
+    }
+
+    async fn run_once(&mut self) -> Result<()> {
+        let checked = self.check().await?;
+        let mut sink = PostgresSink::connect(&self.sink, &self.cfg.pipeline, self.target_schema.clone()).await?;
+        for t in &checked.tables {
+            sink.prepare_table(t).await?;
+        }
+        let src = sluice_postgres::connect(&self.source, "source").await?;
+        self.setup_publication(&src, &checked).await?;
+        let slot = self.cfg.slot_name();
+        if !checked.slot_exists {
+            if sink.checkpoint().end_lsn > Lsn::ZERO {
+                bail!(PgError::permanent(format!(
+                    "replication slot {slot} is gone but the sink has applied changes up to {}: changes since then \
+                     were lost. To start over, run DELETE FROM sluice.pipelines WHERE pipeline = '{}'; \
+                     DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the sink and truncate its tables",
+                    sink.checkpoint().end_lsn,
+                    self.cfg.pipeline,
+                    self.cfg.pipeline
+                )));
+            }
+            src.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+                .await
+                .map_err(|e| PgError::from_pg(&format!("creating replication slot {slot}"), e))?;
+            tracing::info!(slot = %slot, "created replication slot");
+        }
+        if self.cfg.snapshot.enabled {
+            self.snapshot(&sink, &checked.tables).await?;
+            sink.reload_snapshot_state().await?;
+        }
+        if self.stopping() {
+            return Ok(());
+        }
+        self.stream(sink, &checked.tables).await
+    }
+
+    async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
+        if checked.publication_missing.is_empty() {
+            return Ok(());
+        }
+        let publication = self.cfg.publication_name();
+        let list: Vec<String> = checked.publication_missing.iter().map(TableName::quoted).collect();
+        let sql = if checked.publication_exists {
+            format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&publication), list.join(", "))
+        } else {
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&publication), list.join(", "))
+        };
+        src.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("setting up publication {publication}"), e))?;
+        tracing::info!(publication = %publication, tables = list.len(), "publication ready");
+        Ok(())
+    }
+
+    async fn snapshot(&self, sink: &PostgresSink, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let opts = SnapshotOptions {
+            pipeline: self.cfg.pipeline.clone(),
+            slot: self.cfg.slot_name(),
+            publication: self.cfg.publication_name(),
+            parallelism: self.cfg.snapshot.parallelism,
+            chunk_rows: self.cfg.snapshot.chunk_rows,
+        };
+        let snap: Vec<SnapshotTable> =
+            tables.iter().map(|t| SnapshotTable { schema: t.clone(), target: sink.target_name(&t.name) }).collect();
+        let progress = self.metrics.snapshot.clone();
+        let started = Instant::now();
+        let bar = self.progress_bar.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("snapshot [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        let ticker = bar.clone().map(|bar| {
+            let p = progress.clone();
+            tokio::spawn(async move {
+                loop {
+                    bar.set_length(p.rows_estimated.load(Ordering::Relaxed).max(p.rows_copied.load(Ordering::Relaxed)));
+                    bar.set_position(p.rows_copied.load(Ordering::Relaxed));
+                    bar.set_message(format!(
+                        "chunks {}/{}",
+                        p.chunks_done.load(Ordering::Relaxed),
+                        p.chunks_total.load(Ordering::Relaxed)
+                    ));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
+        let r = sluice_postgres::run_snapshot(&self.source, &self.sink, &opts, &snap, progress.clone()).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        r?;
+        let rows = progress.rows_copied.load(Ordering::Relaxed);
+        if rows > 0 {
+            let mb = progress.bytes_copied.load(Ordering::Relaxed) as f64 / 1e6;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(rows, mb = format!("{mb:.1}"), seconds = format!("{secs:.1}"), "snapshot complete");
+        }
+        Ok(())
+    }
+
+    async fn stream(&mut self, mut sink: PostgresSink, tables: &[Arc<TableSchema>]) -> Result<()> {
+        let catalog = sluice_postgres::connect(&self.source, "source").await?;
+        let start = sink.checkpoint().end_lsn;
+        let stream =
+            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, tables, catalog)
+                .await?;
+        tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
+        let acker = stream.acker();
+        let (tx, mut rx) = mpsc::channel::<StreamItem>(256);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let reader = tokio::spawn(async move {
+            let mut stream = stream;
+            let r = loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break Ok(()),
+                    item = stream.next() => match item {
+                        Ok(Some(item)) => if tx.send(item).await.is_err() { break Ok(()) },
+                        Ok(None) => break Err(PgError::transient("the source ended the replication stream")),
+                        Err(e) => break Err(e),
+                    },
+                }
+            };
+            stream.shutdown().await;
+            r
+        });
+        let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
+        let result = self.apply_loop(&mut sink, &mut rx, &acker).await;
+        heartbeat.abort();
+        let _ = stop_tx.send(true);
+        drop(rx);
+        let reader_result = reader.await.context("replication reader task")?;
+        result?;
+        if !self.stopping() {
+            reader_result?;
+            bail!(PgError::transient("the replication reader stopped"));
+        }
+        Ok(())
+    }
+
+    async fn apply_loop(&mut self, sink: &mut PostgresSink, rx: &mut mpsc::Receiver<StreamItem>, acker: &Acker) -> Result<()> {
+        let max_rows = self.cfg.batch.max_rows;
+        let mut batch: Vec<Transaction> = Vec::new();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                item = rx.recv() => item,
+            };
+            let Some(first) = first else { return Ok(()) };
+            let mut rows = 0;
+            let mut position = Lsn::ZERO;
+            let mut take = |item: StreamItem, batch: &mut Vec<Transaction>, rows: &mut usize| match item {
+                StreamItem::Txn(t) => {
+                    *rows += t.events.len();
+                    batch.push(t);
+                }
+                StreamItem::Position(l) => position = position.max(l),
+            };
+            take(first, &mut batch, &mut rows);
+            while rows < max_rows {
+                match rx.try_recv() {
+                    Ok(item) => take(item, &mut batch, &mut rows),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                sink.apply(&batch).await?;
+                self.record(&batch);
+                position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
+                batch.clear();
+            }
+            if position > Lsn::ZERO {
+                acker.ack(position);
+                self.metrics.confirmed_lsn.store(position.0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn record(&self, batch: &[Transaction]) {
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let m = &self.metrics;
+        let (mut events, mut bytes) = (0u64, 0u64);
+        for t in batch {
+            events += t.events.len() as u64;
+            bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
+            if !t.events.is_empty() {
+                m.observe_lag_ms((now_us - t.commit_time_us) / 1000);
+            }
+        }
+        m.events.fetch_add(events, Ordering::Relaxed);
+        m.bytes.fetch_add(bytes, Ordering::Relaxed);
+        m.transactions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        m.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes a heartbeat into the source's WAL on a timer, so the slot's confirmed
+/// position advances even when every replicated table is idle, and samples how much
+/// WAL the slot retains.
+async fn heartbeat(source: PgConnConfig, cfg: PipelineConfig, metrics: Arc<Metrics>) {
+    let slot = cfg.slot_name();
+    let mut client: Option<Client> = None;
+    loop {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = sluice_postgres::connect(&source, "source").await.ok();
+        }
+        if let Some(c) = &client {
+            let beat = c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&HEARTBEAT_PREFIX, &cfg.pipeline]).await;
+            if let Err(e) = beat {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            let retained = c
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await;
+            if let Ok(Some(row)) = retained {
+                metrics.wal_retained_bytes.store(row.get::<_, Option<i64>>(0).unwrap_or(-1), Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(cfg.source.heartbeat_interval).await;
+    }
+}
