@@ -58,7 +58,12 @@ impl PgError {
                 };
                 (kind, format!("{} (SQLSTATE {code}){hint}", db.message()))
             }
-            None => (ErrorKind::Transient, e.to_string()),
+            None => {
+                use std::error::Error as _;
+                let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+                let kind = if e.is_closed() || io { ErrorKind::Transient } else { ErrorKind::Permanent };
+                (kind, e.source().map_or_else(|| e.to_string(), |s| format!("{e}: {s}")))
+            }
         };
         Self { kind, message: format!("{context}: {detail}"), source: Some(Box::new(e)) }
     }

@@ -298,7 +298,7 @@ impl PostgresSink {
         let rows = self
             .client
             .query(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
                 &[&name.quoted()],
             )
             .await
@@ -318,7 +318,7 @@ impl PostgresSink {
             .client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-                 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&name.quoted()],
             )
             .await
@@ -331,7 +331,7 @@ impl PostgresSink {
         let unique = self
             .client
             .query_opt(
-                "SELECT 1 FROM pg_index i WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indpred IS NULL
+                "SELECT 1 FROM pg_index i WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
                    AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
                         WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[]))
                        = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)",

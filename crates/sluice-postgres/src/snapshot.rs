@@ -74,7 +74,7 @@ async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<
     let err = |e| PgError::from_pg(&format!("planning the snapshot of {}", schema.name), e);
     let est: f64 = client
         .query_one(
-            "SELECT GREATEST(c.reltuples, pg_relation_size(c.oid) / 100)::float8 FROM pg_class c WHERE c.oid = $1::regclass",
+            "SELECT GREATEST(c.reltuples, pg_relation_size(c.oid) / 100)::float8 FROM pg_class c WHERE c.oid = $1::text::regclass",
             &[&t],
         )
         .await
@@ -204,7 +204,8 @@ pub async fn run_snapshot(
     if let Some(e) = first_err {
         return Err(e);
     }
-    let _ = repl.shutdown().await;
+    // Dropping a gated session that never started ends it, and the temporary slot with it.
+    drop(repl);
     Ok(())
 }
 

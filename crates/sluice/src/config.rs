@@ -14,6 +14,8 @@ pub struct PipelineConfig {
     /// Lowercase letters, digits and `_`: names the slot and publication.
     pub pipeline: String,
     pub source: SourceConfig,
+    /// One key naming the sink kind (`postgres:`), holding its settings.
+    #[serde(with = "serde_yaml::with::singleton_map")]
     pub sink: SinkConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,

@@ -77,8 +77,11 @@ fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn init_logs(filter: &str, json: bool) {
+    // Server NOTICEs ("already exists, skipping") are noise at info.
+    let filter = format!("tokio_postgres=warn,{filter}");
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     if json {
         b.json().init();
     } else {

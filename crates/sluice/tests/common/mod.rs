@@ -1,0 +1,226 @@
+//! Shared test harness: one source and one target Postgres cluster per test binary,
+//! a fresh database pair per test, and the real `sluice` binary run as a child process.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_postgres::cluster::TempCluster;
+use tokio_postgres::{Client, NoTls};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+static CLUSTERS: OnceLock<(TempCluster, TempCluster)> = OnceLock::new();
+
+pub fn clusters() -> &'static (TempCluster, TempCluster) {
+    CLUSTERS.get_or_init(|| {
+        let src = TempCluster::start(&[]).expect("start source cluster");
+        let dst = TempCluster::start(&[]).expect("start target cluster");
+        (src, dst)
+    })
+}
+
+pub async fn connect(port: u16, db: &str) -> Client {
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname={db}",
+        sluice_postgres::cluster::SUPERUSER,
+        sluice_postgres::cluster::SUPERUSER_PASSWORD
+    );
+    let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+/// A test's own database pair (same name on source and target).
+pub struct Env {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub db: String,
+    pub dir: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Env {
+    pub async fn new(name: &str) -> Env {
+        let (src, dst) = clusters();
+        Self::on(name, src.port, dst.port).await
+    }
+
+    pub async fn on(name: &str, src_port: u16, dst_port: u16) -> Env {
+        let db = format!("{name}_{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        for port in [src_port, dst_port] {
+            let c = connect(port, "postgres").await;
+            c.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create database");
+        }
+        let dir = tempfile::Builder::new().prefix("sluice-test-").tempdir().unwrap().keep();
+        Env { src_port, dst_port, db, dir }
+    }
+
+    pub async fn src(&self) -> Client {
+        connect(self.src_port, &self.db).await
+    }
+
+    pub async fn dst(&self) -> Client {
+        connect(self.dst_port, &self.db).await
+    }
+
+    /// A pipeline config for `tables`; `extra` is appended (more top-level keys).
+    pub fn config(&self, tables: &[&str], extra: &str) -> PathBuf {
+        let pw = sluice_postgres::cluster::SUPERUSER_PASSWORD;
+        let user = sluice_postgres::cluster::SUPERUSER;
+        let text = format!(
+            "pipeline: {db}\nsource:\n  host: 127.0.0.1\n  port: {sp}\n  user: {user}\n  password: {pw}\n  database: {db}\n  \
+             heartbeat_interval: 500ms\n  tables: [{tables}]\nsink:\n  postgres:\n    host: 127.0.0.1\n    port: {dp}\n    \
+             user: {user}\n    password: {pw}\n    database: {db}\n{extra}",
+            db = self.db,
+            sp = self.src_port,
+            dp = self.dst_port,
+            tables = tables.join(", "),
+        );
+        let path = self.dir.join(format!("pipeline-{}.yaml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.dir.join(format!("custom-{}.yaml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `sluice run`; logs go to a file read by [`Pipeline::log`].
+    pub fn spawn(&self, config: &PathBuf) -> Pipeline {
+        let log = self.dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn sluice");
+        Pipeline { child, log }
+    }
+}
+
+pub struct Pipeline {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Pipeline {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics (with the log) if the pipeline exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("pipeline exited with {st}:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns true, or panics with `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Row count and an ordered digest of the table's rows as text; `None` while the
+/// table does not exist.
+pub async fn try_digest(c: &Client, table: &str, order_by: &str) -> Option<(i64, String)> {
+    let row = c
+        .query_one(
+            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"),
+            &[],
+        )
+        .await
+        .ok()?;
+    Some((row.get(0), row.get(1)))
+}
+
+pub async fn digest(c: &Client, table: &str, order_by: &str) -> (i64, String) {
+    try_digest(c, table, order_by).await.unwrap_or_else(|| panic!("digest of {table} failed"))
+}
+
+/// Waits until the target's copy of `table` equals the source's.
+pub async fn wait_equal(env: &Env, table: &str, order_by: &str, limit: Duration) {
+    let (src, dst) = (env.src().await, env.dst().await);
+    let deadline = Instant::now() + limit;
+    loop {
+        let a = digest(&src, table, order_by).await;
+        let b = try_digest(&dst, table, order_by).await.unwrap_or_default();
+        if a == b {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{table}: target {b:?} never matched source {a:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `sluice` to completion with a timeout, returning (exit code, stderr).
+pub fn run_to_exit(args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
