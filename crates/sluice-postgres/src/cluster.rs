@@ -91,7 +91,7 @@ impl TempCluster {
             conf,
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 32\nmax_wal_senders = 32\nmax_connections = 200\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 128MB\n\
+             fsync = off\nfull_page_writes = off\nshared_buffers = 128MB\n\
              wal_sender_timeout = 30s\nlog_min_messages = warning\nlogging_collector = off",
             dir.display()
         )?;
