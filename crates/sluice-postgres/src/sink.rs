@@ -146,6 +146,20 @@ struct Target {
 enum Pending {
     Delete(Row),
     Upsert(Row),
+    /// The key changed and some TOASTed columns were not resent: the new row takes
+    /// those columns from the target's row under the old key (the first row).
+    Move(Row, Row),
+}
+
+type Segment = HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>;
+
+/// Fills unchanged TOAST placeholders from an earlier image of the same row.
+fn fill_unchanged(row: &mut Row, prev: &Row) {
+    for (d, p) in row.iter_mut().zip(prev) {
+        if *d == Datum::Unchanged {
+            *d = p.clone();
+        }
+    }
 }
 
 pub struct PostgresSink {
@@ -346,7 +360,8 @@ impl PostgresSink {
             )));
         }
         let stage = format!("_sluice_stage_{}", schema.relid);
-        let stage_cols: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i} text")).collect();
+        let mut stage_cols: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i} text")).collect();
+        stage_cols.extend((0..keys.len()).map(|j| format!("o{j} text")));
         self.client
             .batch_execute(&format!(
                 "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} (_op \"char\", _u bool[], {})",
@@ -380,7 +395,7 @@ impl PostgresSink {
         }
         let client = &self.client;
         client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
-        let mut segment: HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)> = HashMap::new();
+        let mut segment = Segment::new();
         for t in &todo {
             for e in &t.events {
                 if e.op == Op::Truncate {
@@ -406,7 +421,7 @@ impl PostgresSink {
         Ok(())
     }
 
-    fn stage_event(&self, segment: &mut HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>, e: &ChangeEvent, commit_lsn: Lsn) {
+    fn stage_event(&self, segment: &mut Segment, e: &ChangeEvent, commit_lsn: Lsn) {
         let Some(target) = self.targets.get(&e.table.name) else { return };
         let table = e.table.name.to_string();
         let covered = |row: &Row| self.filter.covers(&table, int_key(row, target.int_key), commit_lsn);
@@ -424,27 +439,37 @@ impl PostgresSink {
             }
             (Op::Insert | Op::Update | Op::Read, before, Some(new)) => {
                 let new_key = key_of(new, &target.keys);
-                if let Some(old) = before {
-                    let old_key = key_of(old, &target.keys);
-                    if old_key != new_key && !covered(old) {
-                        put(order, map, old_key, Pending::Delete(old.clone()));
+                let mut row = new.clone();
+                let moved_from = before.as_ref().filter(|old| key_of(old, &target.keys) != new_key);
+                // The freshest earlier image of this row in the segment, if any.
+                let prev_key = moved_from.map_or_else(|| new_key.clone(), |old| key_of(old, &target.keys));
+                let mut from_target = None;
+                if row.contains(&Datum::Unchanged) {
+                    match map.get(&prev_key) {
+                        Some(Pending::Upsert(prev)) => fill_unchanged(&mut row, prev),
+                        Some(Pending::Move(old, prev)) => {
+                            fill_unchanged(&mut row, prev);
+                            from_target = Some(old.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(old) = moved_from {
+                    if row.contains(&Datum::Unchanged) && from_target.is_none() {
+                        from_target = Some(old.clone());
+                    }
+                    if !covered(old) {
+                        put(order, map, key_of(old, &target.keys), Pending::Delete(old.clone()));
                     }
                 }
                 if covered(new) {
                     return;
                 }
-                let mut row = new.clone();
-                if row.iter().any(|d| *d == Datum::Unchanged) {
-                    // An earlier change to the same key in this segment knows the value.
-                    if let Some(Pending::Upsert(prev)) = map.get(&new_key) {
-                        for (d, p) in row.iter_mut().zip(prev) {
-                            if *d == Datum::Unchanged {
-                                *d = p.clone();
-                            }
-                        }
-                    }
-                }
-                put(order, map, new_key, Pending::Upsert(row));
+                let pending = match from_target {
+                    Some(old) if row.contains(&Datum::Unchanged) => Pending::Move(old, row),
+                    _ => Pending::Upsert(row),
+                };
+                put(order, map, new_key, pending);
             }
             _ => tracing::warn!(table = %e.table.name, op = ?e.op, "change without a row image skipped"),
         }
@@ -476,23 +501,24 @@ impl PostgresSink {
         self.client.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("truncating {}", target.name), e))
     }
 
-    async fn flush(&mut self, segment: &mut HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>) -> Result<()> {
+    async fn flush(&mut self, segment: &mut Segment) -> Result<()> {
         for (table, (order, mut map)) in segment.drain() {
             let target = &self.targets[&table];
             let ncols = target.source.columns.len();
             let buf = &mut self.buf;
             buf.clear();
-            let (mut deletes, mut upserts, mut partial) = (false, false, false);
+            let (mut deletes, mut upserts, mut partial, mut moves) = (false, false, false, false);
             for key in &order {
                 let Some(p) = map.remove(key) else { continue };
-                let (op, row) = match &p {
-                    Pending::Delete(r) => (b'D', r),
-                    Pending::Upsert(r) => (b'U', r),
+                let (op, row, old) = match &p {
+                    Pending::Delete(r) => (b'D', r, None),
+                    Pending::Upsert(r) => (b'U', r, None),
+                    Pending::Move(old, r) => (b'M', r, Some(old)),
                 };
                 buf.put_u8(op);
                 buf.put_u8(b'\t');
-                if op == b'U' && row.contains(&Datum::Unchanged) {
-                    partial = true;
+                moves |= op == b'M';
+                if op != b'D' && row.contains(&Datum::Unchanged) {
                     buf.put_u8(b'{');
                     for (i, d) in row.iter().enumerate() {
                         if i > 0 {
@@ -501,13 +527,11 @@ impl PostgresSink {
                         buf.put_u8(if *d == Datum::Unchanged { b't' } else { b'f' });
                     }
                     buf.put_u8(b'}');
+                    partial |= op == b'U';
                 } else {
                     buf.put_slice(b"\\N");
-                    if op == b'D' {
-                        deletes = true;
-                    } else {
-                        upserts = true;
-                    }
+                    deletes |= op == b'D';
+                    upserts |= op == b'U';
                 }
                 for d in row.iter().take(ncols) {
                     buf.put_u8(b'\t');
@@ -515,6 +539,10 @@ impl PostgresSink {
                 }
                 for _ in row.len()..ncols {
                     buf.put_slice(b"\t\\N");
+                }
+                for &k in &target.keys {
+                    buf.put_u8(b'\t');
+                    put_field(buf, old.map_or(&Datum::Null, |o| &o[k]));
                 }
                 buf.put_u8(b'\n');
             }
@@ -536,15 +564,38 @@ impl PostgresSink {
             let cols = &target.source.columns;
             let key_match: Vec<String> = target.keys.iter().map(|&i| format!("t.{} = {}", quote_ident(&cols[i].name), cast(i))).collect();
             let key_match = key_match.join(" AND ");
+            let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+            let keys: Vec<String> = target.keys.iter().map(|&i| quote_ident(&cols[i].name)).collect();
+            let sets: Vec<String> = cols.iter().filter(|c| !c.is_key).map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name))).collect();
+            let action = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
+            if moves {
+                // One statement, so every move reads the old rows as they were before it.
+                let values: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("CASE WHEN s._u[{}] THEN o.{} ELSE {} END", i + 1, quote_ident(&c.name), cast(i)))
+                    .collect();
+                let old_match: Vec<String> = target
+                    .keys
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &i)| format!("o.{} = s.o{j}::{}", quote_ident(&cols[i].name), target.types[i]))
+                    .collect();
+                sql += &format!(
+                    "INSERT INTO {t} ({}) SELECT {} FROM pg_temp.{} s JOIN {t} o ON {} WHERE s._op = 'M' ON CONFLICT ({}) DO {action};\n",
+                    names.join(", "),
+                    values.join(", "),
+                    target.stage,
+                    old_match.join(" AND "),
+                    keys.join(", "),
+                    t = target.name.quoted(),
+                );
+            }
             if deletes {
                 sql += &format!("DELETE FROM {} t USING pg_temp.{} s WHERE s._op = 'D' AND {key_match};\n", target.name.quoted(), target.stage);
             }
             if upserts {
-                let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
                 let values: Vec<String> = (0..ncols).map(cast).collect();
-                let keys: Vec<String> = target.keys.iter().map(|&i| quote_ident(&cols[i].name)).collect();
-                let sets: Vec<String> = cols.iter().filter(|c| !c.is_key).map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name))).collect();
-                let action = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
                 sql += &format!(
                     "INSERT INTO {} ({}) SELECT {} FROM pg_temp.{} s WHERE s._op = 'U' AND s._u IS NULL ON CONFLICT ({}) DO {action};\n",
                     target.name.quoted(),

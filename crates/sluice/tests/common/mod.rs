@@ -2,6 +2,8 @@
 //! a fresh database pair per test, and the real `sluice` binary run as a child process.
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
