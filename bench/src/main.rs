@@ -1,1 +1,332 @@
-fn main() {}
+//! Sluice benchmarks. Each subcommand starts its own throwaway Postgres servers,
+//! measures Sluice and a baseline in the same run, and prints a final JSON line.
+//!
+//!   cargo run --release -p sluice-bench -- throughput --row-bytes 200
+//!   cargo run --release -p sluice-bench -- lag --rate 5000
+//!   cargo run --release -p sluice-bench -- snapshot --mb 1024
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use sluice::config::PipelineConfig;
+use sluice::metrics::Metrics;
+use sluice::pipeline::Pipeline;
+use sluice_core::{Lsn, TableName};
+use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
+use sluice_postgres::{PgConnConfig, ReplicationStream, StreamItem};
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Parser)]
+#[command(about = "Sluice benchmarks (each prints a final JSON line)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Streaming throughput: pg_recvlogical vs Sluice's decoder into a null sink vs the Postgres sink, same WAL.
+    Throughput {
+        #[arg(long, default_value_t = 200)]
+        row_bytes: usize,
+        #[arg(long, default_value_t = 500_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 1000)]
+        rows_per_txn: u64,
+    },
+    /// Commit-to-applied lag at a steady write rate into the Postgres sink.
+    Lag {
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
+    Snapshot {
+        #[arg(long, default_value_t = 1024)]
+        mb: u64,
+    },
+}
+
+async fn connect(port: u16, db: &str) -> Result<Client> {
+    let dsn = format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={db}");
+    let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+fn conn_cfg(port: u16, db: &str) -> PgConnConfig {
+    PgConnConfig {
+        host: "127.0.0.1".into(),
+        port,
+        user: SUPERUSER.into(),
+        password: SUPERUSER_PASSWORD.to_string().into(),
+        database: db.into(),
+    }
+}
+
+fn pipeline_yaml(name: &str, src: u16, dst: u16, snapshot: bool) -> String {
+    format!(
+        "pipeline: {name}\nsource: {{host: 127.0.0.1, port: {src}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, \
+         database: bench, tables: [public.bench]}}\n\
+         sink: {{postgres: {{host: 127.0.0.1, port: {dst}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}}}\n\
+         snapshot: {{enabled: {snapshot}, parallelism: 2, chunk_rows: 200000}}\n"
+    )
+}
+
+/// Peak resident memory of this process so far, in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(-1.0, |kb| kb / 1024.0)
+}
+
+async fn servers() -> Result<(TempCluster, TempCluster)> {
+    let (src, dst) = tokio::task::spawn_blocking(|| -> std::io::Result<_> {
+        Ok((TempCluster::start(&["max_wal_size = 4GB"])?, TempCluster::start(&["max_wal_size = 4GB"])?))
+    })
+    .await??;
+    for port in [src.port, dst.port] {
+        connect(port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
+    }
+    Ok((src, dst))
+}
+
+fn start_pipeline(yaml: &str) -> Result<(Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>)> {
+    let cfg = PipelineConfig::parse(yaml).map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = watch::channel(false);
+    let mut p = Pipeline::new(cfg, metrics.clone(), rx);
+    let h = tokio::spawn(async move { p.run().await });
+    Ok((metrics, tx, h))
+}
+
+async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    let s = connect(src.port, "bench").await?;
+    let payload = row_bytes.saturating_sub(8 + 24).max(1); // id + tuple header
+    s.batch_execute(
+        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
+         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
+         CREATE PUBLICATION sluice_pg FOR TABLE bench;",
+    )
+    .await?;
+    for slot in ["recv_slot", "null_slot", "sluice_pg"] {
+        s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await?;
+    }
+    eprintln!("writing {rows} rows of ~{row_bytes} bytes...");
+    let mut id = 0u64;
+    while id < rows {
+        let n = per_txn.min(rows - id);
+        s.batch_execute(&format!(
+            "INSERT INTO bench SELECT g, rpad(md5(g::text), {payload}, 'x') FROM generate_series({}, {}) g",
+            id + 1,
+            id + n
+        ))
+        .await?;
+        id += n;
+    }
+    let end: String = s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let end_lsn: Lsn = end.parse()?;
+    let mb = (rows as f64 * row_bytes as f64) / 1e6;
+
+    // Baseline: Postgres's own decoding, drained by pg_recvlogical.
+    let bin = Command::new("pg_config").arg("--bindir").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let recvlogical = bin.map(|b| format!("{b}/pg_recvlogical")).filter(|p| std::path::Path::new(p).exists());
+    let recvlogical = recvlogical.unwrap_or_else(|| {
+        let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin/pg_recvlogical")).filter(|p| p.exists()).collect();
+        v.sort();
+        v.pop().map(|p| p.display().to_string()).unwrap_or_else(|| "pg_recvlogical".into())
+    });
+    let t = Instant::now();
+    let st = Command::new(&recvlogical)
+        .args(["-h", "127.0.0.1", "-p", &src.port.to_string(), "-U", SUPERUSER, "-d", "bench", "--slot", "recv_slot", "--start"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=sluice_pg", "--endpos", &end, "-f", "/dev/null", "--no-loop"])
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .status()
+        .context("running pg_recvlogical")?;
+    if !st.success() {
+        bail!("pg_recvlogical failed: {st}");
+    }
+    let base_s = t.elapsed().as_secs_f64();
+
+    // Sluice's source into a null sink: decode and assemble events, then drop them.
+    let catalog = sluice_postgres::connect(&conn_cfg(src.port, "bench"), "source").await?;
+    let schema = Arc::new(sluice_postgres::load_table(&catalog, &TableName::new("public", "bench"), "bench").await?);
+    let t = Instant::now();
+    let mut stream = ReplicationStream::start(&conn_cfg(src.port, "bench"), "null_slot", "sluice_pg", Lsn::ZERO, &[schema], catalog).await?;
+    let acker = stream.acker();
+    let mut events = 0u64;
+    loop {
+        match stream.next().await? {
+            Some(StreamItem::Txn(txn)) => {
+                events += txn.events.len() as u64;
+                acker.ack(txn.end_lsn);
+                if txn.end_lsn >= end_lsn || events >= rows {
+                    break;
+                }
+            }
+            Some(StreamItem::Position(_)) => {}
+            None => bail!("stream ended early"),
+        }
+    }
+    let null_s = t.elapsed().as_secs_f64();
+    stream.shutdown().await;
+    if events != rows {
+        bail!("null sink saw {events} events, expected {rows}");
+    }
+
+    // The real pipeline into the Postgres sink.
+    let t = Instant::now();
+    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("pg", src.port, dst.port, false))?;
+    while metrics.events.load(Ordering::Relaxed) < rows {
+        if handle.is_finished() {
+            handle.await??;
+            bail!("pipeline stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pg_s = t.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    handle.await??;
+    let count: i64 = connect(dst.port, "bench").await?.query_one("SELECT count(*) FROM bench", &[]).await?.get(0);
+    if count as u64 != rows {
+        bail!("sink holds {count} rows, expected {rows}");
+    }
+    let rate = |s: f64| (rows as f64 / s, mb / s);
+    let (b, n, p) = (rate(base_s), rate(null_s), rate(pg_s));
+    Ok(serde_json::json!({
+        "bench": "throughput", "row_bytes": row_bytes, "rows": rows, "rows_per_txn": per_txn,
+        "pg_recvlogical": {"seconds": base_s, "rows_per_s": b.0, "mb_per_s": b.1},
+        "sluice_null_sink": {"seconds": null_s, "rows_per_s": n.0, "mb_per_s": n.1},
+        "sluice_postgres_sink": {"seconds": pg_s, "rows_per_s": p.0, "mb_per_s": p.1},
+        "null_vs_recvlogical": b.0.recip() * n.0,
+        "postgres_sink_vs_recvlogical": b.0.recip() * p.0,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+async fn lag(rate: u64, seconds: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    let s = connect(src.port, "bench").await?;
+    s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text)").await?;
+    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("lag", src.port, dst.port, true))?;
+    while metrics.snapshot.chunks_total.load(Ordering::Relaxed) == 0
+        || metrics.snapshot.chunks_done.load(Ordering::Relaxed) < metrics.snapshot.chunks_total.load(Ordering::Relaxed)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Transactions every 10 ms, sized for the rate.
+    let per_tick = (rate / 100).max(1);
+    let start = Instant::now();
+    let mut id = 0u64;
+    let mut tick = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        s.batch_execute(&format!(
+            "INSERT INTO bench SELECT g, rpad(md5(g::text), 168, 'x') FROM generate_series({}, {}) g",
+            id + 1,
+            id + per_tick
+        ))
+        .await?;
+        id += per_tick;
+        tick += 1;
+        let next = start + Duration::from_millis(10 * tick);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let achieved = id as f64 / start.elapsed().as_secs_f64();
+    while metrics.events.load(Ordering::Relaxed) < id {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(true);
+    handle.await??;
+    Ok(serde_json::json!({
+        "bench": "lag", "target_rows_per_s": rate, "achieved_rows_per_s": achieved, "seconds": seconds,
+        "lag_p50_ms_le": metrics.lag_quantile_ms(0.5), "lag_p99_ms_le": metrics.lag_quantile_ms(0.99),
+        "lag_max_ms_le": metrics.lag_quantile_ms(1.0),
+        "note": "lag quantiles are histogram bucket upper bounds (source commit to sink commit)",
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+async fn snapshot(mb: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    let s = connect(src.port, "bench").await?;
+    let rows = mb * 1_000_000 / 200;
+    eprintln!("creating a {mb} MB table ({rows} rows)...");
+    s.batch_execute(&format!(
+        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
+         INSERT INTO bench SELECT g, rpad(md5(g::text), 160, 'x') FROM generate_series(1, {rows}) g;
+         VACUUM ANALYZE bench;"
+    ))
+    .await?;
+    let size: i64 = s.query_one("SELECT pg_table_size('bench')", &[]).await?.get(0);
+    let size_mb = size as f64 / 1e6;
+
+    // Baseline: COPY out of the source piped into COPY into the target, by psql.
+    let d = connect(dst.port, "bench").await?;
+    d.batch_execute("CREATE TABLE baseline (id int8 PRIMARY KEY, payload text)").await?;
+    let t = Instant::now();
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "psql -h 127.0.0.1 -p {} -U {SUPERUSER} -d bench -c 'COPY bench TO STDOUT' | psql -h 127.0.0.1 -p {} -U {SUPERUSER} -d bench -c 'COPY baseline FROM STDIN'",
+            src.port, dst.port
+        ))
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("baseline copy failed");
+    }
+    let base_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("snap", src.port, dst.port, true))?;
+    loop {
+        let p = &metrics.snapshot;
+        let total = p.chunks_total.load(Ordering::Relaxed);
+        if total > 0 && p.chunks_done.load(Ordering::Relaxed) == total {
+            break;
+        }
+        if handle.is_finished() {
+            handle.await??;
+            bail!("pipeline stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sluice_s = t.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    handle.await??;
+    let copied = metrics.snapshot.rows_copied.load(Ordering::Relaxed);
+    if copied != rows {
+        bail!("snapshot copied {copied} rows, expected {rows}");
+    }
+    Ok(serde_json::json!({
+        "bench": "snapshot", "table_mb": size_mb, "rows": rows,
+        "copy_pipe_baseline": {"seconds": base_s, "mb_per_s": size_mb / base_s},
+        "sluice_snapshot": {"seconds": sluice_s, "mb_per_s": size_mb / sluice_s},
+        "ratio": base_s / sluice_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let out = match Cli::parse().bench {
+        Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
+        Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
+        Bench::Snapshot { mb } => snapshot(mb).await?,
+    };
+    println!("{out}");
+    Ok(())
+}

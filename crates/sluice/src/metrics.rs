@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use sluice_postgres::SnapshotProgress;
 
 /// Upper bounds (ms) of the lag histogram's buckets.
-const LAG_BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 60_000];
+const LAG_BUCKETS_MS: [u64; 22] =
+    [1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -116,7 +117,7 @@ mod tests {
         for ms in [1, 3, 3, 40, 400] {
             m.observe_lag_ms(ms);
         }
-        assert_eq!(m.lag_quantile_ms(0.5), Some(5));
+        assert_eq!(m.lag_quantile_ms(0.5), Some(3));
         assert_eq!(m.lag_quantile_ms(0.99), Some(500));
         let text = m.render("p");
         assert!(text.contains("sluice_lag_histogram_ms_bucket{pipeline=\"p\",le=\"+Inf\"} 5"), "{text}");

@@ -30,3 +30,78 @@ async fn snapshot_then_stream_then_clean_stop() {
     p.assert_running();
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn added_column_reaches_the_sink() {
+    let env = Env::new("evolve").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE t (id int4 PRIMARY KEY, a text); INSERT INTO t VALUES (1, 'one');").await.unwrap();
+    let mut p = env.spawn(&env.config(&["t"], ""));
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    src.batch_execute(
+        "ALTER TABLE t ADD COLUMN b numeric(8,2) DEFAULT 1.5;
+         INSERT INTO t VALUES (2, 'two', 2.25);
+         UPDATE t SET a = 'uno' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    let ty: String = env
+        .dst()
+        .await
+        .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'b'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ty, "numeric(8,2)");
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_endpoint_reports_events_lag_and_wal() {
+    use std::io::{Read as _, Write as _};
+    let env = Env::new("metrics").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE m (id int4 PRIMARY KEY)").await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = env.config(&["m"], "");
+    let child = std::process::Command::new(BIN)
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Pipeline { child, log: env.dir.join("none") };
+    wait_equal(&env, "m", "id", Duration::from_secs(30)).await;
+    src.batch_execute("INSERT INTO m SELECT generate_series(1, 500)").await.unwrap();
+    wait_equal(&env, "m", "id", Duration::from_secs(30)).await;
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    // The WAL gauge is sampled with the heartbeat (every 500 ms here).
+    let mut body = scrape();
+    for _ in 0..50 {
+        if body.lines().any(|l| l.starts_with("sluice_wal_retained_bytes{") && !l.ends_with(" 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body = scrape();
+    }
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(value("sluice_events_total"), 500.0);
+    assert!(value("sluice_bytes_total") > 0.0);
+    assert!(value("sluice_lag_histogram_ms_count") >= 1.0);
+    assert!(value("sluice_wal_retained_bytes") > 0.0);
+    assert_eq!(p.terminate(), Some(0));
+}
