@@ -181,6 +181,7 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
     }
     let null_s = t.elapsed().as_secs_f64();
     stream.shutdown().await;
+    let null_rss = peak_rss_mb();
     if events != rows {
         bail!("null sink saw {events} events, expected {rows}");
     }
@@ -210,6 +211,7 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
         "sluice_null_sink": {"seconds": null_s, "rows_per_s": n.0, "mb_per_s": n.1},
         "sluice_postgres_sink": {"seconds": pg_s, "rows_per_s": p.0, "mb_per_s": p.1},
         "null_vs_recvlogical": b.0.recip() * n.0,
+        "peak_rss_mb_after_null_sink": null_rss,
         "postgres_sink_vs_recvlogical": b.0.recip() * p.0,
         "peak_rss_mb": peak_rss_mb(),
     }))

@@ -11,7 +11,7 @@ use sluice_postgres::{
     Acker, PgConnConfig, PgError, PostgresSink, ReplicationStream, SnapshotOptions, SnapshotTable, StreamItem,
     HEARTBEAT_PREFIX,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
 use crate::config::{PipelineConfig, SinkConfig};
@@ -34,6 +34,22 @@ pub struct Checked {
     pub slot_exists: bool,
     pub publication_missing: Vec<TableName>,
     pub publication_exists: bool,
+}
+
+/// Row data buffered between the source reader and the sink, in KiB.
+const BUFFER_BUDGET_KB: usize = 8 * 1024;
+
+/// A sink batch stops growing at this much row data (KiB), or at `batch.max_rows`.
+const BATCH_BUDGET_KB: u32 = 4 * 1024;
+
+/// What an item holds against the buffer budget: at least 1 KiB, at most all of it
+/// (a transaction bigger than the budget still passes, alone).
+fn item_cost_kb(item: &StreamItem) -> u32 {
+    let bytes = match item {
+        StreamItem::Txn(t) => t.events.iter().map(|e| e.payload_bytes() + 64).sum::<usize>(),
+        StreamItem::Position(_) => 0,
+    };
+    (bytes / 1024).clamp(1, BUFFER_BUDGET_KB) as u32
 }
 
 fn is_transient(e: &anyhow::Error) -> bool {
@@ -233,7 +249,10 @@ impl Pipeline {
                 .await?;
         tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
         let acker = stream.acker();
-        let (tx, mut rx) = mpsc::channel::<StreamItem>(256);
+        let (tx, mut rx) = mpsc::channel::<StreamItem>(1024);
+        // Bounds memory by bytes, not items: a reader far ahead of the sink waits.
+        let budget = Arc::new(Semaphore::new(BUFFER_BUDGET_KB));
+        let reader_budget = budget.clone();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let reader = tokio::spawn(async move {
             let mut stream = stream;
@@ -241,7 +260,14 @@ impl Pipeline {
                 tokio::select! {
                     _ = stop_rx.changed() => break Ok(()),
                     item = stream.next() => match item {
-                        Ok(Some(item)) => if tx.send(item).await.is_err() { break Ok(()) },
+                        Ok(Some(item)) => {
+                            let cost = item_cost_kb(&item);
+                            match reader_budget.acquire_many(cost).await {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => break Ok(()),
+                            }
+                            if tx.send(item).await.is_err() { break Ok(()) }
+                        }
                         Ok(None) => break Err(PgError::transient("the source ended the replication stream")),
                         Err(e) => break Err(e),
                     },
@@ -251,7 +277,8 @@ impl Pipeline {
             r
         });
         let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
-        let result = self.apply_loop(&mut sink, &mut rx, &acker).await;
+        let result = self.apply_loop(&mut sink, &mut rx, &acker, &budget).await;
+        budget.close();
         heartbeat.abort();
         let _ = stop_tx.send(true);
         drop(rx);
@@ -264,7 +291,13 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn apply_loop(&mut self, sink: &mut PostgresSink, rx: &mut mpsc::Receiver<StreamItem>, acker: &Acker) -> Result<()> {
+    async fn apply_loop(
+        &mut self,
+        sink: &mut PostgresSink,
+        rx: &mut mpsc::Receiver<StreamItem>,
+        acker: &Acker,
+        budget: &Semaphore,
+    ) -> Result<()> {
         let max_rows = self.cfg.batch.max_rows;
         let mut batch: Vec<Transaction> = Vec::new();
         let mut shutdown = self.shutdown.clone();
@@ -275,20 +308,19 @@ impl Pipeline {
                 item = rx.recv() => item,
             };
             let Some(first) = first else { return Ok(()) };
-            let mut rows = 0;
-            let mut position = Lsn::ZERO;
-            let mut take = |item: StreamItem, batch: &mut Vec<Transaction>, rows: &mut usize| match item {
-                StreamItem::Txn(t) => {
-                    *rows += t.events.len();
-                    batch.push(t);
+            let (mut rows, mut cost, mut position) = (0usize, 0u32, Lsn::ZERO);
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                cost += item_cost_kb(&item);
+                match item {
+                    StreamItem::Txn(t) => {
+                        rows += t.events.len();
+                        batch.push(t);
+                    }
+                    StreamItem::Position(l) => position = position.max(l),
                 }
-                StreamItem::Position(l) => position = position.max(l),
-            };
-            take(first, &mut batch, &mut rows);
-            while rows < max_rows {
-                match rx.try_recv() {
-                    Ok(item) => take(item, &mut batch, &mut rows),
-                    Err(_) => break,
+                if rows < max_rows && cost < BATCH_BUDGET_KB {
+                    next = rx.try_recv().ok();
                 }
             }
             if !batch.is_empty() {
@@ -297,6 +329,8 @@ impl Pipeline {
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();
             }
+            // Everything taken is applied (or was only a position): its budget is free.
+            budget.add_permits(cost as usize);
             if position > Lsn::ZERO {
                 acker.ack(position);
                 self.metrics.confirmed_lsn.store(position.0, Ordering::Relaxed);
