@@ -50,6 +50,9 @@ enum Bench {
     Snapshot {
         #[arg(long, default_value_t = 1024)]
         mb: u64,
+        /// Chunks copied at once.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
     },
 }
 
@@ -73,11 +76,15 @@ fn conn_cfg(port: u16, db: &str) -> PgConnConfig {
 }
 
 fn pipeline_yaml(name: &str, src: u16, dst: u16, snapshot: bool) -> String {
+    pipeline_yaml_p(name, src, dst, snapshot, 2)
+}
+
+fn pipeline_yaml_p(name: &str, src: u16, dst: u16, snapshot: bool, parallelism: usize) -> String {
     format!(
         "pipeline: {name}\nsource: {{host: 127.0.0.1, port: {src}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, \
          database: bench, tables: [public.bench]}}\n\
          sink: {{postgres: {{host: 127.0.0.1, port: {dst}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}}}\n\
-         snapshot: {{enabled: {snapshot}, parallelism: 2, chunk_rows: 200000}}\n"
+         snapshot: {{enabled: {snapshot}, parallelism: {parallelism}, chunk_rows: 200000}}\n"
     )
 }
 
@@ -260,17 +267,17 @@ async fn lag(rate: u64, seconds: u64) -> Result<serde_json::Value> {
     }))
 }
 
-async fn snapshot(mb: u64) -> Result<serde_json::Value> {
+async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
     let rows = mb * 1_000_000 / 200;
     eprintln!("creating a {mb} MB table ({rows} rows)...");
     s.batch_execute(&format!(
         "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         INSERT INTO bench SELECT g, rpad(md5(g::text), 160, 'x') FROM generate_series(1, {rows}) g;
-         VACUUM ANALYZE bench;"
+         INSERT INTO bench SELECT g, rpad(md5(g::text), 160, 'x') FROM generate_series(1, {rows}) g;"
     ))
     .await?;
+    s.batch_execute("VACUUM ANALYZE bench").await?;
     let size: i64 = s.query_one("SELECT pg_table_size('bench')", &[]).await?.get(0);
     let size_mb = size as f64 / 1e6;
 
@@ -293,7 +300,7 @@ async fn snapshot(mb: u64) -> Result<serde_json::Value> {
     let base_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("snap", src.port, dst.port, true))?;
+    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml_p("snap", src.port, dst.port, true, parallelism))?;
     loop {
         let p = &metrics.snapshot;
         let total = p.chunks_total.load(Ordering::Relaxed);
@@ -314,7 +321,7 @@ async fn snapshot(mb: u64) -> Result<serde_json::Value> {
         bail!("snapshot copied {copied} rows, expected {rows}");
     }
     Ok(serde_json::json!({
-        "bench": "snapshot", "table_mb": size_mb, "rows": rows,
+        "bench": "snapshot", "table_mb": size_mb, "rows": rows, "parallelism": parallelism,
         "copy_pipe_baseline": {"seconds": base_s, "mb_per_s": size_mb / base_s},
         "sluice_snapshot": {"seconds": sluice_s, "mb_per_s": size_mb / sluice_s},
         "ratio": base_s / sluice_s,
@@ -327,7 +334,7 @@ async fn main() -> Result<()> {
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
-        Bench::Snapshot { mb } => snapshot(mb).await?,
+        Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
     };
     println!("{out}");
     Ok(())

@@ -21,6 +21,8 @@ use crate::conn::{connect, PgConnConfig};
 use crate::error::{PgError, Result};
 use crate::sink::{load_chunks, Chunk, STATE_DDL};
 
+const COPY_BATCH_BYTES: usize = 256 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
     pub pipeline: String,
@@ -232,10 +234,18 @@ async fn copy_chunk(
     let inp = dst.copy_in(&format!("COPY {} ({cols}) FROM STDIN", target.quoted())).await.map_err(err)?;
     futures::pin_mut!(out);
     futures::pin_mut!(inp);
+    // The source sends a message per row; the target takes far fewer, larger ones.
+    let mut buf = bytes::BytesMut::with_capacity(COPY_BATCH_BYTES * 2);
     while let Some(data) = out.next().await {
         let data = data.map_err(err)?;
         progress.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
-        inp.send(data).await.map_err(err)?;
+        buf.extend_from_slice(&data);
+        if buf.len() >= COPY_BATCH_BYTES {
+            inp.send(buf.split().freeze()).await.map_err(err)?;
+        }
+    }
+    if !buf.is_empty() {
+        inp.send(buf.split().freeze()).await.map_err(err)?;
     }
     let rows = inp.finish().await.map_err(err)?;
     dst.execute(

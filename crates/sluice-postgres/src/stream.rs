@@ -30,7 +30,8 @@ pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
     tables: HashMap<TableName, Arc<TableSchema>>,
-    relations: HashMap<u32, Arc<TableSchema>>,
+    /// `None` for relations the publication has but this pipeline does not replicate.
+    relations: HashMap<u32, Option<Arc<TableSchema>>>,
     current: Option<Transaction>,
     last_position: Lsn,
     acks: tokio::sync::watch::Receiver<Lsn>,
@@ -174,8 +175,10 @@ impl ReplicationStream {
     async fn handle(&mut self, msg: Message, lsn: Lsn) -> Result<()> {
         let (op, relid, before, after) = match msg {
             Message::Relation(rel) => {
-                let schema = self.resolve(rel).await?;
-                self.relations.insert(schema.relid, schema);
+                let relid = rel.relid;
+                let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+                let schema = if self.tables.contains_key(&name) { Some(self.resolve(rel).await?) } else { None };
+                self.relations.insert(relid, schema);
                 return Ok(());
             }
             Message::Insert { relid, new } => (Op::Insert, relid, None, Some(new)),
@@ -193,11 +196,14 @@ impl ReplicationStream {
     }
 
     fn push(&mut self, op: Op, relid: u32, before: Option<sluice_core::Row>, after: Option<sluice_core::Row>, lsn: Lsn) -> Result<()> {
-        let table = self
+        let Some(table) = self
             .relations
             .get(&relid)
             .ok_or_else(|| PgError::protocol(format!("pgoutput: change for relation {relid} before its Relation message")))?
-            .clone();
+            .clone()
+        else {
+            return Ok(()); // published, but not a table of this pipeline
+        };
         let txn = self.current.as_mut().ok_or_else(|| PgError::protocol("pgoutput: change outside a transaction"))?;
         let position = SourcePosition {
             lsn,
@@ -216,8 +222,10 @@ impl ReplicationStream {
     async fn resolve(&mut self, rel: Relation) -> Result<Arc<TableSchema>> {
         let name = TableName::new(rel.namespace.clone(), rel.name.clone());
         if let Some(known) = self.tables.get(&name) {
+            // Key flags are not compared: with REPLICA IDENTITY FULL pgoutput flags every
+            // column, while the sink keys by the primary key.
             let same = known.columns.len() == rel.columns.len()
-                && known.columns.iter().zip(&rel.columns).all(|(c, r)| c.name == r.name && c.type_oid == r.type_oid && c.is_key == r.is_key);
+                && known.columns.iter().zip(&rel.columns).all(|(c, r)| c.name == r.name && c.type_oid == r.type_oid);
             if same {
                 let mut s = known.clone();
                 if s.relid != rel.relid {
@@ -231,7 +239,7 @@ impl ReplicationStream {
         for rc in &rel.columns {
             let prior = self.tables.get(&name).and_then(|t| t.columns.iter().find(|c| c.name == rc.name && c.type_oid == rc.type_oid));
             let col = match prior {
-                Some(c) => ColumnSchema { is_key: rc.is_key, ..c.clone() },
+                Some(c) => c.clone(),
                 None => {
                     let row = self
                         .catalog
@@ -249,8 +257,10 @@ impl ReplicationStream {
                         type_oid: rc.type_oid,
                         type_name: row.get(0),
                         pg_type: if typtype == "e" { PgType::Enum } else { PgType::from_oid(rc.type_oid) },
-                        nullable: !rc.is_key,
-                        is_key: rc.is_key,
+                        // A column added after start is never part of the key the sink
+                        // upserts by (that key was fixed when the target was created).
+                        nullable: true,
+                        is_key: false,
                         enum_labels: row.get(2),
                     }
                 }

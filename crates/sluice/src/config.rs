@@ -169,6 +169,14 @@ impl PipelineConfig {
                 "pipeline: {p:?} must be 1-40 characters of lowercase letters, digits and _ (it names the replication slot)"
             ));
         }
+        for (key, name) in [("source.slot", &self.source.slot), ("source.publication", &self.source.publication)] {
+            if let Some(n) = name {
+                let ok = !n.is_empty() && n.len() <= 48 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !ok {
+                    return Err(format!("{key}: {n:?} must be 1-48 characters of lowercase letters, digits and _"));
+                }
+            }
+        }
         if self.source.tables.is_empty() && self.source.publication.is_none() {
             return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
         }
@@ -246,6 +254,7 @@ sink: {postgres: {host: 127.0.0.1, port: 5433, user: u, password: p, database: r
             (GOOD.replace("items", "a.b.c"), "source.tables"),
             (GOOD.to_string() + "snapshot: {parallelism: 0}\n", "snapshot.parallelism"),
             (GOOD.replace("postgres:", "kafka:"), "unknown variant"),
+            (GOOD.replace("database: app,", "database: app, slot: My-Slot,"), "source.slot"),
         ];
         for (text, want) in cases {
             let err = PipelineConfig::parse(&text).unwrap_err();

@@ -147,3 +147,33 @@ async fn idle_slot_keeps_advancing_while_other_tables_are_busy() {
     p.assert_running();
     assert_eq!(p.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_least_privilege_replication_role_is_enough() {
+    let env = Env::new("leastpriv").await;
+    let src = env.src().await;
+    let role = format!("repl_{}", env.db);
+    src.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');
+         CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'repl-pw';
+         GRANT SELECT ON t TO {role};
+         CREATE PUBLICATION pub_{db} FOR TABLE t;",
+        db = env.db
+    ))
+    .await
+    .unwrap();
+    // Source section only (it comes first): the replication role and the admin's publication.
+    let text = std::fs::read_to_string(env.config(&["t"], ""))
+        .unwrap()
+        .replacen(&format!("user: {}", sluice_postgres::cluster::SUPERUSER), &format!("user: {role}"), 1)
+        .replacen(sluice_postgres::cluster::SUPERUSER_PASSWORD, "repl-pw", 1)
+        .replacen("  tables: [", &format!("  publication: pub_{}\n  tables: [", env.db), 1);
+    let mut p = env.spawn(&env.write_config(&text));
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    src.batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(2, 100) g; UPDATE t SET v = 'b' WHERE id = 1;").await.unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    let superuser: bool = src.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role]).await.unwrap().get(0);
+    assert!(!superuser);
+    p.assert_running();
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+}
