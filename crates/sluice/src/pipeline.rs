@@ -209,29 +209,44 @@ impl Pipeline {
             );
             bar
         });
-        let ticker = bar.clone().map(|bar| {
-            let p = progress.clone();
+        let ticker = {
+            let (p, bar) = (progress.clone(), bar.clone());
             tokio::spawn(async move {
+                let mut last_log = Instant::now();
                 loop {
-                    bar.set_length(p.rows_estimated.load(Ordering::Relaxed).max(p.rows_copied.load(Ordering::Relaxed)));
-                    bar.set_position(p.rows_copied.load(Ordering::Relaxed));
-                    bar.set_message(format!(
-                        "chunks {}/{}",
-                        p.chunks_done.load(Ordering::Relaxed),
-                        p.chunks_total.load(Ordering::Relaxed)
-                    ));
+                    let (rows, est) = (p.rows_copied.load(Ordering::Relaxed), p.rows_estimated.load(Ordering::Relaxed));
+                    let (done, total) = (p.chunks_done.load(Ordering::Relaxed), p.chunks_total.load(Ordering::Relaxed));
+                    match &bar {
+                        Some(bar) => {
+                            bar.set_length(est.max(rows));
+                            bar.set_position(rows);
+                            bar.set_message(format!("chunks {done}/{total}"));
+                        }
+                        // Without a terminal, a progress line every 5 s instead of a bar.
+                        None if last_log.elapsed() >= Duration::from_secs(5) && total > 0 => {
+                            last_log = Instant::now();
+                            tracing::info!(rows, rows_estimated = est, chunks_done = done, chunks_total = total, "snapshot progress");
+                        }
+                        None => {}
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
-        });
-        let r = sluice_postgres::run_snapshot(&self.source, &self.sink, &opts, &snap, progress.clone()).await;
-        if let Some(t) = ticker {
-            t.abort();
-        }
+        };
+        // Stopping mid-snapshot is safe: a chunk's rows and its done mark commit together.
+        let mut shutdown = self.shutdown.clone();
+        let r = tokio::select! {
+            r = sluice_postgres::run_snapshot(&self.source, &self.sink, &opts, &snap, progress.clone()) => r,
+            _ = shutdown.changed() => Ok(()),
+        };
+        ticker.abort();
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
         r?;
+        if self.stopping() {
+            return Ok(());
+        }
         let rows = progress.rows_copied.load(Ordering::Relaxed);
         if rows > 0 {
             let mb = progress.bytes_copied.load(Ordering::Relaxed) as f64 / 1e6;

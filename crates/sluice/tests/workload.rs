@@ -71,6 +71,14 @@ async fn kill_9_during_snapshot_and_streaming_loses_and_repeats_nothing() {
         w.run(&src, Duration::from_secs(30)).await;
         w
     });
+    // A clean stop in the middle of the snapshot: prompt, exit 0.
+    {
+        let mut p = env.spawn(&cfg);
+        wait_for("snapshot progress", Duration::from_secs(60), || async { chunks(&dst).await.0 > 0 }).await;
+        let started = std::time::Instant::now();
+        assert_eq!(p.terminate(), Some(0), "{}", p.log());
+        assert!(started.elapsed() < Duration::from_secs(5), "stopping took {:?}", started.elapsed());
+    }
     let mut kills = 0;
     // Two kills in the middle of the snapshot.
     for _ in 0..2 {
