@@ -19,7 +19,7 @@ use sluice_core::{Lsn, TableName};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use sluice_postgres::{PgConnConfig, ReplicationStream, StreamItem};
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 #[derive(Parser)]
 #[command(about = "Sluice benchmarks (each prints a final JSON line)")]
@@ -57,12 +57,7 @@ enum Bench {
 }
 
 async fn connect(port: u16, db: &str) -> Result<Client> {
-    let dsn = format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={db}");
-    let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
+    Ok(sluice_postgres::cluster::superuser_client(port, db).await?)
 }
 
 fn conn_cfg(port: u16, db: &str) -> PgConnConfig {
@@ -108,7 +103,10 @@ async fn servers() -> Result<(TempCluster, TempCluster)> {
     Ok((src, dst))
 }
 
-fn start_pipeline(yaml: &str) -> Result<(Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>)> {
+/// A running in-process pipeline: its metrics, its stop switch, its task.
+type Running = (Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>);
+
+fn start_pipeline(yaml: &str) -> Result<Running> {
     let cfg = PipelineConfig::parse(yaml).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = watch::channel(false);

@@ -199,3 +199,13 @@ impl Drop for TempCluster {
         let _ = self.supervisor.wait();
     }
 }
+
+/// A superuser connection to a throwaway cluster on this machine.
+pub async fn superuser_client(port: u16, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let dsn = format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={db}");
+    let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}

@@ -8,19 +8,14 @@ use anyhow::{Context as _, Result};
 use rand::Rng as _;
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::PipelineConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
 async fn connect(port: u16, db: &str) -> Result<Client> {
-    let dsn = format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={db}");
-    let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await.context("connecting to a demo server")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
+    sluice_postgres::cluster::superuser_client(port, db).await.context("connecting to a demo server")
 }
 
 async fn digest(c: &Client) -> Result<(i64, String)> {

@@ -69,15 +69,7 @@ async fn source_and_sink_restarts_while_streaming() {
 
 async fn connect_retry(port: u16, db: &str) -> tokio_postgres::Client {
     loop {
-        let dsn = format!(
-            "host=127.0.0.1 port={port} user={} password={} dbname={db}",
-            sluice_postgres::cluster::SUPERUSER,
-            sluice_postgres::cluster::SUPERUSER_PASSWORD
-        );
-        if let Ok((c, conn)) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+        if let Ok(c) = sluice_postgres::cluster::superuser_client(port, db).await {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_postgres::cluster::TempCluster;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -26,16 +26,7 @@ pub fn clusters() -> &'static (TempCluster, TempCluster) {
 }
 
 pub async fn connect(port: u16, db: &str) -> Client {
-    let dsn = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname={db}",
-        sluice_postgres::cluster::SUPERUSER,
-        sluice_postgres::cluster::SUPERUSER_PASSWORD
-    );
-    let (c, conn) = tokio_postgres::connect(&dsn, NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
+    sluice_postgres::cluster::superuser_client(port, db).await.expect("connect")
 }
 
 /// A test's own database pair (same name on source and target).
