@@ -126,6 +126,24 @@ impl Pipeline {
         }
         let publication_missing =
             names.iter().filter(|n| published.as_ref().is_none_or(|p| !p.contains(n))).cloned().collect();
+        if published.is_some() {
+            let relids: Vec<i64> = tables.iter().map(|t| i64::from(t.relid)).collect();
+            let row = src
+                .query_one(
+                    "SELECT p.pubviaroot, EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::int8 = ANY($2) AND c.relkind = 'p')
+                     FROM pg_publication p WHERE p.pubname = $1",
+                    &[&publication, &relids],
+                )
+                .await
+                .map_err(|e| PgError::from_pg("reading pg_publication", e))?;
+            let (via_root, partitioned): (bool, bool) = (row.get(0), row.get(1));
+            if partitioned && !via_root {
+                bail!(PgError::permanent(format!(
+                    "publication {publication} publishes partitioned tables under their partitions' names: run                      ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    quote_ident(&publication)
+                )));
+            }
+        }
         let slot = self.cfg.slot_name();
         let slot_info = sluice_postgres::slot_info(&src, &slot).await?;
         if let Some(info) = &slot_info {
@@ -181,7 +199,13 @@ impl Pipeline {
         let sql = if checked.publication_exists {
             format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&publication), list.join(", "))
         } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&publication), list.join(", "))
+            // Changes to a partitioned table are then published under its own name, not
+            // under the partitions' names, which the pipeline does not know.
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                quote_ident(&publication),
+                list.join(", ")
+            )
         };
         src.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("setting up publication {publication}"), e))?;
         tracing::info!(publication = %publication, tables = list.len(), "publication ready");

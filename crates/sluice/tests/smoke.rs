@@ -105,3 +105,24 @@ async fn metrics_endpoint_reports_events_lag_and_wal() {
     assert!(value("sluice_wal_retained_bytes") > 0.0);
     assert_eq!(p.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_table_replicates_through_its_root() {
+    let env = Env::new("parts").await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE p (id int8 PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE p_lo PARTITION OF p FOR VALUES FROM (MINVALUE) TO (1000);
+         CREATE TABLE p_hi PARTITION OF p FOR VALUES FROM (1000) TO (MAXVALUE);
+         INSERT INTO p SELECT g, 'v' || g FROM generate_series(1, 2000) g;",
+    )
+    .await
+    .unwrap();
+    let mut p = env.spawn(&env.config(&["p"], ""));
+    wait_equal(&env, "p", "id", Duration::from_secs(30)).await;
+    src.batch_execute("INSERT INTO p VALUES (5000, 'new'), (2500, 'x'); UPDATE p SET id = 7000 WHERE id = 10; DELETE FROM p WHERE id = 1500;")
+        .await
+        .unwrap();
+    wait_equal(&env, "p", "id", Duration::from_secs(30)).await;
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+}
