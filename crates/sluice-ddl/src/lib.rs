@@ -40,7 +40,7 @@ pub fn check(name: &str, sql: &str, model: &mut Model) -> Result<FileReport, Ddl
             }
             model.apply(node);
         }
-        out.push(StatementReport { line: s.line, column: s.column, sql: s.text.trim().to_string(), findings });
+        out.push(StatementReport { line: s.line, column: s.column, sql: s.text[statements::skip_trivia(s.text)..].trim().to_string(), findings });
     }
     Ok(FileReport::new(name, out))
 }

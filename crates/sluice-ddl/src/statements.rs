@@ -22,7 +22,7 @@ fn line_col(sql: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Bytes of whitespace and comments before the first token.
-fn skip_trivia(text: &str) -> usize {
+pub(crate) fn skip_trivia(text: &str) -> usize {
     let mut i = 0;
     loop {
         let rest = &text[i..];

@@ -57,6 +57,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Vet schema migrations before they run.
+    #[command(subcommand)]
+    Migrations(MigrationsCommand),
     /// Start two throwaway Postgres servers, load sample data, and replicate it live
     /// from one to the other while printing progress and lag.
     Demo {
@@ -69,6 +72,33 @@ enum Command {
         /// Rows in the sample table before replication starts (the snapshot).
         #[arg(long, default_value_t = 200_000)]
         rows: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrationsCommand {
+    /// Check migration SQL files: each statement is ALLOWED, a WARNING, NEEDS
+    /// COORDINATION or BLOCKED, with the reason and the safe alternative.
+    ///
+    /// Without --source every table counts as replicated. With --source (a read-only
+    /// connection string), Sluice reads which tables are published, their columns and
+    /// keys, and checks each statement against the schema as the earlier statements
+    /// left it. Acknowledge an intended breaking change in the file with
+    /// `-- sluice:allow <rule-id> <reason>` before the statement.
+    ///
+    /// Exit codes: 0 allowed (warnings included), 1 blocked or needs coordination, 2 error.
+    Check {
+        /// SQL files; `-` reads standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Source database for catalog context, e.g. "host=db user=ro dbname=app".
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this pipeline's tables count as replicated (its publication sluice_<name>).
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Output,
     },
 }
 
@@ -140,6 +170,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Migrations(_) => unreachable!("handled in main"),
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);
             sluice::demo::run(duration, rate, rows, shutdown_signal()).await
@@ -147,9 +178,77 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `migrations check`: exit 0 allowed, 1 blocked or needs coordination, 2 error.
+async fn migrations_check(files: Vec<PathBuf>, source: Option<String>, pipeline: Option<String>, format: Output) -> ExitCode {
+    use sluice_ddl::{Model, Verdict};
+    let mut base = Model::default();
+    if let Some(dsn) = &source {
+        let client = match tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+            }
+            Err(e) => {
+                eprintln!("error: cannot connect to --source: {e}: check the connection string and that the server is reachable");
+                return ExitCode::from(2);
+            }
+        };
+        // Catalog reads only: the session cannot write even by mistake.
+        if let Err(e) = client.batch_execute("SET default_transaction_read_only = on").await {
+            eprintln!("error: --source: {e}");
+            return ExitCode::from(2);
+        }
+        let publications = pipeline.map(|p| vec![format!("sluice_{p}")]);
+        base = match Model::load(&client, publications.as_deref()).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    }
+    let mut reports = Vec::new();
+    for f in &files {
+        let (name, sql) = if f.as_os_str() == "-" {
+            let mut s = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                eprintln!("error: cannot read standard input: {e}");
+                return ExitCode::from(2);
+            }
+            ("-".to_string(), s)
+        } else {
+            match std::fs::read_to_string(f) {
+                Ok(s) => (f.display().to_string(), s),
+                Err(e) => {
+                    eprintln!("error: cannot read {}: {e}", f.display());
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        // Each file is checked against the catalog as it is, not as another file left it.
+        match sluice_ddl::check(&name, &sql, &mut base.clone()) {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Allowed);
+    if format == Output::Json {
+        println!("{}", serde_json::json!({ "verdict": worst, "context": source.is_some(), "files": reports }));
+    } else {
+        print!("{}", sluice_ddl::render_text(&reports));
+    }
+    if worst >= Verdict::NeedsCoordination { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Command::Migrations(MigrationsCommand::Check { files, source, pipeline, format }) = cli.command {
+        return rt.block_on(migrations_check(files, source, pipeline, format));
+    }
     match rt.block_on(real_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
