@@ -46,6 +46,12 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Migration checking: time per statement and per 1,000-statement file, against
+    /// Postgres's parser alone on the same text.
+    Migrations {
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+    },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     Snapshot {
         #[arg(long, default_value_t = 1024)]
@@ -327,12 +333,54 @@ async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
     }))
 }
 
+const TYPICAL: &[&str] = &[
+    "ALTER TABLE orders ADD COLUMN note text",
+    "ALTER TABLE orders ALTER COLUMN email SET NOT NULL",
+    "CREATE INDEX CONCURRENTLY orders_note ON orders (note)",
+    "ALTER TABLE orders ADD CONSTRAINT qty_pos CHECK (qty > 0) NOT VALID",
+    "ALTER TABLE orders RENAME COLUMN note TO memo",
+    "CREATE TABLE audit (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), payload jsonb)",
+    "UPDATE orders SET status = 'done' WHERE id IN (SELECT order_id FROM items WHERE n > 3)",
+    "DROP TABLE IF EXISTS legacy_orders",
+];
+
+fn migrations(rounds: u32) -> Result<serde_json::Value> {
+    let file: String = (0..1000).map(|i| format!("{};\n", TYPICAL[i % TYPICAL.len()])).collect();
+    // Baseline: the parser alone, one call per statement as the checker makes them.
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for s in pg_query::split_with_scanner(&file)? {
+            std::hint::black_box(pg_query::parse(s, 0)?);
+        }
+    }
+    let parse_file_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+    let t = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(sluice_ddl::check("bench.sql", &file, &mut sluice_ddl::Model::default())?);
+    }
+    let check_file_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+    let t = Instant::now();
+    let n = rounds * 200;
+    for i in 0..n {
+        std::hint::black_box(sluice_ddl::check("s.sql", TYPICAL[i as usize % TYPICAL.len()], &mut sluice_ddl::Model::default())?);
+    }
+    let per_stmt_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    Ok(serde_json::json!({
+        "bench": "migrations", "statements_per_file": 1000, "rounds": rounds,
+        "parser_only_file_ms": parse_file_ms, "check_file_ms": check_file_ms,
+        "check_vs_parser_only": check_file_ms / parse_file_ms,
+        "check_single_statement_us": per_stmt_us,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
+        Bench::Migrations { rounds } => migrations(rounds)?,
     };
     println!("{out}");
     Ok(())

@@ -150,11 +150,10 @@ impl Model {
             .map_err(err)?;
         for r in &published {
             let pubname: String = r.get(2);
-            if publications.is_none_or(|p| p.contains(&pubname)) {
-                if let Some(t) = m.tables.get_mut(&(r.get(0), r.get(1))) {
+            if publications.is_none_or(|p| p.contains(&pubname))
+                && let Some(t) = m.tables.get_mut(&(r.get(0), r.get(1))) {
                     t.replicated = true;
                 }
-            }
         }
         Ok(m)
     }

@@ -14,11 +14,10 @@ pub static RULE: Rule = Rule {
     check: |model, node| {
         let mut hits = Vec::new();
         for (rv, cmd) in replicated_cmds(model, node, AlterTableType::AtReplicaIdentity) {
-            if let Some(NodeEnum::ReplicaIdentityStmt(r)) = cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
-                if r.identity_type == "n" {
+            if let Some(NodeEnum::ReplicaIdentityStmt(r)) = cmd.def.as_ref().and_then(|d| d.node.as_ref())
+                && r.identity_type == "n" {
                     hits.push(Hit::new(format!("REPLICA IDENTITY NOTHING on {} (replicated)", table_name(rv))));
                 }
-            }
         }
         for (rv, cmd) in replicated_cmds(model, node, AlterTableType::AtDropConstraint) {
             let is_key = match model.table(rv) {
@@ -29,8 +28,8 @@ pub static RULE: Rule = Rule {
                 hits.push(Hit::new(format!("DROP CONSTRAINT {} removes the primary key of {} (replicated)", cmd.name, table_name(rv))));
             }
         }
-        if let NodeEnum::DropStmt(d) = node {
-            if d.remove_type == ObjectType::ObjectIndex as i32 {
+        if let NodeEnum::DropStmt(d) = node
+            && d.remove_type == ObjectType::ObjectIndex as i32 {
                 for o in &d.objects {
                     let Some(NodeEnum::List(l)) = &o.node else { continue };
                     let Some(index) = names(&l.items).pop() else { continue };
@@ -44,7 +43,6 @@ pub static RULE: Rule = Rule {
                     }
                 }
             }
-        }
         hits
     },
 };
