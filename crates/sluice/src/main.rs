@@ -57,6 +57,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The built-in Confluent-compatible schema registry.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Vet schema migrations before they run.
     #[command(subcommand)]
     Migrations(MigrationsCommand),
@@ -72,6 +75,25 @@ enum Command {
         /// Rows in the sample table before replication starts (the snapshot).
         #[arg(long, default_value_t = 200_000)]
         rows: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Serve the Confluent Schema Registry REST API (Avro), stored in a Postgres database.
+    ///
+    /// Existing serializers and tools work unchanged: point them at http://ADDR. Each
+    /// tenant gets its own context: subjects named `:.tenant:subject` have their own
+    /// ids, versions and compatibility settings. Default compatibility: BACKWARD.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        addr: std::net::SocketAddr,
+        /// Postgres connection string for the registry's storage (tables in schema
+        /// `sluice_registry`, created if missing). Prefer SLUICE_REGISTRY_DATABASE to
+        /// keep the password out of the process list.
+        #[arg(long, env = "SLUICE_REGISTRY_DATABASE", hide_env_values = true)]
+        database: String,
     },
 }
 
@@ -171,6 +193,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrations(_) => unreachable!("handled in main"),
+        Command::Registry(RegistryCommand::Serve { addr, database }) => {
+            init_logs(&cli.log, false);
+            let (client, conn) = tokio_postgres::connect(&database, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to the registry database: {e}: check --database"))?;
+            tokio::spawn(conn);
+            let store = sluice_registry::Store::open(client)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot create the registry tables: {e}"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
+            tracing::info!(%addr, "schema registry listening");
+            let mut stop = shutdown_signal();
+            tokio::select! {
+                r = sluice_registry::serve(listener, Arc::new(store)) => r?,
+                _ = stop.changed() => {}
+            }
+            Ok(())
+        }
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);
             sluice::demo::run(duration, rate, rows, shutdown_signal()).await
