@@ -78,11 +78,11 @@ mod tests {
         let add_required = s(r#"{"name":"a","type":"int"},{"name":"b","type":"string"}"#);
         let promoted = s(r#"{"name":"a","type":"long"}"#);
         let narrowed = s(r#"{"name":"a","type":"string"}"#);
-        assert!(check(Compatibility::Backward, &add_optional, &[v1.clone()]).is_empty());
-        assert!(!check(Compatibility::Backward, &add_required, &[v1.clone()]).is_empty());
-        assert!(check(Compatibility::Backward, &promoted, &[v1.clone()]).is_empty());
-        assert!(!check(Compatibility::Forward, &promoted, &[v1.clone()]).is_empty());
-        assert!(!check(Compatibility::Backward, &narrowed, &[v1.clone()]).is_empty());
+        assert!(check(Compatibility::Backward, &add_optional, std::slice::from_ref(&v1)).is_empty());
+        assert!(!check(Compatibility::Backward, &add_required, std::slice::from_ref(&v1)).is_empty());
+        assert!(check(Compatibility::Backward, &promoted, std::slice::from_ref(&v1)).is_empty());
+        assert!(!check(Compatibility::Forward, &promoted, std::slice::from_ref(&v1)).is_empty());
+        assert!(!check(Compatibility::Backward, &narrowed, std::slice::from_ref(&v1)).is_empty());
         assert!(check(Compatibility::None, &narrowed, &[v1]).is_empty());
     }
 

@@ -32,11 +32,10 @@ pub struct Qualified {
 
 impl Qualified {
     pub fn parse(raw: &str) -> Qualified {
-        if let Some(rest) = raw.strip_prefix(":.") {
-            if let Some((ctx, subject)) = rest.split_once(':') {
+        if let Some(rest) = raw.strip_prefix(":.")
+            && let Some((ctx, subject)) = rest.split_once(':') {
                 return Qualified { ctx: ctx.to_string(), subject: subject.to_string() };
             }
-        }
         Qualified { ctx: String::new(), subject: raw.to_string() }
     }
 

@@ -74,4 +74,30 @@ expect_error("permanent delete needs soft delete", 40405, lambda: client.delete_
 check("soft delete", client.delete_subject(subject) == [1, 2, 3])
 check("deleted subject hidden", subject not in client.get_subjects())
 client.delete_subject(subject, permanent=True)
+
+# Concurrent registrations of one subject: the same schema always gets one id, and
+# compatible new schemas get distinct versions, with no errors.
+from concurrent.futures import ThreadPoolExecutor
+
+conc = "concurrent-value"
+schemas = [
+    '{"type":"record","name":"C","fields":[{"name":"id","type":"long"}'
+    + "".join(f',{{"name":"f{j}","type":["null","string"],"default":null}}' for j in range(i))
+    + "]}"
+    for i in range(6)
+]
+
+
+def register(s):
+    return SchemaRegistryClient({"url": url}).register_schema(conc, Schema(s, "AVRO"))
+
+
+with ThreadPoolExecutor(max_workers=12) as pool:
+    same = list(pool.map(register, [schemas[0]] * 12))
+check("concurrent same schema, one id", len(set(same)) == 1)
+client.set_compatibility(conc, "NONE")
+with ThreadPoolExecutor(max_workers=6) as pool:
+    ids = list(pool.map(register, schemas[1:] * 2))
+check("concurrent distinct schemas, distinct ids", len(set(ids)) == 5)
+check("versions without gaps", client.get_versions(conc) == [1, 2, 3, 4, 5, 6])
 print(f"{passed} passed, 0 failed")
