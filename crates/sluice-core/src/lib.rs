@@ -4,6 +4,7 @@
 //! lossless and costs nothing to forward to a Postgres sink; sinks that need typed
 //! values (Avro, search documents) decode a datum with [`Value::parse`] on demand.
 
+pub mod avro;
 mod error;
 mod event;
 mod lsn;

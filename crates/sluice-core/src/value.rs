@@ -92,6 +92,39 @@ impl PgType {
         }
     }
 
+    /// Maps a type as Postgres prints it (`format_type`) or as a migration writes it
+    /// (`int4`, `varchar(20)`, `timestamptz`); enums and other user types are `Other`.
+    pub fn from_name(name: &str) -> PgType {
+        let n = name.trim().to_ascii_lowercase();
+        if let Some(elem) = n.strip_suffix("[]") {
+            return PgType::Array(Box::new(PgType::from_name(elem)));
+        }
+        let base = n.split('(').next().unwrap_or("").trim();
+        match base {
+            "boolean" | "bool" => PgType::Bool,
+            "smallint" | "int2" => PgType::Int2,
+            "integer" | "int" | "int4" => PgType::Int4,
+            "bigint" | "int8" => PgType::Int8,
+            "numeric" | "decimal" => PgType::Numeric,
+            "real" | "float4" => PgType::Float4,
+            "double precision" | "float8" => PgType::Float8,
+            "text" | "character varying" | "varchar" | "character" | "char" | "bpchar" | "name" => PgType::Text,
+            "bytea" => PgType::Bytea,
+            "uuid" => PgType::Uuid,
+            "json" => PgType::Json,
+            "jsonb" => PgType::Jsonb,
+            "date" => PgType::Date,
+            "time" | "time without time zone" => PgType::Time,
+            "timetz" | "time with time zone" => PgType::TimeTz,
+            "timestamp" | "timestamp without time zone" => PgType::Timestamp,
+            "timestamptz" | "timestamp with time zone" => PgType::TimestampTz,
+            "interval" => PgType::Interval,
+            "inet" => PgType::Inet,
+            "cidr" => PgType::Cidr,
+            _ => PgType::Other,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         use PgType::*;
         match self {

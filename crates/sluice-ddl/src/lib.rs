@@ -21,7 +21,8 @@ pub use rules::{RULES, Rule, Verdict};
 pub fn check(name: &str, sql: &str, model: &mut Model) -> Result<FileReport, DdlError> {
     let stmts = statements::split(name, sql)?;
     let mut out = Vec::with_capacity(stmts.len());
-    for s in stmts {
+    let mut touched: Vec<((String, String), Vec<usize>)> = Vec::new();
+    for (index, s) in stmts.into_iter().enumerate() {
         let node = statements::parse(name, sql, &s)?;
         let mut findings = Vec::new();
         if let Some(node) = &node {
@@ -39,8 +40,25 @@ pub fn check(name: &str, sql: &str, model: &mut Model) -> Result<FileReport, Ddl
                 }
             }
             model.apply(node);
+            if let Some(key) = altered_table(node) {
+                match touched.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, idx)) => idx.push(index),
+                    None => touched.push((key, vec![index])),
+                }
+            }
         }
         out.push(StatementReport { line: s.line, column: s.column, sql: s.text[statements::skip_trivia(s.text)..].trim().to_string(), findings });
     }
-    Ok(FileReport::new(name, out))
+    Ok(FileReport::new(name, out, touched))
+}
+
+/// The table whose columns an ALTER TABLE changes (its name after the statement).
+fn altered_table(node: &pg_query::NodeEnum) -> Option<(String, String)> {
+    match node {
+        pg_query::NodeEnum::AlterTableStmt(a) => a.relation.as_ref().map(model::key),
+        pg_query::NodeEnum::RenameStmt(r) if r.rename_type == pg_query::protobuf::ObjectType::ObjectColumn as i32 => {
+            r.relation.as_ref().map(model::key)
+        }
+        _ => None,
+    }
 }

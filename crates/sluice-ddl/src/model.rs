@@ -80,6 +80,29 @@ pub(crate) fn column_not_null(def: &pg_query::protobuf::ColumnDef) -> bool {
 }
 
 impl Model {
+    /// The table as a Sluice table schema (for deriving its Avro schema).
+    pub fn table_schema(&self, key: &(String, String)) -> Option<sluice_core::TableSchema> {
+        let t = self.tables.get(key)?;
+        Some(sluice_core::TableSchema {
+            name: sluice_core::TableName::new(key.0.clone(), key.1.clone()),
+            relid: 0,
+            replica_identity: sluice_core::ReplicaIdentity::from_pg(t.replica_identity as u8),
+            columns: t
+                .columns
+                .iter()
+                .map(|c| sluice_core::ColumnSchema {
+                    name: c.name.clone(),
+                    type_oid: 0,
+                    type_name: c.type_name.clone(),
+                    pg_type: sluice_core::PgType::from_name(&c.type_name),
+                    nullable: !c.not_null,
+                    is_key: t.primary_key.contains(&c.name),
+                    enum_labels: vec![],
+                })
+                .collect(),
+        })
+    }
+
     /// Whether changes to this table reach a pipeline.
     pub fn replicated(&self, rv: &RangeVar) -> bool {
         !self.has_context || self.tables.get(&key(rv)).is_some_and(|t| t.replicated)

@@ -38,12 +38,21 @@ pub struct FileReport {
     pub file: String,
     pub verdict: Verdict,
     pub statements: Vec<StatementReport>,
+    /// Tables whose definition the file changes, with the statements that change them.
+    #[serde(skip)]
+    pub touched: Vec<((String, String), Vec<usize>)>,
 }
 
 impl FileReport {
-    pub(crate) fn new(file: &str, statements: Vec<StatementReport>) -> Self {
-        let verdict = statements.iter().map(StatementReport::verdict).max().unwrap_or(Verdict::Allowed);
-        Self { file: file.to_string(), verdict, statements }
+    pub(crate) fn new(file: &str, statements: Vec<StatementReport>, touched: Vec<((String, String), Vec<usize>)>) -> Self {
+        let mut r = Self { file: file.to_string(), verdict: Verdict::Allowed, statements, touched };
+        r.recompute();
+        r
+    }
+
+    /// Recomputes the file's verdict after findings were added or changed.
+    pub fn recompute(&mut self) {
+        self.verdict = self.statements.iter().map(StatementReport::verdict).max().unwrap_or(Verdict::Allowed);
     }
 
     /// Rule ids found (acknowledged or not), in statement order.

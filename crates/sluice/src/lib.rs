@@ -4,3 +4,4 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod pipeline;
+pub mod registry_check;

@@ -119,6 +119,11 @@ enum MigrationsCommand {
         /// Only this pipeline's tables count as replicated (its publication sluice_<name>).
         #[arg(long)]
         pipeline: Option<String>,
+        /// Schema registry URL (http): each changed table's new Avro value schema is
+        /// checked against subject `<pipeline>.<schema>.<table>-value` under that
+        /// subject's compatibility mode. Needs --source and --pipeline.
+        #[arg(long, requires_all = ["source", "pipeline"])]
+        registry: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         format: Output,
     },
@@ -219,7 +224,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `migrations check`: exit 0 allowed, 1 blocked or needs coordination, 2 error.
-async fn migrations_check(files: Vec<PathBuf>, source: Option<String>, pipeline: Option<String>, format: Output) -> ExitCode {
+async fn migrations_check(
+    files: Vec<PathBuf>,
+    source: Option<String>,
+    pipeline: Option<String>,
+    registry: Option<String>,
+    format: Output,
+) -> ExitCode {
     use sluice_ddl::{Model, Verdict};
     let mut base = Model::default();
     if let Some(dsn) = &source {
@@ -238,7 +249,7 @@ async fn migrations_check(files: Vec<PathBuf>, source: Option<String>, pipeline:
             eprintln!("error: --source: {e}");
             return ExitCode::from(2);
         }
-        let publications = pipeline.map(|p| vec![format!("sluice_{p}")]);
+        let publications = pipeline.as_ref().map(|p| vec![format!("sluice_{p}")]);
         base = match Model::load(&client, publications.as_deref()).await {
             Ok(m) => m,
             Err(e) => {
@@ -266,13 +277,33 @@ async fn migrations_check(files: Vec<PathBuf>, source: Option<String>, pipeline:
             }
         };
         // Each file is checked against the catalog as it is, not as another file left it.
-        match sluice_ddl::check(&name, &sql, &mut base.clone()) {
-            Ok(r) => reports.push(r),
+        let mut model = base.clone();
+        let mut report = match sluice_ddl::check(&name, &sql, &mut model) {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
+        };
+        if let (Some(url), Some(p)) = (&registry, &pipeline) {
+            let (url, p) = (url.clone(), p.clone());
+            let checked = tokio::task::spawn_blocking(move || {
+                sluice::registry_check::apply(&url, &p, &model, &mut report).map(|()| report)
+            })
+            .await;
+            report = match checked {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("error: registry check failed: {e}");
+                    return ExitCode::from(2);
+                }
+            };
         }
+        reports.push(report);
     }
     let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Allowed);
     if format == Output::Json {
@@ -286,8 +317,8 @@ async fn migrations_check(files: Vec<PathBuf>, source: Option<String>, pipeline:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    if let Command::Migrations(MigrationsCommand::Check { files, source, pipeline, format }) = cli.command {
-        return rt.block_on(migrations_check(files, source, pipeline, format));
+    if let Command::Migrations(MigrationsCommand::Check { files, source, pipeline, registry, format }) = cli.command {
+        return rt.block_on(migrations_check(files, source, pipeline, registry, format));
     }
     match rt.block_on(real_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,

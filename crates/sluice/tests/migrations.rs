@@ -106,3 +106,60 @@ async fn source_context_knows_what_is_replicated() {
     assert_eq!(run(&["--source", &dsn, "--pipeline", "other", "-"], Some("ALTER TABLE orders RENAME TO o2;")).0, 0);
     assert_eq!(run(&["--source", &dsn, "--pipeline", "shop", "-"], Some("ALTER TABLE orders RENAME TO o2;")).0, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_decides_by_the_subjects_compatibility_mode() {
+    let env = Env::new("ddlreg").await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, qty integer, note text);
+         CREATE PUBLICATION sluice_shop FOR TABLE orders;",
+    )
+    .await
+    .unwrap();
+    let cred = format!(
+        "host=127.0.0.1 user={} password={}",
+        sluice_postgres::cluster::SUPERUSER,
+        sluice_postgres::cluster::SUPERUSER_PASSWORD
+    );
+    let source = format!("{cred} port={} dbname={}", env.src_port, env.db);
+    // The registry, with the table's current value schema registered as the pipeline would.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(BIN)
+        .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
+        .env("SLUICE_REGISTRY_DATABASE", format!("{cred} port={} dbname={}", env.dst_port, env.db))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Pipeline { child, log: env.dir.join("none") };
+    wait_for("registry", std::time::Duration::from_secs(20), || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() }).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let model = sluice_ddl::Model::load(&src, None).await.unwrap();
+    let table = model.table_schema(&("public".into(), "orders".into())).unwrap();
+    let schema = sluice_core::avro::value_schema("shop", &table);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let subject_url = format!("{url}/subjects/shop.public.orders-value");
+    let resp = agent.post(&format!("{subject_url}/versions")).send_json(serde_json::json!({"schema": schema.to_string()})).unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let widen = "ALTER TABLE orders ALTER COLUMN qty TYPE bigint;";
+    let args = ["--source", &source, "--pipeline", "shop", "--registry", &url, "-"];
+    assert_eq!(run(&["--source", &source, "--pipeline", "shop", "-"], Some(widen)).0, 1, "without the registry a widening needs coordination");
+    let (code, out, err) = run(&args, Some(widen));
+    assert_eq!(code, 0, "BACKWARD accepts int -> long: {out}{err}");
+    assert!(out.contains("accepts it"), "{out}");
+
+    let resp = agent.put(&format!("{url}/config/shop.public.orders-value")).send_json(serde_json::json!({"compatibility": "FORWARD"})).unwrap();
+    assert_eq!(resp.status(), 200);
+    let (code, out, _) = run(&args, Some(widen));
+    assert_eq!(code, 1, "FORWARD refuses int -> long: {out}");
+    assert!(out.contains("BLOCKED [registry-compatibility]"), "{out}");
+
+    // A required column is refused under BACKWARD, though no single rule objects to it.
+    agent.delete(&format!("{url}/config/shop.public.orders-value")).call().unwrap();
+    let (code, out, _) = run(&args, Some("ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[registry-compatibility]"), "{out}");
+    let (code, out, _) = run(&args, Some("ALTER TABLE orders ADD COLUMN region text;"));
+    assert_eq!(code, 0, "{out}");
+}
