@@ -3,5 +3,7 @@
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod migrations;
 pub mod pipeline;
 pub mod registry_check;
+pub mod server;

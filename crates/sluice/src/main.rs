@@ -57,6 +57,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The main HTTP server: migration checks (POST /v1/migrations/check), the schema
+    /// registry under /registry, OpenAPI at /openapi.json.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Read-only connection string of the database whose catalog gives migration
+        /// checks their context (which tables are published, columns, keys).
+        #[arg(long, env = "SLUICE_SOURCE", hide_env_values = true)]
+        source: Option<String>,
+        /// Postgres connection string for the schema registry's storage; without it
+        /// the registry routes are not served.
+        #[arg(long, env = "SLUICE_REGISTRY_DATABASE", hide_env_values = true)]
+        registry_database: Option<String>,
+    },
     /// The built-in Confluent-compatible schema registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -160,6 +174,27 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
+async fn open_registry(dsn: &str) -> anyhow::Result<Arc<sluice_registry::Store>> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the registry database: {e}: check its connection string"))?;
+    tokio::spawn(conn);
+    let store = sluice_registry::Store::open(client).await.map_err(|e| anyhow::anyhow!("cannot create the registry tables: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// Serves `app` on `addr` until SIGINT/SIGTERM.
+async fn serve(addr: std::net::SocketAddr, app: axum::Router, what: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
+    tracing::info!(%addr, "{what} listening");
+    let mut stop = shutdown_signal();
+    axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+    })
+    .await?;
+    Ok(())
+}
+
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, metrics_addr, output } => {
@@ -200,21 +235,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Migrations(_) => unreachable!("handled in main"),
         Command::Registry(RegistryCommand::Serve { addr, database }) => {
             init_logs(&cli.log, false);
-            let (client, conn) = tokio_postgres::connect(&database, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to the registry database: {e}: check --database"))?;
-            tokio::spawn(conn);
-            let store = sluice_registry::Store::open(client)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot create the registry tables: {e}"))?;
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
-            tracing::info!(%addr, "schema registry listening");
-            let mut stop = shutdown_signal();
-            tokio::select! {
-                r = sluice_registry::serve(listener, Arc::new(store)) => r?,
-                _ = stop.changed() => {}
-            }
-            Ok(())
+            let store = open_registry(&database).await?;
+            serve(addr, sluice_registry::router(store), "schema registry").await
+        }
+        Command::Server { addr, source, registry_database } => {
+            init_logs(&cli.log, false);
+            let registry = match &registry_database {
+                Some(dsn) => Some(open_registry(dsn).await?),
+                None => None,
+            };
+            serve(addr, sluice::server::router(sluice::server::ServerConfig { source }, registry), "server").await
         }
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);
@@ -231,87 +261,43 @@ async fn migrations_check(
     registry: Option<String>,
     format: Output,
 ) -> ExitCode {
-    use sluice_ddl::{Model, Verdict};
-    let mut base = Model::default();
-    if let Some(dsn) = &source {
-        let client = match tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
-                client
-            }
-            Err(e) => {
-                eprintln!("error: cannot connect to --source: {e}: check the connection string and that the server is reachable");
-                return ExitCode::from(2);
-            }
-        };
-        // Catalog reads only: the session cannot write even by mistake.
-        if let Err(e) = client.batch_execute("SET default_transaction_read_only = on").await {
-            eprintln!("error: --source: {e}");
-            return ExitCode::from(2);
-        }
-        let publications = pipeline.as_ref().map(|p| vec![format!("sluice_{p}")]);
-        base = match Model::load(&client, publications.as_deref()).await {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    };
+    let base = match &source {
+        Some(dsn) => match sluice::migrations::load_model(dsn, pipeline.as_deref()).await {
             Ok(m) => m,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        };
-    }
-    let mut reports = Vec::new();
+            Err(e) => return fail(&e),
+        },
+        None => sluice_ddl::Model::default(),
+    };
+    let mut inputs = Vec::new();
     for f in &files {
-        let (name, sql) = if f.as_os_str() == "-" {
+        if f.as_os_str() == "-" {
             let mut s = String::new();
             if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
-                eprintln!("error: cannot read standard input: {e}");
-                return ExitCode::from(2);
+                return fail(&format!("cannot read standard input: {e}"));
             }
-            ("-".to_string(), s)
+            inputs.push(("-".to_string(), s));
         } else {
             match std::fs::read_to_string(f) {
-                Ok(s) => (f.display().to_string(), s),
-                Err(e) => {
-                    eprintln!("error: cannot read {}: {e}", f.display());
-                    return ExitCode::from(2);
-                }
+                Ok(s) => inputs.push((f.display().to_string(), s)),
+                Err(e) => return fail(&format!("cannot read {}: {e}", f.display())),
             }
-        };
-        // Each file is checked against the catalog as it is, not as another file left it.
-        let mut model = base.clone();
-        let mut report = match sluice_ddl::check(&name, &sql, &mut model) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        if let (Some(url), Some(p)) = (&registry, &pipeline) {
-            let (url, p) = (url.clone(), p.clone());
-            let checked = tokio::task::spawn_blocking(move || {
-                sluice::registry_check::apply(&url, &p, &model, &mut report).map(|()| report)
-            })
-            .await;
-            report = match checked {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-                Err(e) => {
-                    eprintln!("error: registry check failed: {e}");
-                    return ExitCode::from(2);
-                }
-            };
         }
-        reports.push(report);
     }
-    let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Allowed);
+    let reg = registry.as_deref().zip(pipeline.as_deref());
+    let (worst, reports) = match sluice::migrations::check_files(inputs, &base, reg).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
     if format == Output::Json {
         println!("{}", serde_json::json!({ "verdict": worst, "context": source.is_some(), "files": reports }));
     } else {
         print!("{}", sluice_ddl::render_text(&reports));
     }
-    if worst >= Verdict::NeedsCoordination { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if worst >= sluice_ddl::Verdict::NeedsCoordination { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
 fn main() -> ExitCode {

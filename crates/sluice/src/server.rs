@@ -1,0 +1,102 @@
+//! `sluice server`: the main HTTP server. Today it serves the migration-check endpoint
+//! and, when given a registry database, the schema registry under `/registry`; the
+//! control plane (tenants, auth, pipelines) is to be added here.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::migrations::{CheckError, check_files, load_model};
+
+#[derive(Clone, Default)]
+pub struct ServerConfig {
+    /// Catalog context for migration checks (read-only connection string). Callers
+    /// choose a pipeline, never a database: the server never connects where a request says.
+    pub source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    sql: String,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    pipeline: Option<String>,
+}
+
+fn error(status: StatusCode, kind: &str, message: String) -> Response {
+    (status, Json(json!({ "error": { "type": kind, "message": message } }))).into_response()
+}
+
+async fn migrations_check(State(cfg): State<Arc<ServerConfig>>, body: axum::body::Bytes) -> Response {
+    let req: CheckRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}; expected {{\"sql\": \"...\"}}")),
+    };
+    let model = match &cfg.source {
+        Some(dsn) => match load_model(dsn, req.pipeline.as_deref()).await {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, "source_unavailable", e.to_string()),
+        },
+        None => sluice_ddl::Model::default(),
+    };
+    let name = req.file.unwrap_or_else(|| "request.sql".into());
+    match check_files(vec![(name, req.sql)], &model, None).await {
+        Ok((verdict, files)) => Json(json!({ "verdict": verdict, "context": cfg.source.is_some(), "files": files })).into_response(),
+        Err(CheckError::Input(e)) => {
+            let kind = if matches!(e, sluice_ddl::DdlError::Empty(_)) { "empty" } else { "parse_error" };
+            error(StatusCode::BAD_REQUEST, kind, e.to_string())
+        }
+        Err(e @ CheckError::Context(_)) => error(StatusCode::BAD_GATEWAY, "context_unavailable", e.to_string()),
+    }
+}
+
+fn openapi() -> serde_json::Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "Sluice", "version": env!("CARGO_PKG_VERSION") },
+        "paths": {
+            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "ok" } } } },
+            "/v1/migrations/check": { "post": {
+                "summary": "Vet migration SQL: a verdict per statement with reasons and safe alternatives",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["sql"], "additionalProperties": false,
+                    "properties": {
+                        "sql": { "type": "string", "description": "One or more SQL statements" },
+                        "file": { "type": "string", "description": "Name used in findings" },
+                        "pipeline": { "type": "string", "description": "Only this pipeline's tables count as replicated" }
+                    } } } } },
+                "responses": {
+                    "200": { "description": "Checked; `verdict` is allowed, warning, needs_coordination or blocked" },
+                    "400": { "description": "Unparseable or empty SQL, or a bad request body" },
+                    "502": { "description": "The catalog source could not be read" }
+                }
+            } },
+            "/registry/{path}": { "get": {
+                "summary": "Confluent Schema Registry API, when the server has a registry database",
+                "parameters": [{ "name": "path", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": { "200": { "description": "See Confluent's Schema Registry API" } }
+            } }
+        }
+    })
+}
+
+pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>) -> Router {
+    let mut app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/v1/migrations/check", post(migrations_check))
+        .with_state(Arc::new(cfg));
+    if let Some(store) = registry {
+        app = app.nest("/registry", sluice_registry::router(store));
+    }
+    app
+}
