@@ -47,7 +47,13 @@ pub fn check(name: &str, sql: &str, model: &mut Model) -> Result<FileReport, Ddl
                 }
             }
         }
-        out.push(StatementReport { line: s.line, column: s.column, sql: s.text[statements::skip_trivia(s.text)..].trim().to_string(), findings });
+        out.push(StatementReport {
+            line: s.line,
+            column: s.column,
+            sql: s.text[statements::skip_trivia(s.text)..].trim().to_string(),
+            findings,
+            allows: s.allows,
+        });
     }
     Ok(FileReport::new(name, out, touched))
 }

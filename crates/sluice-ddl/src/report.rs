@@ -24,6 +24,17 @@ pub struct StatementReport {
     pub column: usize,
     pub sql: String,
     pub findings: Vec<Finding>,
+    /// `-- sluice:allow <rule> <reason>` comments of the statement, for findings added
+    /// after the check (the registry's).
+    #[serde(skip)]
+    pub allows: Vec<(String, String)>,
+}
+
+impl StatementReport {
+    /// The reason given for acknowledging `rule` on this statement, if any.
+    pub fn acknowledgement(&self, rule: &str) -> Option<String> {
+        self.allows.iter().find(|(id, _)| id == rule).map(|(_, why)| why.clone())
+    }
 }
 
 impl StatementReport {

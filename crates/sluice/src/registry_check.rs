@@ -49,6 +49,7 @@ pub fn apply(url: &str, pipeline: &str, model: &Model, report: &mut FileReport) 
         } else {
             let reasons: Vec<String> =
                 body["messages"].as_array().map(|m| m.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let acknowledged = report.statements[last].acknowledgement(RULE_ID);
             report.statements[last].findings.push(Finding {
                 rule: RULE_ID,
                 verdict: Verdict::Blocked,
@@ -57,7 +58,7 @@ pub fn apply(url: &str, pipeline: &str, model: &Model, report: &mut FileReport) 
                             subject's compatibility mode does not allow, and the Kafka sink would stop",
                 safe_alternative: "make the change compatible under the subject's mode (add optional fields, widen types), \
                                    or coordinate a new subject with its consumers",
-                acknowledged: None,
+                acknowledged,
             });
         }
     }

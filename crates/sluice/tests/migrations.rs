@@ -162,4 +162,8 @@ async fn registry_decides_by_the_subjects_compatibility_mode() {
     assert!(out.contains("[registry-compatibility]"), "{out}");
     let (code, out, _) = run(&args, Some("ALTER TABLE orders ADD COLUMN region text;"));
     assert_eq!(code, 0, "{out}");
+    let acked = "-- sluice:allow registry-compatibility new subject version agreed with consumers\nALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';";
+    let (code, out, _) = run(&args, Some(acked));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(acknowledged: new subject version agreed with consumers)"), "{out}");
 }
