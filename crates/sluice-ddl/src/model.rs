@@ -79,6 +79,14 @@ pub(crate) fn column_not_null(def: &pg_query::protobuf::ColumnDef) -> bool {
         })
 }
 
+fn column_from_def(d: &pg_query::protobuf::ColumnDef) -> ColumnModel {
+    ColumnModel {
+        name: d.colname.clone(),
+        type_name: d.type_name.as_ref().map(type_text).unwrap_or_default(),
+        not_null: column_not_null(d),
+    }
+}
+
 impl Model {
     /// The table as a Sluice table schema (for deriving its Avro schema).
     pub fn table_schema(&self, key: &(String, String)) -> Option<sluice_core::TableSchema> {
@@ -190,11 +198,7 @@ impl Model {
                 for e in &c.table_elts {
                     match &e.node {
                         Some(NodeEnum::ColumnDef(d)) => {
-                            t.columns.push(ColumnModel {
-                                name: d.colname.clone(),
-                                type_name: d.type_name.as_ref().map(type_text).unwrap_or_default(),
-                                not_null: column_not_null(d),
-                            });
+                            t.columns.push(column_from_def(d));
                             if d.constraints.iter().any(|c| matches!(&c.node, Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrPrimary as i32)) {
                                 t.primary_key = vec![d.colname.clone()];
                                 t.pk_constraint = Some(format!("{}_pkey", rv.relname));
@@ -219,11 +223,7 @@ impl Model {
                     match AlterTableType::try_from(cmd.subtype) {
                         Ok(AlterTableType::AtAddColumn) => {
                             if let Some(NodeEnum::ColumnDef(d)) = cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
-                                t.columns.push(ColumnModel {
-                                    name: d.colname.clone(),
-                                    type_name: d.type_name.as_ref().map(type_text).unwrap_or_default(),
-                                    not_null: column_not_null(d),
-                                });
+                                t.columns.push(column_from_def(d));
                             }
                         }
                         Ok(AlterTableType::AtDropColumn) => t.columns.retain(|c| c.name != col),

@@ -124,16 +124,7 @@ async fn registry_decides_by_the_subjects_compatibility_mode() {
     );
     let source = format!("{cred} port={} dbname={}", env.src_port, env.db);
     // The registry, with the table's current value schema registered as the pipeline would.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(BIN)
-        .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
-        .env("SLUICE_REGISTRY_DATABASE", format!("{cred} port={} dbname={}", env.dst_port, env.db))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Pipeline { child, log: env.dir.join("none") };
-    wait_for("registry", std::time::Duration::from_secs(20), || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() }).await;
-    let url = format!("http://127.0.0.1:{port}");
+    let (_server, url) = env.spawn_registry().await;
     let model = sluice_ddl::Model::load(&src, None).await.unwrap();
     let table = model.table_schema(&("public".into(), "orders".into())).unwrap();
     let schema = sluice_core::avro::value_schema("shop", &table);

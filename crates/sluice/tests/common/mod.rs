@@ -87,6 +87,31 @@ impl Env {
         path
     }
 
+    /// Starts `sluice registry serve` on a free port, stored in the target database;
+    /// returns the process and its base URL once it listens.
+    pub async fn spawn_registry(&self) -> (Pipeline, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dsn = format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={}",
+            self.dst_port,
+            sluice_postgres::cluster::SUPERUSER,
+            sluice_postgres::cluster::SUPERUSER_PASSWORD,
+            self.db
+        );
+        let log = self.dir.join(format!("registry-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(BIN)
+            .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
+            .env("SLUICE_REGISTRY_DATABASE", dsn)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn sluice registry serve");
+        wait_for("the registry to listen", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        (Pipeline { child, log }, format!("http://127.0.0.1:{port}"))
+    }
+
     /// Starts `sluice run`; logs go to a file read by [`Pipeline::log`].
     pub fn spawn(&self, config: &PathBuf) -> Pipeline {
         let log = self.dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
