@@ -36,6 +36,10 @@ pub struct Checked {
     pub publication_exists: bool,
 }
 
+/// How long a slot held by another connection may take to be released before the
+/// pipeline gives up (a crashed predecessor's walsender lingers until it notices).
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
+
 /// Row data buffered between the source reader and the sink, in KiB.
 const BUFFER_BUDGET_KB: usize = 8 * 1024;
 
@@ -145,7 +149,24 @@ impl Pipeline {
             }
         }
         let slot = self.cfg.slot_name();
-        let slot_info = sluice_postgres::slot_info(&src, &slot).await?;
+        // After a crash or a dropped connection, the server keeps the old walsender (and
+        // the slot) until it notices its client is gone: give it a moment before calling
+        // the slot taken.
+        let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+        let mut waited = false;
+        let slot_info = loop {
+            let info = sluice_postgres::slot_info(&src, &slot).await?;
+            match info.as_ref().and_then(|i| i.active_pid) {
+                Some(pid) if Instant::now() < deadline && !self.stopping() => {
+                    if !waited {
+                        tracing::info!(slot = %slot, pid, wait = ?SLOT_RELEASE_WAIT, "replication slot is held by another connection; waiting for it to be released");
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ => break info,
+            }
+        };
         if let Some(info) = &slot_info {
             sluice_postgres::verify_slot(&slot, info, &self.source.database)?;
         }
