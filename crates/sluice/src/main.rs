@@ -127,8 +127,9 @@ enum MigrationsCommand {
         /// SQL files; `-` reads standard input.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Source database for catalog context, e.g. "host=db user=ro dbname=app".
-        #[arg(long)]
+        /// Source database for catalog context, e.g. "host=db user=ro dbname=app"
+        /// (SLUICE_SOURCE keeps a password out of the process list).
+        #[arg(long, env = "SLUICE_SOURCE", hide_env_values = true)]
         source: Option<String>,
         /// Only this pipeline's tables count as replicated (its publication sluice_<name>).
         #[arg(long)]
