@@ -6,12 +6,5 @@ mod error;
 mod http;
 mod store;
 
-pub use compat::{Compatibility, check as check_compatibility};
-pub use error::ApiError;
 pub use http::router;
-pub use store::{Qualified, Store, parse_avro};
-
-/// Serves the registry API on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, store: std::sync::Arc<Store>) -> std::io::Result<()> {
-    axum::serve(listener, router(store)).await
-}
+pub use store::Store;
