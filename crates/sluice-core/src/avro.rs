@@ -40,7 +40,8 @@ fn avro_type(t: &PgType, type_name: &str) -> Json {
         PgType::Date => json!({"type": "int", "logicalType": "date"}),
         PgType::Time => json!({"type": "long", "logicalType": "time-micros"}),
         PgType::Timestamp | PgType::TimestampTz => json!({"type": "long", "logicalType": "timestamp-micros"}),
-        PgType::Array(elem) => json!({"type": "array", "items": avro_type(elem, type_name.trim_end_matches("[]"))}),
+        // Postgres arrays may hold NULL elements.
+        PgType::Array(elem) => json!({"type": "array", "items": ["null", avro_type(elem, type_name.trim_end_matches("[]"))]}),
         PgType::Text
         | PgType::Json
         | PgType::Jsonb
@@ -105,7 +106,7 @@ mod tests {
         assert_eq!(v["fields"][1]["type"][1]["logicalType"], "decimal");
         assert_eq!(v["fields"][1]["default"], Json::Null);
         assert_eq!(v["fields"][2]["type"]["logicalType"], "timestamp-micros");
-        assert_eq!(v["fields"][3]["type"][1]["items"], "string");
+        assert_eq!(v["fields"][3]["type"][1]["items"], json!(["null", "string"]));
         assert_eq!(key_schema("shop", &t)["fields"].as_array().unwrap().len(), 1);
     }
 }

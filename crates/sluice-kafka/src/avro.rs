@@ -1,0 +1,165 @@
+use apache_avro::Schema;
+use apache_avro::types::Value as Avro;
+use sluice_core::{Datum, PgType, Row, TableSchema, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("derived Avro schema for {table} is invalid: {reason}")]
+    Schema { table: String, reason: String },
+    #[error("column {column}: {reason}")]
+    Value { column: String, reason: String },
+}
+
+/// Encodes rows of one table as Avro values in Confluent's wire format.
+pub struct AvroEncoder {
+    schema: Schema,
+    schema_id: u32,
+    columns: Vec<(String, PgType, Option<u32>, bool)>,
+}
+
+/// Unscaled big-endian two's-complement bytes of a decimal string at `scale`.
+fn decimal_bytes(text: &str, scale: u32) -> Option<Vec<u8>> {
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, text),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if frac.len() > scale as usize || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let all = format!("{int}{frac}{}", "0".repeat(scale as usize - frac.len()));
+    // Base 10 to base 256, most significant byte first.
+    let mut mag: Vec<u8> = vec![0];
+    for d in all.bytes().map(|b| b - b'0') {
+        let mut carry = u32::from(d);
+        for byte in mag.iter_mut().rev() {
+            let v = u32::from(*byte) * 10 + carry;
+            *byte = (v & 0xff) as u8;
+            carry = v >> 8;
+        }
+        while carry > 0 {
+            mag.insert(0, (carry & 0xff) as u8);
+            carry >>= 8;
+        }
+    }
+    // Room for the sign bit.
+    if mag[0] & 0x80 != 0 {
+        mag.insert(0, 0);
+    }
+    if neg {
+        for b in mag.iter_mut() {
+            *b = !*b;
+        }
+        for b in mag.iter_mut().rev() {
+            let (v, overflow) = b.overflowing_add(1);
+            *b = v;
+            if !overflow {
+                break;
+            }
+        }
+    }
+    Some(mag)
+}
+
+fn scale_of(type_name: &str) -> Option<u32> {
+    let inner = type_name.strip_prefix("numeric(")?.strip_suffix(')')?;
+    Some(inner.split_once(',').map_or(Some(0), |(_, s)| s.trim().parse().ok())?)
+}
+
+fn to_avro(v: Value, ty: &PgType, scale: Option<u32>) -> Result<Avro, String> {
+    Ok(match (v, ty) {
+        (Value::Null, _) => Avro::Null,
+        (Value::Bool(b), _) => Avro::Boolean(b),
+        (Value::Int2(i), _) => Avro::Int(i32::from(i)),
+        (Value::Int4(i), _) => Avro::Int(i),
+        (Value::Int8(i), _) => Avro::Long(i),
+        (Value::Float4(f), _) => Avro::Float(f),
+        (Value::Float8(f), _) => Avro::Double(f),
+        (Value::Numeric(n), _) => match (n, scale) {
+            (sluice_core::Numeric::Finite(text), Some(s)) => {
+                Avro::Decimal(decimal_bytes(&text, s).ok_or_else(|| format!("{text:?} does not fit scale {s}"))?.into())
+            }
+            (sluice_core::Numeric::Finite(text), None) => Avro::String(text),
+            (other, Some(_)) => return Err(format!("{other:?} has no decimal representation")),
+            (other, None) => Avro::String(Value::Numeric(other).to_pg_text().unwrap_or_default()),
+        },
+        (Value::Bytea(b), _) => Avro::Bytes(b),
+        (Value::Uuid(u), _) => Avro::Uuid(uuid::Uuid::from_bytes(u)),
+        (Value::Date(d), _) => Avro::Date(d),
+        (Value::Time(t), _) => Avro::TimeMicros(t),
+        (Value::Timestamp(t) | Value::TimestampTz(t), _) => Avro::TimestampMicros(t),
+        (Value::Array(items), PgType::Array(elem)) => Avro::Array(
+            items
+                .into_iter()
+                .map(|i| Ok(match to_avro(i, elem, scale)? {
+                    Avro::Null => Avro::Union(0, Box::new(Avro::Null)),
+                    v => Avro::Union(1, Box::new(v)),
+                }))
+                .collect::<Result<_, String>>()?,
+        ),
+        // Everything else travels as its exact text.
+        (other, _) => Avro::String(other.to_pg_text().unwrap_or_default()),
+    })
+}
+
+impl AvroEncoder {
+    /// An encoder for `table`'s value schema (as `sluice_core::avro::value_schema`
+    /// derives it), registered under `schema_id`.
+    pub fn value(table: &TableSchema, prefix: &str, schema_id: u32) -> Result<Self, EncodeError> {
+        let json = sluice_core::avro::value_schema(prefix, table);
+        let schema = Schema::parse(&json).map_err(|e| EncodeError::Schema { table: table.name.to_string(), reason: e.to_string() })?;
+        let columns = table
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.pg_type.clone(), scale_of(&c.type_name), c.nullable && !c.is_key))
+            .collect();
+        Ok(Self { schema, schema_id, columns })
+    }
+
+    /// Appends the row's record: `0`, the schema id (big-endian), then the Avro datum.
+    pub fn encode(&self, row: &Row, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let mut fields = Vec::with_capacity(self.columns.len());
+        for ((name, ty, scale, nullable), d) in self.columns.iter().zip(row) {
+            let err = |reason: String| EncodeError::Value { column: name.clone(), reason };
+            let value = match d {
+                Datum::Null => Value::Null,
+                // The sink must resolve these first (it cannot encode what it was not sent).
+                Datum::Unchanged => return Err(err("unchanged TOAST value has no content to encode".into())),
+                Datum::Text(b) => {
+                    let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
+                    Value::parse(ty, text).map_err(|e| err(e.to_string()))?
+                }
+            };
+            let is_null = value == Value::Null;
+            let avro = to_avro(value, ty, *scale).map_err(err)?;
+            let avro = match (nullable, is_null) {
+                (true, true) => Avro::Union(0, Box::new(Avro::Null)),
+                (true, false) => Avro::Union(1, Box::new(avro)),
+                (false, true) => return Err(err("NULL in a required field".into())),
+                (false, false) => avro,
+            };
+            fields.push((sluice_core::avro::avro_name(name), avro));
+        }
+        out.push(0);
+        out.extend(self.schema_id.to_be_bytes());
+        let body = apache_avro::to_avro_datum(&self.schema, Avro::Record(fields))
+            .map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })?;
+        out.extend(body);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_twos_complement() {
+        assert_eq!(decimal_bytes("1.5", 2), Some(vec![0, 150]));
+        assert_eq!(decimal_bytes("-1", 0), Some(vec![0xff]));
+        assert_eq!(decimal_bytes("0", 3), Some(vec![0]));
+        assert_eq!(decimal_bytes("256", 0), Some(vec![1, 0]));
+        assert_eq!(decimal_bytes("-128", 0), Some(vec![0xff, 0x80]));
+        assert_eq!(decimal_bytes("1.234", 2), None);
+    }
+}
