@@ -16,8 +16,8 @@ pub fn avro_name(s: &str) -> String {
     out
 }
 
-/// `numeric(10,2)` → `Some((10, 2))`.
-fn precision_scale(type_name: &str) -> Option<(u32, u32)> {
+/// `numeric(10,2)` → `Some((10, 2))`; `None` for an unconstrained numeric.
+pub fn precision_scale(type_name: &str) -> Option<(u32, u32)> {
     let inner = type_name.strip_prefix("numeric(")?.strip_suffix(')')?;
     let (p, s) = inner.split_once(',').unwrap_or((inner, "0"));
     Some((p.trim().parse().ok()?, s.trim().parse().ok()?))

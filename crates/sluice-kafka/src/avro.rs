@@ -61,11 +61,6 @@ fn decimal_bytes(text: &str, scale: u32) -> Option<Vec<u8>> {
     Some(mag)
 }
 
-fn scale_of(type_name: &str) -> Option<u32> {
-    let inner = type_name.strip_prefix("numeric(")?.strip_suffix(')')?;
-    Some(inner.split_once(',').map_or(Some(0), |(_, s)| s.trim().parse().ok())?)
-}
-
 fn to_avro(v: Value, ty: &PgType, scale: Option<u32>) -> Result<Avro, String> {
     Ok(match (v, ty) {
         (Value::Null, _) => Avro::Null,
@@ -111,7 +106,7 @@ impl AvroEncoder {
         let columns = table
             .columns
             .iter()
-            .map(|c| (c.name.clone(), c.pg_type.clone(), scale_of(&c.type_name), c.nullable && !c.is_key))
+            .map(|c| (c.name.clone(), c.pg_type.clone(), sluice_core::avro::precision_scale(&c.type_name).map(|(_, s)| s), c.nullable && !c.is_key))
             .collect();
         Ok(Self { schema, schema_id, columns })
     }
