@@ -23,13 +23,7 @@ async fn confluent_deserializer_reads_sluice_avro() {
     )
     .await
     .unwrap();
-    let cfg = sluice_postgres::PgConnConfig {
-        host: "127.0.0.1".into(),
-        port: env.src_port,
-        user: sluice_postgres::cluster::SUPERUSER.into(),
-        password: sluice_postgres::cluster::SUPERUSER_PASSWORD.to_string().into(),
-        database: env.db.clone(),
-    };
+    let cfg = env.src_config();
     // Rows as the pipeline sees them: the source's text encoding under Sluice's session settings.
     let client = sluice_postgres::connect(&cfg, "source").await.unwrap();
     let table = sluice_postgres::load_table(&client, &TableName::new("public", "kinds"), "source").await.unwrap();

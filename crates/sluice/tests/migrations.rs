@@ -92,13 +92,7 @@ async fn source_context_knows_what_is_replicated() {
         )
         .await
         .unwrap();
-    let dsn = format!(
-        "host=127.0.0.1 port={} user={} password={} dbname={}",
-        env.src_port,
-        sluice_postgres::cluster::SUPERUSER,
-        sluice_postgres::cluster::SUPERUSER_PASSWORD,
-        env.db
-    );
+    let dsn = env.dsn(env.src_port);
     let sql = "ALTER TABLE scratch ALTER COLUMN v SET NOT NULL;";
     assert_eq!(run(&["-"], Some(sql)).0, 1, "without context every table is replicated");
     assert_eq!(run(&["--source", &dsn, "-"], Some(sql)).0, 0, "scratch is not published");
@@ -117,12 +111,7 @@ async fn registry_decides_by_the_subjects_compatibility_mode() {
     )
     .await
     .unwrap();
-    let cred = format!(
-        "host=127.0.0.1 user={} password={}",
-        sluice_postgres::cluster::SUPERUSER,
-        sluice_postgres::cluster::SUPERUSER_PASSWORD
-    );
-    let source = format!("{cred} port={} dbname={}", env.src_port, env.db);
+    let source = env.dsn(env.src_port);
     // The registry, with the table's current value schema registered as the pipeline would.
     let (_server, url) = env.spawn_registry().await;
     let model = sluice_ddl::Model::load(&src, None).await.unwrap();

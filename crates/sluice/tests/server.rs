@@ -16,12 +16,11 @@ async fn migrations_endpoint_and_registry_routes() {
         .batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text); CREATE TABLE scratch (id int PRIMARY KEY, v text); CREATE PUBLICATION sluice_shop FOR TABLE orders;")
         .await
         .unwrap();
-    let cred = format!("host=127.0.0.1 user={} password={}", sluice_postgres::cluster::SUPERUSER, sluice_postgres::cluster::SUPERUSER_PASSWORD);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new(BIN)
         .args(["server", "--addr", &format!("127.0.0.1:{port}")])
-        .env("SLUICE_SOURCE", format!("{cred} port={} dbname={}", env.src_port, env.db))
-        .env("SLUICE_REGISTRY_DATABASE", format!("{cred} port={} dbname={}", env.dst_port, env.db))
+        .env("SLUICE_SOURCE", env.dsn(env.src_port))
+        .env("SLUICE_REGISTRY_DATABASE", env.dsn(env.dst_port))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -78,13 +78,7 @@ async fn streamed_values_decode_into_typed_values() {
     src.batch_execute("CREATE PUBLICATION typed_pub FOR TABLE all_types").await.unwrap();
     src.batch_execute("SELECT pg_create_logical_replication_slot('typed_slot', 'pgoutput')").await.unwrap();
     src.batch_execute(&format!("INSERT INTO all_types VALUES {}", (0..8).map(row).collect::<Vec<_>>().join(","))).await.unwrap();
-    let cfg = sluice_postgres::PgConnConfig {
-        host: "127.0.0.1".into(),
-        port: env.src_port,
-        user: sluice_postgres::cluster::SUPERUSER.into(),
-        password: sluice_postgres::cluster::SUPERUSER_PASSWORD.to_string().into(),
-        database: env.db.clone(),
-    };
+    let cfg = env.src_config();
     let catalog = sluice_postgres::connect(&cfg, "source").await.unwrap();
     let schema = Arc::new(sluice_postgres::load_table(&catalog, &TableName::new("public", "all_types"), "source").await.unwrap());
     let mut stream = sluice_postgres::ReplicationStream::start(&cfg, "typed_slot", "typed_pub", sluice_core::Lsn::ZERO, &[schema], catalog)

@@ -55,6 +55,27 @@ impl Env {
         Env { src_port, dst_port, db, dir }
     }
 
+    /// A superuser connection string for this test's database on `port`.
+    pub fn dsn(&self, port: u16) -> String {
+        format!(
+            "host=127.0.0.1 port={port} user={} password={} dbname={}",
+            sluice_postgres::cluster::SUPERUSER,
+            sluice_postgres::cluster::SUPERUSER_PASSWORD,
+            self.db
+        )
+    }
+
+    /// The source database as Sluice's own connection config.
+    pub fn src_config(&self) -> sluice_postgres::PgConnConfig {
+        sluice_postgres::PgConnConfig {
+            host: "127.0.0.1".into(),
+            port: self.src_port,
+            user: sluice_postgres::cluster::SUPERUSER.into(),
+            password: sluice_postgres::cluster::SUPERUSER_PASSWORD.to_string().into(),
+            database: self.db.clone(),
+        }
+    }
+
     pub async fn src(&self) -> Client {
         connect(self.src_port, &self.db).await
     }
@@ -91,13 +112,7 @@ impl Env {
     /// returns the process and its base URL once it listens.
     pub async fn spawn_registry(&self) -> (Pipeline, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dsn = format!(
-            "host=127.0.0.1 port={} user={} password={} dbname={}",
-            self.dst_port,
-            sluice_postgres::cluster::SUPERUSER,
-            sluice_postgres::cluster::SUPERUSER_PASSWORD,
-            self.db
-        );
+        let dsn = self.dsn(self.dst_port);
         let log = self.dir.join(format!("registry-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(BIN)
             .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
