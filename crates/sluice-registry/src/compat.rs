@@ -34,7 +34,7 @@ impl Compatibility {
         serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
     }
 
-    fn transitive(self) -> bool {
+    pub(crate) fn transitive(self) -> bool {
         matches!(self, Compatibility::BackwardTransitive | Compatibility::ForwardTransitive | Compatibility::FullTransitive)
     }
 }

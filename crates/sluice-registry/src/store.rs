@@ -285,7 +285,7 @@ impl Store {
             Err(e) if e.code == 40401 => return Ok(vec![]),
             Err(e) => return Err(e),
         };
-        let olds: Vec<Schema> = if version == "latest" || mode_is_transitive(mode) {
+        let olds: Vec<Schema> = if version == "latest" || mode.transitive() {
             all.iter().filter_map(|v| parse_avro(&v.schema).ok().map(|(s, _)| s)).collect()
         } else {
             let v = self.version(q, version, false).await?;
@@ -332,10 +332,6 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-fn mode_is_transitive(m: Compatibility) -> bool {
-    matches!(m, Compatibility::BackwardTransitive | Compatibility::ForwardTransitive | Compatibility::FullTransitive)
 }
 
 #[cfg(test)]
