@@ -5,6 +5,10 @@ pub enum ErrorKind {
     Transient,
     /// Bad configuration or data: retrying cannot help, a person must act.
     Permanent,
+    /// The destination refused a change that a person must resolve (a schema it finds
+    /// incompatible): the pipeline pauses without writing, keeps its position, and
+    /// retries slowly, resuming by itself once the cause is gone.
+    Halted,
 }
 
 #[derive(Debug, thiserror::Error)]

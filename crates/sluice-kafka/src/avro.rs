@@ -14,7 +14,103 @@ pub enum EncodeError {
 pub struct AvroEncoder {
     schema: Schema,
     schema_id: u32,
-    columns: Vec<(String, PgType, Option<u32>, bool)>,
+    columns: Columns,
+}
+
+/// What Debezium writes for a TOASTed column an update did not touch (its
+/// `unavailable.value.placeholder`), so consumers that know Debezium recognize it.
+pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+
+struct Col {
+    /// Index in the source row.
+    index: usize,
+    name: String,
+    ty: PgType,
+    scale: Option<u32>,
+    nullable: bool,
+    /// Whether the Avro type is a string or bytes (which can carry the placeholder).
+    textual: bool,
+}
+
+/// The conversion of a table's row (or of its key columns) to an Avro record.
+pub(crate) struct Columns(Vec<Col>);
+
+impl Columns {
+    pub(crate) fn new(table: &TableSchema, keys_only: bool) -> Self {
+        Columns(
+            table
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !keys_only || c.is_key)
+                .map(|(index, c)| {
+                    let scale = sluice_core::avro::precision_scale(&c.type_name).map(|(_, s)| s);
+                    let textual = matches!(
+                        c.pg_type,
+                        PgType::Text
+                            | PgType::Json
+                            | PgType::Jsonb
+                            | PgType::Enum
+                            | PgType::TimeTz
+                            | PgType::Interval
+                            | PgType::Inet
+                            | PgType::Cidr
+                            | PgType::Other
+                            | PgType::Bytea
+                    ) || (c.pg_type == PgType::Numeric && scale.is_none());
+                    Col {
+                        index,
+                        name: sluice_core::avro::avro_name(&c.name),
+                        ty: c.pg_type.clone(),
+                        scale,
+                        nullable: c.nullable && !c.is_key,
+                        textual,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// The record for `row`, whose columns are the table's, in order.
+    pub(crate) fn record(&self, row: &Row) -> Result<Avro, EncodeError> {
+        let mut fields = Vec::with_capacity(self.0.len());
+        for c in &self.0 {
+            let err = |reason: String| EncodeError::Value { column: c.name.clone(), reason };
+            let value = match row.get(c.index).unwrap_or(&Datum::Null) {
+                Datum::Null => Value::Null,
+                Datum::Unchanged if c.textual && c.ty == PgType::Bytea => Value::Bytea(UNAVAILABLE.as_bytes().to_vec()),
+                Datum::Unchanged if c.textual => Value::Text(UNAVAILABLE.into()),
+                Datum::Unchanged if c.nullable => Value::Null,
+                Datum::Unchanged => return Err(err("unchanged TOAST value has no content to encode: set REPLICA IDENTITY FULL on the table".into())),
+                Datum::Text(b) => {
+                    let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
+                    Value::parse(&c.ty, text).map_err(|e| err(e.to_string()))?
+                }
+            };
+            let is_null = value == Value::Null;
+            let avro = to_avro(value, &c.ty, c.scale).map_err(err)?;
+            let avro = match (c.nullable, is_null) {
+                (true, true) => Avro::Union(0, Box::new(Avro::Null)),
+                (true, false) => Avro::Union(1, Box::new(avro)),
+                (false, true) => return Err(err("NULL in a required field".into())),
+                (false, false) => avro,
+            };
+            fields.push((c.name.clone(), avro));
+        }
+        Ok(Avro::Record(fields))
+    }
+}
+
+/// Appends Confluent's header: magic byte 0 and the schema id, big-endian.
+pub(crate) fn header(schema_id: u32, out: &mut Vec<u8>) {
+    out.push(0);
+    out.extend(schema_id.to_be_bytes());
+}
+
+pub(crate) fn datum(schema: &Schema, value: Avro, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let body = apache_avro::to_avro_datum(schema, value).map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })?;
+    out.extend(body);
+    Ok(())
 }
 
 /// Unscaled big-endian two's-complement bytes of a decimal string at `scale`.
@@ -103,44 +199,14 @@ impl AvroEncoder {
     pub fn value(table: &TableSchema, prefix: &str, schema_id: u32) -> Result<Self, EncodeError> {
         let json = sluice_core::avro::value_schema(prefix, table);
         let schema = Schema::parse(&json).map_err(|e| EncodeError::Schema { table: table.name.to_string(), reason: e.to_string() })?;
-        let columns = table
-            .columns
-            .iter()
-            .map(|c| (c.name.clone(), c.pg_type.clone(), sluice_core::avro::precision_scale(&c.type_name).map(|(_, s)| s), c.nullable && !c.is_key))
-            .collect();
-        Ok(Self { schema, schema_id, columns })
+        Ok(Self { schema, schema_id, columns: Columns::new(table, false) })
     }
 
     /// Appends the row's record: `0`, the schema id (big-endian), then the Avro datum.
     pub fn encode(&self, row: &Row, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        let mut fields = Vec::with_capacity(self.columns.len());
-        for ((name, ty, scale, nullable), d) in self.columns.iter().zip(row) {
-            let err = |reason: String| EncodeError::Value { column: name.clone(), reason };
-            let value = match d {
-                Datum::Null => Value::Null,
-                // The sink must resolve these first (it cannot encode what it was not sent).
-                Datum::Unchanged => return Err(err("unchanged TOAST value has no content to encode".into())),
-                Datum::Text(b) => {
-                    let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
-                    Value::parse(ty, text).map_err(|e| err(e.to_string()))?
-                }
-            };
-            let is_null = value == Value::Null;
-            let avro = to_avro(value, ty, *scale).map_err(err)?;
-            let avro = match (nullable, is_null) {
-                (true, true) => Avro::Union(0, Box::new(Avro::Null)),
-                (true, false) => Avro::Union(1, Box::new(avro)),
-                (false, true) => return Err(err("NULL in a required field".into())),
-                (false, false) => avro,
-            };
-            fields.push((sluice_core::avro::avro_name(name), avro));
-        }
-        out.push(0);
-        out.extend(self.schema_id.to_be_bytes());
-        let body = apache_avro::to_avro_datum(&self.schema, Avro::Record(fields))
-            .map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })?;
-        out.extend(body);
-        Ok(())
+        let record = self.columns.record(row)?;
+        header(self.schema_id, out);
+        datum(&self.schema, record, out)
     }
 }
 

@@ -1,6 +1,15 @@
-//! Kafka delivery. Today: Avro encoding of rows in Confluent's wire format (magic byte
-//! 0, 4-byte schema id, Avro body), with schemas derived by `sluice_core::avro`.
+//! Kafka delivery: change events in Debezium's envelope, encoded as Avro in
+//! Confluent's wire format (schemas registered in a Confluent-compatible registry) or
+//! as JSON, produced idempotently with `acks=all` through librdkafka.
 
 mod avro;
+mod envelope;
+mod error;
+mod registry;
+mod sink;
 
-pub use avro::{AvroEncoder, EncodeError};
+pub use avro::{AvroEncoder, EncodeError, UNAVAILABLE};
+pub use envelope::{EventEncoder, EventMeta, envelope_schema};
+pub use error::SinkError;
+pub use registry::RegistryClient;
+pub use sink::{Encoding, KafkaSink, KafkaSinkOptions, TOPIC_PLACEHOLDERS};

@@ -82,6 +82,11 @@ impl PgError {
         Self { kind, message: format!("{context}: {e}{hint}"), source: Some(Box::new(e)) }
     }
 
+    /// Wraps another component's error (a sink's) with its retry classification.
+    pub fn wrap(kind: ErrorKind, message: impl Into<String>, source: BoxError) -> Self {
+        Self { kind, message: message.into(), source: Some(source) }
+    }
+
     pub fn with_context(mut self, context: &str) -> Self {
         self.message = format!("{context}: {}", self.message);
         self

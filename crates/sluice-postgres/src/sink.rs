@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use crate::conn::{connect, PgConnConfig};
 use crate::error::{PgError, Result};
 
-pub(crate) const STATE_DDL: &str = "
+pub const STATE_DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS sluice;
 CREATE TABLE IF NOT EXISTS sluice.pipelines (
     pipeline text PRIMARY KEY,
@@ -98,7 +98,7 @@ pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<C
 /// holds the effect of every transaction that committed before `s`, so those are
 /// skipped for keys in that chunk; after the last chunk's LSN, nothing is.
 #[derive(Debug, Default)]
-struct SnapshotFilter {
+pub struct SnapshotFilter {
     by_table: HashMap<String, Vec<Chunk>>,
     max_lsn: Lsn,
 }
@@ -128,6 +128,40 @@ impl SnapshotFilter {
 
     fn covers(&self, table: &str, key: Option<i64>, commit_lsn: Lsn) -> bool {
         commit_lsn < self.max_lsn && self.snapshot_lsn(table, key).is_some_and(|s| commit_lsn < s)
+    }
+
+    /// No snapshot chunk recorded (no snapshot ran, or none was started).
+    pub fn is_empty(&self) -> bool {
+        self.by_table.is_empty()
+    }
+
+    /// The pipeline's snapshot chunks, as recorded in a state database.
+    pub async fn load(state: &Client, pipeline: &str) -> Result<Self> {
+        Ok(Self::new(load_chunks(state, pipeline).await?))
+    }
+
+    /// Whether the snapshot already holds this change's effect, for sinks that take
+    /// events one by one: the row the change leaves behind (or removes) was copied
+    /// after the change committed. A truncate is covered when every chunk of its
+    /// table was copied after it.
+    pub fn covers_event(&self, e: &ChangeEvent) -> bool {
+        if e.position.commit_lsn >= self.max_lsn {
+            return false;
+        }
+        let table = e.table.name.to_string();
+        if e.op == Op::Truncate {
+            return self
+                .by_table
+                .get(&table)
+                .is_some_and(|cs| cs.iter().all(|c| c.snapshot_lsn.is_some_and(|s| e.position.commit_lsn < s)));
+        }
+        let Some(row) = e.after.as_ref().or(e.before.as_ref()) else { return false };
+        let keys: Vec<usize> = e.table.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let idx = match keys.as_slice() {
+            [k] => Some(*k),
+            _ => None,
+        };
+        self.covers(&table, int_key(row, idx), e.position.commit_lsn)
     }
 }
 

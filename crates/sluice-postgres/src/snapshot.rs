@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{SinkExt, StreamExt};
-use sluice_core::{quote_ident, Lsn, PgType, TableName, TableSchema};
+use sluice_core::{quote_ident, Lsn, PgType, Row, TableName, TableSchema};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::conn::{connect, PgConnConfig};
+use crate::copy_text::CopyRowDecoder;
 use crate::error::{PgError, Result};
 use crate::sink::{load_chunks, Chunk, STATE_DDL};
 
@@ -43,6 +44,29 @@ pub struct SnapshotProgress {
     pub chunks_total: AtomicU64,
     pub chunks_done: AtomicU64,
 }
+
+/// Where snapshot rows go when the sink is not the Postgres database holding the
+/// snapshot state (which takes them by COPY, in the same transaction as the chunk's
+/// done mark). Rows are delivered in batches; a chunk is marked done in the state
+/// database only after every batch of it was delivered, so a crash re-delivers at
+/// most the chunks in flight (at least once).
+pub trait RowTarget: Clone + Send + Sync + 'static {
+    /// Returns once `rows` are durable in the sink.
+    fn deliver(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The `RowTarget` of a Postgres sink, which never decodes rows.
+#[derive(Clone)]
+pub struct CopyIntoState;
+
+impl RowTarget for CopyIntoState {
+    async fn deliver(&self, _: &Arc<TableSchema>, _: Vec<Row>, _: Lsn) -> Result<()> {
+        Err(PgError::permanent("internal: a Postgres sink takes snapshot rows by COPY"))
+    }
+}
+
+/// Decoded rows handed to a `RowTarget` at a time.
+const DELIVER_ROWS: usize = 4096;
 
 /// A table to snapshot: its source schema and where it goes in the sink.
 pub struct SnapshotTable {
@@ -111,10 +135,13 @@ fn chunk_predicate(schema: &TableSchema, c: &Chunk) -> String {
     format!("{lo} AND {hi}")
 }
 
-/// Copies every chunk not yet done. Returns at once when all are done.
-pub async fn run_snapshot(
+/// Copies every chunk not yet done. Returns at once when all are done. `state` is the
+/// database that records chunk progress; with `row_target` = `None` it is also the sink and
+/// takes the rows by COPY into each table's `target`.
+pub async fn run_snapshot<R: RowTarget>(
     source: &PgConnConfig,
     sink: &PgConnConfig,
+    row_target: Option<R>,
     opts: &SnapshotOptions,
     tables: &[SnapshotTable],
     progress: Arc<SnapshotProgress>,
@@ -181,6 +208,7 @@ pub async fn run_snapshot(
         let (source, sink, progress) = (source.clone(), sink.clone(), progress.clone());
         let snapshot_name = snapshot_name.clone();
         let pipeline = opts.pipeline.clone();
+        let row_target = row_target.clone();
         let tables: Vec<(Arc<TableSchema>, TableName)> = tables.iter().map(|t| (t.schema.clone(), t.target.clone())).collect();
         workers.push(tokio::spawn(async move {
             let src = connect(&source, "source").await?;
@@ -191,7 +219,10 @@ pub async fn run_snapshot(
                 let Some((schema, target)) = tables.iter().find(|(s, _)| s.name.to_string() == chunk.table) else {
                     continue; // a table no longer in the config
                 };
-                copy_chunk(&src, &dst, &pipeline, schema, target, &chunk, consistent, &progress).await?;
+                match &row_target {
+                    None => copy_chunk(&src, &dst, &pipeline, schema, target, &chunk, consistent, &progress).await?,
+                    Some(r) => deliver_chunk(&src, &dst, r, &pipeline, schema, &chunk, consistent, &progress).await?,
+                }
             }
             Ok::<_, PgError>(())
         }));
@@ -208,6 +239,62 @@ pub async fn run_snapshot(
     }
     // Dropping a gated session that never started ends it, and the temporary slot with it.
     drop(repl);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deliver_chunk<R: RowTarget>(
+    src: &Client,
+    state: &Client,
+    target: &R,
+    pipeline: &str,
+    schema: &Arc<TableSchema>,
+    chunk: &Chunk,
+    consistent: Lsn,
+    progress: &SnapshotProgress,
+) -> Result<()> {
+    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
+    let err = |e| PgError::from_pg(&ctx, e);
+    let out = src
+        .copy_out(&format!(
+            "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT",
+            cols.join(", "),
+            schema.name.quoted(),
+            chunk_predicate(schema, chunk)
+        ))
+        .await
+        .map_err(err)?;
+    futures::pin_mut!(out);
+    let (mut decoder, mut batch, mut total) = (CopyRowDecoder::default(), Vec::with_capacity(DELIVER_ROWS), 0u64);
+    let ncols = schema.columns.len();
+    while let Some(data) = out.next().await {
+        let data = data.map_err(err)?;
+        progress.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        decoder.feed(&data, ncols, &mut batch)?;
+        if batch.len() >= DELIVER_ROWS {
+            let n = batch.len() as u64;
+            target.deliver(schema, std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent).await?;
+            progress.rows_copied.fetch_add(n, Ordering::Relaxed);
+            total += n;
+        }
+    }
+    decoder.finish()?;
+    if !batch.is_empty() {
+        let n = batch.len() as u64;
+        target.deliver(schema, batch, consistent).await?;
+        progress.rows_copied.fetch_add(n, Ordering::Relaxed);
+        total += n;
+    }
+    state
+        .execute(
+            "UPDATE sluice.snapshot_chunks SET done = true, rows = $4, snapshot_lsn = $5::text::pg_lsn
+             WHERE pipeline = $1 AND table_name = $2 AND chunk = $3",
+            &[&pipeline, &chunk.table, &chunk.chunk, &(total as i64), &consistent.to_string()],
+        )
+        .await
+        .map_err(|e| PgError::from_pg(&ctx, e))?;
+    progress.chunks_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 

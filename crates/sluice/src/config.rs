@@ -67,6 +67,7 @@ macro_rules! connection {
 }
 connection!(SourceConfig);
 connection!(PostgresSinkConfig);
+connection!(StateConfig);
 
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
@@ -76,6 +77,66 @@ fn default_heartbeat() -> Duration {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum SinkConfig {
     Postgres(PostgresSinkConfig),
+    Kafka(KafkaSinkConfig),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaEncoding {
+    Avro,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `host:port[,host:port...]` of the brokers.
+    pub brokers: String,
+    /// Topic name template over `{prefix}`, `{schema}`, `{table}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// `{prefix}` in topic names and `source.name` in events. Default: the pipeline name.
+    pub topic_prefix: Option<String>,
+    #[serde(default = "default_encoding")]
+    pub encoding: KafkaEncoding,
+    /// Confluent-compatible schema registry (required for Avro), e.g. Sluice's own.
+    pub registry_url: Option<String>,
+    /// Registry context the subjects live in (a tenant's), as `:.<context>:<subject>`.
+    pub registry_context: Option<String>,
+    #[serde(default = "one")]
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// Write a tombstone (null value) after each delete, for log compaction.
+    #[serde(default = "yes")]
+    pub tombstones: bool,
+    /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// The Postgres database that keeps the pipeline's snapshot progress.
+    pub state: StateConfig,
+}
+
+/// A Postgres database for the pipeline's own state (schema `sluice`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+}
+
+fn default_topic() -> String {
+    "{prefix}.{schema}.{table}".into()
+}
+fn default_encoding() -> KafkaEncoding {
+    KafkaEncoding::Avro
+}
+fn one() -> i32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,10 +255,36 @@ impl PipelineConfig {
         if self.batch.max_rows == 0 {
             return Err("batch.max_rows: must be at least 1".into());
         }
+        if let SinkConfig::Kafka(k) = &self.sink {
+            k.validate()?;
+        }
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
         }
         Ok(())
+    }
+
+    /// The Kafka sink's options, when the sink is Kafka.
+    pub fn kafka_options(&self) -> Option<sluice_kafka::KafkaSinkOptions> {
+        let SinkConfig::Kafka(k) = &self.sink else { return None };
+        let encoding = match k.encoding {
+            KafkaEncoding::Avro => sluice_kafka::Encoding::Avro {
+                registry_url: k.registry_url.clone().unwrap_or_default(),
+                context: k.registry_context.clone(),
+            },
+            KafkaEncoding::Json => sluice_kafka::Encoding::Json,
+        };
+        Some(sluice_kafka::KafkaSinkOptions {
+            brokers: k.brokers.clone(),
+            topic: k.topic.clone(),
+            prefix: k.topic_prefix.clone().unwrap_or_else(|| self.pipeline.clone()),
+            database: self.source.database.clone(),
+            encoding,
+            partitions: k.partitions,
+            replication_factor: k.replication_factor,
+            tombstones: k.tombstones,
+            properties: k.properties.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+        })
     }
 
     pub fn slot_name(&self) -> String {
@@ -213,6 +300,46 @@ impl PipelineConfig {
     }
 }
 
+impl KafkaSinkConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.brokers.trim().is_empty() {
+            return Err("sink.kafka.brokers: give at least one host:port".into());
+        }
+        let mut rest = self.topic.clone();
+        for p in sluice_kafka::TOPIC_PLACEHOLDERS {
+            rest = rest.replace(p, "");
+        }
+        if let Some(bad) = rest.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+            return Err(format!(
+                "sink.kafka.topic: {:?} has {:?}, which is neither a placeholder ({}) nor allowed in a topic name ([A-Za-z0-9._-])",
+                self.topic,
+                &rest[bad..].chars().next().unwrap_or(' '),
+                sluice_kafka::TOPIC_PLACEHOLDERS.join(", ")
+            ));
+        }
+        if !self.topic.contains("{table}") {
+            return Err(format!("sink.kafka.topic: {:?} must contain {{table}} so each table gets its own topic", self.topic));
+        }
+        if self.encoding == KafkaEncoding::Avro && self.registry_url.is_none() {
+            return Err("sink.kafka.registry_url: Avro needs a schema registry; set registry_url (e.g. http://127.0.0.1:8081), or encoding: json".into());
+        }
+        if let Some(u) = &self.registry_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(format!("sink.kafka.registry_url: {u:?} must start with http:// or https://"));
+        }
+        if let Some(c) = &self.registry_context
+            && (c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(format!("sink.kafka.registry_context: {c:?} must be letters, digits, _ and -"));
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            return Err("sink.kafka.partitions and replication_factor: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +349,21 @@ pipeline: orders
 source: {host: 127.0.0.1, user: u, password: secret-pw, database: app, tables: [public.orders, items]}
 sink: {postgres: {host: 127.0.0.1, port: 5433, user: u, password: p, database: replica}}
 ";
+
+    const KAFKA: &str = "
+pipeline: orders
+source: {host: 127.0.0.1, user: u, password: secret-pw, database: app, tables: [public.orders]}
+sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, state: {host: 127.0.0.1, user: u, password: p, database: st}}}
+";
+
+    #[test]
+    fn parses_a_kafka_sink_with_debezium_like_defaults() {
+        let c = PipelineConfig::parse(KAFKA).unwrap();
+        let o = c.kafka_options().unwrap();
+        assert_eq!(o.topic_for(&TableName::new("public", "orders")), "orders.public.orders");
+        assert!(o.tombstones);
+        assert!(matches!(o.encoding, sluice_kafka::Encoding::Avro { .. }));
+    }
 
     #[test]
     fn parses_a_minimal_config_with_defaults() {
@@ -253,7 +395,13 @@ sink: {postgres: {host: 127.0.0.1, port: 5433, user: u, password: p, database: r
             (GOOD.replace("tables: [public.orders, items]", "tables: []"), "source:"),
             (GOOD.replace("items", "a.b.c"), "source.tables"),
             (GOOD.to_string() + "snapshot: {parallelism: 0}\n", "snapshot.parallelism"),
-            (GOOD.replace("postgres:", "kafka:"), "unknown variant"),
+            (GOOD.replace("postgres:", "kafak:"), "unknown variant"),
+            (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, parttions: 3,"), "unknown field"),
+            (KAFKA.replace("registry_url: http://127.0.0.1:8081,", ""), "sink.kafka.registry_url"),
+            (KAFKA.replace("{table}", "x"), "sink.kafka.topic"),
+            (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"a/{table}\","), "sink.kafka.topic"),
+            (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, partitions: 0,"), "partitions"),
+            (KAFKA.replace(", state: {host: 127.0.0.1, user: u, password: p, database: st}", ""), "missing field `state`"),
             (GOOD.replace("database: app,", "database: app, slot: My-Slot,"), "source.slot"),
         ];
         for (text, want) in cases {

@@ -25,6 +25,8 @@ pub struct Metrics {
     /// WAL the slot holds back (`pg_current_wal_lsn() - restart_lsn`), -1 when unknown.
     pub wal_retained_bytes: AtomicI64,
     pub confirmed_lsn: AtomicU64,
+    /// 1 while the pipeline is halted on a change the sink refused (see the log).
+    pub halted: AtomicI64,
     pub snapshot: Arc<SnapshotProgress>,
 }
 
@@ -72,6 +74,7 @@ impl Metrics {
         c(&mut s, "sluice_lag_ms", "Lag of the last applied transaction, source commit to sink commit.", "gauge", self.lag_last_ms.load(Ordering::Relaxed).to_string());
         c(&mut s, "sluice_wal_retained_bytes", "WAL retained by the replication slot.", "gauge", self.wal_retained_bytes.load(Ordering::Relaxed).to_string());
         c(&mut s, "sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", get(&self.confirmed_lsn));
+        c(&mut s, "sluice_pipeline_halted", "1 while the pipeline is halted on a change the sink refused (the log says why).", "gauge", self.halted.load(Ordering::Relaxed).to_string());
         c(&mut s, "sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", get(&self.snapshot.rows_copied));
         c(&mut s, "sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", get(&self.snapshot.chunks_done));
         c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));

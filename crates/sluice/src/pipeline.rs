@@ -6,10 +6,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use sluice_core::{Destination, Lsn, TableName, TableSchema, Transaction, quote_ident};
+use sluice_core::{Destination, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
+use sluice_kafka::{KafkaSink, SinkError};
 use sluice_postgres::{
-    Acker, PgConnConfig, PgError, PostgresSink, ReplicationStream, SnapshotOptions, SnapshotTable, StreamItem,
-    HEARTBEAT_PREFIX,
+    Acker, CopyIntoState, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions,
+    SnapshotTable, StreamItem, HEARTBEAT_PREFIX,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
@@ -20,7 +21,9 @@ use crate::metrics::Metrics;
 pub struct Pipeline {
     cfg: PipelineConfig,
     source: PgConnConfig,
-    sink: PgConnConfig,
+    /// The Postgres database holding the pipeline's state: the sink itself when the
+    /// sink is Postgres, the configured state database otherwise.
+    state: PgConnConfig,
     target_schema: Option<String>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -56,16 +59,87 @@ fn item_cost_kb(item: &StreamItem) -> u32 {
     (bytes / 1024).clamp(1, BUFFER_BUDGET_KB) as u32
 }
 
-fn is_transient(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<PgError>().is_some_and(PgError::is_transient))
+/// The retry class of an error, from the first component error in its chain.
+fn error_kind(e: &anyhow::Error) -> ErrorKind {
+    e.chain()
+        .find_map(|c| {
+            c.downcast_ref::<PgError>().map(PgError::kind).or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind))
+        })
+        .unwrap_or(ErrorKind::Permanent)
+}
+
+/// A running sink: where changes go, and how the pipeline's progress is kept.
+enum Sink {
+    /// Rows, snapshot progress and checkpoint commit together in the target.
+    Postgres(PostgresSink),
+    /// At least once: the slot's confirmed position is the checkpoint; snapshot
+    /// progress lives in the state database.
+    Kafka { sink: KafkaSink, filter: SnapshotFilter, state: Client },
+}
+
+impl Sink {
+    /// Whether the sink holds changes from an earlier run (then a missing slot means
+    /// changes were lost).
+    fn has_progress(&self) -> bool {
+        match self {
+            Sink::Postgres(s) => s.checkpoint().end_lsn > Lsn::ZERO,
+            Sink::Kafka { filter, .. } => !filter.is_empty(),
+        }
+    }
+
+    /// Where streaming resumes: the sink's checkpoint, or the slot's own position.
+    fn resume_lsn(&self) -> Lsn {
+        match self {
+            Sink::Postgres(s) => s.checkpoint().end_lsn,
+            Sink::Kafka { .. } => Lsn::ZERO,
+        }
+    }
+
+    async fn reload_snapshot_state(&mut self, pipeline: &str) -> Result<()> {
+        match self {
+            Sink::Postgres(s) => s.reload_snapshot_state().await?,
+            Sink::Kafka { filter, state, .. } => *filter = SnapshotFilter::load(state, pipeline).await?,
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, batch: &mut [Transaction]) -> Result<()> {
+        match self {
+            Sink::Postgres(s) => s.apply(batch).await?,
+            Sink::Kafka { sink, filter, .. } => {
+                if !filter.is_empty() {
+                    for t in batch.iter_mut() {
+                        t.events.retain(|e| !filter.covers_event(e));
+                    }
+                }
+                sink.apply(batch).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Snapshot rows into Kafka.
+#[derive(Clone)]
+struct KafkaRows(KafkaSink);
+
+impl RowTarget for KafkaRows {
+    async fn deliver(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<(), PgError> {
+        self.0
+            .send_snapshot_rows(table, rows, snapshot_lsn)
+            .await
+            .map_err(|e| PgError::wrap(e.kind(), format!("snapshot of {}: {e}", table.name), Box::new(e)))
+    }
 }
 
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
         let source = cfg.source.connection();
-        let SinkConfig::Postgres(pg) = &cfg.sink;
-        let (sink, target_schema) = (pg.connection(), pg.schema.clone());
-        Self { cfg, source, sink, target_schema, metrics, shutdown, progress_bar: false }
+        let (state, target_schema) = match &cfg.sink {
+            SinkConfig::Postgres(pg) => (pg.connection(), pg.schema.clone()),
+            SinkConfig::Kafka(k) => (k.state.connection(), None),
+        };
+        Self { cfg, source, state, target_schema, metrics, shutdown, progress_bar: false }
     }
 
     fn stopping(&self) -> bool {
@@ -80,19 +154,28 @@ impl Pipeline {
             let started = Instant::now();
             match self.run_once().await {
                 Ok(()) => return Ok(()),
-                Err(e) if is_transient(&e) && !self.stopping() => {
+                Err(e) if error_kind(&e) != ErrorKind::Permanent && !self.stopping() => {
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                    let halted = error_kind(&e) == ErrorKind::Halted;
                     if started.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(250);
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "transient failure; reconnecting");
+                    if halted {
+                        // Nothing past the last delivered batch was confirmed: the
+                        // pipeline retries from there until a person resolves it.
+                        self.metrics.halted.store(1, Ordering::Relaxed);
+                        backoff = backoff.max(Duration::from_secs(2));
+                        tracing::error!(error = %e, retry_in = ?backoff, "pipeline halted");
+                    } else {
+                        self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "transient failure; reconnecting");
+                    }
                     let mut sd = self.shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = sd.changed() => return Ok(()),
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(if halted { Duration::from_secs(30) } else { Duration::from_secs(10) });
                 }
                 Err(e) => {
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -170,30 +253,30 @@ impl Pipeline {
         if let Some(info) = &slot_info {
             sluice_postgres::verify_slot(&slot, info, &self.source.database)?;
         }
-        // The sink must be reachable with these credentials before anything is created.
-        let sink = sluice_postgres::connect(&self.sink, "sink").await?;
-        drop(sink);
+        // The sink (and state database) must be reachable before anything is created.
+        let what = if matches!(self.cfg.sink, SinkConfig::Postgres(_)) { "sink" } else { "state database" };
+        drop(sluice_postgres::connect(&self.state, what).await?);
+        if let Some(opts) = self.cfg.kafka_options() {
+            drop(KafkaSink::connect(opts).await?);
+        }
         Ok(Checked { tables, slot_exists: slot_info.is_some(), publication_missing, publication_exists: published.is_some() })
     }
 
     async fn run_once(&mut self) -> Result<()> {
         let checked = self.check().await?;
-        let mut sink = PostgresSink::connect(&self.sink, &self.cfg.pipeline, self.target_schema.clone()).await?;
-        for t in &checked.tables {
-            sink.prepare_table(t).await?;
-        }
+        let mut sink = self.connect_sink(&checked.tables).await?;
         let src = sluice_postgres::connect(&self.source, "source").await?;
         self.setup_publication(&src, &checked).await?;
         let slot = self.cfg.slot_name();
         if !checked.slot_exists {
-            if sink.checkpoint().end_lsn > Lsn::ZERO {
+            if sink.has_progress() {
                 bail!(PgError::permanent(format!(
-                    "replication slot {slot} is gone but the sink has applied changes up to {}: changes since then \
-                     were lost. To start over, run DELETE FROM sluice.pipelines WHERE pipeline = '{}'; \
-                     DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the sink and truncate its tables",
-                    sink.checkpoint().end_lsn,
+                    "replication slot {slot} is gone but the sink already holds this pipeline's changes: changes since \
+                     then were lost. To start over, run DELETE FROM sluice.pipelines WHERE pipeline = '{}'; \
+                     DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the {} and empty the sink",
                     self.cfg.pipeline,
-                    self.cfg.pipeline
+                    self.cfg.pipeline,
+                    if matches!(sink, Sink::Postgres(_)) { "sink" } else { "state database" },
                 )));
             }
             src.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
@@ -203,12 +286,37 @@ impl Pipeline {
         }
         if self.cfg.snapshot.enabled {
             self.snapshot(&sink, &checked.tables).await?;
-            sink.reload_snapshot_state().await?;
+            sink.reload_snapshot_state(&self.cfg.pipeline).await?;
         }
         if self.stopping() {
             return Ok(());
         }
         self.stream(sink, &checked.tables).await
+    }
+
+    async fn connect_sink(&self, tables: &[Arc<TableSchema>]) -> Result<Sink> {
+        match self.cfg.kafka_options() {
+            None => {
+                let mut sink = PostgresSink::connect(&self.state, &self.cfg.pipeline, self.target_schema.clone()).await?;
+                for t in tables {
+                    sink.prepare_table(t).await?;
+                }
+                Ok(Sink::Postgres(sink))
+            }
+            Some(opts) => {
+                let sink = KafkaSink::connect(opts).await?;
+                for t in tables {
+                    sink.prepare_table(t).await?;
+                }
+                let state = sluice_postgres::connect(&self.state, "state database").await?;
+                state
+                    .batch_execute(sluice_postgres::STATE_DDL)
+                    .await
+                    .map_err(|e| PgError::from_pg("creating sluice state tables in the state database", e))?;
+                let filter = SnapshotFilter::load(&state, &self.cfg.pipeline).await?;
+                Ok(Sink::Kafka { sink, filter, state })
+            }
+        }
     }
 
     async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
@@ -233,7 +341,7 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn snapshot(&self, sink: &PostgresSink, tables: &[Arc<TableSchema>]) -> Result<()> {
+    async fn snapshot(&self, sink: &Sink, tables: &[Arc<TableSchema>]) -> Result<()> {
         let opts = SnapshotOptions {
             pipeline: self.cfg.pipeline.clone(),
             slot: self.cfg.slot_name(),
@@ -241,8 +349,11 @@ impl Pipeline {
             parallelism: self.cfg.snapshot.parallelism,
             chunk_rows: self.cfg.snapshot.chunk_rows,
         };
-        let snap: Vec<SnapshotTable> =
-            tables.iter().map(|t| SnapshotTable { schema: t.clone(), target: sink.target_name(&t.name) }).collect();
+        let target = |n: &TableName| match sink {
+            Sink::Postgres(s) => s.target_name(n),
+            Sink::Kafka { .. } => n.clone(),
+        };
+        let snap: Vec<SnapshotTable> = tables.iter().map(|t| SnapshotTable { schema: t.clone(), target: target(&t.name) }).collect();
         let progress = self.metrics.snapshot.clone();
         let started = Instant::now();
         let bar = self.progress_bar.then(|| {
@@ -281,7 +392,12 @@ impl Pipeline {
         // Stopping mid-snapshot is safe: a chunk's rows and its done mark commit together.
         let mut shutdown = self.shutdown.clone();
         let r = tokio::select! {
-            r = sluice_postgres::run_snapshot(&self.source, &self.sink, &opts, &snap, progress.clone()) => r,
+            r = async {
+                match sink {
+                    Sink::Postgres(_) => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
+                    Sink::Kafka { sink, .. } => sluice_postgres::run_snapshot(&self.source, &self.state, Some(KafkaRows(sink.clone())), &opts, &snap, progress.clone()).await,
+                }
+            } => r,
             _ = shutdown.changed() => Ok(()),
         };
         ticker.abort();
@@ -301,9 +417,9 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn stream(&mut self, mut sink: PostgresSink, tables: &[Arc<TableSchema>]) -> Result<()> {
+    async fn stream(&mut self, mut sink: Sink, tables: &[Arc<TableSchema>]) -> Result<()> {
         let catalog = sluice_postgres::connect(&self.source, "source").await?;
-        let start = sink.checkpoint().end_lsn;
+        let start = sink.resume_lsn();
         let stream =
             ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, tables, catalog)
                 .await?;
@@ -353,7 +469,7 @@ impl Pipeline {
 
     async fn apply_loop(
         &mut self,
-        sink: &mut PostgresSink,
+        sink: &mut Sink,
         rx: &mut mpsc::Receiver<StreamItem>,
         acker: &Acker,
         budget: &Semaphore,
@@ -384,7 +500,8 @@ impl Pipeline {
                 }
             }
             if !batch.is_empty() {
-                sink.apply(&batch).await?;
+                sink.apply(&mut batch).await?;
+                self.metrics.halted.store(0, Ordering::Relaxed);
                 self.record(&batch);
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();

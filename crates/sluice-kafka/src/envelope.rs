@@ -1,0 +1,299 @@
+//! The Debezium change-event envelope (`before`, `after`, `source`, `op`, `ts_ms`) and
+//! the record key, in Avro (Confluent wire format) or in JSON. Format (the envelope)
+//! and encoding (Avro, JSON) are separate choices, as in Kafka Connect.
+
+use std::sync::Arc;
+
+use apache_avro::Schema;
+use apache_avro::types::Value as Avro;
+use base64::Engine as _;
+use serde_json::{Map, Value as Json, json};
+use sluice_core::{ChangeEvent, Datum, Lsn, Op, PgType, Row, TableSchema, Value};
+
+use crate::avro::{Columns, EncodeError, UNAVAILABLE, datum, header};
+
+/// `source.version` of every event.
+const VERSION: &str = concat!("sluice-", env!("CARGO_PKG_VERSION"));
+
+/// The `source` block's schema: Debezium's Postgres source fields, plus the commit
+/// LSN and the change's order in its transaction, which together identify a change
+/// uniquely (several changes can share one WAL record's LSN).
+fn source_schema() -> Json {
+    let opt = |name: &str, t: &str| json!({"name": name, "type": ["null", t], "default": null});
+    json!({
+        "type": "record", "name": "Source", "namespace": "io.debezium.connector.postgresql",
+        "fields": [
+            {"name": "version", "type": "string"},
+            {"name": "connector", "type": "string"},
+            {"name": "name", "type": "string"},
+            {"name": "ts_ms", "type": "long"},
+            {"name": "snapshot", "type": ["string", "null"], "default": "false"},
+            {"name": "db", "type": "string"},
+            opt("sequence", "string"),
+            {"name": "schema", "type": "string"},
+            {"name": "table", "type": "string"},
+            opt("txId", "long"),
+            opt("lsn", "long"),
+            opt("xmin", "long"),
+            opt("commit_lsn", "long"),
+            opt("event_seq", "int"),
+        ]
+    })
+}
+
+/// The value schema of a table's topic: Debezium's envelope around the row record.
+pub fn envelope_schema(prefix: &str, table: &TableSchema) -> Json {
+    let row = sluice_core::avro::value_schema(prefix, table);
+    let namespace = row["namespace"].clone();
+    json!({
+        "type": "record", "name": "Envelope", "namespace": namespace,
+        "fields": [
+            {"name": "before", "type": ["null", row], "default": null},
+            {"name": "after", "type": ["null", "Value"], "default": null},
+            {"name": "source", "type": source_schema()},
+            {"name": "op", "type": "string"},
+            {"name": "ts_ms", "type": ["null", "long"], "default": null},
+        ]
+    })
+}
+
+/// Per-event facts the envelope's `source` block carries besides the row.
+pub struct EventMeta<'a> {
+    pub prefix: &'a str,
+    pub database: &'a str,
+    pub now_ms: i64,
+}
+
+enum Body {
+    Avro { key: Schema, key_id: u32, value: Schema, value_id: u32, key_cols: Columns, cols: Columns },
+    Json,
+}
+
+/// Encodes one table shape's keys and change events.
+pub struct EventEncoder {
+    pub(crate) table: Arc<TableSchema>,
+    body: Body,
+    keys: Vec<usize>,
+}
+
+fn parse(json: &Json, table: &TableSchema) -> Result<Schema, EncodeError> {
+    Schema::parse(json).map_err(|e| EncodeError::Schema { table: table.name.to_string(), reason: e.to_string() })
+}
+
+impl EventEncoder {
+    /// Avro under the registered ids of `key_schema(prefix)` and `envelope_schema(prefix)`.
+    pub fn avro(table: Arc<TableSchema>, prefix: &str, key_id: u32, value_id: u32) -> Result<Self, EncodeError> {
+        let key = parse(&sluice_core::avro::key_schema(prefix, &table), &table)?;
+        let value = parse(&envelope_schema(prefix, &table), &table)?;
+        let body = Body::Avro { key, key_id, value, value_id, key_cols: Columns::new(&table, true), cols: Columns::new(&table, false) };
+        Ok(Self::with(table, body))
+    }
+
+    /// Schemaless JSON, as Kafka Connect's JsonConverter writes with `schemas.enable=false`.
+    pub fn json(table: Arc<TableSchema>) -> Self {
+        Self::with(table, Body::Json)
+    }
+
+    fn with(table: Arc<TableSchema>, body: Body) -> Self {
+        let keys = table.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        Self { table, body, keys }
+    }
+
+    /// Appends the record key of `row` (the table's key columns).
+    pub fn key(&self, row: &Row, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        match &self.body {
+            Body::Avro { key, key_id, key_cols, .. } => {
+                header(*key_id, out);
+                datum(key, key_cols.record(row)?, out)
+            }
+            Body::Json => {
+                let obj = json_record(&self.table, row, Some(&self.keys))?;
+                serde_json::to_writer(out, &obj).map_err(|e| EncodeError::Value { column: "(key)".into(), reason: e.to_string() })
+            }
+        }
+    }
+
+    /// Appends the envelope of a change. `snapshot_lsn` is set for rows the initial
+    /// snapshot read (op `r`), whose position is the snapshot's.
+    pub fn value(&self, e: &ChangeEvent, meta: &EventMeta<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let p = &e.position;
+        let lsn = if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn };
+        let snapshot = if e.op == Op::Read { "true" } else { "false" };
+        let ts_ms = p.commit_time_us.div_euclid(1000);
+        let (txid, commit_lsn, seq) = match e.op {
+            Op::Read => (None, None, None),
+            _ => (Some(i64::from(p.xid)), Some(p.commit_lsn.0 as i64), Some(p.seq as i32)),
+        };
+        match &self.body {
+            Body::Avro { value, value_id, cols, .. } => {
+                let opt = |v: Option<Avro>| match v {
+                    None => Avro::Union(0, Box::new(Avro::Null)),
+                    Some(v) => Avro::Union(1, Box::new(v)),
+                };
+                let image = |r: &Option<Row>| r.as_ref().map(|r| cols.record(r)).transpose();
+                let source = Avro::Record(vec![
+                    ("version".into(), Avro::String(VERSION.into())),
+                    ("connector".into(), Avro::String("postgresql".into())),
+                    ("name".into(), Avro::String(meta.prefix.into())),
+                    ("ts_ms".into(), Avro::Long(ts_ms)),
+                    ("snapshot".into(), Avro::Union(0, Box::new(Avro::String(snapshot.into())))),
+                    ("db".into(), Avro::String(meta.database.into())),
+                    ("sequence".into(), opt(None)),
+                    ("schema".into(), Avro::String(self.table.name.schema.clone())),
+                    ("table".into(), Avro::String(self.table.name.name.clone())),
+                    ("txId".into(), opt(txid.map(Avro::Long))),
+                    ("lsn".into(), opt(Some(Avro::Long(lsn.0 as i64)))),
+                    ("xmin".into(), opt(None)),
+                    ("commit_lsn".into(), opt(commit_lsn.map(Avro::Long))),
+                    ("event_seq".into(), opt(seq.map(Avro::Int))),
+                ]);
+                let record = Avro::Record(vec![
+                    ("before".into(), opt(image(&e.before)?)),
+                    ("after".into(), opt(image(&e.after)?)),
+                    ("source".into(), source),
+                    ("op".into(), Avro::String(e.op.code().to_string())),
+                    ("ts_ms".into(), opt(Some(Avro::Long(meta.now_ms)))),
+                ]);
+                header(*value_id, out);
+                datum(value, record, out)
+            }
+            Body::Json => {
+                let image = |r: &Option<Row>| r.as_ref().map(|r| json_record(&self.table, r, None)).transpose();
+                let v = json!({
+                    "before": image(&e.before)?,
+                    "after": image(&e.after)?,
+                    "source": {
+                        "version": VERSION, "connector": "postgresql", "name": meta.prefix, "ts_ms": ts_ms,
+                        "snapshot": snapshot, "db": meta.database, "sequence": null,
+                        "schema": self.table.name.schema, "table": self.table.name.name,
+                        "txId": txid, "lsn": lsn.0, "xmin": null, "commit_lsn": commit_lsn, "event_seq": seq,
+                    },
+                    "op": e.op.code().to_string(),
+                    "ts_ms": meta.now_ms,
+                });
+                serde_json::to_writer(out, &v).map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })
+            }
+        }
+    }
+}
+
+fn json_record(table: &TableSchema, row: &Row, only: Option<&[usize]>) -> Result<Json, EncodeError> {
+    let mut obj = Map::new();
+    for (i, c) in table.columns.iter().enumerate() {
+        if only.is_some_and(|o| !o.contains(&i)) {
+            continue;
+        }
+        let err = |reason: String| EncodeError::Value { column: c.name.clone(), reason };
+        let v = match row.get(i).unwrap_or(&Datum::Null) {
+            Datum::Null => Json::Null,
+            Datum::Unchanged => Json::String(UNAVAILABLE.into()),
+            Datum::Text(b) => {
+                let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
+                to_json(Value::parse(&c.pg_type, text).map_err(|e| err(e.to_string()))?, &c.pg_type)
+            }
+        };
+        obj.insert(c.name.clone(), v);
+    }
+    Ok(Json::Object(obj))
+}
+
+/// Values as Debezium's JSON converter shows them: numbers as numbers, dates as days
+/// and times/timestamps as microseconds since the epoch, bytes as base64, decimals
+/// and everything without a JSON equivalent as its exact text.
+fn to_json(v: Value, ty: &PgType) -> Json {
+    let float = |f: f64| serde_json::Number::from_f64(f).map_or_else(|| Json::String(f.to_string()), Json::Number);
+    match v {
+        Value::Null => Json::Null,
+        Value::Bool(b) => Json::Bool(b),
+        Value::Int2(i) => json!(i),
+        Value::Int4(i) => json!(i),
+        Value::Int8(i) => json!(i),
+        Value::Float4(f) => float(f64::from(f)),
+        Value::Float8(f) => float(f),
+        Value::Bytea(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        Value::Date(d) => json!(d),
+        Value::Time(t) | Value::Timestamp(t) | Value::TimestampTz(t) => json!(t),
+        Value::Array(items) => {
+            let elem = match ty {
+                PgType::Array(e) => e.as_ref(),
+                other => other,
+            };
+            Json::Array(items.into_iter().map(|i| to_json(i, elem)).collect())
+        }
+        other => Json::String(other.to_pg_text().unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use sluice_core::{ColumnSchema, ReplicaIdentity, SourcePosition, TableName};
+
+    use super::*;
+
+    fn table() -> Arc<TableSchema> {
+        let col = |name: &str, ty: PgType, type_name: &str, key: bool| ColumnSchema {
+            name: name.into(),
+            type_oid: 0,
+            type_name: type_name.into(),
+            pg_type: ty,
+            nullable: !key,
+            is_key: key,
+            enum_labels: vec![],
+        };
+        Arc::new(TableSchema {
+            name: TableName::new("public", "items"),
+            relid: 1,
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                col("id", PgType::Int8, "bigint", true),
+                col("body", PgType::Text, "text", false),
+                col("data", PgType::Bytea, "bytea", false),
+            ],
+        })
+    }
+
+    fn t(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn event(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+        let position = SourcePosition { lsn: Lsn(100), commit_lsn: Lsn(120), xid: 7, commit_time_us: 5_000_123, seq: 2 };
+        ChangeEvent { op, table: table(), before, after, position }
+    }
+
+    #[test]
+    fn json_envelope_like_debezium() {
+        let enc = EventEncoder::json(table());
+        let meta = EventMeta { prefix: "shop", database: "db", now_ms: 9 };
+        let mut out = Vec::new();
+        let e = event(Op::Update, None, Some(vec![t("1"), Datum::Unchanged, t("\\x0102")]));
+        enc.value(&e, &meta, &mut out).unwrap();
+        let v: Json = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["op"], "u");
+        assert_eq!(v["after"], json!({"id": 1, "body": UNAVAILABLE, "data": "AQI="}));
+        assert_eq!(v["before"], Json::Null);
+        assert_eq!(v["source"]["ts_ms"], 5000);
+        assert_eq!(v["source"]["commit_lsn"], 120);
+        assert_eq!(v["source"]["event_seq"], 2);
+        out.clear();
+        enc.key(&vec![t("1"), Datum::Null, Datum::Null], &mut out).unwrap();
+        assert_eq!(out, br#"{"id":1}"#);
+    }
+
+    #[test]
+    fn avro_envelope_round_trips() {
+        let tbl = table();
+        let enc = EventEncoder::avro(tbl.clone(), "shop", 1, 2).unwrap();
+        let meta = EventMeta { prefix: "shop", database: "db", now_ms: 9 };
+        let mut out = Vec::new();
+        let e = event(Op::Delete, Some(vec![t("1"), Datum::Null, Datum::Null]), None);
+        enc.value(&e, &meta, &mut out).unwrap();
+        assert_eq!(&out[..5], &[0, 0, 0, 0, 2]);
+        let schema = Schema::parse(&envelope_schema("shop", &tbl)).unwrap();
+        let v = apache_avro::from_avro_datum(&schema, &mut &out[5..], None).unwrap();
+        let Avro::Record(fields) = v else { panic!("not a record") };
+        assert_eq!(fields[3], ("op".into(), Avro::String("d".into())));
+        assert!(matches!(&fields[1].1, Avro::Union(0, _)), "after is null for a delete");
+    }
+}

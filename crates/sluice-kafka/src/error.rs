@@ -1,0 +1,54 @@
+use sluice_core::ErrorKind;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error of the Kafka sink or the schema registry client: one line for the person
+/// running the pipeline, and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl SinkError {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    pub(crate) fn with_source(kind: ErrorKind, message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self { kind, message: message.into(), source: Some(source.into()) }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Librdkafka errors: a broker that is down or restarting, or a full queue, is
+    /// transient; configuration and authorization errors are not.
+    pub(crate) fn from_kafka(context: &str, e: rdkafka::error::KafkaError) -> Self {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        let code = e.rdkafka_error_code();
+        let permanent = matches!(
+            code,
+            Some(
+                C::TopicAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::SaslAuthenticationFailed
+                    | C::InvalidConfig
+                    | C::InvalidReplicationFactor
+                    | C::InvalidPartitions
+                    | C::PolicyViolation
+                    | C::MessageSizeTooLarge
+                    | C::InvalidTopic
+                    | C::UnknownTopicOrPartition
+            )
+        ) || matches!(e, rdkafka::error::KafkaError::ClientCreation(_));
+        let kind = if permanent { ErrorKind::Permanent } else { ErrorKind::Transient };
+        Self::with_source(kind, format!("{context}: {e}"), e)
+    }
+}
+
+pub type Result<T, E = SinkError> = std::result::Result<T, E>;
