@@ -1,6 +1,6 @@
 //! Avro schemas derived from table schemas, the way Debezium names and shapes them:
-//! a record `Value` (or `Key`) in namespace `<prefix>.<schema>.<table>`, nullable
-//! columns as `["null", T]` with default null, and logical types for decimals, dates,
+//! a record `Value` (or `Key`) in namespace `<prefix>.<schema>.<table>`, columns
+//! outside the key as `["null", T]` with default null, and logical types for decimals, dates,
 //! times, timestamps and uuids. JSON and anything without an Avro equivalent is a string.
 
 use serde_json::{Value as Json, json};
@@ -54,9 +54,12 @@ fn avro_type(t: &PgType, type_name: &str) -> Json {
     }
 }
 
+/// Every column outside the key is optional, NOT NULL ones too: a delete's before
+/// image under the default replica identity carries only the key, and a column's
+/// NOT NULL can be dropped later without breaking readers.
 fn field(c: &ColumnSchema) -> Json {
     let t = avro_type(&c.pg_type, &c.type_name);
-    if c.nullable && !c.is_key {
+    if !c.is_key {
         json!({"name": avro_name(&c.name), "type": ["null", t], "default": null})
     } else {
         json!({"name": avro_name(&c.name), "type": t})
@@ -105,7 +108,7 @@ mod tests {
         assert_eq!(v["fields"][0], json!({"name": "id", "type": "long"}));
         assert_eq!(v["fields"][1]["type"][1]["logicalType"], "decimal");
         assert_eq!(v["fields"][1]["default"], Json::Null);
-        assert_eq!(v["fields"][2]["type"]["logicalType"], "timestamp-micros");
+        assert_eq!(v["fields"][2]["type"][1]["logicalType"], "timestamp-micros", "NOT NULL columns are optional too");
         assert_eq!(v["fields"][3]["type"][1]["items"], json!(["null", "string"]));
         assert_eq!(key_schema("shop", &t)["fields"].as_array().unwrap().len(), 1);
     }

@@ -63,7 +63,7 @@ impl Columns {
                         name: sluice_core::avro::avro_name(&c.name),
                         ty: c.pg_type.clone(),
                         scale,
-                        nullable: c.nullable && !c.is_key,
+                        nullable: !c.is_key,
                         textual,
                     }
                 })

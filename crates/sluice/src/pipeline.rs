@@ -175,7 +175,7 @@ impl Pipeline {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = sd.changed() => return Ok(()),
                     }
-                    backoff = (backoff * 2).min(if halted { Duration::from_secs(30) } else { Duration::from_secs(10) });
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => {
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,23 @@ impl Env {
         (Pipeline { child, log }, format!("http://127.0.0.1:{port}"))
     }
 
+    /// A pipeline config with a Kafka sink (state in the target database); `sink` adds
+    /// keys to the `kafka:` block, `extra` top-level keys.
+    pub fn kafka_config(&self, tables: &[&str], brokers: &str, sink: &str, extra: &str) -> PathBuf {
+        let pw = sluice_postgres::cluster::SUPERUSER_PASSWORD;
+        let user = sluice_postgres::cluster::SUPERUSER;
+        let text = format!(
+            "pipeline: {db}\nsource:\n  host: 127.0.0.1\n  port: {sp}\n  user: {user}\n  password: {pw}\n  database: {db}\n  \
+             heartbeat_interval: 500ms\n  tables: [{tables}]\nsink:\n  kafka:\n    brokers: {brokers}\n{sink}    state:\n      \
+             host: 127.0.0.1\n      port: {dp}\n      user: {user}\n      password: {pw}\n      database: {db}\n{extra}",
+            db = self.db,
+            sp = self.src_port,
+            dp = self.dst_port,
+            tables = tables.join(", "),
+        );
+        self.write_config(&text)
+    }
+
     /// Starts `sluice run`; logs go to a file read by [`Pipeline::log`].
     pub fn spawn(&self, config: &PathBuf) -> Pipeline {
         let log = self.dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
@@ -146,6 +163,48 @@ impl Env {
 pub struct Pipeline {
     pub child: Child,
     pub log: PathBuf,
+}
+
+/// The Python interpreter of the test virtualenv (confluent-kafka, kafka-python).
+pub fn python() -> String {
+    let venv = std::env::var("SLUICE_VENV").unwrap_or_else(|_| "/var/cache/sluice/venv".into());
+    format!("{venv}/bin/python")
+}
+
+/// Starts a tansu Kafka broker (in-memory storage) on a free port; returns the
+/// process and its `host:port`.
+pub async fn spawn_broker(dir: &std::path::Path) -> (Pipeline, String) {
+    let bin = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "/var/cache/sluice/tansu-dynostore/bin/tansu".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = dir.join(format!("tansu-{port}.log"));
+    let child = Command::new(&bin)
+        .args(["broker", "--listener-url", &format!("tcp://{addr}"), "--advertised-listener-url", &format!("tcp://{addr}")])
+        .args(["--storage-engine", "memory://tansu/"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start the tansu broker {bin} (run .ci/install-deps, or set SLUICE_TANSU): {e}"));
+    wait_for("the broker to listen", Duration::from_secs(20), || async { std::net::TcpStream::connect(&addr).is_ok() }).await;
+    (Pipeline { child, log }, addr)
+}
+
+/// Reads every record of `topics` with the Python clients (`mode`: `avro` through
+/// Confluent's DeserializingConsumer and the registry at `registry`, `json` through
+/// kafka-python) and returns them as JSON objects in partition order.
+pub fn consume(mode: &str, brokers: &str, registry: &str, topics: &[String], expect_at_least: usize) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/kafka_consume.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args([mode, brokers, registry, &expect_at_least.to_string()])
+        .args(topics)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kafka_consume.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 impl Pipeline {
