@@ -4,6 +4,7 @@
 //!   cargo run --release -p sluice-bench -- throughput --row-bytes 200
 //!   cargo run --release -p sluice-bench -- lag --rate 5000
 //!   cargo run --release -p sluice-bench -- snapshot --mb 1024
+//!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
 
 use std::process::Command;
 use std::sync::Arc;
@@ -41,6 +42,19 @@ enum Bench {
     },
     /// Commit-to-applied lag at a steady write rate into the Postgres sink.
     Lag {
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Postgres → Kafka (Avro, Debezium envelope) through a tansu broker and Sluice's
+    /// registry: streaming throughput vs pg_recvlogical over the same WAL, then lag
+    /// from source commit to broker ack at a steady rate.
+    Kafka {
+        #[arg(long, default_value_t = 500_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 1000)]
+        rows_per_txn: u64,
         #[arg(long, default_value_t = 5000)]
         rate: u64,
         #[arg(long, default_value_t = 20)]
@@ -121,19 +135,31 @@ fn start_pipeline(yaml: &str) -> Result<Running> {
     Ok((metrics, tx, h))
 }
 
-async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
-    let (src, dst) = servers().await?;
-    let s = connect(src.port, "bench").await?;
-    let payload = row_bytes.saturating_sub(8 + 24).max(1); // id + tuple header
-    s.batch_execute(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_pg FOR TABLE bench;",
-    )
-    .await?;
-    for slot in ["recv_slot", "null_slot", "sluice_pg"] {
-        s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await?;
+/// Drains `slot` up to `end` with Postgres's own `pg_recvlogical` (pgoutput v1).
+fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()> {
+    let bin = Command::new("pg_config").arg("--bindir").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let recvlogical = bin.map(|b| format!("{b}/pg_recvlogical")).filter(|p| std::path::Path::new(p).exists());
+    let recvlogical = recvlogical.unwrap_or_else(|| {
+        let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin/pg_recvlogical")).filter(|p| p.exists()).collect();
+        v.sort();
+        v.pop().map(|p| p.display().to_string()).unwrap_or_else(|| "pg_recvlogical".into())
+    });
+    let st = Command::new(&recvlogical)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER, "-d", "bench", "--slot", slot, "--start"])
+        .args(["-o", "proto_version=1", "-o", &format!("publication_names={publication}"), "--endpos", end, "-f", "/dev/null", "--no-loop"])
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .status()
+        .context("running pg_recvlogical")?;
+    if !st.success() {
+        bail!("pg_recvlogical failed: {st}");
     }
+    Ok(())
+}
+
+/// Writes `rows` rows of about `row_bytes` into `bench`, `per_txn` rows a transaction;
+/// returns the WAL position after the last commit.
+async fn write_rows(s: &Client, rows: u64, row_bytes: usize, per_txn: u64) -> Result<String> {
+    let payload = row_bytes.saturating_sub(8 + 24).max(1); // id + tuple header
     eprintln!("writing {rows} rows of ~{row_bytes} bytes...");
     let mut id = 0u64;
     while id < rows {
@@ -146,28 +172,141 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
         .await?;
         id += n;
     }
-    let end: String = s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    Ok(s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0))
+}
+
+/// Writes transactions every 10 ms at `rate` rows/s for `seconds`, with ids after
+/// `first_id`; returns the rows written and the rate achieved.
+async fn steady_load(s: &Client, first_id: u64, rate: u64, seconds: u64) -> Result<(u64, f64)> {
+    let per_tick = (rate / 100).max(1);
+    let start = Instant::now();
+    let (mut id, mut tick) = (first_id, 0u64);
+    while start.elapsed() < Duration::from_secs(seconds) {
+        s.batch_execute(&format!(
+            "INSERT INTO bench SELECT g, rpad(md5(g::text), 168, 'x') FROM generate_series({}, {}) g",
+            id + 1,
+            id + per_tick
+        ))
+        .await?;
+        id += per_tick;
+        tick += 1;
+        tokio::time::sleep_until((start + Duration::from_millis(10 * tick)).into()).await;
+    }
+    Ok((id - first_id, (id - first_id) as f64 / start.elapsed().as_secs_f64()))
+}
+
+async fn wait_events(metrics: &Metrics, n: u64, handle: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    while metrics.events.load(Ordering::Relaxed) < n {
+        if handle.is_finished() {
+            bail!("pipeline stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    // The broker: tansu, in-memory storage.
+    let tansu = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "/var/cache/sluice/tansu-dynostore/bin/tansu".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let brokers = format!("127.0.0.1:{port}");
+    let mut broker = Command::new(&tansu)
+        .args(["broker", "--listener-url", &format!("tcp://{brokers}"), "--advertised-listener-url", &format!("tcp://{brokers}")])
+        .args(["--storage-engine", "memory://tansu/"])
+        .env("RUST_LOG", "error")
+        .spawn()
+        .with_context(|| format!("starting {tansu} (run .ci/install-deps or set SLUICE_TANSU)"))?;
+    while std::net::TcpStream::connect(&brokers).is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sluice's registry, in process, stored in the second server.
+    let store = sluice_registry::Store::open(connect(dst.port, "bench").await?).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let registry = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, sluice_registry::router(Arc::new(store))).await });
+
+    let s = connect(src.port, "bench").await?;
+    s.batch_execute(
+        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
+         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
+         CREATE PUBLICATION sluice_kafka FOR TABLE bench;
+         SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput');",
+    )
+    .await?;
+    let yaml = format!(
+        "pipeline: kafka\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, tables: [public.bench]}}\n\
+         sink: {{kafka: {{brokers: '{brokers}', registry_url: '{registry}', tombstones: false, state: {{host: 127.0.0.1, port: {dp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}}}}}\n\
+         snapshot: {{enabled: false}}\n",
+        sp = src.port,
+        dp = dst.port,
+    );
+    // A first run creates the slot, topic and subjects; then the WAL to replay is written.
+    let (metrics, stop, handle) = start_pipeline(&yaml)?;
+    s.batch_execute("INSERT INTO bench VALUES (0, 'warm-up')").await?;
+    wait_events(&metrics, 1, &handle).await?;
+    let _ = stop.send(true);
+    handle.await??;
+    let end = write_rows(&s, rows, 200, per_txn).await?;
+    let mb = rows as f64 * 200.0 / 1e6;
+
+    let t = Instant::now();
+    recvlogical(src.port, "recv_slot", "sluice_kafka", &end)?;
+    let base_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let (metrics, stop, handle) = start_pipeline(&yaml)?;
+    wait_events(&metrics, rows, &handle).await?;
+    let kafka_s = t.elapsed().as_secs_f64();
+    let rss_after_throughput = peak_rss_mb();
+
+    // Lag at a steady rate, from a fresh histogram.
+    let lag_metrics = {
+        let _ = stop.send(true);
+        handle.await??;
+        let (m, stop, handle) = start_pipeline(&yaml)?;
+        let (written, achieved) = steady_load(&s, rows + 1, rate, seconds).await?;
+        wait_events(&m, written, &handle).await?;
+        let _ = stop.send(true);
+        handle.await??;
+        (m, achieved)
+    };
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let (lm, achieved) = lag_metrics;
+    Ok(serde_json::json!({
+        "bench": "kafka", "encoding": "avro", "row_bytes": 200, "rows": rows, "rows_per_txn": per_txn,
+        "pg_recvlogical": {"seconds": base_s, "rows_per_s": rows as f64 / base_s, "mb_per_s": mb / base_s},
+        "sluice_kafka": {"seconds": kafka_s, "rows_per_s": rows as f64 / kafka_s, "mb_per_s": mb / kafka_s},
+        "kafka_vs_recvlogical": base_s / kafka_s,
+        "lag": {"target_rows_per_s": rate, "achieved_rows_per_s": achieved, "seconds": seconds,
+                "p50_ms_le": lm.lag_quantile_ms(0.5), "p99_ms_le": lm.lag_quantile_ms(0.99), "max_ms_le": lm.lag_quantile_ms(1.0),
+                "note": "histogram bucket upper bounds, source commit to broker ack"},
+        "peak_rss_mb_after_throughput": rss_after_throughput,
+        "peak_rss_mb": peak_rss_mb(),
+        "note": "single process: the pipeline runs in the bench process, so RSS is Sluice's plus the bench's",
+    }))
+}
+
+async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    let s = connect(src.port, "bench").await?;
+    s.batch_execute(
+        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
+         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
+         CREATE PUBLICATION sluice_pg FOR TABLE bench;",
+    )
+    .await?;
+    for slot in ["recv_slot", "null_slot", "sluice_pg"] {
+        s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await?;
+    }
+    let end = write_rows(&s, rows, row_bytes, per_txn).await?;
     let end_lsn: Lsn = end.parse()?;
     let mb = (rows as f64 * row_bytes as f64) / 1e6;
 
     // Baseline: Postgres's own decoding, drained by pg_recvlogical.
-    let bin = Command::new("pg_config").arg("--bindir").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    let recvlogical = bin.map(|b| format!("{b}/pg_recvlogical")).filter(|p| std::path::Path::new(p).exists());
-    let recvlogical = recvlogical.unwrap_or_else(|| {
-        let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin/pg_recvlogical")).filter(|p| p.exists()).collect();
-        v.sort();
-        v.pop().map(|p| p.display().to_string()).unwrap_or_else(|| "pg_recvlogical".into())
-    });
     let t = Instant::now();
-    let st = Command::new(&recvlogical)
-        .args(["-h", "127.0.0.1", "-p", &src.port.to_string(), "-U", SUPERUSER, "-d", "bench", "--slot", "recv_slot", "--start"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=sluice_pg", "--endpos", &end, "-f", "/dev/null", "--no-loop"])
-        .env("PGPASSWORD", SUPERUSER_PASSWORD)
-        .status()
-        .context("running pg_recvlogical")?;
-    if !st.success() {
-        bail!("pg_recvlogical failed: {st}");
-    }
+    recvlogical(src.port, "recv_slot", "sluice_pg", &end)?;
     let base_s = t.elapsed().as_secs_f64();
 
     // Sluice's source into a null sink: decode and assemble events, then drop them.
@@ -240,26 +379,8 @@ async fn lag(rate: u64, seconds: u64) -> Result<serde_json::Value> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Transactions every 10 ms, sized for the rate.
-    let per_tick = (rate / 100).max(1);
-    let start = Instant::now();
-    let mut id = 0u64;
-    let mut tick = 0u64;
-    while start.elapsed() < Duration::from_secs(seconds) {
-        s.batch_execute(&format!(
-            "INSERT INTO bench SELECT g, rpad(md5(g::text), 168, 'x') FROM generate_series({}, {}) g",
-            id + 1,
-            id + per_tick
-        ))
-        .await?;
-        id += per_tick;
-        tick += 1;
-        let next = start + Duration::from_millis(10 * tick);
-        tokio::time::sleep_until(next.into()).await;
-    }
-    let achieved = id as f64 / start.elapsed().as_secs_f64();
-    while metrics.events.load(Ordering::Relaxed) < id {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (id, achieved) = steady_load(&s, 0, rate, seconds).await?;
+    wait_events(&metrics, id, &handle).await?;
     let _ = stop.send(true);
     handle.await??;
     Ok(serde_json::json!({
@@ -381,6 +502,7 @@ async fn main() -> Result<()> {
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
     };
     println!("{out}");
     Ok(())

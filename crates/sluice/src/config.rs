@@ -398,7 +398,7 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
             (GOOD.replace("postgres:", "kafak:"), "unknown variant"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, parttions: 3,"), "unknown field"),
             (KAFKA.replace("registry_url: http://127.0.0.1:8081,", ""), "sink.kafka.registry_url"),
-            (KAFKA.replace("{table}", "x"), "sink.kafka.topic"),
+            (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"{prefix}.all\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"a/{table}\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, partitions: 0,"), "partitions"),
             (KAFKA.replace(", state: {host: 127.0.0.1, user: u, password: p, database: st}", ""), "missing field `state`"),

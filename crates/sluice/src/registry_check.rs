@@ -1,8 +1,8 @@
 //! Asks the schema registry whether a migration's resulting schemas would be accepted.
 //!
-//! For each replicated table a migration changes, the table's new Avro value schema is
-//! derived (as the Kafka sink will derive it) and sent to the registry's compatibility
-//! endpoint for subject `<pipeline>.<schema>.<table>-value`, so the subject's own mode
+//! For each replicated table a migration changes, the table's new Avro value schema (the
+//! Debezium envelope around the row) is derived as the Kafka sink derives it and sent
+//! to the registry's compatibility endpoint for subject `<pipeline>.<schema>.<table>-value`, so the subject's own mode
 //! (BACKWARD, FULL, ...) and the registry's own checker decide.
 
 use sluice_ddl::{FileReport, Finding, Model, Verdict};
@@ -21,7 +21,7 @@ pub fn apply(url: &str, pipeline: &str, model: &Model, report: &mut FileReport) 
         let Some(table) = model.table_schema(&key).filter(|_| model.tables.get(&key).is_some_and(|t| t.replicated)) else {
             continue;
         };
-        let schema = sluice_core::avro::value_schema(pipeline, &table);
+        let schema = sluice_kafka::envelope_schema(pipeline, &table);
         let subject = subject(pipeline, &key.0, &key.1);
         let endpoint = format!("{}/compatibility/subjects/{subject}/versions/latest?verbose=true", url.trim_end_matches('/'));
         let mut resp = agent
