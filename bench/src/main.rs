@@ -60,6 +60,13 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Schema registry over HTTP: register, lookup and get-by-id latency, against the
+    /// same row read straight from Postgres; schema ids resolved per second by a
+    /// consumer-side cache, cold (through the registry) and warm.
+    Registry {
+        #[arg(long, default_value_t = 500)]
+        schemas: u32,
+    },
     /// Migration checking: time per statement and per 1,000-statement file, against
     /// Postgres's parser alone on the same text.
     Migrations {
@@ -205,18 +212,114 @@ async fn wait_events(metrics: &Metrics, n: u64, handle: &tokio::task::JoinHandle
     Ok(())
 }
 
+fn percentiles(mut us: Vec<f64>) -> serde_json::Value {
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1];
+    serde_json::json!({"p50_us": at(0.5), "p99_us": at(0.99), "mean_us": us.iter().sum::<f64>() / us.len() as f64})
+}
+
+async fn registry(n: u32) -> Result<serde_json::Value> {
+    let pg = tokio::task::spawn_blocking(|| TempCluster::start(&[])).await??;
+    connect(pg.port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
+    let store = sluice_registry::Store::open(connect(pg.port, "bench").await?).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, sluice_registry::router(Arc::new(store))).await });
+
+    // The client side runs on its own thread with a keep-alive agent, like a producer's.
+    let url = base.clone();
+    let (register, lookup, by_id, ids) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(true).build().into();
+        let schema = |i: u32| serde_json::json!({"schema": format!(r#"{{"type":"record","name":"R{i}","fields":[{{"name":"f{i}","type":"long"}}]}}"#)});
+        let (mut register, mut lookup, mut by_id, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let t = Instant::now();
+            let v: serde_json::Value = agent.post(&format!("{url}/subjects/bench{i}-value/versions")).send_json(schema(i))?.body_mut().read_json()?;
+            register.push(t.elapsed().as_secs_f64() * 1e6);
+            ids.push(v["id"].as_i64().context("no id")?);
+        }
+        for i in 0..n {
+            let t = Instant::now();
+            agent.post(&format!("{url}/subjects/bench{i}-value")).send_json(schema(i))?.body_mut().read_to_string()?;
+            lookup.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        for id in &ids {
+            let t = Instant::now();
+            agent.get(&format!("{url}/schemas/ids/{id}")).call()?.body_mut().read_to_string()?;
+            by_id.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((register, lookup, by_id, ids))
+    })
+    .await??;
+
+    // Baseline: the same schema rows read straight from Postgres (prepared statement).
+    let c = connect(pg.port, "bench").await?;
+    let stmt = c.prepare("SELECT schema FROM sluice_registry.schemas WHERE ctx = '' AND id = $1").await?;
+    let mut direct = Vec::new();
+    for id in &ids {
+        let t = Instant::now();
+        c.query_one(&stmt, &[&(*id as i32)]).await?;
+        direct.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+
+    // A consumer's cache: the first record of a schema id resolves through the
+    // registry, every later one from memory.
+    let url = base.clone();
+    let ids2 = ids.clone();
+    let (cold_per_s, warm_per_s) = tokio::task::spawn_blocking(move || -> Result<(f64, f64)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let mut cache: std::collections::HashMap<i64, serde_json::Value> = std::collections::HashMap::new();
+        let t = Instant::now();
+        for id in &ids2 {
+            let v: serde_json::Value = agent.get(&format!("{url}/schemas/ids/{id}")).call()?.body_mut().read_json()?;
+            cache.insert(*id, v);
+        }
+        let cold = ids2.len() as f64 / t.elapsed().as_secs_f64();
+        let rounds = 2_000_000usize;
+        let t = Instant::now();
+        let mut hits = 0usize;
+        for i in 0..rounds {
+            hits += usize::from(std::hint::black_box(cache.get(&ids2[i % ids2.len()])).is_some());
+        }
+        let warm = hits as f64 / t.elapsed().as_secs_f64();
+        Ok((cold, warm))
+    })
+    .await??;
+    let direct_p = percentiles(direct);
+    let by_id_p = percentiles(by_id);
+    Ok(serde_json::json!({
+        "bench": "registry", "schemas": n,
+        "register": percentiles(register), "lookup": percentiles(lookup),
+        "get_by_id": by_id_p.clone(), "postgres_direct_by_id": direct_p.clone(),
+        "get_by_id_vs_direct_p50": by_id_p["p50_us"].as_f64().unwrap_or(0.0) / direct_p["p50_us"].as_f64().unwrap_or(1.0),
+        "consumer_cache": {"cold_resolves_per_s": cold_per_s, "warm_resolves_per_s": warm_per_s},
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+/// A child process that ends with the benchmark, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     // The broker: tansu, in-memory storage.
     let tansu = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "/var/cache/sluice/tansu-dynostore/bin/tansu".into());
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let brokers = format!("127.0.0.1:{port}");
-    let mut broker = Command::new(&tansu)
+    let _broker = KillOnDrop(Command::new(&tansu)
         .args(["broker", "--listener-url", &format!("tcp://{brokers}"), "--advertised-listener-url", &format!("tcp://{brokers}")])
         .args(["--storage-engine", "memory://tansu/"])
         .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {tansu} (run .ci/install-deps or set SLUICE_TANSU)"))?;
+        .with_context(|| format!("starting {tansu} (run .ci/install-deps or set SLUICE_TANSU)"))?);
     while std::net::TcpStream::connect(&brokers).is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -230,10 +333,10 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     s.batch_execute(
         "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
          ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_kafka FOR TABLE bench;
-         SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput');",
+         CREATE PUBLICATION sluice_kafka FOR TABLE bench;",
     )
     .await?;
+    s.batch_execute("SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput')").await?;
     let yaml = format!(
         "pipeline: kafka\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, tables: [public.bench]}}\n\
          sink: {{kafka: {{brokers: '{brokers}', registry_url: '{registry}', tombstones: false, state: {{host: 127.0.0.1, port: {dp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}}}}}\n\
@@ -243,6 +346,9 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     );
     // A first run creates the slot, topic and subjects; then the WAL to replay is written.
     let (metrics, stop, handle) = start_pipeline(&yaml)?;
+    while !s.query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sluice_kafka' AND active)", &[]).await?.get::<_, bool>(0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.batch_execute("INSERT INTO bench VALUES (0, 'warm-up')").await?;
     wait_events(&metrics, 1, &handle).await?;
     let _ = stop.send(true);
@@ -271,8 +377,6 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
         handle.await??;
         (m, achieved)
     };
-    let _ = broker.kill();
-    let _ = broker.wait();
     let (lm, achieved) = lag_metrics;
     Ok(serde_json::json!({
         "bench": "kafka", "encoding": "avro", "row_bytes": 200, "rows": rows, "rows_per_txn": per_txn,
@@ -497,11 +601,17 @@ fn migrations(rounds: u32) -> Result<serde_json::Value> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Pipeline warnings (retries, halts) on stderr; RUST_LOG=info for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
     };
     println!("{out}");
