@@ -9,6 +9,7 @@ mod error;
 mod event;
 mod lsn;
 mod schema;
+pub mod transform;
 mod value;
 
 pub use error::{CoreError, ErrorKind};

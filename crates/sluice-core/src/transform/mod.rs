@@ -1,0 +1,424 @@
+//! Per-pipeline transforms, the single message transforms Kafka Connect users know:
+//! pure and synchronous, checked against each table's schema before anything runs.
+//!
+//! A [`Chain`] is the validated list of steps. [`Chain::compile`] resolves it against
+//! one table shape into a [`TableTransform`]: the output schema (which the sink creates
+//! its table, mapping or Avro schema from) and row operations on column indexes, so
+//! applying it to an event does no name lookups.
+
+mod cast;
+pub mod spec;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::{ChangeEvent, ColumnSchema, Datum, Lsn, Op, PgType, ReplicaIdentity, Row, TableName, TableSchema, Value};
+use cast::CastTo;
+pub use spec::Step;
+use spec::{Meta, OpName};
+
+/// A step that cannot apply: which step (its index in `transforms` and its kind) and
+/// what to change.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("transforms[{index}] ({kind}): {message}")]
+pub struct TransformError {
+    pub index: usize,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+struct Prepared {
+    index: usize,
+    step: Step,
+    regex: Option<regex::Regex>,
+    casts: Vec<(String, CastTo)>,
+}
+
+/// A validated transform chain.
+pub struct Chain {
+    steps: Vec<Prepared>,
+}
+
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+impl Chain {
+    /// Checks what can be checked without a table: exclusive options, regexes, cast
+    /// types, guards.
+    pub fn new(steps: Vec<Step>) -> Result<Self, TransformError> {
+        let mut out = Vec::with_capacity(steps.len());
+        for (index, step) in steps.into_iter().enumerate() {
+            let err = |message: String| TransformError { index, kind: step.kind(), message };
+            let (mut regex, mut casts) = (None, Vec::new());
+            if let Some(w) = step.when()
+                && !w.ops.is_empty()
+                && !matches!(step, Step::Filter(_) | Step::Mask(_))
+            {
+                return Err(err("when.ops: only filter and mask can depend on the operation (the others change the table's shape, which must be the same for every event)".into()));
+            }
+            match &step {
+                Step::InsertField(s) if s.value.is_some() == s.source.is_some() => {
+                    return Err(err(format!("field {:?}: give exactly one of value or source", s.name)));
+                }
+                Step::Cast(s) => {
+                    for (col, ty) in &s.fields {
+                        casts.push((col.clone(), CastTo::parse(ty).map_err(|m| err(format!("field {col:?}: {m}")))?));
+                    }
+                }
+                Step::Filter(s) => {
+                    let n = [s.equals.is_some(), s.not_equals.is_some(), s.one_of.is_some(), s.is_null.is_some()].iter().filter(|b| **b).count();
+                    if n != 1 {
+                        return Err(err("give exactly one condition: equals, not_equals, in or is_null".into()));
+                    }
+                }
+                Step::Mask(s) if s.replacement.is_some() == s.hash.is_some() => {
+                    return Err(err("give exactly one of replacement or hash".into()));
+                }
+                Step::Route(s) => {
+                    regex = Some(regex::Regex::new(&s.regex).map_err(|e| err(format!("regex {:?}: {e}", s.regex)))?);
+                }
+                Step::CompositeKey(s) if s.fields.is_empty() => return Err(err("fields: list at least one column".into())),
+                _ => {}
+            }
+            out.push(Prepared { index, step, regex, casts });
+        }
+        Ok(Self { steps: out })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Resolves the chain against one shape of a source table.
+    pub fn compile(&self, source: &TableSchema) -> Result<TableTransform, TransformError> {
+        let full = source.replica_identity == ReplicaIdentity::Full;
+        let source_name = source.name.to_string();
+        let mut schema = source.clone();
+        let mut ops = Vec::new();
+        for p in &self.steps {
+            let err = |message: String| TransformError { index: p.index, kind: p.step.kind(), message };
+            let when = p.step.when();
+            if let Some(w) = when
+                && !w.tables.is_empty()
+                && !w.tables.iter().any(|pat| glob(pat, &source_name))
+            {
+                continue;
+            }
+            let guard_ops: Vec<OpName> = when.map(|w| w.ops.clone()).unwrap_or_default();
+            let find = |schema: &TableSchema, col: &str| {
+                schema.columns.iter().position(|c| c.name == col).ok_or_else(|| {
+                    let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
+                    err(format!("column {col:?} is not in {} (its columns here: {})", source.name, names.join(", ")))
+                })
+            };
+            let taken = |schema: &TableSchema, col: &str| {
+                if schema.columns.iter().any(|c| c.name == col) {
+                    Err(err(format!("column {col:?} already exists in {}", source.name)))
+                } else {
+                    Ok(())
+                }
+            };
+            match &p.step {
+                Step::RenameFields(s) => {
+                    for (from, to) in &s.fields {
+                        let i = find(&schema, from)?;
+                        taken(&schema, to)?;
+                        schema.columns[i].name = to.clone();
+                    }
+                }
+                Step::DropFields(s) => {
+                    let mut drop = Vec::new();
+                    for f in &s.fields {
+                        let i = find(&schema, f)?;
+                        if schema.columns[i].is_key {
+                            return Err(err(format!("column {f:?} is part of the key of {} and cannot be dropped", source.name)));
+                        }
+                        drop.push(i);
+                    }
+                    let keep: Vec<usize> = (0..schema.columns.len()).filter(|i| !drop.contains(i)).collect();
+                    schema.columns = keep.iter().map(|&i| schema.columns[i].clone()).collect();
+                    ops.push(RowOp::Select(keep));
+                }
+                Step::KeepFields(s) => {
+                    for f in &s.fields {
+                        find(&schema, f)?;
+                    }
+                    let keep: Vec<usize> =
+                        (0..schema.columns.len()).filter(|&i| schema.columns[i].is_key || s.fields.contains(&schema.columns[i].name)).collect();
+                    schema.columns = keep.iter().map(|&i| schema.columns[i].clone()).collect();
+                    ops.push(RowOp::Select(keep));
+                }
+                Step::InsertField(s) => {
+                    taken(&schema, &s.name)?;
+                    let (type_name, pg_type, oid) = match s.source {
+                        Some(Meta::CommitTime) => ("timestamp with time zone", PgType::TimestampTz, 1184),
+                        _ => ("text", PgType::Text, 25),
+                    };
+                    schema.columns.push(column(&s.name, type_name, pg_type, oid));
+                    ops.push(RowOp::Insert(match (&s.value, s.source) {
+                        (Some(v), _) => Insert::Static(Bytes::copy_from_slice(v.as_bytes())),
+                        (None, Some(m)) => Insert::Meta(m, Bytes::copy_from_slice(source_name.as_bytes())),
+                        (None, None) => unreachable!("checked by Chain::new"),
+                    }));
+                }
+                Step::Cast(_) => {
+                    for (col, to) in &p.casts {
+                        let i = find(&schema, col)?;
+                        let c = &mut schema.columns[i];
+                        to.check(&c.pg_type).map_err(|m| err(format!("column {col:?} ({}): {m}", c.type_name)))?;
+                        ops.push(RowOp::Cast { index: i, from: c.pg_type.clone(), to: to.clone(), column: col.clone() });
+                        let (type_name, pg_type, oid) = to.target();
+                        c.type_name = type_name;
+                        c.pg_type = pg_type;
+                        c.type_oid = oid;
+                        c.enum_labels.clear();
+                    }
+                }
+                Step::Filter(s) => {
+                    let i = find(&schema, &s.field)?;
+                    let cond = match (&s.equals, &s.not_equals, &s.one_of, s.is_null) {
+                        (Some(v), ..) => Cond::Equals(v.clone()),
+                        (_, Some(v), ..) => Cond::NotEquals(v.clone()),
+                        (_, _, Some(vs), _) => Cond::In(vs.clone()),
+                        (.., Some(b)) => Cond::IsNull(b),
+                        _ => unreachable!("checked by Chain::new"),
+                    };
+                    ops.push(RowOp::Filter { index: i, cond, ops: guard_ops });
+                }
+                Step::Mask(s) => {
+                    let mut idx = Vec::new();
+                    for f in &s.fields {
+                        let i = find(&schema, f)?;
+                        if schema.columns[i].is_key {
+                            return Err(err(format!("column {f:?} is part of the key of {}; masking it would merge rows", source.name)));
+                        }
+                        // Masked values are text whatever the column was.
+                        let c = &mut schema.columns[i];
+                        (c.type_name, c.pg_type, c.type_oid) = ("text".into(), PgType::Text, 25);
+                        c.enum_labels.clear();
+                        idx.push(i);
+                    }
+                    let with = match (&s.replacement, s.hash) {
+                        (Some(r), _) => MaskWith::Fixed(Bytes::copy_from_slice(r.as_bytes())),
+                        _ => MaskWith::Sha256,
+                    };
+                    ops.push(RowOp::Mask { indexes: idx, with, ops: guard_ops });
+                }
+                Step::Route(s) => {
+                    let re = p.regex.as_ref().expect("compiled by Chain::new");
+                    let current = schema.name.to_string();
+                    let routed = re.replace(&current, s.replacement.as_str()).into_owned();
+                    schema.name = TableName::parse(&routed)
+                        .filter(|t| !t.schema.is_empty() && !t.name.is_empty())
+                        .ok_or_else(|| err(format!("{current} routes to {routed:?}, which is not schema.table")))?;
+                }
+                Step::CompositeKey(s) => {
+                    taken(&schema, &s.name)?;
+                    let mut idx = Vec::new();
+                    for f in &s.fields {
+                        let i = find(&schema, f)?;
+                        if !schema.columns[i].is_key && !full {
+                            return Err(err(format!(
+                                "column {f:?} is not in the primary key of {}: a delete carries only the key, so the composite key \
+                                 could not be built for it; use key columns, or set REPLICA IDENTITY FULL on the table",
+                                source.name
+                            )));
+                        }
+                        idx.push(i);
+                    }
+                    for c in &mut schema.columns {
+                        c.is_key = false;
+                    }
+                    let mut key = column(&s.name, "text", PgType::Text, 25);
+                    (key.is_key, key.nullable) = (true, false);
+                    schema.columns.push(key);
+                    ops.push(RowOp::Composite { indexes: idx, separator: Bytes::copy_from_slice(s.separator.as_bytes()) });
+                }
+            }
+        }
+        Ok(TableTransform { output: Arc::new(schema), ops })
+    }
+}
+
+fn column(name: &str, type_name: &str, pg_type: PgType, oid: u32) -> ColumnSchema {
+    ColumnSchema {
+        name: name.into(),
+        type_oid: oid,
+        type_name: type_name.into(),
+        pg_type,
+        nullable: true,
+        is_key: false,
+        enum_labels: vec![],
+    }
+}
+
+enum Insert {
+    Static(Bytes),
+    /// The fact, and the source table's name for `Meta::Table`.
+    Meta(Meta, Bytes),
+}
+
+enum Cond {
+    Equals(String),
+    NotEquals(String),
+    In(Vec<String>),
+    IsNull(bool),
+}
+
+enum MaskWith {
+    Fixed(Bytes),
+    Sha256,
+}
+
+enum RowOp {
+    /// The new row is these columns of the old one, in this order.
+    Select(Vec<usize>),
+    Insert(Insert),
+    Cast { index: usize, from: PgType, to: CastTo, column: String },
+    Filter { index: usize, cond: Cond, ops: Vec<OpName> },
+    Mask { indexes: Vec<usize>, with: MaskWith, ops: Vec<OpName> },
+    Composite { indexes: Vec<usize>, separator: Bytes },
+}
+
+fn op_name(op: Op) -> Option<OpName> {
+    match op {
+        Op::Read => Some(OpName::Read),
+        Op::Insert => Some(OpName::Insert),
+        Op::Update => Some(OpName::Update),
+        Op::Delete => Some(OpName::Delete),
+        Op::Truncate => None,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A chain resolved against one table shape.
+pub struct TableTransform {
+    pub output: Arc<TableSchema>,
+    ops: Vec<RowOp>,
+}
+
+/// Runtime failures (a value the cast cannot convert) carry no step index: the
+/// column names it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("transform of column {column}: {message}")]
+pub struct ApplyError {
+    pub column: String,
+    pub message: String,
+}
+
+impl TableTransform {
+    /// The event in the output shape, or `None` when a filter drops it.
+    pub fn apply(&self, e: &ChangeEvent) -> Result<Option<ChangeEvent>, ApplyError> {
+        if e.op == Op::Truncate {
+            return Ok(Some(ChangeEvent { table: self.output.clone(), ..e.clone() }));
+        }
+        // Filters decide on the row the change leaves (or, for a delete, removes).
+        let (primary_is_after, primary) = match (&e.after, &e.before) {
+            (Some(a), _) => (true, a),
+            (None, Some(b)) => (false, b),
+            (None, None) => return Ok(Some(ChangeEvent { table: self.output.clone(), ..e.clone() })),
+        };
+        let Some(primary) = self.run(primary.clone(), e, true)? else { return Ok(None) };
+        let other = if primary_is_after { e.before.as_ref() } else { None };
+        let other = match other {
+            Some(r) => self.run(r.clone(), e, false)?,
+            None => None,
+        };
+        let (before, after) = if primary_is_after { (other, Some(primary)) } else { (Some(primary), None) };
+        Ok(Some(ChangeEvent { op: e.op, table: self.output.clone(), before, after, position: e.position }))
+    }
+
+    fn run(&self, mut row: Row, e: &ChangeEvent, filters: bool) -> Result<Option<Row>, ApplyError> {
+        let op = op_name(e.op);
+        let applies = |ops: &[OpName]| ops.is_empty() || op.is_some_and(|o| ops.contains(&o));
+        for step in &self.ops {
+            match step {
+                RowOp::Select(keep) => row = keep.iter().map(|&i| row.get(i).cloned().unwrap_or(Datum::Null)).collect(),
+                RowOp::Insert(Insert::Static(v)) => row.push(Datum::Text(v.clone())),
+                RowOp::Insert(Insert::Meta(m, table)) => row.push(match m {
+                    Meta::Lsn => Datum::Text(Bytes::from(lsn_of(e).to_string())),
+                    Meta::CommitTime => Datum::Text(Bytes::from(
+                        Value::TimestampTz(e.position.commit_time_us).to_pg_text().unwrap_or_default(),
+                    )),
+                    Meta::Table => Datum::Text(table.clone()),
+                    Meta::Op => Datum::Text(Bytes::from(e.op.code().to_string())),
+                }),
+                RowOp::Cast { index, from, to, column } => {
+                    if let Some(Datum::Text(t)) = row.get(*index) {
+                        let v = to.apply(from, t).map_err(|message| ApplyError { column: column.clone(), message })?;
+                        row[*index] = Datum::Text(v);
+                    }
+                }
+                RowOp::Filter { index, cond, ops } => {
+                    if filters && applies(ops) {
+                        let text = row.get(*index).and_then(Datum::as_text);
+                        let is = |v: &str| text == Some(v.as_bytes());
+                        let matched = match cond {
+                            Cond::Equals(v) => is(v),
+                            Cond::NotEquals(v) => !is(v),
+                            Cond::In(vs) => vs.iter().any(|v| is(v)),
+                            Cond::IsNull(b) => matches!(row.get(*index), Some(Datum::Null) | None) == *b,
+                        };
+                        if matched {
+                            return Ok(None);
+                        }
+                    }
+                }
+                RowOp::Mask { indexes, with, ops } => {
+                    if applies(ops) {
+                        for &i in indexes {
+                            if let Some(Datum::Text(t)) = row.get(i) {
+                                row[i] = Datum::Text(match with {
+                                    MaskWith::Fixed(r) => r.clone(),
+                                    MaskWith::Sha256 => Bytes::from(hex(&Sha256::digest(t))),
+                                });
+                            }
+                        }
+                    }
+                }
+                RowOp::Composite { indexes, separator } => {
+                    let mut key = Vec::new();
+                    for (n, &i) in indexes.iter().enumerate() {
+                        if n > 0 {
+                            key.extend_from_slice(separator);
+                        }
+                        key.extend_from_slice(row.get(i).and_then(Datum::as_text).unwrap_or_default());
+                    }
+                    row.push(Datum::Text(Bytes::from(key)));
+                }
+            }
+        }
+        Ok(Some(row))
+    }
+}
+
+fn lsn_of(e: &ChangeEvent) -> Lsn {
+    if e.position.lsn > Lsn::ZERO { e.position.lsn } else { e.position.commit_lsn }
+}
+
+#[cfg(test)]
+mod tests;
