@@ -203,6 +203,7 @@ pub struct PostgresSink {
     targets: HashMap<TableName, Target>,
     checkpoint: Checkpoint,
     filter: SnapshotFilter,
+    filter_upstream: bool,
     buf: BytesMut,
 }
 
@@ -242,6 +243,17 @@ fn put_field(buf: &mut BytesMut, d: &Datum) {
     }
 }
 
+/// Appends a row as a COPY text-format line.
+pub(crate) fn put_row(buf: &mut BytesMut, row: &Row) {
+    for (i, d) in row.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b'\t');
+        }
+        put_field(buf, d);
+    }
+    buf.put_u8(b'\n');
+}
+
 impl PostgresSink {
     /// Connects and creates the sink's state tables (`sluice.*`) if missing.
     pub async fn connect(cfg: &PgConnConfig, pipeline: &str, target_schema: Option<String>) -> Result<Self> {
@@ -265,6 +277,7 @@ impl PostgresSink {
             targets: HashMap::new(),
             checkpoint,
             filter,
+            filter_upstream: false,
             buf: BytesMut::with_capacity(1 << 20),
         })
     }
@@ -275,8 +288,18 @@ impl PostgresSink {
 
     /// Re-reads the snapshot chunks after a snapshot ran on other connections.
     pub async fn reload_snapshot_state(&mut self) -> Result<()> {
+        if self.filter_upstream {
+            return Ok(());
+        }
         self.filter = SnapshotFilter::new(load_chunks(&self.client, &self.pipeline).await?);
         Ok(())
+    }
+
+    /// The pipeline drops the changes the snapshot already holds before they reach the
+    /// sink (with transforms, rows no longer carry the source key the chunks are cut by).
+    pub fn filter_upstream(&mut self) {
+        self.filter_upstream = true;
+        self.filter = SnapshotFilter::default();
     }
 
     pub fn target_name(&self, source: &TableName) -> TableName {

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{SinkExt, StreamExt};
-use sluice_core::{quote_ident, Lsn, PgType, Row, TableName, TableSchema};
+use sluice_core::transform::TableTransform;
+use sluice_core::{quote_ident, Lsn, PgType, Row, SourcePosition, TableName, TableSchema};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
@@ -68,10 +69,12 @@ impl RowTarget for CopyIntoState {
 /// Decoded rows handed to a `RowTarget` at a time.
 const DELIVER_ROWS: usize = 4096;
 
-/// A table to snapshot: its source schema and where it goes in the sink.
+/// A table to snapshot: its source schema, where it goes in the sink, and the
+/// pipeline's transforms for it (rows are then decoded, transformed and re-encoded).
 pub struct SnapshotTable {
     pub schema: Arc<TableSchema>,
     pub target: TableName,
+    pub transform: Option<Arc<TableTransform>>,
 }
 
 async fn snapshot_txn(client: &Client, snapshot: &str) -> Result<()> {
@@ -209,19 +212,20 @@ pub async fn run_snapshot<R: RowTarget>(
         let snapshot_name = snapshot_name.clone();
         let pipeline = opts.pipeline.clone();
         let row_target = row_target.clone();
-        let tables: Vec<(Arc<TableSchema>, TableName)> = tables.iter().map(|t| (t.schema.clone(), t.target.clone())).collect();
+        let tables: Vec<(Arc<TableSchema>, TableName, Option<Arc<TableTransform>>)> =
+            tables.iter().map(|t| (t.schema.clone(), t.target.clone(), t.transform.clone())).collect();
         workers.push(tokio::spawn(async move {
             let src = connect(&source, "source").await?;
             snapshot_txn(&src, &snapshot_name).await?;
             let dst = connect(&sink, "sink").await?;
             loop {
                 let Some(chunk) = queue.lock().await.pop() else { break };
-                let Some((schema, target)) = tables.iter().find(|(s, _)| s.name.to_string() == chunk.table) else {
+                let Some((schema, target, transform)) = tables.iter().find(|(s, ..)| s.name.to_string() == chunk.table) else {
                     continue; // a table no longer in the config
                 };
                 match &row_target {
-                    None => copy_chunk(&src, &dst, &pipeline, schema, target, &chunk, consistent, &progress).await?,
-                    Some(r) => deliver_chunk(&src, &dst, r, &pipeline, schema, &chunk, consistent, &progress).await?,
+                    None => copy_chunk(&src, &dst, &pipeline, (schema, transform.as_deref()), target, &chunk, consistent, &progress).await?,
+                    Some(r) => deliver_chunk(&src, &dst, r, &pipeline, (schema, transform.as_deref()), &chunk, consistent, &progress).await?,
                 }
             }
             Ok::<_, PgError>(())
@@ -242,17 +246,34 @@ pub async fn run_snapshot<R: RowTarget>(
     Ok(())
 }
 
+fn transform_rows(transform: Option<&TableTransform>, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<Vec<Row>> {
+    let Some(t) = transform else { return Ok(rows) };
+    let position = SourcePosition { lsn: snapshot_lsn, commit_lsn: snapshot_lsn, xid: 0, commit_time_us: now_us(), seq: 0 };
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let Some(r) = t.apply_read(r, position).map_err(|e| PgError::permanent(format!("snapshot of {}: {e}", t.output.name)))? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn deliver_chunk<R: RowTarget>(
     src: &Client,
     state: &Client,
     target: &R,
     pipeline: &str,
-    schema: &Arc<TableSchema>,
+    (schema, transform): (&Arc<TableSchema>, Option<&TableTransform>),
     chunk: &Chunk,
     consistent: Lsn,
     progress: &SnapshotProgress,
 ) -> Result<()> {
+    let out_schema = transform.map_or(schema, |t| &t.output);
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
     let err = |e| PgError::from_pg(&ctx, e);
@@ -274,7 +295,8 @@ async fn deliver_chunk<R: RowTarget>(
         decoder.feed(&data, ncols, &mut batch)?;
         if batch.len() >= DELIVER_ROWS {
             let n = batch.len() as u64;
-            target.deliver(schema, std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent).await?;
+            let rows = transform_rows(transform, std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent)?;
+            target.deliver(out_schema, rows, consistent).await?;
             progress.rows_copied.fetch_add(n, Ordering::Relaxed);
             total += n;
         }
@@ -282,7 +304,7 @@ async fn deliver_chunk<R: RowTarget>(
     decoder.finish()?;
     if !batch.is_empty() {
         let n = batch.len() as u64;
-        target.deliver(schema, batch, consistent).await?;
+        target.deliver(out_schema, transform_rows(transform, batch, consistent)?, consistent).await?;
         progress.rows_copied.fetch_add(n, Ordering::Relaxed);
         total += n;
     }
@@ -303,7 +325,7 @@ async fn copy_chunk(
     src: &Client,
     dst: &Client,
     pipeline: &str,
-    schema: &TableSchema,
+    (schema, transform): (&Arc<TableSchema>, Option<&TableTransform>),
     target: &TableName,
     chunk: &Chunk,
     consistent: Lsn,
@@ -311,6 +333,10 @@ async fn copy_chunk(
 ) -> Result<()> {
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let cols = cols.join(", ");
+    let out_cols = match transform {
+        Some(t) => t.output.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", "),
+        None => cols.clone(),
+    };
     let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
     let err = |e| PgError::from_pg(&ctx, e);
     dst.batch_execute("BEGIN").await.map_err(err)?;
@@ -318,15 +344,25 @@ async fn copy_chunk(
         .copy_out(&format!("COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT", schema.name.quoted(), chunk_predicate(schema, chunk)))
         .await
         .map_err(err)?;
-    let inp = dst.copy_in(&format!("COPY {} ({cols}) FROM STDIN", target.quoted())).await.map_err(err)?;
+    let inp = dst.copy_in(&format!("COPY {} ({out_cols}) FROM STDIN", target.quoted())).await.map_err(err)?;
     futures::pin_mut!(out);
     futures::pin_mut!(inp);
     // The source sends a message per row; the target takes far fewer, larger ones.
     let mut buf = bytes::BytesMut::with_capacity(COPY_BATCH_BYTES * 2);
+    let (mut decoder, mut rows) = (CopyRowDecoder::default(), Vec::new());
     while let Some(data) = out.next().await {
         let data = data.map_err(err)?;
         progress.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
-        buf.extend_from_slice(&data);
+        match transform {
+            // Transformed rows are decoded, reshaped and encoded again.
+            Some(t) => {
+                decoder.feed(&data, schema.columns.len(), &mut rows)?;
+                for row in transform_rows(Some(t), std::mem::take(&mut rows), consistent)? {
+                    crate::sink::put_row(&mut buf, &row);
+                }
+            }
+            None => buf.extend_from_slice(&data),
+        }
         if buf.len() >= COPY_BATCH_BYTES {
             inp.send(buf.split().freeze()).await.map_err(err)?;
         }

@@ -21,6 +21,9 @@ pub struct PipelineConfig {
     pub snapshot: SnapshotConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Transforms applied to every change, in order, before the sink.
+    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
+    pub transforms: Vec<sluice_core::transform::Step>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +261,7 @@ impl PipelineConfig {
         if let SinkConfig::Kafka(k) = &self.sink {
             k.validate()?;
         }
+        sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
         }

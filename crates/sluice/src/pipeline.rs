@@ -6,6 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
+use std::collections::HashMap;
+
+use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{Destination, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_kafka::{KafkaSink, SinkError};
 use sluice_postgres::{
@@ -25,6 +28,7 @@ pub struct Pipeline {
     /// sink is Postgres, the configured state database otherwise.
     state: PgConnConfig,
     target_schema: Option<String>,
+    chain: Arc<Chain>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     /// Draw a progress bar for the snapshot (interactive terminals).
@@ -34,6 +38,8 @@ pub struct Pipeline {
 /// What the checks found; nothing has been written when this is returned.
 pub struct Checked {
     pub tables: Vec<Arc<TableSchema>>,
+    /// Each table's transforms (its output shape), when the pipeline has any.
+    pub transforms: Vec<Option<Arc<TableTransform>>>,
     pub slot_exists: bool,
     pub publication_missing: Vec<TableName>,
     pub publication_exists: bool,
@@ -68,52 +74,99 @@ fn error_kind(e: &anyhow::Error) -> ErrorKind {
         .unwrap_or(ErrorKind::Permanent)
 }
 
-/// A running sink: where changes go, and how the pipeline's progress is kept.
-enum Sink {
+/// Where changes go.
+enum SinkKind {
     /// Rows, snapshot progress and checkpoint commit together in the target.
     Postgres(PostgresSink),
     /// At least once: the slot's confirmed position is the checkpoint; snapshot
     /// progress lives in the state database.
-    Kafka { sink: KafkaSink, filter: SnapshotFilter, state: Client },
+    Kafka(KafkaSink),
+}
+
+/// A running sink, and what the pipeline does to changes before it.
+struct Sink {
+    kind: SinkKind,
+    /// Drops the changes the snapshot already holds, on source rows (before the
+    /// transforms). The Postgres sink does this itself when there are no transforms.
+    upstream: Option<(SnapshotFilter, Client)>,
+    transformer: Transformer,
 }
 
 impl Sink {
     /// Whether the sink holds changes from an earlier run (then a missing slot means
     /// changes were lost).
     fn has_progress(&self) -> bool {
-        match self {
-            Sink::Postgres(s) => s.checkpoint().end_lsn > Lsn::ZERO,
-            Sink::Kafka { filter, .. } => !filter.is_empty(),
+        match &self.kind {
+            SinkKind::Postgres(s) => s.checkpoint().end_lsn > Lsn::ZERO,
+            SinkKind::Kafka(_) => self.upstream.as_ref().is_some_and(|(f, _)| !f.is_empty()),
         }
     }
 
     /// Where streaming resumes: the sink's checkpoint, or the slot's own position.
     fn resume_lsn(&self) -> Lsn {
-        match self {
-            Sink::Postgres(s) => s.checkpoint().end_lsn,
-            Sink::Kafka { .. } => Lsn::ZERO,
+        match &self.kind {
+            SinkKind::Postgres(s) => s.checkpoint().end_lsn,
+            SinkKind::Kafka(_) => Lsn::ZERO,
         }
     }
 
     async fn reload_snapshot_state(&mut self, pipeline: &str) -> Result<()> {
-        match self {
-            Sink::Postgres(s) => s.reload_snapshot_state().await?,
-            Sink::Kafka { filter, state, .. } => *filter = SnapshotFilter::load(state, pipeline).await?,
+        if let SinkKind::Postgres(s) = &mut self.kind {
+            s.reload_snapshot_state().await?;
+        }
+        if let Some((filter, state)) = &mut self.upstream {
+            *filter = SnapshotFilter::load(state, pipeline).await?;
         }
         Ok(())
     }
 
     async fn apply(&mut self, batch: &mut [Transaction]) -> Result<()> {
-        match self {
-            Sink::Postgres(s) => s.apply(batch).await?,
-            Sink::Kafka { sink, filter, .. } => {
-                if !filter.is_empty() {
-                    for t in batch.iter_mut() {
-                        t.events.retain(|e| !filter.covers_event(e));
-                    }
-                }
-                sink.apply(batch).await?;
+        if let Some((filter, _)) = &self.upstream
+            && !filter.is_empty()
+        {
+            for t in batch.iter_mut() {
+                t.events.retain(|e| !filter.covers_event(e));
             }
+        }
+        self.transformer.apply(batch)?;
+        match &mut self.kind {
+            SinkKind::Postgres(s) => s.apply(batch).await?,
+            SinkKind::Kafka(s) => s.apply(batch).await?,
+        }
+        Ok(())
+    }
+}
+
+/// The pipeline's transform chain, compiled per source table shape as shapes arrive.
+struct Transformer {
+    chain: Arc<Chain>,
+    tables: HashMap<TableName, (Arc<TableSchema>, Arc<TableTransform>)>,
+}
+
+impl Transformer {
+    fn get(&mut self, source: &Arc<TableSchema>) -> Result<Arc<TableTransform>> {
+        if let Some((s, t)) = self.tables.get(&source.name)
+            && (Arc::ptr_eq(s, source) || s.columns == source.columns)
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.chain.compile(source)?);
+        self.tables.insert(source.name.clone(), (source.clone(), t.clone()));
+        Ok(t)
+    }
+
+    fn apply(&mut self, batch: &mut [Transaction]) -> Result<()> {
+        if self.chain.is_empty() {
+            return Ok(());
+        }
+        for t in batch.iter_mut() {
+            let mut out = Vec::with_capacity(t.events.len());
+            for e in t.events.drain(..) {
+                if let Some(e) = self.get(&e.table)?.apply(&e)? {
+                    out.push(e);
+                }
+            }
+            t.events = out;
         }
         Ok(())
     }
@@ -139,7 +192,8 @@ impl Pipeline {
             SinkConfig::Postgres(pg) => (pg.connection(), pg.schema.clone()),
             SinkConfig::Kafka(k) => (k.state.connection(), None),
         };
-        Self { cfg, source, state, target_schema, metrics, shutdown, progress_bar: false }
+        let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
+        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false }
     }
 
     fn stopping(&self) -> bool {
@@ -259,12 +313,16 @@ impl Pipeline {
         if let Some(opts) = self.cfg.kafka_options() {
             drop(KafkaSink::connect(opts).await?);
         }
-        Ok(Checked { tables, slot_exists: slot_info.is_some(), publication_missing, publication_exists: published.is_some() })
+        let mut transforms = Vec::with_capacity(tables.len());
+        for t in &tables {
+            transforms.push(if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(t)?)) });
+        }
+        Ok(Checked { tables, transforms, slot_exists: slot_info.is_some(), publication_missing, publication_exists: published.is_some() })
     }
 
     async fn run_once(&mut self) -> Result<()> {
         let checked = self.check().await?;
-        let mut sink = self.connect_sink(&checked.tables).await?;
+        let mut sink = self.connect_sink(&checked).await?;
         let src = sluice_postgres::connect(&self.source, "source").await?;
         self.setup_publication(&src, &checked).await?;
         let slot = self.cfg.slot_name();
@@ -276,7 +334,7 @@ impl Pipeline {
                      DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the {} and empty the sink",
                     self.cfg.pipeline,
                     self.cfg.pipeline,
-                    if matches!(sink, Sink::Postgres(_)) { "sink" } else { "state database" },
+                    if matches!(sink.kind, SinkKind::Postgres(_)) { "sink" } else { "state database" },
                 )));
             }
             src.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
@@ -285,7 +343,7 @@ impl Pipeline {
             tracing::info!(slot = %slot, "created replication slot");
         }
         if self.cfg.snapshot.enabled {
-            self.snapshot(&sink, &checked.tables).await?;
+            self.snapshot(&sink, &checked).await?;
             sink.reload_snapshot_state(&self.cfg.pipeline).await?;
         }
         if self.stopping() {
@@ -294,29 +352,45 @@ impl Pipeline {
         self.stream(sink, &checked.tables).await
     }
 
-    async fn connect_sink(&self, tables: &[Arc<TableSchema>]) -> Result<Sink> {
-        match self.cfg.kafka_options() {
+    async fn connect_sink(&self, checked: &Checked) -> Result<Sink> {
+        let outputs: Vec<Arc<TableSchema>> = checked
+            .tables
+            .iter()
+            .zip(&checked.transforms)
+            .map(|(t, x)| x.as_ref().map_or_else(|| t.clone(), |x| x.output.clone()))
+            .collect();
+        let transformed = !self.chain.is_empty();
+        let kind = match self.cfg.kafka_options() {
             None => {
                 let mut sink = PostgresSink::connect(&self.state, &self.cfg.pipeline, self.target_schema.clone()).await?;
-                for t in tables {
+                for t in &outputs {
                     sink.prepare_table(t).await?;
                 }
-                Ok(Sink::Postgres(sink))
+                if transformed {
+                    sink.filter_upstream();
+                }
+                SinkKind::Postgres(sink)
             }
             Some(opts) => {
                 let sink = KafkaSink::connect(opts).await?;
-                for t in tables {
+                for t in &outputs {
                     sink.prepare_table(t).await?;
                 }
-                let state = sluice_postgres::connect(&self.state, "state database").await?;
-                state
-                    .batch_execute(sluice_postgres::STATE_DDL)
-                    .await
-                    .map_err(|e| PgError::from_pg("creating sluice state tables in the state database", e))?;
-                let filter = SnapshotFilter::load(&state, &self.cfg.pipeline).await?;
-                Ok(Sink::Kafka { sink, filter, state })
+                SinkKind::Kafka(sink)
             }
-        }
+        };
+        let upstream = if transformed || matches!(kind, SinkKind::Kafka(_)) {
+            let state = sluice_postgres::connect(&self.state, "state database").await?;
+            state
+                .batch_execute(sluice_postgres::STATE_DDL)
+                .await
+                .map_err(|e| PgError::from_pg("creating sluice state tables in the state database", e))?;
+            Some((SnapshotFilter::load(&state, &self.cfg.pipeline).await?, state))
+        } else {
+            None
+        };
+        let transformer = Transformer { chain: self.chain.clone(), tables: HashMap::new() };
+        Ok(Sink { kind, upstream, transformer })
     }
 
     async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
@@ -341,7 +415,7 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn snapshot(&self, sink: &Sink, tables: &[Arc<TableSchema>]) -> Result<()> {
+    async fn snapshot(&self, sink: &Sink, checked: &Checked) -> Result<()> {
         let opts = SnapshotOptions {
             pipeline: self.cfg.pipeline.clone(),
             slot: self.cfg.slot_name(),
@@ -349,11 +423,20 @@ impl Pipeline {
             parallelism: self.cfg.snapshot.parallelism,
             chunk_rows: self.cfg.snapshot.chunk_rows,
         };
-        let target = |n: &TableName| match sink {
-            Sink::Postgres(s) => s.target_name(n),
-            Sink::Kafka { .. } => n.clone(),
+        let target = |n: &TableName| match &sink.kind {
+            SinkKind::Postgres(s) => s.target_name(n),
+            SinkKind::Kafka(_) => n.clone(),
         };
-        let snap: Vec<SnapshotTable> = tables.iter().map(|t| SnapshotTable { schema: t.clone(), target: target(&t.name) }).collect();
+        let snap: Vec<SnapshotTable> = checked
+            .tables
+            .iter()
+            .zip(&checked.transforms)
+            .map(|(t, x)| SnapshotTable {
+                schema: t.clone(),
+                target: target(x.as_ref().map_or(&t.name, |x| &x.output.name)),
+                transform: x.clone(),
+            })
+            .collect();
         let progress = self.metrics.snapshot.clone();
         let started = Instant::now();
         let bar = self.progress_bar.then(|| {
@@ -393,9 +476,9 @@ impl Pipeline {
         let mut shutdown = self.shutdown.clone();
         let r = tokio::select! {
             r = async {
-                match sink {
-                    Sink::Postgres(_) => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
-                    Sink::Kafka { sink, .. } => sluice_postgres::run_snapshot(&self.source, &self.state, Some(KafkaRows(sink.clone())), &opts, &snap, progress.clone()).await,
+                match &sink.kind {
+                    SinkKind::Postgres(_) => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
+                    SinkKind::Kafka(sink) => sluice_postgres::run_snapshot(&self.source, &self.state, Some(KafkaRows(sink.clone())), &opts, &snap, progress.clone()).await,
                 }
             } => r,
             _ = shutdown.changed() => Ok(()),

@@ -352,6 +352,13 @@ impl TableTransform {
         Ok(Some(ChangeEvent { op: e.op, table: self.output.clone(), before, after, position: e.position }))
     }
 
+    /// A row read by the snapshot (op `r`, at `position`) in the output shape, or
+    /// `None` when a filter drops it.
+    pub fn apply_read(&self, row: Row, position: crate::SourcePosition) -> Result<Option<Row>, ApplyError> {
+        let e = ChangeEvent { op: Op::Read, table: self.output.clone(), before: None, after: None, position };
+        self.run(row, &e, true)
+    }
+
     fn run(&self, mut row: Row, e: &ChangeEvent, filters: bool) -> Result<Option<Row>, ApplyError> {
         let op = op_name(e.op);
         let applies = |ops: &[OpName]| ops.is_empty() || op.is_some_and(|o| ops.contains(&o));
