@@ -57,6 +57,12 @@ pub fn envelope_schema(prefix: &str, table: &TableSchema) -> Json {
     })
 }
 
+/// The value schema a table's records are written with: the envelope, or the row
+/// record alone when unwrapped.
+pub fn value_schema(prefix: &str, table: &TableSchema, unwrap: bool) -> Json {
+    if unwrap { sluice_core::avro::value_schema(prefix, table) } else { envelope_schema(prefix, table) }
+}
+
 /// Per-event facts the envelope's `source` block carries besides the row.
 pub struct EventMeta<'a> {
     pub prefix: &'a str,
@@ -74,6 +80,8 @@ pub struct EventEncoder {
     pub(crate) table: Arc<TableSchema>,
     body: Body,
     keys: Vec<usize>,
+    /// Values are the row state (`after`), not the envelope.
+    unwrap: bool,
 }
 
 fn parse(json: &Json, table: &TableSchema) -> Result<Schema, EncodeError> {
@@ -81,22 +89,22 @@ fn parse(json: &Json, table: &TableSchema) -> Result<Schema, EncodeError> {
 }
 
 impl EventEncoder {
-    /// Avro under the registered ids of `key_schema(prefix)` and `envelope_schema(prefix)`.
-    pub fn avro(table: Arc<TableSchema>, prefix: &str, key_id: u32, value_id: u32) -> Result<Self, EncodeError> {
+    /// Avro under the registered ids of `key_schema(prefix)` and [`value_schema`].
+    pub fn avro(table: Arc<TableSchema>, prefix: &str, key_id: u32, value_id: u32, unwrap: bool) -> Result<Self, EncodeError> {
         let key = parse(&sluice_core::avro::key_schema(prefix, &table), &table)?;
-        let value = parse(&envelope_schema(prefix, &table), &table)?;
+        let value = parse(&value_schema(prefix, &table, unwrap), &table)?;
         let body = Body::Avro { key, key_id, value, value_id, key_cols: Columns::new(&table, true), cols: Columns::new(&table, false) };
-        Ok(Self::with(table, body))
+        Ok(Self::with(table, body, unwrap))
     }
 
     /// Schemaless JSON, as Kafka Connect's JsonConverter writes with `schemas.enable=false`.
-    pub fn json(table: Arc<TableSchema>) -> Self {
-        Self::with(table, Body::Json)
+    pub fn json(table: Arc<TableSchema>, unwrap: bool) -> Self {
+        Self::with(table, Body::Json, unwrap)
     }
 
-    fn with(table: Arc<TableSchema>, body: Body) -> Self {
+    fn with(table: Arc<TableSchema>, body: Body, unwrap: bool) -> Self {
         let keys = table.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
-        Self { table, body, keys }
+        Self { table, body, keys, unwrap }
     }
 
     /// Appends the record key of `row` (the table's key columns).
@@ -116,6 +124,17 @@ impl EventEncoder {
     /// Appends the envelope of a change. `snapshot_lsn` is set for rows the initial
     /// snapshot read (op `r`), whose position is the snapshot's.
     pub fn value(&self, e: &ChangeEvent, meta: &EventMeta<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        if self.unwrap {
+            let Some(row) = &e.after else { return Err(EncodeError::Value { column: "(record)".into(), reason: "no row state to write".into() }) };
+            return match &self.body {
+                Body::Avro { value, value_id, cols, .. } => {
+                    header(*value_id, out);
+                    datum(value, cols.record(row)?, out)
+                }
+                Body::Json => serde_json::to_writer(out, &json_record(&self.table, row, None)?)
+                    .map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() }),
+            };
+        }
         let p = &e.position;
         let lsn = if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn };
         let snapshot = if e.op == Op::Read { "true" } else { "false" };
@@ -264,7 +283,7 @@ mod tests {
 
     #[test]
     fn json_envelope_like_debezium() {
-        let enc = EventEncoder::json(table());
+        let enc = EventEncoder::json(table(), false);
         let meta = EventMeta { prefix: "shop", database: "db", now_ms: 9 };
         let mut out = Vec::new();
         let e = event(Op::Update, None, Some(vec![t("1"), Datum::Unchanged, t("\\x0102")]));
@@ -284,7 +303,7 @@ mod tests {
     #[test]
     fn avro_envelope_round_trips() {
         let tbl = table();
-        let enc = EventEncoder::avro(tbl.clone(), "shop", 1, 2).unwrap();
+        let enc = EventEncoder::avro(tbl.clone(), "shop", 1, 2, false).unwrap();
         let meta = EventMeta { prefix: "shop", database: "db", now_ms: 9 };
         let mut out = Vec::new();
         let e = event(Op::Delete, Some(vec![t("1"), Datum::Null, Datum::Null]), None);

@@ -9,7 +9,7 @@ mod registry;
 mod sink;
 
 pub use avro::{AvroEncoder, EncodeError, UNAVAILABLE};
-pub use envelope::{EventEncoder, EventMeta, envelope_schema};
+pub use envelope::{EventEncoder, EventMeta, envelope_schema, value_schema};
 pub use error::SinkError;
 pub use registry::RegistryClient;
 pub use sink::{Encoding, KafkaSink, KafkaSinkOptions, TOPIC_PLACEHOLDERS};

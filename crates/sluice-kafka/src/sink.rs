@@ -19,7 +19,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer a
 use sluice_core::{ChangeEvent, Destination, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
 
-use crate::envelope::{EventEncoder, EventMeta, envelope_schema};
+use crate::envelope::{EventEncoder, EventMeta, value_schema};
 use crate::error::{Result, SinkError};
 use crate::registry::RegistryClient;
 
@@ -53,6 +53,9 @@ pub struct KafkaSinkOptions {
     pub tombstones: bool,
     /// librdkafka properties that override the defaults (security, tuning).
     pub properties: Vec<(String, String)>,
+    /// Write row states instead of change envelopes (the `unwrap` transform): a
+    /// delete becomes a tombstone, a truncate is not written.
+    pub unwrap: bool,
 }
 
 pub const TOPIC_PLACEHOLDERS: [&str; 3] = ["{prefix}", "{schema}", "{table}"];
@@ -188,11 +191,11 @@ impl KafkaSink {
             (Encoding::Avro { context, .. }, Some(registry)) => {
                 let ctx = context.as_deref().map(|c| format!(":.{c}:")).unwrap_or_default();
                 let key_id = registry.register(&format!("{ctx}{topic}-key"), &sluice_core::avro::key_schema(&opts.prefix, schema)).await?;
-                let value_id = registry.register(&format!("{ctx}{topic}-value"), &envelope_schema(&opts.prefix, schema)).await?;
+                let value_id = registry.register(&format!("{ctx}{topic}-value"), &value_schema(&opts.prefix, schema, opts.unwrap)).await?;
                 tracing::info!(table = %schema.name, topic = %topic, key_id, value_id, "schemas registered");
-                EventEncoder::avro(schema.clone(), &opts.prefix, key_id, value_id).map_err(|e| encode_err(&schema.name, e))?
+                EventEncoder::avro(schema.clone(), &opts.prefix, key_id, value_id, opts.unwrap).map_err(|e| encode_err(&schema.name, e))?
             }
-            _ => EventEncoder::json(schema.clone()),
+            _ => EventEncoder::json(schema.clone(), opts.unwrap),
         };
         let out = Arc::new(TableOut { topic, enc });
         tables.insert(schema.name.clone(), out.clone());
@@ -220,6 +223,11 @@ impl KafkaSink {
             key.clear();
             value.clear();
             match (e.op, &e.before, &e.after) {
+                (Op::Truncate, ..) if opts.unwrap => {}
+                (Op::Delete, Some(old), _) if opts.unwrap => {
+                    out.enc.key(old, &mut key).map_err(|x| encode_err(name, x))?;
+                    self.send(&out.topic, Some(&key), None, &mut pending).await?;
+                }
                 (Op::Truncate, ..) => {
                     out.enc.value(e, &meta, &mut value).map_err(|x| encode_err(name, x))?;
                     self.send(&out.topic, None, Some(&value), &mut pending).await?;
@@ -237,7 +245,9 @@ impl KafkaSink {
                     if let (Op::Update, Some(old)) = (e.op, before) {
                         old_key.clear();
                         out.enc.key(old, &mut old_key).map_err(|x| encode_err(name, x))?;
-                        if old_key != key {
+                        if old_key != key && opts.unwrap {
+                            self.send(&out.topic, Some(&old_key), None, &mut pending).await?;
+                        } else if old_key != key {
                             // A key change is a delete under the old key and a create
                             // under the new one, as Debezium emits it: each key's
                             // history stays in its own partition.

@@ -262,6 +262,11 @@ impl PipelineConfig {
             k.validate()?;
         }
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
+        if let (SinkConfig::Postgres(_), Some(i)) =
+            (&self.sink, self.transforms.iter().position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_))))
+        {
+            return Err(format!("transforms[{i}] (unwrap): the postgres sink writes rows, not change envelopes; remove the step"));
+        }
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
         }
@@ -288,6 +293,7 @@ impl PipelineConfig {
             replication_factor: k.replication_factor,
             tombstones: k.tombstones,
             properties: k.properties.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            unwrap: self.transforms.iter().any(|s| matches!(s, sluice_core::transform::Step::Unwrap(_))),
         })
     }
 

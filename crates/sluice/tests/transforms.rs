@@ -129,6 +129,8 @@ async fn bad_chains_are_refused_before_anything_is_written() {
         ("transforms:\n  - cast: {fields: {email: int}}\n  - mask: {fields: [id], hash: sha256}\n", "transforms[1] (mask): column \"id\" is part of the key"),
         ("transforms:\n  - composite_key: {fields: [org, status], name: k}\n", "REPLICA IDENTITY FULL"),
         ("transforms:\n  - filtr: {field: status, equals: x}\n", "unknown variant `filtr`"),
+        ("transforms:\n  - unwrap: {}\n", "transforms[0] (unwrap): the postgres sink writes rows"),
+        ("transforms:\n  - timestamp_converter: {fields: {note: unix_ms}}\n", "transforms[0] (timestamp_converter): column \"note\" (text): text is not a timestamp"),
     ];
     for (chain, want) in cases {
         let cfg = env.config(&["orders"], chain);
@@ -141,4 +143,37 @@ async fn bad_chains_are_refused_before_anything_is_written() {
     let slots: i64 = env.src().await.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
     assert_eq!(slots, 0);
     assert!(try_digest(&env.dst().await, "sales.orders_v2", "1").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unwrap_writes_row_states_and_tombstones() {
+    let env = Env::new("xform_unwrap").await;
+    let (_broker, brokers) = spawn_broker(&env.dir).await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE ev (id int8 PRIMARY KEY, at timestamptz, n int4);
+         INSERT INTO ev VALUES (1, '2024-01-01 00:00:01.5+00', 1), (2, NULL, 2);",
+    )
+    .await
+    .unwrap();
+    let chain = "transforms:\n  - timestamp_converter: {fields: {at: unix_ms}}\n  - unwrap: {}\n";
+    let cfg = env.kafka_config(&["ev"], &brokers, "    encoding: json\n    topic: \"u.{table}\"\n", chain);
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
+    src.batch_execute("UPDATE ev SET n = 20 WHERE id = 2; DELETE FROM ev WHERE id = 1; UPDATE ev SET id = 3 WHERE id = 2;").await.unwrap();
+    let recs = consume("json", &brokers, "", &["u.ev".to_string()], 6);
+    let got: Vec<_> = recs.iter().map(|r| (r["key"]["id"].clone(), r["value"].clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!(1), json!({"id": 1, "at": 1_704_067_201_500i64, "n": 1})),
+            (json!(2), json!({"id": 2, "at": null, "n": 2})),
+            (json!(2), json!({"id": 2, "at": null, "n": 20})),
+            (json!(1), serde_json::Value::Null),
+            (json!(2), serde_json::Value::Null),
+            (json!(3), json!({"id": 3, "at": null, "n": 20})),
+        ],
+        "row states, a tombstone per delete and per key change"
+    );
+    assert_eq!(p.terminate(), Some(0));
 }

@@ -13,6 +13,14 @@ pub(crate) enum CastTo {
     Float,
     Bool,
     Decimal { precision: u32, scale: u32 },
+    /// From timestamps and dates (`timestamp_converter`).
+    UnixMs,
+    Iso8601,
+    DateOnly,
+}
+
+fn time_source(t: &PgType) -> bool {
+    matches!(t, PgType::Timestamp | PgType::TimestampTz | PgType::Date)
 }
 
 fn numeric_source(t: &PgType) -> bool {
@@ -43,6 +51,9 @@ impl CastTo {
 
     /// Whether values of `from` can become this type.
     pub(crate) fn check(&self, from: &PgType) -> Result<(), String> {
+        if matches!(self, CastTo::UnixMs | CastTo::Iso8601 | CastTo::DateOnly) {
+            return if time_source(from) { Ok(()) } else { Err(format!("{} is not a timestamp or a date", from.name())) };
+        }
         if *self == CastTo::Text || numeric_source(from) {
             Ok(())
         } else {
@@ -58,6 +69,9 @@ impl CastTo {
             CastTo::Float => ("double precision".into(), PgType::Float8, 701),
             CastTo::Bool => ("boolean".into(), PgType::Bool, 16),
             CastTo::Decimal { precision, scale } => (format!("numeric({precision},{scale})"), PgType::Numeric, 1700),
+            CastTo::UnixMs => ("bigint".into(), PgType::Int8, 20),
+            CastTo::Iso8601 => ("text".into(), PgType::Text, 25),
+            CastTo::DateOnly => ("date".into(), PgType::Date, 1082),
         }
     }
 
@@ -75,7 +89,23 @@ impl CastTo {
                 _ => s.parse::<f64>().map_err(|_| bad()),
             }
         };
+        let micros = || -> Result<i64, String> {
+            let v = crate::Value::parse(from, s).map_err(|e| e.to_string())?;
+            let us = match v {
+                crate::Value::Timestamp(t) | crate::Value::TimestampTz(t) => t,
+                crate::Value::Date(d) if d != i32::MAX && d != i32::MIN => i64::from(d) * 86_400_000_000,
+                _ => return Err(bad()),
+            };
+            if us == i64::MAX || us == i64::MIN { Err(format!("{s} has no {self:?} form")) } else { Ok(us) }
+        };
         let out = match self {
+            CastTo::UnixMs => micros()?.div_euclid(1000).to_string(),
+            CastTo::Iso8601 => {
+                let tz = *from == PgType::TimestampTz;
+                let text = crate::Value::Timestamp(micros()?).to_pg_text().unwrap_or_default().replacen(' ', "T", 1);
+                if tz { format!("{text}Z") } else { text }
+            }
+            CastTo::DateOnly => crate::Value::Date(micros()?.div_euclid(86_400_000_000) as i32).to_pg_text().unwrap_or_default(),
             CastTo::Text => s.to_string(),
             CastTo::Int => match from {
                 PgType::Int2 | PgType::Int4 | PgType::Int8 => s.to_string(),
@@ -181,6 +211,13 @@ mod tests {
         assert_eq!(cast("decimal(5,2)", PgType::Int4, "12").unwrap(), "12.00");
         assert!(cast("decimal(3,2)", PgType::Int4, "12").is_err(), "does not fit");
         assert_eq!(cast("string", PgType::Date, "2024-01-01").unwrap(), "2024-01-01");
+        let ts = |to: CastTo, from: PgType, v: &str| String::from_utf8(to.apply(&from, v.as_bytes()).unwrap().to_vec()).unwrap();
+        assert_eq!(ts(CastTo::UnixMs, PgType::TimestampTz, "1970-01-01 00:00:01.5+00"), "1500");
+        assert_eq!(ts(CastTo::UnixMs, PgType::Date, "1969-12-31"), "-86400000");
+        assert_eq!(ts(CastTo::Iso8601, PgType::TimestampTz, "2024-02-29 10:11:12.25+00"), "2024-02-29T10:11:12.25Z");
+        assert_eq!(ts(CastTo::DateOnly, PgType::Timestamp, "2024-02-29 23:59:59"), "2024-02-29");
+        assert!(CastTo::UnixMs.apply(&PgType::TimestampTz, b"infinity").is_err());
+        assert!(CastTo::UnixMs.check(&PgType::Text).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::{ChangeEvent, ColumnSchema, Datum, Lsn, Op, PgType, ReplicaIdentity, Row, TableName, TableSchema, Value};
 use cast::CastTo;
 pub use spec::Step;
-use spec::{Meta, OpName};
+use spec::{Meta, OpName, TsFormat};
 
 /// A step that cannot apply: which step (its index in `transforms` and its kind) and
 /// what to change.
@@ -39,6 +39,7 @@ struct Prepared {
 /// A validated transform chain.
 pub struct Chain {
     steps: Vec<Prepared>,
+    unwrap: bool,
 }
 
 fn glob(pattern: &str, text: &str) -> bool {
@@ -67,7 +68,9 @@ impl Chain {
     /// Checks what can be checked without a table: exclusive options, regexes, cast
     /// types, guards.
     pub fn new(steps: Vec<Step>) -> Result<Self, TransformError> {
-        let mut out = Vec::with_capacity(steps.len());
+        let n = steps.len();
+        let unwrap = steps.iter().any(|s| matches!(s, Step::Unwrap(_)));
+        let mut out = Vec::with_capacity(n);
         for (index, step) in steps.into_iter().enumerate() {
             let err = |message: String| TransformError { index, kind: step.kind(), message };
             let (mut regex, mut casts) = (None, Vec::new());
@@ -78,6 +81,19 @@ impl Chain {
                 return Err(err("when.ops: only filter and mask can depend on the operation (the others change the table's shape, which must be the same for every event)".into()));
             }
             match &step {
+                Step::Unwrap(_) if index + 1 != n => {
+                    return Err(err("must be the last step (it changes what the sink writes, not the row)".into()));
+                }
+                Step::TimestampConverter(s) => {
+                    for (col, f) in &s.fields {
+                        let to = match f {
+                            TsFormat::UnixMs => CastTo::UnixMs,
+                            TsFormat::Iso8601 => CastTo::Iso8601,
+                            TsFormat::Date => CastTo::DateOnly,
+                        };
+                        casts.push((col.clone(), to));
+                    }
+                }
                 Step::InsertField(s) if s.value.is_some() == s.source.is_some() => {
                     return Err(err(format!("field {:?}: give exactly one of value or source", s.name)));
                 }
@@ -103,11 +119,17 @@ impl Chain {
             }
             out.push(Prepared { index, step, regex, casts });
         }
-        Ok(Self { steps: out })
+        Ok(Self { steps: out, unwrap })
     }
 
+    /// No step changes rows (an `unwrap` alone changes only what the sink writes).
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.steps.iter().all(|p| matches!(p.step, Step::Unwrap(_)))
+    }
+
+    /// Whether the sink should write row states instead of change envelopes.
+    pub fn unwraps(&self) -> bool {
+        self.unwrap
     }
 
     /// Resolves the chain against one shape of a source table.
@@ -182,7 +204,8 @@ impl Chain {
                         (None, None) => unreachable!("checked by Chain::new"),
                     }));
                 }
-                Step::Cast(_) => {
+                Step::Unwrap(_) => {}
+                Step::Cast(_) | Step::TimestampConverter(_) => {
                     for (col, to) in &p.casts {
                         let i = find(&schema, col)?;
                         let c = &mut schema.columns[i];

@@ -27,7 +27,31 @@ pub enum Step {
     Route(Route),
     /// Make the key one column: the key fields joined by a separator.
     CompositeKey(CompositeKey),
+    /// Timestamps and dates as epoch milliseconds, ISO 8601 text or a date.
+    TimestampConverter(TimestampConverter),
+    /// Records carry the new row state instead of the change envelope (Debezium's
+    /// ExtractNewRecordState); a delete is a tombstone. Sinks with an envelope only.
+    Unwrap(Unwrap),
 }
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TsFormat {
+    UnixMs,
+    Iso8601,
+    Date,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestampConverter {
+    pub fields: BTreeMap<String, TsFormat>,
+    pub when: Option<When>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unwrap {}
 
 /// Which events a step applies to. Table patterns match the source `schema.table`
 /// with `*` and `?`; `ops` only for steps that keep the table's shape (filter, mask).
@@ -158,6 +182,8 @@ impl Step {
             Step::Mask(_) => "mask",
             Step::Route(_) => "route",
             Step::CompositeKey(_) => "composite_key",
+            Step::TimestampConverter(_) => "timestamp_converter",
+            Step::Unwrap(_) => "unwrap",
         }
     }
 
@@ -171,6 +197,8 @@ impl Step {
             Step::Mask(s) => s.when.as_ref(),
             Step::Route(s) => s.when.as_ref(),
             Step::CompositeKey(s) => s.when.as_ref(),
+            Step::TimestampConverter(s) => s.when.as_ref(),
+            Step::Unwrap(_) => None,
         }
     }
 }

@@ -138,6 +138,8 @@ fn validation_names_the_step_and_the_fix() {
         ("- composite_key: {fields: [id, status], name: k}", "REPLICA IDENTITY FULL"),
         ("- composite_key: {fields: [], name: k}", "at least one column"),
         ("- drop_fields: {fields: [status], when: {ops: [insert]}}", "only filter and mask"),
+        ("- unwrap: {}\n- drop_fields: {fields: [status]}", "transforms[0] (unwrap): must be the last step"),
+        ("- timestamp_converter: {fields: {status: unix_ms}}", "not a timestamp or a date"),
     ];
     for (yaml, want) in cases {
         let err = chain(yaml).and_then(|c| c.compile(&orders()).map(|_| ())).unwrap_err();
