@@ -15,6 +15,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use sluice_core::{ChangeEvent, Destination, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
@@ -56,6 +57,8 @@ pub struct KafkaSinkOptions {
     /// Write row states instead of change envelopes (the `unwrap` transform): a
     /// delete becomes a tombstone, a truncate is not written.
     pub unwrap: bool,
+    /// Headers on every record (the `insert_header` transform).
+    pub headers: Vec<(String, String)>,
 }
 
 pub const TOPIC_PLACEHOLDERS: [&str; 3] = ["{prefix}", "{schema}", "{table}"];
@@ -103,6 +106,7 @@ struct Inner {
     opts: KafkaSinkOptions,
     producer: FutureProducer,
     registry: Option<RegistryClient>,
+    headers: Option<OwnedHeaders>,
     /// The encoder of each table's current shape; held across registration so one
     /// shape is registered once.
     tables: Mutex<HashMap<TableName, Arc<TableOut>>>,
@@ -145,7 +149,12 @@ impl KafkaSink {
             Encoding::Avro { registry_url, .. } => Some(RegistryClient::new(registry_url)?),
             Encoding::Json => None,
         };
-        Ok(Self { inner: Arc::new(Inner { opts, producer, registry, tables: Mutex::new(HashMap::new()) }) })
+        let headers = (!opts.headers.is_empty()).then(|| {
+            opts.headers.iter().fold(OwnedHeaders::new_with_capacity(opts.headers.len()), |h, (k, v)| {
+                h.insert(Header { key: k, value: Some(v.as_bytes()) })
+            })
+        });
+        Ok(Self { inner: Arc::new(Inner { opts, producer, registry, headers, tables: Mutex::new(HashMap::new()) }) })
     }
 
     pub fn options(&self) -> &KafkaSinkOptions {
@@ -281,6 +290,9 @@ impl KafkaSink {
     async fn send(&self, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>, pending: &mut VecDeque<DeliveryFuture>) -> Result<()> {
         loop {
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(h) = &self.inner.headers {
+                rec = rec.headers(h.clone());
+            }
             if let Some(k) = key {
                 rec = rec.key(k);
             }

@@ -262,10 +262,14 @@ impl PipelineConfig {
             k.validate()?;
         }
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
-        if let (SinkConfig::Postgres(_), Some(i)) =
-            (&self.sink, self.transforms.iter().position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_))))
-        {
-            return Err(format!("transforms[{i}] (unwrap): the postgres sink writes rows, not change envelopes; remove the step"));
+        if let (SinkConfig::Postgres(_), Some(i)) = (
+            &self.sink,
+            self.transforms.iter().position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_) | sluice_core::transform::Step::InsertHeader(_))),
+        ) {
+            return Err(format!(
+                "transforms[{i}] ({}): the postgres sink writes rows, without change envelopes or record headers; remove the step",
+                self.transforms[i].kind()
+            ));
         }
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
@@ -294,6 +298,14 @@ impl PipelineConfig {
             tombstones: k.tombstones,
             properties: k.properties.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
             unwrap: self.transforms.iter().any(|s| matches!(s, sluice_core::transform::Step::Unwrap(_))),
+            headers: self
+                .transforms
+                .iter()
+                .filter_map(|s| match s {
+                    sluice_core::transform::Step::InsertHeader(h) => Some((h.name.clone(), h.value.clone())),
+                    _ => None,
+                })
+                .collect(),
         })
     }
 

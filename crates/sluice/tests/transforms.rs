@@ -129,7 +129,7 @@ async fn bad_chains_are_refused_before_anything_is_written() {
         ("transforms:\n  - cast: {fields: {email: int}}\n  - mask: {fields: [id], hash: sha256}\n", "transforms[1] (mask): column \"id\" is part of the key"),
         ("transforms:\n  - composite_key: {fields: [org, status], name: k}\n", "REPLICA IDENTITY FULL"),
         ("transforms:\n  - filtr: {field: status, equals: x}\n", "unknown variant `filtr`"),
-        ("transforms:\n  - unwrap: {}\n", "transforms[0] (unwrap): the postgres sink writes rows"),
+        ("transforms:\n  - unwrap: {}\n", "transforms[0] (unwrap): the postgres sink writes rows, without change envelopes"),
         ("transforms:\n  - timestamp_converter: {fields: {note: unix_ms}}\n", "transforms[0] (timestamp_converter): column \"note\" (text): text is not a timestamp"),
     ];
     for (chain, want) in cases {
@@ -156,7 +156,7 @@ async fn unwrap_writes_row_states_and_tombstones() {
     )
     .await
     .unwrap();
-    let chain = "transforms:\n  - timestamp_converter: {fields: {at: unix_ms}}\n  - unwrap: {}\n";
+    let chain = "transforms:\n  - timestamp_converter: {fields: {at: unix_ms}}\n  - insert_header: {name: team, value: sales}\n  - unwrap: {}\n";
     let cfg = env.kafka_config(&["ev"], &brokers, "    encoding: json\n    topic: \"u.{table}\"\n", chain);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
@@ -175,5 +175,6 @@ async fn unwrap_writes_row_states_and_tombstones() {
         ],
         "row states, a tombstone per delete and per key change"
     );
+    assert!(recs.iter().all(|r| r["headers"] == json!({"team": "sales"})), "insert_header on every record: {recs:#?}");
     assert_eq!(p.terminate(), Some(0));
 }

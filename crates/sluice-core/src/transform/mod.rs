@@ -40,6 +40,7 @@ struct Prepared {
 pub struct Chain {
     steps: Vec<Prepared>,
     unwrap: bool,
+    headers: Vec<(String, String)>,
 }
 
 fn glob(pattern: &str, text: &str) -> bool {
@@ -70,6 +71,13 @@ impl Chain {
     pub fn new(steps: Vec<Step>) -> Result<Self, TransformError> {
         let n = steps.len();
         let unwrap = steps.iter().any(|s| matches!(s, Step::Unwrap(_)));
+        let headers = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::InsertHeader(h) => Some((h.name.clone(), h.value.clone())),
+                _ => None,
+            })
+            .collect();
         let mut out = Vec::with_capacity(n);
         for (index, step) in steps.into_iter().enumerate() {
             let err = |message: String| TransformError { index, kind: step.kind(), message };
@@ -84,6 +92,12 @@ impl Chain {
                 Step::Unwrap(_) if index + 1 != n => {
                     return Err(err("must be the last step (it changes what the sink writes, not the row)".into()));
                 }
+                Step::Flatten(s) => {
+                    for (key, ty) in &s.keys {
+                        casts.push((key.clone(), CastTo::parse(ty).map_err(|m| err(format!("key {key:?}: {m}")))?));
+                    }
+                }
+                Step::InsertHeader(h) if h.name.is_empty() => return Err(err("name: must not be empty".into())),
                 Step::TimestampConverter(s) => {
                     for (col, f) in &s.fields {
                         let to = match f {
@@ -119,12 +133,18 @@ impl Chain {
             }
             out.push(Prepared { index, step, regex, casts });
         }
-        Ok(Self { steps: out, unwrap })
+        Ok(Self { steps: out, unwrap, headers })
     }
 
-    /// No step changes rows (an `unwrap` alone changes only what the sink writes).
+    /// No step changes rows (`unwrap` and `insert_header` change only what the sink
+    /// writes around them).
     pub fn is_empty(&self) -> bool {
-        self.steps.iter().all(|p| matches!(p.step, Step::Unwrap(_)))
+        self.steps.iter().all(|p| matches!(p.step, Step::Unwrap(_) | Step::InsertHeader(_)))
+    }
+
+    /// Headers every Kafka record carries.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
     }
 
     /// Whether the sink should write row states instead of change envelopes.
@@ -204,7 +224,45 @@ impl Chain {
                         (None, None) => unreachable!("checked by Chain::new"),
                     }));
                 }
-                Step::Unwrap(_) => {}
+                Step::Unwrap(_) | Step::InsertHeader(_) => {}
+                Step::ValueToKey(s) => {
+                    let mut idx = Vec::new();
+                    for f in &s.fields {
+                        let i = find(&schema, f)?;
+                        if !schema.columns[i].is_key && !full {
+                            return Err(err(format!(
+                                "column {f:?} is not in the primary key of {}: a delete carries only the key; use key columns, \
+                                 or set REPLICA IDENTITY FULL on the table",
+                                source.name
+                            )));
+                        }
+                        idx.push(i);
+                    }
+                    for (i, c) in schema.columns.iter_mut().enumerate() {
+                        c.is_key = idx.contains(&i);
+                        c.nullable &= !c.is_key;
+                    }
+                }
+                Step::Flatten(s) => {
+                    let i = find(&schema, &s.field)?;
+                    if !matches!(schema.columns[i].pg_type, PgType::Json | PgType::Jsonb) {
+                        return Err(err(format!("column {:?} is {}, not json or jsonb", s.field, schema.columns[i].type_name)));
+                    }
+                    let mut keys = Vec::new();
+                    for (key, to) in &p.casts {
+                        let name = format!("{}{}{key}", s.field, s.separator);
+                        taken(&schema, &name)?;
+                        let (type_name, pg_type, oid) = to.target();
+                        schema.columns.push(column(&name, &type_name, pg_type.clone(), oid));
+                        keys.push((key.clone(), pg_type, to.clone()));
+                    }
+                    ops.push(RowOp::Flatten { index: i, keys, column: s.field.clone() });
+                    if s.drop {
+                        let keep: Vec<usize> = (0..schema.columns.len()).filter(|&k| k != i).collect();
+                        schema.columns.remove(i);
+                        ops.push(RowOp::Select(keep));
+                    }
+                }
                 Step::Cast(_) | Step::TimestampConverter(_) => {
                     for (col, to) in &p.casts {
                         let i = find(&schema, col)?;
@@ -322,6 +380,8 @@ enum RowOp {
     Filter { index: usize, cond: Cond, ops: Vec<OpName> },
     Mask { indexes: Vec<usize>, with: MaskWith, ops: Vec<OpName> },
     Composite { indexes: Vec<usize>, separator: Bytes },
+    /// Appends one column per key of the json column, in the key's type.
+    Flatten { index: usize, keys: Vec<(String, PgType, CastTo)>, column: String },
 }
 
 fn op_name(op: Op) -> Option<OpName> {
@@ -428,6 +488,32 @@ impl TableTransform {
                                 });
                             }
                         }
+                    }
+                }
+                RowOp::Flatten { index, keys, column } => {
+                    let doc: Option<serde_json::Value> = match row.get(*index) {
+                        Some(Datum::Text(t)) => Some(serde_json::from_slice(t).map_err(|e| ApplyError { column: column.clone(), message: format!("not json: {e}") })?),
+                        _ => None,
+                    };
+                    for (key, ty, to) in keys {
+                        let v = doc.as_ref().and_then(|d| d.get(key)).filter(|v| !v.is_null());
+                        row.push(match v {
+                            None => Datum::Null,
+                            Some(v) => {
+                                let text = match v {
+                                    serde_json::Value::String(s) => s.clone(),
+                                    serde_json::Value::Bool(b) => if *b { "t" } else { "f" }.to_string(),
+                                    other => other.to_string(),
+                                };
+                                let from = if matches!(v, serde_json::Value::Bool(_)) { PgType::Bool } else { PgType::Text };
+                                let out = if *ty == PgType::Text && !matches!(v, serde_json::Value::String(_)) {
+                                    Bytes::from(text)
+                                } else {
+                                    to.apply(&from, text.as_bytes()).map_err(|message| ApplyError { column: format!("{column}.{key}"), message })?
+                                };
+                                Datum::Text(out)
+                            }
+                        });
                     }
                 }
                 RowOp::Composite { indexes, separator } => {

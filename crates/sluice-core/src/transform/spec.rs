@@ -27,11 +27,43 @@ pub enum Step {
     Route(Route),
     /// Make the key one column: the key fields joined by a separator.
     CompositeKey(CompositeKey),
+    /// Make these columns the key (Kafka Connect's ValueToKey).
+    ValueToKey(FieldList),
+    /// Lift keys of a json/jsonb column into columns `<field><separator><key>`.
+    Flatten(Flatten),
+    /// A fixed header on every Kafka record.
+    InsertHeader(InsertHeader),
     /// Timestamps and dates as epoch milliseconds, ISO 8601 text or a date.
     TimestampConverter(TimestampConverter),
     /// Records carry the new row state instead of the change envelope (Debezium's
     /// ExtractNewRecordState); a delete is a tombstone. Sinks with an envelope only.
     Unwrap(Unwrap),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flatten {
+    pub field: String,
+    /// The keys to lift and their types (`string`, `int`, `float`, `bool`): a table's
+    /// columns are fixed, a json value's keys are not.
+    pub keys: BTreeMap<String, String>,
+    #[serde(default = "default_flatten_separator")]
+    pub separator: String,
+    /// Drop the json column once flattened.
+    #[serde(default)]
+    pub drop: bool,
+    pub when: Option<When>,
+}
+
+fn default_flatten_separator() -> String {
+    "_".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsertHeader {
+    pub name: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -183,6 +215,9 @@ impl Step {
             Step::Route(_) => "route",
             Step::CompositeKey(_) => "composite_key",
             Step::TimestampConverter(_) => "timestamp_converter",
+            Step::ValueToKey(_) => "value_to_key",
+            Step::Flatten(_) => "flatten",
+            Step::InsertHeader(_) => "insert_header",
             Step::Unwrap(_) => "unwrap",
         }
     }
@@ -190,7 +225,9 @@ impl Step {
     pub fn when(&self) -> Option<&When> {
         match self {
             Step::RenameFields(s) => s.when.as_ref(),
-            Step::DropFields(s) | Step::KeepFields(s) => s.when.as_ref(),
+            Step::DropFields(s) | Step::KeepFields(s) | Step::ValueToKey(s) => s.when.as_ref(),
+            Step::Flatten(s) => s.when.as_ref(),
+            Step::InsertHeader(_) => None,
             Step::InsertField(s) => s.when.as_ref(),
             Step::Cast(s) => s.when.as_ref(),
             Step::Filter(s) => s.when.as_ref(),

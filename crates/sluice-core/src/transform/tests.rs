@@ -150,6 +150,38 @@ fn validation_names_the_step_and_the_fix() {
 }
 
 #[test]
+fn value_to_key_flatten_and_headers() {
+    let mut t = orders();
+    t.columns[5].name = "attrs".into();
+    let c = chain(
+        r#"
+- flatten: {field: attrs, keys: {color: string, size: int, ok: bool}, drop: true}
+- value_to_key: {fields: [id]}
+- insert_header: {name: team, value: sales}
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.headers(), [("team".to_string(), "sales".to_string())]);
+    let tt = c.compile(&t).unwrap();
+    assert_eq!(names(&tt.output), ["org", "id", "status", "price", "email", "attrs_color", "attrs_ok", "attrs_size"]);
+    assert_eq!(tt.output.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect::<Vec<_>>(), ["id"]);
+    let mut r = row();
+    r[5] = t_(r#"{"color": "red", "size": 3.0, "ok": true, "other": 1}"#);
+    let after = tt.apply(&event(Op::Insert, None, Some(r))).unwrap().unwrap().after.unwrap();
+    assert_eq!(after[5..], [t_("red"), t_("t"), t_("3")]);
+    let mut r = row();
+    r[5] = t_("{}");
+    let after = tt.apply(&event(Op::Insert, None, Some(r))).unwrap().unwrap().after.unwrap();
+    assert_eq!(after[5..], [Datum::Null, Datum::Null, Datum::Null], "missing keys are NULL");
+    assert!(chain("- flatten: {field: status, keys: {a: string}}").unwrap().compile(&t).is_err(), "only json columns");
+    assert!(chain("- value_to_key: {fields: [status]}").unwrap().compile(&t).err().unwrap().message.contains("REPLICA IDENTITY FULL"));
+}
+
+fn t_(s: &str) -> Datum {
+    t(s)
+}
+
+#[test]
 fn runtime_cast_failures_name_the_column() {
     let c = chain("- cast: {fields: {status: int}}").unwrap();
     let err = c.compile(&orders()).unwrap().apply(&event(Op::Insert, None, Some(row()))).unwrap_err();

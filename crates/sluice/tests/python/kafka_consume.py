@@ -32,8 +32,10 @@ def plain(v):
     return v
 
 
-def emit(topic, partition, offset, key, value):
-    print(json.dumps({"topic": topic, "partition": partition, "offset": offset, "key": plain(key), "value": plain(value)}, sort_keys=True))
+def emit(topic, partition, offset, key, value, headers):
+    headers = {k: v.decode() if v is not None else None for k, v in (headers or [])}
+    print(json.dumps({"topic": topic, "partition": partition, "offset": offset, "key": plain(key), "value": plain(value),
+                      "headers": headers}, sort_keys=True))
 
 
 seen, deadline, last = 0, time.time() + 90, time.time()
@@ -61,7 +63,7 @@ if mode == "avro":
         if m.error():
             print("consumer error: %s" % m.error(), file=sys.stderr)
             continue
-        emit(m.topic(), m.partition(), m.offset(), m.key(), m.value())
+        emit(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers())
         seen, last = seen + 1, time.time()
     c.close()
 else:
@@ -80,7 +82,7 @@ else:
             got = True
             key = json.loads(m.key) if m.key is not None else None
             value = json.loads(m.value) if m.value is not None else None
-            emit(m.topic, m.partition, m.offset, key, value)
+            emit(m.topic, m.partition, m.offset, key, value, m.headers)
             seen, last = seen + 1, time.time()
         if not got and seen >= want and time.time() - last > 3:
             break
