@@ -5,8 +5,9 @@ use bytes::Bytes;
 use crate::{Lsn, TableSchema};
 
 /// One column of a row image, in the source's text encoding.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Datum {
+    #[default]
     Null,
     /// A TOASTed value the update did not touch: Postgres does not resend it, so the
     /// sink must keep the value it already has. Never written as a value.

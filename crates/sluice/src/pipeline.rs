@@ -162,7 +162,7 @@ impl Transformer {
         for t in batch.iter_mut() {
             let mut out = Vec::with_capacity(t.events.len());
             for e in t.events.drain(..) {
-                if let Some(e) = self.get(&e.table)?.apply(&e)? {
+                if let Some(e) = self.get(&e.table)?.apply_owned(e)? {
                     out.push(e);
                 }
             }

@@ -416,23 +416,34 @@ pub struct ApplyError {
 impl TableTransform {
     /// The event in the output shape, or `None` when a filter drops it.
     pub fn apply(&self, e: &ChangeEvent) -> Result<Option<ChangeEvent>, ApplyError> {
-        if e.op == Op::Truncate {
-            return Ok(Some(ChangeEvent { table: self.output.clone(), ..e.clone() }));
+        self.apply_owned(e.clone())
+    }
+
+    /// As [`apply`](Self::apply), reusing the event's rows.
+    pub fn apply_owned(&self, mut e: ChangeEvent) -> Result<Option<ChangeEvent>, ApplyError> {
+        if e.op == Op::Truncate || (e.after.is_none() && e.before.is_none()) {
+            e.table = self.output.clone();
+            return Ok(Some(e));
         }
         // Filters decide on the row the change leaves (or, for a delete, removes).
-        let (primary_is_after, primary) = match (&e.after, &e.before) {
-            (Some(a), _) => (true, a),
-            (None, Some(b)) => (false, b),
-            (None, None) => return Ok(Some(ChangeEvent { table: self.output.clone(), ..e.clone() })),
-        };
-        let Some(primary) = self.run(primary.clone(), e, true)? else { return Ok(None) };
-        let other = if primary_is_after { e.before.as_ref() } else { None };
-        let other = match other {
-            Some(r) => self.run(r.clone(), e, false)?,
-            None => None,
-        };
-        let (before, after) = if primary_is_after { (other, Some(primary)) } else { (Some(primary), None) };
-        Ok(Some(ChangeEvent { op: e.op, table: self.output.clone(), before, after, position: e.position }))
+        let (after, before) = (e.after.take(), e.before.take());
+        match after {
+            Some(a) => {
+                let Some(a) = self.run(a, &e, true)? else { return Ok(None) };
+                e.before = match before {
+                    Some(b) => self.run(b, &e, false)?,
+                    None => None,
+                };
+                e.after = Some(a);
+            }
+            None => {
+                let b = before.expect("checked above");
+                let Some(b) = self.run(b, &e, true)? else { return Ok(None) };
+                e.before = Some(b);
+            }
+        }
+        e.table = self.output.clone();
+        Ok(Some(e))
     }
 
     /// A row read by the snapshot (op `r`, at `position`) in the output shape, or
@@ -447,7 +458,10 @@ impl TableTransform {
         let applies = |ops: &[OpName]| ops.is_empty() || op.is_some_and(|o| ops.contains(&o));
         for step in &self.ops {
             match step {
-                RowOp::Select(keep) => row = keep.iter().map(|&i| row.get(i).cloned().unwrap_or(Datum::Null)).collect(),
+                RowOp::Select(keep) => {
+                    let mut old = std::mem::take(&mut row);
+                    row = keep.iter().map(|&i| old.get_mut(i).map_or(Datum::Null, std::mem::take)).collect();
+                }
                 RowOp::Insert(Insert::Static(v)) => row.push(Datum::Text(v.clone())),
                 RowOp::Insert(Insert::Meta(m, table)) => row.push(match m {
                     Meta::Lsn => Datum::Text(Bytes::from(lsn_of(e).to_string())),
