@@ -16,6 +16,7 @@ const CHAIN: &str = r#"transforms:
   - cast: {fields: {price: "decimal(10,2)"}}
   - mask: {fields: [email], replacement: "***"}
   - insert_field: {name: region, value: eu, when: {tables: ["public.ord*"]}}
+  - compute: {name: doubled, expr: "price * 2", type: "decimal(12,2)"}
   - composite_key: {fields: [org, id], separator: "-", name: order_key}
   - route: {regex: "^public\\.(.*)$", replacement: "sales.${1}_v2"}
 "#;
@@ -23,7 +24,7 @@ const CHAIN: &str = r#"transforms:
 /// What the chain makes of the source table, computed by Postgres itself.
 const EXPECTED: &str = "(SELECT org, id, status, round(price, 2)::numeric(10,2) AS price,
     CASE WHEN email IS NULL THEN NULL ELSE '***' END AS email, note AS comment, 'eu'::text AS region,
-    org || '-' || id AS order_key FROM orders WHERE status IS DISTINCT FROM 'draft')";
+    (round(price, 2) * 2)::numeric(12,2) AS doubled, org || '-' || id AS order_key FROM orders WHERE status IS DISTINCT FROM 'draft')";
 
 async fn setup(env: &Env) -> tokio_postgres::Client {
     let src = env.src().await;

@@ -7,6 +7,7 @@
 //! applying it to an event does no name lookups.
 
 mod cast;
+mod expr;
 pub mod spec;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ struct Prepared {
     step: Step,
     regex: Option<regex::Regex>,
     casts: Vec<(String, CastTo)>,
+    expr: Option<Arc<expr::Expr>>,
 }
 
 /// A validated transform chain.
@@ -81,7 +83,7 @@ impl Chain {
         let mut out = Vec::with_capacity(n);
         for (index, step) in steps.into_iter().enumerate() {
             let err = |message: String| TransformError { index, kind: step.kind(), message };
-            let (mut regex, mut casts) = (None, Vec::new());
+            let (mut regex, mut casts, mut parsed) = (None, Vec::new(), None);
             if let Some(w) = step.when()
                 && !w.ops.is_empty()
                 && !matches!(step, Step::Filter(_) | Step::Mask(_))
@@ -96,6 +98,20 @@ impl Chain {
                     for (key, ty) in &s.keys {
                         casts.push((key.clone(), CastTo::parse(ty).map_err(|m| err(format!("key {key:?}: {m}")))?));
                     }
+                }
+                Step::Compute(c) => {
+                    casts.push((c.name.clone(), CastTo::parse(&c.ty).map_err(|m| err(format!("type: {m}")))?));
+                    let e = expr::Expr::parse(&c.expr).map_err(err)?;
+                    let unknown: Vec<String> = e
+                        .node
+                        .iter_function_identifiers()
+                        .filter(|f| !expr::is_sluice_function(f) && evalexpr_builtin(f).is_none())
+                        .map(str::to_string)
+                        .collect();
+                    if !unknown.is_empty() {
+                        return Err(err(format!("expr {:?}: unknown function {}", c.expr, unknown.join(", "))));
+                    }
+                    parsed = Some(Arc::new(e));
                 }
                 Step::InsertHeader(h) if h.name.is_empty() => return Err(err("name: must not be empty".into())),
                 Step::TimestampConverter(s) => {
@@ -131,7 +147,7 @@ impl Chain {
                 Step::CompositeKey(s) if s.fields.is_empty() => return Err(err("fields: list at least one column".into())),
                 _ => {}
             }
-            out.push(Prepared { index, step, regex, casts });
+            out.push(Prepared { index, step, regex, casts, expr: parsed });
         }
         Ok(Self { steps: out, unwrap, headers })
     }
@@ -225,6 +241,19 @@ impl Chain {
                     }));
                 }
                 Step::Unwrap(_) | Step::InsertHeader(_) => {}
+                Step::Compute(c) => {
+                    taken(&schema, &c.name)?;
+                    let e = p.expr.clone().expect("parsed by Chain::new");
+                    let mut vars = Vec::new();
+                    for v in e.variables() {
+                        let i = find(&schema, &v)?;
+                        vars.push((v, i, schema.columns[i].pg_type.clone()));
+                    }
+                    let to = p.casts[0].1.clone();
+                    let (type_name, pg_type, oid) = to.target();
+                    schema.columns.push(column(&c.name, &type_name, pg_type, oid));
+                    ops.push(RowOp::Compute { expr: e, vars, to, column: c.name.clone() });
+                }
                 Step::ValueToKey(s) => {
                     let mut idx = Vec::new();
                     for f in &s.fields {
@@ -380,8 +409,21 @@ enum RowOp {
     Filter { index: usize, cond: Cond, ops: Vec<OpName> },
     Mask { indexes: Vec<usize>, with: MaskWith, ops: Vec<OpName> },
     Composite { indexes: Vec<usize>, separator: Bytes },
+    /// Appends the expression's value, converted to the declared type.
+    Compute { expr: Arc<expr::Expr>, vars: expr::Vars, to: CastTo, column: String },
     /// Appends one column per key of the json column, in the key's type.
     Flatten { index: usize, keys: Vec<(String, PgType, CastTo)>, column: String },
+}
+
+/// Whether evalexpr knows `name` as a built-in function (tried on an empty argument:
+/// an unknown function is the only error that says so).
+fn evalexpr_builtin(name: &str) -> Option<()> {
+    let probe = format!("{name}(1)");
+    match evalexpr::eval(&probe) {
+        Err(e) if e.to_string().contains(name) && e.to_string().contains("not found") => None,
+        Err(evalexpr::EvalexprError::FunctionIdentifierNotFound(_)) => None,
+        _ => Some(()),
+    }
 }
 
 fn op_name(op: Op) -> Option<OpName> {
@@ -503,6 +545,14 @@ impl TableTransform {
                             }
                         }
                     }
+                }
+                RowOp::Compute { expr, vars, to, column } => {
+                    let fail = |message: String| ApplyError { column: column.clone(), message };
+                    let v = match expr.eval(vars, &row).map_err(fail)? {
+                        None => Datum::Null,
+                        Some(s) => Datum::Text(to.apply(&PgType::Text, s.as_bytes()).map_err(fail)?),
+                    };
+                    row.push(v);
                 }
                 RowOp::Flatten { index, keys, column } => {
                     let doc: Option<serde_json::Value> = match row.get(*index) {

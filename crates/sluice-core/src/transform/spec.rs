@@ -27,6 +27,8 @@ pub enum Step {
     Route(Route),
     /// Make the key one column: the key fields joined by a separator.
     CompositeKey(CompositeKey),
+    /// A column computed from the row by an expression.
+    Compute(Compute),
     /// Make these columns the key (Kafka Connect's ValueToKey).
     ValueToKey(FieldList),
     /// Lift keys of a json/jsonb column into columns `<field><separator><key>`.
@@ -38,6 +40,17 @@ pub enum Step {
     /// Records carry the new row state instead of the change envelope (Debezium's
     /// ExtractNewRecordState); a delete is a tombstone. Sinks with an envelope only.
     Unwrap(Unwrap),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compute {
+    pub name: String,
+    pub expr: String,
+    /// `string`, `int`, `float`, `bool` or `decimal(p,s)`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub when: Option<When>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +229,7 @@ impl Step {
             Step::CompositeKey(_) => "composite_key",
             Step::TimestampConverter(_) => "timestamp_converter",
             Step::ValueToKey(_) => "value_to_key",
+            Step::Compute(_) => "compute",
             Step::Flatten(_) => "flatten",
             Step::InsertHeader(_) => "insert_header",
             Step::Unwrap(_) => "unwrap",
@@ -227,6 +241,7 @@ impl Step {
             Step::RenameFields(s) => s.when.as_ref(),
             Step::DropFields(s) | Step::KeepFields(s) | Step::ValueToKey(s) => s.when.as_ref(),
             Step::Flatten(s) => s.when.as_ref(),
+            Step::Compute(s) => s.when.as_ref(),
             Step::InsertHeader(_) => None,
             Step::InsertField(s) => s.when.as_ref(),
             Step::Cast(s) => s.when.as_ref(),

@@ -182,6 +182,44 @@ fn t_(s: &str) -> Datum {
 }
 
 #[test]
+fn compute_columns_from_expressions() {
+    let mut t = orders();
+    t.columns.push(col("at", PgType::TimestampTz, "timestamp with time zone", false));
+    let c = chain(
+        r#"
+- compute: {name: total, expr: "price * 2 + org", type: "decimal(10,2)"}
+- compute: {name: label, expr: "if(status == \"paid\", str::to_uppercase(status), \"other\") + \"-\" + str::from(id)", type: string}
+- compute: {name: digest, expr: "sha256(email)", type: string}
+- compute: {name: yr, expr: "year(at) * 100 + month(at)", type: int}
+- compute: {name: none, expr: "email", type: string}
+"#,
+    )
+    .unwrap();
+    let tt = c.compile(&t).unwrap();
+    let mut r = row();
+    r.push(t_("2024-02-29 23:00:00+00"));
+    let after = tt.apply(&event(Op::Insert, None, Some(r))).unwrap().unwrap().after.unwrap();
+    assert_eq!(after[7], t_("27.91"));
+    assert_eq!(after[8], t_("PAID-42"));
+    assert_eq!(after[9].as_text().unwrap().len(), 64);
+    assert_eq!(after[10], t_("202402"));
+    let mut r = row();
+    r[4] = Datum::Null;
+    r.push(Datum::Null);
+    let after = tt.apply(&event(Op::Insert, None, Some(r))).unwrap().unwrap().after.unwrap();
+    assert_eq!(after[11], Datum::Null, "NULL in, NULL out");
+    for (yaml, want) in [
+        ("- compute: {name: x, expr: \"nope + 1\", type: int}", "column \"nope\" is not in"),
+        ("- compute: {name: x, expr: \"frobnicate(id)\", type: int}", "unknown function frobnicate"),
+        ("- compute: {name: x, expr: \"(1 + 2\", type: int}", "expr"),
+        ("- compute: {name: x, expr: \"1\", type: integer}", "type: unknown type"),
+    ] {
+        let err = chain(yaml).and_then(|c| c.compile(&t).map(|_| ())).err();
+        assert!(err.as_ref().is_some_and(|e| e.to_string().contains(want)), "{yaml}: {err:?}");
+    }
+}
+
+#[test]
 fn runtime_cast_failures_name_the_column() {
     let c = chain("- cast: {fields: {status: int}}").unwrap();
     let err = c.compile(&orders()).unwrap().apply(&event(Op::Insert, None, Some(row()))).unwrap_err();
