@@ -53,11 +53,20 @@ impl RegistryClient {
             StatusCode::CONFLICT => {
                 let reasons = self.reasons(subject, schema).await.unwrap_or_default();
                 let detail = if reasons.is_empty() { reply["message"].as_str().unwrap_or("incompatible").to_string() } else { reasons.join("; ") };
+                let mode = self.get(&format!("/config/{}?defaultToGlobal=true", encode_subject(subject))).await;
+                let mode = mode["compatibilityLevel"].as_str().unwrap_or("its compatibility mode").to_string();
+                let latest = self.get(&format!("/subjects/{}/versions/latest", encode_subject(subject))).await;
+                let columns = latest["schema"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<Json>(s).ok())
+                    .map(|old| column_changes(&old, schema))
+                    .filter(|c| !c.is_empty())
+                    .map_or_else(String::new, |c| format!("{}; ", c.join("; ")));
                 Err(SinkError::new(
                     ErrorKind::Halted,
                     format!(
-                        "schema registry rejected the new schema of subject {subject} as incompatible: {detail}. \
-                         Revert the source change, or change the subject's compatibility (PUT /config/{subject}); \
+                        "schema registry rejected the new schema of subject {subject} under {mode}: {columns}registry says: \
+                         {detail}. Revert the source change, or change the subject's compatibility (PUT /config/{subject}); \
                          the pipeline resumes by itself"
                     ),
                 ))
@@ -80,6 +89,14 @@ impl RegistryClient {
         Ok(reply["messages"].as_array().map(|m| m.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default())
     }
 
+    /// A GET whose failure only loses detail for a message: `Null` then.
+    async fn get(&self, path: &str) -> Json {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Json::Null),
+            _ => Json::Null,
+        }
+    }
+
     async fn post(&self, url: &str, body: &Json) -> Result<reqwest::Response> {
         self.http
             .post(url)
@@ -91,8 +108,62 @@ impl RegistryClient {
     }
 }
 
+/// The row record's fields (name → type) in a value schema: the envelope's `before`
+/// record, or the schema itself when it is the row record (unwrapped).
+fn row_fields(schema: &Json) -> Vec<(String, Json)> {
+    let record = schema["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "before"))
+        .and_then(|b| b["type"].as_array())
+        .and_then(|u| u.iter().find(|t| t.is_object()))
+        .unwrap_or(schema);
+    record["fields"]
+        .as_array()
+        .map(|fs| fs.iter().filter_map(|f| Some((f["name"].as_str()?.to_string(), f["type"].clone()))).collect())
+        .unwrap_or_default()
+}
+
+fn type_name(t: &Json) -> String {
+    match t {
+        Json::Array(u) => u.iter().filter(|x| *x != "null").map(type_name).collect::<Vec<_>>().join("|"),
+        Json::Object(o) => o.get("logicalType").or_else(|| o.get("type")).map_or_else(|| t.to_string(), type_name),
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The columns whose Avro form differs between the registered and the new schema.
+fn column_changes(old: &Json, new: &Json) -> Vec<String> {
+    let (old, new) = (row_fields(old), row_fields(new));
+    let mut out = Vec::new();
+    for (name, t) in &new {
+        match old.iter().find(|(n, _)| n == name) {
+            Some((_, o)) if o != t => out.push(format!("column {name} changed from {} to {}", type_name(o), type_name(t))),
+            None => out.push(format!("column {name} was added")),
+            _ => {}
+        }
+    }
+    for (name, _) in old.iter().filter(|(n, _)| !new.iter().any(|(m, _)| m == n)) {
+        out.push(format!("column {name} was removed"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn names_the_changed_columns() {
+        let table = |n: &str| {
+            let row = json!({"type": "record", "name": "Value", "fields": [
+                {"name": "id", "type": "long"}, {"name": "n", "type": ["null", n], "default": null}]});
+            json!({"type": "record", "name": "Envelope", "fields": [{"name": "before", "type": ["null", row]}]})
+        };
+        assert_eq!(super::column_changes(&table("long"), &table("int")), ["column n changed from long to int"]);
+        assert!(super::column_changes(&table("long"), &table("long")).is_empty());
+    }
+
     #[test]
     fn subjects_with_contexts_are_escaped() {
         assert_eq!(super::encode_subject(":.team-a:shop.public.items-value"), "%3A.team-a%3Ashop.public.items-value");
