@@ -163,6 +163,17 @@ fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()
     Ok(())
 }
 
+/// One transaction inserting ids `after + 1 ..= after + n` with `payload`-byte payloads.
+async fn insert_rows(s: &Client, after: u64, n: u64, payload: usize) -> Result<()> {
+    s.batch_execute(&format!(
+        "INSERT INTO bench SELECT g, rpad(md5(g::text), {payload}, 'x') FROM generate_series({}, {}) g",
+        after + 1,
+        after + n
+    ))
+    .await?;
+    Ok(())
+}
+
 /// Writes `rows` rows of about `row_bytes` into `bench`, `per_txn` rows a transaction;
 /// returns the WAL position after the last commit.
 async fn write_rows(s: &Client, rows: u64, row_bytes: usize, per_txn: u64) -> Result<String> {
@@ -171,12 +182,7 @@ async fn write_rows(s: &Client, rows: u64, row_bytes: usize, per_txn: u64) -> Re
     let mut id = 0u64;
     while id < rows {
         let n = per_txn.min(rows - id);
-        s.batch_execute(&format!(
-            "INSERT INTO bench SELECT g, rpad(md5(g::text), {payload}, 'x') FROM generate_series({}, {}) g",
-            id + 1,
-            id + n
-        ))
-        .await?;
+        insert_rows(s, id, n, payload).await?;
         id += n;
     }
     Ok(s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0))
@@ -189,12 +195,7 @@ async fn steady_load(s: &Client, first_id: u64, rate: u64, seconds: u64) -> Resu
     let start = Instant::now();
     let (mut id, mut tick) = (first_id, 0u64);
     while start.elapsed() < Duration::from_secs(seconds) {
-        s.batch_execute(&format!(
-            "INSERT INTO bench SELECT g, rpad(md5(g::text), 168, 'x') FROM generate_series({}, {}) g",
-            id + 1,
-            id + per_tick
-        ))
-        .await?;
+        insert_rows(s, id, per_tick, 168).await?;
         id += per_tick;
         tick += 1;
         tokio::time::sleep_until((start + Duration::from_millis(10 * tick)).into()).await;

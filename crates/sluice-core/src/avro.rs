@@ -57,6 +57,11 @@ fn avro_type(t: &PgType, type_name: &str) -> Json {
 /// Every column outside the key is optional, NOT NULL ones too: a delete's before
 /// image under the default replica identity carries only the key, and a column's
 /// NOT NULL can be dropped later without breaking readers.
+/// Whether the column's Avro type is a string or bytes (a uuid's logical string is not).
+pub fn is_textual(t: &PgType, type_name: &str) -> bool {
+    matches!(avro_type(t, type_name).as_str(), Some("string" | "bytes"))
+}
+
 fn field(c: &ColumnSchema) -> Json {
     let t = avro_type(&c.pg_type, &c.type_name);
     if !c.is_key {

@@ -45,19 +45,7 @@ impl Columns {
                 .filter(|(_, c)| !keys_only || c.is_key)
                 .map(|(index, c)| {
                     let scale = sluice_core::avro::precision_scale(&c.type_name).map(|(_, s)| s);
-                    let textual = matches!(
-                        c.pg_type,
-                        PgType::Text
-                            | PgType::Json
-                            | PgType::Jsonb
-                            | PgType::Enum
-                            | PgType::TimeTz
-                            | PgType::Interval
-                            | PgType::Inet
-                            | PgType::Cidr
-                            | PgType::Other
-                            | PgType::Bytea
-                    ) || (c.pg_type == PgType::Numeric && scale.is_none());
+                    let textual = sluice_core::avro::is_textual(&c.pg_type, &c.type_name);
                     Col {
                         index,
                         name: sluice_core::avro::avro_name(&c.name),

@@ -70,7 +70,6 @@ macro_rules! connection {
 }
 connection!(SourceConfig);
 connection!(PostgresSinkConfig);
-connection!(StateConfig);
 
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
@@ -116,20 +115,8 @@ pub struct KafkaSinkConfig {
     /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
-    /// The Postgres database that keeps the pipeline's snapshot progress.
-    pub state: StateConfig,
-}
-
-/// A Postgres database for the pipeline's own state (schema `sluice`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StateConfig {
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    pub user: String,
-    pub password: SecretString,
-    pub database: String,
+    /// The Postgres database that keeps the pipeline's snapshot progress (schema `sluice`).
+    pub state: PgConnConfig,
 }
 
 fn default_topic() -> String {

@@ -190,7 +190,7 @@ impl Pipeline {
         let source = cfg.source.connection();
         let (state, target_schema) = match &cfg.sink {
             SinkConfig::Postgres(pg) => (pg.connection(), pg.schema.clone()),
-            SinkConfig::Kafka(k) => (k.state.connection(), None),
+            SinkConfig::Kafka(k) => (k.state.clone(), None),
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false }
@@ -389,7 +389,14 @@ impl Pipeline {
         } else {
             None
         };
-        let transformer = Transformer { chain: self.chain.clone(), tables: HashMap::new() };
+        // The shapes compiled by the checks serve until a table changes shape.
+        let tables = checked
+            .tables
+            .iter()
+            .zip(&checked.transforms)
+            .filter_map(|(t, x)| Some((t.name.clone(), (t.clone(), x.clone()?))))
+            .collect();
+        let transformer = Transformer { chain: self.chain.clone(), tables };
         Ok(Sink { kind, upstream, transformer })
     }
 

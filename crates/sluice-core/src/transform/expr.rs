@@ -84,17 +84,7 @@ struct RowContext<'a> {
 
 fn date_part(arg: &E, part: &str) -> EResult {
     let E::Int(us) = arg else { return Err(EvalexprError::CustomMessage(format!("{part}() takes a timestamp or date column"))) };
-    let days = us.div_euclid(86_400_000_000);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::value::civil_from_days(us.div_euclid(86_400_000_000));
     Ok(E::Int(match part {
         "year" => y,
         "month" => m,
