@@ -74,6 +74,9 @@ enum Command {
     /// The built-in Confluent-compatible schema registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// The built-in Elasticsearch-compatible search service.
+    #[command(subcommand)]
+    Search(SearchCommand),
     /// Vet schema migrations before they run.
     #[command(subcommand)]
     Migrations(MigrationsCommand),
@@ -108,6 +111,27 @@ enum RegistryCommand {
         /// keep the password out of the process list.
         #[arg(long, env = "SLUICE_REGISTRY_DATABASE", hide_env_values = true)]
         database: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SearchCommand {
+    /// Serve an Elasticsearch-compatible HTTP API (indices, mappings, _bulk, _doc,
+    /// _search with bool/term/match/range/nested queries, sorting, aggregations).
+    ///
+    /// Existing clients work unchanged (opensearch-py, elasticsearch-py 7, curl): point
+    /// them at http://ADDR. An acknowledged write is on disk (translog, fsync) before the
+    /// answer and searchable within the index's refresh interval (default 100ms).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:9200")]
+        addr: std::net::SocketAddr,
+        /// Directory holding the indices (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// Default refresh interval of new indices (`settings.index.refresh_interval`
+        /// overrides it per index).
+        #[arg(long, default_value = "100ms", value_parser = humantime_parse)]
+        refresh_interval: std::time::Duration,
     },
 }
 
@@ -238,6 +262,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logs(&cli.log, false);
             let store = open_registry(&database).await?;
             serve(addr, sluice_registry::router(store), "schema registry").await
+        }
+        Command::Search(SearchCommand::Serve { addr, data, refresh_interval }) => {
+            init_logs(&cli.log, false);
+            let svc = sluice_search::SearchService::open(&data, refresh_interval)
+                .map_err(|e| anyhow::anyhow!("cannot open the search data directory {}: {e}", data.display()))?;
+            let _refresher = svc.spawn_refresher();
+            serve(addr, sluice_search::router(svc), "search service").await
         }
         Command::Server { addr, source, registry_database } => {
             init_logs(&cli.log, false);

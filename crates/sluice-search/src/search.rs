@@ -1,0 +1,564 @@
+//! `_search` and `_count`: query, sort, pagination (`from`/`size`, `search_after`),
+//! `_source` filtering, total hits and aggregations (tantivy's, which follow
+//! Elasticsearch's request and response shapes).
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tantivy::aggregation::agg_req::{Aggregation, AggregationVariants, Aggregations};
+use tantivy::aggregation::bucket::{FilterAggregation, QueryBuilder};
+use tantivy::aggregation::{AggContextParams, AggregationCollector, AggregationLimitsGuard};
+use tantivy::collector::{Collector, Count, SegmentCollector, TopDocs};
+use tantivy::columnar::{DynamicColumn, StrColumn};
+use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
+use tantivy::schema::{IndexRecordOption, Schema, Value as _};
+use tantivy::tokenizer::TokenizerManager;
+use tantivy::{DocAddress, DocId, Score, SegmentOrdinal, SegmentReader, TantivyDocument, Term};
+
+use crate::error::{EsError, EsResult};
+use crate::index::{KIND_ROOT, SearchIndex, fields};
+use crate::mapping::{Kind, Mapping};
+use crate::query::{QueryCtx, build};
+
+const MAX_RESULT_WINDOW: usize = 10_000;
+
+#[derive(Clone, Debug)]
+enum SortBy {
+    Score,
+    Doc,
+    Num { column: String, integer: bool },
+    Str { column: String },
+}
+
+#[derive(Clone, Debug)]
+struct SortSpec {
+    by: SortBy,
+    desc: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+enum SortVal {
+    Missing,
+    Num(f64),
+    Str(String),
+}
+
+impl SortVal {
+    fn to_json(&self, by: &SortBy) -> Value {
+        match (self, by) {
+            (SortVal::Missing, _) => Value::Null,
+            (SortVal::Num(n), SortBy::Num { integer: true, .. } | SortBy::Doc) => json!(*n as i64),
+            (SortVal::Num(n), _) => json!(n),
+            (SortVal::Str(s), _) => json!(s),
+        }
+    }
+}
+
+fn cmp_key(specs: &[SortSpec], a: &[SortVal], b: &[SortVal]) -> Ordering {
+    for (i, spec) in specs.iter().enumerate() {
+        let ord = match (&a[i], &b[i]) {
+            // Missing values sort last in either direction, as in Elasticsearch.
+            (SortVal::Missing, SortVal::Missing) => Ordering::Equal,
+            (SortVal::Missing, _) => return Ordering::Greater,
+            (_, SortVal::Missing) => return Ordering::Less,
+            (x, y) => {
+                let o = x.partial_cmp(y).unwrap_or(Ordering::Equal);
+                if spec.desc { o.reverse() } else { o }
+            }
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    Ordering::Equal
+}
+
+fn parse_sort(mapping: &Mapping, v: &Value) -> EsResult<Vec<SortSpec>> {
+    let items: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        v => vec![v],
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let (field, order) = match item {
+            Value::String(s) => (s.clone(), None),
+            Value::Object(o) if o.len() == 1 => {
+                let (k, v) = o.iter().next().expect("one entry");
+                let order = match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(spec) => spec.get("order").and_then(Value::as_str).map(str::to_owned),
+                    _ => return Err(EsError::parsing(format!("[sort] malformed for field [{k}]"))),
+                };
+                (k.clone(), order)
+            }
+            other => return Err(EsError::parsing(format!("[sort] malformed: {other}"))),
+        };
+        let by = match field.as_str() {
+            "_score" => SortBy::Score,
+            "_doc" => SortBy::Doc,
+            f => match mapping.resolve(f) {
+                Some(r) if r.field.kind == Kind::Keyword => SortBy::Str { column: format!("_kw.{f}") },
+                Some(r) if r.field.kind.is_numeric() => SortBy::Num { column: format!("_kw.{f}"), integer: r.field.kind.is_integer() || r.field.kind == Kind::Date },
+                Some(r) if r.field.kind == Kind::Boolean => SortBy::Num { column: format!("_kw.{f}"), integer: true },
+                Some(r) if r.field.kind == Kind::Text => {
+                    return Err(EsError::illegal(format!(
+                        "Text fields are not optimised for operations that require per-document field data like aggregations and sorting, so these operations are disabled by default. Please use a keyword field instead. Alternatively, set fielddata=true on [{f}] in order to load field data by uninverting the inverted index. Note that this can use significant memory."
+                    )));
+                }
+                _ => return Err(EsError::bad_request("query_shard_exception", format!("No mapping found for [{f}] in order to sort on"))),
+            },
+        };
+        let desc = match order.as_deref() {
+            None => matches!(by, SortBy::Score),
+            Some("asc") => false,
+            Some("desc") => true,
+            Some(o) => return Err(EsError::illegal(format!("Unknown SortOrder [{o}]"))),
+        };
+        out.push(SortSpec { by, desc });
+    }
+    Ok(out)
+}
+
+struct SortCollector {
+    specs: Vec<SortSpec>,
+    after: Option<Vec<SortVal>>,
+    keep: usize,
+}
+
+enum Col {
+    None,
+    Num(Vec<DynamicColumn>),
+    Str(Option<StrColumn>),
+}
+
+struct SortSegment {
+    specs: Vec<SortSpec>,
+    after: Option<Vec<SortVal>>,
+    keep: usize,
+    cols: Vec<Col>,
+    segment: SegmentOrdinal,
+    hits: Vec<(Vec<SortVal>, DocAddress)>,
+}
+
+type Hit = (Vec<SortVal>, DocAddress);
+
+fn top(specs: &[SortSpec], hits: &mut Vec<Hit>, keep: usize) {
+    hits.sort_by(|a, b| cmp_key(specs, &a.0, &b.0).then(a.1.cmp(&b.1)));
+    hits.truncate(keep);
+}
+
+impl Collector for SortCollector {
+    type Fruit = Vec<Hit>;
+    type Child = SortSegment;
+    fn for_segment(&self, segment: SegmentOrdinal, reader: &SegmentReader) -> tantivy::Result<SortSegment> {
+        let ff = reader.fast_fields();
+        let mut cols = Vec::new();
+        for s in &self.specs {
+            cols.push(match &s.by {
+                SortBy::Score | SortBy::Doc => Col::None,
+                SortBy::Num { column, .. } => {
+                    let mut v = Vec::new();
+                    for h in ff.dynamic_column_handles(column)? {
+                        v.push(h.open()?);
+                    }
+                    Col::Num(v)
+                }
+                SortBy::Str { column } => Col::Str(ff.str(column)?),
+            });
+        }
+        Ok(SortSegment { specs: self.specs.clone(), after: self.after.clone(), keep: self.keep, cols, segment, hits: Vec::new() })
+    }
+    fn requires_scoring(&self) -> bool {
+        self.specs.iter().any(|s| matches!(s.by, SortBy::Score))
+    }
+    fn merge_fruits(&self, fruits: Vec<Vec<Hit>>) -> tantivy::Result<Vec<Hit>> {
+        let mut all: Vec<Hit> = fruits.into_iter().flatten().collect();
+        top(&self.specs, &mut all, self.keep);
+        Ok(all)
+    }
+}
+
+impl SegmentCollector for SortSegment {
+    type Fruit = Vec<Hit>;
+    fn collect(&mut self, doc: DocId, score: Score) {
+        let mut key = Vec::with_capacity(self.specs.len());
+        for (spec, col) in self.specs.iter().zip(&self.cols) {
+            key.push(match (&spec.by, col) {
+                (SortBy::Score, _) => SortVal::Num(score as f64),
+                (SortBy::Doc, _) => SortVal::Num(((self.segment as u64) << 32 | doc as u64) as f64),
+                (_, Col::Num(cols)) => {
+                    // Multi-valued fields sort by their smallest value ascending, largest descending.
+                    let mut best: Option<f64> = None;
+                    for c in cols {
+                        let vals: Vec<f64> = match c {
+                            DynamicColumn::I64(c) => c.values_for_doc(doc).map(|v| v as f64).collect(),
+                            DynamicColumn::U64(c) => c.values_for_doc(doc).map(|v| v as f64).collect(),
+                            DynamicColumn::F64(c) => c.values_for_doc(doc).collect(),
+                            DynamicColumn::Bool(c) => c.values_for_doc(doc).map(|v| if v { 1.0 } else { 0.0 }).collect(),
+                            _ => Vec::new(),
+                        };
+                        for v in vals {
+                            best = Some(match best {
+                                None => v,
+                                Some(b) if spec.desc => b.max(v),
+                                Some(b) => b.min(v),
+                            });
+                        }
+                    }
+                    best.map_or(SortVal::Missing, SortVal::Num)
+                }
+                (_, Col::Str(Some(c))) => {
+                    let mut ords = c.term_ords(doc);
+                    let ord = if spec.desc { ords.max() } else { ords.next() };
+                    match ord {
+                        Some(o) => {
+                            let mut s = String::new();
+                            let _ = c.ord_to_str(o, &mut s);
+                            SortVal::Str(s)
+                        }
+                        None => SortVal::Missing,
+                    }
+                }
+                _ => SortVal::Missing,
+            });
+        }
+        if let Some(after) = &self.after
+            && cmp_key(&self.specs, &key, after) != Ordering::Greater
+        {
+            return;
+        }
+        self.hits.push((key, DocAddress::new(self.segment, doc)));
+        if self.hits.len() >= self.keep.max(64) * 2 {
+            top(&self.specs, &mut self.hits, self.keep);
+        }
+    }
+    fn harvest(mut self) -> Vec<Hit> {
+        top(&self.specs, &mut self.hits, self.keep);
+        self.hits
+    }
+}
+
+/// The query of a filter aggregation, built per segment by tantivy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EsFilter {
+    query: Value,
+    mapping: Value,
+}
+
+#[typetag::serde]
+impl QueryBuilder for EsFilter {
+    fn build_query(&self, schema: &Schema, tokenizers: &TokenizerManager) -> tantivy::Result<Box<dyn Query>> {
+        let mapping = Mapping::parse(&self.mapping).map_err(|e| tantivy::TantivyError::InvalidArgument(e.reason))?;
+        let ctx = QueryCtx { mapping: &mapping, f: fields(schema), tokenizers, searcher: None };
+        build(&ctx, &self.query).map_err(|e| tantivy::TantivyError::InvalidArgument(e.reason))
+    }
+    fn box_clone(&self) -> Box<dyn QueryBuilder> {
+        Box::new(self.clone())
+    }
+}
+
+const FIELD_AGGS: &[&str] =
+    &["terms", "min", "max", "avg", "sum", "value_count", "cardinality", "stats", "extended_stats", "percentiles", "range", "histogram"];
+
+fn translate_aggs(mapping: &Mapping, aggs: &Value) -> EsResult<Aggregations> {
+    let Value::Object(aggs) = aggs else { return Err(EsError::parsing("[aggs] must be an object")) };
+    let mut out = Aggregations::default();
+    for (name, def) in aggs {
+        let Value::Object(def) = def else { return Err(EsError::parsing(format!("Expected [START_OBJECT] under [{name}]"))) };
+        let mut kind: Option<(&String, &Value)> = None;
+        let mut subs = Aggregations::default();
+        for (k, v) in def {
+            match k.as_str() {
+                "aggs" | "aggregations" => subs = translate_aggs(mapping, v)?,
+                "meta" => {}
+                _ if kind.is_some() => {
+                    return Err(EsError::parsing(format!("Found two aggregation type definitions in [{name}]: [{}] and [{k}]", kind.expect("set").0)));
+                }
+                _ => kind = Some((k, v)),
+            }
+        }
+        let (kind, body) = kind.ok_or_else(|| EsError::parsing(format!("Missing definition for aggregation [{name}]")))?;
+        let agg = match kind.as_str() {
+            "filter" => AggregationVariants::Filter(FilterAggregation::new_with_builder(Box::new(EsFilter { query: body.clone(), mapping: mapping.to_json() }))),
+            k if FIELD_AGGS.contains(&k) => {
+                let mut body = body.clone();
+                let field = body.get("field").and_then(Value::as_str).ok_or_else(|| EsError::parsing(format!("[{name}] aggregation [{k}] requires [field]")))?.to_owned();
+                match mapping.resolve(&field) {
+                    Some(r) if r.field.kind == Kind::Text => {
+                        return Err(EsError::illegal(format!(
+                            "Text fields are not optimised for operations that require per-document field data like aggregations and sorting, so these operations are disabled by default. Please use a keyword field instead. Alternatively, set fielddata=true on [{field}] in order to load field data by uninverting the inverted index. Note that this can use significant memory."
+                        )));
+                    }
+                    Some(r) if r.nested.is_some() => {
+                        return Err(EsError::illegal(format!("[{name}] field [{field}] is inside a nested field; nested aggregations are not supported")));
+                    }
+                    _ => {}
+                }
+                body["field"] = json!(format!("_kw.{field}"));
+                serde_json::from_value(json!({ k: body })).map_err(|e| EsError::parsing(format!("[{name}] {e}")))?
+            }
+            other => return Err(EsError::parsing(format!("Unknown aggregation type [{other}] in [{name}]"))),
+        };
+        out.insert(name.clone(), Aggregation { agg, sub_aggregation: subs });
+    }
+    Ok(out)
+}
+
+/// `_source` filtering: `false`, a pattern, a list, or `{includes, excludes}`.
+fn source_filter(v: Option<&Value>) -> EsResult<Option<(Vec<String>, Vec<String>)>> {
+    let strs = |v: &Value| -> EsResult<Vec<String>> {
+        match v {
+            Value::String(s) => Ok(vec![s.clone()]),
+            Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(|| EsError::parsing("[_source] patterns must be strings"))).collect(),
+            _ => Err(EsError::parsing("[_source] patterns must be strings")),
+        }
+    };
+    Ok(match v {
+        None | Some(Value::Bool(true)) => Some((vec![], vec![])),
+        Some(Value::Bool(false)) => None,
+        Some(Value::Object(o)) => Some((
+            o.get("includes").or(o.get("include")).map(strs).transpose()?.unwrap_or_default(),
+            o.get("excludes").or(o.get("exclude")).map(strs).transpose()?.unwrap_or_default(),
+        )),
+        Some(other) => Some((strs(other)?, vec![])),
+    })
+}
+
+fn glob(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, tail)) => {
+            if !s.starts_with(head) {
+                return false;
+            }
+            let rest = &s[head.len()..];
+            (0..=rest.len()).filter(|i| rest.is_char_boundary(*i)).any(|i| glob(tail, &rest[i..]))
+        }
+    }
+}
+
+fn filter_source(src: &Map<String, Value>, at: &str, inc: &[String], exc: &[String], included: bool) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, v) in src {
+        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+        if exc.iter().any(|p| glob(p, &path)) {
+            continue;
+        }
+        let inc_here = included || inc.is_empty() || inc.iter().any(|p| glob(p, &path));
+        match v {
+            Value::Object(o) => {
+                let deeper = inc_here || inc.iter().any(|p| p.starts_with(&format!("{path}.")) || p.starts_with('*'));
+                if deeper {
+                    let sub = filter_source(o, &path, inc, exc, inc_here);
+                    if inc_here || !sub.is_empty() {
+                        out.insert(k.clone(), Value::Object(sub));
+                    }
+                }
+            }
+            Value::Array(items) if items.iter().any(Value::is_object) && !exc.is_empty() || !inc_here && items.iter().any(Value::is_object) => {
+                let kept: Vec<Value> = items
+                    .iter()
+                    .filter_map(|i| match i {
+                        Value::Object(o) => {
+                            let sub = filter_source(o, &path, inc, exc, inc_here);
+                            (!sub.is_empty()).then_some(Value::Object(sub))
+                        }
+                        other => inc_here.then(|| other.clone()),
+                    })
+                    .collect();
+                if inc_here || !kept.is_empty() {
+                    out.insert(k.clone(), Value::Array(kept));
+                }
+            }
+            v if inc_here => {
+                out.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn root_only(q: Box<dyn Query>, f: crate::index::Fields) -> Box<dyn Query> {
+    Box::new(BooleanQuery::new(vec![
+        (Occur::Must, q),
+        (Occur::Must, Box::new(tantivy::query::ConstScoreQuery::new(Box::new(TermQuery::new(Term::from_field_u64(f.kind, KIND_ROOT), IndexRecordOption::Basic)), 0.0))),
+    ]))
+}
+
+const SEARCH_KEYS: &[&str] = &[
+    "query", "size", "from", "sort", "search_after", "_source", "track_total_hits", "aggs", "aggregations", "version", "seq_no_primary_term",
+    "timeout", "track_scores", "stored_fields", "explain", "min_score",
+];
+
+/// Runs a `_search` request body (with `size`/`from` query parameters already merged in).
+pub fn search(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
+    let started = std::time::Instant::now();
+    let empty = Map::new();
+    let body = match body {
+        Value::Object(o) => o,
+        Value::Null => &empty,
+        _ => return Err(EsError::parsing("request body must be an object")),
+    };
+    for k in body.keys() {
+        if !SEARCH_KEYS.contains(&k.as_str()) {
+            return Err(EsError::parsing(format!("Unknown key for a START_OBJECT in [{k}].")));
+        }
+    }
+    let mapping = ix.mapping.read().expect("poisoned").clone();
+    let searcher = ix.searcher();
+    let tokenizers = ix.tokenizers();
+    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers, searcher: Some(&searcher) };
+    let query = match body.get("query") {
+        Some(q) => build(&ctx, q)?,
+        None => Box::new(tantivy::query::AllQuery),
+    };
+    let query = root_only(query, ix.fields);
+    let num = |k: &str, d: usize| -> EsResult<usize> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(d),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| EsError::parsing(format!("[{k}] must be a non-negative integer"))),
+        }
+    };
+    let size = num("size", 10)?;
+    let from = num("from", 0)?;
+    if from + size > MAX_RESULT_WINDOW {
+        return Err(EsError::illegal(format!(
+            "Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was [{}]. Use search_after to page through large result sets.",
+            from + size
+        )));
+    }
+    let specs = match body.get("sort") {
+        Some(s) => parse_sort(&mapping, s)?,
+        None => vec![SortSpec { by: SortBy::Score, desc: true }],
+    };
+    let after = match body.get("search_after") {
+        None => None,
+        Some(Value::Array(vals)) if vals.len() == specs.len() => Some(
+            vals.iter()
+                .zip(&specs)
+                .map(|(v, s)| match (v, &s.by) {
+                    (Value::Null, _) => Ok(SortVal::Missing),
+                    (Value::String(x), SortBy::Str { .. }) => Ok(SortVal::Str(x.clone())),
+                    (v, SortBy::Num { .. } | SortBy::Score | SortBy::Doc) => v
+                        .as_f64()
+                        .or_else(|| v.as_str().and_then(crate::mapping::parse_date_millis).map(|m| m as f64))
+                        .map(SortVal::Num)
+                        .ok_or_else(|| EsError::illegal(format!("search_after value [{v}] does not match the sort"))),
+                    (v, _) => Err(EsError::illegal(format!("search_after value [{v}] does not match the sort"))),
+                })
+                .collect::<EsResult<Vec<_>>>()?,
+        ),
+        Some(_) => return Err(EsError::illegal("search_after has a different number of sort values than the sort")),
+    };
+    let aggs = match body.get("aggs").or(body.get("aggregations")) {
+        Some(a) => Some(translate_aggs(&mapping, a)?),
+        None => None,
+    };
+    let sorted_by_score_only = specs.len() == 1 && matches!(specs[0].by, SortBy::Score) && after.is_none();
+    let agg_collector = aggs.map(|a| AggregationCollector::from_aggs(a, AggContextParams::new(AggregationLimitsGuard::default(), tokenizers.clone())));
+    let count = Count;
+    let (total, hits, agg_res): (usize, Vec<(Vec<SortVal>, DocAddress)>, Option<tantivy::aggregation::agg_result::AggregationResults>) =
+        if sorted_by_score_only {
+            let td = TopDocs::with_limit(size.max(1)).and_offset(from).order_by_score();
+            let (total, top, aggs) = searcher.search(&*query, &(count, td, agg_collector))?;
+            (total, top.into_iter().map(|(s, a)| (vec![SortVal::Num(s as f64)], a)).collect(), aggs)
+        } else {
+            let sc = SortCollector { specs: specs.clone(), after, keep: from + size };
+            let (total, mut top, aggs) = searcher.search(&*query, &(count, sc, agg_collector))?;
+            let skip = from.min(top.len());
+            top.drain(..skip);
+            (total, top, aggs)
+        };
+    let hits = if size == 0 { Vec::new() } else { hits };
+    let (inc, exc) = source_filter(body.get("_source"))?.map_or((None, vec![]), |(i, e)| (Some(i), e));
+    let with_version = body.get("version") == Some(&Value::Bool(true));
+    let mut out_hits = Vec::with_capacity(hits.len());
+    let mut max_score: Option<f64> = None;
+    for (key, addr) in &hits {
+        let doc: TantivyDocument = searcher.doc(*addr)?;
+        let id = doc.get_first(ix.fields.uid).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let mut hit = json!({"_index": ix.name, "_id": id});
+        if sorted_by_score_only {
+            let s = match key[0] {
+                SortVal::Num(n) => n,
+                _ => 0.0,
+            };
+            max_score = Some(max_score.map_or(s, |m: f64| m.max(s)));
+            hit["_score"] = json!(s);
+        } else {
+            hit["_score"] = Value::Null;
+            hit["sort"] = Value::Array(key.iter().zip(&specs).map(|(v, s)| v.to_json(&s.by)).collect());
+        }
+        if with_version {
+            hit["_version"] = json!(doc.get_first(ix.fields.version).and_then(|v| v.as_u64()));
+        }
+        if let Some(inc) = &inc {
+            let bytes = doc.get_first(ix.fields.source).and_then(|v| v.as_bytes()).unwrap_or(b"{}");
+            let src: Value = serde_json::from_slice(bytes).map_err(EsError::internal)?;
+            hit["_source"] = match src {
+                Value::Object(o) if !inc.is_empty() || !exc.is_empty() => Value::Object(filter_source(&o, "", inc, &exc, false)),
+                other => other,
+            };
+        }
+        out_hits.push(hit);
+    }
+    let mut hits_obj = json!({"max_score": max_score, "hits": out_hits});
+    match body.get("track_total_hits") {
+        Some(Value::Bool(false)) => {}
+        Some(Value::Number(n)) => {
+            let cap = n.as_u64().unwrap_or(10_000) as usize;
+            hits_obj["total"] = if total > cap { json!({"value": cap, "relation": "gte"}) } else { json!({"value": total, "relation": "eq"}) };
+        }
+        _ => hits_obj["total"] = json!({"value": total, "relation": "eq"}),
+    }
+    let mut resp = json!({
+        "took": started.elapsed().as_millis() as u64,
+        "timed_out": false,
+        "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
+        "hits": hits_obj,
+    });
+    if let Some(a) = agg_res {
+        resp["aggregations"] = serde_json::to_value(a).map_err(EsError::internal)?;
+    }
+    Ok(resp)
+}
+
+/// `_count`: the number of root documents matching `query`.
+pub fn count(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
+    if let Value::Object(o) = body {
+        for k in o.keys() {
+            if k != "query" {
+                return Err(EsError::parsing(format!("request does not support [{k}]")));
+            }
+        }
+    }
+    let mapping = ix.mapping.read().expect("poisoned").clone();
+    let searcher = ix.searcher();
+    let tokenizers = ix.tokenizers();
+    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers, searcher: Some(&searcher) };
+    let q = match body.get("query") {
+        Some(q) => build(&ctx, q)?,
+        None => Box::new(tantivy::query::AllQuery),
+    };
+    let n = searcher.search(&*root_only(q, ix.fields), &Count)?;
+    Ok(json!({"count": n, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0}}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_and_source_filtering() {
+        assert!(glob("a.*", "a.b"));
+        assert!(glob("*name", "first_name"));
+        assert!(!glob("a.*", "b.a"));
+        let src = json!({"a": {"b": 1, "c": 2}, "d": 3, "e": [{"f": 1, "g": 2}]});
+        let o = src.as_object().unwrap();
+        assert_eq!(Value::Object(filter_source(o, "", &["a.b".into()], &[], false)), json!({"a": {"b": 1}}));
+        assert_eq!(Value::Object(filter_source(o, "", &[], &["a".into(), "e.g".into()], false)), json!({"d": 3, "e": [{"f": 1}]}));
+        assert_eq!(Value::Object(filter_source(o, "", &["e.f".into()], &[], false)), json!({"e": [{"f": 1}]}));
+    }
+}
