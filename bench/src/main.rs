@@ -5,6 +5,9 @@
 //!   cargo run --release -p sluice-bench -- lag --rate 5000
 //!   cargo run --release -p sluice-bench -- snapshot --mb 1024
 //!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
+//!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
+
+mod search;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -72,6 +75,30 @@ enum Bench {
     Migrations {
         #[arg(long, default_value_t = 20)]
         rounds: u32,
+    },
+    /// The Metrics Summary page at --scale (1 = 82,000 metrics × 817,000 configurations):
+    /// the page's queries on Postgres (the join with facet counts) vs the search index a
+    /// pipeline builds, the initial load vs Postgres building the documents alone, lag
+    /// from a configuration's commit to its document being searchable, `_bulk` rate.
+    MetricsSummary {
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Page views asked of each system.
+        #[arg(long, default_value_t = 200)]
+        queries: usize,
+        /// Configuration updates per second during the lag measurement.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// The built-in search service alone (the metrics-summary bench runs it as a child).
+    #[command(hide = true)]
+    SearchServe {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        data: std::path::PathBuf,
     },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     Snapshot {
@@ -614,6 +641,8 @@ async fn main() -> Result<()> {
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
+        Bench::MetricsSummary { scale, queries, rate, seconds } => search::metrics_summary(scale, queries, rate, seconds).await?,
+        Bench::SearchServe { addr, data } => return search::serve(addr, data).await,
     };
     println!("{out}");
     Ok(())

@@ -34,7 +34,7 @@ pub async fn load_table(client: &Client, table: &TableName, source: &str) -> Res
         .map_err(|e| PgError::from_pg("reading the source catalog", e))?
         .ok_or_else(|| {
             PgError::permanent(format!(
-                "table {table} does not exist in source {source}: create it, or remove it from `source.tables`"
+                "table {table} does not exist in source {source}: create it, or remove it from `source.tables` (or from `sink.search.document`)"
             ))
         })?;
     let relid: i64 = row.get(0);

@@ -8,6 +8,7 @@ mod mapping;
 mod query;
 mod search;
 mod service;
+pub mod sink;
 
 pub use error::{EsError, EsResult};
 pub use http::router;

@@ -80,6 +80,31 @@ fn default_heartbeat() -> Duration {
 pub enum SinkConfig {
     Postgres(PostgresSinkConfig),
     Kafka(KafkaSinkConfig),
+    Search(SearchSinkConfig),
+}
+
+/// Documents built from a root table and its related tables, indexed with `_bulk` into
+/// Elasticsearch, OpenSearch or `sluice search serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSinkConfig {
+    /// Base URL of the search service, e.g. http://127.0.0.1:9200.
+    pub url: String,
+    pub index: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    pub document: sluice_search::sink::DocumentSpec,
+    /// Documents per `_bulk` request (and root rows per page of the initial load).
+    #[serde(default = "default_bulk_docs")]
+    pub bulk_max_docs: usize,
+    /// Where the initial load's progress and refused documents (dead letters) are kept.
+    pub state: PgConnConfig,
+}
+
+fn default_bulk_docs() -> usize {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -228,7 +253,13 @@ impl PipelineConfig {
                 }
             }
         }
-        if self.source.tables.is_empty() && self.source.publication.is_none() {
+        if let SinkConfig::Search(sc) = &self.sink {
+            sc.validate()?;
+            if !self.transforms.is_empty() {
+                return Err("transforms: the search sink builds documents from the source tables (sink.search.document); transforms are not applied to it yet: remove them".into());
+            }
+        }
+        if self.source.tables.is_empty() && self.source.publication.is_none() && !matches!(self.sink, SinkConfig::Search(_)) {
             return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
         }
         for t in &self.source.tables {
@@ -304,8 +335,58 @@ impl PipelineConfig {
         self.source.publication.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
     }
 
+    /// The listed tables; for a search sink, with the document's tables added (a
+    /// document's related tables must be replicated for changes to reach it).
     pub fn tables(&self) -> Vec<TableName> {
-        self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect()
+        let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect();
+        if let SinkConfig::Search(sc) = &self.sink {
+            let d = &sc.document;
+            let named = std::iter::once(&d.table).chain(d.relations.iter().flat_map(|r| std::iter::once(&r.table).chain(r.through.as_ref())));
+            for n in named.filter_map(|n| TableName::parse(n)) {
+                if !t.contains(&n) {
+                    t.push(n);
+                }
+            }
+        }
+        t
+    }
+
+    /// The search sink's options, when the sink is search.
+    pub fn search_options(&self) -> Option<sluice_search::sink::SearchSinkOptions> {
+        let SinkConfig::Search(s) = &self.sink else { return None };
+        Some(sluice_search::sink::SearchSinkOptions {
+            url: s.url.clone(),
+            index: s.index.clone(),
+            username: s.username.clone(),
+            password: s.password.clone(),
+            bulk_max_docs: s.bulk_max_docs,
+            pipeline: self.pipeline.clone(),
+        })
+    }
+}
+
+impl SearchSinkConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("sink.search.url: {:?} must start with http:// (https needs a TLS build, not available yet)", self.url));
+        }
+        if self.url.starts_with("https://") {
+            return Err("sink.search.url: https is not supported by this build yet; use http:// on a trusted network".into());
+        }
+        let i = &self.index;
+        if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {
+            return Err(format!("sink.search.index: {i:?} is not a valid index name (lowercase, no spaces or \\/*?\"<>|,#:, not starting with _ - +)"));
+        }
+        if TableName::parse(&self.document.table).is_none() {
+            return Err(format!("sink.search.document.table: {:?} is not a table name; write schema.table", self.document.table));
+        }
+        if self.bulk_max_docs == 0 || self.bulk_max_docs > 100_000 {
+            return Err("sink.search.bulk_max_docs: must be between 1 and 100000".into());
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err("sink.search.password: set username too (basic authentication)".into());
+        }
+        Ok(())
     }
 }
 

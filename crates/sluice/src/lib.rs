@@ -3,6 +3,8 @@
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod metrics_summary;
+pub mod search_demo;
 pub mod migrations;
 pub mod pipeline;
 pub mod registry_check;

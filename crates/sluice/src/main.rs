@@ -58,7 +58,8 @@ enum Command {
         output: Output,
     },
     /// The main HTTP server: migration checks (POST /v1/migrations/check), the schema
-    /// registry under /registry, OpenAPI at /openapi.json.
+    /// registry under /registry, the search service under /search (with --search-data),
+    /// OpenAPI at /openapi.json.
     Server {
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
@@ -70,6 +71,10 @@ enum Command {
         /// the registry routes are not served.
         #[arg(long, env = "SLUICE_REGISTRY_DATABASE", hide_env_values = true)]
         registry_database: Option<String>,
+        /// Directory of the built-in search service's indices: serves its
+        /// Elasticsearch API under /search (clients: url prefix /search).
+        #[arg(long)]
+        search_data: Option<PathBuf>,
     },
     /// The built-in Confluent-compatible schema registry.
     #[command(subcommand)]
@@ -132,6 +137,31 @@ enum SearchCommand {
         /// overrides it per index).
         #[arg(long, default_value = "100ms", value_parser = humantime_parse)]
         refresh_interval: std::time::Duration,
+    },
+    /// The Metrics Summary page on the built-in search service, fed live from Postgres.
+    ///
+    /// Starts a throwaway Postgres with orgs, metrics and metric configurations (at
+    /// --scale 1: one org with 82,000 active metrics and 817,000 configurations), a
+    /// pipeline that builds one document per metric (its org, its configurations nested,
+    /// their count), and the search service; asks the page's queries of both Postgres (the
+    /// join with facet counts) and the index, checks they give the same page, prints
+    /// both timings, then serves the page at http://ADDR/ while changing configurations.
+    Demo {
+        /// Dataset size relative to the original page (0.1 = 8,200 metrics, 81,700 configurations).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Where the page is served.
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        addr: std::net::SocketAddr,
+        /// Where the search service listens (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        search_addr: std::net::SocketAddr,
+        /// Configuration changes per second while serving (0: none).
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Stop after this long instead of at Ctrl-C.
+        #[arg(long, value_parser = humantime_parse)]
+        duration: Option<std::time::Duration>,
     },
 }
 
@@ -270,13 +300,25 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let _refresher = svc.spawn_refresher();
             serve(addr, sluice_search::router(svc), "search service").await
         }
-        Command::Server { addr, source, registry_database } => {
+        Command::Search(SearchCommand::Demo { scale, addr, search_addr, rate, duration }) => {
+            init_logs(&cli.log.replace("info", "warn"), false);
+            let o = sluice::search_demo::DemoOptions { scale, addr, search_addr, rate, duration };
+            sluice::search_demo::run(o, shutdown_signal()).await
+        }
+        Command::Server { addr, source, registry_database, search_data } => {
             init_logs(&cli.log, false);
             let registry = match &registry_database {
                 Some(dsn) => Some(open_registry(dsn).await?),
                 None => None,
             };
-            serve(addr, sluice::server::router(sluice::server::ServerConfig { source }, registry), "server").await
+            let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry);
+            if let Some(data) = &search_data {
+                let svc = sluice_search::SearchService::open(data, std::time::Duration::from_millis(100))
+                    .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?;
+                let _refresher = svc.spawn_refresher();
+                app = app.nest("/search", sluice_search::router(svc));
+            }
+            serve(addr, app, "server").await
         }
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);

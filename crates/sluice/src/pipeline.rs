@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{Destination, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_kafka::{KafkaSink, SinkError};
+use sluice_search::sink::{DocumentPlan, SearchSink};
 use sluice_postgres::{
     Acker, CopyIntoState, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions,
     SnapshotTable, StreamItem, HEARTBEAT_PREFIX,
@@ -43,6 +44,8 @@ pub struct Checked {
     pub slot_exists: bool,
     pub publication_missing: Vec<TableName>,
     pub publication_exists: bool,
+    /// The search sink's document, checked against the source's tables.
+    pub document: Option<Arc<DocumentPlan>>,
 }
 
 /// How long a slot held by another connection may take to be released before the
@@ -69,7 +72,10 @@ fn item_cost_kb(item: &StreamItem) -> u32 {
 fn error_kind(e: &anyhow::Error) -> ErrorKind {
     e.chain()
         .find_map(|c| {
-            c.downcast_ref::<PgError>().map(PgError::kind).or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind))
+            c.downcast_ref::<PgError>()
+                .map(PgError::kind)
+                .or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind))
+                .or_else(|| c.downcast_ref::<sluice_search::sink::SinkError>().map(sluice_search::sink::SinkError::kind))
         })
         .unwrap_or(ErrorKind::Permanent)
 }
@@ -81,6 +87,9 @@ enum SinkKind {
     /// At least once: the slot's confirmed position is the checkpoint; snapshot
     /// progress lives in the state database.
     Kafka(KafkaSink),
+    /// Documents rebuilt from the source for every change; at least once, versioned by
+    /// LSN so replays never regress a document. `bool`: the initial load ran before.
+    Search(Box<SearchSink>, bool),
 }
 
 /// A running sink, and what the pipeline does to changes before it.
@@ -99,6 +108,7 @@ impl Sink {
         match &self.kind {
             SinkKind::Postgres(s) => s.checkpoint().end_lsn > Lsn::ZERO,
             SinkKind::Kafka(_) => self.upstream.as_ref().is_some_and(|(f, _)| !f.is_empty()),
+            SinkKind::Search(_, loaded) => *loaded,
         }
     }
 
@@ -106,7 +116,7 @@ impl Sink {
     fn resume_lsn(&self) -> Lsn {
         match &self.kind {
             SinkKind::Postgres(s) => s.checkpoint().end_lsn,
-            SinkKind::Kafka(_) => Lsn::ZERO,
+            SinkKind::Kafka(_) | SinkKind::Search(..) => Lsn::ZERO,
         }
     }
 
@@ -132,6 +142,7 @@ impl Sink {
         match &mut self.kind {
             SinkKind::Postgres(s) => s.apply(batch).await?,
             SinkKind::Kafka(s) => s.apply(batch).await?,
+            SinkKind::Search(s, _) => s.apply(batch).await?,
         }
         Ok(())
     }
@@ -191,6 +202,7 @@ impl Pipeline {
         let (state, target_schema) = match &cfg.sink {
             SinkConfig::Postgres(pg) => (pg.connection(), pg.schema.clone()),
             SinkConfig::Kafka(k) => (k.state.clone(), None),
+            SinkConfig::Search(s) => (s.state.clone(), None),
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false }
@@ -252,7 +264,7 @@ impl Pipeline {
         }
         let publication = self.cfg.publication_name();
         let published = sluice_postgres::publication_tables(&src, &publication).await?;
-        let names = if self.cfg.source.tables.is_empty() {
+        let names = if self.cfg.tables().is_empty() {
             match &published {
                 Some(t) if !t.is_empty() => t.clone(),
                 Some(_) => bail!(PgError::permanent(format!("publication {publication} publishes no tables: add tables to it, or list them in source.tables"))),
@@ -317,7 +329,25 @@ impl Pipeline {
         for t in &tables {
             transforms.push(if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(t)?)) });
         }
-        Ok(Checked { tables, transforms, slot_exists: slot_info.is_some(), publication_missing, publication_exists: published.is_some() })
+        let document = match &self.cfg.sink {
+            SinkConfig::Search(sc) => {
+                let by_name = tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
+                let plan = Arc::new(DocumentPlan::new(&sc.document, &by_name)?);
+                let opts = self.cfg.search_options().expect("search sink");
+                let state = sluice_postgres::connect(&self.state, "state database").await?;
+                drop(SearchSink::connect(opts, plan.clone(), src, state).await?);
+                Some(plan)
+            }
+            _ => None,
+        };
+        Ok(Checked {
+            tables,
+            transforms,
+            slot_exists: slot_info.is_some(),
+            publication_missing,
+            publication_exists: published.is_some(),
+            document,
+        })
     }
 
     async fn run_once(&mut self) -> Result<()> {
@@ -360,8 +390,17 @@ impl Pipeline {
             .map(|(t, x)| x.as_ref().map_or_else(|| t.clone(), |x| x.output.clone()))
             .collect();
         let transformed = !self.chain.is_empty();
-        let kind = match self.cfg.kafka_options() {
-            None => {
+        let kind = match (self.cfg.kafka_options(), &checked.document) {
+            (None, Some(plan)) => {
+                let opts = self.cfg.search_options().expect("search sink");
+                let source = sluice_postgres::connect(&self.source, "source").await?;
+                let state = sluice_postgres::connect(&self.state, "state database").await?;
+                let sink = SearchSink::connect(opts, plan.clone(), source, state).await?;
+                sink.prepare_index().await?;
+                let loaded = sink.has_progress().await?;
+                SinkKind::Search(Box::new(sink), loaded)
+            }
+            (None, None) => {
                 let mut sink = PostgresSink::connect(&self.state, &self.cfg.pipeline, self.target_schema.clone()).await?;
                 for t in &outputs {
                     sink.prepare_table(t).await?;
@@ -371,7 +410,7 @@ impl Pipeline {
                 }
                 SinkKind::Postgres(sink)
             }
-            Some(opts) => {
+            (Some(opts), _) => {
                 let sink = KafkaSink::connect(opts).await?;
                 for t in &outputs {
                     sink.prepare_table(t).await?;
@@ -432,7 +471,7 @@ impl Pipeline {
         };
         let target = |n: &TableName| match &sink.kind {
             SinkKind::Postgres(s) => s.target_name(n),
-            SinkKind::Kafka(_) => n.clone(),
+            SinkKind::Kafka(_) | SinkKind::Search(..) => n.clone(),
         };
         let snap: Vec<SnapshotTable> = checked
             .tables
@@ -486,6 +525,7 @@ impl Pipeline {
                 match &sink.kind {
                     SinkKind::Postgres(_) => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
                     SinkKind::Kafka(sink) => sluice_postgres::run_snapshot(&self.source, &self.state, Some(KafkaRows(sink.clone())), &opts, &snap, progress.clone()).await,
+                    SinkKind::Search(sink, _) => self.initial_load(sink, checked, &progress).await,
                 }
             } => r,
             _ = shutdown.changed() => Ok(()),
@@ -504,6 +544,35 @@ impl Pipeline {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(rows, mb = format!("{mb:.1}"), seconds = format!("{secs:.1}"), "snapshot complete");
         }
+        Ok(())
+    }
+
+    /// The search sink's initial load: every document built from the source, versioned
+    /// with the slot's position (every streamed change has a higher one).
+    async fn initial_load(
+        &self,
+        sink: &SearchSink,
+        checked: &Checked,
+        progress: &Arc<sluice_postgres::SnapshotProgress>,
+    ) -> Result<(), PgError> {
+        let src = sluice_postgres::connect(&self.source, "source").await?;
+        let slot = self.cfg.slot_name();
+        let row = src
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .map_err(|e| PgError::from_pg("reading the slot position", e))?;
+        let version: Lsn = row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))?;
+        let root = &checked.document.as_ref().expect("search sink has a document").root;
+        if let Ok(r) = src.query_one("SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&root.quoted()]).await {
+            progress.rows_estimated.store(r.get::<_, i64>(0) as u64, Ordering::Relaxed);
+        }
+        progress.chunks_total.store(1, Ordering::Relaxed);
+        sink.initial_load(version.0.max(1), self.cfg.search_options().map_or(1000, |o| o.bulk_max_docs), |n| {
+            progress.rows_copied.fetch_add(n, Ordering::Relaxed);
+        })
+        .await
+        .map_err(|e| PgError::wrap(e.kind(), format!("initial load into the search index: {e}"), Box::new(e)))?;
+        progress.chunks_done.store(1, Ordering::Relaxed);
         Ok(())
     }
 

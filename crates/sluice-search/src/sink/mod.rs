@@ -1,0 +1,437 @@
+//! The search sink: documents built from the source (root row + related rows) and sent
+//! with `_bulk` to Elasticsearch, OpenSearch or Sluice's own search service.
+//!
+//! A change never carries a whole document, so documents are rebuilt: each batch of
+//! transactions names the root ids it affects (reverse dependencies), those documents are
+//! read from the source in one statement (`= ANY($1)`), and indexed with
+//! `version_type=external` and the batch's commit LSN as version. Reads see the current
+//! source state (never older than the change), and versions only grow, so replays and
+//! retries never regress a document: a 409 means a newer version is already there.
+
+mod document;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use sluice_core::{ErrorKind, Op, Transaction};
+use tokio_postgres::Client;
+
+pub use document::{CountSpec, DocumentPlan, DocumentSpec, RelationKind, RelationSpec};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SinkError {
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
+    }
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Transient, message: message.into(), source: None }
+    }
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    fn pg(context: &str, e: tokio_postgres::Error) -> Self {
+        let transient = e.is_closed()
+            || e.code().is_none_or(|c| {
+                let c = c.code();
+                c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "40001" || c == "40P01"
+            });
+        Self {
+            kind: if transient { ErrorKind::Transient } else { ErrorKind::Permanent },
+            message: format!("{context}: {e}"),
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
+
+/// Where documents go and how they are sent.
+#[derive(Clone, Debug)]
+pub struct SearchSinkOptions {
+    /// Base URL of the search service (`http://host:9200`).
+    pub url: String,
+    pub index: String,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    /// Documents per `_bulk` request.
+    pub bulk_max_docs: usize,
+    /// Names this pipeline's rows in the state tables.
+    pub pipeline: String,
+}
+
+/// State tables (in the pipeline's state database).
+pub const SEARCH_STATE_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS sluice;
+CREATE TABLE IF NOT EXISTS sluice.search_loads (
+    pipeline text NOT NULL,
+    index_name text NOT NULL,
+    last_key text,
+    done boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (pipeline, index_name)
+);
+CREATE TABLE IF NOT EXISTS sluice.search_dead_letters (
+    id bigserial PRIMARY KEY,
+    pipeline text NOT NULL,
+    index_name text NOT NULL,
+    doc_id text NOT NULL,
+    version bigint NOT NULL,
+    status int NOT NULL,
+    reason text NOT NULL,
+    document text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);";
+
+enum BulkOp {
+    Index { id: String, version: u64, doc: String },
+    Delete { id: String, version: u64 },
+}
+
+impl BulkOp {
+    fn id(&self) -> &str {
+        match self {
+            BulkOp::Index { id, .. } | BulkOp::Delete { id, .. } => id,
+        }
+    }
+}
+
+pub struct SearchSink {
+    opts: SearchSinkOptions,
+    plan: Arc<DocumentPlan>,
+    http: reqwest::Client,
+    source: Client,
+    state: Client,
+    /// Documents refused by the search service (e.g. a mapping conflict) so far.
+    pub dead_letters: u64,
+}
+
+const RETRY_ATTEMPTS: u32 = 8;
+
+impl SearchSink {
+    /// Connects and checks that the search service answers; creates the state tables.
+    pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| SinkError::permanent(format!("search sink: HTTP client: {e}")))?;
+        state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SinkError::pg("creating the search sink's state tables", e))?;
+        let sink = SearchSink { opts, plan, http, source, state, dead_letters: 0 };
+        let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
+            SinkError::transient(format!("search service at {} does not answer: {e}: check sink.search.url and that the service runs", sink.opts.url))
+        })?;
+        match resp.status().as_u16() {
+            200..=299 => Ok(sink),
+            401 | 403 => Err(SinkError::permanent(format!("search service at {} refused the credentials ({}): check sink.search.username/password", sink.opts.url, resp.status()))),
+            s => Err(SinkError::transient(format!("search service at {} answered {s} to GET /", sink.opts.url))),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{}", self.opts.url.trim_end_matches('/'), path);
+        let mut r = self.http.request(method, url);
+        if let Some(user) = &self.opts.username {
+            r = r.basic_auth(user, self.opts.password.as_ref().map(|p| p.expose_secret().to_owned()));
+        }
+        r
+    }
+
+    /// Creates the index with the mapping derived from the document when it is missing.
+    pub async fn prepare_index(&self) -> Result<()> {
+        let index = &self.opts.index;
+        let head = self
+            .request(reqwest::Method::HEAD, &format!("/{index}"))
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(format!("search service: HEAD /{index}: {e}")))?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let body = json!({"mappings": self.plan.mapping()});
+        let resp = self
+            .request(reqwest::Method::PUT, &format!("/{index}"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(format!("search service: creating index {index}: {e}")))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() || text.contains("resource_already_exists_exception") {
+            tracing::info!(index = %index, "search index ready");
+            return Ok(());
+        }
+        let err = if status.is_server_error() { SinkError::transient } else { SinkError::permanent };
+        Err(err(format!("search service refused to create index {index} ({status}): {text}")))
+    }
+
+    /// Whether the initial load ran (at least partly) before.
+    pub async fn has_progress(&self) -> Result<bool> {
+        let row = self
+            .state
+            .query_opt("SELECT 1 FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2", &[&self.opts.pipeline, &self.opts.index])
+            .await
+            .map_err(|e| SinkError::pg("reading the search load state", e))?;
+        Ok(row.is_some())
+    }
+
+    /// Builds and indexes every document, page by page of root keys, resuming after the
+    /// last page indexed; `progress` gets the number of documents of each page.
+    pub async fn initial_load(&self, version: u64, page: usize, progress: impl Fn(u64)) -> Result<()> {
+        let (p, ix) = (&self.opts.pipeline, &self.opts.index);
+        let row = self
+            .state
+            .query_opt("SELECT last_key, done FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2", &[p, ix])
+            .await
+            .map_err(|e| SinkError::pg("reading the search load state", e))?;
+        let mut last: Option<String> = match row {
+            Some(r) if r.get::<_, bool>(1) => return Ok(()),
+            Some(r) => r.get(0),
+            None => None,
+        };
+        loop {
+            let rows = self
+                .source
+                .query(self.plan.page_sql(), &[&last, &(page as i64)])
+                .await
+                .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut ops = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id: String = r.get(0);
+                let doc: String = r.get(1);
+                ops.push(BulkOp::Index { id, version, doc: self.finish(doc)? });
+            }
+            let n = ops.len() as u64;
+            last = rows.last().map(|r| r.get(0));
+            self.bulk(ops).await?;
+            self.state
+                .execute(
+                    "INSERT INTO sluice.search_loads (pipeline, index_name, last_key) VALUES ($1, $2, $3)
+                     ON CONFLICT (pipeline, index_name) DO UPDATE SET last_key = EXCLUDED.last_key",
+                    &[p, ix, &last],
+                )
+                .await
+                .map_err(|e| SinkError::pg("saving the search load state", e))?;
+            progress(n);
+        }
+        self.state
+            .execute(
+                "INSERT INTO sluice.search_loads (pipeline, index_name, last_key, done) VALUES ($1, $2, $3, true)
+                 ON CONFLICT (pipeline, index_name) DO UPDATE SET done = true",
+                &[p, ix, &last],
+            )
+            .await
+            .map_err(|e| SinkError::pg("saving the search load state", e))?;
+        Ok(())
+    }
+
+    fn finish(&self, doc: String) -> Result<String> {
+        let v: Value = serde_json::from_str(&doc).map_err(|e| SinkError::permanent(format!("document from the source is not JSON: {e}")))?;
+        Ok(self.plan.finish(v).to_string())
+    }
+
+    /// Rebuilds the documents a batch of transactions affects; returns once the search
+    /// service acknowledged them (or dead-lettered the ones it refuses).
+    pub async fn apply(&mut self, batch: &[Transaction]) -> Result<()> {
+        let Some(last) = batch.last() else { return Ok(()) };
+        let version = last.commit_lsn.0;
+        let mut direct = Vec::new();
+        let mut queries: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut everything = false;
+        for t in batch {
+            for e in &t.events {
+                if e.op == Op::Truncate {
+                    if self.plan.is_root(&e.table.name) {
+                        return Err(SinkError::permanent(format!(
+                            "TRUNCATE of the document root {}: the search sink cannot tell which documents to delete; delete index {} and the row of sluice.search_loads for pipeline {}, then restart to rebuild it",
+                            e.table.name, self.opts.index, self.opts.pipeline
+                        )));
+                    }
+                    everything = true;
+                    continue;
+                }
+                self.plan.affected(e, &mut direct, &mut queries);
+            }
+        }
+        if everything {
+            return self.rebuild_all(version).await;
+        }
+        for (sql, keys) in queries {
+            let rows = self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
+            direct.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        let mut seen = HashSet::with_capacity(direct.len());
+        direct.retain(|id| seen.insert(id.clone()));
+        for chunk in direct.chunks(self.opts.bulk_max_docs.max(1)) {
+            self.rebuild(chunk, version).await?;
+        }
+        Ok(())
+    }
+
+    async fn rebuild(&self, ids: &[String], version: u64) -> Result<()> {
+        let rows = self
+            .source
+            .query(self.plan.build_sql(), &[&ids])
+            .await
+            .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+        let mut built: std::collections::HashMap<String, String> = std::collections::HashMap::with_capacity(rows.len());
+        for r in rows {
+            built.insert(r.get(0), r.get(1));
+        }
+        let mut ops = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A root id that names no row any more: its document goes.
+            ops.push(match built.remove(id) {
+                Some(doc) => BulkOp::Index { id: id.clone(), version, doc: self.finish(doc)? },
+                None => BulkOp::Delete { id: id.clone(), version },
+            });
+        }
+        self.bulk(ops).await
+    }
+
+    /// After a TRUNCATE of a related table: every document again, with the new version.
+    async fn rebuild_all(&self, version: u64) -> Result<()> {
+        let mut last: Option<String> = None;
+        loop {
+            let rows = self
+                .source
+                .query(self.plan.page_sql(), &[&last, &(self.opts.bulk_max_docs as i64)])
+                .await
+                .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+            let Some(l) = rows.last() else { return Ok(()) };
+            last = Some(l.get(0));
+            let mut ops = Vec::with_capacity(rows.len());
+            for r in &rows {
+                ops.push(BulkOp::Index { id: r.get(0), version, doc: self.finish(r.get(1))? });
+            }
+            self.bulk(ops).await?;
+        }
+    }
+
+    /// Sends `ops` with `_bulk`; retries the whole request or the items that failed with
+    /// 429/5xx (backoff, capped); refused items go to the dead-letter table.
+    async fn bulk(&self, mut ops: Vec<BulkOp>) -> Result<()> {
+        let index = &self.opts.index;
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=RETRY_ATTEMPTS {
+            let mut body = String::with_capacity(ops.len() * 512);
+            for op in &ops {
+                let (action, doc) = match op {
+                    BulkOp::Index { id, version, doc } => ("index", Some((id, version, doc))),
+                    BulkOp::Delete { .. } => ("delete", None),
+                };
+                let (id, version) = match op {
+                    BulkOp::Index { id, version, .. } | BulkOp::Delete { id, version } => (id, version),
+                };
+                body.push_str(&json!({action: {"_index": index, "_id": id, "version": version, "version_type": "external"}}).to_string());
+                body.push('\n');
+                if let Some((_, _, doc)) = doc {
+                    body.push_str(doc);
+                    body.push('\n');
+                }
+            }
+            let sent = self.request(reqwest::Method::POST, "/_bulk").header("content-type", "application/x-ndjson").body(body).send().await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "search bulk request failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            if status.as_u16() == 429 || status.is_server_error() {
+                tracing::warn!(attempt, %status, "search service busy or failing; retrying the bulk request");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            let text = resp.text().await.map_err(|e| SinkError::transient(format!("search bulk response: {e}")))?;
+            if !status.is_success() {
+                return Err(SinkError::permanent(format!("search service refused the bulk request ({status}): {text}")));
+            }
+            let v: Value = serde_json::from_str(&text).map_err(|e| SinkError::transient(format!("search bulk response is not JSON: {e}")))?;
+            let items = v.get("items").and_then(Value::as_array).ok_or_else(|| SinkError::transient("search bulk response has no items"))?;
+            if items.len() != ops.len() {
+                return Err(SinkError::transient(format!("search bulk response has {} items for {} operations", items.len(), ops.len())));
+            }
+            let mut retry = Vec::new();
+            let mut dead = Vec::new();
+            for (op, item) in ops.into_iter().zip(items) {
+                let result = item.as_object().and_then(|o| o.values().next()).cloned().unwrap_or(Value::Null);
+                let code = result.get("status").and_then(Value::as_u64).unwrap_or(500);
+                match code {
+                    200..=299 => {}
+                    // Deleting a document that is not there, or a newer version already indexed.
+                    404 if matches!(op, BulkOp::Delete { .. }) => {}
+                    409 => {}
+                    429 | 500..=599 => retry.push(op),
+                    _ => {
+                        let err = result.get("error").cloned().unwrap_or(Value::Null);
+                        let reason = format!(
+                            "{}: {}",
+                            err.get("type").and_then(Value::as_str).unwrap_or("error"),
+                            err.get("reason").and_then(Value::as_str).unwrap_or("")
+                        );
+                        dead.push((op, code, reason));
+                    }
+                }
+            }
+            if !dead.is_empty() {
+                self.dead_letter(dead).await?;
+            }
+            if retry.is_empty() {
+                return Ok(());
+            }
+            tracing::warn!(attempt, items = retry.len(), "search service rejected items for now; retrying them");
+            ops = retry;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        Err(SinkError::transient(format!("search service at {} did not accept the bulk request after {RETRY_ATTEMPTS} attempts", self.opts.url)))
+    }
+
+    async fn dead_letter(&self, dead: Vec<(BulkOp, u64, String)>) -> Result<()> {
+        let n = dead.len();
+        let (mut ids, mut versions, mut statuses, mut reasons, mut docs) = (vec![], vec![], vec![], vec![], vec![]);
+        for (op, status, reason) in dead {
+            ids.push(op.id().to_owned());
+            statuses.push(status as i32);
+            reasons.push(reason);
+            match op {
+                BulkOp::Index { version, doc, .. } => {
+                    versions.push(version as i64);
+                    docs.push(Some(doc));
+                }
+                BulkOp::Delete { version, .. } => {
+                    versions.push(version as i64);
+                    docs.push(None);
+                }
+            }
+        }
+        self.state
+            .execute(
+                "INSERT INTO sluice.search_dead_letters (pipeline, index_name, doc_id, version, status, reason, document)
+                 SELECT $1, $2, * FROM unnest($3::text[], $4::int8[], $5::int4[], $6::text[], $7::text[])",
+                &[&self.opts.pipeline, &self.opts.index, &ids, &versions, &statuses, &reasons, &docs],
+            )
+            .await
+            .map_err(|e| SinkError::pg("writing to sluice.search_dead_letters", e))?;
+        // Ids and documents are row data: they stay in the table, out of the logs.
+        tracing::error!(documents = n, index = %self.opts.index, "search service refused documents; they are in sluice.search_dead_letters with the reason");
+        Ok(())
+    }
+}
