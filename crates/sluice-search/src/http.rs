@@ -19,6 +19,9 @@ use crate::service::SearchService;
 type Svc = State<Arc<SearchService>>;
 type Params = Query<HashMap<String, String>>;
 
+/// Largest request body accepted (100 MiB, as Elasticsearch's default).
+pub const MAX_CONTENT_LENGTH: usize = 100 * 1024 * 1024;
+
 pub fn router(svc: Arc<SearchService>) -> Router {
     Router::new()
         .route("/", get(info).head(|| async { StatusCode::OK }))
@@ -37,6 +40,8 @@ pub fn router(svc: Arc<SearchService>) -> Router {
         .route("/{index}/_search", get(search).post(search))
         .route("/{index}/_count", get(count).post(count))
         .fallback(|| async { EsError::bad_request("illegal_argument_exception", "no handler found for this request path and method") })
+        // Elasticsearch's http.max_content_length.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_CONTENT_LENGTH))
         .with_state(svc)
 }
 

@@ -23,6 +23,7 @@ use tantivy::schema::{
     FAST, INDEXED, IndexRecordOption, JsonObjectOptions, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
     Value as _,
 };
+use tantivy::indexer::UserOperation;
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use crate::error::{EsError, EsResult};
@@ -468,7 +469,9 @@ impl SearchIndex {
 
     fn apply(&self, st: &mut WriteState, e: Entry, indexed: Option<Indexed>) -> EsResult<()> {
         let f = self.fields;
-        st.writer.delete_term(Term::from_field_text(f.uid, &e.id));
+        // One group: the delete, the root and its nested objects land in one segment,
+        // which `nested` queries rely on (see `query::ParentsQuery`).
+        let mut ops = vec![UserOperation::Delete(Term::from_field_text(f.uid, &e.id))];
         let mut root = TantivyDocument::new();
         root.add_text(f.uid, &e.id);
         root.add_u64(f.version, e.v);
@@ -479,20 +482,22 @@ impl SearchIndex {
                 root.add_u64(f.kind, KIND_ROOT);
                 root.add_bytes(f.source, &serde_json::to_vec(src).map_err(EsError::internal)?);
                 add_json(&mut root, f, kw, text, &fields);
-                st.writer.add_document(root)?;
+                ops.push(UserOperation::Add(root));
                 for child in children {
                     let mut d = TantivyDocument::new();
                     d.add_text(f.uid, &e.id);
                     d.add_u64(f.kind, KIND_CHILD);
                     d.add_text(f.nested, &child.path);
                     add_json(&mut d, f, child.kw, child.text, &child.fields);
-                    st.writer.add_document(d)?;
+                    ops.push(UserOperation::Add(d));
                 }
+                st.writer.run(ops)?;
                 st.live.insert(e.id, Live::Doc { version: e.v, seq: e.s, source: Arc::new(src.clone()) });
             }
             _ => {
                 root.add_u64(f.kind, KIND_TOMBSTONE);
-                st.writer.add_document(root)?;
+                ops.push(UserOperation::Add(root));
+                st.writer.run(ops)?;
                 st.live.insert(e.id, Live::Deleted { version: e.v });
             }
         }

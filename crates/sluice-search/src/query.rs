@@ -1,29 +1,25 @@
 //! Elasticsearch's query DSL translated to tantivy queries over the `_kw`, `_text` and
 //! `_fields` JSON fields (see `mapping`).
 
-use std::collections::HashSet;
 use std::ops::Bound;
 
 use serde_json::{Map, Value};
-use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::query::{
-    AllQuery, BooleanQuery, BoostQuery, ConstScoreQuery, EmptyQuery, InvertedIndexRangeQuery, Occur, PhraseQuery, Query,
-    RangeQuery, RegexQuery, TermQuery, TermSetQuery,
+    AllQuery, BitSetDocSet, BooleanQuery, BoostQuery, ConstScoreQuery, ConstScorer, EmptyQuery, EmptyScorer, EnableScoring,
+    InvertedIndexRangeQuery, Occur, PhraseQuery, Query, RangeQuery, RegexQuery, Scorer, TermQuery, TermSetQuery, Weight,
 };
 use tantivy::schema::IndexRecordOption;
 use tantivy::tokenizer::TokenizerManager;
-use tantivy::{DocId, Score, Searcher, SegmentOrdinal, SegmentReader, Term};
+use tantivy::{BitSet, DocId, DocSet as _, Score, SegmentReader, TERMINATED, Term};
 
 use crate::error::{EsError, EsResult};
-use crate::index::{Fields, KIND_CHILD};
+use crate::index::{Fields, KIND_CHILD, KIND_ROOT};
 use crate::mapping::{Kind, Mapping, coerce, parse_date_millis};
 
 pub(crate) struct QueryCtx<'a> {
     pub mapping: &'a Mapping,
     pub f: Fields,
     pub tokenizers: &'a TokenizerManager,
-    /// Needed by `nested` queries, which first find the matching child documents.
-    pub searcher: Option<&'a Searcher>,
 }
 
 type Q = Box<dyn Query>;
@@ -337,16 +333,13 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
                     return Err(EsError::bad_request("query_shard_exception", format!("[nested] failed to find nested object under path [{path}]")));
                 }
             }
-            let searcher = ctx.searcher.ok_or_else(|| EsError::illegal("[nested] queries are not supported inside aggregations here"))?;
             let inner_q = build(ctx, inner)?;
-            let child_q = BooleanQuery::new(vec![
+            let children: Q = Box::new(BooleanQuery::new(vec![
                 (Occur::Must, inner_q),
                 (Occur::Must, Box::new(TermQuery::new(Term::from_field_u64(ctx.f.kind, KIND_CHILD), IndexRecordOption::Basic))),
                 (Occur::Must, Box::new(TermQuery::new(Term::from_field_text(ctx.f.nested, path), IndexRecordOption::Basic))),
-            ]);
-            let parents = searcher.search(&child_q, &UidCollector)?;
-            let terms: Vec<Term> = parents.iter().map(|id| Term::from_field_text(ctx.f.uid, id)).collect();
-            Ok(Box::new(ConstScoreQuery::new(Box::new(TermSetQuery::new(terms)), 1.0)))
+            ]));
+            Ok(Box::new(ParentsQuery { children, kind: ctx.f.kind }))
         }
         other => Err(EsError::parsing(format!("unknown query [{other}]"))),
     }
@@ -387,48 +380,73 @@ fn regex_escape(s: &str) -> String {
     out
 }
 
-/// Collects the `_uid` of matching documents (the parents of matching nested objects).
-pub(crate) struct UidCollector;
-
-pub(crate) struct UidSegment {
-    column: Option<tantivy::columnar::StrColumn>,
-    ords: HashSet<u64>,
+/// Root documents with at least one nested object matching `children` (a query that
+/// already selects child documents of one path). A root and its nested objects share
+/// the `_uid` and are written as one group into one segment (`IndexWriter::run`), so
+/// within a segment they share the `_uid` term ordinal: no strings, no second pass.
+#[derive(Debug)]
+pub(crate) struct ParentsQuery {
+    pub children: Box<dyn Query>,
+    pub kind: tantivy::schema::Field,
 }
 
-impl Collector for UidCollector {
-    type Fruit = HashSet<String>;
-    type Child = UidSegment;
-    fn for_segment(&self, _: SegmentOrdinal, reader: &SegmentReader) -> tantivy::Result<UidSegment> {
-        Ok(UidSegment { column: reader.fast_fields().str("_uid")?, ords: HashSet::new() })
-    }
-    fn requires_scoring(&self) -> bool {
-        false
-    }
-    fn merge_fruits(&self, fruits: Vec<HashSet<String>>) -> tantivy::Result<HashSet<String>> {
-        Ok(fruits.into_iter().flatten().collect())
+impl Clone for ParentsQuery {
+    fn clone(&self) -> Self {
+        ParentsQuery { children: self.children.box_clone(), kind: self.kind }
     }
 }
 
-impl SegmentCollector for UidSegment {
-    type Fruit = HashSet<String>;
-    fn collect(&mut self, doc: DocId, _: Score) {
-        if let Some(col) = &self.column {
-            for ord in col.term_ords(doc) {
-                self.ords.insert(ord);
+struct ParentsWeight {
+    children: Box<dyn Weight>,
+    kind: tantivy::schema::Field,
+}
+
+impl Query for ParentsQuery {
+    fn weight(&self, scoring: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
+        let plain = EnableScoring::disabled_from_schema(scoring.schema());
+        Ok(Box::new(ParentsWeight { children: self.children.weight(plain)?, kind: self.kind }))
+    }
+}
+
+impl Weight for ParentsWeight {
+    fn scorer(&self, reader: &SegmentReader, boost: Score) -> tantivy::Result<Box<dyn Scorer>> {
+        let Some(uid) = reader.fast_fields().str("_uid")? else { return Ok(Box::new(EmptyScorer)) };
+        let alive = reader.alive_bitset();
+        let is_alive = |d: DocId| alive.is_none_or(|a| a.is_alive(d));
+        // Ordinals of the `_uid`s of live matching children.
+        let mut owners = BitSet::with_max_value(uid.num_terms().max(1) as u32);
+        let mut found = false;
+        let mut children = self.children.scorer(reader, 1.0)?;
+        let mut d = children.doc();
+        while d != TERMINATED {
+            if is_alive(d)
+                && let Some(o) = uid.term_ords(d).next()
+            {
+                owners.insert(o as u32);
+                found = true;
             }
+            d = children.advance();
         }
-    }
-    fn harvest(self) -> HashSet<String> {
-        let mut out = HashSet::with_capacity(self.ords.len());
-        if let Some(col) = &self.column {
-            let mut s = String::new();
-            for ord in self.ords {
-                s.clear();
-                if col.ord_to_str(ord, &mut s).unwrap_or(false) {
-                    out.insert(s.clone());
+        if !found {
+            return Ok(Box::new(EmptyScorer));
+        }
+        let mut parents = BitSet::with_max_value(reader.max_doc().max(1));
+        let roots = reader.inverted_index(self.kind)?;
+        if let Some(mut postings) = roots.read_postings(&Term::from_field_u64(self.kind, KIND_ROOT), IndexRecordOption::Basic)? {
+            let mut d = postings.doc();
+            while d != TERMINATED {
+                if is_alive(d)
+                    && uid.term_ords(d).next().is_some_and(|o| owners.contains(o as u32))
+                {
+                    parents.insert(d);
                 }
+                d = postings.advance();
             }
         }
-        out
+        Ok(Box::new(ConstScorer::new(BitSetDocSet::from(parents), boost)))
+    }
+
+    fn explain(&self, _: &SegmentReader, _: DocId) -> tantivy::Result<tantivy::query::Explanation> {
+        Err(tantivy::TantivyError::InvalidArgument("explain is not supported for nested queries".into()))
     }
 }

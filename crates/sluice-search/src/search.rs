@@ -42,6 +42,8 @@ enum SortVal {
     Missing,
     Num(f64),
     Str(String),
+    /// A string as a term ordinal of one segment (see `ord_bound`), while collecting.
+    Ord(u64),
 }
 
 impl SortVal {
@@ -51,6 +53,7 @@ impl SortVal {
             (SortVal::Num(n), SortBy::Num { integer: true, .. } | SortBy::Doc) => json!(*n as i64),
             (SortVal::Num(n), _) => json!(n),
             (SortVal::Str(s), _) => json!(s),
+            (SortVal::Ord(o), _) => json!(o),
         }
     }
 }
@@ -134,11 +137,14 @@ enum Col {
 
 struct SortSegment {
     specs: Vec<SortSpec>,
+    /// `search_after`, with strings turned into this segment's ordinals.
     after: Option<Vec<SortVal>>,
     keep: usize,
     cols: Vec<Col>,
     segment: SegmentOrdinal,
     hits: Vec<(Vec<SortVal>, DocAddress)>,
+    /// The `keep`-th best key so far: a document not better than it cannot make the page.
+    worst: Option<Vec<SortVal>>,
 }
 
 type Hit = (Vec<SortVal>, DocAddress);
@@ -146,6 +152,32 @@ type Hit = (Vec<SortVal>, DocAddress);
 fn top(specs: &[SortSpec], hits: &mut Vec<Hit>, keep: usize) {
     hits.sort_by(|a, b| cmp_key(specs, &a.0, &b.0).then(a.1.cmp(&b.1)));
     hits.truncate(keep);
+}
+
+/// Where `s` falls among a segment's terms, in the doubled ordinal space of
+/// [`SortVal::Ord`]: `2 * ord + 1` when it is term `ord`, `2 * ord` when it falls just
+/// before term `ord`. Terms are stored sorted, so ordinals compare as the strings do.
+fn ord_bound(c: &StrColumn, s: &str) -> u64 {
+    let n = c.num_terms() as u64;
+    let (mut lo, mut hi) = (0u64, n);
+    let mut buf = String::new();
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        buf.clear();
+        let _ = c.ord_to_str(mid, &mut buf);
+        if buf.as_str() < s { lo = mid + 1 } else { hi = mid }
+    }
+    buf.clear();
+    let exact = lo < n && c.ord_to_str(lo, &mut buf).unwrap_or(false) && buf == s;
+    if exact { 2 * lo + 1 } else { 2 * lo }
+}
+
+fn fold_best(best: &mut Option<f64>, v: f64, desc: bool) {
+    *best = Some(match *best {
+        None => v,
+        Some(b) if desc => b.max(v),
+        Some(b) => b.min(v),
+    });
 }
 
 impl Collector for SortCollector {
@@ -167,7 +199,17 @@ impl Collector for SortCollector {
                 SortBy::Str { column } => Col::Str(ff.str(column)?),
             });
         }
-        Ok(SortSegment { specs: self.specs.clone(), after: self.after.clone(), keep: self.keep, cols, segment, hits: Vec::new() })
+        let after = self.after.as_ref().map(|after| {
+            after
+                .iter()
+                .zip(&cols)
+                .map(|(v, c)| match (v, c) {
+                    (SortVal::Str(s), Col::Str(Some(c))) => SortVal::Ord(ord_bound(c, s)),
+                    (v, _) => v.clone(),
+                })
+                .collect()
+        });
+        Ok(SortSegment { specs: self.specs.clone(), after, keep: self.keep, cols, segment, hits: Vec::new(), worst: None })
     }
     fn requires_scoring(&self) -> bool {
         self.specs.iter().any(|s| matches!(s.by, SortBy::Score))
@@ -179,62 +221,94 @@ impl Collector for SortCollector {
     }
 }
 
+impl SortSegment {
+    fn key(&self, doc: DocId, score: Score) -> Vec<SortVal> {
+        let mut key = Vec::with_capacity(self.specs.len());
+        for i in 0..self.specs.len() {
+            key.push(self.value(i, doc, score));
+        }
+        key
+    }
+
+    /// The first sort value (numbers and ordinals are cheap to read).
+    fn first_value(&self, doc: DocId, score: Score) -> Option<SortVal> {
+        (!self.specs.is_empty()).then(|| self.value(0, doc, score))
+    }
+
+    fn value(&self, i: usize, doc: DocId, score: Score) -> SortVal {
+        let (spec, col) = (&self.specs[i], &self.cols[i]);
+        match (&spec.by, col) {
+            (SortBy::Score, _) => SortVal::Num(score as f64),
+            (SortBy::Doc, _) => SortVal::Num(((self.segment as u64) << 32 | doc as u64) as f64),
+            (_, Col::Num(cols)) => {
+                // Multi-valued fields sort by their smallest value ascending, largest descending.
+                let mut best: Option<f64> = None;
+                for c in cols {
+                    match c {
+                        DynamicColumn::I64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v as f64, spec.desc)),
+                        DynamicColumn::U64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v as f64, spec.desc)),
+                        DynamicColumn::F64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v, spec.desc)),
+                        DynamicColumn::Bool(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, if v { 1.0 } else { 0.0 }, spec.desc)),
+                        _ => {}
+                    }
+                }
+                best.map_or(SortVal::Missing, SortVal::Num)
+            }
+            // Ordinals while collecting; strings only for the documents kept (harvest).
+            (_, Col::Str(Some(c))) => {
+                let mut ords = c.term_ords(doc);
+                let ord = if spec.desc { ords.max() } else { ords.next() };
+                ord.map_or(SortVal::Missing, |o| SortVal::Ord(2 * o + 1))
+            }
+            _ => SortVal::Missing,
+        }
+    }
+}
+
 impl SegmentCollector for SortSegment {
     type Fruit = Vec<Hit>;
     fn collect(&mut self, doc: DocId, score: Score) {
-        let mut key = Vec::with_capacity(self.specs.len());
-        for (spec, col) in self.specs.iter().zip(&self.cols) {
-            key.push(match (&spec.by, col) {
-                (SortBy::Score, _) => SortVal::Num(score as f64),
-                (SortBy::Doc, _) => SortVal::Num(((self.segment as u64) << 32 | doc as u64) as f64),
-                (_, Col::Num(cols)) => {
-                    // Multi-valued fields sort by their smallest value ascending, largest descending.
-                    let mut best: Option<f64> = None;
-                    for c in cols {
-                        let vals: Vec<f64> = match c {
-                            DynamicColumn::I64(c) => c.values_for_doc(doc).map(|v| v as f64).collect(),
-                            DynamicColumn::U64(c) => c.values_for_doc(doc).map(|v| v as f64).collect(),
-                            DynamicColumn::F64(c) => c.values_for_doc(doc).collect(),
-                            DynamicColumn::Bool(c) => c.values_for_doc(doc).map(|v| if v { 1.0 } else { 0.0 }).collect(),
-                            _ => Vec::new(),
-                        };
-                        for v in vals {
-                            best = Some(match best {
-                                None => v,
-                                Some(b) if spec.desc => b.max(v),
-                                Some(b) => b.min(v),
-                            });
-                        }
-                    }
-                    best.map_or(SortVal::Missing, SortVal::Num)
-                }
-                (_, Col::Str(Some(c))) => {
-                    let mut ords = c.term_ords(doc);
-                    let ord = if spec.desc { ords.max() } else { ords.next() };
-                    match ord {
-                        Some(o) => {
-                            let mut s = String::new();
-                            let _ = c.ord_to_str(o, &mut s);
-                            SortVal::Str(s)
-                        }
-                        None => SortVal::Missing,
-                    }
-                }
-                _ => SortVal::Missing,
-            });
+        if self.keep == 0 {
+            return;
         }
+        // Most documents lose on the first sort value alone: check it before building
+        // the whole key.
+        if let Some(w) = &self.worst
+            && let Some(first) = self.first_value(doc, score)
+            && matches!(cmp_key(&self.specs[..1], std::slice::from_ref(&first), &w[..1]), Ordering::Greater)
+        {
+            return;
+        }
+        let key = self.key(doc, score);
         if let Some(after) = &self.after
             && cmp_key(&self.specs, &key, after) != Ordering::Greater
+        {
+            return;
+        }
+        // Documents arrive in id order, so one equal to the worst kept loses the tie.
+        if let Some(w) = &self.worst
+            && cmp_key(&self.specs, &key, w) != Ordering::Less
         {
             return;
         }
         self.hits.push((key, DocAddress::new(self.segment, doc)));
         if self.hits.len() >= self.keep.max(64) * 2 {
             top(&self.specs, &mut self.hits, self.keep);
+            self.worst = self.hits.get(self.keep - 1).map(|h| h.0.clone());
         }
     }
     fn harvest(mut self) -> Vec<Hit> {
         top(&self.specs, &mut self.hits, self.keep);
+        // Across segments, strings compare (ordinals are per segment).
+        for (key, _) in &mut self.hits {
+            for (v, col) in key.iter_mut().zip(&self.cols) {
+                if let (SortVal::Ord(o), Col::Str(Some(c))) = (&*v, col) {
+                    let mut s = String::new();
+                    let _ = c.ord_to_str((o - 1) / 2, &mut s);
+                    *v = SortVal::Str(s);
+                }
+            }
+        }
         self.hits
     }
 }
@@ -250,7 +324,7 @@ struct EsFilter {
 impl QueryBuilder for EsFilter {
     fn build_query(&self, schema: &Schema, tokenizers: &TokenizerManager) -> tantivy::Result<Box<dyn Query>> {
         let mapping = Mapping::parse(&self.mapping).map_err(|e| tantivy::TantivyError::InvalidArgument(e.reason))?;
-        let ctx = QueryCtx { mapping: &mapping, f: fields(schema), tokenizers, searcher: None };
+        let ctx = QueryCtx { mapping: &mapping, f: fields(schema), tokenizers };
         build(&ctx, &self.query).map_err(|e| tantivy::TantivyError::InvalidArgument(e.reason))
     }
     fn box_clone(&self) -> Box<dyn QueryBuilder> {
@@ -409,7 +483,7 @@ pub fn search(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
     let mapping = ix.mapping.read().expect("poisoned").clone();
     let searcher = ix.searcher();
     let tokenizers = ix.tokenizers();
-    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers, searcher: Some(&searcher) };
+    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers };
     let query = match body.get("query") {
         Some(q) => build(&ctx, q)?,
         None => Box::new(tantivy::query::AllQuery),
@@ -537,7 +611,7 @@ pub fn count(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
     let mapping = ix.mapping.read().expect("poisoned").clone();
     let searcher = ix.searcher();
     let tokenizers = ix.tokenizers();
-    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers, searcher: Some(&searcher) };
+    let ctx = QueryCtx { mapping: &mapping, f: ix.fields, tokenizers: &tokenizers };
     let q = match body.get("query") {
         Some(q) => build(&ctx, q)?,
         None => Box::new(tantivy::query::AllQuery),

@@ -99,12 +99,19 @@ pub struct SearchSinkConfig {
     /// Documents per `_bulk` request (and root rows per page of the initial load).
     #[serde(default = "default_bulk_docs")]
     pub bulk_max_docs: usize,
+    /// Largest `_bulk` request body, in bytes (Elasticsearch advises 5-15 MB).
+    #[serde(default = "default_bulk_bytes")]
+    pub bulk_max_bytes: usize,
     /// Where the initial load's progress and refused documents (dead letters) are kept.
     pub state: PgConnConfig,
 }
 
 fn default_bulk_docs() -> usize {
     1000
+}
+
+fn default_bulk_bytes() -> usize {
+    8 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -360,6 +367,7 @@ impl PipelineConfig {
             username: s.username.clone(),
             password: s.password.clone(),
             bulk_max_docs: s.bulk_max_docs,
+            bulk_max_bytes: s.bulk_max_bytes,
             pipeline: self.pipeline.clone(),
         })
     }
@@ -382,6 +390,9 @@ impl SearchSinkConfig {
         }
         if self.bulk_max_docs == 0 || self.bulk_max_docs > 100_000 {
             return Err("sink.search.bulk_max_docs: must be between 1 and 100000".into());
+        }
+        if self.bulk_max_bytes < 64 * 1024 || self.bulk_max_bytes > 100 * 1024 * 1024 {
+            return Err("sink.search.bulk_max_bytes: must be between 65536 and 104857600 (64 KiB to 100 MiB)".into());
         }
         if self.password.is_some() && self.username.is_none() {
             return Err("sink.search.password: set username too (basic authentication)".into());

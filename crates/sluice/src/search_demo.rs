@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail};
 use axum::extract::{Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use rand::Rng as _;
@@ -90,7 +90,10 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
         if n >= docs as u64 && metrics.snapshot.chunks_done.load(Ordering::Relaxed) > 0 {
             break;
         }
-        ensure!(!runner.is_finished(), "the pipeline stopped during the initial load");
+        if runner.is_finished() {
+            runner.await??;
+            bail!("the pipeline stopped during the initial load");
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let secs = t.elapsed().as_secs_f64();
@@ -138,7 +141,10 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
         if o.duration.is_some_and(|d| started.elapsed() >= d) || *shutdown.borrow() {
             break;
         }
-        ensure!(!runner.is_finished(), "the pipeline stopped while streaming");
+        if runner.is_finished() {
+            runner.await??;
+            bail!("the pipeline stopped while streaming");
+        }
         let tick = Instant::now();
         let per_tick = o.rate.div_ceil(10);
         if per_tick > 0 {

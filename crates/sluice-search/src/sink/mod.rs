@@ -66,6 +66,8 @@ pub struct SearchSinkOptions {
     pub password: Option<SecretString>,
     /// Documents per `_bulk` request.
     pub bulk_max_docs: usize,
+    /// Bytes per `_bulk` request body (a request is cut before it grows past this).
+    pub bulk_max_bytes: usize,
     /// Names this pipeline's rows in the state tables.
     pub pipeline: String,
 }
@@ -320,9 +322,25 @@ impl SearchSink {
         }
     }
 
-    /// Sends `ops` with `_bulk`; retries the whole request or the items that failed with
+    /// Sends `ops` in `_bulk` requests of at most `bulk_max_bytes` each.
+    async fn bulk(&self, ops: Vec<BulkOp>) -> Result<()> {
+        let mut part = Vec::new();
+        let mut bytes = 0usize;
+        for op in ops {
+            let size = 128 + op.id().len() + if let BulkOp::Index { doc, .. } = &op { doc.len() } else { 0 };
+            if !part.is_empty() && bytes + size > self.opts.bulk_max_bytes {
+                self.bulk_request(std::mem::take(&mut part)).await?;
+                bytes = 0;
+            }
+            bytes += size;
+            part.push(op);
+        }
+        if part.is_empty() { Ok(()) } else { self.bulk_request(part).await }
+    }
+
+    /// One `_bulk` request; retries the whole request or the items that failed with
     /// 429/5xx (backoff, capped); refused items go to the dead-letter table.
-    async fn bulk(&self, mut ops: Vec<BulkOp>) -> Result<()> {
+    async fn bulk_request(&self, mut ops: Vec<BulkOp>) -> Result<()> {
         let index = &self.opts.index;
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=RETRY_ATTEMPTS {
@@ -360,6 +378,12 @@ impl SearchSink {
                 continue;
             }
             let text = resp.text().await.map_err(|e| SinkError::transient(format!("search bulk response: {e}")))?;
+            if status.as_u16() == 413 {
+                return Err(SinkError::permanent(format!(
+                    "search service refused a {} byte bulk request as too large (413): lower sink.search.bulk_max_bytes",
+                    ops.iter().map(|o| if let BulkOp::Index { doc, .. } = o { doc.len() } else { 0 }).sum::<usize>()
+                )));
+            }
             if !status.is_success() {
                 return Err(SinkError::permanent(format!("search service refused the bulk request ({status}): {text}")));
             }
