@@ -110,7 +110,7 @@ try:
     raise AssertionError("deleted document still found")
 except NotFoundError:
     pass
-client.index(index=index, id="ext", body={"name": "x"}, version=5, version_type="external")
+client.index(index=index, id="ext", body={"name": "x"}, version=5, version_type="external", refresh=True)
 try:
     client.index(index=index, id="ext", body={"name": "y"}, version=4, version_type="external")
     raise AssertionError("older external version accepted")
