@@ -495,3 +495,49 @@ async fn main_server_embeds_the_search_service() {
     server.assert_running();
     assert_eq!(server.terminate(), Some(0));
 }
+
+/// `(doc_id, status, reason)` of the dead letters of `index`.
+async fn dead_letters(dst: &tokio_postgres::Client, index: &str) -> Vec<(String, i32, String)> {
+    dst.query("SELECT doc_id, status, reason FROM sluice.search_dead_letters WHERE index_name = $1 ORDER BY doc_id::int8", &[&index])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1), r.get::<_, String>(2)))
+        .collect()
+}
+
+/// A document the service refuses for good (a mapping conflict) goes to the dead-letter
+/// table with the reason; the rest of its batch lands, the pipeline keeps going, and a
+/// later fix of the row replaces the dead letter's document in the index.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_documents_are_dead_lettered_not_retried_forever() {
+    let env = Env::new("search_dead").await;
+    let src = env.src().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    src.batch_execute("UPDATE metrics SET unit = '5' WHERE id % 10 <> 0").await.unwrap();
+    let svc = spawn_search(&env.dir).await;
+    // An index made earlier by someone else, where `unit` is a number: a metric whose
+    // unit is 'ms' cannot be indexed there.
+    let (s, r) = http("PUT", &format!("{}/conflicted", svc.url), Some(r#"{"mappings": {"properties": {"unit": {"type": "long"}, "id": {"type": "long"}}}}"#));
+    assert_eq!(s, 200, "{r}");
+    let cfg = search_config(&env, &svc.url, "conflicted", DOCUMENT);
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
+    let dst = env.dst().await;
+    wait_for("the refused documents in the dead-letter table", Duration::from_secs(30), || async { dead_letters(&dst, "conflicted").await.len() == 6 }).await;
+    let letters = dead_letters(&dst, "conflicted").await;
+    assert_eq!(letters.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["10", "20", "30", "40", "50", "60"]);
+    assert!(letters.iter().all(|l| l.1 == 400 && l.2.contains("document_parsing_exception")), "{letters:?}");
+    let docs = svc.all_docs("conflicted");
+    assert_eq!(docs.len(), 54, "the rest of each batch landed");
+    // The pipeline goes on: a fixed row and a new change both arrive.
+    src.batch_execute("UPDATE metrics SET unit = '7' WHERE id = 10; UPDATE metrics SET name = 'after' WHERE id = 11").await.unwrap();
+    wait_for("the fixed document", Duration::from_secs(30), || async {
+        let d = svc.all_docs("conflicted");
+        d.get("10").is_some_and(|d| d["unit"] == "7") && d.get("11").is_some_and(|d| d["name"] == "after")
+    })
+    .await;
+    p.assert_running();
+    assert!(!p.log().contains("retrying"), "refused documents must not be retried: {}", p.log());
+    assert_eq!(p.terminate(), Some(0));
+}
