@@ -148,7 +148,7 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
     let poller = {
         let (pending, lags, writing, http, url) = (pending.clone(), lags.clone(), writing.clone(), http.clone(), svc.url.clone());
         tokio::spawn(async move {
-            let deadline_after_writes = Duration::from_secs(10);
+            let deadline_after_writes = Duration::from_secs(60);
             let mut stopped_at: Option<Instant> = None;
             loop {
                 let markers: Vec<String> = pending.lock().await.keys().cloned().collect();
@@ -204,6 +204,7 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
     let lag = ms_percentiles(&lags.lock().await);
     eprintln!("  {lag}");
     let pipeline_rss = peak_rss_mb();
+    let reconnects = metrics.reconnects.load(Ordering::Relaxed);
     let _ = stop.send(true);
     handle.await??;
 
@@ -256,5 +257,6 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
         "speedup_p90": ((p90(&pg) / p90(&es)) * 10.0).round() / 10.0,
         "lag": {"rate_per_s": achieved.round(), "changes": n, "commit_to_searchable": lag},
         "peak_rss_mb": {"search_service": service_rss.round(), "pipeline_and_bench": pipeline_rss.round()},
+        "pipeline_reconnects": reconnects,
     }))
 }

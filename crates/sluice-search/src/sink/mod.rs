@@ -94,6 +94,14 @@ CREATE TABLE IF NOT EXISTS sluice.search_dead_letters (
     created_at timestamptz NOT NULL DEFAULT now()
 );";
 
+/// How many of the 32-bit transaction ids `$1` the current snapshot does not show yet
+/// (each widened to its 64-bit form with the epoch of the snapshot's xmax).
+const UNSEEN_XIDS: &str = "
+WITH s AS (SELECT pg_current_snapshot() AS snap, pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS xmax)
+SELECT count(*) FROM s, unnest($1::int8[]) AS x
+WHERE NOT pg_visible_in_snapshot(
+    ((((s.xmax >> 32) - CASE WHEN x > (s.xmax & 4294967295) THEN 1 ELSE 0 END) << 32) | x)::text::xid8, s.snap)";
+
 enum BulkOp {
     Index { id: String, version: u64, doc: String },
     Delete { id: String, version: u64 },
@@ -267,22 +275,68 @@ impl SearchSink {
                 self.plan.affected(e, &mut direct, &mut queries);
             }
         }
-        if everything {
-            return self.rebuild_all(version).await;
+        if !everything && direct.is_empty() && queries.is_empty() {
+            return Ok(());
         }
-        for (sql, keys) in queries {
-            let rows = self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
-            direct.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        // Read the source in a snapshot that sees every transaction of the batch: see
+        // `begin_read`. Documents are built first, sent after the snapshot is released.
+        let xids: Vec<i64> = batch.iter().map(|t| i64::from(t.xid)).collect();
+        self.begin_read(&xids).await?;
+        let built = async {
+            if everything {
+                return self.rebuild_all(version).await.map(|()| Vec::new());
+            }
+            for (sql, keys) in queries {
+                let rows = self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
+                direct.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            }
+            let mut seen = HashSet::with_capacity(direct.len());
+            direct.retain(|id| seen.insert(id.clone()));
+            let mut ops = Vec::with_capacity(direct.len());
+            for chunk in direct.chunks(self.opts.bulk_max_docs.max(1)) {
+                ops.extend(self.build(chunk, version).await?);
+            }
+            Ok(ops)
         }
-        let mut seen = HashSet::with_capacity(direct.len());
-        direct.retain(|id| seen.insert(id.clone()));
-        for chunk in direct.chunks(self.opts.bulk_max_docs.max(1)) {
-            self.rebuild(chunk, version).await?;
-        }
-        Ok(())
+        .await;
+        let ended = self.source.batch_execute(if built.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
+        let ops = built?;
+        ended.map_err(|e| SinkError::pg("ending the read of the source", e))?;
+        self.bulk(ops).await
     }
 
-    async fn rebuild(&self, ids: &[String], version: u64) -> Result<()> {
+    /// Opens a read-only repeatable-read transaction on the source whose snapshot sees
+    /// every transaction in `xids`. A transaction's commit record reaches logical
+    /// decoding once it is flushed, a moment before the committing backend makes it
+    /// visible to other sessions; a document read in that moment would miss the change
+    /// and still carry the change's LSN as its version, and no replay could fix it.
+    async fn begin_read(&self, xids: &[i64]) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            self.source
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| SinkError::pg("reading the source", e))?;
+            let unseen: i64 = self
+                .source
+                .query_one(UNSEEN_XIDS, &[&xids])
+                .await
+                .map_err(|e| SinkError::pg("checking that the source shows the batch", e))?
+                .get(0);
+            if unseen == 0 {
+                return Ok(());
+            }
+            self.source.batch_execute("ROLLBACK").await.map_err(|e| SinkError::pg("reading the source", e))?;
+            if std::time::Instant::now() > deadline {
+                return Err(SinkError::transient(format!("{unseen} committed source transactions are still not visible after 30 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The documents of root `ids`, built from the source; a root id that names no row
+    /// any more becomes a delete.
+    async fn build(&self, ids: &[String], version: u64) -> Result<Vec<BulkOp>> {
         let rows = self
             .source
             .query(self.plan.build_sql(), &[&ids])
@@ -294,13 +348,12 @@ impl SearchSink {
         }
         let mut ops = Vec::with_capacity(ids.len());
         for id in ids {
-            // A root id that names no row any more: its document goes.
             ops.push(match built.remove(id) {
                 Some(doc) => BulkOp::Index { id: id.clone(), version, doc: self.finish(doc)? },
                 None => BulkOp::Delete { id: id.clone(), version },
             });
         }
-        self.bulk(ops).await
+        Ok(ops)
     }
 
     /// After a TRUNCATE of a related table: every document again, with the new version.
@@ -322,13 +375,14 @@ impl SearchSink {
         }
     }
 
-    /// Sends `ops` in `_bulk` requests of at most `bulk_max_bytes` each.
+    /// Sends `ops` in `_bulk` requests of at most `bulk_max_docs` documents and
+    /// `bulk_max_bytes` bytes each.
     async fn bulk(&self, ops: Vec<BulkOp>) -> Result<()> {
         let mut part = Vec::new();
         let mut bytes = 0usize;
         for op in ops {
             let size = 128 + op.id().len() + if let BulkOp::Index { doc, .. } = &op { doc.len() } else { 0 };
-            if !part.is_empty() && bytes + size > self.opts.bulk_max_bytes {
+            if !part.is_empty() && (bytes + size > self.opts.bulk_max_bytes || part.len() >= self.opts.bulk_max_docs) {
                 self.bulk_request(std::mem::take(&mut part)).await?;
                 bytes = 0;
             }
