@@ -299,13 +299,20 @@ impl SegmentCollector for SortSegment {
     }
     fn harvest(mut self) -> Vec<Hit> {
         top(&self.specs, &mut self.hits, self.keep);
-        // Across segments, strings compare (ordinals are per segment).
-        for (key, _) in &mut self.hits {
-            for (v, col) in key.iter_mut().zip(&self.cols) {
-                if let (SortVal::Ord(o), Col::Str(Some(c))) = (&*v, col) {
-                    let mut s = String::new();
-                    let _ = c.ord_to_str((o - 1) / 2, &mut s);
-                    *v = SortVal::Str(s);
+        // Across segments, strings compare (ordinals are per segment). The kept ordinals
+        // are decoded in one sorted pass: each dictionary block is decompressed once.
+        for (i, col) in self.cols.iter().enumerate() {
+            let Col::Str(Some(c)) = col else { continue };
+            let mut ords: Vec<u64> = self.hits.iter().filter_map(|(k, _)| if let SortVal::Ord(o) = k[i] { Some((o - 1) / 2) } else { None }).collect();
+            ords.sort_unstable();
+            ords.dedup();
+            let mut terms: Vec<String> = Vec::with_capacity(ords.len());
+            let _ = c.dictionary().sorted_ords_to_term_cb(&ords, |t| terms.push(String::from_utf8_lossy(t).into_owned()));
+            for (key, _) in &mut self.hits {
+                if let SortVal::Ord(o) = key[i]
+                    && let Ok(at) = ords.binary_search(&((o - 1) / 2))
+                {
+                    key[i] = terms.get(at).map_or(SortVal::Missing, |t| SortVal::Str(t.clone()));
                 }
             }
         }
