@@ -91,6 +91,9 @@ enum Bench {
         rate: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// The search service's refresh interval (its default: 50).
+        #[arg(long, default_value_t = 50)]
+        refresh_ms: u64,
     },
     /// The built-in search service alone (the metrics-summary bench runs it as a child).
     #[command(hide = true)]
@@ -99,6 +102,8 @@ enum Bench {
         addr: std::net::SocketAddr,
         #[arg(long)]
         data: std::path::PathBuf,
+        #[arg(long, default_value_t = 50)]
+        refresh_ms: u64,
     },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     Snapshot {
@@ -641,8 +646,8 @@ async fn main() -> Result<()> {
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
-        Bench::MetricsSummary { scale, queries, rate, seconds } => search::metrics_summary(scale, queries, rate, seconds).await?,
-        Bench::SearchServe { addr, data } => return search::serve(addr, data).await,
+        Bench::MetricsSummary { scale, queries, rate, seconds, refresh_ms } => search::metrics_summary(scale, queries, rate, seconds, refresh_ms).await?,
+        Bench::SearchServe { addr, data, refresh_ms } => return search::serve(addr, data, refresh_ms).await,
     };
     println!("{out}");
     Ok(())

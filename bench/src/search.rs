@@ -41,10 +41,10 @@ impl Service {
     }
 }
 
-async fn start_service(data: &std::path::Path) -> Result<Service> {
+async fn start_service(data: &std::path::Path, refresh_ms: u64) -> Result<Service> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let child = Command::new(std::env::current_exe()?)
-        .args(["search-serve", "--addr", &format!("127.0.0.1:{port}"), "--data"])
+        .args(["search-serve", "--addr", &format!("127.0.0.1:{port}"), "--refresh-ms", &refresh_ms.to_string(), "--data"])
         .arg(data)
         .stdin(Stdio::null())
         .spawn()
@@ -59,8 +59,8 @@ async fn start_service(data: &std::path::Path) -> Result<Service> {
 }
 
 /// `search-serve`: the service alone (what `sluice search serve` runs).
-pub async fn serve(addr: std::net::SocketAddr, data: std::path::PathBuf) -> Result<()> {
-    let svc = sluice_search::SearchService::open(&data, Duration::from_millis(100)).map_err(|e| anyhow::anyhow!("{e}"))?;
+pub async fn serve(addr: std::net::SocketAddr, data: std::path::PathBuf, refresh_ms: u64) -> Result<()> {
+    let svc = sluice_search::SearchService::open(&data, Duration::from_millis(refresh_ms)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let _refresher = svc.spawn_refresher();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, sluice_search::router(svc)).await?;
@@ -85,7 +85,7 @@ SELECT m.id::text, (to_jsonb(m) || jsonb_build_object('org_name', o.name, 'org_p
     'configuration_count', (SELECT count(*) FROM metric_configurations c WHERE c.metric_id = m.id)))::text
 FROM metrics m LEFT JOIN orgs o ON o.id = m.org_id";
 
-pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64) -> Result<Value> {
+pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64, refresh_ms: u64) -> Result<Value> {
     let scale = ms::Scale::new(scale)?;
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
@@ -97,7 +97,7 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
 
     let data = std::env::temp_dir().join(format!("sluice-bench-search-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let svc = start_service(&data).await?;
+    let svc = start_service(&data, refresh_ms).await?;
     let http = reqwest::Client::new();
 
     // Initial load through the real pipeline: documents built in the source, `_bulk`.
@@ -252,6 +252,7 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
         },
         "service_bulk": {"docs_per_s": (docs as f64 / bulk_s).round(), "nested_docs_per_s": ((docs + children) as f64 / bulk_s).round(), "s": (bulk_s * 10.0).round() / 10.0},
         "page_queries": queries,
+        "refresh_interval_ms": refresh_ms,
         "postgres_join": pg,
         "search": es,
         "speedup_p90": ((p90(&pg) / p90(&es)) * 10.0).round() / 10.0,

@@ -13,3 +13,8 @@ pub mod sink;
 pub use error::{EsError, EsResult};
 pub use http::router;
 pub use service::SearchService;
+
+/// Refresh interval of new indices: how soon an acknowledged write is searchable.
+/// Elasticsearch's 1 s favours indexing throughput; CDC wants low lag, and at 50 ms a
+/// change reached search in p99 78 ms in the Metrics Summary bench (100 ms: 245 ms).
+pub const DEFAULT_REFRESH: std::time::Duration = std::time::Duration::from_millis(50);

@@ -126,7 +126,7 @@ enum SearchCommand {
     ///
     /// Existing clients work unchanged (opensearch-py, elasticsearch-py 7, curl): point
     /// them at http://ADDR. An acknowledged write is on disk (translog, fsync) before the
-    /// answer and searchable within the index's refresh interval (default 100ms).
+    /// answer and searchable within the index's refresh interval (default 50ms).
     Serve {
         #[arg(long, default_value = "127.0.0.1:9200")]
         addr: std::net::SocketAddr,
@@ -135,7 +135,7 @@ enum SearchCommand {
         data: PathBuf,
         /// Default refresh interval of new indices (`settings.index.refresh_interval`
         /// overrides it per index).
-        #[arg(long, default_value = "100ms", value_parser = humantime_parse)]
+        #[arg(long, default_value = "50ms", value_parser = humantime_parse)]
         refresh_interval: std::time::Duration,
     },
     /// The Metrics Summary page on the built-in search service, fed live from Postgres.
@@ -313,7 +313,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry);
             if let Some(data) = &search_data {
-                let svc = sluice_search::SearchService::open(data, std::time::Duration::from_millis(100))
+                let svc = sluice_search::SearchService::open(data, sluice_search::DEFAULT_REFRESH)
                     .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?;
                 let _refresher = svc.spawn_refresher();
                 app = app.nest("/search", sluice_search::router(svc));

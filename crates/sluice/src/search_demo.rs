@@ -40,7 +40,7 @@ struct App {
 
 /// Serves the built-in search service on `addr`; returns its URL.
 async fn start_search(addr: SocketAddr, data: &std::path::Path) -> Result<String> {
-    let svc = sluice_search::SearchService::open(data, Duration::from_millis(100)).map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
+    let svc = sluice_search::SearchService::open(data, sluice_search::DEFAULT_REFRESH).map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
     let _refresher = svc.spawn_refresher();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --search-addr {addr}"))?;
     let url = format!("http://{}", listener.local_addr()?);
