@@ -16,13 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use sluice::config::PipelineConfig;
 use sluice::metrics::Metrics;
-use sluice::pipeline::Pipeline;
 use sluice_core::{Lsn, TableName};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use sluice_postgres::{PgConnConfig, ReplicationStream, StreamItem};
-use tokio::sync::watch;
 use tokio_postgres::Client;
 
 #[derive(Parser)]
@@ -162,16 +159,8 @@ async fn servers() -> Result<(TempCluster, TempCluster)> {
     Ok((src, dst))
 }
 
-/// A running in-process pipeline: its metrics, its stop switch, its task.
-type Running = (Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>);
-
-fn start_pipeline(yaml: &str) -> Result<Running> {
-    let cfg = PipelineConfig::parse(yaml).map_err(anyhow::Error::msg)?;
-    let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = watch::channel(false);
-    let mut p = Pipeline::new(cfg, metrics.clone(), rx);
-    let h = tokio::spawn(async move { p.run().await });
-    Ok((metrics, tx, h))
+fn start_pipeline(yaml: &str) -> Result<sluice::demo::Running> {
+    sluice::demo::spawn_pipeline(yaml, false)
 }
 
 /// Drains `slot` up to `end` with Postgres's own `pg_recvlogical` (pgoutput v1).

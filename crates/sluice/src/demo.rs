@@ -18,6 +18,19 @@ async fn connect(port: u16, db: &str) -> Result<Client> {
     sluice_postgres::cluster::superuser_client(port, db).await.context("connecting to a demo server")
 }
 
+/// A pipeline running in this process: its metrics, its stop switch, its task.
+pub type Running = (Arc<Metrics>, watch::Sender<bool>, tokio::task::JoinHandle<Result<()>>);
+
+/// Starts the pipeline of `yaml` in this process (demos and benchmarks).
+pub fn spawn_pipeline(yaml: &str, progress_bar: bool) -> Result<Running> {
+    let cfg = PipelineConfig::parse(yaml).map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut pipeline = Pipeline::new(cfg, metrics.clone(), stop_rx);
+    pipeline.progress_bar = progress_bar;
+    Ok((metrics, stop_tx, tokio::spawn(async move { pipeline.run().await })))
+}
+
 async fn digest(c: &Client) -> Result<(i64, String)> {
     let row = c
         .query_one("SELECT count(*), coalesce(md5(string_agg(o::text, ',' ORDER BY id)), '') FROM orders o", &[])
@@ -51,12 +64,7 @@ pub async fn run(duration: Duration, rate: u32, rows: u32, shutdown: watch::Rece
          snapshot: {{chunk_rows: 25000}}\n",
         src.port, dst.port
     );
-    let cfg = PipelineConfig::parse(&yaml).map_err(anyhow::Error::msg)?;
-    let metrics = Arc::new(Metrics::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut pipeline = Pipeline::new(cfg, metrics.clone(), stop_rx);
-    pipeline.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let runner = tokio::spawn(async move { pipeline.run().await });
+    let (metrics, stop_tx, runner) = spawn_pipeline(&yaml, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
 
     println!("snapshotting into the replica (port {})...", dst.port);
     let t0 = Instant::now();

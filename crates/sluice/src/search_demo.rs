@@ -15,10 +15,8 @@ use serde_json::json;
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use tokio::sync::watch;
 
-use crate::config::PipelineConfig;
-use crate::metrics::Metrics;
+use crate::demo::spawn_pipeline;
 use crate::metrics_summary::{self as ms, PageQuery};
-use crate::pipeline::Pipeline;
 
 pub struct DemoOptions {
     pub scale: f64,
@@ -74,12 +72,7 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
         p = pg.port,
         doc = ms::DOCUMENT_YAML,
     );
-    let cfg = PipelineConfig::parse(&yaml).map_err(anyhow::Error::msg)?;
-    let metrics = Arc::new(Metrics::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut pipeline = Pipeline::new(cfg, metrics.clone(), stop_rx);
-    pipeline.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let runner = tokio::spawn(async move { pipeline.run().await });
+    let (metrics, stop_tx, runner) = spawn_pipeline(&yaml, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
 
     let http = reqwest::Client::new();
     let docs: i64 = src.query_one("SELECT count(*) FROM metrics", &[]).await?.get(0);

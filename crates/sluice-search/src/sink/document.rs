@@ -207,6 +207,17 @@ fn object_sql(alias: &str, cols: &[&sluice_core::ColumnSchema], all: bool) -> St
     parts.join(" || ")
 }
 
+/// The root ids (`select` of `table`) of the rows whose `by` is one of `$1`.
+fn reverse_sql(select: &KeyCol, table: &TableName, by: &KeyCol) -> String {
+    format!(
+        "SELECT t.{}::text FROM {} t WHERE t.{} = ANY($1::text[]::{}[])",
+        quote_ident(&select.name),
+        table.quoted(),
+        quote_ident(&by.name),
+        by.type_name
+    )
+}
+
 fn order_by(alias: &str, t: &TableSchema) -> String {
     let keys: Vec<String> = t.key_indexes().map(|i| format!("{alias}.{}", quote_ident(&t.columns[i].name))).collect();
     if keys.is_empty() { String::new() } else { format!(" ORDER BY {}", keys.join(", ")) }
@@ -263,16 +274,7 @@ impl DocumentPlan {
                         quote_ident(&tkey.name),
                         quote_ident(&fk.name)
                     ));
-                    lookups.entry(tname.clone()).or_default().push(Lookup::Query {
-                        key: tkey.clone(),
-                        sql: format!(
-                            "SELECT r.{}::text FROM {} r WHERE r.{} = ANY($1::text[]::{}[])",
-                            quote_ident(&root_key.name),
-                            root_name.quoted(),
-                            quote_ident(&fk.name),
-                            fk.type_name
-                        ),
-                    });
+                    lookups.entry(tname.clone()).or_default().push(Lookup::Query { key: tkey.clone(), sql: reverse_sql(&root_key, &root_name, &fk) });
                     if rel.flatten {
                         flatten_one.push(rel.name.clone());
                         for (k, v) in inner {
@@ -314,16 +316,7 @@ impl DocumentPlan {
                         quote_ident(&jroot.name)
                     ));
                     lookups.entry(through.clone()).or_default().push(Lookup::Direct(jroot.clone()));
-                    lookups.entry(tname.clone()).or_default().push(Lookup::Query {
-                        key: tkey,
-                        sql: format!(
-                            "SELECT j.{}::text FROM {} j WHERE j.{} = ANY($1::text[]::{}[])",
-                            quote_ident(&jroot.name),
-                            through.quoted(),
-                            quote_ident(&jt.name),
-                            jt.type_name
-                        ),
-                    });
+                    lookups.entry(tname.clone()).or_default().push(Lookup::Query { key: tkey, sql: reverse_sql(&jroot, &through, &jt) });
                     if !involved.contains(&through) {
                         involved.push(through.clone());
                     }
