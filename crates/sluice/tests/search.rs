@@ -423,6 +423,8 @@ async fn bad_documents_are_refused_with_the_fix() {
     assert_eq!(slots, 0);
     let (s, _) = http("HEAD", &format!("{}/metrics", svc.url), None);
     assert_eq!(s, 404);
+    let state = env.dst().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'sluice'", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(state, 0, "sluice check created state tables");
 }
 
 /// `sluice search demo` end to end at a small scale: the dataset, the load, the page

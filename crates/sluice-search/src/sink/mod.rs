@@ -128,14 +128,14 @@ pub struct SearchSink {
 const RETRY_ATTEMPTS: u32 = 8;
 
 impl SearchSink {
-    /// Connects and checks that the search service answers; creates the state tables.
+    /// Connects and checks that the search service answers; writes nothing (so
+    /// `sluice check` can call it).
     pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| SinkError::permanent(format!("search sink: HTTP client: {e}")))?;
-        state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SinkError::pg("creating the search sink's state tables", e))?;
         let sink = SearchSink { opts, plan, http, source, state, dead_letters: 0 };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
             SinkError::transient(format!("search service at {} does not answer: {e}: check sink.search.url and that the service runs", sink.opts.url))
@@ -156,8 +156,10 @@ impl SearchSink {
         r
     }
 
-    /// Creates the index with the mapping derived from the document when it is missing.
+    /// Creates the state tables, and the index with the mapping derived from the
+    /// document when it is missing.
     pub async fn prepare_index(&self) -> Result<()> {
+        self.state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SinkError::pg("creating the search sink's state tables", e))?;
         let index = &self.opts.index;
         let head = self
             .request(reqwest::Method::HEAD, &format!("/{index}"))
