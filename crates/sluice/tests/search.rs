@@ -543,3 +543,57 @@ async fn refused_documents_are_dead_lettered_not_retried_forever() {
     assert!(!p.log().contains("retrying"), "refused documents must not be retried: {}", p.log());
     assert_eq!(p.terminate(), Some(0));
 }
+
+/// Between the pipeline and the service: answers the first `reject` `_bulk` requests with
+/// 429 (Elasticsearch's back-pressure answer) and passes everything else through.
+async fn spawn_busy_proxy(target: String, reject: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::response::IntoResponse as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let rejected = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = rejected.clone();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (counter, client, target) = (counter.clone(), client.clone(), target.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            if parts.uri.path().ends_with("/_bulk") && counter.load(Ordering::SeqCst) < reject {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let busy = json!({"error": {"type": "es_rejected_execution_exception", "reason": "rejected execution"}, "status": 429});
+                return (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(busy)).into_response();
+            }
+            let url = format!("{target}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+            let mut fwd = client.request(parts.method, url).body(body);
+            if let Some(ct) = parts.headers.get("content-type") {
+                fwd = fwd.header("content-type", ct);
+            }
+            let resp = fwd.send().await.unwrap();
+            let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            (status, [("content-type", "application/json")], resp.bytes().await.unwrap()).into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rejected)
+}
+
+/// A busy service (429) delays documents; it never loses them or dead-letters them.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_service_is_retried_with_backoff() {
+    let env = Env::new("search_busy").await;
+    let src = env.src().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let svc = spawn_search(&env.dir).await;
+    let (proxy, rejected) = spawn_busy_proxy(svc.url.clone(), 4).await;
+    let cfg = search_config(&env, &proxy, "metrics", DOCUMENT);
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
+    src.batch_execute("UPDATE metric_configurations SET setting = 'after-busy' WHERE id = 5; DELETE FROM metrics WHERE id = 3").await.unwrap();
+    wait_index_equals_source(&env, &svc, "metrics", Duration::from_secs(30)).await;
+    assert_eq!(rejected.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert!(p.log().contains("retrying the bulk request"), "{}", p.log());
+    assert!(dead_letters(&env.dst().await, "metrics").await.is_empty());
+    p.assert_running();
+    assert_eq!(p.terminate(), Some(0));
+}
