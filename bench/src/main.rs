@@ -141,7 +141,12 @@ fn pipeline_yaml_p(name: &str, src: u16, dst: u16, snapshot: bool, parallelism: 
 
 /// Peak resident memory of this process so far, in MB.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_mb_of("/proc/self/status")
+}
+
+/// Peak resident memory (`VmHWM`) from a `/proc/<pid>/status` file, in MB (-1 unknown).
+fn peak_rss_mb_of(status: &str) -> f64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
@@ -236,7 +241,7 @@ async fn wait_events(metrics: &Metrics, n: u64, handle: &tokio::task::JoinHandle
 
 fn percentiles(mut us: Vec<f64>) -> serde_json::Value {
     us.sort_by(f64::total_cmp);
-    let at = |q: f64| us[((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1];
+    let at = |q: f64| sluice::metrics_summary::quantile(&us, q);
     serde_json::json!({"p50_us": at(0.5), "p99_us": at(0.99), "mean_us": us.iter().sum::<f64>() / us.len() as f64})
 }
 

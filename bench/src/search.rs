@@ -16,7 +16,7 @@ use sluice::metrics_summary as ms;
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD};
 use tokio::sync::Mutex;
 
-use crate::{connect, peak_rss_mb, percentiles, servers, start_pipeline};
+use crate::{connect, peak_rss_mb, peak_rss_mb_of, servers, start_pipeline};
 
 /// The search service in its own process (this binary's `search-serve`), so its memory
 /// is measured apart from the pipeline's.
@@ -34,10 +34,7 @@ impl Drop for Service {
 
 impl Service {
     fn peak_rss_mb(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-            .map_or(-1.0, |kb| kb / 1024.0)
+        peak_rss_mb_of(&format!("/proc/{}/status", self.child.id()))
     }
 }
 
@@ -60,20 +57,19 @@ async fn start_service(data: &std::path::Path, refresh_ms: u64) -> Result<Servic
 
 /// `search-serve`: the service alone (what `sluice search serve` runs).
 pub async fn serve(addr: std::net::SocketAddr, data: std::path::PathBuf, refresh_ms: u64) -> Result<()> {
-    let svc = sluice_search::SearchService::open(&data, Duration::from_millis(refresh_ms)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _refresher = svc.spawn_refresher();
+    let api = sluice_search::open_api(&data, Duration::from_millis(refresh_ms)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, sluice_search::router(svc)).await?;
+    axum::serve(listener, api).await?;
     Ok(())
 }
 
+/// Microseconds in, milliseconds (two decimals) out.
 fn ms_percentiles(v: &[f64]) -> Value {
-    let p = percentiles(v.to_vec());
-    let f = |k: &str| (p[k].as_f64().unwrap_or(0.0) / 10.0).round() / 100.0;
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let p90 = s[((s.len() as f64 * 0.9).ceil() as usize).clamp(1, s.len()) - 1];
-    json!({"p50_ms": f("p50_us"), "p90_ms": (p90 / 10.0).round() / 100.0, "p99_ms": f("p99_us"), "mean_ms": f("mean_us")})
+    let to_ms = |us: f64| (us / 10.0).round() / 100.0;
+    let mean = s.iter().sum::<f64>() / s.len() as f64;
+    json!({"p50_ms": to_ms(ms::quantile(&s, 0.5)), "p90_ms": to_ms(ms::quantile(&s, 0.9)), "p99_ms": to_ms(ms::quantile(&s, 0.99)), "mean_ms": to_ms(mean)})
 }
 
 /// Every document built by Postgres in one statement: the baseline for the initial load

@@ -18,3 +18,12 @@ pub use service::SearchService;
 /// Elasticsearch's 1 s favours indexing throughput; CDC wants low lag, and at 50 ms a
 /// change reached search in p99 78 ms in the Metrics Summary bench (100 ms: 245 ms).
 pub const DEFAULT_REFRESH: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The HTTP API over the indices under `data` (opened, created when missing), with
+/// their periodic refresh running on the current tokio runtime.
+pub fn open_api(data: &std::path::Path, refresh: std::time::Duration) -> EsResult<axum::Router> {
+    let svc = SearchService::open(data, refresh)?;
+    // Detached: the refresher lives as long as the runtime.
+    drop(svc.spawn_refresher());
+    Ok(router(svc))
+}

@@ -295,10 +295,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Search(SearchCommand::Serve { addr, data, refresh_interval }) => {
             init_logs(&cli.log, false);
-            let svc = sluice_search::SearchService::open(&data, refresh_interval)
+            let api = sluice_search::open_api(&data, refresh_interval)
                 .map_err(|e| anyhow::anyhow!("cannot open the search data directory {}: {e}", data.display()))?;
-            let _refresher = svc.spawn_refresher();
-            serve(addr, sluice_search::router(svc), "search service").await
+            serve(addr, api, "search service").await
         }
         Command::Search(SearchCommand::Demo { scale, addr, search_addr, rate, duration }) => {
             init_logs(&cli.log.replace("info", "warn"), false);
@@ -313,10 +312,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry);
             if let Some(data) = &search_data {
-                let svc = sluice_search::SearchService::open(data, sluice_search::DEFAULT_REFRESH)
+                let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
                     .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?;
-                let _refresher = svc.spawn_refresher();
-                app = app.nest("/search", sluice_search::router(svc));
+                app = app.nest("/search", api);
             }
             serve(addr, app, "server").await
         }

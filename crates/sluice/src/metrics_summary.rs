@@ -345,6 +345,11 @@ pub fn sample_queries(n: usize, seed: u64) -> Vec<PageQuery> {
     out
 }
 
+/// The nearest-rank `q` quantile of `sorted` (ascending, not empty).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 /// Times `f` once, in microseconds.
 pub async fn timed<T>(f: impl Future<Output = Result<T>>) -> Result<(T, f64)> {
     let t = Instant::now();

@@ -567,7 +567,7 @@ impl Pipeline {
             progress.rows_estimated.store(r.get::<_, i64>(0) as u64, Ordering::Relaxed);
         }
         progress.chunks_total.store(1, Ordering::Relaxed);
-        sink.initial_load(version.0.max(1), self.cfg.search_options().map_or(1000, |o| o.bulk_max_docs), |n| {
+        sink.initial_load(version.0.max(1), |n| {
             progress.rows_copied.fetch_add(n, Ordering::Relaxed);
         })
         .await

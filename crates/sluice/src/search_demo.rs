@@ -38,11 +38,10 @@ struct App {
 
 /// Serves the built-in search service on `addr`; returns its URL.
 async fn start_search(addr: SocketAddr, data: &std::path::Path) -> Result<String> {
-    let svc = sluice_search::SearchService::open(data, sluice_search::DEFAULT_REFRESH).map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
-    let _refresher = svc.spawn_refresher();
+    let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH).map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --search-addr {addr}"))?;
     let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, sluice_search::router(svc)).await });
+    tokio::spawn(async move { axum::serve(listener, api).await });
     Ok(url)
 }
 
@@ -104,7 +103,7 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let p = |v: &mut Vec<f64>, q: f64| {
         v.sort_by(f64::total_cmp);
-        v[((v.len() - 1) as f64 * q).round() as usize] / 1000.0
+        ms::quantile(v, q) / 1000.0
     };
     println!(
         "{} page views, same page from both: Postgres join p50 {:.1} ms, p90 {:.1} ms | search p50 {:.1} ms, p90 {:.1} ms",

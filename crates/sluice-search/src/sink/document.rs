@@ -236,11 +236,12 @@ impl DocumentPlan {
         lookups.entry(root_name.clone()).or_default().push(Lookup::Direct(root_key.clone()));
         let mut involved = vec![root_name.clone()];
         let mut flatten_one = Vec::new();
-        let mut rel_kinds: BTreeMap<String, (RelationKind, String)> = BTreeMap::new();
+        // Relation name → the FROM clause counting its rows (None: a `one` relation).
+        let mut count_from: BTreeMap<String, Option<String>> = BTreeMap::new();
         let rk = format!("r.{}", quote_ident(&root_key.name));
         for rel in &spec.relations {
             let what = format!("relation `{}`", rel.name);
-            if rel.name.is_empty() || props.contains_key(&rel.name) || rel_kinds.contains_key(&rel.name) {
+            if rel.name.is_empty() || props.contains_key(&rel.name) || count_from.contains_key(&rel.name) {
                 return Err(perm(format!("document: {what}: the name is empty or already a field of the document: choose another")));
             }
             let tname = parse_table(&what, &rel.table)?;
@@ -263,13 +264,13 @@ impl DocumentPlan {
                     json!({"type": if rel.nested { "nested" } else { "object" }, "properties": props})
                 }
             };
-            match rel.kind {
+            let key = rel.name.replace('\'', "''");
+            let from = match rel.kind {
                 RelationKind::One => {
                     let fk = column(root, &rel.column, &what)?;
                     let tkey = single_key(t, &what)?;
                     parts.push(format!(
-                        "jsonb_build_object('{}', (SELECT {obj} FROM {} t WHERE t.{} = r.{}))",
-                        rel.name.replace('\'', "''"),
+                        "jsonb_build_object('{key}', (SELECT {obj} FROM {} t WHERE t.{} = r.{}))",
                         tname.quoted(),
                         quote_ident(&tkey.name),
                         quote_ident(&fk.name)
@@ -283,19 +284,21 @@ impl DocumentPlan {
                     } else {
                         props.insert(rel.name.clone(), json!({"properties": inner}));
                     }
+                    None
                 }
                 RelationKind::Many => {
                     let fk = column(t, &rel.column, &what)?;
                     needs_old_image(t, &fk, &what)?;
                     parts.push(format!(
-                        "jsonb_build_object('{}', COALESCE((SELECT jsonb_agg({agg_item}{}) FROM {} t WHERE t.{} = {rk}), '[]'::jsonb))",
-                        rel.name.replace('\'', "''"),
+                        "jsonb_build_object('{key}', COALESCE((SELECT jsonb_agg({agg_item}{}) FROM {} t WHERE t.{} = {rk}), '[]'::jsonb))",
                         order_by("t", t),
                         tname.quoted(),
                         quote_ident(&fk.name)
                     ));
-                    lookups.entry(tname.clone()).or_default().push(Lookup::Direct(fk));
                     props.insert(rel.name.clone(), array_mapping(inner));
+                    let from = format!("FROM {} t WHERE t.{} = {rk}", tname.quoted(), quote_ident(&fk.name));
+                    lookups.entry(tname.clone()).or_default().push(Lookup::Direct(fk));
+                    Some(from)
                 }
                 RelationKind::ManyToMany => {
                     let through = parse_table(&what, rel.through.as_deref().ok_or_else(|| perm(format!("document: {what}: kind many_to_many needs `through` (the join table)")))?)?;
@@ -306,8 +309,7 @@ impl DocumentPlan {
                     needs_old_image(j, &jroot, &what)?;
                     let tkey = single_key(t, &what)?;
                     parts.push(format!(
-                        "jsonb_build_object('{}', COALESCE((SELECT jsonb_agg({agg_item}{}) FROM {} j JOIN {} t ON t.{} = j.{} WHERE j.{} = {rk}), '[]'::jsonb))",
-                        rel.name.replace('\'', "''"),
+                        "jsonb_build_object('{key}', COALESCE((SELECT jsonb_agg({agg_item}{}) FROM {} j JOIN {} t ON t.{} = j.{} WHERE j.{} = {rk}), '[]'::jsonb))",
                         order_by("t", t),
                         through.quoted(),
                         tname.quoted(),
@@ -321,25 +323,21 @@ impl DocumentPlan {
                         involved.push(through.clone());
                     }
                     props.insert(rel.name.clone(), array_mapping(inner));
-                    rel_kinds.insert(rel.name.clone(), (rel.kind, format!("FROM {} j WHERE j.{} = {rk}", through.quoted(), quote_ident(&jroot.name))));
+                    Some(format!("FROM {} j WHERE j.{} = {rk}", through.quoted(), quote_ident(&jroot.name)))
                 }
-            }
-            if rel.kind == RelationKind::Many {
-                rel_kinds.insert(rel.name.clone(), (rel.kind, format!("FROM {} t WHERE t.{} = {rk}", tname.quoted(), quote_ident(&rel.column))));
-            } else if rel.kind == RelationKind::One {
-                rel_kinds.insert(rel.name.clone(), (rel.kind, String::new()));
-            }
+            };
+            count_from.insert(rel.name.clone(), from);
             if !involved.contains(&tname) {
                 involved.push(tname);
             }
         }
         for c in &spec.counts {
-            let (kind, from) = rel_kinds
+            let from = count_from
                 .get(&c.relation)
                 .ok_or_else(|| perm(format!("document: count `{}`: no relation named `{}`", c.name, c.relation)))?;
-            if *kind == RelationKind::One || props.contains_key(&c.name) {
+            let Some(from) = from.as_ref().filter(|_| !props.contains_key(&c.name)) else {
                 return Err(perm(format!("document: count `{}`: counts need a many or many_to_many relation and a name not already used", c.name)));
-            }
+            };
             parts.push(format!("jsonb_build_object('{}', (SELECT count(*) {from}))", c.name.replace('\'', "''")));
             props.insert(c.name.clone(), json!({"type": "long"}));
         }

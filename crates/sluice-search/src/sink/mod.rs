@@ -121,8 +121,6 @@ pub struct SearchSink {
     http: reqwest::Client,
     source: Client,
     state: Client,
-    /// Documents refused by the search service (e.g. a mapping conflict) so far.
-    pub dead_letters: u64,
 }
 
 const RETRY_ATTEMPTS: u32 = 8;
@@ -136,7 +134,7 @@ impl SearchSink {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| SinkError::permanent(format!("search sink: HTTP client: {e}")))?;
-        let sink = SearchSink { opts, plan, http, source, state, dead_letters: 0 };
+        let sink = SearchSink { opts, plan, http, source, state };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
             SinkError::transient(format!("search service at {} does not answer: {e}: check sink.search.url and that the service runs", sink.opts.url))
         })?;
@@ -198,7 +196,7 @@ impl SearchSink {
 
     /// Builds and indexes every document, page by page of root keys, resuming after the
     /// last page indexed; `progress` gets the number of documents of each page.
-    pub async fn initial_load(&self, version: u64, page: usize, progress: impl Fn(u64)) -> Result<()> {
+    pub async fn initial_load(&self, version: u64, progress: impl Fn(u64)) -> Result<()> {
         let (p, ix) = (&self.opts.pipeline, &self.opts.index);
         let row = self
             .state
@@ -210,24 +208,10 @@ impl SearchSink {
             Some(r) => r.get(0),
             None => None,
         };
-        loop {
-            let rows = self
-                .source
-                .query(self.plan.page_sql(), &[&last, &(page as i64)])
-                .await
-                .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
-            if rows.is_empty() {
-                break;
-            }
-            let mut ops = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let id: String = r.get(0);
-                let doc: String = r.get(1);
-                ops.push(BulkOp::Index { id, version, doc: self.finish(doc)? });
-            }
+        while let Some((ops, key)) = self.page(&last, version).await? {
             let n = ops.len() as u64;
-            last = rows.last().map(|r| r.get(0));
             self.bulk(ops).await?;
+            last = Some(key);
             self.state
                 .execute(
                     "INSERT INTO sluice.search_loads (pipeline, index_name, last_key) VALUES ($1, $2, $3)
@@ -281,7 +265,8 @@ impl SearchSink {
             return Ok(());
         }
         // Read the source in a snapshot that sees every transaction of the batch: see
-        // `begin_read`. Documents are built first, sent after the snapshot is released.
+        // `begin_read`. Documents are built first and sent after the snapshot is released
+        // (a full rebuild after a TRUNCATE sends page by page inside it).
         let xids: Vec<i64> = batch.iter().map(|t| i64::from(t.xid)).collect();
         self.begin_read(&xids).await?;
         let built = async {
@@ -361,20 +346,27 @@ impl SearchSink {
     /// After a TRUNCATE of a related table: every document again, with the new version.
     async fn rebuild_all(&self, version: u64) -> Result<()> {
         let mut last: Option<String> = None;
-        loop {
-            let rows = self
-                .source
-                .query(self.plan.page_sql(), &[&last, &(self.opts.bulk_max_docs as i64)])
-                .await
-                .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
-            let Some(l) = rows.last() else { return Ok(()) };
-            last = Some(l.get(0));
-            let mut ops = Vec::with_capacity(rows.len());
-            for r in &rows {
-                ops.push(BulkOp::Index { id: r.get(0), version, doc: self.finish(r.get(1))? });
-            }
+        while let Some((ops, key)) = self.page(&last, version).await? {
             self.bulk(ops).await?;
+            last = Some(key);
         }
+        Ok(())
+    }
+
+    /// The documents of the next `bulk_max_docs` root keys after `after`, with the last
+    /// key; `None` past the last root row.
+    async fn page(&self, after: &Option<String>, version: u64) -> Result<Option<(Vec<BulkOp>, String)>> {
+        let rows = self
+            .source
+            .query(self.plan.page_sql(), &[after, &(self.opts.bulk_max_docs as i64)])
+            .await
+            .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+        let Some(last) = rows.last().map(|r| r.get::<_, String>(0)) else { return Ok(None) };
+        let mut ops = Vec::with_capacity(rows.len());
+        for r in &rows {
+            ops.push(BulkOp::Index { id: r.get(0), version, doc: self.finish(r.get(1))? });
+        }
+        Ok(Some((ops, last)))
     }
 
     /// Sends `ops` in `_bulk` requests of at most `bulk_max_docs` documents and
