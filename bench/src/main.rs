@@ -7,6 +7,7 @@
 //!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
 //!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
 
+mod control;
 mod search;
 
 use std::process::Command;
@@ -72,6 +73,15 @@ enum Bench {
     Migrations {
         #[arg(long, default_value_t = 20)]
         rounds: u32,
+    },
+    /// The control plane: `pipelines create` to first change replicated (per provisioning
+    /// step) vs the same pipeline started directly; then --pipelines small pipelines on
+    /// one server at rest: memory per idle pipeline, CPU.
+    Control {
+        #[arg(long, default_value_t = 100)]
+        pipelines: usize,
+        #[arg(long, default_value_t = 20)]
+        idle_seconds: u64,
     },
     /// The Metrics Summary page at --scale (1 = 82,000 metrics × 817,000 configurations):
     /// the page's queries on Postgres (the join with facet counts) vs the search index a
@@ -638,6 +648,7 @@ async fn main() -> Result<()> {
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,
         Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
         Bench::MetricsSummary { scale, queries, rate, seconds, refresh_ms } => search::metrics_summary(scale, queries, rate, seconds, refresh_ms).await?,

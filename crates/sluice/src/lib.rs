@@ -1,6 +1,8 @@
 //! The `sluice` binary's library: configuration, the pipeline runner, metrics and the demo.
 
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod metrics;
 pub mod metrics_summary;

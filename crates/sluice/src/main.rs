@@ -75,6 +75,70 @@ enum Command {
         /// Elasticsearch API under /search (clients: url prefix /search).
         #[arg(long)]
         search_data: Option<PathBuf>,
+        /// The control database (Postgres connection string): turns on the control plane
+        /// (tenants, tokens, sources, sinks, pipelines under /v1, durable workflows) and
+        /// runs this server's share of the pipelines. Needs SLUICE_MASTER_KEY (64 hex
+        /// characters: `openssl rand -hex 32`), which seals database passwords at rest.
+        /// Every server sharing a control database needs the same key.
+        #[arg(long, env = "SLUICE_CONTROL_DATABASE", hide_env_values = true)]
+        control_database: Option<String>,
+        /// This server's name in pipeline and workflow leases: unique among the servers
+        /// sharing a control database, the same across restarts (a restarted server takes
+        /// its own leases back at once). Default: HOSTNAME:PORT.
+        #[arg(long, env = "SLUICE_SERVER_ID")]
+        server_id: Option<String>,
+        /// How long a lease lasts unrenewed: a dead server's pipelines move to the others
+        /// after at most this long (renewed every 2s).
+        #[arg(long, default_value = "15s", value_parser = humantime_parse)]
+        lease: std::time::Duration,
+    },
+    /// Create the first platform-admin API token in a control database (prints it once;
+    /// refuses when a platform admin token exists).
+    Bootstrap {
+        #[arg(long, env = "SLUICE_CONTROL_DATABASE", hide_env_values = true)]
+        control_database: String,
+    },
+    /// Tenants: a team's space for sources, sinks, pipelines and tokens.
+    Tenants {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Tenants,
+    },
+    /// API tokens of a tenant (roles tenant_admin, tenant_viewer).
+    Tokens {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Tokens,
+    },
+    /// Source databases (Postgres) of a tenant.
+    Sources {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Resource,
+    },
+    /// Sinks (postgres, kafka, search) of a tenant.
+    Sinks {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Resource,
+    },
+    /// Pipelines of a tenant, provisioned and run by the servers.
+    Pipelines {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Pipelines,
+    },
+    /// Provisioning, teardown, pause and resume workflows, with their step history.
+    Workflows {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Workflows,
     },
     /// The built-in Confluent-compatible schema registry.
     #[command(subcommand)]
@@ -241,8 +305,11 @@ async fn open_registry(dsn: &str) -> anyhow::Result<Arc<sluice_registry::Store>>
 /// Serves `app` on `addr` until SIGINT/SIGTERM.
 async fn serve(addr: std::net::SocketAddr, app: axum::Router, what: &str) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
-    tracing::info!(%addr, "{what} listening");
-    let mut stop = shutdown_signal();
+    serve_on(listener, app, what, shutdown_signal()).await
+}
+
+async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router, what: &str, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "{what} listening");
     axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop.changed().await;
     })
@@ -304,20 +371,69 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let o = sluice::search_demo::DemoOptions { scale, addr, search_addr, rate, duration };
             sluice::search_demo::run(o, shutdown_signal()).await
         }
-        Command::Server { addr, source, registry_database, search_data } => {
+        Command::Server { addr, source, registry_database, search_data, control_database, server_id, lease } => {
             init_logs(&cli.log, false);
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
+            let addr = listener.local_addr()?;
+            let stop = shutdown_signal();
+            let control = match &control_database {
+                Some(dsn) => {
+                    let key = std::env::var("SLUICE_MASTER_KEY").map_err(|_| {
+                        anyhow::anyhow!("SLUICE_MASTER_KEY: not set; the control plane seals passwords with it: set 64 hex characters (`openssl rand -hex 32`), the same on every server")
+                    })?;
+                    let sealer = sluice::control::crypto::Sealer::from_hex(&key.into()).map_err(anyhow::Error::msg)?;
+                    let db = sluice::control::db::Db::new(dsn).map_err(anyhow::Error::msg)?;
+                    db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
+                    let id = server_id.unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+                        format!("{host}:{}", addr.port())
+                    });
+                    tracing::info!(server_id = %id, "control plane on");
+                    Some(sluice::control::Control::new(db, sealer, id, lease))
+                }
+                None => None,
+            };
+            let loops = control.as_ref().map(|c| c.spawn_loops(stop.clone())).unwrap_or_default();
             let registry = match &registry_database {
                 Some(dsn) => Some(open_registry(dsn).await?),
                 None => None,
             };
-            let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry);
+            let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry, control);
             if let Some(data) = &search_data {
                 let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
                     .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?;
                 app = app.nest("/search", api);
             }
-            serve(addr, app, "server").await
+            serve_on(listener, app, "server", stop).await?;
+            // The supervisor stops this server's pipelines and hands their leases back.
+            for l in loops {
+                let _ = l.await;
+            }
+            Ok(())
         }
+        Command::Bootstrap { control_database } => {
+            init_logs("warn", false);
+            let db = sluice::control::db::Db::new(&control_database).map_err(anyhow::Error::msg)?;
+            db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
+            // The sealer is not needed to create a token.
+            let sealer = sluice::control::crypto::Sealer::from_hex(&"00".repeat(32).into()).map_err(anyhow::Error::msg)?;
+            let ctl = sluice::control::Control::new(db, sealer, "bootstrap".into(), std::time::Duration::from_secs(15));
+            match ctl.bootstrap().await? {
+                Some(token) => {
+                    println!("{token}");
+                    eprintln!("platform admin token created: shown once, store it now (SLUICE_TOKEN)");
+                    Ok(())
+                }
+                None => anyhow::bail!("a platform admin token already exists in this control database: use it to create others"),
+            }
+        }
+        Command::Tenants { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Tenants(cmd)),
+        Command::Tokens { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Tokens(cmd)),
+        Command::Sources { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Sources(cmd)),
+        Command::Sinks { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Sinks(cmd)),
+        Command::Pipelines { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Pipelines(cmd)),
+        Command::Workflows { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Workflows(cmd)),
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);
             sluice::demo::run(duration, rate, rows, shutdown_signal()).await

@@ -34,6 +34,11 @@ pub struct Pipeline {
     shutdown: watch::Receiver<bool>,
     /// Draw a progress bar for the snapshot (interactive terminals).
     pub progress_bar: bool,
+    /// Refuse a source without `wal_level=logical` (the control plane's provisioning
+    /// checks it itself, and may be the one fixing it).
+    pub require_logical_wal: bool,
+    /// End the run once the snapshot is complete (a provisioning step).
+    pub stop_after_snapshot: bool,
 }
 
 /// What the checks found; nothing has been written when this is returned.
@@ -69,7 +74,7 @@ fn item_cost_kb(item: &StreamItem) -> u32 {
 }
 
 /// The retry class of an error, from the first component error in its chain.
-fn error_kind(e: &anyhow::Error) -> ErrorKind {
+pub(crate) fn error_kind(e: &anyhow::Error) -> ErrorKind {
     e.chain()
         .find_map(|c| {
             c.downcast_ref::<PgError>()
@@ -205,7 +210,7 @@ impl Pipeline {
             SinkConfig::Search(s) => (s.state.clone(), None),
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
-        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false }
+        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false, require_logical_wal: true, stop_after_snapshot: false }
     }
 
     fn stopping(&self) -> bool {
@@ -255,7 +260,7 @@ impl Pipeline {
     pub async fn check(&self) -> Result<Checked> {
         let src = sluice_postgres::connect(&self.source, "source").await?;
         let level = sluice_postgres::wal_level(&src).await?;
-        if level != "logical" {
+        if level != "logical" && self.require_logical_wal {
             bail!(PgError::permanent(format!(
                 "source {} has wal_level={level}, but logical replication needs wal_level=logical: run \
                  ALTER SYSTEM SET wal_level = logical; then restart Postgres",
@@ -350,7 +355,7 @@ impl Pipeline {
         })
     }
 
-    async fn run_once(&mut self) -> Result<()> {
+    pub(crate) async fn run_once(&mut self) -> Result<()> {
         let checked = self.check().await?;
         let mut sink = self.connect_sink(&checked).await?;
         let src = sluice_postgres::connect(&self.source, "source").await?;
@@ -376,10 +381,33 @@ impl Pipeline {
             self.snapshot(&sink, &checked).await?;
             sink.reload_snapshot_state(&self.cfg.pipeline).await?;
         }
-        if self.stopping() {
+        if self.stopping() || self.stop_after_snapshot {
             return Ok(());
         }
         self.stream(sink, &checked.tables).await
+    }
+
+    /// Checks everything, then creates the sink's objects (tables, topics and their
+    /// schemas, the index and its mapping) without moving any data.
+    pub async fn prepare(&self) -> Result<()> {
+        let checked = self.check().await?;
+        drop(self.connect_sink(&checked).await?);
+        Ok(())
+    }
+
+    /// The tables this pipeline writes in a Postgres sink (after transforms), for a
+    /// teardown that removes them.
+    pub async fn sink_tables(&self) -> Result<Vec<TableName>> {
+        let checked = self.check().await?;
+        Ok(checked
+            .tables
+            .iter()
+            .zip(&checked.transforms)
+            .map(|(t, x)| {
+                let out = x.as_ref().map_or(&t.name, |x| &x.output.name);
+                TableName::new(self.target_schema.clone().unwrap_or_else(|| out.schema.clone()), out.name.clone())
+            })
+            .collect())
     }
 
     async fn connect_sink(&self, checked: &Checked) -> Result<Sink> {

@@ -1,6 +1,6 @@
-//! `sluice server`: the main HTTP server. Today it serves the migration-check endpoint
-//! and, when given a registry database, the schema registry under `/registry`; the
-//! control plane (tenants, auth, pipelines) is to be added here.
+//! `sluice server`: the main HTTP server: the migration-check endpoint, the schema
+//! registry under `/registry` (with a registry database), and the control plane under
+//! `/v1/tenants` (with a control database).
 
 use std::sync::Arc;
 
@@ -89,12 +89,22 @@ fn openapi() -> serde_json::Value {
     })
 }
 
-pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>) -> Router {
+pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, control: Option<Arc<crate::control::Control>>) -> Router {
+    let mut doc = openapi();
+    if control.is_some() {
+        let paths = doc["paths"].as_object_mut().expect("paths");
+        paths.extend(crate::control::api::openapi_paths());
+        doc["components"] = json!({ "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } });
+    }
+    let doc = Arc::new(doc);
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/openapi.json", get(move || async move { Json((*doc).clone()) }))
         .route("/v1/migrations/check", post(migrations_check))
         .with_state(Arc::new(cfg));
+    if let Some(ctl) = control {
+        app = app.merge(crate::control::api::router(ctl));
+    }
     if let Some(store) = registry {
         app = app.nest("/registry", sluice_registry::router(store));
     }

@@ -1,0 +1,208 @@
+//! The control plane: tenants, tokens, sources, sinks and pipelines behind an HTTP API
+//! (`api`), durable workflows that provision and tear down every piece of a pipeline
+//! (`workflow`), and the supervisor that runs pipelines under leases shared by all the
+//! servers pointed at one control database (`supervisor`). State lives in the control
+//! database (`db`); secrets are sealed with the master key (`crypto`).
+
+pub mod api;
+pub mod crypto;
+pub mod db;
+pub mod model;
+pub mod supervisor;
+pub mod workflow;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+use sluice_core::TableName;
+use tokio::sync::{Notify, watch};
+use tokio_postgres::Client;
+
+use crate::config::PipelineConfig;
+use model::{Invalid, PipelineSpec, SinkSpec, SourceSpec, object_name};
+
+/// One server's view of the control plane.
+pub struct Control {
+    pub db: db::Db,
+    pub sealer: crypto::Sealer,
+    /// Names this server in leases: unique among live servers, stable across restarts.
+    pub server_id: String,
+    /// How long a lease lasts without renewal (pipelines and workflows).
+    pub lease: Duration,
+    pub(crate) wake: Notify,
+    pub(crate) wake_supervisor: Notify,
+}
+
+/// A pipeline with its source and sink, secrets opened.
+pub struct Loaded {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub name: String,
+    pub spec: PipelineSpec,
+    pub source: SourceSpec,
+    pub sink: SinkSpec,
+    pub role_password: String,
+}
+
+impl Loaded {
+    /// The runner's config: it connects as the pipeline's own replication role.
+    pub fn run_config(&self) -> Result<PipelineConfig, Invalid> {
+        model::run_config(self.id, &self.spec, &self.source, &self.sink, &object_name(self.id), &self.role_password)
+    }
+}
+
+impl Control {
+    pub fn new(db: db::Db, sealer: crypto::Sealer, server_id: String, lease: Duration) -> Arc<Self> {
+        Arc::new(Self { db, sealer, server_id, lease, wake: Notify::new(), wake_supervisor: Notify::new() })
+    }
+
+    pub async fn load_pipeline(&self, id: i64) -> Result<Option<Loaded>> {
+        let c = self.db.get().await?;
+        let Some(r) = c
+            .query_opt(
+                "SELECT p.id, p.tenant_id, p.name, p.spec, p.role_password, s.sealed, k.sealed
+                 FROM pipelines p JOIN sources s ON s.id = p.source_id JOIN sinks k ON k.id = p.sink_id WHERE p.id = $1",
+                &[&id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let open = |col: usize| self.sealer.open(r.get::<_, &[u8]>(col)).map_err(anyhow::Error::msg);
+        Ok(Some(Loaded {
+            id: r.get(0),
+            tenant_id: r.get(1),
+            name: r.get(2),
+            spec: PipelineSpec::from_json(&r.get::<_, Value>(3))?,
+            role_password: String::from_utf8(open(4)?).context("role password")?,
+            source: SourceSpec::from_sealed(&open(5)?)?,
+            sink: SinkSpec::from_sealed(&open(6)?)?,
+        }))
+    }
+
+    /// Starts the workflow worker and the pipeline supervisor.
+    pub fn spawn_loops(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(workflow::worker(self.clone(), shutdown.clone())),
+            tokio::spawn(supervisor::supervisor(self.clone(), shutdown)),
+        ]
+    }
+
+    /// Creates a platform-admin token when the control database has none; returns it.
+    pub async fn bootstrap(&self) -> Result<Option<String>> {
+        let c = self.db.get().await?;
+        let token = crypto::new_token();
+        let n = c
+            .execute(
+                "INSERT INTO tokens (tenant_id, role, name, hash)
+                 SELECT NULL, 'platform_admin', 'bootstrap', $1 WHERE NOT EXISTS (SELECT FROM tokens WHERE role = 'platform_admin')",
+                &[&crypto::token_hash(&token)],
+            )
+            .await?;
+        Ok((n == 1).then_some(token))
+    }
+}
+
+/// Whether the source's admin user can provision a pipeline over `tables`: it must
+/// create roles and replication slots, and own the tables (to publish them and grant
+/// SELECT on them), or be a superuser.
+pub async fn check_privileges(c: &Client, source: &SourceSpec, tables: &[TableName]) -> Result<(), String> {
+    let e = |e: tokio_postgres::Error| format!("source {}: reading the admin user's privileges: {e}", source.name);
+    let r = c.query_one("SELECT rolsuper, rolcreaterole, rolreplication FROM pg_roles WHERE rolname = current_user", &[]).await.map_err(e)?;
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let absent: Vec<String> = c
+        .query("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NULL", &[&names])
+        .await
+        .map_err(e)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !absent.is_empty() {
+        return Err(format!("tables: {} not found in source {} (database {})", absent.join(", "), source.name, source.database));
+    }
+    if r.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    if !r.get::<_, bool>(1) {
+        missing.push("CREATEROLE");
+    }
+    if !r.get::<_, bool>(2) {
+        missing.push("REPLICATION");
+    }
+    let not_owned: Vec<String> = c
+        .query(
+            "SELECT t FROM unnest($1::text[]) t
+             WHERE NOT pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass(t)), 'USAGE')",
+            &[&names],
+        )
+        .await
+        .map_err(e)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if missing.is_empty() && not_owned.is_empty() {
+        return Ok(());
+    }
+    let mut need = Vec::new();
+    if !missing.is_empty() {
+        need.push(format!("ALTER ROLE {} {}", sluice_core::quote_ident(&source.admin_user), missing.join(" ")));
+    }
+    if !not_owned.is_empty() {
+        need.push(format!("ownership of {}", not_owned.join(", ")));
+    }
+    Err(format!(
+        "source {}: admin user {} cannot provision pipelines: it needs {} (or to be a superuser)",
+        source.name,
+        source.admin_user,
+        need.join(" and ")
+    ))
+}
+
+/// Removes what the pipeline created in its sink (teardown with `purge`): the Postgres
+/// target tables, or the search index, and the pipeline's state rows. Kafka topics and
+/// schema subjects are left in place (not yet removed by teardown).
+pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), workflow::StepError> {
+    use crate::config::SinkConfig;
+    let (state, tables) = match &cfg.sink {
+        SinkConfig::Postgres(pg) => {
+            let (_tx, rx) = watch::channel(false);
+            let pipeline = crate::pipeline::Pipeline::new(cfg.clone(), Arc::new(crate::metrics::Metrics::default()), rx);
+            (pg.connection(), pipeline.sink_tables().await?)
+        }
+        SinkConfig::Search(s) => {
+            let mut req = reqwest::Client::new().delete(format!("{}/{}", s.url.trim_end_matches('/'), s.index));
+            if let Some(u) = &s.username {
+                req = req.basic_auth(u, s.password.as_ref().map(|p| secrecy::ExposeSecret::expose_secret(p).to_string()));
+            }
+            let resp = req.send().await.map_err(|e| workflow::StepError::Retry(format!("deleting index {}: {e}", s.index)))?;
+            if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND) {
+                return Err(workflow::StepError::Retry(format!("deleting index {}: HTTP {}", s.index, resp.status())));
+            }
+            (s.state.clone(), vec![])
+        }
+        SinkConfig::Kafka(k) => (k.state.clone(), vec![]),
+    };
+    let c = sluice_postgres::connect(&state, "sink").await.map_err(anyhow::Error::from)?;
+    for t in &tables {
+        c.batch_execute(&format!("DROP TABLE IF EXISTS {}", t.quoted())).await.map_err(anyhow::Error::from)?;
+    }
+    c.batch_execute(&format!(
+        "DO $$ DECLARE t text; BEGIN
+           FOREACH t IN ARRAY ARRAY['pipelines', 'snapshot_chunks', 'search_loads', 'search_dead_letters'] LOOP
+             IF to_regclass('sluice.' || t) IS NOT NULL THEN
+               EXECUTE format('DELETE FROM sluice.%I WHERE pipeline = %L', t, {});
+             END IF;
+           END LOOP; END $$",
+        literal(&format!("p{}", p.id))
+    ))
+    .await
+    .map_err(anyhow::Error::from)?;
+    Ok(())
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

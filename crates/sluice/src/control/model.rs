@@ -1,0 +1,329 @@
+//! The resources a tenant creates (sources, sinks, pipelines): their request shapes,
+//! strictly parsed (unknown keys refused), and how they combine into the pipeline
+//! config the runner takes. Requests are YAML or JSON (JSON is YAML).
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::PipelineConfig;
+
+/// A request the API refuses: the field it concerns (a dotted path) and why.
+#[derive(Debug)]
+pub struct Invalid {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), message: format!("{field}: {}", message.into()) }
+    }
+
+    /// From a parser or validator message that starts with the key (`a.b: ...`).
+    fn from_message(message: String) -> Self {
+        let head = message.split(": ").next().unwrap_or("");
+        let looks_like_path = !head.is_empty()
+            && head.len() < message.len()
+            && head.chars().all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
+        Self { field: looks_like_path.then(|| head.to_string()), message }
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Invalid> {
+    let text = std::str::from_utf8(body).map_err(|_| Invalid { field: None, message: format!("{what}: the body is not UTF-8") })?;
+    if text.trim().is_empty() {
+        return Err(Invalid { field: None, message: format!("{what}: the body is empty; send YAML or JSON") });
+    }
+    serde_yaml::from_str(text).map_err(|e| Invalid::from_message(e.to_string().replace('\n', " ")))
+}
+
+/// Resource names: they appear in URLs and in generated object names.
+pub fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(Invalid::new(field, format!("{name:?} must be 1-40 characters of a-z, 0-9, _ and -, starting with a letter or digit"))) }
+}
+
+/// A Postgres database to capture from, with the credentials used for provisioning
+/// only (the pipelines themselves run as a generated least-privilege role).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub database: String,
+    pub admin_user: String,
+    pub admin_password: SecretString,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl SourceSpec {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let s: Self = parse(body, "source")?;
+        check_name("name", &s.name)?;
+        for (f, v) in [("host", &s.host), ("database", &s.database), ("admin_user", &s.admin_user)] {
+            if v.trim().is_empty() {
+                return Err(Invalid::new(f, "must not be empty"));
+            }
+        }
+        if s.heartbeat_interval < Duration::from_millis(100) {
+            return Err(Invalid::new("heartbeat_interval", "must be at least 100ms"));
+        }
+        Ok(s)
+    }
+
+    /// What the API shows and stores in the clear.
+    pub fn public(&self) -> Value {
+        json!({
+            "name": self.name, "host": self.host, "port": self.port, "database": self.database,
+            "admin_user": self.admin_user, "heartbeat_interval": humantime::format_duration(self.heartbeat_interval).to_string(),
+        })
+    }
+
+    pub fn admin(&self) -> sluice_postgres::PgConnConfig {
+        sluice_postgres::PgConnConfig {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.admin_user.clone(),
+            password: self.admin_password.clone(),
+            database: self.database.clone(),
+        }
+    }
+
+    /// Sealed form: the whole request, password included.
+    pub fn to_sealable(&self) -> Vec<u8> {
+        let mut v = self.public();
+        v["admin_password"] = Value::String(self.admin_password.expose_secret().to_string());
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    pub fn from_sealed(bytes: &[u8]) -> anyhow::Result<Self> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+/// A destination: `name` plus one key naming the kind (`postgres`, `kafka`, `search`)
+/// holding the same settings as a pipeline file's `sink:` block.
+pub struct SinkSpec {
+    pub name: String,
+    pub kind: String,
+    /// The kind's settings, secrets included (sealed at rest).
+    pub settings: Value,
+}
+
+impl SinkSpec {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let mut map: serde_json::Map<String, Value> = parse(body, "sink")?;
+        let name = match map.remove("name") {
+            Some(Value::String(n)) => n,
+            Some(_) => return Err(Invalid::new("name", "must be a string")),
+            None => return Err(Invalid::new("name", "missing; name the sink")),
+        };
+        check_name("name", &name)?;
+        let mut kinds = map.into_iter();
+        let (Some((kind, settings)), None) = (kinds.next(), kinds.next()) else {
+            return Err(Invalid { field: None, message: "sink: give exactly one of postgres, kafka or search (besides name)".into() });
+        };
+        let spec = Self { name, kind, settings };
+        // The settings must make a valid sink on their own, checked exactly as a
+        // pipeline file's `sink:` block is (unknown keys, bad values).
+        let probe = json!({
+            "pipeline": "probe",
+            "source": { "host": "h", "user": "u", "password": "p", "database": "d", "tables": ["probe"] },
+            "sink": { spec.kind.clone(): spec.settings },
+        });
+        PipelineConfig::parse(&serde_yaml::to_string(&probe).expect("yaml")).map_err(|m| {
+            let mut inv = Invalid::from_message(m.replacen("sink.", "", 1));
+            if inv.field.as_deref() == Some("sink") {
+                inv.field = Some(spec.kind.clone());
+            }
+            inv
+        })?;
+        Ok(spec)
+    }
+
+    /// The settings with every password replaced, for the API and the clear column.
+    pub fn public(&self) -> Value {
+        fn redact(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    for (k, v) in m.iter_mut() {
+                        if k == "password" {
+                            *v = Value::String("(set)".into());
+                        } else {
+                            redact(v);
+                        }
+                    }
+                }
+                Value::Array(a) => a.iter_mut().for_each(redact),
+                _ => {}
+            }
+        }
+        let mut s = self.settings.clone();
+        redact(&mut s);
+        json!({ "name": self.name, self.kind.clone(): s })
+    }
+
+    pub fn to_sealable(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "name": self.name, "kind": self.kind, "settings": self.settings })).expect("json")
+    }
+
+    pub fn from_sealed(bytes: &[u8]) -> anyhow::Result<Self> {
+        let v: Value = serde_json::from_slice(bytes)?;
+        Ok(Self {
+            name: v["name"].as_str().unwrap_or_default().into(),
+            kind: v["kind"].as_str().unwrap_or_default().into(),
+            settings: v["settings"].clone(),
+        })
+    }
+}
+
+/// A pipeline: which source tables go to which sink, shaped by which transforms.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    /// The name of a source of the same tenant.
+    pub source: String,
+    /// The name of a sink of the same tenant.
+    pub sink: String,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub transforms: Vec<Value>,
+    #[serde(default)]
+    pub snapshot: Option<Value>,
+    #[serde(default)]
+    pub batch: Option<Value>,
+}
+
+impl PipelineSpec {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let p: Self = parse(body, "pipeline")?;
+        check_name("name", &p.name)?;
+        Ok(p)
+    }
+
+    pub fn public(&self) -> Value {
+        json!({
+            "name": self.name, "source": self.source, "sink": self.sink, "tables": self.tables,
+            "transforms": self.transforms, "snapshot": self.snapshot, "batch": self.batch,
+        })
+    }
+
+    pub fn from_json(v: &Value) -> anyhow::Result<Self> {
+        Ok(serde_json::from_value(v.clone())?)
+    }
+}
+
+/// The generated names of pipeline `id`'s objects in the source: replication role,
+/// slot and publication all share it.
+pub fn object_name(id: i64) -> String {
+    format!("sluice_p{id}")
+}
+
+/// The runner's config for pipeline `id`, connecting as `user`/`password`.
+pub fn run_config(
+    id: i64,
+    spec: &PipelineSpec,
+    source: &SourceSpec,
+    sink: &SinkSpec,
+    user: &str,
+    password: &str,
+) -> Result<PipelineConfig, Invalid> {
+    let mut src = json!({
+        "host": source.host, "port": source.port, "user": user, "password": password,
+        "database": source.database, "tables": spec.tables,
+        "heartbeat_interval": humantime::format_duration(source.heartbeat_interval).to_string(),
+        "slot": object_name(id), "publication": object_name(id),
+    });
+    if spec.tables.is_empty() {
+        src.as_object_mut().expect("object").remove("tables");
+    }
+    let mut cfg = json!({
+        "pipeline": format!("p{id}"),
+        "source": src,
+        "sink": { sink.kind.clone(): sink.settings },
+        "transforms": spec.transforms,
+    });
+    if let Some(s) = &spec.snapshot {
+        cfg["snapshot"] = s.clone();
+    }
+    if let Some(b) = &spec.batch {
+        cfg["batch"] = b.clone();
+    }
+    let yaml = serde_yaml::to_string(&cfg).expect("yaml");
+    PipelineConfig::parse(&yaml).map_err(|m| {
+        // The runner names its own keys; say them as the pipeline request does.
+        let m = m.replace("source.tables", "tables").replace("source: list the tables", "tables: list the tables");
+        let mut inv = Invalid::from_message(m);
+        if inv.field.as_deref().is_some_and(|f| f.starts_with("sink")) {
+            inv.message = format!("sink {:?}: {}", sink.name, inv.message);
+            inv.field = Some("sink".into());
+        }
+        inv
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_strict_and_name_the_field() {
+        let ok = b"{name: db1, host: h, database: d, admin_user: u, admin_password: p}";
+        assert_eq!(SourceSpec::parse(ok).unwrap().port, 5432);
+        let e = SourceSpec::parse(b"{name: db1, host: h, database: d, admin_user: u, admin_password: p, sslmod: x}").err().unwrap();
+        assert!(e.message.contains("unknown field `sslmod`"), "{}", e.message);
+        let e = SourceSpec::parse(b"{name: Bad Name, host: h, database: d, admin_user: u, admin_password: p}").err().unwrap();
+        assert_eq!(e.field.as_deref(), Some("name"));
+        let e = SourceSpec::parse(b"{name: a, host: h, database: d, admin_user: u}").err().unwrap();
+        assert!(e.message.contains("admin_password"), "{}", e.message);
+        assert!(SourceSpec::parse(b"").err().unwrap().message.contains("empty"));
+        assert!(SourceSpec::parse(b"{not json").is_err());
+    }
+
+    #[test]
+    fn sinks_are_checked_as_the_runner_would_and_redacted() {
+        let s = SinkSpec::parse(br#"{"name": "r", "postgres": {"host": "h", "user": "u", "password": "pw1", "database": "d"}}"#).unwrap();
+        assert_eq!(s.kind, "postgres");
+        assert!(!s.public().to_string().contains("pw1"));
+        let e = SinkSpec::parse(br#"{"name": "r", "postgres": {"host": "h", "user": "u", "password": "p", "database": "d", "prot": 1}}"#).err().unwrap();
+        assert!(e.message.contains("unknown field `prot`"), "{}", e.message);
+        let e = SinkSpec::parse(br#"{"name": "r", "postgres": {}, "kafka": {}}"#).err().unwrap();
+        assert!(e.message.contains("exactly one"), "{}", e.message);
+        let e = SinkSpec::parse(br#"{"name": "r", "elastic": {}}"#).err().unwrap();
+        assert!(e.message.contains("unknown variant"), "{}", e.message);
+    }
+
+    #[test]
+    fn pipelines_validate_transforms_with_a_field_path() {
+        let src = SourceSpec::parse(b"{name: db1, host: h, database: d, admin_user: u, admin_password: p}").unwrap();
+        let sink = SinkSpec::parse(b"{name: r, postgres: {host: h, user: u, password: p, database: d}}").unwrap();
+        let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [public.orders]}").unwrap();
+        let cfg = run_config(7, &p, &src, &sink, "sluice_p7", "x").unwrap();
+        assert_eq!(cfg.slot_name(), "sluice_p7");
+        let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [a.b.c]}").unwrap();
+        let e = run_config(7, &p, &src, &sink, "u", "x").err().unwrap();
+        assert_eq!(e.field.as_deref(), Some("tables"), "{}", e.message);
+        let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [t], transforms: [{bogus: {}}]}").unwrap();
+        let e = run_config(7, &p, &src, &sink, "u", "x").err().unwrap();
+        assert!(e.message.contains("transforms"), "{}", e.message);
+        assert!(PipelineSpec::parse(b"{name: o, source: a, sink: b, tabels: []}").err().unwrap().message.contains("unknown field"));
+    }
+}

@@ -1,0 +1,187 @@
+//! Runs the pipelines this server holds a lease on. Every pass (2 s, or when woken):
+//! renew the leases and publish each pipeline's status; stop what is no longer
+//! wanted here; claim wanted pipelines nobody holds (or whose holder's lease ran out)
+//! and start them from their checkpoints. A server that cannot renew stops its
+//! pipelines before its leases can expire, so a pipeline never runs in two places
+//! (and its replication slot admits one reader only, a second fence).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use super::Control;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+
+struct Local {
+    generation: i32,
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    started: Instant,
+}
+
+fn status(m: &Metrics, server: &str) -> Value {
+    let s = &m.snapshot;
+    let (done, total) = (s.chunks_done.load(Ordering::Relaxed), s.chunks_total.load(Ordering::Relaxed));
+    let halted = m.halted.load(Ordering::Relaxed) == 1;
+    json!({
+        "state": if halted { "halted" } else if total > done { "snapshotting" } else { "running" },
+        "server": server,
+        "events": m.events.load(Ordering::Relaxed),
+        "lag_last_ms": m.lag_last_ms.load(Ordering::Relaxed),
+        "lag_p99_ms": m.lag_quantile_ms(0.99),
+        "confirmed_lsn": sluice_core::Lsn(m.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
+        "wal_retained_bytes": m.wal_retained_bytes.load(Ordering::Relaxed),
+        "snapshot": { "rows": s.rows_copied.load(Ordering::Relaxed), "chunks_done": done, "chunks_total": total },
+        "errors": m.errors.load(Ordering::Relaxed),
+        "reconnects": m.reconnects.load(Ordering::Relaxed),
+    })
+}
+
+pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+    let mut local: HashMap<i64, Local> = HashMap::new();
+    let mut client: Option<Client> = None;
+    let mut last_renewed = Instant::now();
+    loop {
+        let stopping = *shutdown.borrow();
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = ctl.db.connect().await.map_err(|e| tracing::warn!(error = %e, "supervisor: control database")).ok();
+        }
+        let pass = match &client {
+            Some(c) => pass(&ctl, c, &mut local, stopping).await,
+            None => Err(anyhow::anyhow!("no control database connection")),
+        };
+        match pass {
+            Ok(()) => last_renewed = Instant::now(),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "supervisor pass failed");
+                client = None;
+                // Fence: leases cannot be renewed, so stop before another server may
+                // take the pipelines over.
+                if last_renewed.elapsed() + Duration::from_secs(3) > ctl.lease && !local.is_empty() {
+                    tracing::error!(pipelines = local.len(), "cannot renew pipeline leases; stopping this server's pipelines");
+                    for (_, l) in local.drain() {
+                        let _ = l.stop.send(true);
+                        let _ = l.task.await;
+                    }
+                }
+            }
+        }
+        if stopping {
+            for (_, l) in local.drain() {
+                let _ = l.stop.send(true);
+                let _ = l.task.await;
+            }
+            if let Some(c) = &client {
+                let _ = c.execute("UPDATE pipelines SET owner = NULL WHERE owner = $1", &[&ctl.server_id]).await;
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = ctl.wake_supervisor.notified() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, stopping: bool) -> Result<()> {
+    let me = &ctl.server_id;
+    // 1. Renew, publish status, learn what is wanted of the pipelines held here.
+    let ids: Vec<i64> = local.keys().copied().collect();
+    let statuses: Vec<Value> = ids.iter().map(|id| status(&local[id].metrics, me)).collect();
+    let rows = c
+        .query(
+            "UPDATE pipelines p SET lease_until = now() + make_interval(secs => $2), status = u.status
+             FROM unnest($3::int8[], $4::jsonb[]) AS u(id, status)
+             WHERE p.id = u.id AND p.owner = $1
+             RETURNING p.id, p.desired, p.generation",
+            &[me, &ctl.lease.as_secs_f64(), &ids, &statuses],
+        )
+        .await?;
+    let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    // 2. Stop what is gone, no longer wanted, lost, or finished by itself.
+    let mut ended = Vec::new();
+    for (id, l) in local.iter() {
+        let wanted = keep.remove(id).is_some_and(|(d, g)| d == "running" && g == l.generation);
+        if !wanted || stopping || l.task.is_finished() {
+            ended.push(*id);
+        }
+    }
+    for id in ended {
+        let l = local.remove(&id).expect("present");
+        let _ = l.stop.send(true);
+        let result = l.task.await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("pipeline task: {e}")),
+        };
+        match failure {
+            // A pipeline that fails permanently waits a minute before it is tried again
+            // (anywhere), with its error in its status.
+            Some(err) => {
+                tracing::error!(pipeline = id, error = %err, "pipeline failed");
+                let mut st = status(&l.metrics, me);
+                st["state"] = json!("failed");
+                st["error"] = json!(err);
+                c.execute(
+                    "UPDATE pipelines SET owner = NULL, status = $3, retry_at = now() + interval '60 s' WHERE id = $1 AND owner = $2",
+                    &[&id, me, &st],
+                )
+                .await?;
+            }
+            None => {
+                let mut st = status(&l.metrics, me);
+                st["state"] = json!("stopped");
+                c.execute("UPDATE pipelines SET owner = NULL, status = $3 WHERE id = $1 AND owner = $2", &[&id, me, &st]).await?;
+                tracing::info!(pipeline = id, ran_for = ?l.started.elapsed(), "pipeline stopped on this server");
+            }
+        }
+    }
+    if stopping {
+        return Ok(());
+    }
+    // 3. Claim. A server restarted under the same id takes its own leases back at once.
+    let mine: Vec<i64> = local.keys().copied().collect();
+    let claimed = c
+        .query(
+            "UPDATE pipelines SET owner = $1, lease_until = now() + make_interval(secs => $2)
+             WHERE id IN (SELECT id FROM pipelines
+                          WHERE desired = 'running' AND retry_at <= now()
+                            AND (owner IS NULL OR lease_until < now() OR (owner = $1 AND NOT id = ANY($3)))
+                          ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED)
+             RETURNING id, generation",
+            &[me, &ctl.lease.as_secs_f64(), &mine],
+        )
+        .await?;
+    for r in claimed {
+        let (id, generation): (i64, i32) = (r.get(0), r.get(1));
+        let cfg = match ctl.load_pipeline(id).await?.map(|p| p.run_config()) {
+            Some(Ok(cfg)) => cfg,
+            Some(Err(e)) => {
+                c.execute(
+                    "UPDATE pipelines SET owner = NULL, retry_at = now() + interval '60 s', status = $2 WHERE id = $1",
+                    &[&id, &json!({"state": "failed", "error": e.message})],
+                )
+                .await?;
+                continue;
+            }
+            None => continue,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (stop, rx) = watch::channel(false);
+        let mut pipeline = Pipeline::new(cfg, metrics.clone(), rx);
+        let task = tokio::spawn(async move { pipeline.run().await });
+        tracing::info!(pipeline = id, "pipeline started on this server");
+        local.insert(id, Local { generation, metrics, stop, task, started: Instant::now() });
+    }
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! Durable workflows: provisioning, teardown, pause, resume. A small explicit state
+//! machine persisted in the control database (see docs/control-plane.md for why not
+//! a framework): a workflow is an ordered list of named steps; the index of the next
+//! step, each attempt (who, when, outcome, error) and the retry schedule are written
+//! after every step, so any server can resume a workflow after a crash at any point.
+//! Every step is idempotent: it is re-run when a server dies after its effect but
+//! before its record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::Value;
+use sluice_core::quote_ident;
+use tokio::sync::{Semaphore, watch};
+use tokio_postgres::Client;
+
+use super::Control;
+use super::model::object_name;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+
+/// Attempts of one step before the workflow fails (a person can `retry` it).
+const MAX_ATTEMPTS: i32 = 10;
+/// Workflows one server runs at once.
+const CONCURRENCY: usize = 16;
+
+pub const PROVISION: &[&str] =
+    &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
+
+/// The steps of a workflow of `kind`.
+pub fn steps(kind: &str, params: &Value) -> Vec<&'static str> {
+    match kind {
+        "provision" => PROVISION.to_vec(),
+        "teardown" if params["purge"].as_bool() == Some(true) => {
+            vec!["stop", "drop_slot", "drop_publication", "drop_sink_objects", "drop_role", "forget"]
+        }
+        "teardown" => vec!["stop", "drop_slot", "drop_publication", "drop_role", "forget"],
+        "update" => std::iter::once("stop").chain(PROVISION.iter().copied()).collect(),
+        "pause" => vec!["stop"],
+        "resume" => vec!["start"],
+        _ => vec![],
+    }
+}
+
+/// Why a step did not finish.
+#[derive(Debug)]
+pub enum StepError {
+    /// Worth another attempt later (the source is down, a restart is pending).
+    Retry(String),
+    /// Retrying cannot help; a person must act, then `workflows retry`.
+    Fatal(String),
+    Cancelled,
+}
+
+impl From<anyhow::Error> for StepError {
+    fn from(e: anyhow::Error) -> Self {
+        let msg = format!("{e:#}");
+        let pg = e.chain().find_map(|c| c.downcast_ref::<tokio_postgres::Error>());
+        if let Some(pg) = pg {
+            return match pg.code().map(|c| c.code()) {
+                // Connection, shutdown, resources, conflicts: transient.
+                Some(c) if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("40") => Self::Retry(msg),
+                Some(_) => Self::Fatal(msg),
+                None => Self::Retry(msg),
+            };
+        }
+        match crate::pipeline::error_kind(&e) {
+            sluice_core::ErrorKind::Permanent => Self::Fatal(msg),
+            _ => Self::Retry(msg),
+        }
+    }
+}
+
+/// A claimed workflow.
+struct Claimed {
+    id: i64,
+    pipeline_id: i64,
+    kind: String,
+    params: Value,
+    step: i32,
+    attempt: i32,
+}
+
+/// Claims runnable workflows and runs them, until `shutdown`.
+pub async fn worker(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let active: Arc<std::sync::Mutex<Vec<i64>>> = Arc::default();
+    let mut client: Option<Client> = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut idle = true;
+        if slots.available_permits() > 0 {
+            if client.as_ref().is_none_or(Client::is_closed) {
+                client = ctl.db.connect().await.map_err(|e| tracing::warn!(error = %e, "workflow worker: control database")).ok();
+            }
+            if let Some(c) = &client {
+                let mine: Vec<i64> = active.lock().expect("lock").clone();
+                match claim(c, &ctl, &mine).await {
+                    Ok(Some(wf)) => {
+                        idle = false;
+                        active.lock().expect("lock").push(wf.id);
+                        let (ctl, active, permit) = (ctl.clone(), active.clone(), slots.clone().acquire_owned().await.expect("open"));
+                        let sd = shutdown.clone();
+                        tokio::spawn(async move {
+                            let id = wf.id;
+                            if let Err(e) = run(&ctl, wf, sd).await {
+                                tracing::warn!(workflow = id, error = %format!("{e:#}"), "workflow interrupted; it resumes from its last recorded step");
+                            }
+                            active.lock().expect("lock").retain(|w| *w != id);
+                            drop(permit);
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "workflow worker: claim failed"),
+                }
+            }
+        }
+        if idle {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = ctl.wake.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+async fn claim(c: &Client, ctl: &Control, mine: &[i64]) -> Result<Option<Claimed>> {
+    // A server restarted under the same id takes its own leases back at once: the
+    // process that held them is gone.
+    let row = c
+        .query_opt(
+            "UPDATE workflows SET owner = $1, lease_until = now() + make_interval(secs => $2),
+                    state = 'running', updated_at = now()
+             WHERE id = (SELECT id FROM workflows
+                         WHERE state IN ('pending', 'running', 'retrying') AND next_run_at <= now()
+                           AND (owner IS NULL OR lease_until < now() OR (owner = $1 AND NOT id = ANY($3)))
+                         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, pipeline_id, kind, params, step, attempt",
+            &[&ctl.server_id, &ctl.lease.as_secs_f64(), &mine],
+        )
+        .await?;
+    Ok(row.map(|r| Claimed { id: r.get(0), pipeline_id: r.get(1), kind: r.get(2), params: r.get(3), step: r.get(4), attempt: r.get(5) }))
+}
+
+/// Test hook (fail points): `SLUICE_FAILPOINT=kill-after:provision.create_slot` kills
+/// this process with SIGKILL right after that step is recorded; `kill-before-record:`
+/// right after its effect, before the record. Nothing else reads it.
+fn failpoint(when: &str, kind: &str, step: &str) {
+    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|f| f == format!("{when}:{kind}.{step}")) {
+        tracing::warn!(failpoint = %format!("{when}:{kind}.{step}"), "failpoint: killing this process");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let c = ctl.db.connect().await?;
+    let names = steps(&wf.kind, &wf.params);
+    loop {
+        let Some(&name) = names.get(wf.step as usize) else {
+            c.execute(
+                "UPDATE workflows SET state = 'succeeded', owner = NULL, error = NULL, updated_at = now() WHERE id = $1 AND owner = $2",
+                &[&wf.id, &ctl.server_id],
+            )
+            .await?;
+            tracing::info!(workflow = wf.id, kind = %wf.kind, "workflow succeeded");
+            return Ok(());
+        };
+        let cancel: bool = c.query_one("SELECT cancel_requested FROM workflows WHERE id = $1", &[&wf.id]).await?.get(0);
+        if cancel {
+            finish(&c, ctl, wf.id, "cancelled", "cancelled on request").await?;
+            return Ok(());
+        }
+        wf.attempt += 1;
+        let attempt_id: i64 = c
+            .query_one(
+                "WITH w AS (UPDATE workflows SET attempt = $3, updated_at = now() WHERE id = $1)
+                 INSERT INTO workflow_steps (workflow_id, step, name, attempt, owner) VALUES ($1, $2, $4, $3, $5) RETURNING id",
+                &[&wf.id, &wf.step, &wf.attempt, &name, &ctl.server_id],
+            )
+            .await?
+            .get(0);
+        tracing::info!(workflow = wf.id, kind = %wf.kind, step = name, attempt = wf.attempt, "workflow step");
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let outcome = {
+            let step = run_step(ctl, &wf, name, cancel_rx);
+            tokio::pin!(step);
+            let mut sd = shutdown.clone();
+            let mut tick = tokio::time::interval(ctl.lease / 3);
+            loop {
+                tokio::select! {
+                    r = &mut step => break r,
+                    _ = tick.tick() => {
+                        // Keep the lease; a lost lease means another server took over.
+                        let row = c.query_opt(
+                            "UPDATE workflows SET lease_until = now() + make_interval(secs => $3) WHERE id = $1 AND owner = $2 RETURNING cancel_requested",
+                            &[&wf.id, &ctl.server_id, &ctl.lease.as_secs_f64()]).await?;
+                        match row {
+                            None => anyhow::bail!("lost the lease on workflow {}", wf.id),
+                            Some(r) if r.get::<_, bool>(0) => { let _ = cancel_tx.send(true); }
+                            Some(_) => {}
+                        }
+                    }
+                    _ = sd.changed() => { let _ = cancel_tx.send(true); anyhow::bail!("server stopping"); }
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                failpoint("kill-before-record", &wf.kind, name);
+                c.execute(
+                    "WITH s AS (UPDATE workflow_steps SET ended_at = now(), outcome = 'succeeded' WHERE id = $2)
+                     UPDATE workflows SET step = step + 1, attempt = 0, error = NULL, updated_at = now() WHERE id = $1",
+                    &[&wf.id, &attempt_id],
+                )
+                .await?;
+                failpoint("kill-after", &wf.kind, name);
+                wf.step += 1;
+                wf.attempt = 0;
+            }
+            Err(e) => {
+                let (state, msg) = match &e {
+                    StepError::Cancelled => ("cancelled", "cancelled on request".to_string()),
+                    StepError::Retry(m) if wf.attempt < MAX_ATTEMPTS => ("retrying", m.clone()),
+                    StepError::Retry(m) => ("failed", format!("{m} (gave up after {MAX_ATTEMPTS} attempts; `sluice workflows retry` tries again)")),
+                    StepError::Fatal(m) => ("failed", m.clone()),
+                };
+                let backoff = Duration::from_secs(1 << (wf.attempt - 1).clamp(0, 6)).min(Duration::from_secs(60));
+                tracing::warn!(workflow = wf.id, step = name, attempt = wf.attempt, state, error = %msg, "workflow step failed");
+                c.execute(
+                    "WITH s AS (UPDATE workflow_steps SET ended_at = now(), outcome = $3, error = $4 WHERE id = $2)
+                     UPDATE workflows SET state = $5, error = $4, owner = NULL, updated_at = now(),
+                            next_run_at = now() + make_interval(secs => $6) WHERE id = $1",
+                    &[&wf.id, &attempt_id, &if state == "cancelled" { "cancelled" } else { "failed" }, &msg, &state, &backoff.as_secs_f64()],
+                )
+                .await?;
+                if state == "retrying" {
+                    ctl.wake.notify_one();
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn finish(c: &Client, ctl: &Control, id: i64, state: &str, error: &str) -> Result<()> {
+    c.execute(
+        "UPDATE workflows SET state = $2, error = $3, owner = NULL, updated_at = now() WHERE id = $1 AND owner = $4",
+        &[&id, &state, &error, &ctl.server_id],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::Receiver<bool>) -> Result<(), StepError> {
+    let p = match ctl.load_pipeline(wf.pipeline_id).await? {
+        Some(p) => p,
+        // Only `forget` removes the row: its re-run after a crash finds it gone.
+        None if name == "forget" => return Ok(()),
+        None => return Err(StepError::Fatal(format!("pipeline {} no longer exists", wf.pipeline_id))),
+    };
+    let obj = object_name(p.id);
+    let role = quote_ident(&obj);
+    let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;
+    let tables = cfg.tables();
+    let admin = || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
+    match name {
+        "check_source" => {
+            let c = admin().await?;
+            let level: String = q1(&c, "SHOW wal_level", &[]).await?;
+            if level != "logical" {
+                let superuser: bool = q1(&c, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await?;
+                if !superuser {
+                    return Err(StepError::Fatal(format!(
+                        "source {}: wal_level is {level}; logical replication needs logical: ask a superuser to run ALTER SYSTEM SET wal_level = logical and restart Postgres, then retry this workflow",
+                        p.source.name
+                    )));
+                }
+                c.batch_execute("ALTER SYSTEM SET wal_level = logical").await.map_err(anyhow::Error::from)?;
+                return Err(StepError::Retry(format!(
+                    "source {}: wal_level was {level}; set to logical with ALTER SYSTEM: restart Postgres to apply it (this step checks again)",
+                    p.source.name
+                )));
+            }
+            super::check_privileges(&c, &p.source, &tables).await.map_err(StepError::Fatal)?;
+        }
+        "create_role" => {
+            let c = admin().await?;
+            let pw = literal(&p.role_password);
+            c.batch_execute(&format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role} LOGIN REPLICATION PASSWORD {pw}; END IF; END $$;
+                 ALTER ROLE {role} WITH LOGIN REPLICATION PASSWORD {pw};
+                 GRANT CONNECT ON DATABASE {db} TO {role};",
+                name = literal(&obj),
+                db = quote_ident(&p.source.database)
+            ))
+            .await
+            .map_err(anyhow::Error::from)?;
+            let mut schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+            schemas.dedup();
+            for s in schemas {
+                c.batch_execute(&format!("GRANT USAGE ON SCHEMA {} TO {role}", quote_ident(s))).await.map_err(anyhow::Error::from)?;
+            }
+            let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+            if !list.is_empty() {
+                c.batch_execute(&format!("GRANT SELECT ON TABLE {} TO {role}", list.join(", "))).await.map_err(anyhow::Error::from)?;
+            }
+        }
+        "create_publication" => {
+            let c = admin().await?;
+            let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+            let exists: bool = q1(&c, "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)", &[&obj]).await?;
+            let sql = if exists {
+                format!("ALTER PUBLICATION {role} SET TABLE {}", list.join(", "))
+            } else {
+                format!("CREATE PUBLICATION {role} FOR TABLE {} WITH (publish_via_partition_root = true)", list.join(", "))
+            };
+            c.batch_execute(&sql).await.map_err(anyhow::Error::from)?;
+        }
+        "create_slot" => {
+            let c = admin().await?;
+            c.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
+                 WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&obj],
+            )
+            .await
+            .map_err(anyhow::Error::from)?;
+        }
+        "heartbeat" => {
+            // The heartbeat is a logical message the pipeline writes on a timer (no
+            // table): the role must be allowed to emit it.
+            let c = admin().await?;
+            let allowed: bool =
+                q1(&c, "SELECT has_function_privilege($1, 'pg_logical_emit_message(boolean, text, text)', 'EXECUTE')", &[&obj]).await?;
+            if !allowed {
+                c.batch_execute(&format!("GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role}"))
+                    .await
+                    .map_err(anyhow::Error::from)?;
+            }
+            let as_role = sluice_postgres::connect(&cfg.source.connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
+            as_role
+                .execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&sluice_postgres::HEARTBEAT_PREFIX, &cfg.pipeline])
+                .await
+                .map_err(anyhow::Error::from)?;
+        }
+        "prepare_sink" => {
+            let (_tx, rx) = watch::channel(false);
+            let pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), rx);
+            pipeline.prepare().await?;
+        }
+        "snapshot" => {
+            if cfg.snapshot.enabled {
+                let mut pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), cancel.clone());
+                pipeline.stop_after_snapshot = true;
+                pipeline.run_once().await?;
+                if *cancel.borrow() {
+                    return Err(StepError::Cancelled);
+                }
+            }
+        }
+        "start" => {
+            ctl.db
+                .get()
+                .await?
+                .execute("UPDATE pipelines SET desired = 'running', retry_at = now(), updated_at = now() WHERE id = $1", &[&p.id])
+                .await
+                .map_err(anyhow::Error::from)?;
+            ctl.wake_supervisor.notify_one();
+        }
+        "stop" => {
+            let desired = if wf.kind == "teardown" { "stopped" } else { "paused" };
+            let db = ctl.db.get().await?;
+            db.execute("UPDATE pipelines SET desired = $2, updated_at = now() WHERE id = $1", &[&p.id, &desired])
+                .await
+                .map_err(anyhow::Error::from)?;
+            ctl.wake_supervisor.notify_one();
+            // The server running it stops it and lets go; a dead one's lease runs out.
+            let deadline = tokio::time::Instant::now() + ctl.lease * 2 + Duration::from_secs(5);
+            loop {
+                let free: bool =
+                    q1(&db, "SELECT owner IS NULL OR lease_until < now() FROM pipelines WHERE id = $1", &[&p.id]).await?;
+                if free {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(StepError::Retry("the pipeline is still running on its server".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        "drop_slot" => {
+            let c = admin().await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let row = c
+                    .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&obj])
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                match row.map(|r| r.get::<_, Option<i32>>(0)) {
+                    None => break,
+                    Some(None) => {
+                        // Dropped concurrently by nobody else: the slot is ours by name.
+                        let _ = c.execute("SELECT pg_drop_replication_slot($1)", &[&obj]).await;
+                    }
+                    Some(Some(pid)) => {
+                        if tokio::time::Instant::now() > deadline {
+                            return Err(StepError::Retry(format!("replication slot {obj} is still in use by backend {pid}")));
+                        }
+                        // A walsender left by a stopped pipeline's server: end it.
+                        let _ = c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                }
+            }
+        }
+        "drop_publication" => {
+            admin().await?.batch_execute(&format!("DROP PUBLICATION IF EXISTS {role}")).await.map_err(anyhow::Error::from)?;
+        }
+        "drop_role" => {
+            let c = admin().await?;
+            let exists: bool = q1(&c, "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", &[&obj]).await?;
+            if exists {
+                // Sessions of the role (a lingering pipeline connection) block DROP ROLE.
+                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", &[&obj])
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.map_err(anyhow::Error::from)?;
+            }
+        }
+        "drop_sink_objects" => super::purge_sink(&p, &cfg).await?,
+        "forget" => {
+            ctl.db.get().await?.execute("DELETE FROM pipelines WHERE id = $1", &[&p.id]).await.map_err(anyhow::Error::from)?;
+        }
+        other => return Err(StepError::Fatal(format!("unknown step {other}"))),
+    }
+    Ok(())
+}
+
+async fn q1<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    c: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<T, StepError> {
+    Ok(c.query_one(sql, params).await.map_err(anyhow::Error::from)?.get(0))
+}
+
+/// A SQL string literal (for statements that take no parameters, e.g. `CREATE ROLE`).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

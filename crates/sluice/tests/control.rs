@@ -1,0 +1,576 @@
+//! The control plane through its real parts: `sluice server` processes on a control
+//! database, the API over HTTP, the CLI, real source and target Postgres clusters.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Env, Pipeline as Proc, connect, wait_equal, wait_for};
+use serde_json::Value;
+
+const KEY: &str = "6b1f0f6c2c1e4b8a9d7e5c3a1b2c4d6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c";
+const STEPS: &[&str] = &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
+
+struct Ctl {
+    env: Env,
+    dsn: String,
+    admin: String,
+}
+
+struct Server {
+    proc: Proc,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Ctl {
+    async fn new(name: &str) -> Ctl {
+        let env = Env::new(name).await;
+        let ctl_db = format!("{}_ctl", env.db);
+        connect(env.dst_port, "postgres").await.batch_execute(&format!("CREATE DATABASE {ctl_db}")).await.unwrap();
+        let dsn = format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={ctl_db}",
+            env.dst_port,
+            sluice_postgres::cluster::SUPERUSER,
+            sluice_postgres::cluster::SUPERUSER_PASSWORD
+        );
+        let out = Command::new(BIN).arg("bootstrap").env("SLUICE_CONTROL_DATABASE", &dsn).output().unwrap();
+        assert!(out.status.success(), "bootstrap: {}", String::from_utf8_lossy(&out.stderr));
+        let admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(admin.starts_with("slc_"));
+        Ctl { env, dsn, admin }
+    }
+
+    async fn control(&self) -> tokio_postgres::Client {
+        connect(self.env.dst_port, &format!("{}_ctl", self.env.db)).await
+    }
+
+    /// Starts a server (`id` names it in leases) on `port`; `failpoint` kills it there.
+    async fn server(&self, id: &str, port: u16, failpoint: Option<&str>) -> Server {
+        let log = self.env.dir.join(format!("server-{id}-{}.log", Instant::now().elapsed().as_nanos() ^ u128::from(free_port())));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--addr", &format!("127.0.0.1:{port}"), "--server-id", id])
+            .env("SLUICE_CONTROL_DATABASE", &self.dsn)
+            .env("SLUICE_MASTER_KEY", KEY)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(f) = failpoint {
+            cmd.env("SLUICE_FAILPOINT", f);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut proc = Proc { child, log };
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(_)) = proc.child.try_wait() {
+                break; // a failpoint may fire before it listens
+            }
+            assert!(Instant::now() < deadline, "server did not listen:\n{}", proc.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server { proc, url }
+    }
+
+    fn source_yaml(&self, name: &str, user: &str, password: &str) -> String {
+        format!(
+            "name: {name}\nhost: 127.0.0.1\nport: {}\ndatabase: {}\nadmin_user: {user}\nadmin_password: {password}\nheartbeat_interval: 500ms\n",
+            self.env.src_port, self.env.db
+        )
+    }
+
+    fn sink_yaml(&self, name: &str) -> String {
+        format!(
+            "name: {name}\npostgres:\n  host: 127.0.0.1\n  port: {}\n  user: {}\n  password: {}\n  database: {}\n",
+            self.env.dst_port,
+            sluice_postgres::cluster::SUPERUSER,
+            sluice_postgres::cluster::SUPERUSER_PASSWORD,
+            self.env.db
+        )
+    }
+}
+
+fn superuser_pw() -> &'static str {
+    sluice_postgres::cluster::SUPERUSER_PASSWORD
+}
+
+async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
+    let c = reqwest::Client::new();
+    let mut req = c.request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/yaml").body(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Runs a CLI command against `url`; returns (exit code, stdout, stderr).
+fn cli(url: &str, token: &str, tenant: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("SLUICE_URL", url)
+        .env("SLUICE_TOKEN", token)
+        .env("SLUICE_TENANT", tenant)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+async fn workflow_state(url: &str, token: &str, tenant: &str, id: i64) -> Value {
+    call("GET", &format!("{url}/v1/tenants/{tenant}/workflows/{id}"), Some(token), None).await.1
+}
+
+async fn wait_workflow(url: &str, token: &str, tenant: &str, id: i64, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let w = workflow_state(url, token, tenant, id).await;
+        match w["state"].as_str() {
+            Some("succeeded") => return w,
+            Some("failed" | "cancelled") => panic!("workflow {id} ended: {w:#}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "workflow {id} did not finish: {w:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// (slots, publications, roles) named `sluice_p*` in the source.
+async fn source_objects(env: &Env) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let c = connect(env.src_port, &env.db).await;
+    let list = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
+    (
+        list(c.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[]).await.unwrap()),
+        list(c.query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[]).await.unwrap()),
+        list(c.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'sluice_p%' ORDER BY 1", &[]).await.unwrap()),
+    )
+}
+
+/// Tenant `t` with a tenant-admin token, a source and a sink; returns the token.
+async fn tenant_with_resources(ctl: &Ctl, url: &str, t: &str) -> String {
+    let (s, _) = call("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some(format!("name: {t}"))).await;
+    assert_eq!(s, 201);
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/tokens"), Some(&ctl.admin), Some("{name: ops, role: tenant_admin}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/sources"), Some(&token), Some(ctl.source_yaml("main", "postgres", superuser_pw()))).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/sinks"), Some(&token), Some(ctl.sink_yaml("replica"))).await;
+    assert_eq!(s, 201, "{v}");
+    token
+}
+
+async fn create_orders(env: &Env, table: &str, rows: i64) {
+    env.src()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int8 PRIMARY KEY, customer text NOT NULL, amount numeric(12,2));
+             INSERT INTO {table} SELECT g, 'c' || g, g / 10.0 FROM generate_series(1, {rows}) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// A pipeline created through the CLI replicates a workload, survives kill -9 of its
+/// server, pauses and resumes, runs as a least-privilege role, and its teardown leaves
+/// nothing in the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_cleanly() {
+    let ctl = Ctl::new("ctl_life").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 5000).await;
+    env.src().await.batch_execute("CREATE TABLE secrets (id int PRIMARY KEY, s text)").await.unwrap();
+    let port = free_port();
+    let mut server = ctl.server("s1", port, None).await;
+    let url = server.url.clone();
+    let (code, _, err) = cli(&url, &ctl.admin, "", &["tenants", "create", "shop"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli(&url, &ctl.admin, "shop", &["tokens", "create", "ci", "--role", "tenant_admin", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let token = serde_json::from_str::<Value>(&out).unwrap()["token"].as_str().unwrap().to_string();
+    let src = env.write_config(&ctl.source_yaml("main", "postgres", superuser_pw()));
+    let sink = env.write_config(&ctl.sink_yaml("replica"));
+    assert_eq!(cli(&url, &token, "shop", &["sources", "create", "-f", src.to_str().unwrap()]).0, 0);
+    assert_eq!(cli(&url, &token, "shop", &["sinks", "create", "-f", sink.to_str().unwrap()]).0, 0);
+    let p = env.write_config("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\n");
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "create", "-f", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());
+    assert!(err.contains("create_slot") && err.contains("snapshot"), "progress per step: {err}");
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+
+    // The pipeline runs as its own role: replication, SELECT on its tables only.
+    let s = env.src().await;
+    let r = s
+        .query_one(
+            "SELECT rolname::text, rolsuper, rolreplication, has_table_privilege(oid, 'public.orders', 'SELECT'),
+                    has_table_privilege(oid, 'public.secrets', 'SELECT'), has_table_privilege(oid, 'public.orders', 'INSERT')
+             FROM pg_roles WHERE rolname LIKE 'sluice_p%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, bool>(1), r.get::<_, bool>(2), r.get::<_, bool>(3), r.get::<_, bool>(4), r.get::<_, bool>(5)), (false, true, true, false, false));
+    let role: String = r.get(0);
+    let users: i64 = s.query_one("SELECT count(*) FROM pg_stat_replication WHERE usename = $1", &[&role]).await.unwrap().get(0);
+    assert_eq!(users, 1, "the walsender runs as the pipeline's role");
+
+    // Changes while the server is killed and restarted: nothing lost, nothing twice.
+    let writer = tokio::spawn({
+        let s = env.src().await;
+        async move {
+            for i in 0..60 {
+                s.batch_execute(&format!(
+                    "BEGIN; INSERT INTO orders VALUES ({id}, 'new', 1); UPDATE orders SET amount = amount + 1 WHERE id = {u}; DELETE FROM orders WHERE id = {d}; COMMIT;",
+                    id = 100_000 + i, u = 1 + i * 7, d = 2 + i * 11
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    server.proc.kill9();
+    let mut server = ctl.server("s1", port, None).await;
+    writer.await.unwrap();
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+    let (code, out, _) = cli(&url, &token, "shop", &["pipelines", "show", "orders", "--output", "json"]);
+    assert_eq!(code, 0);
+    let show: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(show["desired"], "running");
+    assert_eq!(show["server"], "s1");
+    wait_for("status published", Duration::from_secs(10), || async {
+        let (_, out, _) = cli(&url, &token, "shop", &["pipelines", "show", "orders", "--output", "json"]);
+        serde_json::from_str::<Value>(&out).unwrap()["status"]["events"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+
+    // Pause: streaming stops, the slot keeps the position; resume catches up.
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "pause", "orders", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(60)).await;
+    s.batch_execute("INSERT INTO orders VALUES (900001, 'while paused', 5)").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dst = env.dst().await;
+    assert_eq!(dst.query_one("SELECT count(*) FROM orders WHERE id = 900001", &[]).await.unwrap().get::<_, i64>(0), 0, "paused");
+    let (code, out, _) = cli(&url, &token, "shop", &["pipelines", "resume", "orders", "--output", "json"]);
+    assert_eq!(code, 0);
+    let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(60)).await;
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+
+    // Workflows are listed with their step history.
+    let (code, out, _) = cli(&url, &token, "shop", &["workflows", "show", "1"]);
+    assert_eq!(code, 0);
+    for step in STEPS {
+        assert!(out.contains(step), "{step} in history:\n{out}");
+    }
+
+    // Teardown with purge: no slot, publication or role left; the target table gone.
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "delete", "orders", "--purge", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(90)).await;
+    let (slots, pubs, roles) = source_objects(env).await;
+    assert!(slots.is_empty() && pubs.is_empty() && roles.is_empty(), "left behind: {slots:?} {pubs:?} {roles:?}");
+    assert!(dst.query_one("SELECT to_regclass('public.orders') IS NULL", &[]).await.unwrap().get::<_, bool>(0));
+    let (s404, _) = call("GET", &format!("{url}/v1/tenants/shop/pipelines/orders"), Some(&token), None).await;
+    assert_eq!(s404, 404);
+    // The admin password never left the server: not in answers, logs or the clear columns.
+    let (_, v) = call("GET", &format!("{url}/v1/tenants/shop/sources/main"), Some(&token), None).await;
+    assert!(!v.to_string().contains(superuser_pw()));
+    assert!(!server.proc.log().contains(superuser_pw()));
+    let c = ctl.control().await;
+    let leaked: i64 = c
+        .query_one(
+            "SELECT count(*) FROM sluice_control.sources WHERE spec::text LIKE '%' || $1 || '%' OR position(convert_to($1, 'UTF8') in sealed) > 0",
+            &[&superuser_pw()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaked, 0, "passwords are sealed at rest");
+    assert_eq!(server.proc.terminate(), Some(0));
+}
+
+/// The server is killed (SIGKILL) at every provisioning step, once after the step's
+/// effect but before its record and once right after its record; each restart resumes
+/// the workflow, which completes with one of each object and every step recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_survives_a_kill_at_every_step() {
+    let ctl = Ctl::new("ctl_crash").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 3000).await;
+    let port = free_port();
+    let mut server = ctl.server("s1", port, None).await;
+    let url = server.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "team").await;
+    server.proc.terminate();
+    // Created while no server runs: the workflow waits, and each server below takes
+    // it one step further before it is killed.
+    let server = ctl.server("s1", port, None).await;
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let wf = v["workflow"].as_i64().unwrap();
+    drop(server); // kill -9 (Drop), likely before it starts the first step
+    for step in STEPS {
+        for when in ["kill-before-record", "kill-after"] {
+            let fp = format!("{when}:provision.{step}");
+            let mut s = ctl.server("s1", port, Some(&fp)).await;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Ok(Some(st)) = s.proc.child.try_wait() {
+                    assert!(st.code().is_none(), "killed by a signal at {fp}: {st}\n{}", s.proc.log());
+                    break;
+                }
+                assert!(Instant::now() < deadline, "failpoint {fp} never fired:\n{}", s.proc.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(s.proc.log().contains(&fp), "{}", s.proc.log());
+        }
+    }
+    let mut server = ctl.server("s1", port, None).await;
+    let w = wait_workflow(&url, &token, "team", wf, Duration::from_secs(60)).await;
+    // Every step ran to success once after its recorded success; the kills before the
+    // record show as attempts that never ended.
+    let history = w["history"].as_array().unwrap();
+    for step in STEPS {
+        let ok = history.iter().filter(|h| h["step"] == *step && h["outcome"] == "succeeded").count();
+        assert_eq!(ok, 1, "{step}: {history:#?}");
+        let attempts = history.iter().filter(|h| h["step"] == *step).count();
+        assert!(attempts >= 2, "{step} was re-run after the kill before its record: {history:#?}");
+    }
+    let (slots, pubs, roles) = source_objects(env).await;
+    assert_eq!((slots.len(), pubs.len(), roles.len()), (1, 1, 1), "{slots:?} {pubs:?} {roles:?}");
+    env.src().await.batch_execute("UPDATE orders SET amount = 0 WHERE id <= 10; INSERT INTO orders VALUES (5001, 'x', 1)").await.unwrap();
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+    let dup: i64 = env.dst().await.query_one("SELECT count(*) - count(DISTINCT id) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(dup, 0);
+    server.proc.terminate();
+}
+
+/// Two servers on one control database: the one running the pipelines is killed; the
+/// other continues them from their checkpoints within 30 s, and no slot ever has two
+/// readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_servers_pipelines_move_to_the_other_within_30s() {
+    let ctl = Ctl::new("ctl_ha").await;
+    let env = &ctl.env;
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = ctl.server("a", pa, None).await;
+    let url = a.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "team").await;
+    let mut wfs = Vec::new();
+    for i in 0..3 {
+        create_orders(env, &format!("t{i}"), 1000).await;
+        let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some(format!("{{name: p{i}, source: main, sink: replica, tables: [t{i}]}}"))).await;
+        assert_eq!(s, 201, "{v}");
+        wfs.push(v["workflow"].as_i64().unwrap());
+    }
+    for wf in wfs {
+        wait_workflow(&url, &token, "team", wf, Duration::from_secs(60)).await;
+    }
+    let b = ctl.server("b", pb, None).await;
+    let owners = || async {
+        let (_, v) = call("GET", &format!("{}/v1/tenants/team/pipelines", b.url), Some(&token), None).await;
+        v["pipelines"].as_array().unwrap().iter().map(|p| p["server"].as_str().unwrap_or("-").to_string()).collect::<Vec<_>>()
+    };
+    wait_for("all pipelines running", Duration::from_secs(30), || async { owners().await.iter().all(|o| o != "-") }).await;
+    let before = owners().await;
+    let victim_is_a = before.iter().any(|o| o == "a");
+    // Writes keep coming; the server holding (some of) the pipelines dies.
+    let writer = tokio::spawn({
+        let s = env.src().await;
+        async move {
+            for i in 0..150 {
+                let t = i % 3;
+                s.batch_execute(&format!("INSERT INTO t{t} VALUES ({}, 'w', 1); UPDATE t{t} SET amount = amount + 1 WHERE id = {};", 10_000 + i, 1 + i))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (survivor, survivor_url) = if victim_is_a {
+        a.proc.kill9();
+        ("b", b.url.clone())
+    } else {
+        ("a", a.url.clone())
+    };
+    let killed_at = Instant::now();
+    let mut b = b;
+    if !victim_is_a {
+        b.proc.kill9();
+    }
+    let src = env.src().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Never two readers on one slot.
+        let most: i64 = src
+            .query_one("SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM pg_stat_replication GROUP BY application_name) x", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(most <= 1, "a slot has two readers");
+        let (_, v) = call("GET", &format!("{survivor_url}/v1/tenants/team/pipelines"), Some(&token), None).await;
+        let moved = v["pipelines"].as_array().unwrap().iter().all(|p| p["server"] == survivor && p["status"]["server"] == survivor);
+        let streaming: i64 = src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_p%'", &[]).await.unwrap().get(0);
+        if moved && streaming == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pipelines did not move to {survivor} within 30 s: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("pipelines moved to {survivor} after {:?}", killed_at.elapsed());
+    writer.await.unwrap();
+    for i in 0..3 {
+        wait_equal(env, &format!("t{i}"), "id", Duration::from_secs(60)).await;
+    }
+}
+
+/// Every tenant route, walked from the OpenAPI document: another tenant's token gets
+/// 404 for each (read, list, change, delete), a viewer cannot change anything, no token
+/// gets 401, and tenant A's resources are unchanged afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_on_every_route() {
+    let ctl = Ctl::new("ctl_iso").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 100).await;
+    let mut server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let a = tenant_with_resources(&ctl, &url, "alpha").await;
+    let b = tenant_with_resources(&ctl, &url, "beta").await;
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let wf = v["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &a, "alpha", wf, Duration::from_secs(60)).await;
+    let (_, v) = call("POST", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), Some("{name: look, role: tenant_viewer}".into())).await;
+    let viewer = v["token"].as_str().unwrap().to_string();
+    let viewer_id = v["id"].as_i64().unwrap();
+    let before = call("GET", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), None).await.1;
+
+    let (_, doc) = call("GET", &format!("{url}/openapi.json"), None, None).await;
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/tenants/{tenant}") {
+            continue;
+        }
+        let section = path.split('/').nth(4).unwrap_or("");
+        let concrete = path
+            .replace("{tenant}", "alpha")
+            .replace("{name}", match section {
+                "sources" => "main",
+                "sinks" => "replica",
+                _ => "orders",
+            })
+            .replace("{id}", &if section == "tokens" { viewer_id } else { wf }.to_string());
+        for method in item.as_object().unwrap().keys() {
+            let m = method.to_uppercase();
+            let body = match section {
+                "sources" => Some(ctl.source_yaml("main", "postgres", superuser_pw())),
+                "sinks" => Some(ctl.sink_yaml("replica")),
+                "pipelines" => Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
+                "tokens" => Some("{name: x, role: tenant_admin}".into()),
+                _ => None,
+            };
+            let (s, v) = call(&m, &format!("{url}{concrete}"), Some(&b), body.clone()).await;
+            assert_eq!(s, 404, "{m} {concrete} with another tenant's token: {v}");
+            assert!(!v.to_string().contains("main\""), "nothing of alpha's leaks: {v}");
+            let (s, _) = call(&m, &format!("{url}{concrete}"), None, body.clone()).await;
+            assert_eq!(s, 401, "{m} {concrete} without a token");
+            if m != "GET" {
+                let (s, v) = call(&m, &format!("{url}{concrete}"), Some(&viewer), body).await;
+                assert_eq!(s, 403, "{m} {concrete} with a viewer token: {v}");
+            } else {
+                let (s, v) = call(&m, &format!("{url}{concrete}"), Some(&viewer), None).await;
+                assert_eq!(s, 200, "{m} {concrete} with a viewer token: {v}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "walked {checked} tenant routes");
+    // The tenant list shows a tenant token its own tenant only; creating tenants is
+    // for platform admins.
+    let (_, v) = call("GET", &format!("{url}/v1/tenants"), Some(&b), None).await;
+    assert_eq!(v["tenants"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(call("POST", &format!("{url}/v1/tenants"), Some(&b), Some("name: gamma".into())).await.0, 403);
+    // Nothing of alpha's changed.
+    let after = call("GET", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), None).await.1;
+    assert_eq!(before["pipelines"][0]["spec"], after["pipelines"][0]["spec"]);
+    assert_eq!(after["pipelines"][0]["desired"], "running");
+    assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/sources/main"), Some(&a), None).await.0, 200);
+    assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), None).await.1["tokens"].as_array().unwrap().len(), 2);
+    let (slots, _, _) = source_objects(env).await;
+    assert_eq!(slots.len(), 1);
+    server.proc.terminate();
+}
+
+/// Bad input is refused with a clear error naming the field, and nothing is created:
+/// no pipeline, no workflow, nothing in the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
+    let ctl = Ctl::new("ctl_bad").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 10).await;
+    env.src().await.batch_execute("CREATE ROLE weak LOGIN PASSWORD 'weak-pw'; GRANT SELECT ON orders TO weak").await.unwrap();
+    let mut server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let t = tenant_with_resources(&ctl, &url, "team").await;
+    let post = |path: &str, body: &str| {
+        let (url, t, path, body) = (url.clone(), t.clone(), path.to_string(), body.to_string());
+        async move { call("POST", &format!("{url}/v1/tenants/team/{path}"), Some(&t), Some(body)).await }
+    };
+    let expect = |r: (u16, Value), status: u16, kind: &str, field: Option<&str>, words: &str| {
+        assert_eq!(r.0, status, "{}", r.1);
+        assert_eq!(r.1["error"]["type"], kind, "{}", r.1);
+        if let Some(f) = field {
+            assert_eq!(r.1["error"]["field"], f, "{}", r.1);
+        }
+        let m = r.1["error"]["message"].as_str().unwrap();
+        assert!(m.contains(words) && !m.contains('\n'), "{m}");
+    };
+    expect(post("sources", "{name: x, host: [").await, 422, "invalid_source", None, "");
+    expect(post("sources", &ctl.source_yaml("x", "postgres", "p").replace("host:", "hots: h\nhost:")).await, 422, "invalid_source", None, "unknown field `hots`");
+    expect(post("sources", &ctl.source_yaml("x", "postgres", "p").replace(&env.src_port.to_string(), "1")).await, 422, "source_unreachable", Some("host"), "check host, port");
+    expect(post("sources", &ctl.source_yaml("Bad Name", "postgres", "p")).await, 422, "invalid_source", Some("name"), "a-z");
+    expect(post("sinks", "{name: s2, postgres: {host: h, user: u, password: p, database: d, prot: 1}}").await, 422, "invalid_sink", None, "unknown field `prot`");
+    expect(post("sinks", "{name: s2, kafka: {brokers: b, state: {host: h, user: u, password: p, database: d}}}").await, 422, "invalid_sink", Some("kafka.registry_url"), "registry");
+    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [nope]}").await, 422, "invalid_pipeline", Some("tables"), "not found");
+    expect(post("pipelines", "{name: p, source: nope, sink: replica, tables: [orders]}").await, 422, "invalid_pipeline", Some("source"), "no source named");
+    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], transforms: [{cast: {fields: {nope: int}}}]}").await, 422, "invalid_pipeline", Some("transforms"), "nope");
+    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], tabels: []}").await, 422, "invalid_pipeline", None, "unknown field `tabels`");
+    // Provisioning needs an admin that can create roles and owns the tables.
+    assert_eq!(post("sources", &ctl.source_yaml("weakdb", "weak", "weak-pw")).await.0, 201);
+    expect(post("pipelines", "{name: p, source: weakdb, sink: replica, tables: [orders]}").await, 422, "insufficient_privileges", Some("source"), "CREATEROLE REPLICATION");
+    // The CLI: one line, non-zero exit.
+    let bad = env.write_config("name: p\nsource: weakdb\nsink: replica\ntables: [orders]\n");
+    let (code, _, err) = cli(&url, &t, "team", &["pipelines", "create", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error: ") && err.trim().lines().count() == 1 && err.contains("CREATEROLE"), "{err}");
+    let broken = env.write_config("name: p\nsource: [\n");
+    let (code, _, err) = cli(&url, &t, "team", &["pipelines", "create", "-f", broken.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not valid YAML") && err.trim().lines().count() == 1, "{err}");
+    // Nothing half-created.
+    let c = ctl.control().await;
+    let n: i64 = c.query_one("SELECT (SELECT count(*) FROM sluice_control.pipelines) + (SELECT count(*) FROM sluice_control.workflows)", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    let (slots, pubs, roles) = source_objects(env).await;
+    assert!(slots.is_empty() && pubs.is_empty() && roles.is_empty());
+    // A server without its master key refuses to start, in one line.
+    let out = Command::new(BIN).args(["server", "--addr", "127.0.0.1:0"]).env("SLUICE_CONTROL_DATABASE", &ctl.dsn).env_remove("SLUICE_MASTER_KEY").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("SLUICE_MASTER_KEY") && err.trim().lines().count() == 1, "{err}");
+    server.proc.terminate();
+}
