@@ -300,14 +300,19 @@ fn resource(
 /// Waits for a workflow to end; a failed or cancelled one is an error naming the step.
 fn wait_workflow(api: &Api<'_>, id: i64) -> Result<()> {
     let path = format!("/v1/tenants/{}/workflows/{id}", api.tenant()?);
-    let mut last = String::new();
+    let mut shown = 0;
     loop {
         let v = api.call("GET", &path, None)?;
         let state = v["state"].as_str().unwrap_or("").to_string();
         let step = v["step"].as_str().unwrap_or("").to_string();
-        if api.c.output == Format::Text && step != last && !step.is_empty() {
-            eprintln!("  {step}...");
-            last = step.clone();
+        // Each attempt once it has ended: step, outcome, error.
+        let history = v["history"].as_array().cloned().unwrap_or_default();
+        while let Some(h) = history.get(shown).filter(|h| !h["ended_at"].is_null()) {
+            if api.c.output == Format::Text {
+                let err = h["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
+                eprintln!("  {} (attempt {}): {}{err}", h["step"].as_str().unwrap_or(""), h["attempt"], h["outcome"].as_str().unwrap_or(""));
+            }
+            shown += 1;
         }
         match state.as_str() {
             "succeeded" => return Ok(()),
