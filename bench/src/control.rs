@@ -96,7 +96,7 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
         .map_err(anyhow::Error::msg)?;
     db.migrate().await?;
     let sealer = sluice::control::crypto::Sealer::from_hex(&"ab".repeat(32).into()).map_err(anyhow::Error::msg)?;
-    let ctl = sluice::control::Control::new(db, sealer, "bench".into(), Duration::from_secs(15));
+    let ctl = sluice::control::Control::new(db, sealer, "bench".into(), Duration::from_secs(15)).await?;
     let token = ctl.bootstrap().await?.context("bootstrap token")?;
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let _loops = ctl.spawn_loops(stop);
@@ -161,7 +161,7 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     let all_provisioned_s = t.elapsed().as_secs_f64();
     // Every pipeline streaming (its slot active) before measuring rest.
     loop {
-        let active: i64 = s.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_p%'", &[]).await?.get(0);
+        let active: i64 = s.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_%'", &[]).await?.get(0);
         if active as usize == n {
             break;
         }

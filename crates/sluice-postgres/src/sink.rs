@@ -23,7 +23,11 @@ use tokio_postgres::Client;
 use crate::conn::{connect, PgConnConfig};
 use crate::error::{PgError, Result};
 
+/// Run as one transaction under an advisory lock: pipelines starting together on one
+/// database would otherwise race on `CREATE SCHEMA IF NOT EXISTS` (a unique violation).
 pub const STATE_DDL: &str = "
+BEGIN;
+SELECT pg_advisory_xact_lock(7290452);
 CREATE SCHEMA IF NOT EXISTS sluice;
 CREATE TABLE IF NOT EXISTS sluice.pipelines (
     pipeline text PRIMARY KEY,
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS sluice.snapshot_chunks (
     snapshot_lsn pg_lsn,
     rows int8,
     PRIMARY KEY (pipeline, table_name, chunk)
-);";
+);
+COMMIT;";
 
 /// What the sink has durably applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

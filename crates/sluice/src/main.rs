@@ -390,7 +390,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         format!("{host}:{}", addr.port())
                     });
                     tracing::info!(server_id = %id, "control plane on");
-                    Some(sluice::control::Control::new(db, sealer, id, lease))
+                    Some(sluice::control::Control::new(db, sealer, id, lease).await?)
                 }
                 None => None,
             };
@@ -418,7 +418,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
             // The sealer is not needed to create a token.
             let sealer = sluice::control::crypto::Sealer::from_hex(&"00".repeat(32).into()).map_err(anyhow::Error::msg)?;
-            let ctl = sluice::control::Control::new(db, sealer, "bootstrap".into(), std::time::Duration::from_secs(15));
+            let ctl = sluice::control::Control::new(db, sealer, "bootstrap".into(), std::time::Duration::from_secs(15)).await?;
             match ctl.bootstrap().await? {
                 Some(token) => {
                     println!("{token}");

@@ -45,6 +45,11 @@ impl Ctl {
         Ctl { env, dsn, admin }
     }
 
+    /// The installation id that prefixes this control plane's object names.
+    async fn install(&self) -> String {
+        self.control().await.query_one("SELECT id FROM sluice_control.installation", &[]).await.unwrap().get(0)
+    }
+
     async fn control(&self) -> tokio_postgres::Client {
         connect(self.env.dst_port, &format!("{}_ctl", self.env.db)).await
     }
@@ -143,14 +148,16 @@ async fn wait_workflow(url: &str, token: &str, tenant: &str, id: i64, limit: Dur
     }
 }
 
-/// (slots, publications, roles) named `sluice_p*` in the source.
-async fn source_objects(env: &Env) -> (Vec<String>, Vec<String>, Vec<String>) {
+/// (slots, publications, roles) of this installation in the source.
+async fn source_objects(ctl: &Ctl) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let env = &ctl.env;
+    let prefix = format!("sluice_{}_p%", ctl.install().await);
     let c = connect(env.src_port, &env.db).await;
     let list = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
     (
         list(c.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[]).await.unwrap()),
         list(c.query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[]).await.unwrap()),
-        list(c.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'sluice_p%' ORDER BY 1", &[]).await.unwrap()),
+        list(c.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1 ORDER BY 1", &[&prefix]).await.unwrap()),
     )
 }
 
@@ -212,8 +219,8 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
         .query_one(
             "SELECT rolname::text, rolsuper, rolreplication, has_table_privilege(oid, 'public.orders', 'SELECT'),
                     has_table_privilege(oid, 'public.secrets', 'SELECT'), has_table_privilege(oid, 'public.orders', 'INSERT')
-             FROM pg_roles WHERE rolname LIKE 'sluice_p%'",
-            &[],
+             FROM pg_roles WHERE rolname LIKE $1",
+            &[&format!("sluice_{}_p%", ctl.install().await)],
         )
         .await
         .unwrap();
@@ -280,7 +287,7 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
     assert_eq!(code, 0, "{err}");
     let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
     wait_workflow(&url, &token, "shop", wf, Duration::from_secs(90)).await;
-    let (slots, pubs, roles) = source_objects(env).await;
+    let (slots, pubs, roles) = source_objects(&ctl).await;
     assert!(slots.is_empty() && pubs.is_empty() && roles.is_empty(), "left behind: {slots:?} {pubs:?} {roles:?}");
     assert!(dst.query_one("SELECT to_regclass('public.orders') IS NULL", &[]).await.unwrap().get::<_, bool>(0));
     let (s404, _) = call("GET", &format!("{url}/v1/tenants/shop/pipelines/orders"), Some(&token), None).await;
@@ -349,7 +356,7 @@ async fn provisioning_survives_a_kill_at_every_step() {
         let attempts = history.iter().filter(|h| h["step"] == *step).count();
         assert!(attempts >= 2, "{step} was re-run after the kill before its record: {history:#?}");
     }
-    let (slots, pubs, roles) = source_objects(env).await;
+    let (slots, pubs, roles) = source_objects(&ctl).await;
     assert_eq!((slots.len(), pubs.len(), roles.len()), (1, 1, 1), "{slots:?} {pubs:?} {roles:?}");
     env.src().await.batch_execute("UPDATE orders SET amount = 0 WHERE id <= 10; INSERT INTO orders VALUES (5001, 'x', 1)").await.unwrap();
     wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
@@ -424,7 +431,7 @@ async fn a_dead_servers_pipelines_move_to_the_other_within_30s() {
         assert!(most <= 1, "a slot has two readers");
         let (_, v) = call("GET", &format!("{survivor_url}/v1/tenants/team/pipelines"), Some(&token), None).await;
         let moved = v["pipelines"].as_array().unwrap().iter().all(|p| p["server"] == survivor && p["status"]["server"] == survivor);
-        let streaming: i64 = src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_p%'", &[]).await.unwrap().get(0);
+        let streaming: i64 = src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()", &[]).await.unwrap().get(0);
         if moved && streaming == 3 {
             break;
         }
@@ -510,7 +517,7 @@ async fn tenants_are_isolated_on_every_route() {
     assert_eq!(after["pipelines"][0]["desired"], "running");
     assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/sources/main"), Some(&a), None).await.0, 200);
     assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), None).await.1["tokens"].as_array().unwrap().len(), 2);
-    let (slots, _, _) = source_objects(env).await;
+    let (slots, _, _) = source_objects(&ctl).await;
     assert_eq!(slots.len(), 1);
     server.proc.terminate();
 }
@@ -565,7 +572,7 @@ async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
     let c = ctl.control().await;
     let n: i64 = c.query_one("SELECT (SELECT count(*) FROM sluice_control.pipelines) + (SELECT count(*) FROM sluice_control.workflows)", &[]).await.unwrap().get(0);
     assert_eq!(n, 0);
-    let (slots, pubs, roles) = source_objects(env).await;
+    let (slots, pubs, roles) = source_objects(&ctl).await;
     assert!(slots.is_empty() && pubs.is_empty() && roles.is_empty());
     // A server without its master key refuses to start, in one line.
     let out = Command::new(BIN).args(["server", "--addr", "127.0.0.1:0"]).env("SLUICE_CONTROL_DATABASE", &ctl.dsn).env_remove("SLUICE_MASTER_KEY").output().unwrap();

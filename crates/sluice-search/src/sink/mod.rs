@@ -74,6 +74,8 @@ pub struct SearchSinkOptions {
 
 /// State tables (in the pipeline's state database).
 pub const SEARCH_STATE_DDL: &str = "
+BEGIN;
+SELECT pg_advisory_xact_lock(7290452);
 CREATE SCHEMA IF NOT EXISTS sluice;
 CREATE TABLE IF NOT EXISTS sluice.search_loads (
     pipeline text NOT NULL,
@@ -92,7 +94,8 @@ CREATE TABLE IF NOT EXISTS sluice.search_dead_letters (
     reason text NOT NULL,
     document text,
     created_at timestamptz NOT NULL DEFAULT now()
-);";
+);
+COMMIT;";
 
 /// How many of the 32-bit transaction ids `$1` the current snapshot does not show yet
 /// (each widened to its 64-bit form with the epoch of the snapshot's xmax).

@@ -429,7 +429,7 @@ async fn validate_pipeline(ctl: &Control, tenant: i64, id: i64, p: &PipelineSpec
     let source = SourceSpec::from_sealed(&s)?;
     let sink = SinkSpec::from_sealed(&k)?;
     let admin = source.admin();
-    let cfg = run_config(id, p, &source, &sink, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
+    let cfg = run_config(&ctl.install, id, p, &source, &sink, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
         .map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
     let tables = cfg.tables();
     let c = sluice_postgres::connect(&admin, &format!("source {}", source.name)).await.map_err(|e| {
@@ -507,7 +507,7 @@ async fn pipelines_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<Stri
         .await?
         .query(&format!("{PIPELINE_SELECT} WHERE p.tenant_id = $1 ORDER BY p.name"), &[&id])
         .await?;
-    ok(json!({ "pipelines": rows.iter().map(pipeline_json).collect::<Vec<_>>() }))
+    ok(json!({ "pipelines": rows.iter().map(|r| pipeline_json(&ctl.install, r)).collect::<Vec<_>>() }))
 }
 
 const PIPELINE_SELECT: &str = "SELECT p.id, p.name, p.spec, p.desired, p.owner, p.status, p.created_at::text,
@@ -515,7 +515,7 @@ const PIPELINE_SELECT: &str = "SELECT p.id, p.name, p.spec, p.desired, p.owner, 
          FROM workflows w WHERE w.pipeline_id = p.id ORDER BY w.id DESC LIMIT 1)
      FROM pipelines p";
 
-fn pipeline_json(r: &tokio_postgres::Row) -> Value {
+fn pipeline_json(install: &str, r: &tokio_postgres::Row) -> Value {
     let id: i64 = r.get(0);
     let desired: String = r.get(3);
     let owner: Option<String> = r.get(4);
@@ -529,7 +529,7 @@ fn pipeline_json(r: &tokio_postgres::Row) -> Value {
         "desired": desired,
         "server": owner,
         "status": status,
-        "objects": { "slot": object_name(id), "publication": object_name(id), "role": object_name(id) },
+        "objects": { "slot": object_name(install, id), "publication": object_name(install, id), "role": object_name(install, id) },
         "created_at": r.get::<_, String>(6),
         "last_workflow": r.get::<_, Option<Value>>(7),
     })
@@ -560,7 +560,7 @@ async fn pipelines_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<St
     ctl.wake.notify_one();
     let wf: i64 = r.get(0);
     tracing::info!(tenant = %tenant, pipeline = %p.name, workflow = wf, "pipeline created; provisioning");
-    Ok((StatusCode::CREATED, Json(json!({ "name": p.name, "workflow": wf, "objects": { "slot": object_name(id), "publication": object_name(id), "role": object_name(id) } }))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({ "name": p.name, "workflow": wf, "objects": { "slot": object_name(&ctl.install, id), "publication": object_name(&ctl.install, id), "role": object_name(&ctl.install, id) } }))).into_response())
 }
 
 async fn pipelines_get(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {
@@ -572,7 +572,7 @@ async fn pipelines_get(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
         .query_opt(&format!("{PIPELINE_SELECT} WHERE p.tenant_id = $1 AND p.name = $2"), &[&tid, &name])
         .await?
         .ok_or_else(|| ApiError::not_found("pipeline", &name))?;
-    ok(pipeline_json(&r))
+    ok(pipeline_json(&ctl.install, &r))
 }
 
 async fn pipelines_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {

@@ -99,6 +99,11 @@ CREATE TABLE workflow_steps (
     error text
 );
 CREATE INDEX workflow_steps_by_workflow ON workflow_steps (workflow_id, id);
+"#, r#"
+-- Names this installation's objects in sources (roles and slots are cluster-wide, so
+-- two control databases using one source must not collide).
+CREATE TABLE installation (id text NOT NULL);
+INSERT INTO installation SELECT substr(md5(random()::text || clock_timestamp()::text), 1, 6);
 "#];
 
 /// The schema everything lives in, so the control database may be shared.
@@ -141,6 +146,11 @@ impl Db {
             }
         });
         Ok(client)
+    }
+
+    /// This installation's id (from the control database).
+    pub async fn installation(&self) -> Result<String> {
+        Ok(self.get().await?.query_one("SELECT id FROM installation", &[]).await?.get(0))
     }
 
     /// Applies the migrations this build has and the database does not.

@@ -31,6 +31,8 @@ pub struct Control {
     pub server_id: String,
     /// How long a lease lasts without renewal (pipelines and workflows).
     pub lease: Duration,
+    /// Names this installation's objects in sources (see [`model::object_name`]).
+    pub install: String,
     pub(crate) wake: Notify,
     pub(crate) wake_supervisor: Notify,
 }
@@ -44,18 +46,25 @@ pub struct Loaded {
     pub source: SourceSpec,
     pub sink: SinkSpec,
     pub role_password: String,
+    pub install: String,
 }
 
 impl Loaded {
     /// The runner's config: it connects as the pipeline's own replication role.
     pub fn run_config(&self) -> Result<PipelineConfig, Invalid> {
-        model::run_config(self.id, &self.spec, &self.source, &self.sink, &object_name(self.id), &self.role_password)
+        model::run_config(&self.install, self.id, &self.spec, &self.source, &self.sink, &self.object_name(), &self.role_password)
+    }
+
+    pub fn object_name(&self) -> String {
+        object_name(&self.install, self.id)
     }
 }
 
 impl Control {
-    pub fn new(db: db::Db, sealer: crypto::Sealer, server_id: String, lease: Duration) -> Arc<Self> {
-        Arc::new(Self { db, sealer, server_id, lease, wake: Notify::new(), wake_supervisor: Notify::new() })
+    /// The control plane over a migrated control database.
+    pub async fn new(db: db::Db, sealer: crypto::Sealer, server_id: String, lease: Duration) -> Result<Arc<Self>> {
+        let install = db.installation().await?;
+        Ok(Arc::new(Self { db, sealer, server_id, lease, install, wake: Notify::new(), wake_supervisor: Notify::new() }))
     }
 
     pub async fn load_pipeline(&self, id: i64) -> Result<Option<Loaded>> {
@@ -79,6 +88,7 @@ impl Control {
             role_password: String::from_utf8(open(4)?).context("role password")?,
             source: SourceSpec::from_sealed(&open(5)?)?,
             sink: SinkSpec::from_sealed(&open(6)?)?,
+            install: self.install.clone(),
         }))
     }
 
@@ -196,7 +206,7 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
                EXECUTE format('DELETE FROM sluice.%I WHERE pipeline = %L', t, {});
              END IF;
            END LOOP; END $$",
-        literal(&format!("p{}", p.id))
+        literal(&model::runner_name(&p.install, p.id))
     ))
     .await
     .map_err(anyhow::Error::from)?;

@@ -231,14 +231,20 @@ impl PipelineSpec {
     }
 }
 
-/// The generated names of pipeline `id`'s objects in the source: replication role,
+/// The pipeline's name in the runner and in its sink's state tables.
+pub fn runner_name(install: &str, id: i64) -> String {
+    format!("{install}_p{id}")
+}
+
+/// The generated name of pipeline `id`'s objects in the source: replication role,
 /// slot and publication all share it.
-pub fn object_name(id: i64) -> String {
-    format!("sluice_p{id}")
+pub fn object_name(install: &str, id: i64) -> String {
+    format!("sluice_{}", runner_name(install, id))
 }
 
 /// The runner's config for pipeline `id`, connecting as `user`/`password`.
 pub fn run_config(
+    install: &str,
     id: i64,
     spec: &PipelineSpec,
     source: &SourceSpec,
@@ -250,13 +256,13 @@ pub fn run_config(
         "host": source.host, "port": source.port, "user": user, "password": password,
         "database": source.database, "tables": spec.tables,
         "heartbeat_interval": humantime::format_duration(source.heartbeat_interval).to_string(),
-        "slot": object_name(id), "publication": object_name(id),
+        "slot": object_name(install, id), "publication": object_name(install, id),
     });
     if spec.tables.is_empty() {
         src.as_object_mut().expect("object").remove("tables");
     }
     let mut cfg = json!({
-        "pipeline": format!("p{id}"),
+        "pipeline": runner_name(install, id),
         "source": src,
         "sink": { sink.kind.clone(): sink.settings },
         "transforms": spec.transforms,
@@ -316,13 +322,13 @@ mod tests {
         let src = SourceSpec::parse(b"{name: db1, host: h, database: d, admin_user: u, admin_password: p}").unwrap();
         let sink = SinkSpec::parse(b"{name: r, postgres: {host: h, user: u, password: p, database: d}}").unwrap();
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [public.orders]}").unwrap();
-        let cfg = run_config(7, &p, &src, &sink, "sluice_p7", "x").unwrap();
-        assert_eq!(cfg.slot_name(), "sluice_p7");
+        let cfg = run_config("ab12cd", 7, &p, &src, &sink, "sluice_p7", "x").unwrap();
+        assert_eq!(cfg.slot_name(), "sluice_ab12cd_p7");
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [a.b.c]}").unwrap();
-        let e = run_config(7, &p, &src, &sink, "u", "x").err().unwrap();
+        let e = run_config("ab12cd", 7, &p, &src, &sink, "u", "x").err().unwrap();
         assert_eq!(e.field.as_deref(), Some("tables"), "{}", e.message);
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [t], transforms: [{bogus: {}}]}").unwrap();
-        let e = run_config(7, &p, &src, &sink, "u", "x").err().unwrap();
+        let e = run_config("ab12cd", 7, &p, &src, &sink, "u", "x").err().unwrap();
         assert!(e.message.contains("transforms"), "{}", e.message);
         assert!(PipelineSpec::parse(b"{name: o, source: a, sink: b, tabels: []}").err().unwrap().message.contains("unknown field"));
     }

@@ -16,7 +16,6 @@ use tokio::sync::{Semaphore, watch};
 use tokio_postgres::Client;
 
 use super::Control;
-use super::model::object_name;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -59,8 +58,11 @@ impl From<anyhow::Error> for StepError {
         let pg = e.chain().find_map(|c| c.downcast_ref::<tokio_postgres::Error>());
         if let Some(pg) = pg {
             return match pg.code().map(|c| c.code()) {
-                // Connection, shutdown, resources, conflicts: transient.
+                // Connection, shutdown, resources, conflicts: transient. A duplicate
+                // object is a concurrent creator of the same thing; steps are
+                // idempotent, so the next attempt finds it.
                 Some(c) if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("40") => Self::Retry(msg),
+                Some("23505" | "42P07" | "42710") => Self::Retry(msg),
                 Some(_) => Self::Fatal(msg),
                 None => Self::Retry(msg),
             };
@@ -263,7 +265,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
         None if name == "forget" => return Ok(()),
         None => return Err(StepError::Fatal(format!("pipeline {} no longer exists", wf.pipeline_id))),
     };
-    let obj = object_name(p.id);
+    let obj = p.object_name();
     let role = quote_ident(&obj);
     let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;
     let tables = cfg.tables();
