@@ -86,6 +86,7 @@ pub enum Pipelines {
     ///   sink: replica            # a sink of this tenant
     ///   tables: [public.orders]
     ///   transforms: [...]        # optional, as in a pipeline file
+    #[command(verbatim_doc_comment)]
     Create {
         #[arg(long, short)]
         file: PathBuf,

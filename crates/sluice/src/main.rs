@@ -57,7 +57,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
-    /// The main HTTP server: migration checks (POST /v1/migrations/check), the schema
+    /// The main HTTP server: the control plane under /v1/tenants (with
+    /// --control-database), migration checks (POST /v1/migrations/check), the schema
     /// registry under /registry, the search service under /search (with --search-data),
     /// OpenAPI at /openapi.json.
     Server {

@@ -581,3 +581,40 @@ async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
     assert!(err.contains("SLUICE_MASTER_KEY") && err.trim().lines().count() == 1, "{err}");
     server.proc.terminate();
 }
+
+/// A source without `wal_level=logical`: provisioning sets it (ALTER SYSTEM), reports
+/// that a restart is needed, waits with backoff, and completes once Postgres restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_sets_wal_level_and_waits_for_the_restart() {
+    let mut replica_only = tokio::task::spawn_blocking(|| sluice_postgres::cluster::TempCluster::start(&["wal_level = replica"]).unwrap()).await.unwrap();
+    let (_, dst) = common::clusters();
+    let env = Env::on("ctl_wal", replica_only.port, dst.port).await;
+    let ctl = Ctl::new("ctl_wal_ctl").await;
+    // This test's source is the replica-only cluster; the control database and sink
+    // stay where `Ctl` put them.
+    let ctl = Ctl { env: Env { src_port: env.src_port, dst_port: env.dst_port, db: env.db.clone(), dir: env.dir.clone() }, ..ctl };
+    create_orders(&ctl.env, "orders", 100).await;
+    let mut server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "team").await;
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let wf = v["workflow"].as_i64().unwrap();
+    wait_for("the restart to be asked for", Duration::from_secs(30), || async {
+        let w = workflow_state(&url, &token, "team", wf).await;
+        w["state"] == "retrying" && w["error"].as_str().is_some_and(|e| e.contains("restart Postgres"))
+    })
+    .await;
+    let setting: String = connect(replica_only.port, "postgres").await.query_one("SELECT setting FROM pg_file_settings WHERE name = 'wal_level' AND sourcefile LIKE '%auto.conf'", &[]).await.unwrap().get(0);
+    assert_eq!(setting, "logical");
+    let _restarted = tokio::task::spawn_blocking(move || {
+        replica_only.stop().unwrap();
+        replica_only.start_again().unwrap();
+        replica_only
+    })
+    .await
+    .unwrap();
+    wait_workflow(&url, &token, "team", wf, Duration::from_secs(90)).await;
+    wait_equal(&ctl.env, "orders", "id", Duration::from_secs(60)).await;
+    server.proc.terminate();
+}
