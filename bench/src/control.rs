@@ -202,7 +202,7 @@ async fn s_steps(c: &tokio_postgres::Client, w: &Value) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for h in w["history"].as_array().into_iter().flatten() {
         let (a, b) = (h["started_at"].as_str().unwrap_or_default(), h["ended_at"].as_str().unwrap_or_default());
-        let ms: f64 = c.query_one("SELECT extract(epoch FROM ($2::text::timestamptz - $1::text::timestamptz)) * 1000", &[&a, &b]).await?.get::<_, f64>(0);
+        let ms: f64 = c.query_one("SELECT (extract(epoch FROM ($2::text::timestamptz - $1::text::timestamptz)) * 1000)::float8", &[&a, &b]).await?.get::<_, f64>(0);
         out.insert(h["step"].as_str().unwrap_or("?").to_string(), json!((ms * 10.0).round() / 10.0));
     }
     Ok(Value::Object(out))
