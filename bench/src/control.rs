@@ -10,10 +10,7 @@ use serde_json::{Value, json};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster, superuser_client};
 
 fn proc_field_kb(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(-1.0)
+    crate::status_kb("/proc/self/status", field)
 }
 
 /// CPU seconds (user + system) this process has used.

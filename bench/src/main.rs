@@ -156,11 +156,16 @@ fn peak_rss_mb() -> f64 {
 
 /// Peak resident memory (`VmHWM`) from a `/proc/<pid>/status` file, in MB (-1 unknown).
 fn peak_rss_mb_of(status: &str) -> f64 {
+    let kb = status_kb(status, "VmHWM:");
+    if kb < 0.0 { -1.0 } else { kb / 1024.0 }
+}
+
+/// A `kB` field (e.g. `VmRSS:`) of a `/proc/<pid>/status` file (-1 unknown).
+fn status_kb(status: &str, field: &str) -> f64 {
     std::fs::read_to_string(status)
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(-1.0, |kb| kb / 1024.0)
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(-1.0)
 }
 
 async fn servers() -> Result<(TempCluster, TempCluster)> {

@@ -515,6 +515,12 @@ const PIPELINE_SELECT: &str = "SELECT p.id, p.name, p.spec, p.desired, p.owner, 
          FROM workflows w WHERE w.pipeline_id = p.id ORDER BY w.id DESC LIMIT 1)
      FROM pipelines p";
 
+/// The pipeline's objects in its source (one name for all three).
+fn objects(install: &str, id: i64) -> Value {
+    let name = object_name(install, id);
+    json!({ "slot": name, "publication": name, "role": name })
+}
+
 fn pipeline_json(install: &str, r: &tokio_postgres::Row) -> Value {
     let id: i64 = r.get(0);
     let desired: String = r.get(3);
@@ -529,7 +535,7 @@ fn pipeline_json(install: &str, r: &tokio_postgres::Row) -> Value {
         "desired": desired,
         "server": owner,
         "status": status,
-        "objects": { "slot": object_name(install, id), "publication": object_name(install, id), "role": object_name(install, id) },
+        "objects": objects(install, id),
         "created_at": r.get::<_, String>(6),
         "last_workflow": r.get::<_, Option<Value>>(7),
     })
@@ -560,7 +566,7 @@ async fn pipelines_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<St
     ctl.wake.notify_one();
     let wf: i64 = r.get(0);
     tracing::info!(tenant = %tenant, pipeline = %p.name, workflow = wf, "pipeline created; provisioning");
-    Ok((StatusCode::CREATED, Json(json!({ "name": p.name, "workflow": wf, "objects": { "slot": object_name(&ctl.install, id), "publication": object_name(&ctl.install, id), "role": object_name(&ctl.install, id) } }))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({ "name": p.name, "workflow": wf, "objects": objects(&ctl.install, id) }))).into_response())
 }
 
 async fn pipelines_get(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {

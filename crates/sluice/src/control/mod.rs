@@ -213,6 +213,7 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
     Ok(())
 }
 
-fn literal(s: &str) -> String {
+/// A SQL string literal, for statements that take no parameters (`CREATE ROLE`, `DO`).
+pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

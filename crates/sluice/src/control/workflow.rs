@@ -15,7 +15,7 @@ use sluice_core::quote_ident;
 use tokio::sync::{Semaphore, watch};
 use tokio_postgres::Client;
 
-use super::Control;
+use super::{Control, literal};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -449,9 +449,4 @@ async fn q1<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<T, StepError> {
     Ok(c.query_one(sql, params).await.map_err(anyhow::Error::from)?.get(0))
-}
-
-/// A SQL string literal (for statements that take no parameters, e.g. `CREATE ROLE`).
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
