@@ -471,7 +471,7 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
                     break;
                 }
             }
-            Some(StreamItem::Position(_)) => {}
+            Some(StreamItem::Position(_) | StreamItem::Mark(..)) => {}
             None => bail!("stream ended early"),
         }
     }

@@ -82,6 +82,26 @@ impl RegistryClient {
         }
     }
 
+    /// Deletes `subject` and every version of it for good (soft delete, then hard, as
+    /// Confluent's registry requires). A subject that is not there is fine.
+    pub async fn delete_subject(&self, subject: &str) -> Result<()> {
+        for query in ["", "?permanent=true"] {
+            let url = format!("{}/subjects/{}{query}", self.base, encode_subject(subject));
+            let resp = self
+                .http
+                .delete(&url)
+                .send()
+                .await
+                .map_err(|e| SinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e))?;
+            let status = resp.status();
+            if !(status.is_success() || status == StatusCode::NOT_FOUND) {
+                let kind = if status.is_server_error() { ErrorKind::Transient } else { ErrorKind::Permanent };
+                return Err(SinkError::new(kind, format!("schema registry {} answered {status} deleting subject {subject}", self.base)));
+            }
+        }
+        Ok(())
+    }
+
     /// The registry's explanation of why `schema` is incompatible with the subject.
     async fn reasons(&self, subject: &str, schema: &Json) -> Result<Vec<String>> {
         let url = format!("{}/compatibility/subjects/{}/versions/latest?verbose=true", self.base, encode_subject(subject));

@@ -185,6 +185,33 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Deletes the table's topic and, with Avro, its key and value subjects (a
+    /// pipeline's teardown with purge). Missing ones are fine.
+    pub async fn remove_table(&self, table: &TableName) -> Result<()> {
+        let opts = &self.inner.opts;
+        let topic = opts.topic_for(table);
+        let admin: AdminClient<DefaultClientContext> =
+            opts.client_config().create().map_err(|e| SinkError::from_kafka("creating a Kafka admin client", e))?;
+        let results = admin
+            .delete_topics(&[&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+            .await
+            .map_err(|e| SinkError::from_kafka(&format!("deleting topic {topic}"), e))?;
+        for r in results {
+            match r {
+                Ok(_) => tracing::info!(topic = %topic, "deleted topic"),
+                Err((_, RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) => {}
+                Err((t, code)) => return Err(SinkError::from_kafka(&format!("deleting topic {t}"), KafkaError::AdminOp(code))),
+            }
+        }
+        if let (Encoding::Avro { context, .. }, Some(registry)) = (&opts.encoding, &self.inner.registry) {
+            let ctx = context.as_deref().map(|c| format!(":.{c}:")).unwrap_or_default();
+            for part in ["key", "value"] {
+                registry.delete_subject(&format!("{ctx}{topic}-{part}")).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The encoder for this shape of the table, registering its schemas first when the
     /// shape is new: nothing is produced in a shape the registry has not accepted.
     async fn table_out(&self, schema: &Arc<TableSchema>) -> Result<Arc<TableOut>> {

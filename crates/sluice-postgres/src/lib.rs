@@ -17,4 +17,4 @@ pub use error::{PgError, Result};
 pub use sink::{Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
 pub use copy_text::{decode_row, CopyRowDecoder};
 pub use snapshot::{run_snapshot, CopyIntoState, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable};
-pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX};
+pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX, RESYNC_PREFIX};

@@ -47,6 +47,19 @@ CREATE TABLE IF NOT EXISTS sluice.snapshot_chunks (
     rows int8,
     PRIMARY KEY (pipeline, table_name, chunk)
 );
+CREATE TABLE IF NOT EXISTS sluice.resyncs (
+    pipeline text NOT NULL,
+    id int8 NOT NULL,
+    table_name text NOT NULL,
+    last_key text[],
+    chunks int4 NOT NULL DEFAULT 0,
+    rows int8 NOT NULL DEFAULT 0,
+    deleted int8 NOT NULL DEFAULT 0,
+    done bool NOT NULL DEFAULT false,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    PRIMARY KEY (pipeline, id, table_name)
+);
 COMMIT;";
 
 /// What the sink has durably applied.

@@ -18,12 +18,18 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// The prefix of Sluice's heartbeat messages (`pg_logical_emit_message`).
 pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
 
+/// The prefix of the watermarks a resync writes around each chunk it reads.
+pub const RESYNC_PREFIX: &str = "sluice.resync";
+
 #[derive(Debug)]
 pub enum StreamItem {
     Txn(Transaction),
     /// Everything before this position has been delivered: with nothing pending, it is
     /// safe to confirm (idle streams, heartbeats).
     Position(Lsn),
+    /// A resync watermark (`pg_logical_emit_message(false, RESYNC_PREFIX, ..)`), in
+    /// its place among the transactions.
+    Mark(Lsn, String),
 }
 
 pub struct ReplicationStream {
@@ -151,6 +157,11 @@ impl ReplicationStream {
                 ReplicationEvent::Message { transactional: false, lsn, prefix, .. } if prefix == HEARTBEAT_PREFIX => {
                     if let Some(p) = self.idle_position(Lsn(lsn.as_u64())) {
                         return Ok(Some(p));
+                    }
+                }
+                ReplicationEvent::Message { transactional: false, lsn, prefix, content } if prefix == RESYNC_PREFIX => {
+                    if self.current.is_none() {
+                        return Ok(Some(StreamItem::Mark(Lsn(lsn.as_u64()), String::from_utf8_lossy(&content).into_owned())));
                     }
                 }
                 ReplicationEvent::Message { .. } => {} // other applications' messages

@@ -103,6 +103,18 @@ pub enum Pipelines {
     },
     Pause { name: String },
     Resume { name: String },
+    /// Read tables again from the source and bring the sink back in line, while the
+    /// pipeline keeps streaming (a sink edited by hand, a consumer that lost data).
+    /// Waits and shows progress.
+    Resync {
+        name: String,
+        /// A table to read again (schema.table; repeat for more). Default: all of them.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Return at once instead of waiting for the resync to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Tear down: stop, drop the slot, publication and role; --purge also the sink's
     /// tables or index and the pipeline's state.
     Delete {
@@ -245,6 +257,15 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                 }
                 Pipelines::Pause { name } => out(&api.call("POST", &format!("{base}/{name}/pause"), None)?, &|v| format!("pausing {name}: workflow {}\n", v["workflow"])),
                 Pipelines::Resume { name } => out(&api.call("POST", &format!("{base}/{name}/resume"), None)?, &|v| format!("resuming {name}: workflow {}\n", v["workflow"])),
+                Pipelines::Resync { name, tables, no_wait } => {
+                    let body = serde_json::to_vec(&serde_json::json!({ "tables": tables }))?;
+                    let v = api.call("POST", &format!("{base}/{name}/resync"), Some(body))?;
+                    let wf = v["workflow"].as_i64().unwrap_or_default();
+                    if !no_wait {
+                        wait_workflow(&api, wf)?;
+                    }
+                    out(&v, &|v| format!("resync of {name} ({}): workflow {wf}{}\n", v["tables"].as_array().map_or(0, Vec::len).to_string() + " tables", if no_wait { "" } else { " succeeded" }))
+                }
                 Pipelines::Delete { name, purge } => out(
                     &api.call("DELETE", &format!("{base}/{name}?purge={purge}"), None)?,
                     &|v| format!("tearing down {name}: workflow {}\n", v["workflow"]),
@@ -301,9 +322,21 @@ fn resource(
 /// Waits for a workflow to end; a failed or cancelled one is an error naming the step.
 fn wait_workflow(api: &Api<'_>, id: i64) -> Result<()> {
     let path = format!("/v1/tenants/{}/workflows/{id}", api.tenant()?);
-    let mut shown = 0;
+    let (mut shown, mut progress) = (0, String::new());
     loop {
         let v = api.call("GET", &path, None)?;
+        // A resync's progress, when it moved.
+        if let Some(p) = v["params"]["progress"].as_array().filter(|_| api.c.output == Format::Text) {
+            let line: Vec<String> = p
+                .iter()
+                .map(|t| format!("{} {} rows{}", t["table"].as_str().unwrap_or(""), t["rows"], if t["done"] == true { " done" } else { "" }))
+                .collect();
+            let line = line.join(", ");
+            if line != progress {
+                eprintln!("  {line}");
+                progress = line;
+            }
+        }
         let state = v["state"].as_str().unwrap_or("").to_string();
         let step = v["step"].as_str().unwrap_or("").to_string();
         // Each attempt once it has ended: step, outcome, error.

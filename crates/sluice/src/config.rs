@@ -344,6 +344,16 @@ impl PipelineConfig {
 
     /// The listed tables; for a search sink, with the document's tables added (a
     /// document's related tables must be replicated for changes to reach it).
+    /// The Postgres database holding the pipeline's state: the sink itself when the
+    /// sink is Postgres, the configured state database otherwise.
+    pub fn state_connection(&self) -> PgConnConfig {
+        match &self.sink {
+            SinkConfig::Postgres(pg) => pg.connection(),
+            SinkConfig::Kafka(k) => k.state.clone(),
+            SinkConfig::Search(s) => s.state.clone(),
+        }
+    }
+
     pub fn tables(&self) -> Vec<TableName> {
         let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect();
         if let SinkConfig::Search(sc) = &self.sink {

@@ -10,4 +10,5 @@ pub mod search_demo;
 pub mod migrations;
 pub mod pipeline;
 pub mod registry_check;
+pub mod resync;
 pub mod server;

@@ -50,6 +50,28 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Read tables of a running pipeline again from the source, and bring the sink back
+    /// in line with them, while the pipeline keeps streaming every table.
+    ///
+    /// The request is recorded in the pipeline's state database; the running pipeline
+    /// (`sluice run` with the same config) reads each table in key order, chunk by
+    /// chunk, between watermarks in its own stream, so no change is lost or undone.
+    /// A Postgres sink without transforms also loses the rows the source no longer has.
+    /// Progress survives restarts. Example:
+    ///
+    ///   sluice resync -c pipeline.yaml --table public.orders
+    Resync {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A table to read again (schema.table; repeat for more). Default: all of them.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Return once the request is recorded, without waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Check a config and both databases without changing anything.
     Check {
         #[arg(long, short)]
@@ -330,6 +352,38 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let mut p = Pipeline::new(cfg, metrics, shutdown_signal());
             p.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
             p.run().await
+        }
+        Command::Resync { config, tables, no_wait, output } => {
+            init_logs("warn", false);
+            let cfg = PipelineConfig::load(&config)?;
+            let tables = sluice::resync::pick_tables(&cfg, &tables).map_err(anyhow::Error::msg)?;
+            let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await?;
+            let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            sluice::resync::request(&state, &cfg.pipeline, id, &tables).await?;
+            if output == Output::Text {
+                eprintln!("resync {id} of {} table(s) requested; pipeline {} must be running to take it", tables.len(), cfg.pipeline);
+            }
+            let mut last = String::new();
+            loop {
+                let p = sluice::resync::progress(&state, &cfg.pipeline, id).await?;
+                let done = p.iter().all(|t| t.done);
+                if output == Output::Text {
+                    let line: Vec<String> =
+                        p.iter().map(|t| format!("{} {} rows{}", t.table, t.rows, if t.done { " done" } else { "" })).collect();
+                    let line = line.join(", ");
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+                if done || no_wait {
+                    if output == Output::Json {
+                        println!("{}", serde_json::json!({"id": id, "pipeline": cfg.pipeline, "done": done, "tables": p}));
+                    }
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
         }
         Command::Check { config, output } => {
             init_logs("warn", false);

@@ -28,6 +28,9 @@ pub struct Metrics {
     /// 1 while the pipeline is halted on a change the sink refused (see the log).
     pub halted: AtomicI64,
     pub snapshot: Arc<SnapshotProgress>,
+    /// Rows read again by resyncs, and their chunks taken by the sink.
+    pub resync_rows: AtomicU64,
+    pub resync_chunks: AtomicU64,
 }
 
 impl Metrics {
@@ -78,6 +81,8 @@ impl Metrics {
         c(&mut s, "sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", get(&self.snapshot.rows_copied));
         c(&mut s, "sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", get(&self.snapshot.chunks_done));
         c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));
+        c(&mut s, "sluice_resync_rows_total", "Rows read again from the source by resyncs.", "counter", get(&self.resync_rows));
+        c(&mut s, "sluice_resync_chunks_total", "Resync chunks the sink took.", "counter", get(&self.resync_chunks));
         let _ = writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
         let mut cum = 0;
         for (i, b) in self.lag_buckets.iter().enumerate() {

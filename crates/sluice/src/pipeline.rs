@@ -16,6 +16,7 @@ use sluice_postgres::{
     Acker, CopyIntoState, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions,
     SnapshotTable, StreamItem, HEARTBEAT_PREFIX,
 };
+use crate::resync::Resync;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
@@ -60,6 +61,10 @@ const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
 /// Row data buffered between the source reader and the sink, in KiB.
 const BUFFER_BUDGET_KB: usize = 8 * 1024;
 
+/// Rows per resync chunk (at most): each chunk is held in memory until its high
+/// watermark comes back through the stream.
+const RESYNC_CHUNK_ROWS: u64 = 4096;
+
 /// A sink batch stops growing at this much row data (KiB), or at `batch.max_rows`.
 const BATCH_BUDGET_KB: u32 = 4 * 1024;
 
@@ -68,7 +73,7 @@ const BATCH_BUDGET_KB: u32 = 4 * 1024;
 fn item_cost_kb(item: &StreamItem) -> u32 {
     let bytes = match item {
         StreamItem::Txn(t) => t.events.iter().map(|e| e.payload_bytes() + 64).sum::<usize>(),
-        StreamItem::Position(_) => 0,
+        StreamItem::Position(_) | StreamItem::Mark(..) => 0,
     };
     (bytes / 1024).clamp(1, BUFFER_BUDGET_KB) as u32
 }
@@ -204,10 +209,10 @@ impl RowTarget for KafkaRows {
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
         let source = cfg.source.connection();
-        let (state, target_schema) = match &cfg.sink {
-            SinkConfig::Postgres(pg) => (pg.connection(), pg.schema.clone()),
-            SinkConfig::Kafka(k) => (k.state.clone(), None),
-            SinkConfig::Search(s) => (s.state.clone(), None),
+        let state = cfg.state_connection();
+        let target_schema = match &cfg.sink {
+            SinkConfig::Postgres(pg) => pg.schema.clone(),
+            SinkConfig::Kafka(_) | SinkConfig::Search(_) => None,
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false, require_logical_wal: true, stop_after_snapshot: false }
@@ -640,7 +645,17 @@ impl Pipeline {
             r
         });
         let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
-        let result = self.apply_loop(&mut sink, &mut rx, &acker, &budget).await;
+        // Rows the source no longer has can be found in a Postgres sink whose rows are
+        // the source's own (no transforms).
+        let targets = match &sink.kind {
+            SinkKind::Postgres(s) if self.chain.is_empty() => tables.iter().map(|t| (t.name.clone(), s.target_name(&t.name))).collect(),
+            _ => HashMap::new(),
+        };
+        let chunk_rows = self.cfg.snapshot.chunk_rows.min(RESYNC_CHUNK_ROWS);
+        let result = match Resync::new(&self.cfg.pipeline, self.source.clone(), &self.state, tables, targets, chunk_rows, self.metrics.clone()).await {
+            Ok(mut resync) => self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync).await,
+            Err(e) => Err(e),
+        };
         budget.close();
         heartbeat.abort();
         let _ = stop_tx.send(true);
@@ -660,15 +675,22 @@ impl Pipeline {
         rx: &mut mpsc::Receiver<StreamItem>,
         acker: &Acker,
         budget: &Semaphore,
+        resync: &mut Resync,
     ) -> Result<()> {
         let max_rows = self.cfg.batch.max_rows;
         let mut batch: Vec<Transaction> = Vec::new();
         let mut shutdown = self.shutdown.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
                 item = rx.recv() => item,
+                _ = tick.tick() => {
+                    resync.tick().await?;
+                    continue;
+                }
             };
             let Some(first) = first else { return Ok(()) };
             let (mut rows, mut cost, mut position) = (0usize, 0u32, Lsn::ZERO);
@@ -677,10 +699,17 @@ impl Pipeline {
                 cost += item_cost_kb(&item);
                 match item {
                     StreamItem::Txn(t) => {
+                        resync.observe(&t);
                         rows += t.events.len();
                         batch.push(t);
                     }
                     StreamItem::Position(l) => position = position.max(l),
+                    StreamItem::Mark(lsn, text) => {
+                        if let Some(t) = resync.on_mark(lsn, &text).await? {
+                            rows += t.events.len();
+                            batch.push(t);
+                        }
+                    }
                 }
                 if rows < max_rows && cost < BATCH_BUDGET_KB {
                     next = rx.try_recv().ok();
@@ -693,6 +722,7 @@ impl Pipeline {
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();
             }
+            resync.after_apply().await?;
             // Everything taken is applied (or was only a position): its budget is free.
             budget.add_permits(cost as usize);
             if position > Lsn::ZERO {

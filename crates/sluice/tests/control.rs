@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Env, Pipeline as Proc, connect, wait_equal, wait_for};
+use common::{BIN, Env, Pipeline as Proc, connect, spawn_broker, wait_equal, wait_for};
 use serde_json::Value;
 
 const KEY: &str = "6b1f0f6c2c1e4b8a9d7e5c3a1b2c4d6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c";
@@ -617,4 +617,99 @@ async fn provisioning_sets_wal_level_and_waits_for_the_restart() {
     wait_workflow(&url, &token, "team", wf, Duration::from_secs(90)).await;
     wait_equal(&ctl.env, "orders", "id", Duration::from_secs(60)).await;
     server.proc.terminate();
+}
+
+/// Resync through the API and the CLI: a drifted target is brought back to the source
+/// while the pipeline streams; bad requests are refused with a field; a paused pipeline
+/// refuses it. A Kafka pipeline's teardown with purge removes its topics and subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_through_the_cli_and_kafka_purge() {
+    let ctl = Ctl::new("ctl_resync").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 20_000).await;
+    let server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "shop").await;
+    let p = env.write_config("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\n");
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "create", "-f", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+
+    let dst = env.dst().await;
+    dst.batch_execute("DELETE FROM orders WHERE id % 50 = 0; UPDATE orders SET customer = 'drift' WHERE id % 77 = 0; INSERT INTO orders VALUES (-1, 'extra', 0)")
+        .await
+        .unwrap();
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "resync", "orders", "--table", "public.orders"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());
+    assert!(err.contains("public.orders") && err.contains("done"), "progress shown: {err}");
+    wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
+    let (_, wfs) = call("GET", &format!("{url}/v1/tenants/shop/workflows?pipeline=orders"), Some(&token), None).await;
+    let resync = wfs["workflows"].as_array().unwrap().iter().find(|w| w["kind"] == "resync").cloned().expect("a resync workflow");
+    let progress = &resync["params"]["progress"][0];
+    assert_eq!((progress["table"].as_str(), progress["done"].as_bool()), (Some("public.orders"), Some(true)), "{resync}");
+    assert!(progress["rows"].as_i64().unwrap() >= 20_000 && progress["deleted"].as_i64().unwrap() >= 1, "{resync}");
+
+    // Bad requests: an unknown table (field tables), unknown keys; nothing started.
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tables: [public.nope]".into())).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("tables")), "{v}");
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tabels: [public.orders]".into())).await;
+    assert_eq!(s, 400, "{v}");
+    let (code, _, err) = cli(&url, &token, "shop", &["pipelines", "resync", "orders", "--table", "public.nope"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (code, out, _) = cli(&url, &token, "shop", &["pipelines", "pause", "orders", "--output", "json"]);
+    assert_eq!(code, 0);
+    let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(60)).await;
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), None).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("resume"), "{v}");
+
+    // Kafka: teardown with purge removes the pipeline's topic and its schema subjects.
+    let (mut broker, brokers) = spawn_broker(&env.dir).await;
+    let (mut registry, registry_url) = env.spawn_registry().await;
+    let sink = format!(
+        "name: bus\nkafka:\n  brokers: {brokers}\n  registry_url: {registry_url}\n  state:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    password: {}\n    database: {}\n",
+        env.dst_port,
+        sluice_postgres::cluster::SUPERUSER,
+        superuser_pw(),
+        env.db
+    );
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/sinks"), Some(&token), Some(sink)).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/shop/pipelines"),
+        Some(&token),
+        Some("name: events\nsource: main\nsink: bus\ntables: [public.orders]\n".into()),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
+    let subjects = || async {
+        let (_, v) = call("GET", &format!("{registry_url}/subjects?deleted=true"), None, None).await;
+        v.as_array().unwrap().iter().filter_map(|s| s.as_str().map(String::from)).collect::<Vec<_>>()
+    };
+    // The topic is named after the pipeline's runner name unless the sink sets a prefix.
+    let value = subjects().await.into_iter().find(|s| s.ends_with(".public.orders-value")).expect("a value subject");
+    let topic = value.trim_end_matches("-value").to_string();
+    assert!(subjects().await.contains(&format!("{topic}-key")), "{:?}", subjects().await);
+    assert!(kafka_topics(&brokers).contains(&topic), "{:?}", kafka_topics(&brokers));
+    let (s, v) = call("DELETE", &format!("{url}/v1/tenants/shop/pipelines/events?purge=true"), Some(&token), None).await;
+    assert_eq!(s, 202, "{v}");
+    wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
+    assert!(subjects().await.iter().all(|s| !s.starts_with(&topic)), "subjects left: {:?}", subjects().await);
+    assert!(!kafka_topics(&brokers).contains(&topic), "topic left: {:?}", kafka_topics(&brokers));
+    broker.kill9();
+    registry.kill9();
+}
+
+/// The broker's topics, listed by kafka-python.
+fn kafka_topics(brokers: &str) -> Vec<String> {
+    let out = Command::new(common::python())
+        .args(["-c", "import sys, kafka; print('\\n'.join(sorted(kafka.KafkaConsumer(bootstrap_servers=sys.argv[1]).topics())))", brokers])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }

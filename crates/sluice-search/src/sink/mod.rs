@@ -270,7 +270,8 @@ impl SearchSink {
         // Read the source in a snapshot that sees every transaction of the batch: see
         // `begin_read`. Documents are built first and sent after the snapshot is released
         // (a full rebuild after a TRUNCATE sends page by page inside it).
-        let xids: Vec<i64> = batch.iter().map(|t| i64::from(t.xid)).collect();
+        // A resync's chunk (xid 0) is no source transaction: nothing to wait for.
+        let xids: Vec<i64> = batch.iter().filter(|t| t.xid != 0).map(|t| i64::from(t.xid)).collect();
         self.begin_read(&xids).await?;
         let built = async {
             if everything {

@@ -20,7 +20,7 @@ use sluice_core::TableName;
 
 use super::Control;
 use super::crypto::{new_password, new_token, token_hash};
-use super::model::{Invalid, PipelineSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
+use super::model::{Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -631,6 +631,25 @@ async fn pipelines_resume(State(ctl): Ctl, caller: Caller, Path((tenant, name)):
     pipeline_action(ctl, caller, tenant, name, "resume").await
 }
 
+/// Re-reads tables of a running pipeline while it streams (see `crate::resync`).
+async fn pipelines_resync(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    let tid = caller.tenant(&ctl, &tenant, true).await?;
+    let id = pipeline_row(&ctl, tid, &name).await?;
+    let spec = ResyncSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_resync", i))?;
+    let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
+    let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
+    let tables = crate::resync::pick_tables(&cfg, &spec.tables).map_err(|m| ApiError::invalid("invalid_resync", Invalid::new("tables", m)))?;
+    let desired: String = ctl.db.get().await?.query_one("SELECT desired FROM pipelines WHERE id = $1", &[&id]).await?.get(0);
+    if desired != "running" {
+        return Err(ApiError::conflict(format!(
+            "pipeline {name:?} is {desired}: a resync is read by the running pipeline; resume it first (sluice pipelines resume {name})"
+        )));
+    }
+    let tables: Vec<String> = tables.iter().map(ToString::to_string).collect();
+    let wf = start_workflow(&ctl, tid, id, &name, "resync", json!({ "tables": tables })).await?;
+    accepted(json!({ "name": name, "workflow": wf, "tables": tables }))
+}
+
 // ---- workflows ----
 
 #[derive(Deserialize)]
@@ -764,6 +783,7 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("delete", "/v1/tenants/{tenant}/pipelines/{name}", "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)", "admin"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/pause", "Pause (stop streaming; the slot keeps the position)", "admin"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/resume", "Resume a paused pipeline", "admin"),
+    ("post", "/v1/tenants/{tenant}/pipelines/{name}/resync", "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues", "admin"),
     ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),
@@ -784,6 +804,7 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/pipelines/{name}", get(pipelines_get).put(pipelines_put).delete(pipelines_delete))
         .route("/v1/tenants/{tenant}/pipelines/{name}/pause", post(pipelines_pause))
         .route("/v1/tenants/{tenant}/pipelines/{name}/resume", post(pipelines_resume))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
         .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
         .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))

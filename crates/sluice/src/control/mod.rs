@@ -193,7 +193,16 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
             }
             (s.state.clone(), vec![])
         }
-        SinkConfig::Kafka(k) => (k.state.clone(), vec![]),
+        SinkConfig::Kafka(k) => {
+            let (_tx, rx) = watch::channel(false);
+            let pipeline = crate::pipeline::Pipeline::new(cfg.clone(), Arc::new(crate::metrics::Metrics::default()), rx);
+            let opts = cfg.kafka_options().expect("kafka sink");
+            let sink = sluice_kafka::KafkaSink::connect(opts).await.map_err(anyhow::Error::from)?;
+            for t in pipeline.sink_tables().await? {
+                sink.remove_table(&t).await.map_err(anyhow::Error::from)?;
+            }
+            (k.state.clone(), vec![])
+        }
     };
     let c = sluice_postgres::connect(&state, "sink").await.map_err(anyhow::Error::from)?;
     for t in &tables {
@@ -201,7 +210,7 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
     }
     c.batch_execute(&format!(
         "DO $$ DECLARE t text; BEGIN
-           FOREACH t IN ARRAY ARRAY['pipelines', 'snapshot_chunks', 'search_loads', 'search_dead_letters'] LOOP
+           FOREACH t IN ARRAY ARRAY['pipelines', 'snapshot_chunks', 'resyncs', 'search_loads', 'search_dead_letters'] LOOP
              IF to_regclass('sluice.' || t) IS NOT NULL THEN
                EXECUTE format('DELETE FROM sluice.%I WHERE pipeline = %L', t, {});
              END IF;

@@ -40,6 +40,24 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Inv
     serde_yaml::from_str(text).map_err(|e| Invalid::from_message(e.to_string().replace('\n', " ")))
 }
 
+/// A resync request: the tables to read again (none named: all of the pipeline's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncSpec {
+    #[serde(default)]
+    pub tables: Vec<String>,
+}
+
+impl ResyncSpec {
+    /// An empty body asks for every table.
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        parse(body, "resync")
+    }
+}
+
 /// Resource names: they appear in URLs and in generated object names.
 pub fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::Value;
-use sluice_core::quote_ident;
+use sluice_core::{TableName, quote_ident};
 use tokio::sync::{Semaphore, watch};
 use tokio_postgres::Client;
 
@@ -38,6 +38,7 @@ pub fn steps(kind: &str, params: &Value) -> Vec<&'static str> {
         "update" => std::iter::once("stop").chain(PROVISION.iter().copied()).collect(),
         "pause" => vec!["stop"],
         "resume" => vec!["start"],
+        "resync" => vec!["request_resync", "await_resync"],
         _ => vec![],
     }
 }
@@ -432,6 +433,37 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                     .await
                     .map_err(anyhow::Error::from)?;
                 c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.map_err(anyhow::Error::from)?;
+            }
+        }
+        "request_resync" | "await_resync" => {
+            let tables: Vec<TableName> =
+                wf.params["tables"].as_array().into_iter().flatten().filter_map(|t| TableName::parse(t.as_str()?)).collect();
+            let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
+            if name == "request_resync" {
+                crate::resync::request(&state, &cfg.pipeline, wf.id, &tables).await?;
+                return Ok(());
+            }
+            let db = ctl.db.get().await?;
+            loop {
+                let progress = crate::resync::progress(&state, &cfg.pipeline, wf.id).await?;
+                db.execute("UPDATE workflows SET params = params || jsonb_build_object('progress', $2::jsonb) WHERE id = $1", &[&wf.id, &serde_json::to_value(&progress).map_err(anyhow::Error::from)?])
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if progress.iter().all(|t| t.done) {
+                    break;
+                }
+                if *cancel.borrow() {
+                    crate::resync::cancel(&state, &cfg.pipeline, wf.id).await?;
+                    return Err(StepError::Cancelled);
+                }
+                let desired: String = q1(&db, "SELECT desired FROM pipelines WHERE id = $1", &[&p.id]).await?;
+                if desired != "running" {
+                    return Err(StepError::Fatal(format!(
+                        "pipeline {} is {desired}: the resync goes on when it runs again (resume it, then retry this workflow)",
+                        p.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         "drop_sink_objects" => super::purge_sink(&p, &cfg).await?,

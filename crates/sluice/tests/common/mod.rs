@@ -146,10 +146,16 @@ impl Env {
 
     /// Starts `sluice run`; logs go to a file read by [`Pipeline::log`].
     pub fn spawn(&self, config: &PathBuf) -> Pipeline {
+        self.spawn_env(config, &[])
+    }
+
+    /// [`Env::spawn`] with more environment variables (test hooks).
+    pub fn spawn_env(&self, config: &PathBuf, vars: &[(&str, &str)]) -> Pipeline {
         let log = self.dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(config)
+            .envs(vars.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
