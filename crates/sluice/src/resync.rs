@@ -59,7 +59,7 @@ pub fn pick_tables(cfg: &crate::config::PipelineConfig, names: &[String]) -> Res
     for n in names {
         let t = TableName::parse(n).ok_or_else(|| format!("table {n:?} is not a table name: write schema.table"))?;
         if !all.contains(&t) {
-            return Err(format!("table {t} is not one of pipeline {}'s tables ({}): name one of them", cfg.pipeline, list()));
+            return Err(format!("table {t} is not one of the pipeline's tables ({}): name one of them", list()));
         }
         if !out.contains(&t) {
             out.push(t);

@@ -651,9 +651,9 @@ async fn resync_through_the_cli_and_kafka_purge() {
 
     // Bad requests: an unknown table (field tables), unknown keys; nothing started.
     let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tables: [public.nope]".into())).await;
-    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("tables")), "{v}");
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("tables")), "{v}");
     let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tabels: [public.orders]".into())).await;
-    assert_eq!(s, 400, "{v}");
+    assert_eq!(s, 422, "{v}");
     let (code, _, err) = cli(&url, &token, "shop", &["pipelines", "resync", "orders", "--table", "public.nope"]);
     assert_eq!(code, 1);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
