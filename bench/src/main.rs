@@ -8,6 +8,7 @@
 //!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
 
 mod control;
+mod resync;
 mod search;
 
 use std::process::Command;
@@ -111,6 +112,18 @@ enum Bench {
         data: std::path::PathBuf,
         #[arg(long, default_value_t = 50)]
         refresh_ms: u64,
+    },
+    /// Resync of a --rows table while --rate rows/s stream into it: its rate vs the
+    /// initial snapshot of the same table, and the streamed writes' lag without and
+    /// during the resync.
+    Resync {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of writes without a resync (the lag baseline).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     Snapshot {
@@ -652,6 +665,7 @@ async fn main() -> Result<()> {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
+        Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,
         Bench::Registry { schemas } => registry(schemas).await?,

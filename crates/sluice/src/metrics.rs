@@ -45,22 +45,34 @@ impl Metrics {
 
     /// Approximate lag quantile (the bucket's upper bound), in ms.
     pub fn lag_quantile_ms(&self, q: f64) -> Option<u64> {
-        let counts: Vec<u64> = self.lag_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = (total as f64 * q).ceil() as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= want {
-                return Some(LAG_BUCKETS_MS.get(i).copied().unwrap_or(u64::MAX));
-            }
-        }
-        None
+        lag_quantile_of(&self.lag_counts(), q)
     }
 
+    /// The lag histogram's bucket counts (the difference of two readings is the
+    /// histogram of a phase).
+    pub fn lag_counts(&self) -> Vec<u64> {
+        self.lag_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// Approximate lag quantile of bucket `counts` (see [`Metrics::lag_counts`]), in ms.
+pub fn lag_quantile_of(counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(LAG_BUCKETS_MS.get(i).copied().unwrap_or(u64::MAX));
+        }
+    }
+    None
+}
+
+impl Metrics {
     pub fn render(&self, pipeline: &str) -> String {
         let mut s = String::new();
         let l = format!("pipeline=\"{pipeline}\"");

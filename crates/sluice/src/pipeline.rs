@@ -739,7 +739,8 @@ impl Pipeline {
         for t in batch {
             events += t.events.len() as u64;
             bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
-            if !t.events.is_empty() {
+            // A resync's chunk (xid 0) is no source commit: it has no lag.
+            if !t.events.is_empty() && t.xid != 0 {
                 m.observe_lag_ms((now_us - t.commit_time_us) / 1000);
             }
         }

@@ -1,0 +1,102 @@
+//! Resync while streaming: how fast a table is read again between watermarks, against
+//! the initial snapshot of the same table in the same run, and what it does to the
+//! lag of the changes streaming meanwhile.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use sluice::metrics::lag_quantile_of;
+use sluice_core::TableName;
+
+use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_events};
+
+
+pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
+    let (src, dst) = servers().await?;
+    let s = connect(src.port, "bench").await?;
+    s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text)").await?;
+    eprintln!("creating a table of {rows} rows...");
+    for start in (0..rows).step_by(100_000) {
+        insert_rows(&s, start, 100_000.min(rows - start), 168).await?;
+    }
+    s.batch_execute("VACUUM ANALYZE bench").await?;
+
+    // Baseline: the initial snapshot of the same table (chunked COPY, 2 in parallel).
+    let t = Instant::now();
+    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("resync", src.port, dst.port, true))?;
+    loop {
+        let p = &metrics.snapshot;
+        let total = p.chunks_total.load(Ordering::Relaxed);
+        if total > 0 && p.chunks_done.load(Ordering::Relaxed) == total {
+            break;
+        }
+        if handle.is_finished() {
+            handle.await??;
+            bail!("pipeline stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snapshot_s = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Lag at a steady write rate, without and then with a resync of the same table.
+    let before = metrics.lag_counts();
+    let (n, achieved_a) = steady_load(&s, rows, rate, seconds).await?;
+    let mut next_id = rows + n;
+    wait_events(&metrics, n, &handle).await?;
+    let quiet = metrics.lag_counts();
+
+    let d = connect(dst.port, "bench").await?;
+    let t = Instant::now();
+    sluice::resync::request(&d, "resync", 1, &[TableName::new("public", "bench")]).await?;
+    let (mut loaded, mut load_s) = (0u64, 0.0);
+    loop {
+        let (n, _) = steady_load(&s, next_id, rate, 1).await?;
+        next_id += n;
+        loaded += n;
+        load_s += 1.0;
+        let done: bool = d.query_one("SELECT bool_and(done) FROM sluice.resyncs WHERE pipeline = 'resync'", &[]).await?.get(0);
+        if done {
+            break;
+        }
+        if handle.is_finished() || t.elapsed() > Duration::from_secs(1800) {
+            bail!("the resync did not finish");
+        }
+    }
+    let resync_s = t.elapsed().as_secs_f64();
+    let r = d.query_one("SELECT rows, chunks FROM sluice.resyncs WHERE pipeline = 'resync'", &[]).await?;
+    let (read, chunks): (i64, i32) = (r.get(0), r.get(1));
+    // The target must equal the source once the last writes are applied.
+    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
+        if (a.get::<_, i64>(0), a.get::<_, String>(1)) == (b.get::<_, i64>(0), b.get::<_, String>(1)) {
+            break;
+        }
+        if Instant::now() > deadline || handle.is_finished() {
+            bail!("after the resync the target differs from the source");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during = metrics.lag_counts();
+    let _ = stop.send(true);
+    handle.await??;
+
+    let phase = |from: &[u64], to: &[u64], q: f64| {
+        let d: Vec<u64> = to.iter().zip(from).map(|(t, f)| t - f).collect();
+        lag_quantile_of(&d, q)
+    };
+    Ok(serde_json::json!({
+        "bench": "resync", "rows": rows, "write_rate_rows_per_s": rate,
+        "snapshot_baseline": {"seconds": snapshot_s, "rows_per_s": rows as f64 / snapshot_s},
+        "resync": {"seconds": resync_s, "rows_read": read, "chunks": chunks, "rows_per_s": read as f64 / resync_s,
+                   "writes_during": loaded, "achieved_write_rate": loaded as f64 / load_s},
+        "ratio_resync_to_snapshot_rate": (read as f64 / resync_s) / (rows as f64 / snapshot_s),
+        "lag_without_resync": {"p50_ms_le": phase(&before, &quiet, 0.5), "p99_ms_le": phase(&before, &quiet, 0.99), "achieved_write_rate": achieved_a},
+        "lag_during_resync": {"p50_ms_le": phase(&quiet, &during, 0.5), "p99_ms_le": phase(&quiet, &during, 0.99)},
+        "note": "lag quantiles are histogram bucket upper bounds (source commit to sink commit) of the streamed writes; the resync's own chunks count as one transaction each",
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
