@@ -343,11 +343,16 @@ impl Resync {
         self.applied.push(Applied {
             id: a.req.id,
             table: a.req.table.to_string(),
-            last_key,
+            last_key: last_key.clone(),
             rows: total,
             deleted,
             done: !full,
         });
+        // The next chunk is read while the sink takes this one; its progress is
+        // recorded after this one's, in stream order.
+        if full {
+            self.start(Request { id: a.req.id, table: a.req.table, last_key }).await?;
+        }
         Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events }))
     }
 
@@ -436,7 +441,10 @@ impl Resync {
                 .context("dropping a resync request")?;
             return Ok(());
         };
-        let req = Request { id, table, last_key: row.get(2) };
+        self.start(Request { id, table, last_key: row.get(2) }).await
+    }
+
+    async fn start(&mut self, req: Request) -> Result<()> {
         if self.reader.as_ref().is_none_or(|c| c.is_closed()) {
             self.reader = Some(Arc::new(sluice_postgres::connect(&self.source, "source").await?));
         }
