@@ -40,6 +40,7 @@ fn status(m: &Metrics, server: &str) -> Value {
         "confirmed_lsn": sluice_core::Lsn(m.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
         "wal_retained_bytes": m.wal_retained_bytes.load(Ordering::Relaxed),
         "snapshot": { "rows": s.rows_copied.load(Ordering::Relaxed), "chunks_done": done, "chunks_total": total },
+        "resync": { "rows": m.resync_rows.load(Ordering::Relaxed), "chunks": m.resync_chunks.load(Ordering::Relaxed) },
         "errors": m.errors.load(Ordering::Relaxed),
         "reconnects": m.reconnects.load(Ordering::Relaxed),
     })
