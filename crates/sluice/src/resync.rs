@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use crate::control::literal;
 use crate::metrics::Metrics;
 
 /// Transactions remembered for the visibility check at a high watermark; the ones
@@ -207,10 +208,6 @@ fn key_text(row: &Row, keys: &[usize]) -> Vec<String> {
             _ => String::new(),
         })
         .collect()
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// `(k1, k2) > ('a', 'b')`: the literals take the key columns' types.
