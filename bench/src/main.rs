@@ -257,6 +257,22 @@ async fn steady_load(s: &Client, first_id: u64, rate: u64, seconds: u64) -> Resu
     Ok((id - first_id, (id - first_id) as f64 / start.elapsed().as_secs_f64()))
 }
 
+/// Waits until every planned snapshot chunk is done; an error if the pipeline stopped.
+async fn wait_snapshot(metrics: &Metrics, handle: &mut tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    loop {
+        let p = &metrics.snapshot;
+        let total = p.chunks_total.load(Ordering::Relaxed);
+        if total > 0 && p.chunks_done.load(Ordering::Relaxed) == total {
+            return Ok(());
+        }
+        if handle.is_finished() {
+            handle.await??;
+            bail!("pipeline stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_events(metrics: &Metrics, n: u64, handle: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
     while metrics.events.load(Ordering::Relaxed) < n {
         if handle.is_finished() {
@@ -584,19 +600,8 @@ async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
     let base_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml_p("snap", src.port, dst.port, true, parallelism))?;
-    loop {
-        let p = &metrics.snapshot;
-        let total = p.chunks_total.load(Ordering::Relaxed);
-        if total > 0 && p.chunks_done.load(Ordering::Relaxed) == total {
-            break;
-        }
-        if handle.is_finished() {
-            handle.await??;
-            bail!("pipeline stopped");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (metrics, stop, mut handle) = start_pipeline(&pipeline_yaml_p("snap", src.port, dst.port, true, parallelism))?;
+    wait_snapshot(&metrics, &mut handle).await?;
     let sluice_s = t.elapsed().as_secs_f64();
     let _ = stop.send(true);
     handle.await??;

@@ -2,14 +2,13 @@
 //! the initial snapshot of the same table in the same run, and what it does to the
 //! lag of the changes streaming meanwhile.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use sluice::metrics::lag_quantile_of;
 use sluice_core::TableName;
 
-use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_events};
+use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_events, wait_snapshot};
 
 
 pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
@@ -24,19 +23,8 @@ pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Va
 
     // Baseline: the initial snapshot of the same table (chunked COPY, 2 in parallel).
     let t = Instant::now();
-    let (metrics, stop, handle) = start_pipeline(&pipeline_yaml("resync", src.port, dst.port, true))?;
-    loop {
-        let p = &metrics.snapshot;
-        let total = p.chunks_total.load(Ordering::Relaxed);
-        if total > 0 && p.chunks_done.load(Ordering::Relaxed) == total {
-            break;
-        }
-        if handle.is_finished() {
-            handle.await??;
-            bail!("pipeline stopped");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (metrics, stop, mut handle) = start_pipeline(&pipeline_yaml("resync", src.port, dst.port, true))?;
+    wait_snapshot(&metrics, &mut handle).await?;
     let snapshot_s = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -14,7 +14,7 @@ mod stream;
 pub use catalog::{load_table, publication_tables, slot_info, verify_slot, wal_level, SlotInfo};
 pub use conn::{connect, PgConnConfig};
 pub use error::{PgError, Result};
-pub use sink::{Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
+pub use sink::{key_of, Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
 pub use copy_text::{decode_row, CopyRowDecoder};
 pub use snapshot::{run_snapshot, CopyIntoState, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable};
 pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX, RESYNC_PREFIX};

@@ -225,7 +225,9 @@ pub struct PostgresSink {
     buf: BytesMut,
 }
 
-fn key_of(row: &Row, keys: &[usize]) -> Vec<u8> {
+/// A row's key columns as one byte string (each value length-prefixed, so `("ab", "c")`
+/// and `("a", "bc")` differ), for maps and sets keyed by row.
+pub fn key_of(row: &Row, keys: &[usize]) -> Vec<u8> {
     let mut k = Vec::with_capacity(16);
     for &i in keys {
         match &row[i] {

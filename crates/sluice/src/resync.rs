@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction, quote_ident};
-use sluice_postgres::{CopyRowDecoder, PgConnConfig, RESYNC_PREFIX};
+use sluice_postgres::{CopyRowDecoder, PgConnConfig, RESYNC_PREFIX, key_of};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -187,20 +187,6 @@ pub(crate) struct Resync {
     metrics: Arc<Metrics>,
 }
 
-fn key_bytes(row: &Row, keys: &[usize]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(16);
-    for &i in keys {
-        match row.get(i) {
-            Some(Datum::Text(b)) => {
-                k.extend((b.len() as u32).to_be_bytes());
-                k.extend_from_slice(b);
-            }
-            _ => k.extend(u32::MAX.to_be_bytes()),
-        }
-    }
-    k
-}
-
 fn key_text(row: &Row, keys: &[usize]) -> Vec<String> {
     keys.iter()
         .map(|&i| match &row[i] {
@@ -271,7 +257,7 @@ impl Resync {
                 a.window.insert(Vec::new());
             }
             for row in [&e.before, &e.after].into_iter().flatten() {
-                a.window.insert(key_bytes(row, &keys));
+                a.window.insert(key_of(row, &keys));
             }
         }
     }
@@ -311,11 +297,11 @@ impl Resync {
         let full = fetched.rows.len() as i64 >= self.chunk_rows;
         let last_key = fetched.rows.last().map(|r| key_text(r, &keys)).or_else(|| a.req.last_key.clone());
         let position = SourcePosition { lsn, commit_lsn: lsn, xid: 0, commit_time_us: now_us(), seq: 0 };
-        let read_keys: HashSet<Vec<u8>> = fetched.rows.iter().map(|r| key_bytes(r, &keys)).collect();
+        let read_keys: HashSet<Vec<u8>> = fetched.rows.iter().map(|r| key_of(r, &keys)).collect();
         let mut events = Vec::with_capacity(fetched.rows.len());
         let total = fetched.rows.len() as i64;
         for row in fetched.rows {
-            if a.window.contains(&key_bytes(&row, &keys)) {
+            if a.window.contains(&key_of(&row, &keys)) {
                 continue;
             }
             events.push(ChangeEvent { op: Op::Read, table: schema.clone(), before: None, after: Some(row), position });
@@ -328,7 +314,7 @@ impl Resync {
                 for (&i, v) in keys.iter().zip(key) {
                     before[i] = Datum::Text(v.into());
                 }
-                let k = key_bytes(&before, &keys);
+                let k = key_of(&before, &keys);
                 if read_keys.contains(&k) || a.window.contains(&k) {
                     continue;
                 }
@@ -531,7 +517,7 @@ mod tests {
     fn key_bytes_separate_columns() {
         let r1: Row = vec![Datum::Text("ab".into()), Datum::Text("c".into())];
         let r2: Row = vec![Datum::Text("a".into()), Datum::Text("bc".into())];
-        assert_ne!(key_bytes(&r1, &[0, 1]), key_bytes(&r2, &[0, 1]));
+        assert_ne!(key_of(&r1, &[0, 1]), key_of(&r2, &[0, 1]));
         assert_eq!(key_text(&r1, &[1]), vec!["c".to_string()]);
     }
 }
