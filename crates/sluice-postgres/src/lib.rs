@@ -16,5 +16,5 @@ pub use conn::{connect, PgConnConfig};
 pub use error::{PgError, Result};
 pub use sink::{key_of, Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
 pub use copy_text::{decode_row, CopyRowDecoder};
-pub use snapshot::{run_snapshot, CopyIntoState, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable};
+pub use snapshot::{run_snapshot, CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable};
 pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX, RESYNC_PREFIX};

@@ -60,6 +60,27 @@ CREATE TABLE IF NOT EXISTS sluice.resyncs (
     finished_at timestamptz,
     PRIMARY KEY (pipeline, id, table_name)
 );
+-- A resync limited to some rows (a re-enrichment), and why it was asked for.
+ALTER TABLE sluice.resyncs ADD COLUMN IF NOT EXISTS filter text, ADD COLUMN IF NOT EXISTS reason text;
+CREATE TABLE IF NOT EXISTS sluice.enrich_failures (
+    pipeline text NOT NULL,
+    enricher text NOT NULL,
+    table_name text NOT NULL,
+    key text[] NOT NULL,
+    delivered bool NOT NULL,
+    replay bool NOT NULL,
+    reason text NOT NULL,
+    attempts int4 NOT NULL DEFAULT 1,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, enricher, table_name, key)
+);
+CREATE TABLE IF NOT EXISTS sluice.enrich_versions (
+    pipeline text NOT NULL,
+    enricher text NOT NULL,
+    fingerprint text NOT NULL,
+    PRIMARY KEY (pipeline, enricher)
+);
 COMMIT;";
 
 /// What the sink has durably applied.

@@ -70,11 +70,53 @@ impl RowTarget for CopyIntoState {
 const DELIVER_ROWS: usize = 4096;
 
 /// A table to snapshot: its source schema, where it goes in the sink, and the
-/// pipeline's transforms for it (rows are then decoded, transformed and re-encoded).
+/// pipeline's enrichment and transforms for it (rows are then decoded, enriched,
+/// transformed and re-encoded).
 pub struct SnapshotTable {
     pub schema: Arc<TableSchema>,
     pub target: TableName,
     pub transform: Option<Arc<TableTransform>>,
+    pub enrich: Option<Arc<dyn RowEnrich>>,
+}
+
+/// Fields added to source rows from outside them (lookups, a team's service), before
+/// the transforms: batched and asynchronous, unlike the transforms.
+pub trait RowEnrich: Send + Sync {
+    /// The source table's shape with the added fields.
+    fn output(&self) -> &Arc<TableSchema>;
+    /// The rows in the output shape; rows held back by a failure policy are left out
+    /// (and recorded by the enricher for a later replay).
+    fn enrich(&self, rows: Vec<Row>) -> futures::future::BoxFuture<'_, Result<Vec<Row>>>;
+}
+
+/// How one table's rows are reshaped between the source and the sink.
+#[derive(Clone, Copy)]
+struct Shape<'a> {
+    schema: &'a Arc<TableSchema>,
+    enrich: Option<&'a dyn RowEnrich>,
+    transform: Option<&'a TableTransform>,
+}
+
+impl<'a> Shape<'a> {
+    fn decodes(&self) -> bool {
+        self.enrich.is_some() || self.transform.is_some()
+    }
+
+    fn output(&self) -> &'a Arc<TableSchema> {
+        match (self.transform, self.enrich) {
+            (Some(t), _) => &t.output,
+            (None, Some(e)) => e.output(),
+            (None, None) => self.schema,
+        }
+    }
+
+    async fn rows(&self, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<Vec<Row>> {
+        let rows = match self.enrich {
+            Some(e) => e.enrich(rows).await?,
+            None => rows,
+        };
+        transform_rows(self.transform, rows, snapshot_lsn)
+    }
 }
 
 async fn snapshot_txn(client: &Client, snapshot: &str) -> Result<()> {
@@ -212,20 +254,22 @@ pub async fn run_snapshot<R: RowTarget>(
         let snapshot_name = snapshot_name.clone();
         let pipeline = opts.pipeline.clone();
         let row_target = row_target.clone();
-        let tables: Vec<(Arc<TableSchema>, TableName, Option<Arc<TableTransform>>)> =
-            tables.iter().map(|t| (t.schema.clone(), t.target.clone(), t.transform.clone())).collect();
+        #[allow(clippy::type_complexity)]
+        let tables: Vec<(Arc<TableSchema>, TableName, Option<Arc<TableTransform>>, Option<Arc<dyn RowEnrich>>)> =
+            tables.iter().map(|t| (t.schema.clone(), t.target.clone(), t.transform.clone(), t.enrich.clone())).collect();
         workers.push(tokio::spawn(async move {
             let src = connect(&source, "source").await?;
             snapshot_txn(&src, &snapshot_name).await?;
             let dst = connect(&sink, "sink").await?;
             loop {
                 let Some(chunk) = queue.lock().await.pop() else { break };
-                let Some((schema, target, transform)) = tables.iter().find(|(s, ..)| s.name.to_string() == chunk.table) else {
+                let Some((schema, target, transform, enrich)) = tables.iter().find(|(s, ..)| s.name.to_string() == chunk.table) else {
                     continue; // a table no longer in the config
                 };
+                let shape = Shape { schema, enrich: enrich.as_deref(), transform: transform.as_deref() };
                 match &row_target {
-                    None => copy_chunk(&src, &dst, &pipeline, (schema, transform.as_deref()), target, &chunk, consistent, &progress).await?,
-                    Some(r) => deliver_chunk(&src, &dst, r, &pipeline, (schema, transform.as_deref()), &chunk, consistent, &progress).await?,
+                    None => copy_chunk(&src, &dst, &pipeline, shape, target, &chunk, consistent, &progress).await?,
+                    Some(r) => deliver_chunk(&src, &dst, r, &pipeline, shape, &chunk, consistent, &progress).await?,
                 }
             }
             Ok::<_, PgError>(())
@@ -268,12 +312,12 @@ async fn deliver_chunk<R: RowTarget>(
     state: &Client,
     target: &R,
     pipeline: &str,
-    (schema, transform): (&Arc<TableSchema>, Option<&TableTransform>),
+    shape: Shape<'_>,
     chunk: &Chunk,
     consistent: Lsn,
     progress: &SnapshotProgress,
 ) -> Result<()> {
-    let out_schema = transform.map_or(schema, |t| &t.output);
+    let (schema, out_schema) = (shape.schema, shape.output());
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
     let err = |e| PgError::from_pg(&ctx, e);
@@ -295,7 +339,7 @@ async fn deliver_chunk<R: RowTarget>(
         decoder.feed(&data, ncols, &mut batch)?;
         if batch.len() >= DELIVER_ROWS {
             let n = batch.len() as u64;
-            let rows = transform_rows(transform, std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent)?;
+            let rows = shape.rows(std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent).await?;
             target.deliver(out_schema, rows, consistent).await?;
             progress.rows_copied.fetch_add(n, Ordering::Relaxed);
             total += n;
@@ -304,7 +348,7 @@ async fn deliver_chunk<R: RowTarget>(
     decoder.finish()?;
     if !batch.is_empty() {
         let n = batch.len() as u64;
-        target.deliver(out_schema, transform_rows(transform, batch, consistent)?, consistent).await?;
+        target.deliver(out_schema, shape.rows(batch, consistent).await?, consistent).await?;
         progress.rows_copied.fetch_add(n, Ordering::Relaxed);
         total += n;
     }
@@ -325,18 +369,16 @@ async fn copy_chunk(
     src: &Client,
     dst: &Client,
     pipeline: &str,
-    (schema, transform): (&Arc<TableSchema>, Option<&TableTransform>),
+    shape: Shape<'_>,
     target: &TableName,
     chunk: &Chunk,
     consistent: Lsn,
     progress: &SnapshotProgress,
 ) -> Result<()> {
+    let schema = shape.schema;
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let cols = cols.join(", ");
-    let out_cols = match transform {
-        Some(t) => t.output.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", "),
-        None => cols.clone(),
-    };
+    let out_cols = shape.output().columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
     let ctx = format!("copying {} chunk {}", schema.name, chunk.chunk);
     let err = |e| PgError::from_pg(&ctx, e);
     dst.batch_execute("BEGIN").await.map_err(err)?;
@@ -353,18 +395,26 @@ async fn copy_chunk(
     while let Some(data) = out.next().await {
         let data = data.map_err(err)?;
         progress.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
-        match transform {
-            // Transformed rows are decoded, reshaped and encoded again.
-            Some(t) => {
-                decoder.feed(&data, schema.columns.len(), &mut rows)?;
-                for row in transform_rows(Some(t), std::mem::take(&mut rows), consistent)? {
+        if shape.decodes() {
+            // Reshaped rows are decoded, enriched and transformed, and encoded again;
+            // enrichment is batched, so rows wait for a full batch.
+            decoder.feed(&data, schema.columns.len(), &mut rows)?;
+            if shape.enrich.is_none() || rows.len() >= DELIVER_ROWS {
+                for row in shape.rows(std::mem::take(&mut rows), consistent).await? {
                     crate::sink::put_row(&mut buf, &row);
                 }
             }
-            None => buf.extend_from_slice(&data),
+        } else {
+            buf.extend_from_slice(&data);
         }
         if buf.len() >= COPY_BATCH_BYTES {
             inp.send(buf.split().freeze()).await.map_err(err)?;
+        }
+    }
+    decoder.finish()?;
+    if !rows.is_empty() {
+        for row in shape.rows(rows, consistent).await? {
+            crate::sink::put_row(&mut buf, &row);
         }
     }
     if !buf.is_empty() {

@@ -24,6 +24,9 @@ pub struct PipelineConfig {
     /// Transforms applied to every change, in order, before the sink.
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub transforms: Vec<sluice_core::transform::Step>,
+    /// Enrichers applied to every change, in order, before the transforms.
+    #[serde(default)]
+    pub enrich: Vec<crate::enrich::EnricherConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +268,9 @@ impl PipelineConfig {
             if !self.transforms.is_empty() {
                 return Err("transforms: the search sink builds documents from the source tables (sink.search.document); transforms are not applied to it yet: remove them".into());
             }
+            if !self.enrich.is_empty() {
+                return Err("enrich: the search sink builds documents from the source tables; join reference data as a `one` relation of sink.search.document (its changes re-index the documents that use it) and remove enrich".into());
+            }
         }
         if self.source.tables.is_empty() && self.source.publication.is_none() && !matches!(self.sink, SinkConfig::Search(_)) {
             return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
@@ -287,6 +293,7 @@ impl PipelineConfig {
             k.validate()?;
         }
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
+        crate::enrich::validate(&self.enrich)?;
         if let (SinkConfig::Postgres(_), Some(i)) = (
             &self.sink,
             self.transforms.iter().position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_) | sluice_core::transform::Step::InsertHeader(_))),

@@ -4,6 +4,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod enrich;
 pub mod metrics;
 pub mod metrics_summary;
 pub mod search_demo;

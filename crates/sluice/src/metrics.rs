@@ -31,6 +31,14 @@ pub struct Metrics {
     /// Rows read again by resyncs, and their chunks taken by the sink.
     pub resync_rows: AtomicU64,
     pub resync_chunks: AtomicU64,
+    /// Enrichment keys fetched from their source, and answered by the cache.
+    pub enrich_fetched: AtomicU64,
+    pub enrich_cached: AtomicU64,
+    /// Failed enrichment calls (after retries), rows recorded as failed or deferred,
+    /// and rows of those held back.
+    pub enrich_errors: AtomicU64,
+    pub enrich_failed_rows: AtomicU64,
+    pub enrich_dead_letters: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +103,11 @@ impl Metrics {
         c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));
         c(&mut s, "sluice_resync_rows_total", "Rows read again from the source by resyncs.", "counter", get(&self.resync_rows));
         c(&mut s, "sluice_resync_chunks_total", "Resync chunks the sink took.", "counter", get(&self.resync_chunks));
+        c(&mut s, "sluice_enrich_keys_fetched_total", "Enrichment keys fetched from a reference table or service.", "counter", get(&self.enrich_fetched));
+        c(&mut s, "sluice_enrich_keys_cached_total", "Enrichment keys answered by the cache.", "counter", get(&self.enrich_cached));
+        c(&mut s, "sluice_enrich_errors_total", "Enrichment calls that failed after their retries.", "counter", get(&self.enrich_errors));
+        c(&mut s, "sluice_enrich_failed_rows_total", "Rows recorded in sluice.enrich_failures (failed or deferred).", "counter", get(&self.enrich_failed_rows));
+        c(&mut s, "sluice_enrich_dead_letters_total", "Rows held back by a dead_letter policy until their enricher answers.", "counter", get(&self.enrich_dead_letters));
         let _ = writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
         let mut cum = 0;
         for (i, b) in self.lag_buckets.iter().enumerate() {

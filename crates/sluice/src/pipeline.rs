@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
 use crate::config::{PipelineConfig, SinkConfig};
+use crate::enrich::Enrichment;
 use crate::metrics::Metrics;
 
 pub struct Pipeline {
@@ -52,6 +53,28 @@ pub struct Checked {
     pub publication_exists: bool,
     /// The search sink's document, checked against the source's tables.
     pub document: Option<Arc<DocumentPlan>>,
+    /// The enrichers, checked against the tables and their reference databases.
+    pub(crate) enrichment: Option<Arc<Enrichment>>,
+    /// Reference tables streamed only to keep lookups fresh (never delivered).
+    pub reference: Vec<Arc<TableSchema>>,
+}
+
+impl Checked {
+    /// Each table's shape after enrichment (before the transforms).
+    fn enriched(&self) -> Result<Vec<Arc<TableSchema>>> {
+        self.tables
+            .iter()
+            .map(|t| Ok(match &self.enrichment {
+                Some(e) => e.plan(t)?.output().clone(),
+                None => t.clone(),
+            }))
+            .collect()
+    }
+
+    /// Each table's shape in the sink.
+    fn outputs(&self) -> Result<Vec<Arc<TableSchema>>> {
+        Ok(self.enriched()?.into_iter().zip(&self.transforms).map(|(t, x)| x.as_ref().map_or(t, |x| x.output.clone())).collect())
+    }
 }
 
 /// How long a slot held by another connection may take to be released before the
@@ -108,6 +131,7 @@ struct Sink {
     /// Drops the changes the snapshot already holds, on source rows (before the
     /// transforms). The Postgres sink does this itself when there are no transforms.
     upstream: Option<(SnapshotFilter, Client)>,
+    enrichment: Option<Arc<Enrichment>>,
     transformer: Transformer,
 }
 
@@ -147,6 +171,9 @@ impl Sink {
             for t in batch.iter_mut() {
                 t.events.retain(|e| !filter.covers_event(e));
             }
+        }
+        if let Some(e) = &self.enrichment {
+            e.apply(batch).await?;
         }
         self.transformer.apply(batch)?;
         match &mut self.kind {
@@ -287,8 +314,19 @@ impl Pipeline {
         for name in &names {
             tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await?));
         }
-        let publication_missing =
-            names.iter().filter(|n| published.as_ref().is_none_or(|p| !p.contains(n))).cloned().collect();
+        let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone()).await?;
+        let mut reference = Vec::new();
+        for name in enrichment.as_ref().map(|e| e.reference_tables()).unwrap_or_default() {
+            if !names.contains(&name) {
+                reference.push(Arc::new(sluice_postgres::load_table(&src, &name, &self.source.describe()).await?));
+            }
+        }
+        let publication_missing = names
+            .iter()
+            .chain(reference.iter().map(|t| &t.name))
+            .filter(|n| published.as_ref().is_none_or(|p| !p.contains(n)))
+            .cloned()
+            .collect();
         if published.is_some() {
             let relids: Vec<i64> = tables.iter().map(|t| i64::from(t.relid)).collect();
             let row = src
@@ -337,7 +375,11 @@ impl Pipeline {
         }
         let mut transforms = Vec::with_capacity(tables.len());
         for t in &tables {
-            transforms.push(if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(t)?)) });
+            let shaped = match &enrichment {
+                Some(e) => e.plan(t)?.output().clone(),
+                None => t.clone(),
+            };
+            transforms.push(if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(&shaped)?)) });
         }
         let document = match &self.cfg.sink {
             SinkConfig::Search(sc) => {
@@ -357,12 +399,15 @@ impl Pipeline {
             publication_missing,
             publication_exists: published.is_some(),
             document,
+            enrichment,
+            reference,
         })
     }
 
     pub(crate) async fn run_once(&mut self) -> Result<()> {
         let checked = self.check().await?;
         let mut sink = self.connect_sink(&checked).await?;
+        let had_progress = sink.has_progress();
         let src = sluice_postgres::connect(&self.source, "source").await?;
         self.setup_publication(&src, &checked).await?;
         let slot = self.cfg.slot_name();
@@ -389,7 +434,10 @@ impl Pipeline {
         if self.stopping() || self.stop_after_snapshot {
             return Ok(());
         }
-        self.stream(sink, &checked.tables).await
+        if let Some(e) = &checked.enrichment {
+            e.check_versions(had_progress).await?;
+        }
+        self.stream(sink, &checked).await
     }
 
     /// Checks everything, then creates the sink's objects (tables, topics and their
@@ -416,12 +464,7 @@ impl Pipeline {
     }
 
     async fn connect_sink(&self, checked: &Checked) -> Result<Sink> {
-        let outputs: Vec<Arc<TableSchema>> = checked
-            .tables
-            .iter()
-            .zip(&checked.transforms)
-            .map(|(t, x)| x.as_ref().map_or_else(|| t.clone(), |x| x.output.clone()))
-            .collect();
+        let outputs = checked.outputs()?;
         let transformed = !self.chain.is_empty();
         let kind = match (self.cfg.kafka_options(), &checked.document) {
             (None, Some(plan)) => {
@@ -463,13 +506,13 @@ impl Pipeline {
         };
         // The shapes compiled by the checks serve until a table changes shape.
         let tables = checked
-            .tables
-            .iter()
+            .enriched()?
+            .into_iter()
             .zip(&checked.transforms)
-            .filter_map(|(t, x)| Some((t.name.clone(), (t.clone(), x.clone()?))))
+            .filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?))))
             .collect();
         let transformer = Transformer { chain: self.chain.clone(), tables };
-        Ok(Sink { kind, upstream, transformer })
+        Ok(Sink { kind, upstream, enrichment: checked.enrichment.clone(), transformer })
     }
 
     async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
@@ -506,16 +549,18 @@ impl Pipeline {
             SinkKind::Postgres(s) => s.target_name(n),
             SinkKind::Kafka(_) | SinkKind::Search(..) => n.clone(),
         };
-        let snap: Vec<SnapshotTable> = checked
-            .tables
-            .iter()
-            .zip(&checked.transforms)
-            .map(|(t, x)| SnapshotTable {
+        let mut snap = Vec::with_capacity(checked.tables.len());
+        for (t, x) in checked.tables.iter().zip(&checked.transforms) {
+            snap.push(SnapshotTable {
                 schema: t.clone(),
                 target: target(x.as_ref().map_or(&t.name, |x| &x.output.name)),
                 transform: x.clone(),
-            })
-            .collect();
+                enrich: match &checked.enrichment {
+                    Some(e) => e.for_snapshot(t)?,
+                    None => None,
+                },
+            });
+        }
         let progress = self.metrics.snapshot.clone();
         let started = Instant::now();
         let bar = self.progress_bar.then(|| {
@@ -609,11 +654,13 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn stream(&mut self, mut sink: Sink, tables: &[Arc<TableSchema>]) -> Result<()> {
+    async fn stream(&mut self, mut sink: Sink, checked: &Checked) -> Result<()> {
+        let tables = &checked.tables[..];
         let catalog = sluice_postgres::connect(&self.source, "source").await?;
         let start = sink.resume_lsn();
+        let streamed: Vec<Arc<TableSchema>> = tables.iter().chain(&checked.reference).cloned().collect();
         let stream =
-            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, tables, catalog)
+            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog)
                 .await?;
         tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
         let acker = stream.acker();
@@ -688,6 +735,9 @@ impl Pipeline {
                 _ = shutdown.changed() => return Ok(()),
                 item = rx.recv() => item,
                 _ = tick.tick() => {
+                    if let Some(e) = &sink.enrichment {
+                        e.replay().await?;
+                    }
                     resync.tick().await?;
                     continue;
                 }
@@ -721,6 +771,9 @@ impl Pipeline {
                 self.record(&batch);
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();
+            }
+            if let Some(e) = &sink.enrichment {
+                e.replay().await?;
             }
             resync.after_apply().await?;
             // Everything taken is applied (or was only a position): its budget is free.

@@ -122,6 +122,9 @@ struct Request {
     id: i64,
     table: TableName,
     last_key: Option<Vec<String>>,
+    /// Only the rows matching this condition (a re-enrichment); stale rows are
+    /// then not looked for.
+    filter: Option<String>,
 }
 
 /// What one chunk read found.
@@ -307,7 +310,7 @@ impl Resync {
             events.push(ChangeEvent { op: Op::Read, table: schema.clone(), before: None, after: Some(row), position });
         }
         let mut deleted = 0;
-        if let Some(target) = self.targets.get(&a.req.table) {
+        if let Some(target) = self.targets.get(&a.req.table).filter(|_| a.req.filter.is_none()) {
             let stale = self.stale_keys(target, &schema, a.req.last_key.as_deref(), full.then_some(last_key.as_deref()).flatten()).await?;
             for key in stale {
                 let mut before: Row = vec![Datum::Null; schema.columns.len()];
@@ -334,7 +337,7 @@ impl Resync {
         // The next chunk is read while the sink takes this one; its progress is
         // recorded after this one's, in stream order.
         if full {
-            self.start(Request { id: a.req.id, table: a.req.table, last_key }).await?;
+            self.start(Request { id: a.req.id, table: a.req.table, last_key, filter: a.req.filter }).await?;
         }
         Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events }))
     }
@@ -409,7 +412,7 @@ impl Resync {
         let row = self
             .state
             .query_opt(
-                "SELECT id, table_name, last_key FROM sluice.resyncs WHERE pipeline = $1 AND NOT done ORDER BY id, table_name LIMIT 1",
+                "SELECT id, table_name, last_key, filter FROM sluice.resyncs WHERE pipeline = $1 AND NOT done ORDER BY id, table_name LIMIT 1",
                 &[&self.pipeline],
             )
             .await
@@ -424,7 +427,7 @@ impl Resync {
                 .context("dropping a resync request")?;
             return Ok(());
         };
-        self.start(Request { id, table, last_key: row.get(2) }).await
+        self.start(Request { id, table, last_key: row.get(2), filter: row.get(3) }).await
     }
 
     async fn start(&mut self, req: Request) -> Result<()> {
@@ -438,6 +441,7 @@ impl Resync {
             self.reader.clone().expect("connected"),
             schema,
             req.last_key.clone(),
+            req.filter.clone(),
             self.chunk_rows,
             mark.clone(),
         ));
@@ -458,7 +462,14 @@ fn now_us() -> i64 {
 }
 
 /// Low watermark, the chunk read in one snapshot, high watermark.
-async fn read_chunk(c: Arc<Client>, schema: Arc<TableSchema>, after: Option<Vec<String>>, limit: i64, mark: String) -> Result<Fetched> {
+async fn read_chunk(
+    c: Arc<Client>,
+    schema: Arc<TableSchema>,
+    after: Option<Vec<String>>,
+    filter: Option<String>,
+    limit: i64,
+    mark: String,
+) -> Result<Fetched> {
     let emit = "SELECT pg_logical_emit_message(false, $1, $2)";
     c.execute(emit, &[&RESYNC_PREFIX, &format!("lo:{mark}")]).await.context("writing the resync low watermark")?;
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
@@ -466,7 +477,10 @@ async fn read_chunk(c: Arc<Client>, schema: Arc<TableSchema>, after: Option<Vec<
     if keys.is_empty() {
         bail!("table {} has no primary key: resync reads tables in key order", schema.name);
     }
-    let cond = after.as_deref().map_or_else(|| "true".to_string(), |v| key_cmp(&keys, ">", v));
+    let mut cond = after.as_deref().map_or_else(|| "true".to_string(), |v| key_cmp(&keys, ">", v));
+    if let Some(f) = &filter {
+        cond = format!("{cond} AND ({f})");
+    }
     let sql = format!(
         "COPY (SELECT {} FROM {} WHERE {cond} ORDER BY {} LIMIT {limit}) TO STDOUT",
         cols.join(", "),

@@ -45,7 +45,8 @@ pub struct Chain {
     headers: Vec<(String, String)>,
 }
 
-fn glob(pattern: &str, text: &str) -> bool {
+/// Whether `text` matches `pattern`, where `*` is any run of characters and `?` one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
     while ti < t.len() {
@@ -179,7 +180,7 @@ impl Chain {
             let when = p.step.when();
             if let Some(w) = when
                 && !w.tables.is_empty()
-                && !w.tables.iter().any(|pat| glob(pat, &source_name))
+                && !w.tables.iter().any(|pat| glob_match(pat, &source_name))
             {
                 continue;
             }

@@ -1,0 +1,212 @@
+//! Lookup enrichment: fields of a reference table, fetched by key in batches
+//! (`= ANY($1)`) and cached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::{ColumnSchema, Datum, PgType, TableName, TableSchema, quote_ident};
+use sluice_postgres::PgConnConfig;
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use super::cache::{Breaker, Cache, Found};
+use super::LookupConfig;
+
+pub(crate) struct Lookup {
+    pub(crate) table: TableName,
+    pub(crate) key: String,
+    pub(crate) on: String,
+    pub(crate) fields: Vec<String>,
+    pub(crate) prefix: String,
+    /// The reference table is in the source database: its changes come through the
+    /// pipeline's own stream and invalidate the cache.
+    pub(crate) replicated: bool,
+    conn: PgConnConfig,
+    client: Mutex<Option<Arc<Client>>>,
+    /// The reference table's shape, loaded by `prepare`.
+    pub(crate) schema: Option<Arc<TableSchema>>,
+    sql: String,
+    pub(crate) cache: Cache,
+    pub(crate) breaker: Breaker,
+    retries: u32,
+    backoff: Duration,
+}
+
+/// The key's type name for the `ANY($1::text[]::<type>[])` cast, when the key's
+/// index can serve it that way; otherwise the key is compared as text.
+fn key_cast(c: &ColumnSchema) -> Option<&'static str> {
+    Some(match c.pg_type {
+        PgType::Int2 => "int2",
+        PgType::Int4 => "int4",
+        PgType::Int8 => "int8",
+        PgType::Text => "text",
+        PgType::Uuid => "uuid",
+        PgType::Numeric => "numeric",
+        PgType::Date => "date",
+        _ => return None,
+    })
+}
+
+impl Lookup {
+    pub(crate) fn new(name: &str, cfg: &LookupConfig, source: &PgConnConfig) -> Result<Self, String> {
+        let table = TableName::parse(&cfg.table).ok_or_else(|| format!("table {:?} is not a table name: write schema.table", cfg.table))?;
+        if cfg.fields.is_empty() {
+            return Err("fields: list at least one column of the reference table".into());
+        }
+        Ok(Self {
+            table,
+            key: cfg.key.clone(),
+            on: cfg.on.clone(),
+            fields: cfg.fields.clone(),
+            prefix: cfg.prefix.clone().unwrap_or_else(|| format!("{name}_")),
+            replicated: cfg.connection.is_none(),
+            conn: cfg.connection.clone().unwrap_or_else(|| source.clone()),
+            client: Mutex::new(None),
+            schema: None,
+            sql: String::new(),
+            cache: Cache::new(cfg.cache_ttl, cfg.cache_max_entries),
+            breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open_for),
+            retries: cfg.retries,
+            backoff: cfg.backoff,
+        })
+    }
+
+    /// Loads the reference table and checks the key and fields against it.
+    pub(crate) async fn prepare(&mut self) -> Result<(), String> {
+        let c = self.client().await?;
+        let schema = sluice_postgres::load_table(&c, &self.table, &self.conn.describe()).await.map_err(|e| format!("reference table: {e}"))?;
+        let names = || schema.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
+        let col = |n: &str| {
+            schema
+                .columns
+                .iter()
+                .find(|c| c.name == n)
+                .ok_or_else(|| format!("column {n:?} is not in the reference table {} (its columns: {})", self.table, names()))
+        };
+        let key = col(&self.key)?;
+        let key_sql = match key_cast(key) {
+            Some(ty) => format!("{} = ANY($1::text[]::{ty}[])", quote_ident(&key.name)),
+            None => format!("{}::text = ANY($1)", quote_ident(&key.name)),
+        };
+        let mut cols = vec![format!("{}::text", quote_ident(&self.key))];
+        for f in &self.fields {
+            col(f)?;
+            cols.push(format!("{}::text", quote_ident(f)));
+        }
+        // One statement, so the snapshot it reports is the one its rows were read in.
+        self.sql = format!(
+            "WITH s AS (SELECT pg_current_snapshot()::text AS snap)
+             SELECT s.snap, r.* FROM s LEFT JOIN (SELECT {} FROM {} WHERE {key_sql}) r ON true",
+            cols.join(", "),
+            self.table.quoted()
+        );
+        self.schema = Some(Arc::new(schema));
+        Ok(())
+    }
+
+    /// The reference columns, renamed with the prefix, as the added columns.
+    pub(crate) fn columns(&self) -> Vec<ColumnSchema> {
+        let schema = self.schema.as_ref().expect("prepared");
+        self.fields
+            .iter()
+            .map(|f| {
+                let mut c = schema.columns.iter().find(|c| &c.name == f).expect("checked by prepare").clone();
+                c.name = format!("{}{f}", self.prefix);
+                (c.nullable, c.is_key) = (true, false);
+                c
+            })
+            .collect()
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, String> {
+        let mut g = self.client.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(sluice_postgres::connect(&self.conn, "lookup database").await.map_err(|e| e.to_string())?);
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Fields for `keys`, from the cache or the reference table. `must_see`: source
+    /// transactions (reference-table changes already streamed) the read's snapshot
+    /// must include, so a key invalidated by a change is never cached from before it.
+    pub(crate) async fn fetch(&self, keys: &[String], must_see: &[u32]) -> Result<(HashMap<String, Found>, usize), String> {
+        let (mut out, miss) = self.cache.get_many(keys);
+        if miss.is_empty() {
+            return Ok((out, 0));
+        }
+        if !self.breaker.allows() {
+            return Err(format!("lookup in {} is failing; calls paused by the circuit breaker", self.table));
+        }
+        let mut delay = self.backoff;
+        let mut attempt = 0;
+        let found = loop {
+            match self.query(&miss, must_see).await {
+                Ok(f) => break f,
+                Err(e) if attempt >= self.retries => {
+                    self.breaker.failure();
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(table = %self.table, error = %e, attempt, "lookup failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.breaker.success();
+        self.cache.put_many(&found);
+        let n = found.len();
+        out.extend(found);
+        Ok((out, n))
+    }
+
+    async fn query(&self, keys: &[String], must_see: &[u32]) -> Result<HashMap<String, Found>, String> {
+        let c = self.client().await?;
+        for _ in 0..1000 {
+            let rows = c.query(&self.sql, &[&keys]).await.map_err(|e| {
+                let e = sluice_postgres::PgError::from_pg(&format!("looking up {}", self.table), e);
+                e.to_string()
+            })?;
+            let snap: String = rows.first().map(|r| r.get(0)).unwrap_or_default();
+            if self.replicated && !sees_all(&snap, must_see) {
+                // A reference change the stream delivered is not visible yet (its
+                // commit record precedes its visibility): read again in a moment.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            let mut found: HashMap<String, Found> = keys.iter().map(|k| (k.clone(), None)).collect();
+            for r in &rows {
+                let Some(k) = r.get::<_, Option<String>>(1) else { continue };
+                let vals = (0..self.fields.len()).map(|i| r.get::<_, Option<String>>(i + 2).map_or(Datum::Null, |v| Datum::Text(v.into()))).collect();
+                found.insert(k, Some(vals));
+            }
+            return Ok(found);
+        }
+        Err(format!("lookup in {}: a streamed reference change stayed invisible for 1 s", self.table))
+    }
+}
+
+/// Whether a `pg_current_snapshot()` text (`xmin:xmax:xip,...`, 64-bit) shows every
+/// transaction of `xids` (32-bit, as the stream gives them) as committed.
+pub(crate) fn sees_all(snap: &str, xids: &[u32]) -> bool {
+    let mut parts = snap.split(':');
+    let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
+    let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
+    let xip: Vec<u32> = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
+    xids.iter().all(|&x| (x.wrapping_sub(xmax) as i32) < 0 && !xip.contains(&x))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn snapshot_visibility() {
+        assert!(super::sees_all("100:105:101,103", &[99, 102, 104]));
+        assert!(!super::sees_all("100:105:101,103", &[103]));
+        assert!(!super::sees_all("100:105:", &[105]));
+        assert!(super::sees_all("4294967400:4294967410:", &[(4294967405u64 as u32)]));
+    }
+}
