@@ -6,8 +6,10 @@
 //!   cargo run --release -p sluice-bench -- snapshot --mb 1024
 //!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
 //!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
+//!   cargo run --release -p sluice-bench -- enrich --rows 200000 --customers 100000
 
 mod control;
+mod enrich;
 mod resync;
 mod search;
 
@@ -126,6 +128,13 @@ enum Bench {
         seconds: u64,
     },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
+    /// Lookup enrichment throughput, warm and cold cache, against no enrichment.
+    Enrich {
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 100_000)]
+        customers: u64,
+    },
     Snapshot {
         #[arg(long, default_value_t = 1024)]
         mb: u64,
@@ -672,6 +681,7 @@ async fn main() -> Result<()> {
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,
         Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,

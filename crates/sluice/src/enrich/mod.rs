@@ -341,7 +341,8 @@ pub(crate) struct Enrichment {
     missing_field: bool,
     state: PgConnConfig,
     state_client: tokio::sync::Mutex<Option<Client>>,
-    plans: Mutex<HashMap<TableName, Arc<Plan>>>,
+    /// Per table: the last schema pointer seen, and its plan.
+    plans: Mutex<HashMap<TableName, (Arc<TableSchema>, Arc<Plan>)>>,
     /// The pipeline's own tables (reference tables' changes are not delivered).
     sink_tables: HashSet<TableName>,
     ref_xids: Mutex<VecDeque<u32>>,
@@ -412,13 +413,20 @@ impl Enrichment {
 
     /// The enrichment of one source table shape (compiled once per shape).
     pub(crate) fn plan(&self, source: &Arc<TableSchema>) -> Result<Arc<Plan>, PgError> {
-        if let Some(p) = self.plans.lock().expect("plans lock").get(&source.name)
-            && (Arc::ptr_eq(&p.source, source) || p.source.columns == source.columns)
-        {
-            return Ok(p.clone());
+        let mut plans = self.plans.lock().expect("plans lock");
+        if let Some((seen, p)) = plans.get_mut(&source.name) {
+            if Arc::ptr_eq(seen, source) {
+                return Ok(p.clone());
+            }
+            // The stream's copy of a shape the checks compiled: remember its pointer
+            // so the next event is a pointer comparison, not a column-by-column one.
+            if p.source.columns == source.columns {
+                *seen = source.clone();
+                return Ok(p.clone());
+            }
         }
         let p = Arc::new(self.compile(source).map_err(PgError::permanent)?);
-        self.plans.lock().expect("plans lock").insert(source.name.clone(), p.clone());
+        plans.insert(source.name.clone(), (source.clone(), p.clone()));
         Ok(p)
     }
 
@@ -599,7 +607,7 @@ impl Enrichment {
             for t in self.sink_tables.iter().filter(|t| en.applies(t)) {
                 // The rows pointing at a changed key; all rows when `on` is not a
                 // source column (it comes from an earlier enricher).
-                let on_source = self.plans.lock().expect("plans lock").get(t).is_some_and(|p| p.source.columns.iter().any(|c| c.name == l.on));
+                let on_source = self.plans.lock().expect("plans lock").get(t).is_some_and(|(_, p)| p.source.columns.iter().any(|c| c.name == l.on));
                 let filter = (!all && on_source)
                     .then(|| format!("{} IN ({})", quote_ident(&l.on), keys.iter().map(|k| literal(k)).collect::<Vec<_>>().join(", ")));
                 requests.push((t.to_string(), filter, format!("enrich:{} reference change", en.cfg.name)));
@@ -817,7 +825,7 @@ impl Enrichment {
         for r in groups {
             let (name, table): (String, String) = (r.get(0), r.get(1));
             let Some(en) = self.enrichers.iter().find(|e| e.cfg.name == name) else { continue };
-            let Some(plan) = self.plans.lock().expect("plans lock").values().find(|p| p.source.name.to_string() == table).cloned() else {
+            let Some(plan) = self.plans.lock().expect("plans lock").values().find(|(_, p)| p.source.name.to_string() == table).map(|(_, p)| p.clone()) else {
                 continue;
             };
             {
