@@ -58,10 +58,19 @@ CREATE TABLE IF NOT EXISTS sluice.resyncs (
     done bool NOT NULL DEFAULT false,
     requested_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
+    -- A resync limited to some rows (a re-enrichment), and why it was asked for.
+    filter text,
+    reason text,
     PRIMARY KEY (pipeline, id, table_name)
 );
--- A resync limited to some rows (a re-enrichment), and why it was asked for.
-ALTER TABLE sluice.resyncs ADD COLUMN IF NOT EXISTS filter text, ADD COLUMN IF NOT EXISTS reason text;
+-- Tables from before those columns. Checked first: ALTER TABLE needs the table's
+-- owner even when there is nothing to add, and pipelines may run as other roles.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = 'sluice' AND table_name = 'resyncs' AND column_name = 'filter') THEN
+        ALTER TABLE sluice.resyncs ADD COLUMN filter text, ADD COLUMN reason text;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS sluice.enrich_failures (
     pipeline text NOT NULL,
     enricher text NOT NULL,
