@@ -142,6 +142,7 @@ pub enum Command {
     Tokens(Tokens),
     Sources(Resource),
     Sinks(Resource),
+    Enrichers(Resource),
     Pipelines(Pipelines),
     Workflows(Workflows),
 }
@@ -236,6 +237,7 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
         }
         Command::Sources(r) => resource(&api, "sources", r, &out, &list, &pretty)?,
         Command::Sinks(r) => resource(&api, "sinks", r, &out, &list, &pretty)?,
+        Command::Enrichers(r) => resource(&api, "enrichers", r, &out, &list, &pretty)?,
         Command::Pipelines(p) => {
             let base = format!("/v1/tenants/{}/pipelines", api.tenant()?);
             match p {

@@ -309,6 +309,22 @@ impl PipelineConfig {
         Ok(())
     }
 
+    /// The tables the pipeline reads in its source: its own, and the reference tables
+    /// of its lookups there (streamed to keep them fresh, never delivered). The
+    /// pipeline's role needs SELECT on all of them and its publication holds them.
+    pub fn source_tables(&self) -> Vec<TableName> {
+        let mut out = self.tables();
+        for e in &self.enrich {
+            if let Some(l) = e.lookup.as_ref().filter(|l| l.connection.is_none())
+                && let Some(t) = TableName::parse(&l.table)
+                && !out.contains(&t)
+            {
+                out.push(t);
+            }
+        }
+        out
+    }
+
     /// The Kafka sink's options, when the sink is Kafka.
     pub fn kafka_options(&self) -> Option<sluice_kafka::KafkaSinkOptions> {
         let SinkConfig::Kafka(k) = &self.sink else { return None };

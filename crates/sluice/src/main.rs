@@ -149,6 +149,13 @@ enum Command {
         #[command(subcommand)]
         cmd: sluice::client::Resource,
     },
+    /// Enrichers of a tenant (lookup, http, expression), referenced by pipelines by name.
+    Enrichers {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Resource,
+    },
     /// Pipelines of a tenant, provisioned and run by the servers.
     Pipelines {
         #[command(flatten)]
@@ -487,6 +494,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Tokens { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Tokens(cmd)),
         Command::Sources { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Sources(cmd)),
         Command::Sinks { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Sinks(cmd)),
+        Command::Enrichers { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Enrichers(cmd)),
         Command::Pipelines { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Pipelines(cmd)),
         Command::Workflows { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Workflows(cmd)),
         Command::Demo { duration, rate, rows } => {

@@ -41,6 +41,9 @@ pub struct Pipeline {
     pub require_logical_wal: bool,
     /// End the run once the snapshot is complete (a provisioning step).
     pub stop_after_snapshot: bool,
+    /// Only checking a changed config of a pipeline that may be running: its own slot
+    /// being in use is expected, not an error.
+    pub slot_may_be_in_use: bool,
 }
 
 /// What the checks found; nothing has been written when this is returned.
@@ -242,7 +245,7 @@ impl Pipeline {
             SinkConfig::Kafka(_) | SinkConfig::Search(_) => None,
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
-        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false, require_logical_wal: true, stop_after_snapshot: false }
+        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false, require_logical_wal: true, stop_after_snapshot: false, slot_may_be_in_use: false }
     }
 
     fn stopping(&self) -> bool {
@@ -354,6 +357,7 @@ impl Pipeline {
         let slot_info = loop {
             let info = sluice_postgres::slot_info(&src, &slot).await?;
             match info.as_ref().and_then(|i| i.active_pid) {
+                Some(_) if self.slot_may_be_in_use => break info,
                 Some(pid) if Instant::now() < deadline && !self.stopping() => {
                     if !waited {
                         tracing::info!(slot = %slot, pid, wait = ?SLOT_RELEASE_WAIT, "replication slot is held by another connection; waiting for it to be released");
@@ -365,7 +369,11 @@ impl Pipeline {
             }
         };
         if let Some(info) = &slot_info {
-            sluice_postgres::verify_slot(&slot, info, &self.source.database)?;
+            let mut info = info.clone();
+            if self.slot_may_be_in_use {
+                info.active_pid = None;
+            }
+            sluice_postgres::verify_slot(&slot, &info, &self.source.database)?;
         }
         // The sink (and state database) must be reachable before anything is created.
         let what = if matches!(self.cfg.sink, SinkConfig::Postgres(_)) { "sink" } else { "state database" };

@@ -226,8 +226,12 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
         .unwrap();
     assert_eq!((r.get::<_, bool>(1), r.get::<_, bool>(2), r.get::<_, bool>(3), r.get::<_, bool>(4), r.get::<_, bool>(5)), (false, true, true, false, false));
     let role: String = r.get(0);
-    let users: i64 = s.query_one("SELECT count(*) FROM pg_stat_replication WHERE usename = $1", &[&role]).await.unwrap().get(0);
-    assert_eq!(users, 1, "the walsender runs as the pipeline's role");
+    // The snapshot is in the target before streaming starts: wait for the walsender.
+    wait_for("the walsender to run as the pipeline's role", Duration::from_secs(15), || async {
+        let users: i64 = s.query_one("SELECT count(*) FROM pg_stat_replication WHERE usename = $1", &[&role]).await.unwrap().get(0);
+        users == 1
+    })
+    .await;
 
     // Changes while the server is killed and restarted: nothing lost, nothing twice.
     let writer = tokio::spawn({
@@ -464,6 +468,9 @@ async fn tenants_are_isolated_on_every_route() {
     let (_, v) = call("POST", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), Some("{name: look, role: tenant_viewer}".into())).await;
     let viewer = v["token"].as_str().unwrap().to_string();
     let viewer_id = v["id"].as_i64().unwrap();
+    let enricher = "{name: derived, expression: {fields: [{name: x2, expr: 'id * 2', type: int}]}}";
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/alpha/enrichers"), Some(&a), Some(enricher.into())).await;
+    assert_eq!(s, 201, "{v}");
     let before = call("GET", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), None).await.1;
 
     let (_, doc) = call("GET", &format!("{url}/openapi.json"), None, None).await;
@@ -478,6 +485,7 @@ async fn tenants_are_isolated_on_every_route() {
             .replace("{name}", match section {
                 "sources" => "main",
                 "sinks" => "replica",
+                "enrichers" => "derived",
                 _ => "orders",
             })
             .replace("{id}", &if section == "tokens" { viewer_id } else { wf }.to_string());
@@ -486,6 +494,7 @@ async fn tenants_are_isolated_on_every_route() {
             let body = match section {
                 "sources" => Some(ctl.source_yaml("main", "postgres", superuser_pw())),
                 "sinks" => Some(ctl.sink_yaml("replica")),
+                "enrichers" => Some(enricher.into()),
                 "pipelines" => Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
                 "tokens" => Some("{name: x, role: tenant_admin}".into()),
                 _ => None,
@@ -712,4 +721,102 @@ fn kafka_topics(brokers: &str) -> Vec<String> {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// Enrichers are a tenant's resources: created through the CLI, shown with secrets
+/// redacted, referenced by name from pipelines (whose role is granted the reference
+/// table), refused with a field when bad or unknown (also to another tenant), not
+/// deletable while used; replacing one re-provisions its pipelines, which re-enrich
+/// the rows they already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
+    let ctl = Ctl::new("ctl_enrich").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 2000).await;
+    env.src()
+        .await
+        .batch_execute("CREATE TABLE customers (name text PRIMARY KEY, tier text); INSERT INTO customers SELECT 'c' || g, 'basic' FROM generate_series(1, 2000) g;")
+        .await
+        .unwrap();
+    let server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "shop").await;
+    let other = tenant_with_resources(&ctl, &url, "other").await;
+    let base = format!("{url}/v1/tenants/shop/enrichers");
+
+    let f = env.write_config("name: tier\nlookup: {table: public.customers, key: name, on: customer, fields: [tier]}\n");
+    let (code, out, err) = cli(&url, &token, "shop", &["enrichers", "create", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let secret = "name: svc\nhttp: {url: 'http://127.0.0.1:9/x', key: id, fields: {s: int}, headers: {Authorization: Bearer sekrit-123}}\n";
+    let (s, v) = call("POST", &base, Some(&token), Some(secret.into())).await;
+    assert_eq!(s, 201, "{v}");
+    for u in [format!("{base}/svc"), base.clone()] {
+        let (s, v) = call("GET", &u, Some(&token), None).await;
+        assert_eq!(s, 200);
+        assert!(!v.to_string().contains("sekrit") && v.to_string().contains("(set)"), "header value redacted: {v}");
+    }
+    // Bad input: one field named, nothing stored.
+    let (s, v) = call("POST", &base, Some(&token), Some("name: x\nlookup: {table: t, key: k, on: o, fields: [f], bogus: 1}\n".into())).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("bogus"), "{v}");
+    let (s, v) = call("POST", &base, Some(&token), Some("name: x\nhttp: {url: 'ftp://h', key: k, fields: {a: int}}\n".into())).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("http")), "{v}");
+    let (s, _) = call("POST", &base, Some(&token), Some(secret.into())).await;
+    assert_eq!(s, 409, "a second enricher of the same name");
+    // Another tenant sees nothing of it and cannot use it.
+    let (s, _) = call("GET", &format!("{base}/tier"), Some(&other), None).await;
+    assert!(s == 403 || s == 404, "{s}");
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/other/pipelines"),
+        Some(&other),
+        Some("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\nenrichers: [tier]\n".into()),
+    )
+    .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("enrichers")), "{v}");
+
+    let p = env.write_config("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\nenrichers: [tier]\n");
+    let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "create", "-f", p.to_str().unwrap(), "--output", "json"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());
+    let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(120)).await;
+    let dst = env.dst().await;
+    let count = |sql: &'static str| {
+        let dst = &dst;
+        async move { dst.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(-1) }
+    };
+    wait_for("orders enriched by the pipeline's role", Duration::from_secs(60), || async {
+        count("SELECT count(*) FROM orders WHERE tier_tier = 'basic'").await == 2000
+    })
+    .await;
+    // A reference change reaches the rows that use it.
+    env.src().await.batch_execute("UPDATE customers SET tier = 'gold' WHERE name IN ('c1', 'c2')").await.unwrap();
+    wait_for("the reference change re-enriches", Duration::from_secs(60), || async {
+        count("SELECT count(*) FROM orders WHERE tier_tier = 'gold'").await == 2
+    })
+    .await;
+    let (s, v) = call("DELETE", &format!("{base}/tier"), Some(&token), None).await;
+    assert_eq!(s, 409, "in use: {v}");
+
+    // Replaced: the pipeline is re-provisioned and re-enriches what it delivered.
+    let (s, v) = call(
+        "PUT",
+        &format!("{base}/tier"),
+        Some(&token),
+        Some("name: tier\nlookup: {table: public.customers, key: name, on: customer, fields: [tier], prefix: cust_}\n".into()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["pipelines"], serde_json::json!(["orders"]), "{v}");
+    let wf = v["workflows"][0].as_i64().expect("an update workflow");
+    wait_workflow(&url, &token, "shop", wf, Duration::from_secs(120)).await;
+    wait_for("every delivered row re-enriched with the new definition", Duration::from_secs(90), || async {
+        count("SELECT count(*) FROM orders WHERE cust_tier IS NOT NULL").await == 2000
+            && count("SELECT count(*) FROM orders WHERE cust_tier = 'gold'").await == 2
+    })
+    .await;
+    let (s, v) = call("DELETE", &format!("{base}/svc"), Some(&token), None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = call("GET", &format!("{url}/v1/tenants/shop"), Some(&token), None).await;
+    assert_eq!((s, v["enrichers"].as_i64()), (200, Some(1)), "{v}");
 }

@@ -20,7 +20,7 @@ use sluice_core::TableName;
 
 use super::Control;
 use super::crypto::{new_password, new_token, token_hash};
-use super::model::{Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
+use super::model::{EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -189,11 +189,14 @@ async fn tenants_get(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>
     let r = c
         .query_one(
             "SELECT (SELECT count(*) FROM sources WHERE tenant_id = $1), (SELECT count(*) FROM sinks WHERE tenant_id = $1),
-                    (SELECT count(*) FROM pipelines WHERE tenant_id = $1)",
+                    (SELECT count(*) FROM pipelines WHERE tenant_id = $1), (SELECT count(*) FROM enrichers WHERE tenant_id = $1)",
             &[&id],
         )
         .await?;
-    ok(json!({ "name": tenant, "sources": r.get::<_, i64>(0), "sinks": r.get::<_, i64>(1), "pipelines": r.get::<_, i64>(2) }))
+    ok(json!({
+        "name": tenant, "sources": r.get::<_, i64>(0), "sinks": r.get::<_, i64>(1), "pipelines": r.get::<_, i64>(2),
+        "enrichers": r.get::<_, i64>(3),
+    }))
 }
 
 async fn tenants_delete(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>) -> ApiResult {
@@ -201,11 +204,17 @@ async fn tenants_delete(State(ctl): Ctl, caller: Caller, Path(tenant): Path<Stri
     caller.platform()?;
     let c = ctl.db.get().await?;
     let busy: i64 = c
-        .query_one("SELECT (SELECT count(*) FROM sources WHERE tenant_id = $1) + (SELECT count(*) FROM sinks WHERE tenant_id = $1)", &[&id])
+        .query_one(
+            "SELECT (SELECT count(*) FROM sources WHERE tenant_id = $1) + (SELECT count(*) FROM sinks WHERE tenant_id = $1)
+                    + (SELECT count(*) FROM enrichers WHERE tenant_id = $1)",
+            &[&id],
+        )
         .await?
         .get(0);
     if busy > 0 {
-        return Err(ApiError::conflict(format!("tenant {tenant:?} still has sources or sinks: delete its pipelines, sources and sinks first")));
+        return Err(ApiError::conflict(format!(
+            "tenant {tenant:?} still has sources, sinks or enrichers: delete its pipelines, sources, sinks and enrichers first"
+        )));
     }
     c.execute("DELETE FROM workflow_steps WHERE workflow_id IN (SELECT id FROM workflows WHERE tenant_id = $1)", &[&id]).await?;
     c.execute("DELETE FROM workflows WHERE tenant_id = $1", &[&id]).await?;
@@ -407,6 +416,106 @@ async fn sinks_delete(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pat
     delete_unused(&ctl, &caller, &tenant, "sink", &name).await
 }
 
+// ---- enrichers ----
+
+async fn enrichers_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>) -> ApiResult {
+    let id = caller.tenant(&ctl, &tenant, false).await?;
+    let rows = ctl.db.get().await?.query("SELECT spec FROM enrichers WHERE tenant_id = $1 ORDER BY name", &[&id]).await?;
+    ok(json!({ "enrichers": rows.iter().map(|r| r.get::<_, Value>(0)).collect::<Vec<_>>() }))
+}
+
+async fn enrichers_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
+    let id = caller.tenant(&ctl, &tenant, true).await?;
+    let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
+    let n = ctl
+        .db
+        .get()
+        .await?
+        .execute(
+            "INSERT INTO enrichers (tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            &[&id, &e.name, &e.public(), &ctl.sealer.seal(&e.to_sealable())],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::conflict(format!("enricher {:?} already exists in tenant {tenant:?}", e.name)));
+    }
+    created(e.public())
+}
+
+async fn enrichers_get(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {
+    let id = caller.tenant(&ctl, &tenant, false).await?;
+    let r = ctl.db.get().await?.query_opt("SELECT spec FROM enrichers WHERE tenant_id = $1 AND name = $2", &[&id, &name]).await?;
+    ok(r.ok_or_else(|| ApiError::not_found("enricher", &name))?.get(0))
+}
+
+/// The pipelines of a tenant that use an enricher.
+async fn enricher_users(ctl: &Control, tenant: i64, name: &str) -> Result<Vec<(i64, String)>, ApiError> {
+    let rows = ctl
+        .db
+        .get()
+        .await?
+        .query("SELECT id, name FROM pipelines WHERE tenant_id = $1 AND spec->'enrichers' ? $2 ORDER BY name", &[&tenant, &name])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Replaces an enricher; every pipeline using it is re-provisioned (its role may need
+/// a new reference table) and restarted, and re-enriches the rows it already
+/// delivered in the background.
+async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    let id = caller.tenant(&ctl, &tenant, true).await?;
+    let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
+    if e.name != name {
+        return Err(ApiError::invalid("invalid_enricher", Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", e.name))));
+    }
+    let c = ctl.db.get().await?;
+    let old: Option<Vec<u8>> =
+        c.query_opt("SELECT sealed FROM enrichers WHERE tenant_id = $1 AND name = $2", &[&id, &name]).await?.map(|r| r.get(0));
+    let Some(old) = old else { return Err(ApiError::not_found("enricher", &name)) };
+    let users = enricher_users(&ctl, id, &name).await?;
+    // Each pipeline must still check with the new definition before it is stored.
+    for (pid, pname) in &users {
+        let p = ctl.load_pipeline(*pid).await?.ok_or_else(|| ApiError::not_found("pipeline", pname))?;
+        let at = p.spec.enrichers.iter().position(|n| *n == name).expect("user of the enricher");
+        let mut enrichers = p.enrichers.clone();
+        enrichers[at] = e.settings.clone();
+        if let Err(err) = validate_with(&ctl, *pid, &p.spec, &p.source, &p.sink, &enrichers).await {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_enricher", format!("pipeline {pname:?}: {}", err.message)).with_field("enricher"));
+        }
+    }
+    c.execute(
+        "UPDATE enrichers SET spec = $3, sealed = $4, updated_at = now() WHERE tenant_id = $1 AND name = $2",
+        &[&id, &name, &e.public(), &ctl.sealer.seal(&e.to_sealable())],
+    )
+    .await?;
+    let changed = ctl.sealer.open(&old).map_err(anyhow::Error::msg)? != e.to_sealable();
+    let mut workflows = Vec::new();
+    if changed {
+        for (pid, pname) in &users {
+            workflows.push(start_workflow(&ctl, id, *pid, pname, "update", json!({})).await?);
+            c.execute("UPDATE pipelines SET generation = generation + 1, updated_at = now() WHERE id = $1", &[pid]).await?;
+        }
+    }
+    let mut out = e.public();
+    out["pipelines"] = json!(users.iter().map(|(_, n)| n).collect::<Vec<_>>());
+    out["workflows"] = json!(workflows);
+    ok(out)
+}
+
+async fn enrichers_delete(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {
+    let id = caller.tenant(&ctl, &tenant, true).await?;
+    let users = enricher_users(&ctl, id, &name).await?;
+    if !users.is_empty() {
+        let names: Vec<&str> = users.iter().map(|(_, n)| n.as_str()).collect();
+        return Err(ApiError::conflict(format!("enricher {name:?} is used by pipelines {}: remove it from them first", names.join(", "))));
+    }
+    let n = ctl.db.get().await?.execute("DELETE FROM enrichers WHERE tenant_id = $1 AND name = $2", &[&id, &name]).await?;
+    if n == 0 {
+        return Err(ApiError::not_found("enricher", &name));
+    }
+    ok(json!({ "deleted": name }))
+}
+
 // ---- pipelines ----
 
 async fn sealed_of(ctl: &Control, table: &str, tenant: i64, name: &str, field: &str) -> Result<(i64, Vec<u8>), ApiError> {
@@ -428,14 +537,30 @@ async fn validate_pipeline(ctl: &Control, tenant: i64, id: i64, p: &PipelineSpec
     let (sink_id, k) = sealed_of(ctl, "sinks", tenant, &p.sink, "sink").await?;
     let source = SourceSpec::from_sealed(&s)?;
     let sink = SinkSpec::from_sealed(&k)?;
+    let mut enrichers = Vec::with_capacity(p.enrichers.len());
+    for (i, name) in p.enrichers.iter().enumerate() {
+        if p.enrichers[..i].contains(name) {
+            return Err(ApiError::invalid("invalid_pipeline", Invalid::new("enrichers", format!("{name:?} is listed twice"))));
+        }
+        let (_, e) = sealed_of(ctl, "enrichers", tenant, name, "enrichers").await?;
+        enrichers.push(EnricherSpec::from_sealed(&e)?);
+    }
+    let tables = validate_with(ctl, id, p, &source, &sink, &enrichers).await?;
+    Ok((source_id, sink_id, tables))
+}
+
+/// [`validate_pipeline`] with the pieces loaded: the runner's own checks, as the
+/// source's admin.
+async fn validate_with(ctl: &Control, id: i64, p: &PipelineSpec, source: &SourceSpec, sink: &SinkSpec, enrichers: &[Value]) -> Result<Vec<TableName>, ApiError> {
     let admin = source.admin();
-    let cfg = run_config(&ctl.install, id, p, &source, &sink, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
+    let cfg = run_config(&ctl.install, id, p, source, sink, enrichers, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
         .map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
-    let tables = cfg.tables();
+    let tables = cfg.source_tables();
+    let own_tables = cfg.tables();
     let c = sluice_postgres::connect(&admin, &format!("source {}", source.name)).await.map_err(|e| {
         ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: format!("{e}; check source {}", source.name) })
     })?;
-    super::check_privileges(&c, &source, &tables).await.map_err(|m| {
+    super::check_privileges(&c, source, &tables).await.map_err(|m| {
         if m.starts_with("tables:") {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", m).with_field("tables")
         } else {
@@ -445,10 +570,14 @@ async fn validate_pipeline(ctl: &Control, tenant: i64, id: i64, p: &PipelineSpec
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let mut pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), rx);
     pipeline.require_logical_wal = false;
+    // A changed pipeline (or enricher) is checked while the pipeline runs on its slot.
+    pipeline.slot_may_be_in_use = true;
     if let Err(e) = pipeline.check().await {
         let msg = format!("{e:#}");
         let field = if msg.contains("transforms") {
             "transforms"
+        } else if msg.contains("enrich[") {
+            "enrichers"
         } else if msg.contains("state database") || msg.contains("sink") || msg.contains("broker") || msg.contains("kafka") {
             "sink"
         } else {
@@ -456,7 +585,7 @@ async fn validate_pipeline(ctl: &Control, tenant: i64, id: i64, p: &PipelineSpec
         };
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", msg).with_field(field));
     }
-    Ok((source_id, sink_id, tables))
+    Ok(own_tables)
 }
 
 impl ApiError {
@@ -776,8 +905,13 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/v1/tenants/{tenant}/sinks/{name}", "Show a sink (passwords redacted)", "viewer"),
     ("put", "/v1/tenants/{tenant}/sinks/{name}", "Replace a sink", "admin"),
     ("delete", "/v1/tenants/{tenant}/sinks/{name}", "Delete an unused sink", "admin"),
+    ("get", "/v1/tenants/{tenant}/enrichers", "List enrichers", "viewer"),
+    ("post", "/v1/tenants/{tenant}/enrichers", "Create an enricher {name, tables, lookup|http|expression: {...}, on_failure, apply}", "admin"),
+    ("get", "/v1/tenants/{tenant}/enrichers/{name}", "Show an enricher (passwords and header values redacted)", "viewer"),
+    ("put", "/v1/tenants/{tenant}/enrichers/{name}", "Replace an enricher; its pipelines are re-provisioned and re-enrich what they delivered", "admin"),
+    ("delete", "/v1/tenants/{tenant}/enrichers/{name}", "Delete an enricher no pipeline uses", "admin"),
     ("get", "/v1/tenants/{tenant}/pipelines", "List pipelines with status and lag", "viewer"),
-    ("post", "/v1/tenants/{tenant}/pipelines", "Create a pipeline {name, source, sink, tables, transforms, snapshot, batch}; starts provisioning", "admin"),
+    ("post", "/v1/tenants/{tenant}/pipelines", "Create a pipeline {name, source, sink, tables, transforms, enrichers, snapshot, batch}; starts provisioning", "admin"),
     ("get", "/v1/tenants/{tenant}/pipelines/{name}", "Show a pipeline with live status and lag", "viewer"),
     ("put", "/v1/tenants/{tenant}/pipelines/{name}", "Change a pipeline's tables, transforms or options; re-provisions", "admin"),
     ("delete", "/v1/tenants/{tenant}/pipelines/{name}", "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)", "admin"),
@@ -800,6 +934,8 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/sources/{name}", get(sources_get).put(sources_put).delete(sources_delete))
         .route("/v1/tenants/{tenant}/sinks", get(sinks_list).post(sinks_create))
         .route("/v1/tenants/{tenant}/sinks/{name}", get(sinks_get).put(sinks_put).delete(sinks_delete))
+        .route("/v1/tenants/{tenant}/enrichers", get(enrichers_list).post(enrichers_create))
+        .route("/v1/tenants/{tenant}/enrichers/{name}", get(enrichers_get).put(enrichers_put).delete(enrichers_delete))
         .route("/v1/tenants/{tenant}/pipelines", get(pipelines_list).post(pipelines_create))
         .route("/v1/tenants/{tenant}/pipelines/{name}", get(pipelines_get).put(pipelines_put).delete(pipelines_delete))
         .route("/v1/tenants/{tenant}/pipelines/{name}/pause", post(pipelines_pause))

@@ -104,6 +104,18 @@ CREATE INDEX workflow_steps_by_workflow ON workflow_steps (workflow_id, id);
 -- two control databases using one source must not collide).
 CREATE TABLE installation (id text NOT NULL);
 INSERT INTO installation SELECT substr(md5(random()::text || clock_timestamp()::text), 1, 6);
+"#, r#"
+-- Enrichers a tenant registers once and pipelines reference by name.
+CREATE TABLE enrichers (
+    id bigserial PRIMARY KEY,
+    tenant_id bigint NOT NULL REFERENCES tenants(id),
+    name text NOT NULL,
+    spec jsonb NOT NULL,
+    sealed bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, name)
+);
 "#];
 
 /// The schema everything lives in, so the control database may be shared.

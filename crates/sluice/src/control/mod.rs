@@ -45,6 +45,8 @@ pub struct Loaded {
     pub spec: PipelineSpec,
     pub source: SourceSpec,
     pub sink: SinkSpec,
+    /// The enrichers the spec names, in its order, secrets opened.
+    pub enrichers: Vec<Value>,
     pub role_password: String,
     pub install: String,
 }
@@ -52,7 +54,7 @@ pub struct Loaded {
 impl Loaded {
     /// The runner's config: it connects as the pipeline's own replication role.
     pub fn run_config(&self) -> Result<PipelineConfig, Invalid> {
-        model::run_config(&self.install, self.id, &self.spec, &self.source, &self.sink, &self.object_name(), &self.role_password)
+        model::run_config(&self.install, self.id, &self.spec, &self.source, &self.sink, &self.enrichers, &self.object_name(), &self.role_password)
     }
 
     pub fn object_name(&self) -> String {
@@ -80,11 +82,23 @@ impl Control {
             return Ok(None);
         };
         let open = |col: usize| self.sealer.open(r.get::<_, &[u8]>(col)).map_err(anyhow::Error::msg);
+        let spec = PipelineSpec::from_json(&r.get::<_, Value>(3))?;
+        let tenant_id: i64 = r.get(1);
+        let mut enrichers = Vec::with_capacity(spec.enrichers.len());
+        for name in &spec.enrichers {
+            let e = c
+                .query_opt("SELECT sealed FROM enrichers WHERE tenant_id = $1 AND name = $2", &[&tenant_id, name])
+                .await?
+                .with_context(|| format!("enricher {name:?} of pipeline {id} no longer exists"))?;
+            let plain = self.sealer.open(e.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
+            enrichers.push(model::EnricherSpec::from_sealed(&plain)?);
+        }
         Ok(Some(Loaded {
             id: r.get(0),
-            tenant_id: r.get(1),
+            tenant_id,
             name: r.get(2),
-            spec: PipelineSpec::from_json(&r.get::<_, Value>(3))?,
+            enrichers,
+            spec,
             role_password: String::from_utf8(open(4)?).context("role password")?,
             source: SourceSpec::from_sealed(&open(5)?)?,
             sink: SinkSpec::from_sealed(&open(6)?)?,

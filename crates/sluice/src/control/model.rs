@@ -211,6 +211,55 @@ impl SinkSpec {
     }
 }
 
+/// An enricher a tenant registers once and pipelines reference by name: the same
+/// shape as one entry of a pipeline file's `enrich:` list.
+pub struct EnricherSpec {
+    pub name: String,
+    /// The whole entry, secrets included (sealed at rest).
+    pub settings: Value,
+}
+
+impl EnricherSpec {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let settings: Value = parse(body, "enricher")?;
+        let cfg: crate::enrich::EnricherConfig =
+            serde_json::from_value(settings.clone()).map_err(|e| Invalid::from_message(e.to_string()))?;
+        crate::enrich::validate(std::slice::from_ref(&cfg)).map_err(|m| {
+            // "enrich[0] (name): lookup: ..." → "lookup: ...", which names the field.
+            let m = m.split_once("): ").map_or(m.as_str(), |(_, rest)| rest).to_string();
+            Invalid::from_message(m)
+        })?;
+        Ok(Self { name: cfg.name, settings })
+    }
+
+    /// The entry with passwords and header values replaced, for the API and the
+    /// clear column.
+    pub fn public(&self) -> Value {
+        fn redact(v: &mut Value) {
+            if let Value::Object(m) = v {
+                for (k, v) in m.iter_mut() {
+                    match (k.as_str(), &mut *v) {
+                        ("password", _) => *v = Value::String("(set)".into()),
+                        ("headers", Value::Object(h)) => h.values_mut().for_each(|x| *x = Value::String("(set)".into())),
+                        _ => redact(v),
+                    }
+                }
+            }
+        }
+        let mut s = self.settings.clone();
+        redact(&mut s);
+        s
+    }
+
+    pub fn to_sealable(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.settings).expect("json")
+    }
+
+    pub fn from_sealed(bytes: &[u8]) -> anyhow::Result<Value> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
 /// A pipeline: which source tables go to which sink, shaped by which transforms.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +273,9 @@ pub struct PipelineSpec {
     pub tables: Vec<String>,
     #[serde(default)]
     pub transforms: Vec<Value>,
+    /// Names of the tenant's enrichers, applied in this order.
+    #[serde(default)]
+    pub enrichers: Vec<String>,
     #[serde(default)]
     pub snapshot: Option<Value>,
     #[serde(default)]
@@ -240,7 +292,7 @@ impl PipelineSpec {
     pub fn public(&self) -> Value {
         json!({
             "name": self.name, "source": self.source, "sink": self.sink, "tables": self.tables,
-            "transforms": self.transforms, "snapshot": self.snapshot, "batch": self.batch,
+            "transforms": self.transforms, "enrichers": self.enrichers, "snapshot": self.snapshot, "batch": self.batch,
         })
     }
 
@@ -267,6 +319,7 @@ pub fn run_config(
     spec: &PipelineSpec,
     source: &SourceSpec,
     sink: &SinkSpec,
+    enrichers: &[Value],
     user: &str,
     password: &str,
 ) -> Result<PipelineConfig, Invalid> {
@@ -284,6 +337,7 @@ pub fn run_config(
         "source": src,
         "sink": { sink.kind.clone(): sink.settings },
         "transforms": spec.transforms,
+        "enrich": enrichers,
     });
     if let Some(s) = &spec.snapshot {
         cfg["snapshot"] = s.clone();
@@ -340,13 +394,13 @@ mod tests {
         let src = SourceSpec::parse(b"{name: db1, host: h, database: d, admin_user: u, admin_password: p}").unwrap();
         let sink = SinkSpec::parse(b"{name: r, postgres: {host: h, user: u, password: p, database: d}}").unwrap();
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [public.orders]}").unwrap();
-        let cfg = run_config("ab12cd", 7, &p, &src, &sink, "sluice_p7", "x").unwrap();
+        let cfg = run_config("ab12cd", 7, &p, &src, &sink, &[], "sluice_p7", "x").unwrap();
         assert_eq!(cfg.slot_name(), "sluice_ab12cd_p7");
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [a.b.c]}").unwrap();
-        let e = run_config("ab12cd", 7, &p, &src, &sink, "u", "x").err().unwrap();
+        let e = run_config("ab12cd", 7, &p, &src, &sink, &[], "u", "x").err().unwrap();
         assert_eq!(e.field.as_deref(), Some("tables"), "{}", e.message);
         let p = PipelineSpec::parse(b"{name: orders, source: db1, sink: r, tables: [t], transforms: [{bogus: {}}]}").unwrap();
-        let e = run_config("ab12cd", 7, &p, &src, &sink, "u", "x").err().unwrap();
+        let e = run_config("ab12cd", 7, &p, &src, &sink, &[], "u", "x").err().unwrap();
         assert!(e.message.contains("transforms"), "{}", e.message);
         assert!(PipelineSpec::parse(b"{name: o, source: a, sink: b, tabels: []}").err().unwrap().message.contains("unknown field"));
     }

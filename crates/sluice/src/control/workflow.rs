@@ -269,7 +269,8 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
     let obj = p.object_name();
     let role = quote_ident(&obj);
     let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;
-    let tables = cfg.tables();
+    // Reference tables of lookups in the source too: granted and published.
+    let tables = cfg.source_tables();
     let admin = || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
     match name {
         "check_source" => {
