@@ -379,3 +379,47 @@ async fn bad_enrichers_are_refused_with_one_line() {
     let n: i64 = dst.query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'", &[]).await.unwrap().get(0);
     assert_eq!(n, 0, "nothing created in the sink");
 }
+
+/// Enriched rows into Kafka as Avro (read back with confluent-kafka): the registered
+/// schema carries the enrichers' fields, and a reference change re-sends the affected
+/// rows with the new values (op `r`), so a consumer replaying the topic ends with the
+/// source's join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enriched_rows_into_kafka_avro_follow_reference_changes() {
+    let env = Env::new("enrich_kafka").await;
+    let (_broker, brokers) = spawn_broker(&env.dir).await;
+    let (_registry, url) = env.spawn_registry().await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE customers (id int8 PRIMARY KEY, name text);
+         INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 5) g;
+         CREATE TABLE items (id int8 PRIMARY KEY, customer_id int8, qty int4);
+         INSERT INTO items SELECT g, g % 5 + 1, g FROM generate_series(1, 20) g;",
+    )
+    .await
+    .unwrap();
+    let enrich = "enrich:\n  - name: customer\n    lookup: {table: public.customers, key: id, on: customer_id, fields: [name]}\n  \
+                  - name: calc\n    expression:\n      fields: [{name: double_qty, expr: \"qty * 2\", type: int}]\n";
+    let cfg = env.kafka_config(&["items"], &brokers, &format!("    registry_url: {url}\n"), enrich);
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
+    src.batch_execute("INSERT INTO items VALUES (21, 1, 7); UPDATE customers SET name = 'renamed' WHERE id = 2;").await.unwrap();
+    let topic = format!("{}.public.items", env.db);
+    // 20 snapshot reads + 1 insert + the 4 items of customer 2 sent again.
+    let recs = consume("avro", &brokers, &url, std::slice::from_ref(&topic), 25);
+    p.assert_running();
+    let mut last: std::collections::BTreeMap<i64, serde_json::Value> = std::collections::BTreeMap::new();
+    for r in recs.iter().filter(|r| r["topic"] == topic.as_str()) {
+        last.insert(r["key"]["id"].as_i64().unwrap(), r["value"]["after"].clone());
+    }
+    assert_eq!(last.len(), 21);
+    for (id, after) in &last {
+        let customer = after["customer_id"].as_i64().unwrap();
+        let name = if customer == 2 { "renamed".to_string() } else { format!("customer {customer}") };
+        assert_eq!(after["customer_name"], name.as_str(), "item {id}: {after}");
+        assert_eq!(after["double_qty"].as_i64(), Some(after["qty"].as_i64().unwrap() * 2), "item {id}: {after}");
+    }
+    let resent = recs.iter().filter(|r| r["value"]["op"] == "r" && r["value"]["after"]["customer_name"] == "renamed").count();
+    assert_eq!(resent, 4, "the items of the renamed customer are sent again");
+    p.terminate();
+}
