@@ -132,7 +132,7 @@ fn parse_properties(props: &Value, at: &str) -> EsResult<BTreeMap<String, Field>
     };
     let mut out = BTreeMap::new();
     for (name, def) in props {
-        if name.is_empty() || name.contains('.') && at.is_empty() && false {
+        if name.is_empty() {
             return Err(EsError::mapper("field name cannot be empty"));
         }
         let path = if at.is_empty() { name.clone() } else { format!("{at}.{name}") };

@@ -42,7 +42,7 @@ impl CastTo {
                     Some((p.trim().parse::<u32>().ok()?, sc.trim().parse::<u32>().ok()?))
                 });
                 match parsed {
-                    Some((precision, scale)) if precision >= 1 && precision <= 1000 && scale <= precision => CastTo::Decimal { precision, scale },
+                    Some((precision, scale)) if (1..=1000).contains(&precision) && scale <= precision => CastTo::Decimal { precision, scale },
                     _ => return Err(format!("unknown type {s:?}: use string, int, float, bool or decimal(precision,scale)")),
                 }
             }

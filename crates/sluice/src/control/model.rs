@@ -313,6 +313,7 @@ pub fn object_name(install: &str, id: i64) -> String {
 }
 
 /// The runner's config for pipeline `id`, connecting as `user`/`password`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_config(
     install: &str,
     id: i64,

@@ -54,7 +54,7 @@ impl Cache {
             let mut n = 0usize;
             map.retain(|_, _| {
                 n += 1;
-                n % 2 == 0
+                n.is_multiple_of(2)
             });
         }
         for (k, v) in found {

@@ -335,6 +335,9 @@ struct Failed {
     reason: String,
 }
 
+/// A table's plan, and the schema pointer it was last asked for.
+type SeenPlan = (Arc<TableSchema>, Arc<Plan>);
+
 pub(crate) struct Enrichment {
     pipeline: String,
     enrichers: Vec<Enricher>,
@@ -342,7 +345,7 @@ pub(crate) struct Enrichment {
     state: PgConnConfig,
     state_client: tokio::sync::Mutex<Option<Client>>,
     /// Per table: the last schema pointer seen, and its plan.
-    plans: Mutex<HashMap<TableName, (Arc<TableSchema>, Arc<Plan>)>>,
+    plans: Mutex<HashMap<TableName, SeenPlan>>,
     /// The pipeline's own tables (reference tables' changes are not delivered).
     sink_tables: HashSet<TableName>,
     ref_xids: Mutex<VecDeque<u32>>,
