@@ -364,6 +364,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn", false);
             let cfg = PipelineConfig::load(&config)?;
             let tables = sluice::resync::pick_tables(&cfg, &tables).map_err(anyhow::Error::msg)?;
+            let source = cfg.source.connection();
+            let src = sluice_postgres::connect(&source, "source").await?;
+            sluice::resync::check_keys(&src, &tables, &source.describe()).await.map_err(anyhow::Error::msg)?;
             let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await?;
             let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
             sluice::resync::request(&state, &cfg.pipeline, id, &tables).await?;

@@ -69,6 +69,21 @@ pub fn pick_tables(cfg: &crate::config::PipelineConfig, names: &[String]) -> Res
     Ok(out)
 }
 
+/// Refuses tables without a key (primary key or replica-identity index): a resync
+/// reads a table in key order and must find its rows again.
+pub async fn check_keys(source: &Client, tables: &[TableName], describe: &str) -> Result<(), String> {
+    for t in tables {
+        let schema = sluice_postgres::load_table(source, t, describe).await.map_err(|e| e.to_string())?;
+        if !schema.has_key() {
+            return Err(format!(
+                "table {t} has no primary key: a resync reads tables in key order; add a primary key \
+                 (or a unique index, with REPLICA IDENTITY USING INDEX) to resync it"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Asks the running pipeline to resync `tables`; `id` names the request (a workflow id).
 /// Idempotent.
 pub async fn request(state: &Client, pipeline: &str, id: i64, tables: &[TableName]) -> Result<()> {
@@ -419,8 +434,15 @@ impl Resync {
             .context("reading resync requests")?;
         let Some(row) = row else { return Ok(()) };
         let (id, name): (i64, String) = (row.get(0), row.get(1));
-        let Some(table) = self.tables.keys().find(|t| t.to_string() == name).cloned() else {
-            tracing::warn!(table = %name, "resync of a table this pipeline does not replicate: request dropped");
+        let table = self.tables.keys().find(|t| t.to_string() == name).cloned();
+        let keyless = table.as_ref().is_some_and(|t| !self.tables[t].has_key());
+        if keyless {
+            tracing::error!(table = %name, "resync of a table without a primary key (it is read in key order): request dropped");
+        }
+        let Some(table) = table.filter(|_| !keyless) else {
+            if !keyless {
+                tracing::warn!(table = %name, "resync of a table this pipeline does not replicate: request dropped");
+            }
             self.state
                 .execute("DELETE FROM sluice.resyncs WHERE pipeline = $1 AND id = $2 AND table_name = $3", &[&self.pipeline, &id, &name])
                 .await

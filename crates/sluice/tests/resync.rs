@@ -153,9 +153,13 @@ async fn resync_repairs_a_drifted_sink_while_streaming_and_survives_kill9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_of_an_unknown_table_is_refused() {
     let env = Env::new("resync_bad").await;
-    env.src().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
-    let cfg = env.config(&["t"], "");
+    env.src().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE heap (a int, b text);").await.unwrap();
+    let cfg = env.config(&["t", "heap"], "");
     let cfg_s = cfg.to_str().unwrap();
+    let (code, err) = run_to_exit(&["resync", "-c", cfg_s, "--table", "public.heap"], Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("public.heap has no primary key"), "{err}");
     let (code, err) = run_to_exit(&["resync", "-c", cfg_s, "--table", "public.nope"], Duration::from_secs(30));
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");

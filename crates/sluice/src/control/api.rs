@@ -774,6 +774,13 @@ async fn pipelines_resync(State(ctl): Ctl, caller: Caller, Path((tenant, name)):
             "pipeline {name:?} is {desired}: a resync is read by the running pipeline; resume it first (sluice pipelines resume {name})"
         )));
     }
+    let admin = p.source.admin();
+    let src = sluice_postgres::connect(&admin, &format!("source {}", p.source.name))
+        .await
+        .map_err(|e| ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: e.to_string() }))?;
+    crate::resync::check_keys(&src, &tables, &admin.describe())
+        .await
+        .map_err(|m| ApiError::invalid("invalid_resync", Invalid { field: Some("tables".into()), message: m }))?;
     let tables: Vec<String> = tables.iter().map(ToString::to_string).collect();
     let wf = start_workflow(&ctl, tid, id, &name, "resync", json!({ "tables": tables })).await?;
     accepted(json!({ "name": name, "workflow": wf, "tables": tables }))
