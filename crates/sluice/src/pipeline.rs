@@ -745,6 +745,9 @@ impl Pipeline {
                 _ = tick.tick() => {
                     if let Some(e) = &sink.enrichment {
                         e.replay().await?;
+                        if e.take_requested() {
+                            resync.wake();
+                        }
                     }
                     resync.tick().await?;
                     continue;
@@ -782,6 +785,9 @@ impl Pipeline {
             }
             if let Some(e) = &sink.enrichment {
                 e.replay().await?;
+                if e.take_requested() {
+                    resync.wake();
+                }
             }
             resync.after_apply().await?;
             // Everything taken is applied (or was only a position): its budget is free.

@@ -44,7 +44,8 @@ use crate::metrics::Metrics;
 /// Transactions remembered for the visibility check at a high watermark; the ones
 /// that matter committed a moment before the low watermark.
 const RECENT_XIDS: usize = 1024;
-/// How often an idle pipeline looks for a new request.
+/// How often an idle pipeline looks for a request from outside (the CLI, the API);
+/// the pipeline's own requests (re-enrichment) wake it at once.
 const POLL: Duration = Duration::from_secs(1);
 /// A chunk whose high watermark has not come back by then is read again.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -398,6 +399,11 @@ impl Resync {
             self.next_poll = Instant::now();
         }
         self.tick().await
+    }
+
+    /// Looks for requests at the next tick instead of the next poll.
+    pub(crate) fn wake(&mut self) {
+        self.next_poll = Instant::now();
     }
 
     /// Starts a chunk when none is in flight and a request waits.

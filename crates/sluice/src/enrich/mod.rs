@@ -351,6 +351,8 @@ pub(crate) struct Enrichment {
     ref_xids: Mutex<VecDeque<u32>>,
     /// Failures may be waiting for a replay.
     pending: AtomicBool,
+    /// A resync request was written since the pipeline last looked.
+    requested: AtomicBool,
     /// When `replay` last looked (it runs after every batch, and looks twice a second).
     looked: Mutex<tokio::time::Instant>,
     metrics: Arc<Metrics>,
@@ -395,6 +397,7 @@ impl Enrichment {
             sink_tables: sink_tables.iter().cloned().collect(),
             ref_xids: Mutex::new(VecDeque::new()),
             pending: AtomicBool::new(true),
+            requested: AtomicBool::new(false),
             looked: Mutex::new(tokio::time::Instant::now()),
             metrics,
         })))
@@ -630,6 +633,7 @@ impl Enrichment {
             .await
             .context("recording a re-enrichment request")?;
         }
+        self.requested.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -871,9 +875,15 @@ impl Enrichment {
             .await
             .context("requesting a replay of enrichment failures")?;
             tx.commit().await.context("replaying enrichment failures")?;
+            self.requested.store(true, Ordering::Relaxed);
             tracing::info!(enricher = %name, table = %table, rows = tuples.len(), "re-enriching failed or deferred rows");
         }
         Ok(())
+    }
+
+    /// Whether resync requests were written since the last call.
+    pub(crate) fn take_requested(&self) -> bool {
+        self.requested.swap(false, Ordering::Relaxed)
     }
 
     /// Asks for a re-enrichment of every row of the tables an enricher applies to
