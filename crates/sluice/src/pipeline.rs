@@ -46,6 +46,18 @@ pub struct Pipeline {
     pub slot_may_be_in_use: bool,
 }
 
+/// The part of a pipeline's config a failed check is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckPart {
+    /// The source database, its settings, the slot.
+    Source,
+    Tables,
+    Enrich,
+    Transforms,
+    /// The sink, its state database, the broker.
+    Sink,
+}
+
 /// What the checks found; nothing has been written when this is returned.
 pub struct Checked {
     pub tables: Vec<Arc<TableSchema>>,
@@ -293,35 +305,45 @@ impl Pipeline {
 
     /// Every check that can fail on bad input, before anything is written anywhere.
     pub async fn check(&self) -> Result<Checked> {
-        let src = sluice_postgres::connect(&self.source, "source").await?;
-        let level = sluice_postgres::wal_level(&src).await?;
+        self.check_parts().await.map_err(|(_, e)| e)
+    }
+
+    /// [`check`](Self::check), also saying which part of the config a failure is
+    /// about (the API names it as the refused field).
+    pub async fn check_parts(&self) -> Result<Checked, (CheckPart, anyhow::Error)> {
+        use CheckPart::*;
+        fn at<E: Into<anyhow::Error>>(part: CheckPart) -> impl FnOnce(E) -> (CheckPart, anyhow::Error) {
+            move |e| (part, e.into())
+        }
+        let src = sluice_postgres::connect(&self.source, "source").await.map_err(at(Source))?;
+        let level = sluice_postgres::wal_level(&src).await.map_err(at(Source))?;
         if level != "logical" && self.require_logical_wal {
-            bail!(PgError::permanent(format!(
+            return Err(at(Source)(PgError::permanent(format!(
                 "source {} has wal_level={level}, but logical replication needs wal_level=logical: run \
                  ALTER SYSTEM SET wal_level = logical; then restart Postgres",
                 self.source.describe()
-            )));
+            ))));
         }
         let publication = self.cfg.publication_name();
-        let published = sluice_postgres::publication_tables(&src, &publication).await?;
+        let published = sluice_postgres::publication_tables(&src, &publication).await.map_err(at(Source))?;
         let names = if self.cfg.tables().is_empty() {
             match &published {
                 Some(t) if !t.is_empty() => t.clone(),
-                Some(_) => bail!(PgError::permanent(format!("publication {publication} publishes no tables: add tables to it, or list them in source.tables"))),
-                None => bail!(PgError::permanent(format!("publication {publication} does not exist in source {}: create it, or list the tables in source.tables", self.source.describe()))),
+                Some(_) => return Err(at(Tables)(PgError::permanent(format!("publication {publication} publishes no tables: add tables to it, or list them in source.tables")))),
+                None => return Err(at(Tables)(PgError::permanent(format!("publication {publication} does not exist in source {}: create it, or list the tables in source.tables", self.source.describe())))),
             }
         } else {
             self.cfg.tables()
         };
         let mut tables = Vec::new();
         for name in &names {
-            tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await?));
+            tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await.map_err(at(Tables))?));
         }
-        let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone()).await?;
+        let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone()).await.map_err(at(Enrich))?;
         let mut reference = Vec::new();
         for name in enrichment.as_ref().map(|e| e.reference_tables()).unwrap_or_default() {
             if !names.contains(&name) {
-                reference.push(Arc::new(sluice_postgres::load_table(&src, &name, &self.source.describe()).await?));
+                reference.push(Arc::new(sluice_postgres::load_table(&src, &name, &self.source.describe()).await.map_err(at(Enrich))?));
             }
         }
         let publication_missing = names
@@ -339,13 +361,13 @@ impl Pipeline {
                     &[&publication, &relids],
                 )
                 .await
-                .map_err(|e| PgError::from_pg("reading pg_publication", e))?;
+                .map_err(|e| at(Source)(PgError::from_pg("reading pg_publication", e)))?;
             let (via_root, partitioned): (bool, bool) = (row.get(0), row.get(1));
             if partitioned && !via_root {
-                bail!(PgError::permanent(format!(
+                return Err(at(Tables)(PgError::permanent(format!(
                     "publication {publication} publishes partitioned tables under their partitions' names: run                      ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
                     quote_ident(&publication)
-                )));
+                ))));
             }
         }
         let slot = self.cfg.slot_name();
@@ -355,7 +377,7 @@ impl Pipeline {
         let deadline = Instant::now() + SLOT_RELEASE_WAIT;
         let mut waited = false;
         let slot_info = loop {
-            let info = sluice_postgres::slot_info(&src, &slot).await?;
+            let info = sluice_postgres::slot_info(&src, &slot).await.map_err(at(Source))?;
             match info.as_ref().and_then(|i| i.active_pid) {
                 Some(_) if self.slot_may_be_in_use => break info,
                 Some(pid) if Instant::now() < deadline && !self.stopping() => {
@@ -373,29 +395,30 @@ impl Pipeline {
             if self.slot_may_be_in_use {
                 info.active_pid = None;
             }
-            sluice_postgres::verify_slot(&slot, &info, &self.source.database)?;
+            sluice_postgres::verify_slot(&slot, &info, &self.source.database).map_err(at(Source))?;
         }
         // The sink (and state database) must be reachable before anything is created.
         let what = if matches!(self.cfg.sink, SinkConfig::Postgres(_)) { "sink" } else { "state database" };
-        drop(sluice_postgres::connect(&self.state, what).await?);
+        drop(sluice_postgres::connect(&self.state, what).await.map_err(at(Sink))?);
         if let Some(opts) = self.cfg.kafka_options() {
-            drop(KafkaSink::connect(opts).await?);
+            drop(KafkaSink::connect(opts).await.map_err(at(Sink))?);
         }
         let mut transforms = Vec::with_capacity(tables.len());
         for t in &tables {
             let shaped = match &enrichment {
-                Some(e) => e.plan(t)?.output().clone(),
+                Some(e) => e.plan(t).map_err(at(Enrich))?.output().clone(),
                 None => t.clone(),
             };
-            transforms.push(if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(&shaped)?)) });
+            let compiled = if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(&shaped).map_err(at(Transforms))?)) };
+            transforms.push(compiled);
         }
         let document = match &self.cfg.sink {
             SinkConfig::Search(sc) => {
                 let by_name = tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
-                let plan = Arc::new(DocumentPlan::new(&sc.document, &by_name)?);
+                let plan = Arc::new(DocumentPlan::new(&sc.document, &by_name).map_err(at(Sink))?);
                 let opts = self.cfg.search_options().expect("search sink");
-                let state = sluice_postgres::connect(&self.state, "state database").await?;
-                drop(SearchSink::connect(opts, plan.clone(), src, state).await?);
+                let state = sluice_postgres::connect(&self.state, "state database").await.map_err(at(Sink))?;
+                drop(SearchSink::connect(opts, plan.clone(), src, state).await.map_err(at(Sink))?);
                 Some(plan)
             }
             _ => None,

@@ -775,6 +775,19 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     .await;
     assert_eq!((s, v["error"]["field"].as_str()), (422, Some("enrichers")), "{v}");
 
+    // An enricher that does not fit the pipeline's tables: refused, field `enrichers`.
+    let (s, v) = call("POST", &base, Some(&token), Some("name: bad\nlookup: {table: public.customers, key: name, on: nope, fields: [tier]}\n".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/shop/pipelines"),
+        Some(&token),
+        Some("name: bad\nsource: main\nsink: replica\ntables: [public.orders]\nenrichers: [bad]\n".into()),
+    )
+    .await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("enrichers")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("column \"nope\" is not in public.orders"), "{v}");
+    assert_eq!(call("DELETE", &format!("{base}/bad"), Some(&token), None).await.0, 200);
     let p = env.write_config("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\nenrichers: [tier]\n");
     let (code, out, err) = cli(&url, &token, "shop", &["pipelines", "create", "-f", p.to_str().unwrap(), "--output", "json"]);
     assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());

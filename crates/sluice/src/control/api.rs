@@ -22,7 +22,7 @@ use super::Control;
 use super::crypto::{new_password, new_token, token_hash};
 use super::model::{EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{CheckPart, Pipeline};
 
 type Ctl = State<Arc<Control>>;
 
@@ -572,18 +572,15 @@ async fn validate_with(ctl: &Control, id: i64, p: &PipelineSpec, source: &Source
     pipeline.require_logical_wal = false;
     // A changed pipeline (or enricher) is checked while the pipeline runs on its slot.
     pipeline.slot_may_be_in_use = true;
-    if let Err(e) = pipeline.check().await {
-        let msg = format!("{e:#}");
-        let field = if msg.contains("transforms") {
-            "transforms"
-        } else if msg.contains("enrich[") {
-            "enrichers"
-        } else if msg.contains("state database") || msg.contains("sink") || msg.contains("broker") || msg.contains("kafka") {
-            "sink"
-        } else {
-            "tables"
+    if let Err((part, e)) = pipeline.check_parts().await {
+        let field = match part {
+            CheckPart::Source => "source",
+            CheckPart::Tables => "tables",
+            CheckPart::Enrich => "enrichers",
+            CheckPart::Transforms => "transforms",
+            CheckPart::Sink => "sink",
         };
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", msg).with_field(field));
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", format!("{e:#}")).with_field(field));
     }
     Ok(own_tables)
 }
