@@ -423,3 +423,51 @@ async fn enriched_rows_into_kafka_avro_follow_reference_changes() {
     assert_eq!(resent, 4, "the items of the renamed customer are sent again");
     p.terminate();
 }
+
+/// A lookup on a composite key (`key: [tenant, id]`, `on: [tenant, account_id]`):
+/// snapshot, streaming and a reference change, with a NULL in a key column and a key
+/// the reference has not got; a key/on count mismatch is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_key_lookup_follows_the_reference_table() {
+    let env = Env::new("enrich_composite").await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE accounts (tenant int4, id int4, name text, PRIMARY KEY (tenant, id));
+         INSERT INTO accounts SELECT t, i, 'acct ' || t || '/' || i FROM generate_series(1, 3) t, generate_series(1, 10) i;
+         CREATE TABLE events (id int8 PRIMARY KEY, tenant int4, account_id int4);
+         INSERT INTO events SELECT g, g % 3 + 1, g % 10 + 1 FROM generate_series(1, 500) g;
+         INSERT INTO events VALUES (501, NULL, 1), (502, 1, 99);",
+    )
+    .await
+    .unwrap();
+    let lookup = |on: &str| {
+        format!("enrich:\n  - name: account\n    lookup: {{table: public.accounts, key: [tenant, id], on: {on}, fields: [name]}}\n")
+    };
+    let bad = env.config(&["events"], &lookup("[tenant]"));
+    let (code, err) = run_to_exit(&["check", "--config", bad.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("name as many columns in on (1) as in key (2)"), "{err}");
+
+    let mut p = env.spawn(&env.config(&["events"], &lookup("[tenant, account_id]")));
+    let expected = "(SELECT e.id, e.tenant, e.account_id, a.name AS account_name
+                     FROM events e LEFT JOIN accounts a ON a.tenant = e.tenant AND a.id = e.account_id)";
+    let target = "(SELECT id, tenant, account_id, account_name FROM events)";
+    let dst = env.dst().await;
+    let equal = || async {
+        let a = digest(&src, expected, "id").await;
+        try_digest(&dst, target, "id").await == Some(a)
+    };
+    wait_for("the snapshot enriched by the composite key", Duration::from_secs(60), equal).await;
+    src.batch_execute(
+        "INSERT INTO events VALUES (503, 2, 3), (504, 3, 3);
+         UPDATE accounts SET name = 'renamed' WHERE tenant = 2 AND id = 3;
+         UPDATE events SET account_id = 3 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    wait_for("streaming and the reference change", Duration::from_secs(60), equal).await;
+    let n: i64 = dst.query_one("SELECT count(*) FROM events WHERE account_name = 'renamed'", &[]).await.unwrap().get(0);
+    assert!(n >= 17, "{n} events of account 2/3 renamed");
+    p.assert_running();
+    p.terminate();
+}

@@ -15,8 +15,9 @@ use super::LookupConfig;
 
 pub(crate) struct Lookup {
     pub(crate) table: TableName,
-    pub(crate) key: String,
-    pub(crate) on: String,
+    /// The reference table's key columns, matched in order against `on`.
+    pub(crate) key: Vec<String>,
+    pub(crate) on: Vec<String>,
     pub(crate) fields: Vec<String>,
     pub(crate) prefix: String,
     /// The reference table is in the source database: its changes come through the
@@ -54,10 +55,14 @@ impl Lookup {
         if cfg.fields.is_empty() {
             return Err("fields: list at least one column of the reference table".into());
         }
+        let (key, on) = (cfg.key.names(), cfg.on.names());
+        if key.is_empty() || key.len() != on.len() {
+            return Err(format!("key and on: name as many columns in on ({}) as in key ({}), in the same order", on.len(), key.len()));
+        }
         Ok(Self {
             table,
-            key: cfg.key.clone(),
-            on: cfg.on.clone(),
+            key,
+            on,
             fields: cfg.fields.clone(),
             prefix: cfg.prefix.clone().unwrap_or_else(|| format!("{name}_")),
             replicated: cfg.connection.is_none(),
@@ -84,22 +89,37 @@ impl Lookup {
                 .find(|c| c.name == n)
                 .ok_or_else(|| format!("column {n:?} is not in the reference table {} (its columns: {})", self.table, names()))
         };
-        let key = col(&self.key)?;
-        let key_sql = match key_cast(key) {
-            Some(ty) => format!("{} = ANY($1::text[]::{ty}[])", quote_ident(&key.name)),
-            None => format!("{}::text = ANY($1)", quote_ident(&key.name)),
-        };
-        let mut cols = vec![format!("{}::text", quote_ident(&self.key))];
+        let mut cols = Vec::new();
+        let mut conds = Vec::new();
+        let mut keys = Vec::new();
+        for (n, k) in self.key.iter().enumerate() {
+            let c = col(k)?;
+            let q = quote_ident(&c.name);
+            cols.push(format!("t.{q}::text"));
+            keys.push(format!("${}::text[]", n + 1));
+            conds.push(match key_cast(c) {
+                Some(ty) => format!("t.{q} = k.k{n}::{ty}"),
+                None => format!("t.{q}::text = k.k{n}"),
+            });
+        }
         for f in &self.fields {
             col(f)?;
-            cols.push(format!("{}::text", quote_ident(f)));
+            cols.push(format!("t.{}::text", quote_ident(f)));
         }
+        let from = match (&self.key[..], key_cast(col(&self.key[0])?)) {
+            // One key column: `= ANY`, which an index on it serves directly.
+            ([k], Some(ty)) => format!("{} t WHERE t.{} = ANY($1::text[]::{ty}[])", self.table.quoted(), quote_ident(k)),
+            ([k], None) => format!("{} t WHERE t.{}::text = ANY($1)", self.table.quoted(), quote_ident(k)),
+            _ => {
+                let names: Vec<String> = (0..self.key.len()).map(|n| format!("k{n}")).collect();
+                format!("unnest({}) AS k({}) JOIN {} t ON {}", keys.join(", "), names.join(", "), self.table.quoted(), conds.join(" AND "))
+            }
+        };
         // One statement, so the snapshot it reports is the one its rows were read in.
         self.sql = format!(
             "WITH s AS (SELECT pg_current_snapshot()::text AS snap)
-             SELECT s.snap, r.* FROM s LEFT JOIN (SELECT {} FROM {} WHERE {key_sql}) r ON true",
-            cols.join(", "),
-            self.table.quoted()
+             SELECT s.snap, r.* FROM s LEFT JOIN (SELECT {} FROM {from}) r ON true",
+            cols.join(", ")
         );
         self.schema = Some(Arc::new(schema));
         Ok(())
@@ -166,8 +186,23 @@ impl Lookup {
 
     async fn query(&self, keys: &[String], must_see: &[u32]) -> Result<HashMap<String, Found>, String> {
         let c = self.client().await?;
+        // A composite key goes as one array per column (see `encode_key`).
+        let n = self.key.len();
+        let columns: Vec<Vec<String>> = if n == 1 {
+            vec![keys.to_vec()]
+        } else {
+            let mut columns = vec![Vec::with_capacity(keys.len()); n];
+            for k in keys {
+                let parts: Vec<String> = serde_json::from_str(k).map_err(|e| format!("internal: composite key {k:?}: {e}"))?;
+                for (col, p) in columns.iter_mut().zip(parts) {
+                    col.push(p);
+                }
+            }
+            columns
+        };
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns.iter().map(|c| c as _).collect();
         for _ in 0..1000 {
-            let rows = c.query(&self.sql, &[&keys]).await.map_err(|e| {
+            let rows = c.query(&self.sql, &params).await.map_err(|e| {
                 let e = sluice_postgres::PgError::from_pg(&format!("looking up {}", self.table), e);
                 e.to_string()
             })?;
@@ -180,8 +215,9 @@ impl Lookup {
             }
             let mut found: HashMap<String, Found> = keys.iter().map(|k| (k.clone(), None)).collect();
             for r in &rows {
-                let Some(k) = r.get::<_, Option<String>>(1) else { continue };
-                let vals = (0..self.fields.len()).map(|i| r.get::<_, Option<String>>(i + 2).map_or(Datum::Null, |v| Datum::Text(v.into()))).collect();
+                let Some(parts) = (0..n).map(|i| r.get::<_, Option<String>>(i + 1)).collect::<Option<Vec<String>>>() else { continue };
+                let k = super::encode_key(&parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>());
+                let vals = (0..self.fields.len()).map(|i| r.get::<_, Option<String>>(i + n + 1).map_or(Datum::Null, |v| Datum::Text(v.into()))).collect();
                 found.insert(k, Some(vals));
             }
             return Ok(found);

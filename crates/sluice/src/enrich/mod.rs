@@ -129,10 +129,11 @@ pub struct LookupConfig {
     pub connection: Option<PgConnConfig>,
     /// The reference table, `schema.table`.
     pub table: String,
-    /// Its column matched against the event's `on` column.
-    pub key: String,
-    /// The event's column holding the reference key.
-    pub on: String,
+    /// Its key column(s), matched against the event's `on` column(s) in order:
+    /// `key: id`, or `key: [tenant_id, id]` with `on: [tenant_id, customer_id]`.
+    pub key: Columns,
+    /// The event's column(s) holding the reference key.
+    pub on: Columns,
     /// Reference columns to add (named `<prefix><column>`).
     pub fields: Vec<String>,
     /// Default: `<enricher name>_`.
@@ -149,6 +150,53 @@ pub struct LookupConfig {
     pub breaker_failures: u32,
     #[serde(default = "d_open", with = "humantime_serde")]
     pub breaker_open_for: Duration,
+}
+
+/// One column, or several in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Columns {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Columns {
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Columns::One(c) => vec![c.clone()],
+            Columns::Many(c) => c.clone(),
+        }
+    }
+}
+
+/// A lookup key as the cache and the queries see it: the column's text, or for a
+/// composite key the JSON array of the columns' texts.
+pub(crate) fn encode_key(parts: &[&[u8]]) -> String {
+    match parts {
+        [one] => String::from_utf8_lossy(one).into_owned(),
+        many => serde_json::to_string(&many.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>()).expect("json"),
+    }
+}
+
+/// What a row holds in a key's columns.
+enum KeyRead {
+    Key(String),
+    /// A NULL in the key: nothing to look up (the fields are NULL).
+    Null,
+    /// A TOASTed column the update did not touch: the fields did not change either.
+    Unchanged,
+}
+
+fn read_key(row: &Row, inputs: &[usize]) -> KeyRead {
+    let mut parts = Vec::with_capacity(inputs.len());
+    for &i in inputs {
+        match row.get(i) {
+            Some(Datum::Text(t)) => parts.push(&t[..]),
+            Some(Datum::Unchanged) => return KeyRead::Unchanged,
+            _ => return KeyRead::Null,
+        }
+    }
+    KeyRead::Key(encode_key(&parts))
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -295,8 +343,8 @@ impl Enricher {
 }
 
 enum PlanStep {
-    /// Appends `width` fields found by the key in column `input`.
-    Fetch { enricher: usize, input: usize, width: usize },
+    /// Appends `width` fields found by the key in columns `inputs`.
+    Fetch { enricher: usize, inputs: Vec<usize>, width: usize },
     Expr { enricher: usize, transform: TableTransform, width: usize },
 }
 
@@ -468,14 +516,14 @@ impl Enrichment {
             }
             match &e.kind {
                 Kind::Lookup(l) => {
-                    let input = find(&schema, &l.on)?;
+                    let inputs = l.on.iter().map(|c| find(&schema, c)).collect::<Result<Vec<_>, _>>()?;
                     let width = add(&mut schema, l.columns())?;
-                    steps.push(PlanStep::Fetch { enricher: k, input, width });
+                    steps.push(PlanStep::Fetch { enricher: k, inputs, width });
                 }
                 Kind::Http(h) => {
-                    let input = find(&schema, &h.key)?;
+                    let inputs = vec![find(&schema, &h.key)?];
                     let width = add(&mut schema, h.columns())?;
-                    steps.push(PlanStep::Fetch { enricher: k, input, width });
+                    steps.push(PlanStep::Fetch { enricher: k, inputs, width });
                 }
                 Kind::Expression(chain) => {
                     let t = chain.compile(&schema).map_err(|e| err(format!("expression: fields[{}]: {}", e.index, e.message)))?;
@@ -582,10 +630,13 @@ impl Enrichment {
                     if e.op == Op::Truncate {
                         set.insert(String::new()); // everything
                     }
-                    let Some(i) = e.table.columns.iter().position(|c| c.name == l.key) else { continue };
+                    let Some(idx) = l.key.iter().map(|k| e.table.columns.iter().position(|c| c.name == *k)).collect::<Option<Vec<_>>>()
+                    else {
+                        continue;
+                    };
                     for row in [&e.before, &e.after].into_iter().flatten() {
-                        if let Some(Datum::Text(v)) = row.get(i) {
-                            set.insert(String::from_utf8_lossy(v).into_owned());
+                        if let KeyRead::Key(k) = read_key(row, &idx) {
+                            set.insert(k);
                         }
                     }
                 }
@@ -613,9 +664,23 @@ impl Enrichment {
             for t in self.sink_tables.iter().filter(|t| en.applies(t)) {
                 // The rows pointing at a changed key; all rows when `on` is not a
                 // source column (it comes from an earlier enricher).
-                let on_source = self.plans.lock().expect("plans lock").get(t).is_some_and(|(_, p)| p.source.columns.iter().any(|c| c.name == l.on));
-                let filter = (!all && on_source)
-                    .then(|| format!("{} IN ({})", quote_ident(&l.on), keys.iter().map(|k| literal(k)).collect::<Vec<_>>().join(", ")));
+                let on_source = self
+                    .plans
+                    .lock()
+                    .expect("plans lock")
+                    .get(t)
+                    .is_some_and(|(_, p)| l.on.iter().all(|o| p.source.columns.iter().any(|c| c.name == *o)));
+                let filter = (!all && on_source).then(|| {
+                    let cols: Vec<String> = l.on.iter().map(|c| quote_ident(c)).collect();
+                    let tuples: Vec<String> = keys
+                        .iter()
+                        .map(|k| {
+                            let parts = if l.on.len() == 1 { vec![k.clone()] } else { serde_json::from_str(k).unwrap_or_default() };
+                            format!("({})", parts.iter().map(|p| literal(p)).collect::<Vec<_>>().join(", "))
+                        })
+                        .collect();
+                    format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
+                });
                 requests.push((t.to_string(), filter, format!("enrich:{} reference change", en.cfg.name)));
             }
         }
@@ -687,14 +752,12 @@ impl Enrichment {
                     let mut seen = HashSet::new();
                     for &(i, s) in &mine {
                         let w = &work[i];
-                        let PlanStep::Fetch { input, .. } = w.plan.steps[s] else { unreachable!() };
+                        let PlanStep::Fetch { inputs, .. } = &w.plan.steps[s] else { unreachable!() };
                         if (!deferred || w.now)
-                            && let Some(Datum::Text(v)) = w.row.get(input)
+                            && let KeyRead::Key(v) = read_key(&w.row, inputs)
+                            && seen.insert(v.clone())
                         {
-                            let v = String::from_utf8_lossy(v).into_owned();
-                            if seen.insert(v.clone()) {
-                                keys.push(v);
-                            }
+                            keys.push(v);
                         }
                     }
                     let answer = if keys.is_empty() {
@@ -719,7 +782,9 @@ impl Enrichment {
                     }
                     for (i, s) in mine {
                         let w = &mut work[i];
-                        let PlanStep::Fetch { input, width, .. } = w.plan.steps[s] else { unreachable!() };
+                        let plan = w.plan.clone();
+                        let PlanStep::Fetch { inputs, width, .. } = &plan.steps[s] else { unreachable!() };
+                        let width = *width;
                         if deferred && !w.now {
                             w.row.extend(std::iter::repeat_n(Datum::Null, width));
                             w.missing.push(k);
@@ -732,14 +797,14 @@ impl Enrichment {
                             });
                             continue;
                         }
-                        match (&answer, w.row.get(input)) {
-                            (_, Some(Datum::Unchanged)) => w.row.extend(std::iter::repeat_n(Datum::Unchanged, width)),
-                            (_, None | Some(Datum::Null)) => w.row.extend(std::iter::repeat_n(Datum::Null, width)),
-                            (Ok((found, _)), Some(Datum::Text(v))) => match found.get(&*String::from_utf8_lossy(v)) {
+                        match (&answer, read_key(&w.row, inputs)) {
+                            (_, KeyRead::Unchanged) => w.row.extend(std::iter::repeat_n(Datum::Unchanged, width)),
+                            (_, KeyRead::Null) => w.row.extend(std::iter::repeat_n(Datum::Null, width)),
+                            (Ok((found, _)), KeyRead::Key(k)) => match found.get(&k) {
                                 Some(Some(vals)) => w.row.extend(vals.iter().cloned()),
                                 _ => w.row.extend(std::iter::repeat_n(Datum::Null, width)),
                             },
-                            (Err(reason), Some(Datum::Text(_))) => fail(w, width, reason, &mut failed),
+                            (Err(reason), KeyRead::Key(_)) => fail(w, width, reason, &mut failed),
                         }
                     }
                 }
