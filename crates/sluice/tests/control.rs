@@ -810,6 +810,13 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     .await;
     let (s, v) = call("DELETE", &format!("{base}/tier"), Some(&token), None).await;
     assert_eq!(s, 409, "in use: {v}");
+    // The pipeline's status counts the lookups.
+    wait_for("enrichment counters in the status", Duration::from_secs(20), || async {
+        let (_, v) = call("GET", &format!("{url}/v1/tenants/shop/pipelines/orders"), Some(&token), None).await;
+        let e = &v["status"]["enrich"];
+        e["keys_fetched"].as_u64().unwrap_or(0) + e["keys_cached"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
 
     // Replaced: the pipeline is re-provisioned and re-enriches what it delivered.
     let (s, v) = call(

@@ -41,6 +41,11 @@ fn status(m: &Metrics, server: &str) -> Value {
         "wal_retained_bytes": m.wal_retained_bytes.load(Ordering::Relaxed),
         "snapshot": { "rows": s.rows_copied.load(Ordering::Relaxed), "chunks_done": done, "chunks_total": total },
         "resync": { "rows": m.resync_rows.load(Ordering::Relaxed), "chunks": m.resync_chunks.load(Ordering::Relaxed) },
+        "enrich": {
+            "keys_fetched": m.enrich_fetched.load(Ordering::Relaxed), "keys_cached": m.enrich_cached.load(Ordering::Relaxed),
+            "errors": m.enrich_errors.load(Ordering::Relaxed), "failed_rows": m.enrich_failed_rows.load(Ordering::Relaxed),
+            "dead_letters": m.enrich_dead_letters.load(Ordering::Relaxed),
+        },
         "errors": m.errors.load(Ordering::Relaxed),
         "reconnects": m.reconnects.load(Ordering::Relaxed),
     })
