@@ -835,8 +835,50 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
             && count("SELECT count(*) FROM orders WHERE cust_tier = 'gold'").await == 2
     })
     .await;
+    // What the pipeline's enrichment did, through the API: the re-enrichments with
+    // their progress, then failures of a service that does not answer.
+    let report = || async {
+        let (s, v) = call("GET", &format!("{url}/v1/tenants/shop/pipelines/orders/enrichment"), Some(&token), None).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let v = report().await;
+    let runs = v["re_enrichments"].as_array().unwrap();
+    assert!(runs.iter().any(|r| r["reason"] == "enrich:tier changed" && r["done"] == true && r["rows"].as_i64() >= Some(2000)), "{v}");
+    assert!(runs.iter().any(|r| r["reason"] == "enrich:tier reference change" && r["done"] == true), "{v}");
+    let dead = format!("name: score\non_failure: mark_missing\nhttp: {{url: 'http://127.0.0.1:{}/x', key: id, fields: {{s: int}}, retries: 0, timeout: 500ms}}\n", free_port());
+    assert_eq!(call("POST", &base, Some(&token), Some(dead)).await.0, 201);
+    let (s, v) = call(
+        "PUT",
+        &format!("{url}/v1/tenants/shop/pipelines/orders"),
+        Some(&token),
+        Some("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\nenrichers: [tier, score]\n".into()),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
+    wait_for("the unanswered rows reported", Duration::from_secs(90), || async {
+        let v = report().await;
+        v["failures"].as_array().unwrap().iter().any(|f| {
+            f["enricher"] == "score" && f["table"] == "public.orders" && f["rows"].as_i64() >= Some(2000) && f["held_back"] == 0
+                && f["last_reason"].as_str().unwrap_or("").contains("connection refused")
+        })
+    })
+    .await;
+    let marked = || async { count("SELECT count(*) FROM orders WHERE _enrichment_missing = 'score' AND cust_tier IS NOT NULL").await };
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        while marked().await < 2000 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if seen.is_err() {
+        let rows = dst.query("SELECT _enrichment_missing::text, count(*), count(cust_tier) FROM orders GROUP BY 1", &[]).await;
+        let rows: Vec<String> = rows.map(|r| r.iter().map(|r| format!("{:?}/{}/{}", r.get::<_, Option<String>>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect()).unwrap_or_else(|e| vec![e.to_string()]);
+        panic!("rows with the lookup's fields, marked as missing the service's: {rows:?}\n{}", server.proc.log());
+    }
     let (s, v) = call("DELETE", &format!("{base}/svc"), Some(&token), None).await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = call("GET", &format!("{url}/v1/tenants/shop"), Some(&token), None).await;
-    assert_eq!((s, v["enrichers"].as_i64()), (200, Some(1)), "{v}");
+    assert_eq!((s, v["enrichers"].as_i64()), (200, Some(2)), "{v}");
 }

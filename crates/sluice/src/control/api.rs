@@ -707,6 +707,19 @@ async fn pipelines_get(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
     ok(pipeline_json(&ctl.install, &r))
 }
 
+/// Rows waiting for an enricher, and the re-enrichments running or done, read from
+/// the pipeline's state database.
+async fn pipelines_enrichment(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {
+    let tid = caller.tenant(&ctl, &tenant, false).await?;
+    let id = pipeline_row(&ctl, tid, &name).await?;
+    let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
+    let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
+    let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
+    let mut out = crate::enrich::report(&state, &cfg.pipeline).await?;
+    out["name"] = json!(name);
+    ok(out)
+}
+
 async fn pipelines_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let id = pipeline_row(&ctl, tid, &name).await?;
@@ -921,6 +934,7 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("delete", "/v1/tenants/{tenant}/pipelines/{name}", "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)", "admin"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/pause", "Pause (stop streaming; the slot keeps the position)", "admin"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/resume", "Resume a paused pipeline", "admin"),
+    ("get", "/v1/tenants/{tenant}/pipelines/{name}/enrichment", "Rows waiting for an enricher (failed or deferred, by enricher and table) and the latest re-enrichments with progress", "viewer"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/resync", "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues", "admin"),
     ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
@@ -945,6 +959,7 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/pipelines/{name}/pause", post(pipelines_pause))
         .route("/v1/tenants/{tenant}/pipelines/{name}/resume", post(pipelines_resume))
         .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/enrichment", get(pipelines_enrichment))
         .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
         .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))

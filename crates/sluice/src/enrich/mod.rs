@@ -995,6 +995,49 @@ impl Enrichment {
     }
 }
 
+/// A pipeline's enrichment as its state database records it: failed or deferred rows
+/// waiting for a replay (grouped by enricher and table), and the latest
+/// re-enrichments with their progress.
+pub async fn report(state: &Client, pipeline: &str) -> Result<serde_json::Value> {
+    let exists: bool = state
+        .query_one("SELECT to_regclass('sluice.enrich_failures') IS NOT NULL", &[])
+        .await
+        .context("reading enrichment state")?
+        .get(0);
+    if !exists {
+        return Ok(serde_json::json!({ "failures": [], "re_enrichments": [] }));
+    }
+    let failures = state
+        .query(
+            "SELECT enricher, table_name, count(*)::int8, (count(*) FILTER (WHERE NOT delivered))::int8, max(attempts),
+                    max(last_failed_at)::text, (array_agg(reason ORDER BY last_failed_at DESC))[1]
+             FROM sluice.enrich_failures WHERE pipeline = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+            &[&pipeline],
+        )
+        .await
+        .context("reading enrichment failures")?;
+    let runs = state
+        .query(
+            "SELECT id, table_name, reason, rows, chunks, done, requested_at::text, finished_at::text FROM sluice.resyncs
+             WHERE pipeline = $1 AND reason LIKE 'enrich:%' ORDER BY id DESC, table_name LIMIT 20",
+            &[&pipeline],
+        )
+        .await
+        .context("reading re-enrichments")?;
+    Ok(serde_json::json!({
+        "failures": failures.iter().map(|r| serde_json::json!({
+            "enricher": r.get::<_, String>(0), "table": r.get::<_, String>(1), "rows": r.get::<_, i64>(2),
+            "held_back": r.get::<_, i64>(3), "max_attempts": r.get::<_, i32>(4), "last_failed_at": r.get::<_, String>(5),
+            "last_reason": r.get::<_, String>(6),
+        })).collect::<Vec<_>>(),
+        "re_enrichments": runs.iter().map(|r| serde_json::json!({
+            "id": r.get::<_, i64>(0), "table": r.get::<_, String>(1), "reason": r.get::<_, Option<String>>(2),
+            "rows": r.get::<_, i64>(3), "chunks": r.get::<_, i32>(4), "done": r.get::<_, bool>(5),
+            "requested_at": r.get::<_, String>(6), "finished_at": r.get::<_, Option<String>>(7),
+        })).collect::<Vec<_>>(),
+    }))
+}
+
 fn text(d: &Datum) -> String {
     d.as_text().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
 }
