@@ -53,7 +53,41 @@ impl PgConnConfig {
 }
 
 /// Opens a regular (non-replication) connection; `what` names it in errors.
-pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
+/// [`connect`], listening on `channel`: the payloads of its notifications arrive on
+/// the receiver (which ends with the connection).
+pub async fn connect_listening(
+    cfg: &PgConnConfig,
+    what: &str,
+    channel: &str,
+) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>)> {
+    let (client, mut connection) = pg_config(cfg)
+        .connect(NoTls)
+        .await
+        .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "postgres connection ended");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {}", sluice_core::quote_ident(channel)))
+        .await
+        .map_err(|e| PgError::from_pg(&format!("listening on {channel} in {what}"), e))?;
+    Ok((client, rx))
+}
+
+fn pg_config(cfg: &PgConnConfig) -> tokio_postgres::Config {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&cfg.host)
         .port(cfg.port)
@@ -63,7 +97,11 @@ pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
         .options(SESSION_OPTIONS)
         .application_name("sluice")
         .connect_timeout(Duration::from_secs(10));
-    let (client, connection) = pg
+    pg
+}
+
+pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
+    let (client, connection) = pg_config(cfg)
         .connect(NoTls)
         .await
         .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;

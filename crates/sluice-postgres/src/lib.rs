@@ -12,7 +12,7 @@ mod snapshot;
 mod stream;
 
 pub use catalog::{load_table, publication_tables, slot_info, verify_slot, wal_level, SlotInfo};
-pub use conn::{connect, PgConnConfig};
+pub use conn::{connect, connect_listening, PgConnConfig};
 pub use error::{PgError, Result};
 pub use sink::{key_of, Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
 pub use copy_text::{decode_row, CopyRowDecoder};

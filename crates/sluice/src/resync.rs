@@ -44,9 +44,13 @@ use crate::metrics::Metrics;
 /// Transactions remembered for the visibility check at a high watermark; the ones
 /// that matter committed a moment before the low watermark.
 const RECENT_XIDS: usize = 1024;
-/// How often an idle pipeline looks for a request from outside (the CLI, the API);
-/// the pipeline's own requests (re-enrichment) wake it at once.
-const POLL: Duration = Duration::from_secs(1);
+/// How often an idle pipeline looks for requests anyway. A request from outside (the
+/// CLI, the API) notifies `NOTIFY_CHANNEL` with the pipeline's name, and the
+/// pipeline's own requests (re-enrichment) wake it directly, so this is a safety net
+/// (a notification sent while the pipeline was reconnecting).
+const POLL: Duration = Duration::from_secs(30);
+/// Where `request` announces a new request (payload: the pipeline's name).
+const NOTIFY_CHANNEL: &str = "sluice_resync";
 /// A chunk whose high watermark has not come back by then is read again.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -98,6 +102,7 @@ pub async fn request(state: &Client, pipeline: &str, id: i64, tables: &[TableNam
             .await
             .context("recording the resync request")?;
     }
+    state.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &pipeline]).await.context("announcing the resync request")?;
     Ok(())
 }
 
@@ -191,6 +196,8 @@ pub(crate) struct Resync {
     pipeline: String,
     source: PgConnConfig,
     state: Client,
+    /// Notifications on `NOTIFY_CHANNEL` (pipeline names).
+    notified: tokio::sync::mpsc::UnboundedReceiver<String>,
     reader: Option<Arc<Client>>,
     tables: HashMap<TableName, Arc<TableSchema>>,
     /// Postgres sinks without transforms: where a table's rows are, to remove the ones
@@ -231,7 +238,7 @@ impl Resync {
         chunk_rows: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let state = sluice_postgres::connect(state, "state database").await?;
+        let (state, notified) = sluice_postgres::connect_listening(state, "state database", NOTIFY_CHANNEL).await?;
         state.batch_execute(sluice_postgres::STATE_DDL).await.context("creating sluice state tables")?;
         let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id());
@@ -239,6 +246,7 @@ impl Resync {
             pipeline: pipeline.to_string(),
             source,
             state,
+            notified,
             reader: None,
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             targets,
@@ -408,6 +416,19 @@ impl Resync {
 
     /// Starts a chunk when none is in flight and a request waits.
     pub(crate) async fn tick(&mut self) -> Result<()> {
+        loop {
+            match self.notified.try_recv() {
+                Ok(p) if p == self.pipeline => self.next_poll = Instant::now(),
+                Ok(_) => {}
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                // The state connection is gone: the next query fails and the
+                // pipeline reconnects (with a new listener).
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    self.next_poll = Instant::now();
+                    break;
+                }
+            }
+        }
         if let Some(a) = &mut self.active {
             // A read that failed writes no high watermark: notice it here.
             if a.task.as_ref().is_some_and(JoinHandle::is_finished) {
