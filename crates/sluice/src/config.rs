@@ -314,11 +314,8 @@ impl PipelineConfig {
     /// pipeline's role needs SELECT on all of them and its publication holds them.
     pub fn source_tables(&self) -> Vec<TableName> {
         let mut out = self.tables();
-        for e in &self.enrich {
-            if let Some(l) = e.lookup.as_ref().filter(|l| l.connection.is_none())
-                && let Some(t) = TableName::parse(&l.table)
-                && !out.contains(&t)
-            {
+        for t in crate::enrich::reference_tables(&self.enrich) {
+            if !out.contains(&t) {
                 out.push(t);
             }
         }

@@ -341,9 +341,9 @@ impl Pipeline {
         }
         let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone()).await.map_err(at(Enrich))?;
         let mut reference = Vec::new();
-        for name in enrichment.as_ref().map(|e| e.reference_tables()).unwrap_or_default() {
-            if !names.contains(&name) {
-                reference.push(Arc::new(sluice_postgres::load_table(&src, &name, &self.source.describe()).await.map_err(at(Enrich))?));
+        for name in enrichment.as_ref().map_or(&[][..], |e| e.reference_tables()) {
+            if !names.contains(name) {
+                reference.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await.map_err(at(Enrich))?));
             }
         }
         let publication_missing = names

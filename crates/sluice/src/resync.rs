@@ -148,13 +148,35 @@ struct Request {
     filter: Option<String>,
 }
 
+/// A `pg_current_snapshot()`: which transactions it shows as committed.
+pub(crate) struct SnapshotXids {
+    xmax: u32,
+    /// Transactions still running when it was taken.
+    xip: HashSet<u32>,
+}
+
+impl SnapshotXids {
+    /// Parses `xmin:xmax:xip,xip` (64-bit, with the epoch) into the stream's 32-bit xids.
+    pub(crate) fn parse(snap: &str) -> Self {
+        let mut parts = snap.split(':');
+        let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
+        let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
+        let xip = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
+        Self { xmax, xip }
+    }
+
+    /// Whether transaction `x` had committed (or ended) when the snapshot was taken.
+    pub(crate) fn sees(&self, x: u32) -> bool {
+        (x.wrapping_sub(self.xmax) as i32) < 0 && !self.xip.contains(&x)
+    }
+}
+
 /// What one chunk read found.
 struct Fetched {
     schema: Arc<TableSchema>,
     rows: Vec<Row>,
-    /// The read's snapshot: (xmax, transactions still running), 32-bit as in the stream.
-    xmax: u32,
-    xip: HashSet<u32>,
+    /// The snapshot the chunk was read in.
+    snapshot: SnapshotXids,
 }
 
 struct Active {
@@ -313,8 +335,7 @@ impl Resync {
             self.next_poll = Instant::now();
             return Ok(None); // the low watermark was missed (a reconnect): read again
         };
-        let unseen = |x: u32| fetched.xip.contains(&x) || (x.wrapping_sub(fetched.xmax) as i32) >= 0;
-        if a.window.contains(&Vec::new()) || before_lo.iter().any(|&x| unseen(x)) {
+        if a.window.contains(&Vec::new()) || before_lo.iter().any(|&x| !fetched.snapshot.sees(x)) {
             tracing::debug!(table = %a.req.table, "resync chunk read before an earlier transaction was visible, or truncated; reading it again");
             self.next_poll = Instant::now();
             return Ok(None);
@@ -506,7 +527,7 @@ impl Resync {
     }
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
@@ -558,17 +579,21 @@ async fn read_chunk(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     c.execute(emit, &[&RESYNC_PREFIX, &format!("hi:{mark}")]).await.context("writing the resync high watermark")?;
-    // xmin:xmax:xip,xip (64-bit, with the epoch); the stream's xids are 32-bit.
-    let mut parts = snap.split(':');
-    let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
-    let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
-    let xip = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
-    Ok(Fetched { schema, rows, xmax, xip })
+    Ok(Fetched { schema, rows, snapshot: SnapshotXids::parse(&snap) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_visibility() {
+        let s = SnapshotXids::parse("100:105:101,103");
+        assert!([99, 102, 104].iter().all(|&x| s.sees(x)));
+        assert!(!s.sees(103));
+        assert!(!SnapshotXids::parse("100:105:").sees(105));
+        assert!(SnapshotXids::parse("4294967400:4294967410:").sees(4294967405u64 as u32));
+    }
 
     #[test]
     fn key_comparison_quotes_values() {

@@ -106,6 +106,38 @@ impl Breaker {
         }
     }
 
+    /// Runs `call` behind the breaker: refused at once while open, else retried
+    /// `retries` times with a delay starting at `backoff` and doubling up to 5 s; the
+    /// outcome is counted. `what` names the source in the messages.
+    pub(crate) async fn call<T, F, Fut>(&self, what: &str, retries: u32, backoff: Duration, mut call: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        if !self.allows() {
+            return Err(format!("{what} is failing; calls paused by the circuit breaker"));
+        }
+        let (mut delay, mut attempt) = (backoff, 0);
+        loop {
+            match call().await {
+                Ok(v) => {
+                    self.success();
+                    return Ok(v);
+                }
+                Err(e) if attempt >= retries => {
+                    self.failure();
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(source = %what, error = %e, attempt, "enrichment call failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Whether the last calls failed (a replay of earlier failures would fail too).
     pub(crate) fn failing(&self) -> bool {
         self.state.lock().expect("breaker lock").0 > 0

@@ -103,27 +103,7 @@ impl Http {
         let (mut out, miss) = self.cache.get_many(keys);
         let fetched = miss.len();
         for part in miss.chunks(self.max_batch) {
-            if !self.breaker.allows() {
-                return Err(format!("{} is failing; calls paused by the circuit breaker", self.url));
-            }
-            let mut delay = self.backoff;
-            let mut attempt = 0;
-            let found = loop {
-                match self.call(part).await {
-                    Ok(f) => break f,
-                    Err(e) if attempt >= self.retries => {
-                        self.breaker.failure();
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        tracing::warn!(url = %self.url, error = %e, attempt, "enrichment call failed; retrying");
-                        attempt += 1;
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            };
-            self.breaker.success();
+            let found = self.breaker.call(&self.url, self.retries, self.backoff, || self.call(part)).await?;
             self.cache.put_many(&found);
             out.extend(found);
         }

@@ -157,27 +157,8 @@ impl Lookup {
         if miss.is_empty() {
             return Ok((out, 0));
         }
-        if !self.breaker.allows() {
-            return Err(format!("lookup in {} is failing; calls paused by the circuit breaker", self.table));
-        }
-        let mut delay = self.backoff;
-        let mut attempt = 0;
-        let found = loop {
-            match self.query(&miss, must_see).await {
-                Ok(f) => break f,
-                Err(e) if attempt >= self.retries => {
-                    self.breaker.failure();
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(table = %self.table, error = %e, attempt, "lookup failed; retrying");
-                    attempt += 1;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
-        self.breaker.success();
+        let what = format!("lookup in {}", self.table);
+        let found = self.breaker.call(&what, self.retries, self.backoff, || self.query(&miss, must_see)).await?;
         self.cache.put_many(&found);
         let n = found.len();
         out.extend(found);
@@ -207,7 +188,8 @@ impl Lookup {
                 e.to_string()
             })?;
             let snap: String = rows.first().map(|r| r.get(0)).unwrap_or_default();
-            if self.replicated && !sees_all(&snap, must_see) {
+            let seen = crate::resync::SnapshotXids::parse(&snap);
+            if self.replicated && !must_see.iter().all(|&x| seen.sees(x)) {
                 // A reference change the stream delivered is not visible yet (its
                 // commit record precedes its visibility): read again in a moment.
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -223,26 +205,5 @@ impl Lookup {
             return Ok(found);
         }
         Err(format!("lookup in {}: a streamed reference change stayed invisible for 1 s", self.table))
-    }
-}
-
-/// Whether a `pg_current_snapshot()` text (`xmin:xmax:xip,...`, 64-bit) shows every
-/// transaction of `xids` (32-bit, as the stream gives them) as committed.
-pub(crate) fn sees_all(snap: &str, xids: &[u32]) -> bool {
-    let mut parts = snap.split(':');
-    let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
-    let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
-    let xip: Vec<u32> = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
-    xids.iter().all(|&x| (x.wrapping_sub(xmax) as i32) < 0 && !xip.contains(&x))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn snapshot_visibility() {
-        assert!(super::sees_all("100:105:101,103", &[99, 102, 104]));
-        assert!(!super::sees_all("100:105:101,103", &[103]));
-        assert!(!super::sees_all("100:105:", &[105]));
-        assert!(super::sees_all("4294967400:4294967410:", &[(4294967405u64 as u32)]));
     }
 }

@@ -264,6 +264,20 @@ pub struct ExprField {
     pub ty: String,
 }
 
+/// The reference tables of the lookups in the source database: the pipeline streams
+/// them to keep the lookups fresh (never delivering them).
+pub fn reference_tables(cfgs: &[EnricherConfig]) -> Vec<TableName> {
+    let mut out = Vec::new();
+    for l in cfgs.iter().filter_map(|c| c.lookup.as_ref()).filter(|l| l.connection.is_none()) {
+        if let Some(t) = TableName::parse(&l.table)
+            && !out.contains(&t)
+        {
+            out.push(t);
+        }
+    }
+    out
+}
+
 /// Checks what needs no database: names, exactly one kind, options. The message
 /// names the enricher; `index` is its place in `enrich`.
 pub fn validate(cfgs: &[EnricherConfig]) -> Result<(), String> {
@@ -374,6 +388,13 @@ struct Work {
     now: bool,
 }
 
+impl Work {
+    /// The row's source key, as `sluice.enrich_failures` records it.
+    fn source_key(&self) -> Vec<String> {
+        self.plan.keys.iter().map(|&i| text(&self.row[i])).collect()
+    }
+}
+
 /// A row's key recorded in `sluice.enrich_failures`.
 struct Failed {
     enricher: usize,
@@ -396,6 +417,8 @@ pub(crate) struct Enrichment {
     plans: Mutex<HashMap<TableName, SeenPlan>>,
     /// The pipeline's own tables (reference tables' changes are not delivered).
     sink_tables: HashSet<TableName>,
+    /// See [`reference_tables`].
+    refs: Vec<TableName>,
     ref_xids: Mutex<VecDeque<u32>>,
     /// Failures may be waiting for a replay.
     pending: AtomicBool,
@@ -443,6 +466,7 @@ impl Enrichment {
             state_client: tokio::sync::Mutex::new(None),
             plans: Mutex::new(HashMap::new()),
             sink_tables: sink_tables.iter().cloned().collect(),
+            refs: reference_tables(cfgs),
             ref_xids: Mutex::new(VecDeque::new()),
             pending: AtomicBool::new(true),
             requested: AtomicBool::new(false),
@@ -452,17 +476,8 @@ impl Enrichment {
     }
 
     /// Reference tables whose changes the pipeline must stream (lookups in the source).
-    pub(crate) fn reference_tables(&self) -> Vec<TableName> {
-        let mut out = Vec::new();
-        for e in &self.enrichers {
-            if let Kind::Lookup(l) = &e.kind
-                && l.replicated
-                && !out.contains(&l.table)
-            {
-                out.push(l.table.clone());
-            }
-        }
-        out
+    pub(crate) fn reference_tables(&self) -> &[TableName] {
+        &self.refs
     }
 
     /// The enrichment of one source table shape (compiled once per shape).
@@ -608,7 +623,7 @@ impl Enrichment {
     /// confirmed), then the changes leave the batch unless the pipeline replicates
     /// the table itself.
     async fn references(&self, batch: &mut [Transaction]) -> Result<()> {
-        let refs = self.reference_tables();
+        let refs = &self.refs;
         if refs.is_empty() {
             return Ok(());
         }
@@ -728,7 +743,7 @@ impl Enrichment {
                 failed.push(Failed {
                     enricher: k,
                     table: w.plan.source.name.to_string(),
-                    key: w.plan.keys.iter().map(|&i| text(&w.row[i])).collect(),
+                    key: w.source_key(),
                     delivered: !dead,
                     reason: reason.to_string(),
                 });
@@ -791,7 +806,7 @@ impl Enrichment {
                             failed.push(Failed {
                                 enricher: k,
                                 table: w.plan.source.name.to_string(),
-                                key: w.plan.keys.iter().map(|&i| text(&w.row[i])).collect(),
+                                key: w.source_key(),
                                 delivered: true,
                                 reason: "deferred: enriched after ingestion".into(),
                             });
@@ -932,7 +947,7 @@ impl Enrichment {
                 continue;
             }
             let filter = format!("({}) IN ({})", keys.join(", "), tuples.join(", "));
-            let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            let id = crate::resync::now_us();
             tx.execute(
                 "INSERT INTO sluice.resyncs (pipeline, id, table_name, filter, reason) VALUES ($1, $2, $3, $4, $5)",
                 &[&self.pipeline, &id, &table, &filter, &format!("enrich:{name} replay")],
@@ -969,7 +984,7 @@ impl Enrichment {
                 None => had_progress,
             };
             if changed {
-                let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+                let id = crate::resync::now_us();
                 let mut tables: Vec<&TableName> = self.sink_tables.iter().filter(|t| en.applies(t)).collect();
                 tables.sort();
                 for t in tables {
