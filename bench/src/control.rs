@@ -84,13 +84,17 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     d.batch_execute("CREATE DATABASE ctl").await?;
     let mut tables = String::new();
     for i in 0..=n {
-        tables += &format!("CREATE TABLE t{i} (id int8 PRIMARY KEY, v text); INSERT INTO t{i} SELECT g, 'x' FROM generate_series(1, 10) g;");
+        tables +=
+            &format!("CREATE TABLE t{i} (id int8 PRIMARY KEY, v text); INSERT INTO t{i} SELECT g, 'x' FROM generate_series(1, 10) g;");
     }
     s.batch_execute(&tables).await?;
 
     // The control plane, in this process (its memory is what is measured).
-    let db = sluice::control::db::Db::new(&format!("host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=ctl", dst.port))
-        .map_err(anyhow::Error::msg)?;
+    let db = sluice::control::db::Db::new(&format!(
+        "host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=ctl",
+        dst.port
+    ))
+    .map_err(anyhow::Error::msg)?;
     db.migrate().await?;
     let sealer = sluice::control::crypto::Sealer::from_hex(&"ab".repeat(32).into()).map_err(anyhow::Error::msg)?;
     let ctl = sluice::control::Control::new(db, sealer, "bench".into(), Duration::from_secs(15)).await?;
@@ -107,13 +111,19 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     api.call(
         M::POST,
         "/v1/tenants/bench/sources",
-        Some(format!("{{name: src, host: 127.0.0.1, port: {}, database: postgres, admin_user: {SUPERUSER}, admin_password: {SUPERUSER_PASSWORD}}}", src.port)),
+        Some(format!(
+            "{{name: src, host: 127.0.0.1, port: {}, database: postgres, admin_user: {SUPERUSER}, admin_password: {SUPERUSER_PASSWORD}}}",
+            src.port
+        )),
     )
     .await?;
     api.call(
         M::POST,
         "/v1/tenants/bench/sinks",
-        Some(format!("{{name: dst, postgres: {{host: 127.0.0.1, port: {}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: postgres}}}}", dst.port)),
+        Some(format!(
+            "{{name: dst, postgres: {{host: 127.0.0.1, port: {}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: postgres}}}}",
+            dst.port
+        )),
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -149,7 +159,9 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     let t = Instant::now();
     let mut wfs = Vec::new();
     for i in 1..n {
-        let v = api.call(M::POST, "/v1/tenants/bench/pipelines", Some(format!("{{name: p{i}, source: src, sink: dst, tables: [t{i}]}}"))).await?;
+        let v = api
+            .call(M::POST, "/v1/tenants/bench/pipelines", Some(format!("{{name: p{i}, source: src, sink: dst, tables: [t{i}]}}")))
+            .await?;
         wfs.push(v["workflow"].as_i64().context("workflow id")?);
     }
     for wf in wfs {
@@ -158,7 +170,8 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     let all_provisioned_s = t.elapsed().as_secs_f64();
     // Every pipeline streaming (its slot active) before measuring rest.
     loop {
-        let active: i64 = s.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_%'", &[]).await?.get(0);
+        let active: i64 =
+            s.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name LIKE 'sluice_%'", &[]).await?.get(0);
         if active as usize == n {
             break;
         }
@@ -199,7 +212,10 @@ async fn s_steps(c: &tokio_postgres::Client, w: &Value) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for h in w["history"].as_array().into_iter().flatten() {
         let (a, b) = (h["started_at"].as_str().unwrap_or_default(), h["ended_at"].as_str().unwrap_or_default());
-        let ms: f64 = c.query_one("SELECT (extract(epoch FROM ($2::text::timestamptz - $1::text::timestamptz)) * 1000)::float8", &[&a, &b]).await?.get::<_, f64>(0);
+        let ms: f64 = c
+            .query_one("SELECT (extract(epoch FROM ($2::text::timestamptz - $1::text::timestamptz)) * 1000)::float8", &[&a, &b])
+            .await?
+            .get::<_, f64>(0);
         out.insert(h["step"].as_str().unwrap_or("?").to_string(), json!((ms * 10.0).round() / 10.0));
     }
     Ok(Value::Object(out))

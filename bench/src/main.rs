@@ -51,7 +51,7 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
-    /// Postgres → Kafka (Avro, Debezium envelope) through a tansu broker and Sluice's
+    /// Postgres → Kafka (Avro, Debezium envelope) through an Apache Kafka broker and Sluice's
     /// registry: streaming throughput vs pg_recvlogical over the same WAL, then lag
     /// from source commit to broker ack at a steady rate.
     Kafka {
@@ -210,7 +210,13 @@ fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()
     let bin = Command::new("pg_config").arg("--bindir").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let recvlogical = bin.map(|b| format!("{b}/pg_recvlogical")).filter(|p| std::path::Path::new(p).exists());
     let recvlogical = recvlogical.unwrap_or_else(|| {
-        let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin/pg_recvlogical")).filter(|p| p.exists()).collect();
+        let mut v: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin/pg_recvlogical"))
+            .filter(|p| p.exists())
+            .collect();
         v.sort();
         v.pop().map(|p| p.display().to_string()).unwrap_or_else(|| "pg_recvlogical".into())
     });
@@ -377,32 +383,11 @@ async fn registry(n: u32) -> Result<serde_json::Value> {
     }))
 }
 
-/// A child process that ends with the benchmark, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
-    // The broker: tansu, in-memory storage.
-    let tansu = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "/var/cache/sluice/tansu-dynostore/bin/tansu".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let brokers = format!("127.0.0.1:{port}");
-    let _broker = KillOnDrop(Command::new(&tansu)
-        .args(["broker", "--listener-url", &format!("tcp://{brokers}"), "--advertised-listener-url", &format!("tcp://{brokers}")])
-        .args(["--storage-engine", "memory://tansu/"])
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {tansu} (run .ci/install-deps or set SLUICE_TANSU)"))?);
-    while std::net::TcpStream::connect(&brokers).is_err() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The broker: Apache Kafka (single-node KRaft), from .ci/install-deps.
+    let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[])).await??;
+    let brokers = broker.addr().to_string();
     // Sluice's registry, in process, stored in the second server.
     let store = sluice_registry::Store::open(connect(dst.port, "bench").await?).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -426,7 +411,11 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     );
     // A first run creates the slot, topic and subjects; then the WAL to replay is written.
     let (metrics, stop, handle) = start_pipeline(&yaml)?;
-    while !s.query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sluice_kafka' AND active)", &[]).await?.get::<_, bool>(0) {
+    while !s
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sluice_kafka' AND active)", &[])
+        .await?
+        .get::<_, bool>(0)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s.batch_execute("INSERT INTO bench VALUES (0, 'warm-up')").await?;
@@ -497,7 +486,8 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
     let catalog = sluice_postgres::connect(&conn_cfg(src.port, "bench"), "source").await?;
     let schema = Arc::new(sluice_postgres::load_table(&catalog, &TableName::new("public", "bench"), "bench").await?);
     let t = Instant::now();
-    let mut stream = ReplicationStream::start(&conn_cfg(src.port, "bench"), "null_slot", "sluice_pg", Lsn::ZERO, &[schema], catalog).await?;
+    let mut stream =
+        ReplicationStream::start(&conn_cfg(src.port, "bench"), "null_slot", "sluice_pg", Lsn::ZERO, &[schema], catalog).await?;
     let acker = stream.acker();
     let mut events = 0u64;
     loop {
@@ -685,7 +675,9 @@ async fn main() -> Result<()> {
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,
         Bench::Registry { schemas } => registry(schemas).await?,
         Bench::Kafka { rows, rows_per_txn, rate, seconds } => kafka(rows, rows_per_txn, rate, seconds).await?,
-        Bench::MetricsSummary { scale, queries, rate, seconds, refresh_ms } => search::metrics_summary(scale, queries, rate, seconds, refresh_ms).await?,
+        Bench::MetricsSummary { scale, queries, rate, seconds, refresh_ms } => {
+            search::metrics_summary(scale, queries, rate, seconds, refresh_ms).await?
+        }
         Bench::SearchServe { addr, data, refresh_ms } => return search::serve(addr, data, refresh_ms).await,
     };
     println!("{out}");

@@ -10,7 +10,6 @@ use sluice_core::TableName;
 
 use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_events, wait_snapshot};
 
-
 pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
@@ -54,7 +53,10 @@ pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Va
     }
     // From the request to the last chunk recorded (the load loop checks once a second).
     let r = d
-        .query_one("SELECT rows, chunks, extract(epoch FROM finished_at - requested_at)::float8 FROM sluice.resyncs WHERE pipeline = 'resync'", &[])
+        .query_one(
+            "SELECT rows, chunks, extract(epoch FROM finished_at - requested_at)::float8 FROM sluice.resyncs WHERE pipeline = 'resync'",
+            &[],
+        )
         .await?;
     let (read, chunks, resync_s): (i64, i32, f64) = (r.get(0), r.get(1), r.get(2));
     // The target must equal the source once the last writes are applied.

@@ -221,7 +221,14 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
             body.push_str(row.get::<_, &str>(1));
             body.push('\n');
         }
-        let v: Value = http.post(format!("{}/metrics_bulk/_bulk", svc.url)).header("content-type", "application/x-ndjson").body(body).send().await?.json().await?;
+        let v: Value = http
+            .post(format!("{}/metrics_bulk/_bulk", svc.url))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await?
+            .json()
+            .await?;
         if v["errors"] != json!(false) {
             bail!("bulk errors: {}", v.to_string().chars().take(500).collect::<String>());
         }

@@ -92,7 +92,15 @@ mod tests {
     use crate::{ReplicaIdentity, TableName};
 
     fn col(name: &str, ty: PgType, type_name: &str, nullable: bool, key: bool) -> ColumnSchema {
-        ColumnSchema { name: name.into(), type_oid: 0, type_name: type_name.into(), pg_type: ty, nullable, is_key: key, enum_labels: vec![] }
+        ColumnSchema {
+            name: name.into(),
+            type_oid: 0,
+            type_name: type_name.into(),
+            pg_type: ty,
+            nullable,
+            is_key: key,
+            enum_labels: vec![],
+        }
     }
 
     #[test]

@@ -76,9 +76,7 @@ pub struct ChangeEvent {
 impl ChangeEvent {
     /// Size of the row images' payload in bytes, for throughput metrics.
     pub fn payload_bytes(&self) -> usize {
-        let len = |r: &Option<Row>| {
-            r.as_ref().map_or(0, |r| r.iter().map(|d| d.as_text().map_or(0, <[u8]>::len)).sum())
-        };
+        let len = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(|d| d.as_text().map_or(0, <[u8]>::len)).sum());
         len(&self.before) + len(&self.after)
     }
 }

@@ -15,5 +15,5 @@ mod value;
 pub use error::{CoreError, ErrorKind};
 pub use event::{ChangeEvent, Datum, Destination, Op, Row, SourcePosition, Transaction};
 pub use lsn::Lsn;
-pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident};
+pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
 pub use value::{Interval, Numeric, PgType, Value};

@@ -42,6 +42,13 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Quotes an SQL string literal, doubling embedded quotes, for the few statements that
+/// take no parameters (`CREATE ROLE ... PASSWORD`, `DO` blocks). Postgres runs with
+/// `standard_conforming_strings` on (the default since 9.1), so backslashes are plain.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaIdentity {
     Default,

@@ -191,12 +191,21 @@ pub enum Value {
     Date(i32),
     /// Microseconds since midnight.
     Time(i64),
-    TimeTz { micros: i64, offset_secs: i32 },
+    TimeTz {
+        micros: i64,
+        offset_secs: i32,
+    },
     Timestamp(i64),
     TimestampTz(i64),
     Interval(Interval),
-    Inet { addr: IpAddr, prefix: u8 },
-    Cidr { addr: IpAddr, prefix: u8 },
+    Inet {
+        addr: IpAddr,
+        prefix: u8,
+    },
+    Cidr {
+        addr: IpAddr,
+        prefix: u8,
+    },
     Enum(String),
     Array(Vec<Value>),
     Other(String),
@@ -238,9 +247,7 @@ impl Value {
                 Value::TimeTz { micros, offset_secs: parse_offset(off).ok_or_else(|| bad("bad offset"))? }
             }
             PgType::Timestamp => Value::Timestamp(parse_timestamp(text, false).ok_or_else(|| bad("not an ISO timestamp"))?),
-            PgType::TimestampTz => {
-                Value::TimestampTz(parse_timestamp(text, true).ok_or_else(|| bad("not an ISO timestamp with offset"))?)
-            }
+            PgType::TimestampTz => Value::TimestampTz(parse_timestamp(text, true).ok_or_else(|| bad("not an ISO timestamp with offset"))?),
             PgType::Interval => Value::Interval(parse_interval(text).ok_or_else(|| bad("not an ISO 8601 interval"))?),
             PgType::Inet | PgType::Cidr => {
                 let (addr, prefix) = match text.split_once('/') {
@@ -778,10 +785,7 @@ mod tests {
     #[test]
     fn decodes_to_the_right_numbers() {
         assert_eq!(Value::parse(&PgType::Date, "1970-01-02").unwrap(), Value::Date(1));
-        assert_eq!(
-            Value::parse(&PgType::TimestampTz, "1970-01-01 01:00:00+01").unwrap(),
-            Value::TimestampTz(0)
-        );
+        assert_eq!(Value::parse(&PgType::TimestampTz, "1970-01-01 01:00:00+01").unwrap(), Value::TimestampTz(0));
         assert_eq!(
             Value::parse(&PgType::Interval, "P1DT-0.5S").unwrap(),
             Value::Interval(Interval { months: 0, days: 1, micros: -500_000 })

@@ -175,16 +175,15 @@ impl Model {
                 t.identity_index = Some(r.get(2));
             }
         }
-        let published = client
-            .query("SELECT schemaname::text, tablename::text, pubname::text FROM pg_publication_tables", &[])
-            .await
-            .map_err(err)?;
+        let published =
+            client.query("SELECT schemaname::text, tablename::text, pubname::text FROM pg_publication_tables", &[]).await.map_err(err)?;
         for r in &published {
             let pubname: String = r.get(2);
             if publications.is_none_or(|p| p.contains(&pubname))
-                && let Some(t) = m.tables.get_mut(&(r.get(0), r.get(1))) {
-                    t.replicated = true;
-                }
+                && let Some(t) = m.tables.get_mut(&(r.get(0), r.get(1)))
+            {
+                t.replicated = true;
+            }
         }
         Ok(m)
     }
@@ -199,7 +198,10 @@ impl Model {
                     match &e.node {
                         Some(NodeEnum::ColumnDef(d)) => {
                             t.columns.push(column_from_def(d));
-                            if d.constraints.iter().any(|c| matches!(&c.node, Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrPrimary as i32)) {
+                            if d.constraints
+                                .iter()
+                                .any(|c| matches!(&c.node, Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrPrimary as i32))
+                            {
                                 t.primary_key = vec![d.colname.clone()];
                                 t.pk_constraint = Some(format!("{}_pkey", rv.relname));
                             }
@@ -228,7 +230,9 @@ impl Model {
                         }
                         Ok(AlterTableType::AtDropColumn) => t.columns.retain(|c| c.name != col),
                         Ok(AlterTableType::AtSetNotNull) => t.columns.iter_mut().filter(|c| c.name == col).for_each(|c| c.not_null = true),
-                        Ok(AlterTableType::AtDropNotNull) => t.columns.iter_mut().filter(|c| c.name == col).for_each(|c| c.not_null = false),
+                        Ok(AlterTableType::AtDropNotNull) => {
+                            t.columns.iter_mut().filter(|c| c.name == col).for_each(|c| c.not_null = false)
+                        }
                         Ok(AlterTableType::AtAlterColumnType) => {
                             if let Some(NodeEnum::ColumnDef(d)) = cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
                                 let ty = d.type_name.as_ref().map(type_text).unwrap_or_default();

@@ -92,7 +92,14 @@ pub fn render_text(reports: &[FileReport]) -> String {
                 }
             }
         }
-        let _ = writeln!(s, "{}: {} ({} statement{})", r.file, r.verdict.label(), r.statements.len(), if r.statements.len() == 1 { "" } else { "s" });
+        let _ = writeln!(
+            s,
+            "{}: {} ({} statement{})",
+            r.file,
+            r.verdict.label(),
+            r.statements.len(),
+            if r.statements.len() == 1 { "" } else { "s" }
+        );
     }
     s
 }

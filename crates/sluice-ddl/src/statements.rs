@@ -102,7 +102,8 @@ mod tests {
 
     #[test]
     fn positions_and_allow_comments() {
-        let sql = "-- first\nCREATE TABLE a (id int);\n\n-- sluice:allow rename-column consumers updated in v2\nALTER TABLE a RENAME id TO key;";
+        let sql =
+            "-- first\nCREATE TABLE a (id int);\n\n-- sluice:allow rename-column consumers updated in v2\nALTER TABLE a RENAME id TO key;";
         let s = split("f.sql", sql).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!((s[0].line, s[0].column), (2, 1));

@@ -2,8 +2,8 @@
 //! verdict and rule ids it must produce, without and with catalog context from a real
 //! Postgres.
 
-use sluice_ddl::{Model, Verdict};
 use Verdict::*;
+use sluice_ddl::{Model, Verdict};
 
 /// (migration, expected file verdict, expected rule ids in order)
 const WITHOUT_CONTEXT: &[(&str, Verdict, &[&str])] = &[
@@ -73,21 +73,13 @@ const WITHOUT_CONTEXT: &[(&str, Verdict, &[&str])] = &[
         Blocked,
         &["create-index-not-concurrently", "set-not-null"],
     ),
-    (
-        "-- sluice:allow rename-column all consumers moved to v2\nALTER TABLE t RENAME COLUMN a TO b;",
-        Allowed,
-        &["rename-column"],
-    ),
+    ("-- sluice:allow rename-column all consumers moved to v2\nALTER TABLE t RENAME COLUMN a TO b;", Allowed, &["rename-column"]),
     (
         "-- sluice:allow drop-table decommissioned in PLAT-123\nDROP TABLE legacy;\nTRUNCATE other;",
         NeedsCoordination,
         &["drop-table", "truncate"],
     ),
-    (
-        "-- sluice:allow set-not-null wrong rule acknowledged\nALTER TABLE t RENAME TO u;",
-        Blocked,
-        &["rename-table"],
-    ),
+    ("-- sluice:allow set-not-null wrong rule acknowledged\nALTER TABLE t RENAME TO u;", Blocked, &["rename-table"]),
     ("CREATE TABLE n (id int PRIMARY KEY);\nCREATE INDEX n_x ON n (id);", Warning, &["create-index-not-concurrently"]),
 ];
 
@@ -139,7 +131,11 @@ const WITH_CONTEXT: &[(&str, Verdict, &[&str])] = &[
     // Statement by statement: the model follows the migration.
     ("ALTER TABLE orders ALTER COLUMN note SET NOT NULL;\nALTER TABLE orders DROP COLUMN note;", Blocked, &["set-not-null", "drop-column"]),
     ("ALTER TABLE orders ALTER COLUMN email DROP NOT NULL;\nALTER TABLE orders DROP COLUMN email;", Allowed, &["drop-column"]),
-    ("ALTER TABLE orders ADD COLUMN extra int;\nALTER TABLE orders ALTER COLUMN extra TYPE bigint;", NeedsCoordination, &["alter-column-type"]),
+    (
+        "ALTER TABLE orders ADD COLUMN extra int;\nALTER TABLE orders ALTER COLUMN extra TYPE bigint;",
+        NeedsCoordination,
+        &["alter-column-type"],
+    ),
     ("ALTER TABLE scratch RENAME TO orders_v2;\nALTER TABLE orders_v2 RENAME COLUMN v TO w;", Allowed, &[]),
 ];
 
@@ -162,9 +158,10 @@ async fn corpus_with_catalog_context_from_a_real_postgres() {
 
 #[test]
 fn unparseable_sql_names_line_and_column() {
-    let err = sluice_ddl::check("m.sql", "ALTER TABLE t ADD COLUMN a int;\n\nALTER TABLE t ADD COLUMN b intt4 NOT NUL;", &mut Model::default())
-        .unwrap_err()
-        .to_string();
+    let err =
+        sluice_ddl::check("m.sql", "ALTER TABLE t ADD COLUMN a int;\n\nALTER TABLE t ADD COLUMN b intt4 NOT NUL;", &mut Model::default())
+            .unwrap_err()
+            .to_string();
     assert!(err.starts_with("m.sql:3:"), "{err}");
     assert!(err.contains("syntax error"), "{err}");
 }

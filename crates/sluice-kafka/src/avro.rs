@@ -46,14 +46,7 @@ impl Columns {
                 .map(|(index, c)| {
                     let scale = sluice_core::avro::precision_scale(&c.type_name).map(|(_, s)| s);
                     let textual = sluice_core::avro::is_textual(&c.pg_type, &c.type_name);
-                    Col {
-                        index,
-                        name: sluice_core::avro::avro_name(&c.name),
-                        ty: c.pg_type.clone(),
-                        scale,
-                        nullable: !c.is_key,
-                        textual,
-                    }
+                    Col { index, name: sluice_core::avro::avro_name(&c.name), ty: c.pg_type.clone(), scale, nullable: !c.is_key, textual }
                 })
                 .collect(),
         )
@@ -69,7 +62,9 @@ impl Columns {
                 Datum::Unchanged if c.textual && c.ty == PgType::Bytea => Value::Bytea(UNAVAILABLE.as_bytes().to_vec()),
                 Datum::Unchanged if c.textual => Value::Text(UNAVAILABLE.into()),
                 Datum::Unchanged if c.nullable => Value::Null,
-                Datum::Unchanged => return Err(err("unchanged TOAST value has no content to encode: set REPLICA IDENTITY FULL on the table".into())),
+                Datum::Unchanged => {
+                    return Err(err("unchanged TOAST value has no content to encode: set REPLICA IDENTITY FULL on the table".into()));
+                }
                 Datum::Text(b) => {
                     let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
                     Value::parse(&c.ty, text).map_err(|e| err(e.to_string()))?
@@ -96,7 +91,8 @@ pub(crate) fn header(schema_id: u32, out: &mut Vec<u8>) {
 }
 
 pub(crate) fn datum(schema: &Schema, value: Avro, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let body = apache_avro::to_avro_datum(schema, value).map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })?;
+    let body =
+        apache_avro::to_avro_datum(schema, value).map_err(|e| EncodeError::Value { column: "(record)".into(), reason: e.to_string() })?;
     out.extend(body);
     Ok(())
 }
@@ -170,10 +166,12 @@ fn to_avro(v: Value, ty: &PgType, scale: Option<u32>) -> Result<Avro, String> {
         (Value::Array(items), PgType::Array(elem)) => Avro::Array(
             items
                 .into_iter()
-                .map(|i| Ok(match to_avro(i, elem, scale)? {
-                    Avro::Null => Avro::Union(0, Box::new(Avro::Null)),
-                    v => Avro::Union(1, Box::new(v)),
-                }))
+                .map(|i| {
+                    Ok(match to_avro(i, elem, scale)? {
+                        Avro::Null => Avro::Union(0, Box::new(Avro::Null)),
+                        v => Avro::Union(1, Box::new(v)),
+                    })
+                })
                 .collect::<Result<_, String>>()?,
         ),
         // Everything else travels as its exact text.

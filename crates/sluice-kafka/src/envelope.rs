@@ -70,6 +70,8 @@ pub struct EventMeta<'a> {
     pub now_ms: i64,
 }
 
+// One encoder per table shape, built once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Body {
     Avro { key: Schema, key_id: u32, value: Schema, value_id: u32, key_cols: Columns, cols: Columns },
     Json,
@@ -125,7 +127,9 @@ impl EventEncoder {
     /// snapshot read (op `r`), whose position is the snapshot's.
     pub fn value(&self, e: &ChangeEvent, meta: &EventMeta<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         if self.unwrap {
-            let Some(row) = &e.after else { return Err(EncodeError::Value { column: "(record)".into(), reason: "no row state to write".into() }) };
+            let Some(row) = &e.after else {
+                return Err(EncodeError::Value { column: "(record)".into(), reason: "no row state to write".into() });
+            };
             return match &self.body {
                 Body::Avro { value, value_id, cols, .. } => {
                     header(*value_id, out);

@@ -3,6 +3,7 @@
 //! as JSON, produced idempotently with `acks=all` through librdkafka.
 
 mod avro;
+pub mod broker;
 mod envelope;
 mod error;
 mod registry;

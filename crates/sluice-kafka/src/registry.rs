@@ -46,13 +46,13 @@ impl RegistryClient {
         let status = resp.status();
         let reply: Json = resp.json().await.unwrap_or(Json::Null);
         match status {
-            s if s.is_success() => reply["id"]
-                .as_u64()
-                .map(|id| id as u32)
-                .ok_or_else(|| SinkError::new(ErrorKind::Transient, format!("schema registry {}: no id in the reply to registering {subject}", self.base))),
+            s if s.is_success() => reply["id"].as_u64().map(|id| id as u32).ok_or_else(|| {
+                SinkError::new(ErrorKind::Transient, format!("schema registry {}: no id in the reply to registering {subject}", self.base))
+            }),
             StatusCode::CONFLICT => {
                 let reasons = self.reasons(subject, schema).await.unwrap_or_default();
-                let detail = if reasons.is_empty() { reply["message"].as_str().unwrap_or("incompatible").to_string() } else { reasons.join("; ") };
+                let detail =
+                    if reasons.is_empty() { reply["message"].as_str().unwrap_or("incompatible").to_string() } else { reasons.join("; ") };
                 let mode = self.get(&format!("/config/{}?defaultToGlobal=true", encode_subject(subject))).await;
                 let mode = mode["compatibilityLevel"].as_str().unwrap_or("its compatibility mode").to_string();
                 let latest = self.get(&format!("/subjects/{}/versions/latest", encode_subject(subject))).await;
@@ -71,10 +71,9 @@ impl RegistryClient {
                     ),
                 ))
             }
-            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => Err(SinkError::new(
-                ErrorKind::Transient,
-                format!("schema registry {} answered {s} registering {subject}", self.base),
-            )),
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Err(SinkError::new(ErrorKind::Transient, format!("schema registry {} answered {s} registering {subject}", self.base)))
+            }
             s => Err(SinkError::new(
                 ErrorKind::Permanent,
                 format!("schema registry {} answered {s} registering {subject}: {}", self.base, reply["message"].as_str().unwrap_or("")),

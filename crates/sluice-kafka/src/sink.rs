@@ -242,10 +242,8 @@ impl KafkaSink {
     pub async fn send_snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<()> {
         let out = self.table_out(table).await?;
         let position = SourcePosition { lsn: snapshot_lsn, commit_lsn: snapshot_lsn, xid: 0, commit_time_us: now_ms() * 1000, seq: 0 };
-        let events: Vec<ChangeEvent> = rows
-            .into_iter()
-            .map(|r| ChangeEvent { op: Op::Read, table: table.clone(), before: None, after: Some(r), position })
-            .collect();
+        let events: Vec<ChangeEvent> =
+            rows.into_iter().map(|r| ChangeEvent { op: Op::Read, table: table.clone(), before: None, after: Some(r), position }).collect();
         self.produce(events.iter().map(|e| (&out, e))).await
     }
 

@@ -111,12 +111,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> 
         )
         .await
         .map_err(|e| PgError::from_pg("reading pg_replication_slots", e))?;
-    Ok(row.map(|r| SlotInfo {
-        plugin: r.get(0),
-        database: r.get(1),
-        active_pid: r.get(2),
-        confirmed_flush: r.get(3),
-    }))
+    Ok(row.map(|r| SlotInfo { plugin: r.get(0), database: r.get(1), active_pid: r.get(2), confirmed_flush: r.get(3) }))
 }
 
 /// Checks that an existing slot is one this pipeline can use.
@@ -158,10 +153,7 @@ pub async fn publication_tables(client: &Client, publication: &str) -> Result<Op
         return Ok(None);
     }
     let rows = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
-            &[&publication],
-        )
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", &[&publication])
         .await
         .map_err(|e| PgError::from_pg("reading pg_publication_tables", e))?;
     Ok(Some(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect()))

@@ -33,9 +33,7 @@ fn bin_dir() -> std::io::Result<PathBuf> {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
         .unwrap_or_default();
     versions.sort();
-    versions.pop().ok_or_else(|| {
-        std::io::Error::other("no PostgreSQL server found: install it (Debian: apt-get install postgresql-15)")
-    })
+    versions.pop().ok_or_else(|| std::io::Error::other("no PostgreSQL server found: install it (Debian: apt-get install postgresql-15)"))
 }
 
 fn run_as() -> Option<&'static str> {
@@ -177,10 +175,7 @@ impl TempCluster {
 
     /// A libpq-style connection string for the superuser.
     pub fn dsn(&self, dbname: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={dbname}",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={dbname}", self.port)
     }
 
     pub fn data_dir(&self) -> PathBuf {

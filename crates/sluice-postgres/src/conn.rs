@@ -60,10 +60,8 @@ pub async fn connect_listening(
     what: &str,
     channel: &str,
 ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>)> {
-    let (client, mut connection) = pg_config(cfg)
-        .connect(NoTls)
-        .await
-        .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
+    let (client, mut connection) =
+        pg_config(cfg).connect(NoTls).await.map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -101,10 +99,8 @@ fn pg_config(cfg: &PgConnConfig) -> tokio_postgres::Config {
 }
 
 pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
-    let (client, connection) = pg_config(cfg)
-        .connect(NoTls)
-        .await
-        .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
+    let (client, connection) =
+        pg_config(cfg).connect(NoTls).await.map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

@@ -40,16 +40,12 @@ impl PgError {
         let (kind, detail) = match e.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
-                let kind = if code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("53")
-                    || code == "40001"
-                    || code == "40P01"
-                {
-                    ErrorKind::Transient
-                } else {
-                    ErrorKind::Permanent
-                };
+                let kind =
+                    if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "40001" || code == "40P01" {
+                        ErrorKind::Transient
+                    } else {
+                        ErrorKind::Permanent
+                    };
                 let hint = match code {
                     "28P01" | "28000" => ": check the user and password in the config",
                     "3D000" => ": check the database name in the config",
@@ -73,9 +69,7 @@ impl PgError {
         let kind = match &e {
             W::Io(_) | W::Task(_) => ErrorKind::Transient,
             // The walsender reports a lost primary or a shutdown as a server error.
-            W::Server(m) if m.contains("57P") || m.contains("terminating connection") || m.contains("shutdown") => {
-                ErrorKind::Transient
-            }
+            W::Server(m) if m.contains("57P") || m.contains("terminating connection") || m.contains("shutdown") => ErrorKind::Transient,
             _ => ErrorKind::Permanent,
         };
         let hint = if matches!(e, W::Auth(_)) { ": check the user and password in the config" } else { "" };

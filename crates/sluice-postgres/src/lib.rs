@@ -11,10 +11,10 @@ mod sink;
 mod snapshot;
 mod stream;
 
-pub use catalog::{load_table, publication_tables, slot_info, verify_slot, wal_level, SlotInfo};
-pub use conn::{connect, connect_listening, PgConnConfig};
+pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_slot, wal_level};
+pub use conn::{PgConnConfig, connect, connect_listening};
+pub use copy_text::{CopyRowDecoder, decode_row};
 pub use error::{PgError, Result};
-pub use sink::{key_of, Checkpoint, PostgresSink, SnapshotFilter, STATE_DDL};
-pub use copy_text::{decode_row, CopyRowDecoder};
-pub use snapshot::{run_snapshot, CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable};
-pub use stream::{Acker, ReplicationStream, StreamItem, HEARTBEAT_PREFIX, RESYNC_PREFIX};
+pub use sink::{Checkpoint, PostgresSink, STATE_DDL, SnapshotFilter, key_of};
+pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, run_snapshot};
+pub use stream::{Acker, HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream, StreamItem};

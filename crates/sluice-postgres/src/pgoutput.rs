@@ -27,16 +27,29 @@ pub(crate) struct Relation {
     pub columns: Vec<RelationColumn>,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Message {
     Relation(Relation),
-    Insert { relid: u32, new: Vec<TupleValue> },
+    Insert {
+        relid: u32,
+        new: Vec<TupleValue>,
+    },
     /// `old` is the old key ('K') or the full old row ('O') when the key changed or the
     /// table has REPLICA IDENTITY FULL.
-    Update { relid: u32, old: Option<Vec<TupleValue>>, new: Vec<TupleValue> },
-    Delete { relid: u32, old: Vec<TupleValue> },
-    Truncate { relids: Vec<u32>, cascade: bool, restart_identity: bool },
+    Update {
+        relid: u32,
+        old: Option<Vec<TupleValue>>,
+        new: Vec<TupleValue>,
+    },
+    Delete {
+        relid: u32,
+        old: Vec<TupleValue>,
+    },
+    Truncate {
+        relids: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// Type and Origin carry nothing the pipeline needs: Sluice reads types from the
     /// catalog and replicates every origin.
     Ignored(u8),
@@ -121,12 +134,7 @@ pub(crate) fn decode(buf: Bytes) -> Result<Message, PgError> {
             let mut columns = Vec::with_capacity(n.max(0) as usize);
             for _ in 0..n {
                 let flags = r.u8()?;
-                columns.push(RelationColumn {
-                    is_key: flags & 1 == 1,
-                    name: r.cstr()?,
-                    type_oid: r.u32()?,
-                    type_modifier: r.i32()?,
-                });
+                columns.push(RelationColumn { is_key: flags & 1 == 1, name: r.cstr()?, type_oid: r.u32()?, type_modifier: r.i32()? });
             }
             Message::Relation(Relation { relid, namespace, name, replica_identity, columns })
         }
@@ -235,10 +243,7 @@ mod tests {
         b.push(3);
         b.extend(10u32.to_be_bytes());
         b.extend(11u32.to_be_bytes());
-        assert_eq!(
-            decode(Bytes::from(b)).unwrap(),
-            Message::Truncate { relids: vec![10, 11], cascade: true, restart_identity: true }
-        );
+        assert_eq!(decode(Bytes::from(b)).unwrap(), Message::Truncate { relids: vec![10, 11], cascade: true, restart_identity: true });
     }
 
     #[test]

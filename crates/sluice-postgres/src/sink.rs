@@ -17,10 +17,10 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
-use sluice_core::{quote_ident, ChangeEvent, Datum, Destination, Lsn, Op, Row, TableName, TableSchema, Transaction};
+use sluice_core::{ChangeEvent, Datum, Destination, Lsn, Op, Row, TableName, TableSchema, Transaction, quote_ident};
 use tokio_postgres::Client;
 
-use crate::conn::{connect, PgConnConfig};
+use crate::conn::{PgConnConfig, connect};
 use crate::error::{PgError, Result};
 
 /// Run as one transaction under an advisory lock: pipelines starting together on one
@@ -365,9 +365,7 @@ impl PostgresSink {
             let what = format!("{what} for {name} in the sink");
             move |e| PgError::from_pg(&what, e)
         };
-        c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema)))
-            .await
-            .map_err(err("creating schema"))?;
+        c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&name.schema))).await.map_err(err("creating schema"))?;
         let exists = c
             .query_opt("SELECT to_regclass($1)::text", &[&name.quoted()])
             .await
@@ -406,7 +404,10 @@ impl PostgresSink {
             let base = col.type_name.trim_end_matches("[]");
             let labels: Vec<String> = col.enum_labels.iter().map(|l| format!("'{}'", l.replace('\'', "''"))).collect();
             // The name comes from format_type, which already quotes it where needed.
-            let ddl = format!("DO $$ BEGIN CREATE TYPE {base} AS ENUM ({}); EXCEPTION WHEN duplicate_object THEN NULL; END $$", labels.join(", "));
+            let ddl = format!(
+                "DO $$ BEGIN CREATE TYPE {base} AS ENUM ({}); EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+                labels.join(", ")
+            );
             self.client.batch_execute(&ddl).await.map_err(|e| PgError::from_pg(&format!("creating enum type {base} in the sink"), e))?;
             return Ok(col.type_name.clone());
         }
@@ -477,7 +478,13 @@ impl PostgresSink {
             .await
             .map_err(|e| PgError::from_pg("creating a staging table in the sink", e))?;
         let int_key = match keys.as_slice() {
-            [k] if matches!(schema.columns[*k].pg_type, sluice_core::PgType::Int2 | sluice_core::PgType::Int4 | sluice_core::PgType::Int8) => Some(*k),
+            [k] if matches!(
+                schema.columns[*k].pg_type,
+                sluice_core::PgType::Int2 | sluice_core::PgType::Int4 | sluice_core::PgType::Int8
+            ) =>
+            {
+                Some(*k)
+            }
             _ => None,
         };
         Ok(Target { source: schema.clone(), name: name.clone(), stage, types, keys, int_key })
@@ -673,7 +680,8 @@ impl PostgresSink {
             let key_match = key_match.join(" AND ");
             let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
             let keys: Vec<String> = target.keys.iter().map(|&i| quote_ident(&cols[i].name)).collect();
-            let sets: Vec<String> = cols.iter().filter(|c| !c.is_key).map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name))).collect();
+            let sets: Vec<String> =
+                cols.iter().filter(|c| !c.is_key).map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name))).collect();
             let action = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
             if moves {
                 // One statement, so every move reads the old rows as they were before it.
@@ -699,7 +707,11 @@ impl PostgresSink {
                 );
             }
             if deletes {
-                sql += &format!("DELETE FROM {} t USING pg_temp.{} s WHERE s._op = 'D' AND {key_match};\n", target.name.quoted(), target.stage);
+                sql += &format!(
+                    "DELETE FROM {} t USING pg_temp.{} s WHERE s._op = 'D' AND {key_match};\n",
+                    target.name.quoted(),
+                    target.stage
+                );
             }
             if upserts {
                 let values: Vec<String> = (0..ncols).map(cast).collect();

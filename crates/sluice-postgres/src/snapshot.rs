@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{SinkExt, StreamExt};
 use sluice_core::transform::TableTransform;
-use sluice_core::{quote_ident, Lsn, PgType, Row, SourcePosition, TableName, TableSchema};
+use sluice_core::{Lsn, PgType, Row, SourcePosition, TableName, TableSchema, quote_ident};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::conn::{connect, PgConnConfig};
+use crate::conn::{PgConnConfig, connect};
 use crate::copy_text::CopyRowDecoder;
 use crate::error::{PgError, Result};
-use crate::sink::{load_chunks, Chunk, STATE_DDL};
+use crate::sink::{Chunk, STATE_DDL, load_chunks};
 
 const COPY_BATCH_BYTES: usize = 256 * 1024;
 

@@ -103,19 +103,67 @@ mod tests {
         let e = |syms: &str| format!(r#"{{"name":"e","type":{{"type":"enum","name":"E","symbols":[{syms}]}}}}"#);
         let nested = |fields: &str| format!(r#"{{"name":"n","type":{{"type":"record","name":"N","fields":[{fields}]}}}}"#);
         let cases: Vec<(&str, String, String, bool, bool)> = vec![
-            ("add field with default", r#"{"name":"a","type":"int"}"#.into(), r#"{"name":"a","type":"int"},{"name":"b","type":"int","default":0}"#.into(), true, true),
-            ("add field without default", r#"{"name":"a","type":"int"}"#.into(), r#"{"name":"a","type":"int"},{"name":"b","type":"int"}"#.into(), false, true),
-            ("remove field without default", r#"{"name":"a","type":"int"},{"name":"b","type":"int"}"#.into(), r#"{"name":"a","type":"int"}"#.into(), true, false),
-            ("remove field with default", r#"{"name":"a","type":"int"},{"name":"b","type":"int","default":1}"#.into(), r#"{"name":"a","type":"int"}"#.into(), true, true),
+            (
+                "add field with default",
+                r#"{"name":"a","type":"int"}"#.into(),
+                r#"{"name":"a","type":"int"},{"name":"b","type":"int","default":0}"#.into(),
+                true,
+                true,
+            ),
+            (
+                "add field without default",
+                r#"{"name":"a","type":"int"}"#.into(),
+                r#"{"name":"a","type":"int"},{"name":"b","type":"int"}"#.into(),
+                false,
+                true,
+            ),
+            (
+                "remove field without default",
+                r#"{"name":"a","type":"int"},{"name":"b","type":"int"}"#.into(),
+                r#"{"name":"a","type":"int"}"#.into(),
+                true,
+                false,
+            ),
+            (
+                "remove field with default",
+                r#"{"name":"a","type":"int"},{"name":"b","type":"int","default":1}"#.into(),
+                r#"{"name":"a","type":"int"}"#.into(),
+                true,
+                true,
+            ),
             ("int to long", r#"{"name":"a","type":"int"}"#.into(), r#"{"name":"a","type":"long"}"#.into(), true, false),
             ("long to int", r#"{"name":"a","type":"long"}"#.into(), r#"{"name":"a","type":"int"}"#.into(), false, true),
             ("string to bytes", r#"{"name":"a","type":"string"}"#.into(), r#"{"name":"a","type":"bytes"}"#.into(), true, true),
             ("enum symbol added", e(r#""A","B""#), e(r#""A","B","C""#), true, false),
             ("enum symbol removed", e(r#""A","B","C""#), e(r#""A","B""#), false, true),
-            ("union widened", r#"{"name":"a","type":["null","int"]}"#.into(), r#"{"name":"a","type":["null","int","string"]}"#.into(), true, false),
-            ("union narrowed", r#"{"name":"a","type":["null","int","string"]}"#.into(), r#"{"name":"a","type":["null","int"]}"#.into(), false, true),
-            ("nested field added without default", nested(r#"{"name":"x","type":"int"}"#), nested(r#"{"name":"x","type":"int"},{"name":"y","type":"int"}"#), false, true),
-            ("nested optional field added", nested(r#"{"name":"x","type":"int"}"#), nested(r#"{"name":"x","type":"int"},{"name":"y","type":["null","int"],"default":null}"#), true, true),
+            (
+                "union widened",
+                r#"{"name":"a","type":["null","int"]}"#.into(),
+                r#"{"name":"a","type":["null","int","string"]}"#.into(),
+                true,
+                false,
+            ),
+            (
+                "union narrowed",
+                r#"{"name":"a","type":["null","int","string"]}"#.into(),
+                r#"{"name":"a","type":["null","int"]}"#.into(),
+                false,
+                true,
+            ),
+            (
+                "nested field added without default",
+                nested(r#"{"name":"x","type":"int"}"#),
+                nested(r#"{"name":"x","type":"int"},{"name":"y","type":"int"}"#),
+                false,
+                true,
+            ),
+            (
+                "nested optional field added",
+                nested(r#"{"name":"x","type":"int"}"#),
+                nested(r#"{"name":"x","type":"int"},{"name":"y","type":["null","int"],"default":null}"#),
+                true,
+                true,
+            ),
         ];
         for (what, old, new, backward, forward) in cases {
             let (old, new) = (s(&old), s(&new));

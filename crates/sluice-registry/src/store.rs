@@ -33,9 +33,10 @@ pub struct Qualified {
 impl Qualified {
     pub fn parse(raw: &str) -> Qualified {
         if let Some(rest) = raw.strip_prefix(":.")
-            && let Some((ctx, subject)) = rest.split_once(':') {
-                return Qualified { ctx: ctx.to_string(), subject: subject.to_string() };
-            }
+            && let Some((ctx, subject)) = rest.split_once(':')
+        {
+            return Qualified { ctx: ctx.to_string(), subject: subject.to_string() };
+        }
         Qualified { ctx: String::new(), subject: raw.to_string() }
     }
 
@@ -89,7 +90,13 @@ impl Store {
     }
 
     /// A subject's own value of a setting (`subject_level`), or its context's.
-    async fn setting<C: GenericClient>(c: &C, table: &str, column: &str, q: &Qualified, subject_level: bool) -> Result<Option<String>, ApiError> {
+    async fn setting<C: GenericClient>(
+        c: &C,
+        table: &str,
+        column: &str,
+        q: &Qualified,
+        subject_level: bool,
+    ) -> Result<Option<String>, ApiError> {
         let subject = if subject_level { q.subject.as_str() } else { "" };
         let row = c
             .query_opt(&format!("SELECT {column} FROM sluice_registry.{table} WHERE ctx = $1 AND subject = $2"), &[&q.ctx, &subject])
@@ -137,11 +144,18 @@ impl Store {
             return Err(ApiError::new(
                 409,
                 409,
-                format!("Schema being registered is incompatible with an earlier schema for subject \"{}\", details: {}", q.display(), reasons.join("; ")),
+                format!(
+                    "Schema being registered is incompatible with an earlier schema for subject \"{}\", details: {}",
+                    q.display(),
+                    reasons.join("; ")
+                ),
             ));
         }
         let id: i32 = match tx
-            .query_opt("SELECT id FROM sluice_registry.schemas WHERE ctx = $1 AND schema_type = $2 AND schema = $3", &[&q.ctx, &schema_type, &stored])
+            .query_opt(
+                "SELECT id FROM sluice_registry.schemas WHERE ctx = $1 AND schema_type = $2 AND schema = $3",
+                &[&q.ctx, &schema_type, &stored],
+            )
             .await
             .map_err(db)?
         {
@@ -222,10 +236,7 @@ impl Store {
 
     pub async fn schema_by_id(&self, ctx: &str, id: i32) -> Result<String, ApiError> {
         let c = self.client.lock().await;
-        let row = c
-            .query_opt("SELECT schema FROM sluice_registry.schemas WHERE ctx = $1 AND id = $2", &[&ctx, &id])
-            .await
-            .map_err(db)?;
+        let row = c.query_opt("SELECT schema FROM sluice_registry.schemas WHERE ctx = $1 AND id = $2", &[&ctx, &id]).await.map_err(db)?;
         row.map(|r| r.get(0)).ok_or_else(|| ApiError::new(404, 40403, "Schema not found".to_string()))
     }
 
@@ -252,7 +263,10 @@ impl Store {
         for v in targets {
             if permanent {
                 let soft: bool = c
-                    .query_one("SELECT deleted FROM sluice_registry.versions WHERE ctx = $1 AND subject = $2 AND version = $3", &[&q.ctx, &q.subject, &v.version])
+                    .query_one(
+                        "SELECT deleted FROM sluice_registry.versions WHERE ctx = $1 AND subject = $2 AND version = $3",
+                        &[&q.ctx, &q.subject, &v.version],
+                    )
                     .await
                     .map_err(db)?
                     .get(0);
@@ -263,13 +277,19 @@ impl Store {
                         format!("Subject '{}' Version {} was not deleted first before being permanently deleted", q.display(), v.version),
                     ));
                 }
-                c.execute("DELETE FROM sluice_registry.versions WHERE ctx = $1 AND subject = $2 AND version = $3", &[&q.ctx, &q.subject, &v.version])
-                    .await
-                    .map_err(db)?;
+                c.execute(
+                    "DELETE FROM sluice_registry.versions WHERE ctx = $1 AND subject = $2 AND version = $3",
+                    &[&q.ctx, &q.subject, &v.version],
+                )
+                .await
+                .map_err(db)?;
             } else {
-                c.execute("UPDATE sluice_registry.versions SET deleted = true WHERE ctx = $1 AND subject = $2 AND version = $3", &[&q.ctx, &q.subject, &v.version])
-                    .await
-                    .map_err(db)?;
+                c.execute(
+                    "UPDATE sluice_registry.versions SET deleted = true WHERE ctx = $1 AND subject = $2 AND version = $3",
+                    &[&q.ctx, &q.subject, &v.version],
+                )
+                .await
+                .map_err(db)?;
             }
             out.push(v.version);
         }

@@ -49,7 +49,8 @@ fn parse_body(body: &Bytes) -> EsResult<Value> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
-    serde_json::from_slice(body).map_err(|e| EsError::bad_request("x_content_parse_exception", format!("failed to parse the request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| EsError::bad_request("x_content_parse_exception", format!("failed to parse the request body: {e}")))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> EsResult<T> + Send + 'static) -> EsResult<T> {
@@ -87,7 +88,9 @@ async fn info() -> impl IntoResponse {
 }
 
 async fn health(State(svc): Svc) -> impl IntoResponse {
-    axum::Json(json!({"cluster_name": "sluice", "status": "green", "timed_out": false, "number_of_nodes": 1, "number_of_data_nodes": 1, "active_primary_shards": svc.names().len(), "active_shards": svc.names().len(), "unassigned_shards": 0}))
+    axum::Json(
+        json!({"cluster_name": "sluice", "status": "green", "timed_out": false, "number_of_nodes": 1, "number_of_data_nodes": 1, "active_primary_shards": svc.names().len(), "active_shards": svc.names().len(), "unassigned_shards": 0}),
+    )
 }
 
 async fn cat_indices(State(svc): Svc) -> EsResult<Response> {
@@ -176,17 +179,19 @@ fn item_json(index: &str, r: &ItemResult) -> (Value, u16) {
 }
 
 async fn single_write(svc: Arc<SearchService>, index: String, op: WriteOp, params: HashMap<String, String>) -> EsResult<Response> {
-    let ix = if op.op == OpType::Update || op.op == OpType::Delete { svc.get(&index)? } else {
+    let ix = if op.op == OpType::Update || op.op == OpType::Delete {
+        svc.get(&index)?
+    } else {
         let name = index.clone();
         let s = svc.clone();
         blocking(move || s.get_or_create(&name)).await?
     };
     let ix2 = ix.clone();
     let mut results = blocking(move || ix2.write(vec![op])).await?;
-    let r = results.pop().expect("one result");
-    if let Err(e) = r.outcome {
-        return Err(e);
-    }
+    let mut r = results.pop().expect("one result");
+    // A refused write answers with its error; an accepted one keeps its outcome for
+    // the body below.
+    r.outcome = Ok(r.outcome?);
     after_write(&ix, &params).await?;
     let (mut body, status) = item_json(&index, &r);
     body.as_object_mut().expect("object").remove("status");
@@ -206,7 +211,13 @@ async fn index_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, Q
 
 async fn index_auto_id(State(svc): Svc, Path(index): Path<String>, Query(params): Params, body: Bytes) -> EsResult<Response> {
     let doc = parse_body(&body)?;
-    single_write(svc, index, WriteOp { op: OpType::Create, id: None, body: Some(doc), version: None, version_type: VersionType::Internal }, params).await
+    single_write(
+        svc,
+        index,
+        WriteOp { op: OpType::Create, id: None, body: Some(doc), version: None, version_type: VersionType::Internal },
+        params,
+    )
+    .await
 }
 
 async fn create_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, Query(params): Params, body: Bytes) -> EsResult<Response> {
@@ -217,7 +228,13 @@ async fn create_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, 
 
 async fn update_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, Query(params): Params, body: Bytes) -> EsResult<Response> {
     let doc = parse_body(&body)?;
-    single_write(svc, index, WriteOp { op: OpType::Update, id: Some(id), body: Some(doc), version: None, version_type: VersionType::Internal }, params).await
+    single_write(
+        svc,
+        index,
+        WriteOp { op: OpType::Update, id: Some(id), body: Some(doc), version: None, version_type: VersionType::Internal },
+        params,
+    )
+    .await
 }
 
 async fn delete_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, Query(params): Params) -> EsResult<Response> {
@@ -226,10 +243,10 @@ async fn delete_doc(State(svc): Svc, Path((index, id)): Path<(String, String)>, 
     let ix2 = ix.clone();
     let op = WriteOp { op: OpType::Delete, id: Some(id), body: None, version, version_type };
     let mut results = blocking(move || ix2.write(vec![op])).await?;
-    let r = results.pop().expect("one result");
-    if let Err(e) = r.outcome {
-        return Err(e);
-    }
+    let mut r = results.pop().expect("one result");
+    // A refused write answers with its error; an accepted one keeps its outcome for
+    // the body below.
+    r.outcome = Ok(r.outcome?);
     after_write(&ix, &params).await?;
     let (mut body, status) = item_json(&index, &r);
     body.as_object_mut().expect("object").remove("status");
@@ -303,10 +320,15 @@ fn parse_bulk(body: &[u8], default_index: Option<&str>) -> EsResult<Vec<BulkItem
     let mut lines = text.split('\n').enumerate().filter(|(_, l)| !l.trim().is_empty());
     let mut items = Vec::new();
     while let Some((n, line)) = lines.next() {
-        let action: Value = serde_json::from_str(line)
-            .map_err(|e| EsError::illegal(format!("Malformed action/metadata line [{}], expected START_OBJECT or the action: {e}", n + 1)))?;
+        let action: Value = serde_json::from_str(line).map_err(|e| {
+            EsError::illegal(format!("Malformed action/metadata line [{}], expected START_OBJECT or the action: {e}", n + 1))
+        })?;
         let Value::Object(a) = &action else {
-            return Err(EsError::illegal(format!("Malformed action/metadata line [{}], expected START_OBJECT but found [{}]", n + 1, action)));
+            return Err(EsError::illegal(format!(
+                "Malformed action/metadata line [{}], expected START_OBJECT but found [{}]",
+                n + 1,
+                action
+            )));
         };
         let (verb, meta) = match a.iter().next() {
             Some((k, v)) if a.len() == 1 => (k.as_str(), v),
@@ -317,19 +339,44 @@ fn parse_bulk(body: &[u8], default_index: Option<&str>) -> EsResult<Vec<BulkItem
             "create" => OpType::Create,
             "update" => OpType::Update,
             "delete" => OpType::Delete,
-            other => return Err(EsError::illegal(format!("Malformed action/metadata line [{}], expected field [create], [delete], [index] or [update] but found [{other}]", n + 1))),
+            other => {
+                return Err(EsError::illegal(format!(
+                    "Malformed action/metadata line [{}], expected field [create], [delete], [index] or [update] but found [{other}]",
+                    n + 1
+                )));
+            }
         };
         let Value::Object(meta) = meta else {
             return Err(EsError::illegal(format!("Malformed action/metadata line [{}], expected START_OBJECT", n + 1)));
         };
         for k in meta.keys() {
-            if !["_index", "_id", "version", "version_type", "routing", "_type", "op_type", "retry_on_conflict", "require_alias", "pipeline", "if_seq_no", "if_primary_term"].contains(&k.as_str()) {
+            if ![
+                "_index",
+                "_id",
+                "version",
+                "version_type",
+                "routing",
+                "_type",
+                "op_type",
+                "retry_on_conflict",
+                "require_alias",
+                "pipeline",
+                "if_seq_no",
+                "if_primary_term",
+            ]
+            .contains(&k.as_str())
+            {
                 return Err(EsError::illegal(format!("Action/metadata line [{}] contains an unknown parameter [{k}]", n + 1)));
             }
         }
         let index = match meta.get("_index").and_then(Value::as_str).or(default_index) {
             Some(i) => i.to_owned(),
-            None => return Err(EsError::bad_request("action_request_validation_exception", format!("Validation Failed: 1: index is missing (line [{}]);", n + 1))),
+            None => {
+                return Err(EsError::bad_request(
+                    "action_request_validation_exception",
+                    format!("Validation Failed: 1: index is missing (line [{}]);", n + 1),
+                ));
+            }
         };
         let id = meta.get("_id").map(|v| match v {
             Value::String(s) => s.clone(),
@@ -345,15 +392,22 @@ fn parse_bulk(body: &[u8], default_index: Option<&str>) -> EsResult<Vec<BulkItem
             None
         } else {
             let Some((_, src)) = lines.next() else {
-                return Err(EsError::illegal(format!("The bulk request must be terminated by a newline [\\n]; the [{verb}] action on line [{}] has no source", n + 1)));
+                return Err(EsError::illegal(format!(
+                    "The bulk request must be terminated by a newline [\\n]; the [{verb}] action on line [{}] has no source",
+                    n + 1
+                )));
             };
             Some(serde_json::from_str::<Value>(src).map_err(|e| EsError::mapper(format!("failed to parse: {e}"))))
         };
         let op = match (vt, body) {
             (Err(e), _) => Err((op, id, e)),
             (Ok(_), Some(Err(e))) => Err((op, id, e)),
-            (Ok(_), _) if op == OpType::Update && id.is_none() => Err((op, None, EsError::illegal("Validation Failed: 1: an id is required for an update"))),
-            (Ok(_), _) if op == OpType::Delete && id.is_none() => Err((op, None, EsError::illegal("Validation Failed: 1: an id is required for a delete"))),
+            (Ok(_), _) if op == OpType::Update && id.is_none() => {
+                Err((op, None, EsError::illegal("Validation Failed: 1: an id is required for an update")))
+            }
+            (Ok(_), _) if op == OpType::Delete && id.is_none() => {
+                Err((op, None, EsError::illegal("Validation Failed: 1: an id is required for a delete")))
+            }
             (Ok(version_type), body) => Ok(WriteOp { op, id, body: body.map(|b| b.expect("checked")), version, version_type }),
         };
         items.push(BulkItem { index, op });
@@ -376,7 +430,8 @@ async fn bulk(svc: Arc<SearchService>, default_index: Option<String>, params: Ha
             },
             Err((op, id, e)) => {
                 let e = e.with_index(&item.index);
-                results[i] = Some((op, json!({"_index": item.index, "_id": id, "status": e.status.as_u16(), "error": e.body()}), e.status.as_u16()));
+                results[i] =
+                    Some((op, json!({"_index": item.index, "_id": id, "status": e.status.as_u16(), "error": e.body()}), e.status.as_u16()));
             }
         }
     }
@@ -389,7 +444,11 @@ async fn bulk(svc: Arc<SearchService>, default_index: Option<String>, params: Ha
             Ok(ix) => ix,
             Err(e) => {
                 for (p, op) in positions.iter().zip(ops) {
-                    results[*p] = Some((op.op, json!({"_index": name, "_id": op.id, "status": e.status.as_u16(), "error": e.body()}), e.status.as_u16()));
+                    results[*p] = Some((
+                        op.op,
+                        json!({"_index": name, "_id": op.id, "status": e.status.as_u16(), "error": e.body()}),
+                        e.status.as_u16(),
+                    ));
                 }
                 continue;
             }

@@ -18,12 +18,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tantivy::collector::TopDocs;
+use tantivy::indexer::UserOperation;
 use tantivy::query::TermQuery;
 use tantivy::schema::{
-    FAST, INDEXED, IndexRecordOption, JsonObjectOptions, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
-    Value as _,
+    FAST, INDEXED, IndexRecordOption, JsonObjectOptions, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
 };
-use tantivy::indexer::UserOperation;
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use crate::error::{EsError, EsResult};
@@ -239,12 +238,7 @@ impl SearchIndex {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         Index::create_in_dir(&tmp, schema())?;
-        let meta = Meta {
-            mappings: mapping.to_json(),
-            settings,
-            refresh_interval_ms: refresh.as_millis() as u64,
-            created_ms: now_ms(),
-        };
+        let meta = Meta { mappings: mapping.to_json(), settings, refresh_interval_ms: refresh.as_millis() as u64, created_ms: now_ms() };
         write_atomic(&tmp.join(META_FILE), &serde_json::to_vec(&meta).map_err(EsError::internal)?)?;
         File::create(tmp.join(TRANSLOG_FILE))?.sync_all()?;
         std::fs::rename(&tmp, &dir)?;
@@ -640,7 +634,7 @@ fn decide(op: &WriteOp, id: &str, current: &Current, index: &str) -> EsResult<De
                 (Current::Doc { source, .. }, Some(doc)) => {
                     let mut merged = (**source).clone();
                     merge_doc(&mut merged, doc);
-                    if &merged == &**source && body.get("detect_noop") != Some(&Value::Bool(false)) {
+                    if merged == **source && body.get("detect_noop") != Some(&Value::Bool(false)) {
                         return Ok((None, "noop", 200));
                     }
                     merged
@@ -652,7 +646,11 @@ fn decide(op: &WriteOp, id: &str, current: &Current, index: &str) -> EsResult<De
                     } else if let Some(up) = body.get("upsert") {
                         up.clone()
                     } else {
-                        let mut e = EsError::new(axum::http::StatusCode::NOT_FOUND, "document_missing_exception", format!("[{id}]: document missing"));
+                        let mut e = EsError::new(
+                            axum::http::StatusCode::NOT_FOUND,
+                            "document_missing_exception",
+                            format!("[{id}]: document missing"),
+                        );
                         e.index = Some(index.to_owned());
                         return Err(e);
                     }

@@ -112,8 +112,23 @@ impl Default for Mapping {
 }
 
 /// Parameters accepted on a field and ignored (they change nothing observable here).
-const IGNORED_PARAMS: &[&str] =
-    &["index", "doc_values", "store", "format", "analyzer", "search_analyzer", "ignore_above", "norms", "coerce", "scaling_factor", "similarity", "null_value", "enabled", "include_in_parent", "include_in_root"];
+const IGNORED_PARAMS: &[&str] = &[
+    "index",
+    "doc_values",
+    "store",
+    "format",
+    "analyzer",
+    "search_analyzer",
+    "ignore_above",
+    "norms",
+    "coerce",
+    "scaling_factor",
+    "similarity",
+    "null_value",
+    "enabled",
+    "include_in_parent",
+    "include_in_root",
+];
 
 fn parse_dynamic(v: &Value) -> EsResult<Dynamic> {
     match v {
@@ -377,7 +392,10 @@ fn index_object(
                     return Err(EsError::new(
                         axum::http::StatusCode::BAD_REQUEST,
                         "strict_dynamic_mapping_exception",
-                        format!("mapping set to strict, dynamic introduction of [{name}] within [{}] is not allowed", if at.is_empty() { "_doc" } else { at }),
+                        format!(
+                            "mapping set to strict, dynamic introduction of [{name}] within [{}] is not allowed",
+                            if at.is_empty() { "_doc" } else { at }
+                        ),
                     ));
                 }
                 Dynamic::False => continue,
@@ -562,7 +580,10 @@ fn parse_failure(id: &str, path: &str, kind: Kind, value: &Value) -> EsError {
     EsError::new(
         axum::http::StatusCode::BAD_REQUEST,
         "document_parsing_exception",
-        format!("failed to parse field [{path}] of type [{}] in document with id '{id}'. Preview of field's value: '{preview}'", kind.name()),
+        format!(
+            "failed to parse field [{path}] of type [{}] in document with id '{id}'. Preview of field's value: '{preview}'",
+            kind.name()
+        ),
     )
 }
 
@@ -594,7 +615,9 @@ pub fn coerce(kind: Kind, v: &Value) -> Option<Value> {
                 },
                 Value::String(s) => {
                     let s = s.trim();
-                    s.parse::<i64>().ok().or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite() && f.abs() < 9.2e18).map(|f| f.trunc() as i64))?
+                    s.parse::<i64>()
+                        .ok()
+                        .or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite() && f.abs() < 9.2e18).map(|f| f.trunc() as i64))?
                 }
                 _ => return None,
             };

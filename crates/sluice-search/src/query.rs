@@ -33,8 +33,11 @@ fn one_entry<'v>(name: &str, v: &'v Value) -> EsResult<(&'v String, &'v Value)> 
     }
 }
 
+/// A query's field, its value, and the options object when the value was one.
+type FieldValue<'v> = (&'v String, &'v Value, Option<&'v Map<String, Value>>);
+
 /// `{"field": value}` or `{"field": {"<key>": value, ...}}`.
-fn field_value<'v>(name: &str, body: &'v Value, key: &str) -> EsResult<(&'v String, &'v Value, Option<&'v Map<String, Value>>)> {
+fn field_value<'v>(name: &str, body: &'v Value, key: &str) -> EsResult<FieldValue<'v>> {
     let (field, v) = one_entry(name, body)?;
     match v {
         Value::Object(o) => {
@@ -58,7 +61,12 @@ fn json_term(field: tantivy::schema::Field, path: &str) -> Term {
 
 /// The `_kw` term for an exact value of a field of `kind`.
 fn kw_term(ctx: &QueryCtx<'_>, path: &str, kind: Kind, v: &Value) -> EsResult<Term> {
-    let bad = || EsError::bad_request("query_shard_exception", format!("failed to create query: [{v}] is not a valid value for field [{path}] of type [{}]", kind.name()));
+    let bad = || {
+        EsError::bad_request(
+            "query_shard_exception",
+            format!("failed to create query: [{v}] is not a valid value for field [{path}] of type [{}]", kind.name()),
+        )
+    };
     let mut t = json_term(ctx.f.kw, path);
     match coerce(kind, v).ok_or_else(bad)? {
         Value::String(s) => t.append_type_and_str(&s),
@@ -68,11 +76,7 @@ fn kw_term(ctx: &QueryCtx<'_>, path: &str, kind: Kind, v: &Value) -> EsResult<Te
             None => {
                 let f = n.as_f64().ok_or_else(bad)?;
                 // The index stores integral floats as integers; so must the query.
-                if f.fract() == 0.0 && f.abs() < 9.2e18 {
-                    t.append_type_and_fast_value(f as i64)
-                } else {
-                    t.append_type_and_fast_value(f)
-                }
+                if f.fract() == 0.0 && f.abs() < 9.2e18 { t.append_type_and_fast_value(f as i64) } else { t.append_type_and_fast_value(f) }
             }
         },
         _ => return Err(bad()),
@@ -108,7 +112,9 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
         return Err(EsError::parsing("query malformed, must start with start_object"));
     };
     if obj.len() != 1 {
-        return Err(EsError::parsing(if obj.is_empty() { "query malformed, empty clause found".to_owned() } else {
+        return Err(EsError::parsing(if obj.is_empty() {
+            "query malformed, empty clause found".to_owned()
+        } else {
             format!("[{}] malformed query, expected [END_OBJECT] but found [FIELD_NAME]", obj.keys().next().expect("non-empty"))
         }));
     }
@@ -132,7 +138,10 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
             };
             let Some(r) = ctx.mapping.resolve(field) else { return Ok(Box::new(EmptyQuery)) };
             if r.field.kind == Kind::Text {
-                let terms: Vec<Q> = values.iter().map(|v| Box::new(TermQuery::new(text_term(ctx, field, &value_str(v)), IndexRecordOption::Basic)) as Q).collect();
+                let terms: Vec<Q> = values
+                    .iter()
+                    .map(|v| Box::new(TermQuery::new(text_term(ctx, field, &value_str(v)), IndexRecordOption::Basic)) as Q)
+                    .collect();
                 return Ok(boosted(Box::new(BooleanQuery::union(terms)), Some(o)));
             }
             let terms = values.iter().map(|v| kw_term(ctx, field, r.field.kind, v)).collect::<EsResult<Vec<_>>>()?;
@@ -145,7 +154,10 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
         }
         "exists" => {
             let field = body.get("field").and_then(Value::as_str).ok_or_else(|| EsError::parsing("[exists] query requires [field]"))?;
-            Ok(Box::new(ConstScoreQuery::new(Box::new(TermQuery::new(Term::from_field_text(ctx.f.names, field), IndexRecordOption::Basic)), 1.0)))
+            Ok(Box::new(ConstScoreQuery::new(
+                Box::new(TermQuery::new(Term::from_field_text(ctx.f.names, field), IndexRecordOption::Basic)),
+                1.0,
+            )))
         }
         "match" => {
             let (field, value, opts) = field_value(name, body, "query")?;
@@ -203,7 +215,10 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
             lo.append_type_and_str(&prefix);
             let mut hi = json_term(target, field);
             hi.append_type_and_str(&format!("{prefix}\u{10FFFF}"));
-            Ok(boosted(Box::new(ConstScoreQuery::new(Box::new(InvertedIndexRangeQuery::new(Bound::Included(lo), Bound::Excluded(hi))), 1.0)), opts))
+            Ok(boosted(
+                Box::new(ConstScoreQuery::new(Box::new(InvertedIndexRangeQuery::new(Bound::Included(lo), Bound::Excluded(hi))), 1.0)),
+                opts,
+            ))
         }
         "wildcard" => {
             let (field, value, opts) = field_value(name, body, "value")?;
@@ -241,10 +256,15 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
                         && let Value::String(s) = v
                         && parse_date_millis(s).is_none()
                     {
-                        return Err(EsError::bad_request("parse_exception", format!("failed to parse date field [{s}] with format [strict_date_optional_time||epoch_millis]")));
+                        return Err(EsError::bad_request(
+                            "parse_exception",
+                            format!("failed to parse date field [{s}] with format [strict_date_optional_time||epoch_millis]"),
+                        ));
                     }
                     if kind == Kind::Text {
-                        return Err(EsError::illegal(format!("range queries on text field [{field}] are not supported; use a keyword field")));
+                        return Err(EsError::illegal(format!(
+                            "range queries on text field [{field}] are not supported; use a keyword field"
+                        )));
                     }
                     // Ranges compare numbers as numbers: a float bound on an integer field stays a float.
                     let exact = if kind.is_numeric() && v.as_f64().is_some_and(|f| f.fract() != 0.0) { Kind::Double } else { kind };
@@ -255,7 +275,8 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
                     "gt" if !v.is_null() => lo = Bound::Excluded(bound_value(v)?),
                     "lte" | "to" if !v.is_null() => hi = Bound::Included(bound_value(v)?),
                     "lt" if !v.is_null() => hi = Bound::Excluded(bound_value(v)?),
-                    "gte" | "gt" | "lte" | "lt" | "from" | "to" | "boost" | "format" | "time_zone" | "include_lower" | "include_upper" | "relation" => {}
+                    "gte" | "gt" | "lte" | "lt" | "from" | "to" | "boost" | "format" | "time_zone" | "include_lower" | "include_upper"
+                    | "relation" => {}
                     other => return Err(EsError::parsing(format!("[range] query does not support [{other}]"))),
                 }
             }
@@ -330,7 +351,10 @@ pub(crate) fn build(ctx: &QueryCtx<'_>, q: &Value) -> EsResult<Q> {
                 Some(r) if r.field.kind == Kind::Nested => {}
                 _ if body.get("ignore_unmapped") == Some(&Value::Bool(true)) => return Ok(Box::new(EmptyQuery)),
                 _ => {
-                    return Err(EsError::bad_request("query_shard_exception", format!("[nested] failed to find nested object under path [{path}]")));
+                    return Err(EsError::bad_request(
+                        "query_shard_exception",
+                        format!("[nested] failed to find nested object under path [{path}]"),
+                    ));
                 }
             }
             let inner_q = build(ctx, inner)?;
@@ -350,7 +374,8 @@ fn term_query(ctx: &QueryCtx<'_>, field: &str, value: &Value) -> EsResult<Q> {
         return Ok(Box::new(TermQuery::new(Term::from_field_text(ctx.f.uid, &value_str(value)), IndexRecordOption::Basic)));
     }
     let Some(r) = ctx.mapping.resolve(field) else { return Ok(Box::new(EmptyQuery)) };
-    let term = if r.field.kind == Kind::Text { text_term(ctx, field, &value_str(value)) } else { kw_term(ctx, field, r.field.kind, value)? };
+    let term =
+        if r.field.kind == Kind::Text { text_term(ctx, field, &value_str(value)) } else { kw_term(ctx, field, r.field.kind, value)? };
     Ok(Box::new(ConstScoreQuery::new(Box::new(TermQuery::new(term, IndexRecordOption::Basic)), 1.0)))
 }
 
@@ -435,9 +460,7 @@ impl Weight for ParentsWeight {
         if let Some(mut postings) = roots.read_postings(&Term::from_field_u64(self.kind, KIND_ROOT), IndexRecordOption::Basic)? {
             let mut d = postings.doc();
             while d != TERMINATED {
-                if is_alive(d)
-                    && uid.term_ords(d).next().is_some_and(|o| owners.contains(o as u32))
-                {
+                if is_alive(d) && uid.term_ords(d).next().is_some_and(|o| owners.contains(o as u32)) {
                     parents.insert(d);
                 }
                 d = postings.advance();

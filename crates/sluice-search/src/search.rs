@@ -37,6 +37,9 @@ struct SortSpec {
     desc: bool,
 }
 
+/// Total hits, the page's hits with their sort values, and the aggregations.
+type Found = (usize, Vec<(Vec<SortVal>, DocAddress)>, Option<tantivy::aggregation::agg_result::AggregationResults>);
+
 #[derive(Clone, Debug, PartialEq, PartialOrd)]
 enum SortVal {
     Missing,
@@ -102,7 +105,9 @@ fn parse_sort(mapping: &Mapping, v: &Value) -> EsResult<Vec<SortSpec>> {
             "_doc" => SortBy::Doc,
             f => match mapping.resolve(f) {
                 Some(r) if r.field.kind == Kind::Keyword => SortBy::Str { column: format!("_kw.{f}") },
-                Some(r) if r.field.kind.is_numeric() => SortBy::Num { column: format!("_kw.{f}"), integer: r.field.kind.is_integer() || r.field.kind == Kind::Date },
+                Some(r) if r.field.kind.is_numeric() => {
+                    SortBy::Num { column: format!("_kw.{f}"), integer: r.field.kind.is_integer() || r.field.kind == Kind::Date }
+                }
                 Some(r) if r.field.kind == Kind::Boolean => SortBy::Num { column: format!("_kw.{f}"), integer: true },
                 Some(r) if r.field.kind == Kind::Text => {
                     return Err(EsError::illegal(format!(
@@ -248,7 +253,9 @@ impl SortSegment {
                         DynamicColumn::I64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v as f64, spec.desc)),
                         DynamicColumn::U64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v as f64, spec.desc)),
                         DynamicColumn::F64(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, v, spec.desc)),
-                        DynamicColumn::Bool(c) => c.values_for_doc(doc).for_each(|v| fold_best(&mut best, if v { 1.0 } else { 0.0 }, spec.desc)),
+                        DynamicColumn::Bool(c) => {
+                            c.values_for_doc(doc).for_each(|v| fold_best(&mut best, if v { 1.0 } else { 0.0 }, spec.desc))
+                        }
                         _ => {}
                     }
                 }
@@ -303,7 +310,8 @@ impl SegmentCollector for SortSegment {
         // are decoded in one sorted pass: each dictionary block is decompressed once.
         for (i, col) in self.cols.iter().enumerate() {
             let Col::Str(Some(c)) = col else { continue };
-            let mut ords: Vec<u64> = self.hits.iter().filter_map(|(k, _)| if let SortVal::Ord(o) = k[i] { Some((o - 1) / 2) } else { None }).collect();
+            let mut ords: Vec<u64> =
+                self.hits.iter().filter_map(|(k, _)| if let SortVal::Ord(o) = k[i] { Some((o - 1) / 2) } else { None }).collect();
             ords.sort_unstable();
             ords.dedup();
             let mut terms: Vec<String> = Vec::with_capacity(ords.len());
@@ -354,17 +362,27 @@ fn translate_aggs(mapping: &Mapping, aggs: &Value) -> EsResult<Aggregations> {
                 "aggs" | "aggregations" => subs = translate_aggs(mapping, v)?,
                 "meta" => {}
                 _ if kind.is_some() => {
-                    return Err(EsError::parsing(format!("Found two aggregation type definitions in [{name}]: [{}] and [{k}]", kind.expect("set").0)));
+                    return Err(EsError::parsing(format!(
+                        "Found two aggregation type definitions in [{name}]: [{}] and [{k}]",
+                        kind.expect("set").0
+                    )));
                 }
                 _ => kind = Some((k, v)),
             }
         }
         let (kind, body) = kind.ok_or_else(|| EsError::parsing(format!("Missing definition for aggregation [{name}]")))?;
         let agg = match kind.as_str() {
-            "filter" => AggregationVariants::Filter(FilterAggregation::new_with_builder(Box::new(EsFilter { query: body.clone(), mapping: mapping.to_json() }))),
+            "filter" => AggregationVariants::Filter(FilterAggregation::new_with_builder(Box::new(EsFilter {
+                query: body.clone(),
+                mapping: mapping.to_json(),
+            }))),
             k if FIELD_AGGS.contains(&k) => {
                 let mut body = body.clone();
-                let field = body.get("field").and_then(Value::as_str).ok_or_else(|| EsError::parsing(format!("[{name}] aggregation [{k}] requires [field]")))?.to_owned();
+                let field = body
+                    .get("field")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| EsError::parsing(format!("[{name}] aggregation [{k}] requires [field]")))?
+                    .to_owned();
                 match mapping.resolve(&field) {
                     Some(r) if r.field.kind == Kind::Text => {
                         return Err(EsError::illegal(format!(
@@ -372,7 +390,9 @@ fn translate_aggs(mapping: &Mapping, aggs: &Value) -> EsResult<Aggregations> {
                         )));
                     }
                     Some(r) if r.nested.is_some() => {
-                        return Err(EsError::illegal(format!("[{name}] field [{field}] is inside a nested field; nested aggregations are not supported")));
+                        return Err(EsError::illegal(format!(
+                            "[{name}] field [{field}] is inside a nested field; nested aggregations are not supported"
+                        )));
                     }
                     _ => {}
                 }
@@ -391,7 +411,10 @@ fn source_filter(v: Option<&Value>) -> EsResult<Option<(Vec<String>, Vec<String>
     let strs = |v: &Value| -> EsResult<Vec<String>> {
         match v {
             Value::String(s) => Ok(vec![s.clone()]),
-            Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(|| EsError::parsing("[_source] patterns must be strings"))).collect(),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| EsError::parsing("[_source] patterns must be strings")))
+                .collect(),
             _ => Err(EsError::parsing("[_source] patterns must be strings")),
         }
     };
@@ -437,7 +460,9 @@ fn filter_source(src: &Map<String, Value>, at: &str, inc: &[String], exc: &[Stri
                     }
                 }
             }
-            Value::Array(items) if items.iter().any(Value::is_object) && !exc.is_empty() || !inc_here && items.iter().any(Value::is_object) => {
+            Value::Array(items)
+                if items.iter().any(Value::is_object) && !exc.is_empty() || !inc_here && items.iter().any(Value::is_object) =>
+            {
                 let kept: Vec<Value> = items
                     .iter()
                     .filter_map(|i| match i {
@@ -464,13 +489,33 @@ fn filter_source(src: &Map<String, Value>, at: &str, inc: &[String], exc: &[Stri
 fn root_only(q: Box<dyn Query>, f: crate::index::Fields) -> Box<dyn Query> {
     Box::new(BooleanQuery::new(vec![
         (Occur::Must, q),
-        (Occur::Must, Box::new(tantivy::query::ConstScoreQuery::new(Box::new(TermQuery::new(Term::from_field_u64(f.kind, KIND_ROOT), IndexRecordOption::Basic)), 0.0))),
+        (
+            Occur::Must,
+            Box::new(tantivy::query::ConstScoreQuery::new(
+                Box::new(TermQuery::new(Term::from_field_u64(f.kind, KIND_ROOT), IndexRecordOption::Basic)),
+                0.0,
+            )),
+        ),
     ]))
 }
 
 const SEARCH_KEYS: &[&str] = &[
-    "query", "size", "from", "sort", "search_after", "_source", "track_total_hits", "aggs", "aggregations", "version", "seq_no_primary_term",
-    "timeout", "track_scores", "stored_fields", "explain", "min_score",
+    "query",
+    "size",
+    "from",
+    "sort",
+    "search_after",
+    "_source",
+    "track_total_hits",
+    "aggs",
+    "aggregations",
+    "version",
+    "seq_no_primary_term",
+    "timeout",
+    "track_scores",
+    "stored_fields",
+    "explain",
+    "min_score",
 ];
 
 /// Runs a `_search` request body (with `size`/`from` query parameters already merged in).
@@ -538,20 +583,20 @@ pub fn search(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
         None => None,
     };
     let sorted_by_score_only = specs.len() == 1 && matches!(specs[0].by, SortBy::Score) && after.is_none();
-    let agg_collector = aggs.map(|a| AggregationCollector::from_aggs(a, AggContextParams::new(AggregationLimitsGuard::default(), tokenizers.clone())));
+    let agg_collector =
+        aggs.map(|a| AggregationCollector::from_aggs(a, AggContextParams::new(AggregationLimitsGuard::default(), tokenizers.clone())));
     let count = Count;
-    let (total, hits, agg_res): (usize, Vec<(Vec<SortVal>, DocAddress)>, Option<tantivy::aggregation::agg_result::AggregationResults>) =
-        if sorted_by_score_only {
-            let td = TopDocs::with_limit(size.max(1)).and_offset(from).order_by_score();
-            let (total, top, aggs) = searcher.search(&*query, &(count, td, agg_collector))?;
-            (total, top.into_iter().map(|(s, a)| (vec![SortVal::Num(s as f64)], a)).collect(), aggs)
-        } else {
-            let sc = SortCollector { specs: specs.clone(), after, keep: from + size };
-            let (total, mut top, aggs) = searcher.search(&*query, &(count, sc, agg_collector))?;
-            let skip = from.min(top.len());
-            top.drain(..skip);
-            (total, top, aggs)
-        };
+    let (total, hits, agg_res): Found = if sorted_by_score_only {
+        let td = TopDocs::with_limit(size.max(1)).and_offset(from).order_by_score();
+        let (total, top, aggs) = searcher.search(&*query, &(count, td, agg_collector))?;
+        (total, top.into_iter().map(|(s, a)| (vec![SortVal::Num(s as f64)], a)).collect(), aggs)
+    } else {
+        let sc = SortCollector { specs: specs.clone(), after, keep: from + size };
+        let (total, mut top, aggs) = searcher.search(&*query, &(count, sc, agg_collector))?;
+        let skip = from.min(top.len());
+        top.drain(..skip);
+        (total, top, aggs)
+    };
     let hits = if size == 0 { Vec::new() } else { hits };
     let (inc, exc) = source_filter(body.get("_source"))?.map_or((None, vec![]), |(i, e)| (Some(i), e));
     let with_version = body.get("version") == Some(&Value::Bool(true));
@@ -590,7 +635,8 @@ pub fn search(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
         Some(Value::Bool(false)) => {}
         Some(Value::Number(n)) => {
             let cap = n.as_u64().unwrap_or(10_000) as usize;
-            hits_obj["total"] = if total > cap { json!({"value": cap, "relation": "gte"}) } else { json!({"value": total, "relation": "eq"}) };
+            hits_obj["total"] =
+                if total > cap { json!({"value": cap, "relation": "gte"}) } else { json!({"value": total, "relation": "eq"}) };
         }
         _ => hits_obj["total"] = json!({"value": total, "relation": "eq"}),
     }

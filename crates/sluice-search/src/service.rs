@@ -54,12 +54,18 @@ pub fn parse_interval(v: &Value) -> EsResult<Duration> {
         return Ok(Duration::MAX);
     }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| EsError::illegal(format!("failed to parse setting [index.refresh_interval] with value [{s}] as a time value")))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| EsError::illegal(format!("failed to parse setting [index.refresh_interval] with value [{s}] as a time value")))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(60 * n),
-        _ => return Err(EsError::illegal(format!("failed to parse setting [index.refresh_interval] with value [{s}] as a time value: unit is missing or unrecognized"))),
+        _ => {
+            return Err(EsError::illegal(format!(
+                "failed to parse setting [index.refresh_interval] with value [{s}] as a time value: unit is missing or unrecognized"
+            )));
+        }
     })
 }
 
@@ -133,7 +139,9 @@ impl SearchService {
                                     refresh = parse_interval(&value)?;
                                     settings["index"]["refresh_interval"] = value;
                                 }
-                                "number_of_shards" | "number_of_replicas" => settings["index"][key] = json!(value.to_string().trim_matches('"')),
+                                "number_of_shards" | "number_of_replicas" => {
+                                    settings["index"][key] = json!(value.to_string().trim_matches('"'))
+                                }
                                 "max_result_window" | "auto_expand_replicas" | "codec" => {}
                                 other => {
                                     return Err(EsError::illegal(format!(

@@ -53,7 +53,9 @@ pub enum Tokens {
         role: String,
     },
     /// Revoke a token by id.
-    Revoke { id: i64 },
+    Revoke {
+        id: i64,
+    },
 }
 
 /// Sources and sinks: created from a YAML (or JSON) file.
@@ -66,13 +68,17 @@ pub enum Resource {
         #[arg(long, short)]
         file: PathBuf,
     },
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Replace from a file (same name).
     Update {
         #[arg(long, short)]
         file: PathBuf,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,14 +101,20 @@ pub enum Pipelines {
         no_wait: bool,
     },
     /// Live status, lag and the last workflow.
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Change tables, transforms or options from a file; re-provisions.
     Update {
         #[arg(long, short)]
         file: PathBuf,
     },
-    Pause { name: String },
-    Resume { name: String },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
     /// Read tables again from the source and bring the sink back in line, while the
     /// pipeline keeps streaming (a sink edited by hand, a consumer that lost data).
     /// Waits and shows progress.
@@ -131,10 +143,16 @@ pub enum Workflows {
         pipeline: Option<String>,
     },
     /// A workflow's steps: each attempt with its server, times and error.
-    Show { id: i64 },
-    Cancel { id: i64 },
+    Show {
+        id: i64,
+    },
+    Cancel {
+        id: i64,
+    },
     /// Retry a failed or cancelled workflow from the step that failed.
-    Retry { id: i64 },
+    Retry {
+        id: i64,
+    },
 }
 
 pub enum Command {
@@ -164,8 +182,12 @@ impl Api<'_> {
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
-            ("PUT", b) => self.agent.put(&url).header("Authorization", &auth).header("Content-Type", "application/yaml").send(b.unwrap_or_default()),
-            (_, b) => self.agent.post(&url).header("Authorization", &auth).header("Content-Type", "application/yaml").send(b.unwrap_or_default()),
+            ("PUT", b) => {
+                self.agent.put(&url).header("Authorization", &auth).header("Content-Type", "application/yaml").send(b.unwrap_or_default())
+            }
+            (_, b) => {
+                self.agent.post(&url).header("Authorization", &auth).header("Content-Type", "application/yaml").send(b.unwrap_or_default())
+            }
         };
         let mut resp = resp.map_err(|e| anyhow::anyhow!("cannot reach the Sluice API at {}: {e}: check --url / SLUICE_URL", self.c.url))?;
         let status = resp.status().as_u16();
@@ -219,19 +241,24 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
         Command::Tenants(t) => match t {
             Tenants::List => out(&api.call("GET", "/v1/tenants", None)?, &|v| list(v, "tenants", &["name", "created_at"])),
             Tenants::Create { name } => {
-                out(&api.call("POST", "/v1/tenants", Some(json!({ "name": name }).to_string().into_bytes()))?, &|_| format!("created tenant {name}\n"))
+                out(&api.call("POST", "/v1/tenants", Some(json!({ "name": name }).to_string().into_bytes()))?, &|_| {
+                    format!("created tenant {name}\n")
+                })
             }
             Tenants::Show { name } => out(&api.call("GET", &format!("/v1/tenants/{name}"), None)?, &pretty),
-            Tenants::Delete { name } => out(&api.call("DELETE", &format!("/v1/tenants/{name}"), None)?, &|_| format!("deleted tenant {name}\n")),
+            Tenants::Delete { name } => {
+                out(&api.call("DELETE", &format!("/v1/tenants/{name}"), None)?, &|_| format!("deleted tenant {name}\n"))
+            }
         },
         Command::Tokens(t) => {
             let base = format!("/v1/tenants/{}/tokens", api.tenant()?);
             match t {
                 Tokens::List => out(&api.call("GET", &base, None)?, &|v| list(v, "tokens", &["id", "name", "role", "created_at"])),
-                Tokens::Create { name, role } => out(
-                    &api.call("POST", &base, Some(json!({ "name": name, "role": role }).to_string().into_bytes()))?,
-                    &|v| format!("{}\n(token {} for {role}: shown once, store it now)\n", v["token"].as_str().unwrap_or(""), v["id"]),
-                ),
+                Tokens::Create { name, role } => {
+                    out(&api.call("POST", &base, Some(json!({ "name": name, "role": role }).to_string().into_bytes()))?, &|v| {
+                        format!("{}\n(token {} for {role}: shown once, store it now)\n", v["token"].as_str().unwrap_or(""), v["id"])
+                    })
+                }
                 Tokens::Revoke { id } => out(&api.call("DELETE", &format!("{base}/{id}"), None)?, &|_| format!("revoked token {id}\n")),
             }
         }
@@ -242,7 +269,11 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
             let base = format!("/v1/tenants/{}/pipelines", api.tenant()?);
             match p {
                 Pipelines::List => out(&api.call("GET", &base, None)?, &|v| {
-                    list(v, "pipelines", &["name", "desired", "status.state", "status.lag_last_ms", "status.events", "server", "last_workflow.state"])
+                    list(
+                        v,
+                        "pipelines",
+                        &["name", "desired", "status.state", "status.lag_last_ms", "status.events", "server", "last_workflow.state"],
+                    )
                 }),
                 Pipelines::Create { file, no_wait } => {
                     let v = api.call("POST", &base, Some(read(&file)?))?;
@@ -250,15 +281,27 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                     if !no_wait {
                         wait_workflow(&api, wf)?;
                     }
-                    out(&v, &|v| format!("pipeline {} created (provisioning workflow {wf}{})\n", v["name"].as_str().unwrap_or(""), if no_wait { "" } else { " succeeded" }))
+                    out(&v, &|v| {
+                        format!(
+                            "pipeline {} created (provisioning workflow {wf}{})\n",
+                            v["name"].as_str().unwrap_or(""),
+                            if no_wait { "" } else { " succeeded" }
+                        )
+                    })
                 }
                 Pipelines::Show { name } => out(&api.call("GET", &format!("{base}/{name}"), None)?, &pretty),
                 Pipelines::Update { file } => {
                     let name = name_in(&file)?;
-                    out(&api.call("PUT", &format!("{base}/{name}"), Some(read(&file)?))?, &|v| format!("updating {name}: workflow {}\n", v["workflow"]))
+                    out(&api.call("PUT", &format!("{base}/{name}"), Some(read(&file)?))?, &|v| {
+                        format!("updating {name}: workflow {}\n", v["workflow"])
+                    })
                 }
-                Pipelines::Pause { name } => out(&api.call("POST", &format!("{base}/{name}/pause"), None)?, &|v| format!("pausing {name}: workflow {}\n", v["workflow"])),
-                Pipelines::Resume { name } => out(&api.call("POST", &format!("{base}/{name}/resume"), None)?, &|v| format!("resuming {name}: workflow {}\n", v["workflow"])),
+                Pipelines::Pause { name } => out(&api.call("POST", &format!("{base}/{name}/pause"), None)?, &|v| {
+                    format!("pausing {name}: workflow {}\n", v["workflow"])
+                }),
+                Pipelines::Resume { name } => out(&api.call("POST", &format!("{base}/{name}/resume"), None)?, &|v| {
+                    format!("resuming {name}: workflow {}\n", v["workflow"])
+                }),
                 Pipelines::Resync { name, tables, no_wait } => {
                     let body = serde_json::to_vec(&serde_json::json!({ "tables": tables }))?;
                     let v = api.call("POST", &format!("{base}/{name}/resync"), Some(body))?;
@@ -266,12 +309,17 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                     if !no_wait {
                         wait_workflow(&api, wf)?;
                     }
-                    out(&v, &|v| format!("resync of {name} ({}): workflow {wf}{}\n", v["tables"].as_array().map_or(0, Vec::len).to_string() + " tables", if no_wait { "" } else { " succeeded" }))
+                    out(&v, &|v| {
+                        format!(
+                            "resync of {name} ({}): workflow {wf}{}\n",
+                            v["tables"].as_array().map_or(0, Vec::len).to_string() + " tables",
+                            if no_wait { "" } else { " succeeded" }
+                        )
+                    })
                 }
-                Pipelines::Delete { name, purge } => out(
-                    &api.call("DELETE", &format!("{base}/{name}?purge={purge}"), None)?,
-                    &|v| format!("tearing down {name}: workflow {}\n", v["workflow"]),
-                ),
+                Pipelines::Delete { name, purge } => out(&api.call("DELETE", &format!("{base}/{name}?purge={purge}"), None)?, &|v| {
+                    format!("tearing down {name}: workflow {}\n", v["workflow"])
+                }),
             }
         }
         Command::Workflows(w) => {
@@ -288,19 +336,26 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                     s += &list(v, "history", &["step", "attempt", "outcome", "started_at", "ended_at", "server", "error"]);
                     s
                 }),
-                Workflows::Cancel { id } => out(&api.call("POST", &format!("{base}/{id}/cancel"), None)?, &|v| format!("workflow {id}: {}\n", v["state"])),
-                Workflows::Retry { id } => out(&api.call("POST", &format!("{base}/{id}/retry"), None)?, &|v| format!("workflow {id}: {}\n", v["state"])),
+                Workflows::Cancel { id } => {
+                    out(&api.call("POST", &format!("{base}/{id}/cancel"), None)?, &|v| format!("workflow {id}: {}\n", v["state"]))
+                }
+                Workflows::Retry { id } => {
+                    out(&api.call("POST", &format!("{base}/{id}/retry"), None)?, &|v| format!("workflow {id}: {}\n", v["state"]))
+                }
             }
         }
     }
     Ok(())
 }
 
+/// Prints a response: JSON as is with `--output json`, else through the text renderer.
+type Printer<'a> = &'a dyn Fn(&Value, &dyn Fn(&Value) -> String);
+
 fn resource(
     api: &Api<'_>,
     kind: &str,
     r: Resource,
-    out: &dyn Fn(&Value, &dyn Fn(&Value) -> String),
+    out: Printer<'_>,
     list: &dyn Fn(&Value, &str, &[&str]) -> String,
     pretty: &dyn Fn(&Value) -> String,
 ) -> Result<()> {
@@ -310,7 +365,9 @@ fn resource(
             let cols: &[&str] = if kind == "sources" { &["name", "host", "port", "database", "admin_user"] } else { &["name"] };
             list(v, kind, cols)
         }),
-        Resource::Create { file } => out(&api.call("POST", &base, Some(read(&file)?))?, &|v| format!("created {} {}\n", &kind[..kind.len() - 1], v["name"])),
+        Resource::Create { file } => {
+            out(&api.call("POST", &base, Some(read(&file)?))?, &|v| format!("created {} {}\n", &kind[..kind.len() - 1], v["name"]))
+        }
         Resource::Show { name } => out(&api.call("GET", &format!("{base}/{name}"), None)?, pretty),
         Resource::Update { file } => {
             let name = name_in(&file)?;
@@ -331,7 +388,9 @@ fn wait_workflow(api: &Api<'_>, id: i64) -> Result<()> {
         if let Some(p) = v["params"]["progress"].as_array().filter(|_| api.c.output == Format::Text) {
             let line: Vec<String> = p
                 .iter()
-                .map(|t| format!("{} {} rows{}", t["table"].as_str().unwrap_or(""), t["rows"], if t["done"] == true { " done" } else { "" }))
+                .map(|t| {
+                    format!("{} {} rows{}", t["table"].as_str().unwrap_or(""), t["rows"], if t["done"] == true { " done" } else { "" })
+                })
                 .collect();
             let line = line.join(", ");
             if line != progress {
@@ -346,7 +405,12 @@ fn wait_workflow(api: &Api<'_>, id: i64) -> Result<()> {
         while let Some(h) = history.get(shown).filter(|h| !h["ended_at"].is_null()) {
             if api.c.output == Format::Text {
                 let err = h["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
-                eprintln!("  {} (attempt {}): {}{err}", h["step"].as_str().unwrap_or(""), h["attempt"], h["outcome"].as_str().unwrap_or(""));
+                eprintln!(
+                    "  {} (attempt {}): {}{err}",
+                    h["step"].as_str().unwrap_or(""),
+                    h["attempt"],
+                    h["outcome"].as_str().unwrap_or("")
+                );
             }
             shown += 1;
         }

@@ -10,9 +10,9 @@ use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::config::PipelineConfig;
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use sluice_engine::config::PipelineConfig;
+use sluice_engine::metrics::Metrics;
+use sluice_engine::pipeline::Pipeline;
 
 async fn connect(port: u16, db: &str) -> Result<Client> {
     sluice_postgres::cluster::superuser_client(port, db).await.context("connecting to a demo server")
@@ -32,18 +32,14 @@ pub fn spawn_pipeline(yaml: &str, progress_bar: bool) -> Result<Running> {
 }
 
 async fn digest(c: &Client) -> Result<(i64, String)> {
-    let row = c
-        .query_one("SELECT count(*), coalesce(md5(string_agg(o::text, ',' ORDER BY id)), '') FROM orders o", &[])
-        .await?;
+    let row = c.query_one("SELECT count(*), coalesce(md5(string_agg(o::text, ',' ORDER BY id)), '') FROM orders o", &[]).await?;
     Ok((row.get(0), row.get(1)))
 }
 
 pub async fn run(duration: Duration, rate: u32, rows: u32, shutdown: watch::Receiver<bool>) -> Result<()> {
     println!("starting two throwaway Postgres servers (source and replica)...");
-    let (src, dst) = tokio::task::spawn_blocking(|| -> std::io::Result<_> {
-        Ok((TempCluster::start(&[])?, TempCluster::start(&[])?))
-    })
-    .await??;
+    let (src, dst) =
+        tokio::task::spawn_blocking(|| -> std::io::Result<_> { Ok((TempCluster::start(&[])?, TempCluster::start(&[])?)) }).await??;
     for port in [src.port, dst.port] {
         connect(port, "postgres").await?.batch_execute("CREATE DATABASE shop").await?;
     }
@@ -96,10 +92,17 @@ pub async fn run(duration: Duration, rate: u32, rows: u32, shutdown: watch::Rece
             for _ in 0..per_tick {
                 match rng.random_range(0..10) {
                     0..=4 => {
-                        sql += &format!("INSERT INTO orders (id, customer, amount, status) VALUES ({next_id}, 'c{}', {}, 'new');", next_id % 97, rng.random_range(1..100_000) as f64 / 100.0);
+                        sql += &format!(
+                            "INSERT INTO orders (id, customer, amount, status) VALUES ({next_id}, 'c{}', {}, 'new');",
+                            next_id % 97,
+                            rng.random_range(1..100_000) as f64 / 100.0
+                        );
                         next_id += 1;
                     }
-                    5..=8 => sql += &format!("UPDATE orders SET status = 'paid', amount = amount + 1 WHERE id = {};", rng.random_range(1..next_id)),
+                    5..=8 => {
+                        sql +=
+                            &format!("UPDATE orders SET status = 'paid', amount = amount + 1 WHERE id = {};", rng.random_range(1..next_id))
+                    }
                     _ => sql += &format!("DELETE FROM orders WHERE id = {};", rng.random_range(1..next_id)),
                 }
             }

@@ -1,15 +1,14 @@
-//! The `sluice` binary's library: configuration, the pipeline runner, metrics and the demo.
+//! The `sluice` binary's library: the CLI's commands, the server's wiring and the demos.
+//! The engine (`sluice-engine`) and the control plane (`sluice-control`) are crates of
+//! their own; they are re-exported here under their old paths.
+
+pub use sluice_control as control;
+pub use sluice_engine::{config, enrich, metrics, pipeline, resync};
 
 pub mod client;
-pub mod config;
-pub mod control;
 pub mod demo;
-pub mod enrich;
-pub mod metrics;
 pub mod metrics_summary;
-pub mod search_demo;
 pub mod migrations;
-pub mod pipeline;
 pub mod registry_check;
-pub mod resync;
+pub mod search_demo;
 pub mod server;

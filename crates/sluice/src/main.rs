@@ -340,10 +340,11 @@ async fn serve(addr: std::net::SocketAddr, app: axum::Router, what: &str) -> any
 
 async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router, what: &str, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "{what} listening");
-    axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop.changed().await;
-    })
-    .await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await?;
     Ok(())
 }
 
@@ -438,8 +439,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Server { addr, source, registry_database, search_data, control_database, server_id, lease } => {
             init_logs(&cli.log, false);
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
             let addr = listener.local_addr()?;
             let stop = shutdown_signal();
             let control = match &control_database {
@@ -451,7 +451,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     let db = sluice::control::db::Db::new(dsn).map_err(anyhow::Error::msg)?;
                     db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
                     let id = server_id.unwrap_or_else(|| {
-                        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+                        let host =
+                            std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
                         format!("{host}:{}", addr.port())
                     });
                     tracing::info!(server_id = %id, "control plane on");

@@ -21,10 +21,7 @@ pub async fn load_model(dsn: &str, pipeline: Option<&str>) -> Result<Model, Chec
     })?;
     tokio::spawn(conn);
     // Catalog reads only: the session cannot write even by mistake.
-    client
-        .batch_execute("SET default_transaction_read_only = on")
-        .await
-        .map_err(|e| CheckError::Context(format!("--source: {e}")))?;
+    client.batch_execute("SET default_transaction_read_only = on").await.map_err(|e| CheckError::Context(format!("--source: {e}")))?;
     let publications = pipeline.map(|p| vec![format!("sluice_{p}")]);
     Model::load(&client, publications.as_deref()).await.map_err(|e| CheckError::Context(e.to_string()))
 }
@@ -42,10 +39,11 @@ pub async fn check_files(
         let mut report = sluice_ddl::check(&name, &sql, &mut model)?;
         if let Some((url, pipeline)) = registry {
             let (url, pipeline) = (url.to_string(), pipeline.to_string());
-            report = tokio::task::spawn_blocking(move || crate::registry_check::apply(&url, &pipeline, &model, &mut report).map(|()| report))
-                .await
-                .map_err(|e| CheckError::Context(format!("registry check failed: {e}")))?
-                .map_err(|e| CheckError::Context(e.to_string()))?;
+            report =
+                tokio::task::spawn_blocking(move || crate::registry_check::apply(&url, &pipeline, &model, &mut report).map(|()| report))
+                    .await
+                    .map_err(|e| CheckError::Context(format!("registry check failed: {e}")))?
+                    .map_err(|e| CheckError::Context(e.to_string()))?;
         }
         reports.push(report);
     }

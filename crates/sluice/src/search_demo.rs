@@ -38,7 +38,8 @@ struct App {
 
 /// Serves the built-in search service on `addr`; returns its URL.
 async fn start_search(addr: SocketAddr, data: &std::path::Path) -> Result<String> {
-    let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH).map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
+    let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
+        .map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --search-addr {addr}"))?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, api).await });
@@ -114,14 +115,17 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
         p(&mut es_us, 0.9)
     );
 
-    let app = Arc::new(App { http, search_url: search_url.clone(), pg: sluice_postgres::cluster::superuser_client(pg.port, "metrics").await? });
+    let app =
+        Arc::new(App { http, search_url: search_url.clone(), pg: sluice_postgres::cluster::superuser_client(pg.port, "metrics").await? });
     let router = axum::Router::new()
         .route("/", axum::routing::get(|| async { Html(PAGE) }))
         .route("/api/page", axum::routing::get(api_page))
         .with_state(app);
     let page_addr = page_listener.local_addr()?;
     tokio::spawn(async move { axum::serve(page_listener, router).await });
-    println!("serving the Metrics Summary page at http://{page_addr}/ (JSON: /api/page?tags=env:prod&type=gauge&text=cpu&sort=last_seen&page=0&backend=search|postgres)");
+    println!(
+        "serving the Metrics Summary page at http://{page_addr}/ (JSON: /api/page?tags=env:prod&type=gauge&text=cpu&sort=last_seen&page=0&backend=search|postgres)"
+    );
     if o.rate > 0 {
         println!("changing {} configurations per second; each change reaches its metric's document:", o.rate);
     }
@@ -144,7 +148,8 @@ pub async fn run(o: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<
                 let mut r = rand::rng();
                 (0..per_tick).map(|_| r.random_range(1..=scale.configurations.max(1) as i64)).collect()
             };
-            src.execute("UPDATE metric_configurations SET setting = setting || '+', updated_at = now() WHERE id = ANY($1)", &[&ids]).await?;
+            src.execute("UPDATE metric_configurations SET setting = setting || '+', updated_at = now() WHERE id = ANY($1)", &[&ids])
+                .await?;
             written += u64::from(per_tick);
         }
         if o.rate > 0 && last_print.elapsed() >= Duration::from_secs(5) {

@@ -89,11 +89,11 @@ fn openapi() -> serde_json::Value {
     })
 }
 
-pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, control: Option<Arc<crate::control::Control>>) -> Router {
+pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, control: Option<Arc<sluice_control::Control>>) -> Router {
     let mut doc = openapi();
     if control.is_some() {
         let paths = doc["paths"].as_object_mut().expect("paths");
-        paths.extend(crate::control::api::openapi_paths());
+        paths.extend(sluice_control::api::openapi_paths());
         doc["components"] = json!({ "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } });
     }
     let doc = Arc::new(doc);
@@ -103,7 +103,7 @@ pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, 
         .route("/v1/migrations/check", post(migrations_check))
         .with_state(Arc::new(cfg));
     if let Some(ctl) = control {
-        app = app.merge(crate::control::api::router(ctl));
+        app = app.merge(sluice_control::api::router(ctl));
     }
     if let Some(store) = registry {
         app = app.nest("/registry", sluice_registry::router(store));

@@ -1,11 +1,9 @@
 //! Rows encoded by Sluice's Avro encoder decode with Confluent's own deserializer,
 //! using the schema registered in Sluice's registry.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use sluice_core::{Datum, TableName};
 
@@ -33,16 +31,17 @@ async fn confluent_deserializer_reads_sluice_avro() {
         .unwrap()
         .into_iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len()).map(|i| r.get(i).map_or(Datum::Null, |s| Datum::Text(s.to_string().into_bytes().into()))).collect(),
-            ),
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map_or(Datum::Null, |s| Datum::Text(s.to_string().into_bytes().into()))).collect())
+            }
             _ => None,
         })
         .collect();
 
     let (_registry, url) = env.spawn_registry().await;
     let schema = sluice_core::avro::value_schema("shop", &table);
-    let mut r = ureq::post(&format!("{url}/subjects/shop.public.kinds-value/versions")).send_json(json!({"schema": schema.to_string()})).unwrap();
+    let mut r =
+        ureq::post(&format!("{url}/subjects/shop.public.kinds-value/versions")).send_json(json!({"schema": schema.to_string()})).unwrap();
     let id = r.body_mut().read_json::<Value>().unwrap()["id"].as_u64().unwrap() as u32;
 
     let encoder = sluice_kafka::AvroEncoder::value(&table, "shop", id).unwrap();

@@ -1,10 +1,8 @@
 //! Bad input fails fast with one clear line and writes nothing; an idle slot advances.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sluice_postgres::cluster::TempCluster;
 
 /// Runs `sluice run` and expects exit 1 with exactly one error line containing `want`.
@@ -20,7 +18,8 @@ fn expect_failure(config: &std::path::Path, want: &str) {
 /// Nothing of the pipeline's exists: no slot or publication at the source, no state in the sink.
 async fn assert_untouched(env: &Env) {
     let src = env.src().await;
-    let slots: i64 = src.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    let slots: i64 =
+        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
     let pubs: i64 = src.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
     assert_eq!((slots, pubs), (0, 0), "the failed run created replication objects");
     let dst = env.dst().await;
@@ -119,14 +118,11 @@ async fn idle_slot_keeps_advancing_while_other_tables_are_busy() {
     let confirmed = || {
         let (src, slot) = (&src, &slot);
         async move {
-            src.query_one(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[slot],
-            )
-            .await
-            .ok()
-            .and_then(|r| r.get::<_, Option<i64>>(0))
-            .unwrap_or(0)
+            src.query_one("SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[slot])
+                .await
+                .ok()
+                .and_then(|r| r.get::<_, Option<i64>>(0))
+                .unwrap_or(0)
         }
     };
     wait_for("streaming to start", Duration::from_secs(30), || async { confirmed().await > 0 }).await;

@@ -1,16 +1,15 @@
 //! The control plane through its real parts: `sluice server` processes on a control
 //! database, the API over HTTP, the CLI, real source and target Postgres clusters.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Env, Pipeline as Proc, connect, spawn_broker, wait_equal, wait_for};
+use crate::common::{BIN, Env, Pipeline as Proc, connect, spawn_broker, wait_equal, wait_for};
 use serde_json::Value;
 
 const KEY: &str = "6b1f0f6c2c1e4b8a9d7e5c3a1b2c4d6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c";
-const STEPS: &[&str] = &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
+const STEPS: &[&str] =
+    &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
 
 struct Ctl {
     env: Env,
@@ -120,13 +119,7 @@ async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>
 
 /// Runs a CLI command against `url`; returns (exit code, stdout, stderr).
 fn cli(url: &str, token: &str, tenant: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("SLUICE_URL", url)
-        .env("SLUICE_TOKEN", token)
-        .env("SLUICE_TENANT", tenant)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(args).env("SLUICE_URL", url).env("SLUICE_TOKEN", token).env("SLUICE_TENANT", tenant).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -155,7 +148,9 @@ async fn source_objects(ctl: &Ctl) -> (Vec<String>, Vec<String>, Vec<String>) {
     let c = connect(env.src_port, &env.db).await;
     let list = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
     (
-        list(c.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[]).await.unwrap()),
+        list(
+            c.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[]).await.unwrap(),
+        ),
         list(c.query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[]).await.unwrap()),
         list(c.query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1 ORDER BY 1", &[&prefix]).await.unwrap()),
     )
@@ -165,10 +160,13 @@ async fn source_objects(ctl: &Ctl) -> (Vec<String>, Vec<String>, Vec<String>) {
 async fn tenant_with_resources(ctl: &Ctl, url: &str, t: &str) -> String {
     let (s, _) = call("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some(format!("name: {t}"))).await;
     assert_eq!(s, 201);
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/tokens"), Some(&ctl.admin), Some("{name: ops, role: tenant_admin}".into())).await;
+    let (s, v) =
+        call("POST", &format!("{url}/v1/tenants/{t}/tokens"), Some(&ctl.admin), Some("{name: ops, role: tenant_admin}".into())).await;
     assert_eq!(s, 201, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/sources"), Some(&token), Some(ctl.source_yaml("main", "postgres", superuser_pw()))).await;
+    let (s, v) =
+        call("POST", &format!("{url}/v1/tenants/{t}/sources"), Some(&token), Some(ctl.source_yaml("main", "postgres", superuser_pw())))
+            .await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = call("POST", &format!("{url}/v1/tenants/{t}/sinks"), Some(&token), Some(ctl.sink_yaml("replica"))).await;
     assert_eq!(s, 201, "{v}");
@@ -224,7 +222,10 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
         )
         .await
         .unwrap();
-    assert_eq!((r.get::<_, bool>(1), r.get::<_, bool>(2), r.get::<_, bool>(3), r.get::<_, bool>(4), r.get::<_, bool>(5)), (false, true, true, false, false));
+    assert_eq!(
+        (r.get::<_, bool>(1), r.get::<_, bool>(2), r.get::<_, bool>(3), r.get::<_, bool>(4), r.get::<_, bool>(5)),
+        (false, true, true, false, false)
+    );
     let role: String = r.get(0);
     // The snapshot is in the target before streaming starts: wait for the walsender.
     wait_for("the walsender to run as the pipeline's role", Duration::from_secs(15), || async {
@@ -329,7 +330,13 @@ async fn provisioning_survives_a_kill_at_every_step() {
     // Created while no server runs: the workflow waits, and each server below takes
     // it one step further before it is killed.
     let server = ctl.server("s1", port, None).await;
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/team/pipelines"),
+        Some(&token),
+        Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     let wf = v["workflow"].as_i64().unwrap();
     drop(server); // kill -9 (Drop), likely before it starts the first step
@@ -383,7 +390,13 @@ async fn a_dead_servers_pipelines_move_to_the_other_within_30s() {
     let mut wfs = Vec::new();
     for i in 0..3 {
         create_orders(env, &format!("t{i}"), 1000).await;
-        let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some(format!("{{name: p{i}, source: main, sink: replica, tables: [t{i}]}}"))).await;
+        let (s, v) = call(
+            "POST",
+            &format!("{url}/v1/tenants/team/pipelines"),
+            Some(&token),
+            Some(format!("{{name: p{i}, source: main, sink: replica, tables: [t{i}]}}")),
+        )
+        .await;
         assert_eq!(s, 201, "{v}");
         wfs.push(v["workflow"].as_i64().unwrap());
     }
@@ -404,9 +417,13 @@ async fn a_dead_servers_pipelines_move_to_the_other_within_30s() {
         async move {
             for i in 0..150 {
                 let t = i % 3;
-                s.batch_execute(&format!("INSERT INTO t{t} VALUES ({}, 'w', 1); UPDATE t{t} SET amount = amount + 1 WHERE id = {};", 10_000 + i, 1 + i))
-                    .await
-                    .unwrap();
+                s.batch_execute(&format!(
+                    "INSERT INTO t{t} VALUES ({}, 'w', 1); UPDATE t{t} SET amount = amount + 1 WHERE id = {};",
+                    10_000 + i,
+                    1 + i
+                ))
+                .await
+                .unwrap();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -435,7 +452,11 @@ async fn a_dead_servers_pipelines_move_to_the_other_within_30s() {
         assert!(most <= 1, "a slot has two readers");
         let (_, v) = call("GET", &format!("{survivor_url}/v1/tenants/team/pipelines"), Some(&token), None).await;
         let moved = v["pipelines"].as_array().unwrap().iter().all(|p| p["server"] == survivor && p["status"]["server"] == survivor);
-        let streaming: i64 = src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()", &[]).await.unwrap().get(0);
+        let streaming: i64 = src
+            .query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
         if moved && streaming == 3 {
             break;
         }
@@ -461,7 +482,13 @@ async fn tenants_are_isolated_on_every_route() {
     let url = server.url.clone();
     let a = tenant_with_resources(&ctl, &url, "alpha").await;
     let b = tenant_with_resources(&ctl, &url, "beta").await;
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/alpha/pipelines"),
+        Some(&a),
+        Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     let wf = v["workflow"].as_i64().unwrap();
     wait_workflow(&url, &a, "alpha", wf, Duration::from_secs(60)).await;
@@ -482,12 +509,15 @@ async fn tenants_are_isolated_on_every_route() {
         let section = path.split('/').nth(4).unwrap_or("");
         let concrete = path
             .replace("{tenant}", "alpha")
-            .replace("{name}", match section {
-                "sources" => "main",
-                "sinks" => "replica",
-                "enrichers" => "derived",
-                _ => "orders",
-            })
+            .replace(
+                "{name}",
+                match section {
+                    "sources" => "main",
+                    "sinks" => "replica",
+                    "enrichers" => "derived",
+                    _ => "orders",
+                },
+            )
             .replace("{id}", &if section == "tokens" { viewer_id } else { wf }.to_string());
         for method in item.as_object().unwrap().keys() {
             let m = method.to_uppercase();
@@ -556,18 +586,72 @@ async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
         assert!(m.contains(words) && !m.contains('\n'), "{m}");
     };
     expect(post("sources", "{name: x, host: [").await, 422, "invalid_source", None, "");
-    expect(post("sources", &ctl.source_yaml("x", "postgres", "p").replace("host:", "hots: h\nhost:")).await, 422, "invalid_source", None, "unknown field `hots`");
-    expect(post("sources", &ctl.source_yaml("x", "postgres", "p").replace(&env.src_port.to_string(), "1")).await, 422, "source_unreachable", Some("host"), "check host, port");
+    expect(
+        post("sources", &ctl.source_yaml("x", "postgres", "p").replace("host:", "hots: h\nhost:")).await,
+        422,
+        "invalid_source",
+        None,
+        "unknown field `hots`",
+    );
+    expect(
+        post("sources", &ctl.source_yaml("x", "postgres", "p").replace(&env.src_port.to_string(), "1")).await,
+        422,
+        "source_unreachable",
+        Some("host"),
+        "check host, port",
+    );
     expect(post("sources", &ctl.source_yaml("Bad Name", "postgres", "p")).await, 422, "invalid_source", Some("name"), "a-z");
-    expect(post("sinks", "{name: s2, postgres: {host: h, user: u, password: p, database: d, prot: 1}}").await, 422, "invalid_sink", None, "unknown field `prot`");
-    expect(post("sinks", "{name: s2, kafka: {brokers: b, state: {host: h, user: u, password: p, database: d}}}").await, 422, "invalid_sink", Some("kafka.registry_url"), "registry");
-    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [nope]}").await, 422, "invalid_pipeline", Some("tables"), "not found");
-    expect(post("pipelines", "{name: p, source: nope, sink: replica, tables: [orders]}").await, 422, "invalid_pipeline", Some("source"), "no source named");
-    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], transforms: [{cast: {fields: {nope: int}}}]}").await, 422, "invalid_pipeline", Some("transforms"), "nope");
-    expect(post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], tabels: []}").await, 422, "invalid_pipeline", None, "unknown field `tabels`");
+    expect(
+        post("sinks", "{name: s2, postgres: {host: h, user: u, password: p, database: d, prot: 1}}").await,
+        422,
+        "invalid_sink",
+        None,
+        "unknown field `prot`",
+    );
+    expect(
+        post("sinks", "{name: s2, kafka: {brokers: b, state: {host: h, user: u, password: p, database: d}}}").await,
+        422,
+        "invalid_sink",
+        Some("kafka.registry_url"),
+        "registry",
+    );
+    expect(
+        post("pipelines", "{name: p, source: main, sink: replica, tables: [nope]}").await,
+        422,
+        "invalid_pipeline",
+        Some("tables"),
+        "not found",
+    );
+    expect(
+        post("pipelines", "{name: p, source: nope, sink: replica, tables: [orders]}").await,
+        422,
+        "invalid_pipeline",
+        Some("source"),
+        "no source named",
+    );
+    expect(
+        post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], transforms: [{cast: {fields: {nope: int}}}]}").await,
+        422,
+        "invalid_pipeline",
+        Some("transforms"),
+        "nope",
+    );
+    expect(
+        post("pipelines", "{name: p, source: main, sink: replica, tables: [orders], tabels: []}").await,
+        422,
+        "invalid_pipeline",
+        None,
+        "unknown field `tabels`",
+    );
     // Provisioning needs an admin that can create roles and owns the tables.
     assert_eq!(post("sources", &ctl.source_yaml("weakdb", "weak", "weak-pw")).await.0, 201);
-    expect(post("pipelines", "{name: p, source: weakdb, sink: replica, tables: [orders]}").await, 422, "insufficient_privileges", Some("source"), "CREATEROLE REPLICATION");
+    expect(
+        post("pipelines", "{name: p, source: weakdb, sink: replica, tables: [orders]}").await,
+        422,
+        "insufficient_privileges",
+        Some("source"),
+        "CREATEROLE REPLICATION",
+    );
     // The CLI: one line, non-zero exit.
     let bad = env.write_config("name: p\nsource: weakdb\nsink: replica\ntables: [orders]\n");
     let (code, _, err) = cli(&url, &t, "team", &["pipelines", "create", "-f", bad.to_str().unwrap()]);
@@ -579,12 +663,21 @@ async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
     assert!(err.contains("not valid YAML") && err.trim().lines().count() == 1, "{err}");
     // Nothing half-created.
     let c = ctl.control().await;
-    let n: i64 = c.query_one("SELECT (SELECT count(*) FROM sluice_control.pipelines) + (SELECT count(*) FROM sluice_control.workflows)", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT (SELECT count(*) FROM sluice_control.pipelines) + (SELECT count(*) FROM sluice_control.workflows)", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     let (slots, pubs, roles) = source_objects(&ctl).await;
     assert!(slots.is_empty() && pubs.is_empty() && roles.is_empty());
     // A server without its master key refuses to start, in one line.
-    let out = Command::new(BIN).args(["server", "--addr", "127.0.0.1:0"]).env("SLUICE_CONTROL_DATABASE", &ctl.dsn).env_remove("SLUICE_MASTER_KEY").output().unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "--addr", "127.0.0.1:0"])
+        .env("SLUICE_CONTROL_DATABASE", &ctl.dsn)
+        .env_remove("SLUICE_MASTER_KEY")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("SLUICE_MASTER_KEY") && err.trim().lines().count() == 1, "{err}");
@@ -595,8 +688,9 @@ async fn bad_input_is_refused_with_a_field_and_nothing_is_created() {
 /// that a restart is needed, waits with backoff, and completes once Postgres restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_sets_wal_level_and_waits_for_the_restart() {
-    let mut replica_only = tokio::task::spawn_blocking(|| sluice_postgres::cluster::TempCluster::start(&["wal_level = replica"]).unwrap()).await.unwrap();
-    let (_, dst) = common::clusters();
+    let mut replica_only =
+        tokio::task::spawn_blocking(|| sluice_postgres::cluster::TempCluster::start(&["wal_level = replica"]).unwrap()).await.unwrap();
+    let (_, dst) = crate::common::clusters();
     let env = Env::on("ctl_wal", replica_only.port, dst.port).await;
     let ctl = Ctl::new("ctl_wal_ctl").await;
     // This test's source is the replica-only cluster; the control database and sink
@@ -606,7 +700,13 @@ async fn provisioning_sets_wal_level_and_waits_for_the_restart() {
     let mut server = ctl.server("s1", free_port(), None).await;
     let url = server.url.clone();
     let token = tenant_with_resources(&ctl, &url, "team").await;
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/team/pipelines"), Some(&token), Some("{name: orders, source: main, sink: replica, tables: [orders]}".into())).await;
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/team/pipelines"),
+        Some(&token),
+        Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     let wf = v["workflow"].as_i64().unwrap();
     wait_for("the restart to be asked for", Duration::from_secs(30), || async {
@@ -614,7 +714,12 @@ async fn provisioning_sets_wal_level_and_waits_for_the_restart() {
         w["state"] == "retrying" && w["error"].as_str().is_some_and(|e| e.contains("restart Postgres"))
     })
     .await;
-    let setting: String = connect(replica_only.port, "postgres").await.query_one("SELECT setting FROM pg_file_settings WHERE name = 'wal_level' AND sourcefile LIKE '%auto.conf'", &[]).await.unwrap().get(0);
+    let setting: String = connect(replica_only.port, "postgres")
+        .await
+        .query_one("SELECT setting FROM pg_file_settings WHERE name = 'wal_level' AND sourcefile LIKE '%auto.conf'", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(setting, "logical");
     let _restarted = tokio::task::spawn_blocking(move || {
         replica_only.stop().unwrap();
@@ -659,9 +764,11 @@ async fn resync_through_the_cli_and_kafka_purge() {
     assert!(progress["rows"].as_i64().unwrap() >= 20_000 && progress["deleted"].as_i64().unwrap() >= 1, "{resync}");
 
     // Bad requests: an unknown table (field tables), unknown keys; nothing started.
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tables: [public.nope]".into())).await;
+    let (s, v) =
+        call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tables: [public.nope]".into())).await;
     assert_eq!((s, v["error"]["field"].as_str()), (422, Some("tables")), "{v}");
-    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tabels: [public.orders]".into())).await;
+    let (s, v) =
+        call("POST", &format!("{url}/v1/tenants/shop/pipelines/orders/resync"), Some(&token), Some("tabels: [public.orders]".into())).await;
     assert_eq!(s, 422, "{v}");
     let (code, _, err) = cli(&url, &token, "shop", &["pipelines", "resync", "orders", "--table", "public.nope"]);
     assert_eq!(code, 1);
@@ -675,7 +782,7 @@ async fn resync_through_the_cli_and_kafka_purge() {
     assert!(v["error"]["message"].as_str().unwrap().contains("resume"), "{v}");
 
     // Kafka: teardown with purge removes the pipeline's topic and its schema subjects.
-    let (mut broker, brokers) = spawn_broker(&env.dir).await;
+    let (broker, brokers) = spawn_broker(&env.dir).await;
     let (mut registry, registry_url) = env.spawn_registry().await;
     let sink = format!(
         "name: bus\nkafka:\n  brokers: {brokers}\n  registry_url: {registry_url}\n  state:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    password: {}\n    database: {}\n",
@@ -709,13 +816,13 @@ async fn resync_through_the_cli_and_kafka_purge() {
     wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
     assert!(subjects().await.iter().all(|s| !s.starts_with(&topic)), "subjects left: {:?}", subjects().await);
     assert!(!kafka_topics(&brokers).contains(&topic), "topic left: {:?}", kafka_topics(&brokers));
-    broker.kill9();
+    drop(broker);
     registry.kill9();
 }
 
 /// The broker's topics, listed by kafka-python.
 fn kafka_topics(brokers: &str) -> Vec<String> {
-    let out = Command::new(common::python())
+    let out = Command::new(crate::common::python())
         .args(["-c", "import sys, kafka; print('\\n'.join(sorted(kafka.KafkaConsumer(bootstrap_servers=sys.argv[1]).topics())))", brokers])
         .output()
         .unwrap();
@@ -756,7 +863,8 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
         assert!(!v.to_string().contains("sekrit") && v.to_string().contains("(set)"), "header value redacted: {v}");
     }
     // Bad input: one field named, nothing stored.
-    let (s, v) = call("POST", &base, Some(&token), Some("name: x\nlookup: {table: t, key: k, on: o, fields: [f], bogus: 1}\n".into())).await;
+    let (s, v) =
+        call("POST", &base, Some(&token), Some("name: x\nlookup: {table: t, key: k, on: o, fields: [f], bogus: 1}\n".into())).await;
     assert_eq!(s, 422, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("bogus"), "{v}");
     let (s, v) = call("POST", &base, Some(&token), Some("name: x\nhttp: {url: 'ftp://h', key: k, fields: {a: int}}\n".into())).await;
@@ -776,7 +884,13 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     assert_eq!((s, v["error"]["field"].as_str()), (422, Some("enrichers")), "{v}");
 
     // An enricher that does not fit the pipeline's tables: refused, field `enrichers`.
-    let (s, v) = call("POST", &base, Some(&token), Some("name: bad\nlookup: {table: public.customers, key: name, on: nope, fields: [tier]}\n".into())).await;
+    let (s, v) = call(
+        "POST",
+        &base,
+        Some(&token),
+        Some("name: bad\nlookup: {table: public.customers, key: name, on: nope, fields: [tier]}\n".into()),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = call(
         "POST",
@@ -846,7 +960,10 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     let runs = v["re_enrichments"].as_array().unwrap();
     assert!(runs.iter().any(|r| r["reason"] == "enrich:tier changed" && r["done"] == true && r["rows"].as_i64() >= Some(2000)), "{v}");
     assert!(runs.iter().any(|r| r["reason"] == "enrich:tier reference change" && r["done"] == true), "{v}");
-    let dead = format!("name: score\non_failure: mark_missing\nhttp: {{url: 'http://127.0.0.1:{}/x', key: id, fields: {{s: int}}, retries: 0, timeout: 500ms}}\n", free_port());
+    let dead = format!(
+        "name: score\non_failure: mark_missing\nhttp: {{url: 'http://127.0.0.1:{}/x', key: id, fields: {{s: int}}, retries: 0, timeout: 500ms}}\n",
+        free_port()
+    );
     assert_eq!(call("POST", &base, Some(&token), Some(dead)).await.0, 201);
     let (s, v) = call(
         "PUT",
@@ -860,7 +977,10 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     wait_for("the unanswered rows reported", Duration::from_secs(90), || async {
         let v = report().await;
         v["failures"].as_array().unwrap().iter().any(|f| {
-            f["enricher"] == "score" && f["table"] == "public.orders" && f["rows"].as_i64() >= Some(2000) && f["held_back"] == 0
+            f["enricher"] == "score"
+                && f["table"] == "public.orders"
+                && f["rows"].as_i64() >= Some(2000)
+                && f["held_back"] == 0
                 && f["last_reason"].as_str().unwrap_or("").contains("connection refused")
         })
     })
@@ -874,7 +994,11 @@ async fn enrichers_are_tenant_resources_referenced_by_pipelines() {
     .await;
     if seen.is_err() {
         let rows = dst.query("SELECT _enrichment_missing::text, count(*), count(cust_tier) FROM orders GROUP BY 1", &[]).await;
-        let rows: Vec<String> = rows.map(|r| r.iter().map(|r| format!("{:?}/{}/{}", r.get::<_, Option<String>>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect()).unwrap_or_else(|e| vec![e.to_string()]);
+        let rows: Vec<String> = rows
+            .map(|r| {
+                r.iter().map(|r| format!("{:?}/{}/{}", r.get::<_, Option<String>>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect()
+            })
+            .unwrap_or_else(|e| vec![e.to_string()]);
         panic!("rows with the lookup's fields, marked as missing the service's: {rows:?}\n{}", server.proc.log());
     }
     let (s, v) = call("DELETE", &format!("{base}/svc"), Some(&token), None).await;

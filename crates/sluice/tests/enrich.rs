@@ -2,13 +2,11 @@
 //! re-enriching rows already delivered, killed mid-way), a team's HTTP service going
 //! down and coming back under both failure policies, expressions, and bad configs.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -105,7 +103,10 @@ async fn lookup_enrichment_and_reference_changes_survive_kill9() {
             while !stop.load(Ordering::Relaxed) {
                 let id = rng.random_range(1..20_000i64);
                 match rng.random_range(0..3) {
-                    0 => src.execute("UPDATE orders SET amount = $2::int8::numeric WHERE id = $1", &[&id, &rng.random_range(0..1000i64)]).await,
+                    0 => {
+                        src.execute("UPDATE orders SET amount = $2::int8::numeric WHERE id = $1", &[&id, &rng.random_range(0..1000i64)])
+                            .await
+                    }
                     1 => src.execute("UPDATE orders SET customer_id = $2 WHERE id = $1", &[&id, &rng.random_range(1..=50i64)]).await,
                     _ => {
                         next_id += 1;
@@ -257,16 +258,12 @@ async fn http_enricher_down_then_back_delivers_every_row_with_its_fields() {
         http_state(&dst, "marked").await == (400, 300, 100)
     })
     .await;
-    let missing: String =
-        dst.query_one("SELECT _enrichment_missing FROM marked WHERE id = 350", &[]).await.unwrap().get(0);
+    let missing: String = dst.query_one("SELECT _enrichment_missing FROM marked WHERE id = 350", &[]).await.unwrap().get(0);
     assert_eq!(missing, "mm");
     // Held back: the new rows are not delivered, the updated ones keep their old state.
     wait_for("held rows recorded as dead letters", Duration::from_secs(30), || async {
-        let n: i64 = dst
-            .query_one("SELECT count(*) FROM sluice.enrich_failures WHERE enricher = 'dl' AND NOT delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 =
+            dst.query_one("SELECT count(*) FROM sluice.enrich_failures WHERE enricher = 'dl' AND NOT delivered", &[]).await.unwrap().get(0);
         n == 150
     })
     .await;
@@ -302,10 +299,8 @@ async fn http_enricher_down_then_back_delivers_every_row_with_its_fields() {
     p.kill9();
     let mut p = env.spawn(&cfg);
     src.batch_execute("INSERT INTO later VALUES (401, 'z')").await.unwrap();
-    wait_for("later complete after a restart", Duration::from_secs(60), || async {
-        http_state(&dst, "later").await == (401, 401, 0)
-    })
-    .await;
+    wait_for("later complete after a restart", Duration::from_secs(60), || async { http_state(&dst, "later").await == (401, 401, 0) })
+        .await;
     p.assert_running();
     p.terminate();
 }

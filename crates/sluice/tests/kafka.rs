@@ -1,13 +1,11 @@
-//! Postgres → Kafka through a real broker (tansu), read back by clients nobody here
+//! Postgres → Kafka through a real broker (Apache Kafka, KRaft), read back by clients nobody here
 //! wrote: Confluent's Python DeserializingConsumer against Sluice's registry, and the
 //! pure-Python kafka-python.
-
-mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -96,7 +94,10 @@ async fn avro_changes_decode_with_confluent_consumer() {
     assert_eq!(reads.len(), 40);
     assert!(reads.iter().all(|r| r["value"]["source"]["snapshot"] == "true" && r["value"]["before"].is_null()));
     let first = reads.iter().find(|r| r["key"]["id"] == 1).unwrap();
-    assert_eq!(first["value"]["after"], json!({"id": 1, "name": "item 1", "price": "1.25", "tags": ["a", null, "t1"], "at": "2024-01-01T01:00:00+00:00", "blob": "AP8="}));
+    assert_eq!(
+        first["value"]["after"],
+        json!({"id": 1, "name": "item 1", "price": "1.25", "tags": ["a", null, "t1"], "at": "2024-01-01T01:00:00+00:00", "blob": "AP8="})
+    );
 
     // Every delete is followed by its tombstone (same key, null value) in its partition.
     for (i, r) in recs.iter().enumerate() {
@@ -230,7 +231,7 @@ async fn kill9_loses_nothing_and_keeps_per_key_order() {
         })
     };
     let signal = |sig: &str| {
-        let st = std::process::Command::new("kill").args([sig, &broker.child.id().to_string()]).status().unwrap();
+        let st = std::process::Command::new("kill").args([sig, &broker.pid().expect("broker pid").to_string()]).status().unwrap();
         assert!(st.success());
     };
     for round in 0..5 {

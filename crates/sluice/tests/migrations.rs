@@ -1,11 +1,9 @@
 //! `sluice migrations check` as CI would run it: exit codes, output, bad input.
 
-mod common;
-
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     let mut child = Command::new(BIN)
@@ -69,7 +67,10 @@ fn bad_input_exits_2_with_one_clear_line() {
         (vec![file(dir.path(), "syntax.sql", "SELECT 1;\nALTER TABLE t ADD COLUM x int;")], "syntax.sql:2:"),
         (vec![file(dir.path(), "empty.sql", "\n-- nothing here\n")], "no SQL statements"),
         (vec![dir.path().join("missing.sql").display().to_string()], "cannot read"),
-        (vec!["--source".into(), "host=127.0.0.1 port=1 user=x dbname=y connect_timeout=2".into(), "-".into()], "cannot connect to --source"),
+        (
+            vec!["--source".into(), "host=127.0.0.1 port=1 user=x dbname=y connect_timeout=2".into(), "-".into()],
+            "cannot connect to --source",
+        ),
     ];
     for (args, want) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -124,12 +125,17 @@ async fn registry_decides_by_the_subjects_compatibility_mode() {
 
     let widen = "ALTER TABLE orders ALTER COLUMN qty TYPE bigint;";
     let args = ["--source", &source, "--pipeline", "shop", "--registry", &url, "-"];
-    assert_eq!(run(&["--source", &source, "--pipeline", "shop", "-"], Some(widen)).0, 1, "without the registry a widening needs coordination");
+    assert_eq!(
+        run(&["--source", &source, "--pipeline", "shop", "-"], Some(widen)).0,
+        1,
+        "without the registry a widening needs coordination"
+    );
     let (code, out, err) = run(&args, Some(widen));
     assert_eq!(code, 0, "BACKWARD accepts int -> long: {out}{err}");
     assert!(out.contains("accepts it"), "{out}");
 
-    let resp = agent.put(&format!("{url}/config/shop.public.orders-value")).send_json(serde_json::json!({"compatibility": "FORWARD"})).unwrap();
+    let resp =
+        agent.put(&format!("{url}/config/shop.public.orders-value")).send_json(serde_json::json!({"compatibility": "FORWARD"})).unwrap();
     assert_eq!(resp.status(), 200);
     let (code, out, _) = run(&args, Some(widen));
     assert_eq!(code, 1, "FORWARD refuses int -> long: {out}");
@@ -141,7 +147,8 @@ async fn registry_decides_by_the_subjects_compatibility_mode() {
     let (code, out, _) = run(&args, Some("ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';"));
     assert_eq!(code, 0, "{out}");
     // A refusal acknowledged in the file passes, and the report says so.
-    let resp = agent.put(&format!("{url}/config/shop.public.orders-value")).send_json(serde_json::json!({"compatibility": "FORWARD"})).unwrap();
+    let resp =
+        agent.put(&format!("{url}/config/shop.public.orders-value")).send_json(serde_json::json!({"compatibility": "FORWARD"})).unwrap();
     assert_eq!(resp.status(), 200);
     let acked = "-- sluice:allow registry-compatibility new subject version agreed with consumers\n\
                  -- sluice:allow alter-column-type consumers upgraded first\nALTER TABLE orders ALTER COLUMN qty TYPE bigint;";

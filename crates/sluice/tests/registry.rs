@@ -1,10 +1,8 @@
 //! The schema registry, driven by Confluent's Python client.
 
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 /// The Python with confluent-kafka that `.ci/install-deps` prepares.
 fn python() -> String {

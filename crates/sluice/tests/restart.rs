@@ -1,12 +1,10 @@
 //! Postgres restarts under a running pipeline: it recovers by itself and catches up.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sluice_postgres::cluster::TempCluster;
 
 #[tokio::test(flavor = "multi_thread")]

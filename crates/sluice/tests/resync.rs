@@ -1,13 +1,11 @@
 //! Resync: tables read again from the source while the pipeline keeps streaming,
 //! through `sluice run` and `sluice resync`, with the pipeline killed mid-resync.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -15,10 +13,7 @@ const ITEMS: i64 = 60_000;
 
 /// (chunks done, all done) of the resync requests in the sink.
 async fn resync_state(dst: &tokio_postgres::Client) -> (i64, bool) {
-    let r = dst
-        .query_one("SELECT coalesce(sum(chunks), 0)::int8, coalesce(bool_and(done), false) FROM sluice.resyncs", &[])
-        .await
-        .unwrap();
+    let r = dst.query_one("SELECT coalesce(sum(chunks), 0)::int8, coalesce(bool_and(done), false) FROM sluice.resyncs", &[]).await.unwrap();
     (r.get(0), r.get(1))
 }
 
@@ -81,7 +76,10 @@ async fn resync_repairs_a_drifted_sink_while_streaming_and_survives_kill9() {
                     hot = sink.query_opt(q, &[]).await.ok().flatten().and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0);
                 }
                 let sql = match rng.random_range(0..8) {
-                    6 => format!("UPDATE items SET v = 'hot' || n, n = n + 1 WHERE id BETWEEN {0} AND {0} + 3", hot + rng.random_range(1..600)),
+                    6 => format!(
+                        "UPDATE items SET v = 'hot' || n, n = n + 1 WHERE id BETWEEN {0} AND {0} + 3",
+                        hot + rng.random_range(1..600)
+                    ),
                     7 => format!("DELETE FROM items WHERE id = {}", hot + rng.random_range(1..600)),
                     0 => {
                         next += 1;
@@ -100,7 +98,8 @@ async fn resync_repairs_a_drifted_sink_while_streaming_and_survives_kill9() {
     };
 
     let cfg_s = cfg.to_str().unwrap();
-    let (code, err) = run_to_exit(&["resync", "-c", cfg_s, "--table", "public.items", "--table", "pairs", "--no-wait"], Duration::from_secs(30));
+    let (code, err) =
+        run_to_exit(&["resync", "-c", cfg_s, "--table", "public.items", "--table", "pairs", "--no-wait"], Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
 
     // Streaming goes on during the resync: a row written now arrives before it ends.
@@ -141,7 +140,10 @@ async fn resync_repairs_a_drifted_sink_while_streaming_and_survives_kill9() {
     // would read about `before_kill` chunks more than one pass needs).
     let src_rows: i64 = src.query_one("SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM pairs)", &[]).await.unwrap().get(0);
     let one_pass = src_rows / 500 + 2;
-    assert!(chunks <= one_pass + 4 + before_kill / 2, "chunks {chunks}, one pass {one_pass}, killed after {before_kill}: the resync started over");
+    assert!(
+        chunks <= one_pass + 4 + before_kill / 2,
+        "chunks {chunks}, one pass {one_pass}, killed after {before_kill}: the resync started over"
+    );
     let log = p.log();
     assert!(log.contains("resync of table complete"), "{log}");
     eprintln!("marker row arrived {marker_ms} ms into the resync; {chunks} chunks, {rows} rows, {deleted} deleted");
@@ -167,13 +169,6 @@ async fn resync_of_an_unknown_table_is_refused() {
     let (code, err) = run_to_exit(&["resync", "-c", cfg_s, "--table", "a.b.c"], Duration::from_secs(30));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("schema.table"), "{err}");
-    let n: Option<i64> = env
-        .dst()
-        .await
-        .query_opt("SELECT count(*) FROM sluice.resyncs", &[])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0));
+    let n: Option<i64> = env.dst().await.query_opt("SELECT count(*) FROM sluice.resyncs", &[]).await.ok().flatten().map(|r| r.get(0));
     assert!(n.unwrap_or(0) == 0, "a refused resync recorded a request");
 }

@@ -3,13 +3,11 @@
 //! from five tables; kill -9 of the pipeline and of the service; the service's own
 //! durability and error bodies; an independent client (opensearch-py).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -181,8 +179,13 @@ async fn wait_index_equals_source(env: &Env, svc: &SearchService, index: &str, l
         if std::time::Instant::now() > deadline {
             let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
             let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
-            let differ: Vec<_> = want.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).take(2).map(|(k, v)| (k, v, &got[k])).collect();
-            panic!("index never matched the source: {} vs {} docs; missing {missing:?}; extra {extra:?}; differing {differ:?}", got.len(), want.len());
+            let differ: Vec<_> =
+                want.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).take(2).map(|(k, v)| (k, v, &got[k])).collect();
+            panic!(
+                "index never matched the source: {} vs {} docs; missing {missing:?}; extra {extra:?}; differing {differ:?}",
+                got.len(),
+                want.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -271,7 +274,13 @@ async fn kill9_pipeline_and_search_service_index_equals_rebuild() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (m, c, t, o, k) = {
                     let mut r = rand::rng();
-                    (r.random_range(1..80i64), r.random_range(1..400i64), r.random_range(1..7i64), r.random_range(1..4i64), r.random_range(0..9u8))
+                    (
+                        r.random_range(1..80i64),
+                        r.random_range(1..400i64),
+                        r.random_range(1..7i64),
+                        r.random_range(1..4i64),
+                        r.random_range(0..9u8),
+                    )
                 };
                 next_id += 1;
                 let sql = match k {
@@ -280,9 +289,14 @@ async fn kill9_pipeline_and_search_service_index_equals_rebuild() {
                     2 => format!("DELETE FROM metric_configurations WHERE id = {c}"),
                     3 => format!("UPDATE metric_configurations SET metric_id = {m} WHERE id = {c}"),
                     4 => format!("UPDATE orgs SET name = 'org{o}-{next_id}' WHERE id = {o}"),
-                    5 => format!("INSERT INTO metric_tags VALUES ({m}, {t}) ON CONFLICT DO NOTHING; DELETE FROM metric_tags WHERE metric_id = {} AND tag_id = {t}", m + 1),
+                    5 => format!(
+                        "INSERT INTO metric_tags VALUES ({m}, {t}) ON CONFLICT DO NOTHING; DELETE FROM metric_tags WHERE metric_id = {} AND tag_id = {t}",
+                        m + 1
+                    ),
                     6 => format!("UPDATE tags SET name = 'env:{next_id}' WHERE id = {t}"),
-                    7 => format!("INSERT INTO metrics VALUES ({m}, {o}, 'metric {next_id}', 'gauge', 'ms', now()) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, org_id = EXCLUDED.org_id"),
+                    7 => format!(
+                        "INSERT INTO metrics VALUES ({m}, {o}, 'metric {next_id}', 'gauge', 'ms', now()) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, org_id = EXCLUDED.org_id"
+                    ),
                     _ => format!("DELETE FROM metrics WHERE id = {m}"),
                 };
                 src.batch_execute(&format!("BEGIN; {sql}; COMMIT")).await.unwrap();
@@ -324,7 +338,13 @@ async fn service_durability_and_errors() {
     let mut svc = spawn_search(&dir).await;
     let u = svc.url.clone();
     // No periodic refresh: only the translog can bring these documents back.
-    let (s, r) = http("PUT", &format!("{u}/docs"), Some(r#"{"settings": {"index": {"refresh_interval": "-1"}}, "mappings": {"properties": {"n": {"type": "long"}, "tag": {"type": "keyword"}}}}"#));
+    let (s, r) = http(
+        "PUT",
+        &format!("{u}/docs"),
+        Some(
+            r#"{"settings": {"index": {"refresh_interval": "-1"}}, "mappings": {"properties": {"n": {"type": "long"}, "tag": {"type": "keyword"}}}}"#,
+        ),
+    );
     assert_eq!(s, 200, "{r}");
     let mut body = String::new();
     for i in 0..1000 {
@@ -367,7 +387,13 @@ async fn service_durability_and_errors() {
     let (_, r) = http("GET", &format!("{u}/docs/_doc/x"), None);
     assert_eq!(r["found"], false);
     // A document that does not fit the mapping fails alone; the rest of the bulk lands.
-    let (s, r) = http("POST", &format!("{u}/docs/_bulk?refresh=true"), Some("{\"index\":{\"_id\":\"a\"}}\n{\"n\":\"not a number\"}\n{\"index\":{\"_id\":\"b\"}}\n{\"n\":5}\n{\"index\":{\"_id\":\"c\"}}\n{bad json\n"));
+    let (s, r) = http(
+        "POST",
+        &format!("{u}/docs/_bulk?refresh=true"),
+        Some(
+            "{\"index\":{\"_id\":\"a\"}}\n{\"n\":\"not a number\"}\n{\"index\":{\"_id\":\"b\"}}\n{\"n\":5}\n{\"index\":{\"_id\":\"c\"}}\n{bad json\n",
+        ),
+    );
     assert_eq!(s, 200);
     assert_eq!(r["errors"], true);
     let items = r["items"].as_array().unwrap();
@@ -406,8 +432,19 @@ async fn bad_documents_are_refused_with_the_fix() {
     let cases = [
         (DOCUMENT.replace("table: public.metrics", "table: public.metricz"), "table public.metricz does not exist in source"),
         (DOCUMENT.replace("column: org_id", "column: org"), "has no column `org`"),
-        (DOCUMENT.replace("public.metric_configurations", "public.loose").replace("fields: [id, kind, setting, enabled]", "fields: [id]"), "REPLICA IDENTITY FULL"),
-        (DOCUMENT.replace("counts:\n        - {name: configuration_count, relation: configurations}", "counts:\n        - {name: n, relation: nope}"), "no relation named `nope`"),
+        (
+            DOCUMENT
+                .replace("public.metric_configurations", "public.loose")
+                .replace("fields: [id, kind, setting, enabled]", "fields: [id]"),
+            "REPLICA IDENTITY FULL",
+        ),
+        (
+            DOCUMENT.replace(
+                "counts:\n        - {name: configuration_count, relation: configurations}",
+                "counts:\n        - {name: n, relation: nope}",
+            ),
+            "no relation named `nope`",
+        ),
         (DOCUMENT.replace("text_fields: [name]", "text_fields: [last_seen]"), "not text"),
         (DOCUMENT.replace("kind: many_to_many", "kind: lots"), "unknown variant `lots`"),
     ];
@@ -419,11 +456,18 @@ async fn bad_documents_are_refused_with_the_fix() {
     }
     // Nothing was created: no slot, no index.
     // (Other tests run pipelines on the same cluster: count this database's slots.)
-    let slots = env.src().await.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get::<_, i64>(0);
+    let slots = env
+        .src()
+        .await
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
     assert_eq!(slots, 0);
     let (s, _) = http("HEAD", &format!("{}/metrics", svc.url), None);
     assert_eq!(s, 404);
-    let state = env.dst().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'sluice'", &[]).await.unwrap().get::<_, i64>(0);
+    let state =
+        env.dst().await.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'sluice'", &[]).await.unwrap().get::<_, i64>(0);
     assert_eq!(state, 0, "sluice check created state tables");
 }
 
@@ -444,7 +488,8 @@ async fn metrics_summary_demo_serves_the_same_page_from_both_systems() {
         .unwrap();
     let mut demo = Pipeline { child, log: dir.join("demo.err") };
     let printed = || std::fs::read_to_string(&out).unwrap_or_default();
-    wait_for("the demo to serve its page", Duration::from_secs(120), || async { printed().contains("serving the Metrics Summary page") }).await;
+    wait_for("the demo to serve its page", Duration::from_secs(120), || async { printed().contains("serving the Metrics Summary page") })
+        .await;
     demo.assert_running();
     assert!(printed().contains("same page from both"), "{}", printed());
     let base = format!("http://127.0.0.1:{port}");
@@ -484,7 +529,8 @@ async fn main_server_embeds_the_search_service() {
         .spawn()
         .unwrap();
     let mut server = Pipeline { child, log: dir.join("server.log") };
-    wait_for("the server to listen", Duration::from_secs(20), || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() }).await;
+    wait_for("the server to listen", Duration::from_secs(20), || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() })
+        .await;
     let u = format!("http://127.0.0.1:{port}/search");
     let (s, r) = http("PUT", &format!("{u}/things"), Some(r#"{"mappings": {"properties": {"k": {"type": "keyword"}}}}"#));
     assert_eq!(s, 200, "{r}");
@@ -520,13 +566,20 @@ async fn refused_documents_are_dead_lettered_not_retried_forever() {
     let svc = spawn_search(&env.dir).await;
     // An index made earlier by someone else, where `unit` is a number: a metric whose
     // unit is 'ms' cannot be indexed there.
-    let (s, r) = http("PUT", &format!("{}/conflicted", svc.url), Some(r#"{"mappings": {"properties": {"unit": {"type": "long"}, "id": {"type": "long"}}}}"#));
+    let (s, r) = http(
+        "PUT",
+        &format!("{}/conflicted", svc.url),
+        Some(r#"{"mappings": {"properties": {"unit": {"type": "long"}, "id": {"type": "long"}}}}"#),
+    );
     assert_eq!(s, 200, "{r}");
     let cfg = search_config(&env, &svc.url, "conflicted", DOCUMENT);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
     let dst = env.dst().await;
-    wait_for("the refused documents in the dead-letter table", Duration::from_secs(30), || async { dead_letters(&dst, "conflicted").await.len() == 6 }).await;
+    wait_for("the refused documents in the dead-letter table", Duration::from_secs(30), || async {
+        dead_letters(&dst, "conflicted").await.len() == 6
+    })
+    .await;
     let letters = dead_letters(&dst, "conflicted").await;
     assert_eq!(letters.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["10", "20", "30", "40", "50", "60"]);
     assert!(letters.iter().all(|l| l.1 == 400 && l.2.contains("document_parsing_exception")), "{letters:?}");
@@ -589,7 +642,9 @@ async fn busy_service_is_retried_with_backoff() {
     let cfg = search_config(&env, &proxy, "metrics", DOCUMENT);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
-    src.batch_execute("UPDATE metric_configurations SET setting = 'after-busy' WHERE id = 5; DELETE FROM metrics WHERE id = 3").await.unwrap();
+    src.batch_execute("UPDATE metric_configurations SET setting = 'after-busy' WHERE id = 5; DELETE FROM metrics WHERE id = 3")
+        .await
+        .unwrap();
     wait_index_equals_source(&env, &svc, "metrics", Duration::from_secs(30)).await;
     assert_eq!(rejected.load(std::sync::atomic::Ordering::SeqCst), 4);
     assert!(p.log().contains("retrying the bulk request"), "{}", p.log());

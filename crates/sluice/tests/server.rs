@@ -1,11 +1,9 @@
 //! `sluice server`: the migration-check endpoint, the registry under /registry, OpenAPI.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]

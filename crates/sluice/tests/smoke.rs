@@ -1,8 +1,6 @@
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_then_stream_then_clean_stop() {
@@ -120,9 +118,11 @@ async fn partitioned_table_replicates_through_its_root() {
     .unwrap();
     let mut p = env.spawn(&env.config(&["p"], ""));
     wait_equal(&env, "p", "id", Duration::from_secs(30)).await;
-    src.batch_execute("INSERT INTO p VALUES (5000, 'new'), (2500, 'x'); UPDATE p SET id = 7000 WHERE id = 10; DELETE FROM p WHERE id = 1500;")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "INSERT INTO p VALUES (5000, 'new'), (2500, 'x'); UPDATE p SET id = 7000 WHERE id = 10; DELETE FROM p WHERE id = 1500;",
+    )
+    .await
+    .unwrap();
     wait_equal(&env, "p", "id", Duration::from_secs(30)).await;
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
 }

@@ -2,11 +2,9 @@
 //! across kill -9) and into Kafka (the key and the Avro schema follow the chain), and
 //! the errors a bad chain gets before anything is written.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 const CHAIN: &str = r#"transforms:
@@ -126,12 +124,21 @@ async fn bad_chains_are_refused_before_anything_is_written() {
     setup(&env).await;
     let cases = [
         ("transforms:\n  - cast: {fields: {price: integr}}\n", "transforms[0] (cast): field \"price\": unknown type"),
-        ("transforms:\n  - rename_fields: {fields: {note: comment}}\n  - drop_fields: {fields: [note]}\n", "transforms[1] (drop_fields): column \"note\" is not in public.orders"),
-        ("transforms:\n  - cast: {fields: {email: int}}\n  - mask: {fields: [id], hash: sha256}\n", "transforms[1] (mask): column \"id\" is part of the key"),
+        (
+            "transforms:\n  - rename_fields: {fields: {note: comment}}\n  - drop_fields: {fields: [note]}\n",
+            "transforms[1] (drop_fields): column \"note\" is not in public.orders",
+        ),
+        (
+            "transforms:\n  - cast: {fields: {email: int}}\n  - mask: {fields: [id], hash: sha256}\n",
+            "transforms[1] (mask): column \"id\" is part of the key",
+        ),
         ("transforms:\n  - composite_key: {fields: [org, status], name: k}\n", "REPLICA IDENTITY FULL"),
         ("transforms:\n  - filtr: {field: status, equals: x}\n", "unknown variant `filtr`"),
         ("transforms:\n  - unwrap: {}\n", "transforms[0] (unwrap): the postgres sink writes rows, without change envelopes"),
-        ("transforms:\n  - timestamp_converter: {fields: {note: unix_ms}}\n", "transforms[0] (timestamp_converter): column \"note\" (text): text is not a timestamp"),
+        (
+            "transforms:\n  - timestamp_converter: {fields: {note: unix_ms}}\n",
+            "transforms[0] (timestamp_converter): column \"note\" (text): text is not a timestamp",
+        ),
     ];
     for (chain, want) in cases {
         let cfg = env.config(&["orders"], chain);
@@ -141,7 +148,13 @@ async fn bad_chains_are_refused_before_anything_is_written() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     // Nothing was created in the source or the target.
-    let slots: i64 = env.src().await.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    let slots: i64 = env
+        .src()
+        .await
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(slots, 0);
     assert!(try_digest(&env.dst().await, "sales.orders_v2", "1").await.is_none());
 }
@@ -157,7 +170,8 @@ async fn unwrap_writes_row_states_and_tombstones() {
     )
     .await
     .unwrap();
-    let chain = "transforms:\n  - timestamp_converter: {fields: {at: unix_ms}}\n  - insert_header: {name: team, value: sales}\n  - unwrap: {}\n";
+    let chain =
+        "transforms:\n  - timestamp_converter: {fields: {at: unix_ms}}\n  - insert_header: {name: team, value: sales}\n  - unwrap: {}\n";
     let cfg = env.kafka_config(&["ev"], &brokers, "    encoding: json\n    topic: \"u.{table}\"\n", chain);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;

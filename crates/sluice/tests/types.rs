@@ -1,12 +1,10 @@
 //! Every supported type, NULLs, extremes and a 1 MB TOASTed value arrive equal, through
 //! both the snapshot and the stream; streamed values decode into typed values.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sluice_core::{Datum, PgType, TableName, Value};
 
 const DDL: &str = "
@@ -106,7 +104,10 @@ async fn streamed_values_decode_into_typed_values() {
             // Printing it back gives Postgres an equal value.
             if let Some(back) = v.to_pg_text() {
                 let same: bool = src
-                    .query_one(&format!("SELECT $1::text::{0}::text IS NOT DISTINCT FROM $2::text::{0}::text", col.type_name), &[&back, &text])
+                    .query_one(
+                        &format!("SELECT $1::text::{0}::text IS NOT DISTINCT FROM $2::text::{0}::text", col.type_name),
+                        &[&back, &text],
+                    )
                     .await
                     .unwrap_or_else(|err| panic!("{}: {err:?}", col.name))
                     .get(0);

@@ -1,12 +1,10 @@
 //! Random workloads and crashes: at the end the sink equals the source and no change
 //! was applied twice (see `common/workload.rs` for how a double apply is caught).
 
-mod common;
-
 use std::time::Duration;
 
-use common::workload::{SOURCE_DDL, TARGET_DDL, Workload};
-use common::*;
+use crate::common::workload::{SOURCE_DDL, TARGET_DDL, Workload};
+use crate::common::*;
 
 async fn setup(name: &str, preload: i64) -> Env {
     let env = Env::new(name).await;

@@ -12,7 +12,10 @@ pub(crate) enum CastTo {
     Int,
     Float,
     Bool,
-    Decimal { precision: u32, scale: u32 },
+    Decimal {
+        precision: u32,
+        scale: u32,
+    },
     /// From timestamps and dates (`timestamp_converter`).
     UnixMs,
     Iso8601,
@@ -24,7 +27,10 @@ fn time_source(t: &PgType) -> bool {
 }
 
 fn numeric_source(t: &PgType) -> bool {
-    matches!(t, PgType::Int2 | PgType::Int4 | PgType::Int8 | PgType::Numeric | PgType::Float4 | PgType::Float8 | PgType::Bool | PgType::Text)
+    matches!(
+        t,
+        PgType::Int2 | PgType::Int4 | PgType::Int8 | PgType::Numeric | PgType::Float4 | PgType::Float8 | PgType::Bool | PgType::Text
+    )
 }
 
 impl CastTo {
@@ -42,7 +48,9 @@ impl CastTo {
                     Some((p.trim().parse::<u32>().ok()?, sc.trim().parse::<u32>().ok()?))
                 });
                 match parsed {
-                    Some((precision, scale)) if (1..=1000).contains(&precision) && scale <= precision => CastTo::Decimal { precision, scale },
+                    Some((precision, scale)) if (1..=1000).contains(&precision) && scale <= precision => {
+                        CastTo::Decimal { precision, scale }
+                    }
                     _ => return Err(format!("unknown type {s:?}: use string, int, float, bool or decimal(precision,scale)")),
                 }
             }
@@ -123,7 +131,13 @@ impl CastTo {
             },
             CastTo::Float => {
                 let f = as_f64()?;
-                if f.is_nan() { "NaN".into() } else if f.is_infinite() { if f > 0.0 { "Infinity".into() } else { "-Infinity".into() } } else { f.to_string() }
+                if f.is_nan() {
+                    "NaN".into()
+                } else if f.is_infinite() {
+                    if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+                } else {
+                    f.to_string()
+                }
             }
             CastTo::Bool => match from {
                 PgType::Bool | PgType::Text => if as_bool().ok_or_else(bad)? { "t" } else { "f" }.to_string(),

@@ -39,10 +39,7 @@ impl Expr {
     }
 
     pub(crate) fn eval(&self, vars: &Vars, row: &[Datum]) -> Result<Option<String>, String> {
-        let values = vars
-            .iter()
-            .map(|(_, i, ty)| to_value(row.get(*i).unwrap_or(&Datum::Null), ty))
-            .collect::<Result<Vec<_>, _>>()?;
+        let values = vars.iter().map(|(_, i, ty)| to_value(row.get(*i).unwrap_or(&Datum::Null), ty)).collect::<Result<Vec<_>, _>>()?;
         let ctx = RowContext { vars, values };
         let out = match self.node.eval_with_context(&ctx) {
             Ok(v) => v,

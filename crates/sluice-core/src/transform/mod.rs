@@ -134,7 +134,10 @@ impl Chain {
                     }
                 }
                 Step::Filter(s) => {
-                    let n = [s.equals.is_some(), s.not_equals.is_some(), s.one_of.is_some(), s.is_null.is_some()].iter().filter(|b| **b).count();
+                    let n = [s.equals.is_some(), s.not_equals.is_some(), s.one_of.is_some(), s.is_null.is_some()]
+                        .iter()
+                        .filter(|b| **b)
+                        .count();
                     if n != 1 {
                         return Err(err("give exactly one condition: equals, not_equals, in or is_null".into()));
                     }
@@ -223,8 +226,9 @@ impl Chain {
                     for f in &s.fields {
                         find(&schema, f)?;
                     }
-                    let keep: Vec<usize> =
-                        (0..schema.columns.len()).filter(|&i| schema.columns[i].is_key || s.fields.contains(&schema.columns[i].name)).collect();
+                    let keep: Vec<usize> = (0..schema.columns.len())
+                        .filter(|&i| schema.columns[i].is_key || s.fields.contains(&schema.columns[i].name))
+                        .collect();
                     schema.columns = keep.iter().map(|&i| schema.columns[i].clone()).collect();
                     ops.push(RowOp::Select(keep));
                 }
@@ -406,14 +410,39 @@ enum RowOp {
     /// The new row is these columns of the old one, in this order.
     Select(Vec<usize>),
     Insert(Insert),
-    Cast { index: usize, from: PgType, to: CastTo, column: String },
-    Filter { index: usize, cond: Cond, ops: Vec<OpName> },
-    Mask { indexes: Vec<usize>, with: MaskWith, ops: Vec<OpName> },
-    Composite { indexes: Vec<usize>, separator: Bytes },
+    Cast {
+        index: usize,
+        from: PgType,
+        to: CastTo,
+        column: String,
+    },
+    Filter {
+        index: usize,
+        cond: Cond,
+        ops: Vec<OpName>,
+    },
+    Mask {
+        indexes: Vec<usize>,
+        with: MaskWith,
+        ops: Vec<OpName>,
+    },
+    Composite {
+        indexes: Vec<usize>,
+        separator: Bytes,
+    },
     /// Appends the expression's value, converted to the declared type.
-    Compute { expr: Arc<expr::Expr>, vars: expr::Vars, to: CastTo, column: String },
+    Compute {
+        expr: Arc<expr::Expr>,
+        vars: expr::Vars,
+        to: CastTo,
+        column: String,
+    },
     /// Appends one column per key of the json column, in the key's type.
-    Flatten { index: usize, keys: Vec<(String, PgType, CastTo)>, column: String },
+    Flatten {
+        index: usize,
+        keys: Vec<(String, PgType, CastTo)>,
+        column: String,
+    },
 }
 
 /// Whether evalexpr knows `name` as a built-in function (tried on an empty argument:
@@ -508,9 +537,9 @@ impl TableTransform {
                 RowOp::Insert(Insert::Static(v)) => row.push(Datum::Text(v.clone())),
                 RowOp::Insert(Insert::Meta(m, table)) => row.push(match m {
                     Meta::Lsn => Datum::Text(Bytes::from(lsn_of(e).to_string())),
-                    Meta::CommitTime => Datum::Text(Bytes::from(
-                        Value::TimestampTz(e.position.commit_time_us).to_pg_text().unwrap_or_default(),
-                    )),
+                    Meta::CommitTime => {
+                        Datum::Text(Bytes::from(Value::TimestampTz(e.position.commit_time_us).to_pg_text().unwrap_or_default()))
+                    }
                     Meta::Table => Datum::Text(table.clone()),
                     Meta::Op => Datum::Text(Bytes::from(e.op.code().to_string())),
                 }),
@@ -557,7 +586,10 @@ impl TableTransform {
                 }
                 RowOp::Flatten { index, keys, column } => {
                     let doc: Option<serde_json::Value> = match row.get(*index) {
-                        Some(Datum::Text(t)) => Some(serde_json::from_slice(t).map_err(|e| ApplyError { column: column.clone(), message: format!("not json: {e}") })?),
+                        Some(Datum::Text(t)) => Some(
+                            serde_json::from_slice(t)
+                                .map_err(|e| ApplyError { column: column.clone(), message: format!("not json: {e}") })?,
+                        ),
                         _ => None,
                     };
                     for (key, ty, to) in keys {
@@ -574,7 +606,8 @@ impl TableTransform {
                                 let out = if *ty == PgType::Text && !matches!(v, serde_json::Value::String(_)) {
                                     Bytes::from(text)
                                 } else {
-                                    to.apply(&from, text.as_bytes()).map_err(|message| ApplyError { column: format!("{column}.{key}"), message })?
+                                    to.apply(&from, text.as_bytes())
+                                        .map_err(|message| ApplyError { column: format!("{column}.{key}"), message })?
                                 };
                                 Datum::Text(out)
                             }

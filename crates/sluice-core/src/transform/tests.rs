@@ -39,7 +39,8 @@ fn t(s: &str) -> Datum {
 }
 
 fn event(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
-    let position = SourcePosition { lsn: Lsn(0x16B3748), commit_lsn: Lsn(0x16B3800), xid: 9, commit_time_us: 1_700_000_000_000_000, seq: 0 };
+    let position =
+        SourcePosition { lsn: Lsn(0x16B3748), commit_lsn: Lsn(0x16B3800), xid: 9, commit_time_us: 1_700_000_000_000_000, seq: 0 };
     ChangeEvent { op, table: Arc::new(orders()), before, after, position }
 }
 
@@ -75,7 +76,11 @@ fn a_chain_reshapes_schema_and_rows_together() {
     let e = tt.apply(&event(Op::Insert, None, Some(row()))).unwrap().unwrap();
     let after = e.after.unwrap();
     assert_eq!(after[3], t("10.46"));
-    assert_eq!(after[4], t("d648b243a3e817eaa3309e00e183483f2867baadf522099f0c2121770536b25a"), "sha256 hex, as Python's hashlib computes it");
+    assert_eq!(
+        after[4],
+        t("d648b243a3e817eaa3309e00e183483f2867baadf522099f0c2121770536b25a"),
+        "sha256 hex, as Python's hashlib computes it"
+    );
     assert_eq!(after[5], t("eu"));
     assert_eq!(after[6], t("2023-11-14 22:13:20+00"));
     assert_eq!(after[7], t("7-42"));
@@ -123,7 +128,10 @@ fn table_guards_and_keep_fields() {
 fn validation_names_the_step_and_the_fix() {
     let cases = [
         ("- cast: {fields: {price: integr}}", "transforms[0] (cast): field \"price\": unknown type"),
-        ("- rename_fields: {fields: {status: state}}\n- cast: {fields: {prce: int}}", "transforms[1] (cast): column \"prce\" is not in public.orders"),
+        (
+            "- rename_fields: {fields: {status: state}}\n- cast: {fields: {prce: int}}",
+            "transforms[1] (cast): column \"prce\" is not in public.orders",
+        ),
         ("- cast: {fields: {meta: int}}", "cannot cast jsonb"),
         ("- drop_fields: {fields: [id]}", "part of the key"),
         ("- insert_field: {name: x}", "exactly one of value or source"),

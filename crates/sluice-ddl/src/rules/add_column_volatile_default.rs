@@ -20,7 +20,8 @@ pub static RULE: Rule = Rule {
                     Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrDefault as i32 => Some(format!("{:?}", c.raw_expr)),
                     _ => None,
                 }));
-                let volatile = defaults.into_iter().find_map(|text| VOLATILE.iter().find(|f| text.contains(&format!("sval: \"{f}\""))).copied())?;
+                let volatile =
+                    defaults.into_iter().find_map(|text| VOLATILE.iter().find(|f| text.contains(&format!("sval: \"{f}\""))).copied())?;
                 Some(Hit::new(format!("ADD COLUMN {} on {} with volatile default {volatile}()", d.colname, table_name(rv))))
             })
             .collect()

@@ -28,7 +28,9 @@ pub static RULE: Rule = Rule {
                     Change::Same => return None,
                     Change::Widening => Hit::with(
                         Verdict::NeedsCoordination,
-                        format!("{col} widens from {old} to {new}: a promotion consumers can adopt, but their schemas must accept it first"),
+                        format!(
+                            "{col} widens from {old} to {new}: a promotion consumers can adopt, but their schemas must accept it first"
+                        ),
                     ),
                     Change::Narrowing => Hit::new(format!("{col} narrows from {old} to {new}: values consumers hold may not fit")),
                     Change::Incompatible => Hit::new(format!("{col} changes from {old} to {new}: consumers cannot read the new type")),
@@ -50,7 +52,9 @@ enum Change {
 fn norm(t: &str) -> (&'static str, Option<(u32, u32)>) {
     let t = t.trim().to_ascii_lowercase();
     let (base, mods) = match t.split_once('(') {
-        Some((b, m)) => (b.trim().to_string(), m.trim_end_matches(')').split(',').filter_map(|x| x.trim().parse().ok()).collect::<Vec<u32>>()),
+        Some((b, m)) => {
+            (b.trim().to_string(), m.trim_end_matches(')').split(',').filter_map(|x| x.trim().parse().ok()).collect::<Vec<u32>>())
+        }
         None => (t.clone(), vec![]),
     };
     let bounded = |m: &[u32]| m.first().map(|&p| (p, m.get(1).copied().unwrap_or(0)));

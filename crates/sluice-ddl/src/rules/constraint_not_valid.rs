@@ -20,7 +20,8 @@ pub static RULE: Rule = Rule {
                     Ok(ConstrType::ConstrUnique) if c.indexname.is_empty() => "UNIQUE",
                     _ => return None,
                 };
-                (!c.skip_validation).then(|| Hit::new(format!("ADD {kind} constraint on {} validates the whole table under lock", table_name(rv))))
+                (!c.skip_validation)
+                    .then(|| Hit::new(format!("ADD {kind} constraint on {} validates the whole table under lock", table_name(rv))))
             })
             .collect()
     },

@@ -15,7 +15,9 @@ pub static RULE: Rule = Rule {
                 let col = format!("{}.{}", table_name(rv), cmd.name);
                 match model.table(rv).and_then(|t| t.column(&cmd.name)) {
                     Some(c) if c.not_null => Hit::new(format!("DROP COLUMN {col}: the column is required (NOT NULL) in consumers' schema")),
-                    Some(_) => Hit::with(Verdict::Allowed, format!("DROP COLUMN {col}: the column is optional, a BACKWARD-compatible change")),
+                    Some(_) => {
+                        Hit::with(Verdict::Allowed, format!("DROP COLUMN {col}: the column is optional, a BACKWARD-compatible change"))
+                    }
                     None => Hit::with(
                         Verdict::NeedsCoordination,
                         format!("DROP COLUMN {col}: without catalog context it is unknown whether consumers require it"),

@@ -15,9 +15,10 @@ pub static RULE: Rule = Rule {
         let mut hits = Vec::new();
         for (rv, cmd) in replicated_cmds(model, node, AlterTableType::AtReplicaIdentity) {
             if let Some(NodeEnum::ReplicaIdentityStmt(r)) = cmd.def.as_ref().and_then(|d| d.node.as_ref())
-                && r.identity_type == "n" {
-                    hits.push(Hit::new(format!("REPLICA IDENTITY NOTHING on {} (replicated)", table_name(rv))));
-                }
+                && r.identity_type == "n"
+            {
+                hits.push(Hit::new(format!("REPLICA IDENTITY NOTHING on {} (replicated)", table_name(rv))));
+            }
         }
         for (rv, cmd) in replicated_cmds(model, node, AlterTableType::AtDropConstraint) {
             let is_key = match model.table(rv) {
@@ -29,20 +30,22 @@ pub static RULE: Rule = Rule {
             }
         }
         if let NodeEnum::DropStmt(d) = node
-            && d.remove_type == ObjectType::ObjectIndex as i32 {
-                for o in &d.objects {
-                    let Some(NodeEnum::List(l)) = &o.node else { continue };
-                    let Some(index) = names(&l.items).pop() else { continue };
-                    let owner = model.tables.iter().find(|(_, t)| {
-                        t.replicated && (t.identity_index.as_deref() == Some(index.as_str()) || t.pk_constraint.as_deref() == Some(index.as_str()))
-                    });
-                    if let Some(((s, n), _)) = owner {
-                        hits.push(Hit::new(format!("DROP INDEX {index} removes the replica identity of {s}.{n} (replicated)")));
-                    } else if !model.has_context && index.ends_with("_pkey") {
-                        hits.push(Hit::new(format!("DROP INDEX {index} looks like a primary key index")));
-                    }
+            && d.remove_type == ObjectType::ObjectIndex as i32
+        {
+            for o in &d.objects {
+                let Some(NodeEnum::List(l)) = &o.node else { continue };
+                let Some(index) = names(&l.items).pop() else { continue };
+                let owner = model.tables.iter().find(|(_, t)| {
+                    t.replicated
+                        && (t.identity_index.as_deref() == Some(index.as_str()) || t.pk_constraint.as_deref() == Some(index.as_str()))
+                });
+                if let Some(((s, n), _)) = owner {
+                    hits.push(Hit::new(format!("DROP INDEX {index} removes the replica identity of {s}.{n} (replicated)")));
+                } else if !model.has_context && index.ends_with("_pkey") {
+                    hits.push(Hit::new(format!("DROP INDEX {index} looks like a primary key index")));
                 }
             }
+        }
         hits
     },
 };

@@ -3,12 +3,8 @@ use pg_query::protobuf::ObjectType;
 
 use super::{Hit, Rule, Verdict};
 
-const SLOT_FUNCTIONS: &[&str] = &[
-    "pg_create_logical_replication_slot",
-    "pg_drop_replication_slot",
-    "pg_replication_slot_advance",
-    "pg_copy_logical_replication_slot",
-];
+const SLOT_FUNCTIONS: &[&str] =
+    &["pg_create_logical_replication_slot", "pg_drop_replication_slot", "pg_replication_slot_advance", "pg_copy_logical_replication_slot"];
 
 pub static RULE: Rule = Rule {
     id: "replication-objects",

@@ -200,7 +200,8 @@ fn object_sql(alias: &str, cols: &[&sluice_core::ColumnSchema], all: bool) -> St
     let parts: Vec<String> = cols
         .chunks(50)
         .map(|chunk| {
-            let args: Vec<String> = chunk.iter().map(|c| format!("'{}', {alias}.{}", c.name.replace('\'', "''"), quote_ident(&c.name))).collect();
+            let args: Vec<String> =
+                chunk.iter().map(|c| format!("'{}', {alias}.{}", c.name.replace('\'', "''"), quote_ident(&c.name))).collect();
             format!("jsonb_build_object({})", args.join(", "))
         })
         .collect();
@@ -254,7 +255,10 @@ impl DocumentPlan {
             }
             let flat_values = rel.flatten && rel.kind != RelationKind::One;
             if flat_values && cols.len() != 1 {
-                return Err(perm(format!("document: {what}: flatten on a {:?} relation needs exactly one field (an array of its values)", rel.kind)));
+                return Err(perm(format!(
+                    "document: {what}: flatten on a {:?} relation needs exactly one field (an array of its values)",
+                    rel.kind
+                )));
             }
             let agg_item = if flat_values { format!("t.{}", quote_ident(&cols[0].name)) } else { obj.clone() };
             let array_mapping = |props: Map<String, Value>| -> Value {
@@ -275,7 +279,10 @@ impl DocumentPlan {
                         quote_ident(&tkey.name),
                         quote_ident(&fk.name)
                     ));
-                    lookups.entry(tname.clone()).or_default().push(Lookup::Query { key: tkey.clone(), sql: reverse_sql(&root_key, &root_name, &fk) });
+                    lookups
+                        .entry(tname.clone())
+                        .or_default()
+                        .push(Lookup::Query { key: tkey.clone(), sql: reverse_sql(&root_key, &root_name, &fk) });
                     if rel.flatten {
                         flatten_one.push(rel.name.clone());
                         for (k, v) in inner {
@@ -301,8 +308,17 @@ impl DocumentPlan {
                     Some(from)
                 }
                 RelationKind::ManyToMany => {
-                    let through = parse_table(&what, rel.through.as_deref().ok_or_else(|| perm(format!("document: {what}: kind many_to_many needs `through` (the join table)")))?)?;
-                    let tc = rel.through_column.as_deref().ok_or_else(|| perm(format!("document: {what}: kind many_to_many needs `through_column` (the join table's column referencing {tname})")))?;
+                    let through = parse_table(
+                        &what,
+                        rel.through
+                            .as_deref()
+                            .ok_or_else(|| perm(format!("document: {what}: kind many_to_many needs `through` (the join table)")))?,
+                    )?;
+                    let tc = rel.through_column.as_deref().ok_or_else(|| {
+                        perm(format!(
+                            "document: {what}: kind many_to_many needs `through_column` (the join table's column referencing {tname})"
+                        ))
+                    })?;
                     let j = table(tables, &through, &what)?;
                     let jroot = column(j, &rel.column, &what)?;
                     let jt = column(j, tc, &what)?;
@@ -336,7 +352,10 @@ impl DocumentPlan {
                 .get(&c.relation)
                 .ok_or_else(|| perm(format!("document: count `{}`: no relation named `{}`", c.name, c.relation)))?;
             let Some(from) = from.as_ref().filter(|_| !props.contains_key(&c.name)) else {
-                return Err(perm(format!("document: count `{}`: counts need a many or many_to_many relation and a name not already used", c.name)));
+                return Err(perm(format!(
+                    "document: count `{}`: counts need a many or many_to_many relation and a name not already used",
+                    c.name
+                )));
             };
             parts.push(format!("jsonb_build_object('{}', (SELECT count(*) {from}))", c.name.replace('\'', "''")));
             props.insert(c.name.clone(), json!({"type": "long"}));

@@ -139,11 +139,18 @@ impl SearchSink {
             .map_err(|e| SinkError::permanent(format!("search sink: HTTP client: {e}")))?;
         let sink = SearchSink { opts, plan, http, source, state };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
-            SinkError::transient(format!("search service at {} does not answer: {e}: check sink.search.url and that the service runs", sink.opts.url))
+            SinkError::transient(format!(
+                "search service at {} does not answer: {e}: check sink.search.url and that the service runs",
+                sink.opts.url
+            ))
         })?;
         match resp.status().as_u16() {
             200..=299 => Ok(sink),
-            401 | 403 => Err(SinkError::permanent(format!("search service at {} refused the credentials ({}): check sink.search.username/password", sink.opts.url, resp.status()))),
+            401 | 403 => Err(SinkError::permanent(format!(
+                "search service at {} refused the credentials ({}): check sink.search.username/password",
+                sink.opts.url,
+                resp.status()
+            ))),
             s => Err(SinkError::transient(format!("search service at {} answered {s} to GET /", sink.opts.url))),
         }
     }
@@ -191,7 +198,10 @@ impl SearchSink {
     pub async fn has_progress(&self) -> Result<bool> {
         let row = self
             .state
-            .query_opt("SELECT 1 FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2", &[&self.opts.pipeline, &self.opts.index])
+            .query_opt(
+                "SELECT 1 FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2",
+                &[&self.opts.pipeline, &self.opts.index],
+            )
             .await
             .map_err(|e| SinkError::pg("reading the search load state", e))?;
         Ok(row.is_some())
@@ -237,7 +247,8 @@ impl SearchSink {
     }
 
     fn finish(&self, doc: String) -> Result<String> {
-        let v: Value = serde_json::from_str(&doc).map_err(|e| SinkError::permanent(format!("document from the source is not JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(&doc).map_err(|e| SinkError::permanent(format!("document from the source is not JSON: {e}")))?;
         Ok(self.plan.finish(v).to_string())
     }
 
@@ -278,7 +289,8 @@ impl SearchSink {
                 return self.rebuild_all(version).await.map(|()| Vec::new());
             }
             for (sql, keys) in queries {
-                let rows = self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
+                let rows =
+                    self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
                 direct.extend(rows.iter().map(|r| r.get::<_, String>(0)));
             }
             let mut seen = HashSet::with_capacity(direct.len());
@@ -439,8 +451,10 @@ impl SearchSink {
             if !status.is_success() {
                 return Err(SinkError::permanent(format!("search service refused the bulk request ({status}): {text}")));
             }
-            let v: Value = serde_json::from_str(&text).map_err(|e| SinkError::transient(format!("search bulk response is not JSON: {e}")))?;
-            let items = v.get("items").and_then(Value::as_array).ok_or_else(|| SinkError::transient("search bulk response has no items"))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| SinkError::transient(format!("search bulk response is not JSON: {e}")))?;
+            let items =
+                v.get("items").and_then(Value::as_array).ok_or_else(|| SinkError::transient("search bulk response has no items"))?;
             if items.len() != ops.len() {
                 return Err(SinkError::transient(format!("search bulk response has {} items for {} operations", items.len(), ops.len())));
             }
@@ -477,7 +491,10 @@ impl SearchSink {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        Err(SinkError::transient(format!("search service at {} did not accept the bulk request after {RETRY_ATTEMPTS} attempts", self.opts.url)))
+        Err(SinkError::transient(format!(
+            "search service at {} did not accept the bulk request after {RETRY_ATTEMPTS} attempts",
+            self.opts.url
+        )))
     }
 
     async fn dead_letter(&self, dead: Vec<(BulkOp, u64, String)>) -> Result<()> {

@@ -1,5 +1,7 @@
 //! Shared test harness: one source and one target Postgres cluster per test binary,
 //! a fresh database pair per test, and the real `sluice` binary run as a child process.
+//! Every test shares the clusters, so a test's replication slots are dropped when its
+//! [`Env`] is (they would otherwise hold WAL and slot places for the whole run).
 #![allow(dead_code)]
 
 pub mod workload;
@@ -19,8 +21,9 @@ static CLUSTERS: OnceLock<(TempCluster, TempCluster)> = OnceLock::new();
 
 pub fn clusters() -> &'static (TempCluster, TempCluster) {
     CLUSTERS.get_or_init(|| {
-        let src = TempCluster::start(&[]).expect("start source cluster");
-        let dst = TempCluster::start(&[]).expect("start target cluster");
+        let conf = ["max_replication_slots = 64", "max_wal_senders = 64", "max_connections = 400"];
+        let src = TempCluster::start(&conf).expect("start source cluster");
+        let dst = TempCluster::start(&conf).expect("start target cluster");
         (src, dst)
     })
 }
@@ -120,10 +123,8 @@ impl Env {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn sluice registry serve");
-        wait_for("the registry to listen", Duration::from_secs(20), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        wait_for("the registry to listen", Duration::from_secs(20), || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() })
+            .await;
         (Pipeline { child, log }, format!("http://127.0.0.1:{port}"))
     }
 
@@ -177,24 +178,15 @@ pub fn python() -> String {
     format!("{venv}/bin/python")
 }
 
-/// Starts a tansu Kafka broker (in-memory storage) on a free port; returns the
-/// process and its `host:port`.
-pub async fn spawn_broker(dir: &std::path::Path) -> (Pipeline, String) {
-    let bin = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| "/var/cache/sluice/tansu-dynostore/bin/tansu".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = dir.join(format!("tansu-{port}.log"));
-    let child = Command::new(&bin)
-        .args(["broker", "--listener-url", &format!("tcp://{addr}"), "--advertised-listener-url", &format!("tcp://{addr}")])
-        .args(["--storage-engine", "memory://tansu/"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start the tansu broker {bin} (run .ci/install-deps, or set SLUICE_TANSU): {e}"));
-    wait_for("the broker to listen", Duration::from_secs(20), || async { std::net::TcpStream::connect(&addr).is_ok() }).await;
-    (Pipeline { child, log }, addr)
+/// Starts a real Apache Kafka broker (single-node KRaft) on a free port; returns it
+/// and its `host:port`. It stops when dropped, or when the test process dies.
+pub async fn spawn_broker(_dir: &std::path::Path) -> (sluice_kafka::broker::TempBroker, String) {
+    let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[]))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("start the Kafka broker: {e}"));
+    let addr = broker.addr().to_string();
+    (broker, addr)
 }
 
 /// Reads every record of `topics` with the Python clients (`mode`: `avro` through
@@ -247,6 +239,28 @@ impl Pipeline {
     }
 }
 
+impl Drop for Env {
+    /// Drops the replication slots of this test's databases (best effort, by `psql`:
+    /// `Drop` cannot await). The test's pipelines are gone by now: they were declared
+    /// after the `Env`, so they were dropped (killed) first.
+    fn drop(&mut self) {
+        let sql = format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{db}' AND active_pid IS NOT NULL;
+             SELECT pg_sleep(0.2);
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}' AND NOT active;",
+            db = self.db
+        );
+        for port in [self.src_port, self.dst_port] {
+            let _ = Command::new("psql")
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=0", "-d", &self.dsn(port), "-c", &sql])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -271,10 +285,7 @@ where
 /// table does not exist.
 pub async fn try_digest(c: &Client, table: &str, order_by: &str) -> Option<(i64, String)> {
     let row = c
-        .query_one(
-            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"), &[])
         .await
         .ok()?;
     Some((row.get(0), row.get(1)))
@@ -302,13 +313,8 @@ pub async fn wait_equal(env: &Env, table: &str, order_by: &str, limit: Duration)
 
 /// Runs `sluice` to completion with a timeout, returning (exit code, stderr).
 pub fn run_to_exit(args: &[&str], limit: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
+    let mut child =
+        Command::new(BIN).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(Some(_)) = child.try_wait() {

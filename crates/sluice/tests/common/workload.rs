@@ -68,12 +68,14 @@ impl Workload {
                         let id = self.next_id;
                         self.next_id += 1;
                         let doc = if self.rng.random_bool(0.15) { BIG.to_string() } else { "NULL".into() };
-                        format!("INSERT INTO accounts VALUES ({id}, nextval('ver_seq'), {}, 'acct {id}', {doc})", self.rng.random_range(0..1_000_000))
+                        format!(
+                            "INSERT INTO accounts VALUES ({id}, nextval('ver_seq'), {}, 'acct {id}', {doc})",
+                            self.rng.random_range(0..1_000_000)
+                        )
                     }
-                    30..=49 => format!(
-                        "UPDATE accounts SET balance = balance + 1.25, ver = nextval('ver_seq') WHERE id = {}",
-                        self.random_id()
-                    ),
+                    30..=49 => {
+                        format!("UPDATE accounts SET balance = balance + 1.25, ver = nextval('ver_seq') WHERE id = {}", self.random_id())
+                    }
                     50..=56 => format!("UPDATE accounts SET doc = {BIG}, ver = nextval('ver_seq') WHERE id = {}", self.random_id()),
                     57..=62 => {
                         let id = self.next_id;

@@ -15,9 +15,10 @@ use sluice_core::{TableName, quote_ident};
 use tokio::sync::{Semaphore, watch};
 use tokio_postgres::Client;
 
-use super::{Control, literal};
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use super::Control;
+use sluice_core::quote_literal as literal;
+use sluice_engine::metrics::Metrics;
+use sluice_engine::pipeline::Pipeline;
 
 /// Attempts of one step before the workflow fails (a person can `retry` it).
 const MAX_ATTEMPTS: i32 = 10;
@@ -68,7 +69,7 @@ impl From<anyhow::Error> for StepError {
                 None => Self::Retry(msg),
             };
         }
-        match crate::pipeline::error_kind(&e) {
+        match sluice_engine::pipeline::error_kind(&e) {
             sluice_core::ErrorKind::Permanent => Self::Fatal(msg),
             _ => Self::Retry(msg),
         }
@@ -215,12 +216,7 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
         match outcome {
             Ok(()) => {
                 failpoint("kill-before-record", &wf.kind, name);
-                c.execute(
-                    "WITH s AS (UPDATE workflow_steps SET ended_at = now(), outcome = 'succeeded' WHERE id = $2)
-                     UPDATE workflows SET step = step + 1, attempt = 0, error = NULL, updated_at = now() WHERE id = $1",
-                    &[&wf.id, &attempt_id],
-                )
-                .await?;
+                advance(&c, wf.id, &ctl.server_id, wf.step, attempt_id).await?;
                 failpoint("kill-after", &wf.kind, name);
                 wf.step += 1;
                 wf.attempt = 0;
@@ -229,18 +225,34 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
                 let (state, msg) = match &e {
                     StepError::Cancelled => ("cancelled", "cancelled on request".to_string()),
                     StepError::Retry(m) if wf.attempt < MAX_ATTEMPTS => ("retrying", m.clone()),
-                    StepError::Retry(m) => ("failed", format!("{m} (gave up after {MAX_ATTEMPTS} attempts; `sluice workflows retry` tries again)")),
+                    StepError::Retry(m) => {
+                        ("failed", format!("{m} (gave up after {MAX_ATTEMPTS} attempts; `sluice workflows retry` tries again)"))
+                    }
                     StepError::Fatal(m) => ("failed", m.clone()),
                 };
                 let backoff = Duration::from_secs(1 << (wf.attempt - 1).clamp(0, 6)).min(Duration::from_secs(60));
                 tracing::warn!(workflow = wf.id, step = name, attempt = wf.attempt, state, error = %msg, "workflow step failed");
-                c.execute(
-                    "WITH s AS (UPDATE workflow_steps SET ended_at = now(), outcome = $3, error = $4 WHERE id = $2)
-                     UPDATE workflows SET state = $5, error = $4, owner = NULL, updated_at = now(),
-                            next_run_at = now() + make_interval(secs => $6) WHERE id = $1",
-                    &[&wf.id, &attempt_id, &if state == "cancelled" { "cancelled" } else { "failed" }, &msg, &state, &backoff.as_secs_f64()],
-                )
-                .await?;
+                // Fenced like `advance`: a server that lost the lease records nothing.
+                let n = c
+                    .execute(
+                        "WITH s AS (UPDATE workflow_steps SET ended_at = now(), outcome = $3, error = $4 WHERE id = $2)
+                         UPDATE workflows SET state = $5, error = $4, owner = NULL, updated_at = now(),
+                                next_run_at = now() + make_interval(secs => $6) WHERE id = $1 AND owner = $7 AND step = $8",
+                        &[
+                            &wf.id,
+                            &attempt_id,
+                            &if state == "cancelled" { "cancelled" } else { "failed" },
+                            &msg,
+                            &state,
+                            &backoff.as_secs_f64(),
+                            &ctl.server_id,
+                            &wf.step,
+                        ],
+                    )
+                    .await?;
+                if n == 0 {
+                    anyhow::bail!("lost the lease on workflow {} at step {}: not recording its outcome", wf.id, wf.step);
+                }
                 if state == "retrying" {
                     ctl.wake.notify_one();
                 }
@@ -248,6 +260,26 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
             }
         }
     }
+}
+
+/// Records step `step` of workflow `id` as succeeded and moves to the next one, only if
+/// `owner` still holds the workflow at that step: a server whose lease lapsed (and whose
+/// workflow another server took over, maybe already further along) must not skip the
+/// new owner's next step. Zero rows updated is an error: stop running this workflow.
+async fn advance(c: &Client, id: i64, owner: &str, step: i32, attempt_id: i64) -> Result<()> {
+    let n = c
+        .execute(
+            "WITH w AS (UPDATE workflows SET step = step + 1, attempt = 0, error = NULL, updated_at = now()
+                        WHERE id = $1 AND owner = $2 AND step = $3 RETURNING id)
+             UPDATE workflow_steps SET ended_at = now(), outcome = 'succeeded'
+             WHERE id = $4 AND EXISTS (SELECT 1 FROM w)",
+            &[&id, &owner, &step, &attempt_id],
+        )
+        .await?;
+    if n == 0 {
+        anyhow::bail!("lost the lease on workflow {id} at step {step}: another server owns it now");
+    }
+    Ok(())
 }
 
 async fn finish(c: &Client, ctl: &Control, id: i64, state: &str, error: &str) -> Result<()> {
@@ -271,7 +303,8 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
     let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;
     // Reference tables of lookups in the source too: granted and published.
     let tables = cfg.source_tables();
-    let admin = || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
+    let admin =
+        || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
     match name {
         "check_source" => {
             let c = admin().await?;
@@ -346,7 +379,8 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                     .await
                     .map_err(anyhow::Error::from)?;
             }
-            let as_role = sluice_postgres::connect(&cfg.source.connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
+            let as_role =
+                sluice_postgres::connect(&cfg.source.connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
             as_role
                 .execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&sluice_postgres::HEARTBEAT_PREFIX, &cfg.pipeline])
                 .await
@@ -386,8 +420,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
             // The server running it stops it and lets go; a dead one's lease runs out.
             let deadline = tokio::time::Instant::now() + ctl.lease * 2 + Duration::from_secs(5);
             loop {
-                let free: bool =
-                    q1(&db, "SELECT owner IS NULL OR lease_until < now() FROM pipelines WHERE id = $1", &[&p.id]).await?;
+                let free: bool = q1(&db, "SELECT owner IS NULL OR lease_until < now() FROM pipelines WHERE id = $1", &[&p.id]).await?;
                 if free {
                     break;
                 }
@@ -441,20 +474,23 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 wf.params["tables"].as_array().into_iter().flatten().filter_map(|t| TableName::parse(t.as_str()?)).collect();
             let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
             if name == "request_resync" {
-                crate::resync::request(&state, &cfg.pipeline, wf.id, &tables).await?;
+                sluice_engine::resync::request(&state, &cfg.pipeline, wf.id, &tables).await?;
                 return Ok(());
             }
             let db = ctl.db.get().await?;
             loop {
-                let progress = crate::resync::progress(&state, &cfg.pipeline, wf.id).await?;
-                db.execute("UPDATE workflows SET params = params || jsonb_build_object('progress', $2::jsonb) WHERE id = $1", &[&wf.id, &serde_json::to_value(&progress).map_err(anyhow::Error::from)?])
-                    .await
-                    .map_err(anyhow::Error::from)?;
+                let progress = sluice_engine::resync::progress(&state, &cfg.pipeline, wf.id).await?;
+                db.execute(
+                    "UPDATE workflows SET params = params || jsonb_build_object('progress', $2::jsonb) WHERE id = $1",
+                    &[&wf.id, &serde_json::to_value(&progress).map_err(anyhow::Error::from)?],
+                )
+                .await
+                .map_err(anyhow::Error::from)?;
                 if progress.iter().all(|t| t.done) {
                     break;
                 }
                 if *cancel.borrow() {
-                    crate::resync::cancel(&state, &cfg.pipeline, wf.id).await?;
+                    sluice_engine::resync::cancel(&state, &cfg.pipeline, wf.id).await?;
                     return Err(StepError::Cancelled);
                 }
                 let desired: String = q1(&db, "SELECT desired FROM pipelines WHERE id = $1", &[&p.id]).await?;
@@ -482,4 +518,59 @@ async fn q1<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<T, StepError> {
     Ok(c.query_one(sql, params).await.map_err(anyhow::Error::from)?.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_postgres::cluster::TempCluster;
+
+    /// A server that lost a workflow's lease (and whose workflow another server took
+    /// over) cannot advance it: the step stays where the new owner has it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn advance_is_fenced_by_owner_and_step() {
+        let pg = tokio::task::spawn_blocking(|| TempCluster::start(&[])).await.unwrap().unwrap();
+        let db = super::super::db::Db::new(&pg.dsn("postgres")).unwrap();
+        db.migrate().await.unwrap();
+        let c = db.connect().await.unwrap();
+        let id: i64 = c
+            .query_one(
+                "WITH t AS (INSERT INTO tenants (name) VALUES ('t') RETURNING id)
+                 INSERT INTO workflows (tenant_id, pipeline_id, pipeline_name, kind, state, step, owner, lease_until)
+                 SELECT id, 1, 'p', 'provision', 'running', 2, 'node-b', now() + interval '15 s' FROM t RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let attempt = |who: &'static str, step: i32| {
+            let c = &c;
+            async move {
+                c.query_one(
+                    "INSERT INTO workflow_steps (workflow_id, step, name, attempt, owner) VALUES ($1, $2, 'x', 1, $3) RETURNING id",
+                    &[&id, &step, &who],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+            }
+        };
+        let step = || async { c.query_one("SELECT step FROM workflows WHERE id = $1", &[&id]).await.unwrap().get::<_, i32>(0) };
+
+        // node-a ran step 1 before its lease lapsed; node-b now owns the run at step 2.
+        let a = attempt("node-a", 1).await;
+        let err = advance(&c, id, "node-a", 1, a).await.unwrap_err();
+        assert!(err.to_string().contains("lost the lease"), "{err}");
+        assert_eq!(step().await, 2);
+        // The owner at the wrong step is refused too (a replayed success).
+        let b = attempt("node-b", 1).await;
+        assert!(advance(&c, id, "node-b", 1, b).await.is_err());
+        assert_eq!(step().await, 2);
+        let outcome: Option<String> = c.query_one("SELECT outcome FROM workflow_steps WHERE id = $1", &[&a]).await.unwrap().get(0);
+        assert_eq!(outcome, None, "a refused advance records no outcome");
+        // The owner at its own step advances.
+        let b2 = attempt("node-b", 2).await;
+        advance(&c, id, "node-b", 2, b2).await.unwrap();
+        assert_eq!(step().await, 3);
+    }
 }

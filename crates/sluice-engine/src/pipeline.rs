@@ -8,15 +8,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use std::collections::HashMap;
 
+use crate::resync::Resync;
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{Destination, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_kafka::{KafkaSink, SinkError};
-use sluice_search::sink::{DocumentPlan, SearchSink};
 use sluice_postgres::{
-    Acker, CopyIntoState, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions,
-    SnapshotTable, StreamItem, HEARTBEAT_PREFIX,
+    Acker, CopyIntoState, HEARTBEAT_PREFIX, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter,
+    SnapshotOptions, SnapshotTable, StreamItem,
 };
-use crate::resync::Resync;
+use sluice_search::sink::{DocumentPlan, SearchSink};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
@@ -79,10 +79,12 @@ impl Checked {
     fn enriched(&self) -> Result<Vec<Arc<TableSchema>>> {
         self.tables
             .iter()
-            .map(|t| Ok(match &self.enrichment {
-                Some(e) => e.plan(t)?.output().clone(),
-                None => t.clone(),
-            }))
+            .map(|t| {
+                Ok(match &self.enrichment {
+                    Some(e) => e.plan(t)?.output().clone(),
+                    None => t.clone(),
+                })
+            })
             .collect()
     }
 
@@ -117,7 +119,7 @@ fn item_cost_kb(item: &StreamItem) -> u32 {
 }
 
 /// The retry class of an error, from the first component error in its chain.
-pub(crate) fn error_kind(e: &anyhow::Error) -> ErrorKind {
+pub fn error_kind(e: &anyhow::Error) -> ErrorKind {
     e.chain()
         .find_map(|c| {
             c.downcast_ref::<PgError>()
@@ -128,7 +130,8 @@ pub(crate) fn error_kind(e: &anyhow::Error) -> ErrorKind {
         .unwrap_or(ErrorKind::Permanent)
 }
 
-/// Where changes go.
+/// Where changes go. One per running pipeline: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum SinkKind {
     /// Rows, snapshot progress and checkpoint commit together in the target.
     Postgres(PostgresSink),
@@ -257,7 +260,19 @@ impl Pipeline {
             SinkConfig::Kafka(_) | SinkConfig::Search(_) => None,
         };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
-        Self { cfg, source, state, target_schema, chain, metrics, shutdown, progress_bar: false, require_logical_wal: true, stop_after_snapshot: false, slot_may_be_in_use: false }
+        Self {
+            cfg,
+            source,
+            state,
+            target_schema,
+            chain,
+            metrics,
+            shutdown,
+            progress_bar: false,
+            require_logical_wal: true,
+            stop_after_snapshot: false,
+            slot_may_be_in_use: false,
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -329,8 +344,17 @@ impl Pipeline {
         let names = if self.cfg.tables().is_empty() {
             match &published {
                 Some(t) if !t.is_empty() => t.clone(),
-                Some(_) => return Err(at(Tables)(PgError::permanent(format!("publication {publication} publishes no tables: add tables to it, or list them in source.tables")))),
-                None => return Err(at(Tables)(PgError::permanent(format!("publication {publication} does not exist in source {}: create it, or list the tables in source.tables", self.source.describe())))),
+                Some(_) => {
+                    return Err(at(Tables)(PgError::permanent(format!(
+                        "publication {publication} publishes no tables: add tables to it, or list them in source.tables"
+                    ))));
+                }
+                None => {
+                    return Err(at(Tables)(PgError::permanent(format!(
+                        "publication {publication} does not exist in source {}: create it, or list the tables in source.tables",
+                        self.source.describe()
+                    ))));
+                }
             }
         } else {
             self.cfg.tables()
@@ -339,7 +363,9 @@ impl Pipeline {
         for name in &names {
             tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await.map_err(at(Tables))?));
         }
-        let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone()).await.map_err(at(Enrich))?;
+        let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone())
+            .await
+            .map_err(at(Enrich))?;
         let mut reference = Vec::new();
         for name in enrichment.as_ref().map_or(&[][..], |e| e.reference_tables()) {
             if !names.contains(name) {
@@ -435,7 +461,7 @@ impl Pipeline {
         })
     }
 
-    pub(crate) async fn run_once(&mut self) -> Result<()> {
+    pub async fn run_once(&mut self) -> Result<()> {
         let checked = self.check().await?;
         let mut sink = self.connect_sink(&checked).await?;
         let had_progress = sink.has_progress();
@@ -536,12 +562,8 @@ impl Pipeline {
             None
         };
         // The shapes compiled by the checks serve until a table changes shape.
-        let tables = checked
-            .enriched()?
-            .into_iter()
-            .zip(&checked.transforms)
-            .filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?))))
-            .collect();
+        let tables =
+            checked.enriched()?.into_iter().zip(&checked.transforms).filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?)))).collect();
         let transformer = Transformer { chain: self.chain.clone(), tables };
         Ok(Sink { kind, upstream, enrichment: checked.enrichment.clone(), transformer })
     }
@@ -672,7 +694,9 @@ impl Pipeline {
             .map_err(|e| PgError::from_pg("reading the slot position", e))?;
         let version: Lsn = row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))?;
         let root = &checked.document.as_ref().expect("search sink has a document").root;
-        if let Ok(r) = src.query_one("SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&root.quoted()]).await {
+        if let Ok(r) =
+            src.query_one("SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&root.quoted()]).await
+        {
             progress.rows_estimated.store(r.get::<_, i64>(0) as u64, Ordering::Relaxed);
         }
         progress.chunks_total.store(1, Ordering::Relaxed);
@@ -691,8 +715,7 @@ impl Pipeline {
         let start = sink.resume_lsn();
         let streamed: Vec<Arc<TableSchema>> = tables.iter().chain(&checked.reference).cloned().collect();
         let stream =
-            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog)
-                .await?;
+            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog).await?;
         tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
         let acker = stream.acker();
         let (tx, mut rx) = mpsc::channel::<StreamItem>(1024);
@@ -730,7 +753,17 @@ impl Pipeline {
             _ => HashMap::new(),
         };
         let chunk_rows = self.cfg.snapshot.chunk_rows.min(RESYNC_CHUNK_ROWS);
-        let result = match Resync::new(&self.cfg.pipeline, self.source.clone(), &self.state, tables, targets, chunk_rows, self.metrics.clone()).await {
+        let result = match Resync::new(
+            &self.cfg.pipeline,
+            self.source.clone(),
+            &self.state,
+            tables,
+            targets,
+            chunk_rows,
+            self.metrics.clone(),
+        )
+        .await
+        {
             Ok(mut resync) => self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync).await,
             Err(e) => Err(e),
         };
@@ -857,10 +890,7 @@ async fn heartbeat(source: PgConnConfig, cfg: PipelineConfig, metrics: Arc<Metri
                 tracing::warn!(error = %e, "heartbeat failed");
             }
             let retained = c
-                .query_opt(
-                    "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
+                .query_opt("SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
                 .await;
             if let Ok(Some(row)) = retained {
                 metrics.wal_retained_bytes.store(row.get::<_, Option<i64>>(0).unwrap_or(-1), Ordering::Relaxed);

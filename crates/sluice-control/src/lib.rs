@@ -20,8 +20,8 @@ use sluice_core::TableName;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 
-use crate::config::PipelineConfig;
 use model::{Invalid, PipelineSpec, SinkSpec, SourceSpec, object_name};
+use sluice_engine::config::PipelineConfig;
 
 /// One server's view of the control plane.
 pub struct Control {
@@ -54,7 +54,16 @@ pub struct Loaded {
 impl Loaded {
     /// The runner's config: it connects as the pipeline's own replication role.
     pub fn run_config(&self) -> Result<PipelineConfig, Invalid> {
-        model::run_config(&self.install, self.id, &self.spec, &self.source, &self.sink, &self.enrichers, &self.object_name(), &self.role_password)
+        model::run_config(
+            &self.install,
+            self.id,
+            &self.spec,
+            &self.source,
+            &self.sink,
+            &self.enrichers,
+            &self.object_name(),
+            &self.role_password,
+        )
     }
 
     pub fn object_name(&self) -> String {
@@ -108,10 +117,7 @@ impl Control {
 
     /// Starts the workflow worker and the pipeline supervisor.
     pub fn spawn_loops(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
-            tokio::spawn(workflow::worker(self.clone(), shutdown.clone())),
-            tokio::spawn(supervisor::supervisor(self.clone(), shutdown)),
-        ]
+        vec![tokio::spawn(workflow::worker(self.clone(), shutdown.clone())), tokio::spawn(supervisor::supervisor(self.clone(), shutdown))]
     }
 
     /// Creates a platform-admin token when the control database has none; returns it.
@@ -134,7 +140,8 @@ impl Control {
 /// SELECT on them), or be a superuser.
 pub async fn check_privileges(c: &Client, source: &SourceSpec, tables: &[TableName]) -> Result<(), String> {
     let e = |e: tokio_postgres::Error| format!("source {}: reading the admin user's privileges: {e}", source.name);
-    let r = c.query_one("SELECT rolsuper, rolcreaterole, rolreplication FROM pg_roles WHERE rolname = current_user", &[]).await.map_err(e)?;
+    let r =
+        c.query_one("SELECT rolsuper, rolcreaterole, rolreplication FROM pg_roles WHERE rolname = current_user", &[]).await.map_err(e)?;
     let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
     let absent: Vec<String> = c
         .query("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NULL", &[&names])
@@ -189,11 +196,11 @@ pub async fn check_privileges(c: &Client, source: &SourceSpec, tables: &[TableNa
 /// target tables, or the search index, and the pipeline's state rows. Kafka topics and
 /// schema subjects are left in place (not yet removed by teardown).
 pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), workflow::StepError> {
-    use crate::config::SinkConfig;
+    use sluice_engine::config::SinkConfig;
     let (state, tables) = match &cfg.sink {
         SinkConfig::Postgres(pg) => {
             let (_tx, rx) = watch::channel(false);
-            let pipeline = crate::pipeline::Pipeline::new(cfg.clone(), Arc::new(crate::metrics::Metrics::default()), rx);
+            let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
             (pg.connection(), pipeline.sink_tables().await?)
         }
         SinkConfig::Search(s) => {
@@ -209,7 +216,7 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
         }
         SinkConfig::Kafka(k) => {
             let (_tx, rx) = watch::channel(false);
-            let pipeline = crate::pipeline::Pipeline::new(cfg.clone(), Arc::new(crate::metrics::Metrics::default()), rx);
+            let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
             let opts = cfg.kafka_options().expect("kafka sink");
             let sink = sluice_kafka::KafkaSink::connect(opts).await.map_err(anyhow::Error::from)?;
             for t in pipeline.sink_tables().await? {
@@ -229,14 +236,9 @@ pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), w
                EXECUTE format('DELETE FROM sluice.%I WHERE pipeline = %L', t, {});
              END IF;
            END LOOP; END $$",
-        literal(&model::runner_name(&p.install, p.id))
+        sluice_core::quote_literal(&model::runner_name(&p.install, p.id))
     ))
     .await
     .map_err(anyhow::Error::from)?;
     Ok(())
-}
-
-/// A SQL string literal, for statements that take no parameters (`CREATE ROLE`, `DO`).
-pub(crate) fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }

@@ -10,7 +10,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
 /// Each entry runs once, in its own transaction, recorded in `schema_migrations`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (
     id bigserial PRIMARY KEY,
     name text NOT NULL UNIQUE,
@@ -99,12 +100,14 @@ CREATE TABLE workflow_steps (
     error text
 );
 CREATE INDEX workflow_steps_by_workflow ON workflow_steps (workflow_id, id);
-"#, r#"
+"#,
+    r#"
 -- Names this installation's objects in sources (roles and slots are cluster-wide, so
 -- two control databases using one source must not collide).
 CREATE TABLE installation (id text NOT NULL);
 INSERT INTO installation SELECT substr(md5(random()::text || clock_timestamp()::text), 1, 6);
-"#, r#"
+"#,
+    r#"
 -- Enrichers a tenant registers once and pipelines reference by name.
 CREATE TABLE enrichers (
     id bigserial PRIMARY KEY,
@@ -116,7 +119,8 @@ CREATE TABLE enrichers (
     updated_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, name)
 );
-"#];
+"#,
+];
 
 /// The schema everything lives in, so the control database may be shared.
 pub const SCHEMA: &str = "sluice_control";

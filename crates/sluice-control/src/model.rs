@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::PipelineConfig;
+use sluice_engine::config::PipelineConfig;
 
 /// A request the API refuses: the field it concerns (a dotted path) and why.
 #[derive(Debug)]
@@ -25,9 +25,8 @@ impl Invalid {
     /// From a parser or validator message that starts with the key (`a.b: ...`).
     fn from_message(message: String) -> Self {
         let head = message.split(": ").next().unwrap_or("");
-        let looks_like_path = !head.is_empty()
-            && head.len() < message.len()
-            && head.chars().all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
+        let looks_like_path =
+            !head.is_empty() && head.len() < message.len() && head.chars().all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
         Self { field: looks_like_path.then(|| head.to_string()), message }
     }
 }
@@ -64,7 +63,11 @@ pub fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
         && name.len() <= 40
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(Invalid::new(field, format!("{name:?} must be 1-40 characters of a-z, 0-9, _ and -, starting with a letter or digit"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(field, format!("{name:?} must be 1-40 characters of a-z, 0-9, _ and -, starting with a letter or digit")))
+    }
 }
 
 /// A Postgres database to capture from, with the credentials used for provisioning
@@ -222,9 +225,9 @@ pub struct EnricherSpec {
 impl EnricherSpec {
     pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
         let settings: Value = parse(body, "enricher")?;
-        let cfg: crate::enrich::EnricherConfig =
+        let cfg: sluice_engine::enrich::EnricherConfig =
             serde_json::from_value(settings.clone()).map_err(|e| Invalid::from_message(e.to_string()))?;
-        crate::enrich::validate(std::slice::from_ref(&cfg)).map_err(|m| {
+        sluice_engine::enrich::validate(std::slice::from_ref(&cfg)).map_err(|m| {
             // "enrich[0] (name): lookup: ..." → "lookup: ...", which names the field.
             let m = m.split_once("): ").map_or(m.as_str(), |(_, rest)| rest).to_string();
             Invalid::from_message(m)
@@ -382,7 +385,9 @@ mod tests {
         let s = SinkSpec::parse(br#"{"name": "r", "postgres": {"host": "h", "user": "u", "password": "pw1", "database": "d"}}"#).unwrap();
         assert_eq!(s.kind, "postgres");
         assert!(!s.public().to_string().contains("pw1"));
-        let e = SinkSpec::parse(br#"{"name": "r", "postgres": {"host": "h", "user": "u", "password": "p", "database": "d", "prot": 1}}"#).err().unwrap();
+        let e = SinkSpec::parse(br#"{"name": "r", "postgres": {"host": "h", "user": "u", "password": "p", "database": "d", "prot": 1}}"#)
+            .err()
+            .unwrap();
         assert!(e.message.contains("unknown field `prot`"), "{}", e.message);
         let e = SinkSpec::parse(br#"{"name": "r", "postgres": {}, "kafka": {}}"#).err().unwrap();
         assert!(e.message.contains("exactly one"), "{}", e.message);

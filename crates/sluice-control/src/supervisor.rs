@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::Control;
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use sluice_engine::metrics::Metrics;
+use sluice_engine::pipeline::Pipeline;
 
 struct Local {
     generation: i32,
@@ -25,6 +25,9 @@ struct Local {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<()>>,
     started: Instant,
+    /// Asked to stop; its lease is still renewed until its task ends, and the pass
+    /// never waits for it (the other pipelines' leases must not lapse meanwhile).
+    stopping: bool,
 }
 
 fn status(m: &Metrics, server: &str) -> Value {
@@ -113,18 +116,23 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         )
         .await?;
     let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
-    // 2. Stop what is gone, no longer wanted, lost, or finished by itself.
+    // 2. Stop what is gone, no longer wanted, lost, or finished by itself. A pipeline
+    //    told to stop is only awaited once its task has ended (it wakes the supervisor).
     let mut ended = Vec::new();
-    for (id, l) in local.iter() {
+    for (id, l) in local.iter_mut() {
         let wanted = keep.remove(id).is_some_and(|(d, g)| d == "running" && g == l.generation);
-        if !wanted || stopping || l.task.is_finished() {
+        if !l.stopping && (!wanted || stopping || l.task.is_finished()) {
+            let _ = l.stop.send(true);
+            l.stopping = true;
+        }
+        // When this server shuts down it waits for them all (nothing else to renew).
+        if l.stopping && (stopping || l.task.is_finished()) {
             ended.push(*id);
         }
     }
     for id in ended {
         let l = local.remove(&id).expect("present");
-        let _ = l.stop.send(true);
-        let result = l.task.await;
+        let result = l.task.await; // finished, or this server is shutting down
         let failure = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
@@ -185,9 +193,14 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         let metrics = Arc::new(Metrics::default());
         let (stop, rx) = watch::channel(false);
         let mut pipeline = Pipeline::new(cfg, metrics.clone(), rx);
-        let task = tokio::spawn(async move { pipeline.run().await });
+        let wake = ctl.clone();
+        let task = tokio::spawn(async move {
+            let result = pipeline.run().await;
+            wake.wake_supervisor.notify_one(); // record its end without waiting for the next pass
+            result
+        });
         tracing::info!(pipeline = id, "pipeline started on this server");
-        local.insert(id, Local { generation, metrics, stop, task, started: Instant::now() });
+        local.insert(id, Local { generation, metrics, stop, task, started: Instant::now(), stopping: false });
     }
     Ok(())
 }

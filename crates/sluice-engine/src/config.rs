@@ -296,7 +296,9 @@ impl PipelineConfig {
         crate::enrich::validate(&self.enrich)?;
         if let (SinkConfig::Postgres(_), Some(i)) = (
             &self.sink,
-            self.transforms.iter().position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_) | sluice_core::transform::Step::InsertHeader(_))),
+            self.transforms
+                .iter()
+                .position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_) | sluice_core::transform::Step::InsertHeader(_))),
         ) {
             return Err(format!(
                 "transforms[{i}] ({}): the postgres sink writes rows, without change envelopes or record headers; remove the step",
@@ -378,7 +380,8 @@ impl PipelineConfig {
         let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect();
         if let SinkConfig::Search(sc) = &self.sink {
             let d = &sc.document;
-            let named = std::iter::once(&d.table).chain(d.relations.iter().flat_map(|r| std::iter::once(&r.table).chain(r.through.as_ref())));
+            let named =
+                std::iter::once(&d.table).chain(d.relations.iter().flat_map(|r| std::iter::once(&r.table).chain(r.through.as_ref())));
             for n in named.filter_map(|n| TableName::parse(n)) {
                 if !t.contains(&n) {
                     t.push(n);
@@ -413,7 +416,9 @@ impl SearchSinkConfig {
         }
         let i = &self.index;
         if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {
-            return Err(format!("sink.search.index: {i:?} is not a valid index name (lowercase, no spaces or \\/*?\"<>|,#:, not starting with _ - +)"));
+            return Err(format!(
+                "sink.search.index: {i:?} is not a valid index name (lowercase, no spaces or \\/*?\"<>|,#:, not starting with _ - +)"
+            ));
         }
         if TableName::parse(&self.document.table).is_none() {
             return Err(format!("sink.search.document.table: {:?} is not a table name; write schema.table", self.document.table));
@@ -452,7 +457,10 @@ impl KafkaSinkConfig {
             return Err(format!("sink.kafka.topic: {:?} must contain {{table}} so each table gets its own topic", self.topic));
         }
         if self.encoding == KafkaEncoding::Avro && self.registry_url.is_none() {
-            return Err("sink.kafka.registry_url: Avro needs a schema registry; set registry_url (e.g. http://127.0.0.1:8081), or encoding: json".into());
+            return Err(
+                "sink.kafka.registry_url: Avro needs a schema registry; set registry_url (e.g. http://127.0.0.1:8081), or encoding: json"
+                    .into(),
+            );
         }
         if let Some(u) = &self.registry_url
             && !(u.starts_with("http://") || u.starts_with("https://"))

@@ -40,8 +40,8 @@ use sluice_core::{ColumnSchema, Datum, Lsn, Op, PgType, Row, SourcePosition, Tab
 use sluice_postgres::{PgConnConfig, PgError, RowEnrich};
 use tokio_postgres::Client;
 
-use crate::control::literal;
 use crate::metrics::Metrics;
+use sluice_core::quote_literal as literal;
 
 /// The column naming the enrichers whose fields a delivered row lacks (NULL when
 /// none): present when an enricher may deliver rows without its fields.
@@ -358,8 +358,16 @@ impl Enricher {
 
 enum PlanStep {
     /// Appends `width` fields found by the key in columns `inputs`.
-    Fetch { enricher: usize, inputs: Vec<usize>, width: usize },
-    Expr { enricher: usize, transform: TableTransform, width: usize },
+    Fetch {
+        enricher: usize,
+        inputs: Vec<usize>,
+        width: usize,
+    },
+    Expr {
+        enricher: usize,
+        transform: TableTransform,
+        width: usize,
+    },
 }
 
 /// One source table shape's enrichment.
@@ -722,7 +730,12 @@ impl Enrichment {
         let mut failed = Vec::new();
         let must_see: Vec<u32> = self.ref_xids.lock().expect("xids lock").iter().copied().collect();
         for (k, en) in self.enrichers.iter().enumerate() {
-            let step = |w: &Work| w.plan.steps.iter().position(|s| matches!(s, PlanStep::Fetch { enricher, .. } | PlanStep::Expr { enricher, .. } if *enricher == k));
+            let step = |w: &Work| {
+                w.plan
+                    .steps
+                    .iter()
+                    .position(|s| matches!(s, PlanStep::Fetch { enricher, .. } | PlanStep::Expr { enricher, .. } if *enricher == k))
+            };
             let mut mine: Vec<(usize, usize)> = Vec::new(); // (work index, step index)
             for (i, w) in work.iter().enumerate() {
                 if let Some(s) = step(w) {
@@ -912,7 +925,9 @@ impl Enrichment {
         for r in groups {
             let (name, table): (String, String) = (r.get(0), r.get(1));
             let Some(en) = self.enrichers.iter().find(|e| e.cfg.name == name) else { continue };
-            let Some(plan) = self.plans.lock().expect("plans lock").values().find(|(_, p)| p.source.name.to_string() == table).map(|(_, p)| p.clone()) else {
+            let Some(plan) =
+                self.plans.lock().expect("plans lock").values().find(|(_, p)| p.source.name.to_string() == table).map(|(_, p)| p.clone())
+            else {
                 continue;
             };
             {
@@ -975,7 +990,10 @@ impl Enrichment {
         let tx = c.transaction().await.context("checking enricher versions")?;
         for en in &self.enrichers {
             let stored: Option<String> = tx
-                .query_opt("SELECT fingerprint FROM sluice.enrich_versions WHERE pipeline = $1 AND enricher = $2", &[&self.pipeline, &en.cfg.name])
+                .query_opt(
+                    "SELECT fingerprint FROM sluice.enrich_versions WHERE pipeline = $1 AND enricher = $2",
+                    &[&self.pipeline, &en.cfg.name],
+                )
                 .await
                 .context("reading enricher versions")?
                 .map(|r| r.get(0));
@@ -1014,11 +1032,8 @@ impl Enrichment {
 /// waiting for a replay (grouped by enricher and table), and the latest
 /// re-enrichments with their progress.
 pub async fn report(state: &Client, pipeline: &str) -> Result<serde_json::Value> {
-    let exists: bool = state
-        .query_one("SELECT to_regclass('sluice.enrich_failures') IS NOT NULL", &[])
-        .await
-        .context("reading enrichment state")?
-        .get(0);
+    let exists: bool =
+        state.query_one("SELECT to_regclass('sluice.enrich_failures') IS NOT NULL", &[]).await.context("reading enrichment state")?.get(0);
     if !exists {
         return Ok(serde_json::json!({ "failures": [], "re_enrichments": [] }));
     }

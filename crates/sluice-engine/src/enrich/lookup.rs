@@ -10,8 +10,8 @@ use sluice_postgres::PgConnConfig;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::cache::{Breaker, Cache, Found};
 use super::LookupConfig;
+use super::cache::{Breaker, Cache, Found};
 
 pub(crate) struct Lookup {
     pub(crate) table: TableName,
@@ -80,7 +80,8 @@ impl Lookup {
     /// Loads the reference table and checks the key and fields against it.
     pub(crate) async fn prepare(&mut self) -> Result<(), String> {
         let c = self.client().await?;
-        let schema = sluice_postgres::load_table(&c, &self.table, &self.conn.describe()).await.map_err(|e| format!("reference table: {e}"))?;
+        let schema =
+            sluice_postgres::load_table(&c, &self.table, &self.conn.describe()).await.map_err(|e| format!("reference table: {e}"))?;
         let names = || schema.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
         let col = |n: &str| {
             schema
@@ -199,7 +200,9 @@ impl Lookup {
             for r in &rows {
                 let Some(parts) = (0..n).map(|i| r.get::<_, Option<String>>(i + 1)).collect::<Option<Vec<String>>>() else { continue };
                 let k = super::encode_key(&parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>());
-                let vals = (0..self.fields.len()).map(|i| r.get::<_, Option<String>>(i + n + 1).map_or(Datum::Null, |v| Datum::Text(v.into()))).collect();
+                let vals = (0..self.fields.len())
+                    .map(|i| r.get::<_, Option<String>>(i + n + 1).map_or(Datum::Null, |v| Datum::Text(v.into())))
+                    .collect();
                 found.insert(k, Some(vals));
             }
             return Ok(found);

@@ -124,7 +124,10 @@ impl Http {
         struct Answer {
             results: BTreeMap<String, Option<serde_json::Map<String, serde_json::Value>>>,
         }
-        let answer: Answer = resp.json().await.map_err(|e| format!("POST {}: the answer is not {{\"results\": {{key: {{field: value}}}}}}: {}", self.url, without_url(&e)))?;
+        let answer: Answer = resp
+            .json()
+            .await
+            .map_err(|e| format!("POST {}: the answer is not {{\"results\": {{key: {{field: value}}}}}}: {}", self.url, without_url(&e)))?;
         let mut found: HashMap<String, Found> = keys.iter().map(|k| (k.clone(), None)).collect();
         for (k, fields) in answer.results {
             let Some(fields) = fields else { continue };
@@ -133,7 +136,10 @@ impl Http {
             }
             let mut vals = Vec::with_capacity(self.fields.len());
             for (f, t) in &self.fields {
-                let v = fields.get(f).map_or(Ok(None), |v| t.text(v)).map_err(|m| format!("POST {}: field {f:?} of key {k:?}: {m}", self.url))?;
+                let v = fields
+                    .get(f)
+                    .map_or(Ok(None), |v| t.text(v))
+                    .map_err(|m| format!("POST {}: field {f:?} of key {k:?}: {m}", self.url))?;
                 vals.push(v.map_or(Datum::Null, |s| Datum::Text(s.into())));
             }
             found.insert(k, Some(vals));

@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::control::literal;
 use crate::metrics::Metrics;
+use sluice_core::quote_literal as literal;
 
 /// Transactions remembered for the visibility check at a high watermark; the ones
 /// that matter committed a moment before the low watermark.

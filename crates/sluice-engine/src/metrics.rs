@@ -94,21 +94,58 @@ impl Metrics {
         c(&mut s, "sluice_batches_total", "Sink batches committed.", "counter", get(&self.batches));
         c(&mut s, "sluice_errors_total", "Errors met (each retried or fatal).", "counter", get(&self.errors));
         c(&mut s, "sluice_reconnects_total", "Times the pipeline reconnected after a transient error.", "counter", get(&self.reconnects));
-        c(&mut s, "sluice_lag_ms", "Lag of the last applied transaction, source commit to sink commit.", "gauge", self.lag_last_ms.load(Ordering::Relaxed).to_string());
-        c(&mut s, "sluice_wal_retained_bytes", "WAL retained by the replication slot.", "gauge", self.wal_retained_bytes.load(Ordering::Relaxed).to_string());
+        c(
+            &mut s,
+            "sluice_lag_ms",
+            "Lag of the last applied transaction, source commit to sink commit.",
+            "gauge",
+            self.lag_last_ms.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut s,
+            "sluice_wal_retained_bytes",
+            "WAL retained by the replication slot.",
+            "gauge",
+            self.wal_retained_bytes.load(Ordering::Relaxed).to_string(),
+        );
         c(&mut s, "sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", get(&self.confirmed_lsn));
-        c(&mut s, "sluice_pipeline_halted", "1 while the pipeline is halted on a change the sink refused (the log says why).", "gauge", self.halted.load(Ordering::Relaxed).to_string());
+        c(
+            &mut s,
+            "sluice_pipeline_halted",
+            "1 while the pipeline is halted on a change the sink refused (the log says why).",
+            "gauge",
+            self.halted.load(Ordering::Relaxed).to_string(),
+        );
         c(&mut s, "sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", get(&self.snapshot.rows_copied));
         c(&mut s, "sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", get(&self.snapshot.chunks_done));
         c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));
         c(&mut s, "sluice_resync_rows_total", "Rows read again from the source by resyncs.", "counter", get(&self.resync_rows));
         c(&mut s, "sluice_resync_chunks_total", "Resync chunks the sink took.", "counter", get(&self.resync_chunks));
-        c(&mut s, "sluice_enrich_keys_fetched_total", "Enrichment keys fetched from a reference table or service.", "counter", get(&self.enrich_fetched));
+        c(
+            &mut s,
+            "sluice_enrich_keys_fetched_total",
+            "Enrichment keys fetched from a reference table or service.",
+            "counter",
+            get(&self.enrich_fetched),
+        );
         c(&mut s, "sluice_enrich_keys_cached_total", "Enrichment keys answered by the cache.", "counter", get(&self.enrich_cached));
         c(&mut s, "sluice_enrich_errors_total", "Enrichment calls that failed after their retries.", "counter", get(&self.enrich_errors));
-        c(&mut s, "sluice_enrich_failed_rows_total", "Rows recorded in sluice.enrich_failures (failed or deferred).", "counter", get(&self.enrich_failed_rows));
-        c(&mut s, "sluice_enrich_dead_letters_total", "Rows held back by a dead_letter policy until their enricher answers.", "counter", get(&self.enrich_dead_letters));
-        let _ = writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
+        c(
+            &mut s,
+            "sluice_enrich_failed_rows_total",
+            "Rows recorded in sluice.enrich_failures (failed or deferred).",
+            "counter",
+            get(&self.enrich_failed_rows),
+        );
+        c(
+            &mut s,
+            "sluice_enrich_dead_letters_total",
+            "Rows held back by a dead_letter policy until their enricher answers.",
+            "counter",
+            get(&self.enrich_dead_letters),
+        );
+        let _ =
+            writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
         let mut cum = 0;
         for (i, b) in self.lag_buckets.iter().enumerate() {
             cum += b.load(Ordering::Relaxed);
@@ -131,9 +168,7 @@ pub async fn serve(addr: std::net::SocketAddr, pipeline: String, metrics: Arc<Me
             async move { ([("content-type", "text/plain; version=0.0.4")], m.render(&p)) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

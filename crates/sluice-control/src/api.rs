@@ -21,8 +21,8 @@ use sluice_core::TableName;
 use super::Control;
 use super::crypto::{new_password, new_token, token_hash};
 use super::model::{EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
-use crate::metrics::Metrics;
-use crate::pipeline::{CheckPart, Pipeline};
+use sluice_engine::metrics::Metrics;
+use sluice_engine::pipeline::{CheckPart, Pipeline};
 
 type Ctl = State<Arc<Control>>;
 
@@ -137,8 +137,7 @@ impl Caller {
     /// The tenant named in the path, if this caller may see it (404 otherwise, so
     /// other tenants' names do not leak); `write` also refuses viewers.
     async fn tenant(&self, ctl: &Control, name: &str, write: bool) -> Result<i64, ApiError> {
-        let id: Option<i64> =
-            ctl.db.get().await?.query_opt("SELECT id FROM tenants WHERE name = $1", &[&name]).await?.map(|r| r.get(0));
+        let id: Option<i64> = ctl.db.get().await?.query_opt("SELECT id FROM tenants WHERE name = $1", &[&name]).await?.map(|r| r.get(0));
         let id = match id {
             Some(id) if self.role == Role::PlatformAdmin || self.tenant_id == Some(id) => id,
             _ => return Err(ApiError::not_found("tenant", name)),
@@ -163,12 +162,11 @@ async fn tenants_list(State(ctl): Ctl, caller: Caller) -> ApiResult {
         .db
         .get()
         .await?
-        .query(
-            "SELECT name, created_at::text FROM tenants WHERE $1::int8 IS NULL OR id = $1 ORDER BY name",
-            &[&caller.tenant_id],
-        )
+        .query("SELECT name, created_at::text FROM tenants WHERE $1::int8 IS NULL OR id = $1 ORDER BY name", &[&caller.tenant_id])
         .await?;
-    ok(json!({ "tenants": rows.iter().map(|r| json!({"name": r.get::<_, String>(0), "created_at": r.get::<_, String>(1)})).collect::<Vec<_>>() }))
+    ok(
+        json!({ "tenants": rows.iter().map(|r| json!({"name": r.get::<_, String>(0), "created_at": r.get::<_, String>(1)})).collect::<Vec<_>>() }),
+    )
 }
 
 async fn tenants_create(State(ctl): Ctl, caller: Caller, body: Bytes) -> ApiResult {
@@ -233,12 +231,8 @@ struct NewToken {
 
 async fn tokens_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, false).await?;
-    let rows = ctl
-        .db
-        .get()
-        .await?
-        .query("SELECT id, name, role, created_at::text FROM tokens WHERE tenant_id = $1 ORDER BY id", &[&id])
-        .await?;
+    let rows =
+        ctl.db.get().await?.query("SELECT id, name, role, created_at::text FROM tokens WHERE tenant_id = $1 ORDER BY id", &[&id]).await?;
     let list: Vec<Value> = rows
         .iter()
         .map(|r| json!({"id": r.get::<_, i64>(0), "name": r.get::<_, String>(1), "role": r.get::<_, String>(2), "created_at": r.get::<_, String>(3)}))
@@ -251,7 +245,10 @@ async fn tokens_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<Strin
     let t: NewToken = serde_yaml::from_slice(&body)
         .map_err(|e| ApiError::invalid("invalid_request", Invalid { field: None, message: format!("token: {e}").replace('\n', " ") }))?;
     if !matches!(t.role.as_str(), "tenant_admin" | "tenant_viewer") {
-        return Err(ApiError::invalid("invalid_request", Invalid::new("role", format!("{:?} must be tenant_admin or tenant_viewer", t.role))));
+        return Err(ApiError::invalid(
+            "invalid_request",
+            Invalid::new("role", format!("{:?} must be tenant_admin or tenant_viewer", t.role)),
+        ));
     }
     if t.name.trim().is_empty() {
         return Err(ApiError::invalid("invalid_request", Invalid::new("name", "must not be empty")));
@@ -261,7 +258,10 @@ async fn tokens_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<Strin
         .db
         .get()
         .await?
-        .query_one("INSERT INTO tokens (tenant_id, role, name, hash) VALUES ($1, $2, $3, $4) RETURNING id", &[&id, &t.role, &t.name, &token_hash(&token)])
+        .query_one(
+            "INSERT INTO tokens (tenant_id, role, name, hash) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&id, &t.role, &t.name, &token_hash(&token)],
+        )
         .await?
         .get(0);
     created(json!({ "id": tid, "name": t.name, "role": t.role, "token": token, "note": "shown once: only its hash is stored" }))
@@ -282,7 +282,10 @@ async fn check_source_reachable(s: &SourceSpec) -> Result<(), ApiError> {
     sluice_postgres::connect(&s.admin(), "source").await.map(drop).map_err(|e| {
         ApiError::invalid(
             "source_unreachable",
-            Invalid { field: Some("host".into()), message: format!("source {}: {e}; check host, port, database and admin credentials", s.name) },
+            Invalid {
+                field: Some("host".into()),
+                message: format!("source {}: {e}; check host, port, database and admin credentials", s.name),
+            },
         )
     })
 }
@@ -322,7 +325,10 @@ async fn sources_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SourceSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_source", i))?;
     if s.name != name {
-        return Err(ApiError::invalid("invalid_source", Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", s.name))));
+        return Err(ApiError::invalid(
+            "invalid_source",
+            Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", s.name)),
+        ));
     }
     let c = ctl.db.get().await?;
     if c.query_opt("SELECT 1 FROM sources WHERE tenant_id = $1 AND name = $2", &[&id, &name]).await?.is_none() {
@@ -395,7 +401,10 @@ async fn sinks_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
     if s.name != name {
-        return Err(ApiError::invalid("invalid_sink", Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", s.name))));
+        return Err(ApiError::invalid(
+            "invalid_sink",
+            Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", s.name)),
+        ));
     }
     let n = ctl
         .db
@@ -466,7 +475,10 @@ async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
     if e.name != name {
-        return Err(ApiError::invalid("invalid_enricher", Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", e.name))));
+        return Err(ApiError::invalid(
+            "invalid_enricher",
+            Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", e.name)),
+        ));
     }
     let c = ctl.db.get().await?;
     let old: Option<Vec<u8>> =
@@ -480,7 +492,12 @@ async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
         let mut enrichers = p.enrichers.clone();
         enrichers[at] = e.settings.clone();
         if let Err(err) = validate_with(&ctl, *pid, &p.spec, &p.source, &p.sink, &enrichers).await {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_enricher", format!("pipeline {pname:?}: {}", err.message)).with_field("enricher"));
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_enricher",
+                format!("pipeline {pname:?}: {}", err.message),
+            )
+            .with_field("enricher"));
         }
     }
     c.execute(
@@ -551,14 +568,24 @@ async fn validate_pipeline(ctl: &Control, tenant: i64, id: i64, p: &PipelineSpec
 
 /// [`validate_pipeline`] with the pieces loaded: the runner's own checks, as the
 /// source's admin.
-async fn validate_with(ctl: &Control, id: i64, p: &PipelineSpec, source: &SourceSpec, sink: &SinkSpec, enrichers: &[Value]) -> Result<Vec<TableName>, ApiError> {
+async fn validate_with(
+    ctl: &Control,
+    id: i64,
+    p: &PipelineSpec,
+    source: &SourceSpec,
+    sink: &SinkSpec,
+    enrichers: &[Value],
+) -> Result<Vec<TableName>, ApiError> {
     let admin = source.admin();
     let cfg = run_config(&ctl.install, id, p, source, sink, enrichers, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
         .map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
     let tables = cfg.source_tables();
     let own_tables = cfg.tables();
     let c = sluice_postgres::connect(&admin, &format!("source {}", source.name)).await.map_err(|e| {
-        ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: format!("{e}; check source {}", source.name) })
+        ApiError::invalid(
+            "source_unreachable",
+            Invalid { field: Some("source".into()), message: format!("{e}; check source {}", source.name) },
+        )
     })?;
     super::check_privileges(&c, source, &tables).await.map_err(|m| {
         if m.starts_with("tables:") {
@@ -627,12 +654,7 @@ async fn start_workflow(ctl: &Control, tenant: i64, pipeline: i64, name: &str, k
 
 async fn pipelines_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, false).await?;
-    let rows = ctl
-        .db
-        .get()
-        .await?
-        .query(&format!("{PIPELINE_SELECT} WHERE p.tenant_id = $1 ORDER BY p.name"), &[&id])
-        .await?;
+    let rows = ctl.db.get().await?.query(&format!("{PIPELINE_SELECT} WHERE p.tenant_id = $1 ORDER BY p.name"), &[&id]).await?;
     ok(json!({ "pipelines": rows.iter().map(|r| pipeline_json(&ctl.install, r)).collect::<Vec<_>>() }))
 }
 
@@ -715,7 +737,7 @@ async fn pipelines_enrichment(State(ctl): Ctl, caller: Caller, Path((tenant, nam
     let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
     let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
     let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
-    let mut out = crate::enrich::report(&state, &cfg.pipeline).await?;
+    let mut out = sluice_engine::enrich::report(&state, &cfg.pipeline).await?;
     out["name"] = json!(name);
     ok(out)
 }
@@ -725,7 +747,10 @@ async fn pipelines_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
     let id = pipeline_row(&ctl, tid, &name).await?;
     let p = PipelineSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
     if p.name != name {
-        return Err(ApiError::invalid("invalid_pipeline", Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", p.name))));
+        return Err(ApiError::invalid(
+            "invalid_pipeline",
+            Invalid::new("name", format!("{:?} differs from the URL's {name:?}; resources cannot be renamed", p.name)),
+        ));
     }
     let (source_id, sink_id, _) = validate_pipeline(&ctl, tid, id, &p).await?;
     let old: (i64, i64) = {
@@ -733,12 +758,19 @@ async fn pipelines_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Pa
         (r.get(0), r.get(1))
     };
     if old != (source_id, sink_id) {
-        return Err(ApiError::invalid("invalid_pipeline", Invalid::new("source", "a pipeline's source and sink cannot change: create a new pipeline")));
+        return Err(ApiError::invalid(
+            "invalid_pipeline",
+            Invalid::new("source", "a pipeline's source and sink cannot change: create a new pipeline"),
+        ));
     }
     // Re-provisioning is idempotent: it grants and publishes new tables, snapshots them,
     // and restarts the pipeline with the new spec.
     let wf = start_workflow(&ctl, tid, id, &name, "update", json!({})).await?;
-    ctl.db.get().await?.execute("UPDATE pipelines SET spec = $2, generation = generation + 1, updated_at = now() WHERE id = $1", &[&id, &p.public()]).await?;
+    ctl.db
+        .get()
+        .await?
+        .execute("UPDATE pipelines SET spec = $2, generation = generation + 1, updated_at = now() WHERE id = $1", &[&id, &p.public()])
+        .await?;
     accepted(json!({ "name": name, "workflow": wf }))
 }
 
@@ -748,7 +780,12 @@ struct DeleteQuery {
     purge: bool,
 }
 
-async fn pipelines_delete(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, Query(q): Query<DeleteQuery>) -> ApiResult {
+async fn pipelines_delete(
+    State(ctl): Ctl,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let id = pipeline_row(&ctl, tid, &name).await?;
     let wf = start_workflow(&ctl, tid, id, &name, "teardown", json!({ "purge": q.purge })).await?;
@@ -770,14 +807,15 @@ async fn pipelines_resume(State(ctl): Ctl, caller: Caller, Path((tenant, name)):
     pipeline_action(ctl, caller, tenant, name, "resume").await
 }
 
-/// Re-reads tables of a running pipeline while it streams (see `crate::resync`).
+/// Re-reads tables of a running pipeline while it streams (see `sluice_engine::resync`).
 async fn pipelines_resync(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let id = pipeline_row(&ctl, tid, &name).await?;
     let spec = ResyncSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_resync", i))?;
     let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
     let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
-    let tables = crate::resync::pick_tables(&cfg, &spec.tables).map_err(|m| ApiError::invalid("invalid_resync", Invalid::new("tables", m)))?;
+    let tables = sluice_engine::resync::pick_tables(&cfg, &spec.tables)
+        .map_err(|m| ApiError::invalid("invalid_resync", Invalid::new("tables", m)))?;
     let desired: String = ctl.db.get().await?.query_one("SELECT desired FROM pipelines WHERE id = $1", &[&id]).await?.get(0);
     if desired != "running" {
         return Err(ApiError::conflict(format!(
@@ -788,7 +826,7 @@ async fn pipelines_resync(State(ctl): Ctl, caller: Caller, Path((tenant, name)):
     let src = sluice_postgres::connect(&admin, &format!("source {}", p.source.name))
         .await
         .map_err(|e| ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: e.to_string() }))?;
-    crate::resync::check_keys(&src, &tables, &admin.describe())
+    sluice_engine::resync::check_keys(&src, &tables, &admin.describe())
         .await
         .map_err(|m| ApiError::invalid("invalid_resync", Invalid { field: Some("tables".into()), message: m }))?;
     let tables: Vec<String> = tables.iter().map(ToString::to_string).collect();
@@ -803,7 +841,8 @@ struct WorkflowQuery {
     pipeline: Option<String>,
 }
 
-const WORKFLOW_SELECT: &str = "SELECT id, pipeline_name, kind, state, step, attempt, error, params, created_at::text, updated_at::text, owner FROM workflows";
+const WORKFLOW_SELECT: &str =
+    "SELECT id, pipeline_name, kind, state, step, attempt, error, params, created_at::text, updated_at::text, owner FROM workflows";
 
 fn workflow_json(r: &tokio_postgres::Row) -> Value {
     let kind: String = r.get(2);
@@ -824,7 +863,10 @@ async fn workflows_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<Stri
         .db
         .get()
         .await?
-        .query(&format!("{WORKFLOW_SELECT} WHERE tenant_id = $1 AND ($2::text IS NULL OR pipeline_name = $2) ORDER BY id DESC LIMIT 200"), &[&tid, &q.pipeline])
+        .query(
+            &format!("{WORKFLOW_SELECT} WHERE tenant_id = $1 AND ($2::text IS NULL OR pipeline_name = $2) ORDER BY id DESC LIMIT 200"),
+            &[&tid, &q.pipeline],
+        )
         .await?;
     ok(json!({ "workflows": rows.iter().map(workflow_json).collect::<Vec<_>>() }))
 }
@@ -896,7 +938,9 @@ async fn workflows_retry(State(ctl): Ctl, caller: Caller, Path((tenant, id)): Pa
         )
         .await?;
     if n == 0 {
-        return Err(ApiError::conflict(format!("workflow {id} is not failed or cancelled, or its pipeline has another workflow in progress")));
+        return Err(ApiError::conflict(format!(
+            "workflow {id} is not failed or cancelled, or its pipeline has another workflow in progress"
+        )));
     }
     ctl.wake.notify_one();
     accepted(workflow_json(&workflow_of(&ctl, tid, id).await?))
@@ -913,7 +957,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("post", "/v1/tenants/{tenant}/tokens", "Create a token {name, role: tenant_admin|tenant_viewer}; its value is shown once", "admin"),
     ("delete", "/v1/tenants/{tenant}/tokens/{id}", "Revoke a token", "admin"),
     ("get", "/v1/tenants/{tenant}/sources", "List sources", "viewer"),
-    ("post", "/v1/tenants/{tenant}/sources", "Create a source {name, host, port, database, admin_user, admin_password, heartbeat_interval}", "admin"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/sources",
+        "Create a source {name, host, port, database, admin_user, admin_password, heartbeat_interval}",
+        "admin",
+    ),
     ("get", "/v1/tenants/{tenant}/sources/{name}", "Show a source (never its password)", "viewer"),
     ("put", "/v1/tenants/{tenant}/sources/{name}", "Replace a source", "admin"),
     ("delete", "/v1/tenants/{tenant}/sources/{name}", "Delete an unused source", "admin"),
@@ -923,19 +972,49 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("put", "/v1/tenants/{tenant}/sinks/{name}", "Replace a sink", "admin"),
     ("delete", "/v1/tenants/{tenant}/sinks/{name}", "Delete an unused sink", "admin"),
     ("get", "/v1/tenants/{tenant}/enrichers", "List enrichers", "viewer"),
-    ("post", "/v1/tenants/{tenant}/enrichers", "Create an enricher {name, tables, lookup|http|expression: {...}, on_failure, apply}", "admin"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/enrichers",
+        "Create an enricher {name, tables, lookup|http|expression: {...}, on_failure, apply}",
+        "admin",
+    ),
     ("get", "/v1/tenants/{tenant}/enrichers/{name}", "Show an enricher (passwords and header values redacted)", "viewer"),
-    ("put", "/v1/tenants/{tenant}/enrichers/{name}", "Replace an enricher; its pipelines are re-provisioned and re-enrich what they delivered", "admin"),
+    (
+        "put",
+        "/v1/tenants/{tenant}/enrichers/{name}",
+        "Replace an enricher; its pipelines are re-provisioned and re-enrich what they delivered",
+        "admin",
+    ),
     ("delete", "/v1/tenants/{tenant}/enrichers/{name}", "Delete an enricher no pipeline uses", "admin"),
     ("get", "/v1/tenants/{tenant}/pipelines", "List pipelines with status and lag", "viewer"),
-    ("post", "/v1/tenants/{tenant}/pipelines", "Create a pipeline {name, source, sink, tables, transforms, enrichers, snapshot, batch}; starts provisioning", "admin"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/pipelines",
+        "Create a pipeline {name, source, sink, tables, transforms, enrichers, snapshot, batch}; starts provisioning",
+        "admin",
+    ),
     ("get", "/v1/tenants/{tenant}/pipelines/{name}", "Show a pipeline with live status and lag", "viewer"),
     ("put", "/v1/tenants/{tenant}/pipelines/{name}", "Change a pipeline's tables, transforms or options; re-provisions", "admin"),
-    ("delete", "/v1/tenants/{tenant}/pipelines/{name}", "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)", "admin"),
+    (
+        "delete",
+        "/v1/tenants/{tenant}/pipelines/{name}",
+        "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)",
+        "admin",
+    ),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/pause", "Pause (stop streaming; the slot keeps the position)", "admin"),
     ("post", "/v1/tenants/{tenant}/pipelines/{name}/resume", "Resume a paused pipeline", "admin"),
-    ("get", "/v1/tenants/{tenant}/pipelines/{name}/enrichment", "Rows waiting for an enricher (failed or deferred, by enricher and table) and the latest re-enrichments with progress", "viewer"),
-    ("post", "/v1/tenants/{tenant}/pipelines/{name}/resync", "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues", "admin"),
+    (
+        "get",
+        "/v1/tenants/{tenant}/pipelines/{name}/enrichment",
+        "Rows waiting for an enricher (failed or deferred, by enricher and table) and the latest re-enrichments with progress",
+        "viewer",
+    ),
+    (
+        "post",
+        "/v1/tenants/{tenant}/pipelines/{name}/resync",
+        "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues",
+        "admin",
+    ),
     ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),

@@ -1,0 +1,15 @@
+//! Sluice's engine: runs one pipeline from a source to a sink.
+//!
+//! - [`config`]: the pipeline's YAML (strict: unknown keys are errors).
+//! - [`pipeline`]: the runner: checks, setup, snapshot, then streaming and applying
+//!   batches, with reconnects, until asked to stop.
+//! - [`resync`]: reading tables again while streaming (watermarks, as in DBLog).
+//! - [`enrich`]: enrichers that add fields from reference tables, HTTP services or
+//!   expressions, as one batched async step per sink batch.
+//! - [`metrics`]: counters and the Prometheus exposition.
+
+pub mod config;
+pub mod enrich;
+pub mod metrics;
+pub mod pipeline;
+pub mod resync;

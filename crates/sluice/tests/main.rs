@@ -1,0 +1,20 @@
+//! Sluice's integration tests: one test binary (linked once), one module per area.
+//! They start real Postgres clusters, a real Kafka broker and the `sluice` binary.
+
+mod common;
+
+mod avro;
+mod checks;
+mod control;
+mod enrich;
+mod kafka;
+mod migrations;
+mod registry;
+mod restart;
+mod resync;
+mod search;
+mod server;
+mod smoke;
+mod transforms;
+mod types;
+mod workload;
