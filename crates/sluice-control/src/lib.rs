@@ -192,43 +192,15 @@ pub async fn check_privileges(c: &Client, source: &SourceSpec, tables: &[TableNa
     ))
 }
 
-/// Removes what the pipeline created in its sink (teardown with `purge`): the Postgres
-/// target tables, or the search index, and the pipeline's state rows. Kafka topics and
-/// schema subjects are left in place (not yet removed by teardown).
+/// Removes what the pipeline created in its sink (teardown with `purge`): target
+/// tables, or topics and their schema subjects, or the index (the sink's own
+/// `teardown`), then the pipeline's rows in the state tables.
 pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), workflow::StepError> {
-    use sluice_engine::config::SinkConfig;
-    let (state, tables) = match &cfg.sink {
-        SinkConfig::Postgres(pg) => {
-            let (_tx, rx) = watch::channel(false);
-            let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
-            (pg.connection(), pipeline.sink_tables().await?)
-        }
-        SinkConfig::Search(s) => {
-            let mut req = reqwest::Client::new().delete(format!("{}/{}", s.url.trim_end_matches('/'), s.index));
-            if let Some(u) = &s.username {
-                req = req.basic_auth(u, s.password.as_ref().map(|p| secrecy::ExposeSecret::expose_secret(p).to_string()));
-            }
-            let resp = req.send().await.map_err(|e| workflow::StepError::Retry(format!("deleting index {}: {e}", s.index)))?;
-            if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND) {
-                return Err(workflow::StepError::Retry(format!("deleting index {}: HTTP {}", s.index, resp.status())));
-            }
-            (s.state.clone(), vec![])
-        }
-        SinkConfig::Kafka(k) => {
-            let (_tx, rx) = watch::channel(false);
-            let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
-            let opts = cfg.kafka_options().expect("kafka sink");
-            let sink = sluice_kafka::KafkaSink::connect(opts).await.map_err(anyhow::Error::from)?;
-            for t in pipeline.sink_tables().await? {
-                sink.remove_table(&t).await.map_err(anyhow::Error::from)?;
-            }
-            (k.state.clone(), vec![])
-        }
-    };
+    let (_tx, rx) = watch::channel(false);
+    let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
+    pipeline.teardown_sink(true).await?;
+    let state = cfg.state_connection();
     let c = sluice_postgres::connect(&state, "sink").await.map_err(anyhow::Error::from)?;
-    for t in &tables {
-        c.batch_execute(&format!("DROP TABLE IF EXISTS {}", t.quoted())).await.map_err(anyhow::Error::from)?;
-    }
     c.batch_execute(&format!(
         "DO $$ DECLARE t text; BEGIN
            FOREACH t IN ARRAY ARRAY['pipelines', 'snapshot_chunks', 'resyncs', 'search_loads', 'search_dead_letters'] LOOP

@@ -93,12 +93,3 @@ pub struct Transaction {
     pub commit_time_us: i64,
     pub events: Vec<ChangeEvent>,
 }
-
-/// A place changes are delivered to. `apply` returns only once every transaction given
-/// is durable there together with the position it came from, so that after a crash the
-/// source can be told exactly what is safe to discard.
-pub trait Destination: Send {
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    fn apply(&mut self, txns: &[Transaction]) -> impl Future<Output = Result<(), Self::Error>> + Send;
-}

@@ -5,15 +5,19 @@
 //! values (Avro, search documents) decode a datum with [`Value::parse`] on demand.
 
 pub mod avro;
+mod conn;
 mod error;
 mod event;
+pub mod json;
 mod lsn;
 mod schema;
+pub mod sink;
 pub mod transform;
 mod value;
 
+pub use conn::PgConnConfig;
 pub use error::{CoreError, ErrorKind};
-pub use event::{ChangeEvent, Datum, Destination, Op, Row, SourcePosition, Transaction};
+pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction};
 pub use lsn::Lsn;
 pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
 pub use value::{Interval, Numeric, PgType, Value};

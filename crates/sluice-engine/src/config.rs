@@ -6,6 +6,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 use sluice_core::TableName;
+use sluice_core::sink::PipelineShape;
+
+pub use crate::sinks::SinkConfig;
 use sluice_postgres::PgConnConfig;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,109 +75,9 @@ macro_rules! connection {
     };
 }
 connection!(SourceConfig);
-connection!(PostgresSinkConfig);
 
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum SinkConfig {
-    Postgres(PostgresSinkConfig),
-    Kafka(KafkaSinkConfig),
-    Search(SearchSinkConfig),
-}
-
-/// Documents built from a root table and its related tables, indexed with `_bulk` into
-/// Elasticsearch, OpenSearch or `sluice search serve`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchSinkConfig {
-    /// Base URL of the search service, e.g. http://127.0.0.1:9200.
-    pub url: String,
-    pub index: String,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<SecretString>,
-    pub document: sluice_search::sink::DocumentSpec,
-    /// Documents per `_bulk` request (and root rows per page of the initial load).
-    #[serde(default = "default_bulk_docs")]
-    pub bulk_max_docs: usize,
-    /// Largest `_bulk` request body, in bytes (Elasticsearch advises 5-15 MB).
-    #[serde(default = "default_bulk_bytes")]
-    pub bulk_max_bytes: usize,
-    /// Where the initial load's progress and refused documents (dead letters) are kept.
-    pub state: PgConnConfig,
-}
-
-fn default_bulk_docs() -> usize {
-    1000
-}
-
-fn default_bulk_bytes() -> usize {
-    8 * 1024 * 1024
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum KafkaEncoding {
-    Avro,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSinkConfig {
-    /// `host:port[,host:port...]` of the brokers.
-    pub brokers: String,
-    /// Topic name template over `{prefix}`, `{schema}`, `{table}`.
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// `{prefix}` in topic names and `source.name` in events. Default: the pipeline name.
-    pub topic_prefix: Option<String>,
-    #[serde(default = "default_encoding")]
-    pub encoding: KafkaEncoding,
-    /// Confluent-compatible schema registry (required for Avro), e.g. Sluice's own.
-    pub registry_url: Option<String>,
-    /// Registry context the subjects live in (a tenant's), as `:.<context>:<subject>`.
-    pub registry_context: Option<String>,
-    #[serde(default = "one")]
-    pub partitions: i32,
-    #[serde(default = "one")]
-    pub replication_factor: i32,
-    /// Write a tombstone (null value) after each delete, for log compaction.
-    #[serde(default = "yes")]
-    pub tombstones: bool,
-    /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`).
-    #[serde(default)]
-    pub properties: std::collections::BTreeMap<String, String>,
-    /// The Postgres database that keeps the pipeline's snapshot progress (schema `sluice`).
-    pub state: PgConnConfig,
-}
-
-fn default_topic() -> String {
-    "{prefix}.{schema}.{table}".into()
-}
-fn default_encoding() -> KafkaEncoding {
-    KafkaEncoding::Avro
-}
-fn one() -> i32 {
-    1
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSinkConfig {
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    pub user: String,
-    pub password: SecretString,
-    pub database: String,
-    /// Put every table in this schema instead of the source table's schema.
-    pub schema: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,16 +166,7 @@ impl PipelineConfig {
                 }
             }
         }
-        if let SinkConfig::Search(sc) = &self.sink {
-            sc.validate()?;
-            if !self.transforms.is_empty() {
-                return Err("transforms: the search sink builds documents from the source tables (sink.search.document); transforms are not applied to it yet: remove them".into());
-            }
-            if !self.enrich.is_empty() {
-                return Err("enrich: the search sink builds documents from the source tables; join reference data as a `one` relation of sink.search.document (its changes re-index the documents that use it) and remove enrich".into());
-            }
-        }
-        if self.source.tables.is_empty() && self.source.publication.is_none() && !matches!(self.sink, SinkConfig::Search(_)) {
+        if self.source.tables.is_empty() && self.source.publication.is_none() && self.sink.get().required_tables().is_empty() {
             return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
         }
         for t in &self.source.tables {
@@ -289,22 +183,9 @@ impl PipelineConfig {
         if self.batch.max_rows == 0 {
             return Err("batch.max_rows: must be at least 1".into());
         }
-        if let SinkConfig::Kafka(k) = &self.sink {
-            k.validate()?;
-        }
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
         crate::enrich::validate(&self.enrich)?;
-        if let (SinkConfig::Postgres(_), Some(i)) = (
-            &self.sink,
-            self.transforms
-                .iter()
-                .position(|s| matches!(s, sluice_core::transform::Step::Unwrap(_) | sluice_core::transform::Step::InsertHeader(_))),
-        ) {
-            return Err(format!(
-                "transforms[{i}] ({}): the postgres sink writes rows, without change envelopes or record headers; remove the step",
-                self.transforms[i].kind()
-            ));
-        }
+        self.sink.get().validate(&PipelineShape { transforms: &self.transforms, enriched: !self.enrich.is_empty() })?;
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
         }
@@ -324,38 +205,6 @@ impl PipelineConfig {
         out
     }
 
-    /// The Kafka sink's options, when the sink is Kafka.
-    pub fn kafka_options(&self) -> Option<sluice_kafka::KafkaSinkOptions> {
-        let SinkConfig::Kafka(k) = &self.sink else { return None };
-        let encoding = match k.encoding {
-            KafkaEncoding::Avro => sluice_kafka::Encoding::Avro {
-                registry_url: k.registry_url.clone().unwrap_or_default(),
-                context: k.registry_context.clone(),
-            },
-            KafkaEncoding::Json => sluice_kafka::Encoding::Json,
-        };
-        Some(sluice_kafka::KafkaSinkOptions {
-            brokers: k.brokers.clone(),
-            topic: k.topic.clone(),
-            prefix: k.topic_prefix.clone().unwrap_or_else(|| self.pipeline.clone()),
-            database: self.source.database.clone(),
-            encoding,
-            partitions: k.partitions,
-            replication_factor: k.replication_factor,
-            tombstones: k.tombstones,
-            properties: k.properties.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
-            unwrap: self.transforms.iter().any(|s| matches!(s, sluice_core::transform::Step::Unwrap(_))),
-            headers: self
-                .transforms
-                .iter()
-                .filter_map(|s| match s {
-                    sluice_core::transform::Step::InsertHeader(h) => Some((h.name.clone(), h.value.clone())),
-                    _ => None,
-                })
-                .collect(),
-        })
-    }
-
     pub fn slot_name(&self) -> String {
         self.source.slot.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
     }
@@ -364,118 +213,22 @@ impl PipelineConfig {
         self.source.publication.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
     }
 
-    /// The listed tables; for a search sink, with the document's tables added (a
-    /// document's related tables must be replicated for changes to reach it).
     /// The Postgres database holding the pipeline's state: the sink itself when the
     /// sink is Postgres, the configured state database otherwise.
     pub fn state_connection(&self) -> PgConnConfig {
-        match &self.sink {
-            SinkConfig::Postgres(pg) => pg.connection(),
-            SinkConfig::Kafka(k) => k.state.clone(),
-            SinkConfig::Search(s) => s.state.clone(),
-        }
+        self.sink.get().state()
     }
 
+    /// The listed tables, with the ones the sink needs added (a search document's
+    /// related tables must be replicated for changes to reach it).
     pub fn tables(&self) -> Vec<TableName> {
         let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect();
-        if let SinkConfig::Search(sc) = &self.sink {
-            let d = &sc.document;
-            let named =
-                std::iter::once(&d.table).chain(d.relations.iter().flat_map(|r| std::iter::once(&r.table).chain(r.through.as_ref())));
-            for n in named.filter_map(|n| TableName::parse(n)) {
-                if !t.contains(&n) {
-                    t.push(n);
-                }
+        for n in self.sink.get().required_tables() {
+            if !t.contains(&n) {
+                t.push(n);
             }
         }
         t
-    }
-
-    /// The search sink's options, when the sink is search.
-    pub fn search_options(&self) -> Option<sluice_search::sink::SearchSinkOptions> {
-        let SinkConfig::Search(s) = &self.sink else { return None };
-        Some(sluice_search::sink::SearchSinkOptions {
-            url: s.url.clone(),
-            index: s.index.clone(),
-            username: s.username.clone(),
-            password: s.password.clone(),
-            bulk_max_docs: s.bulk_max_docs,
-            bulk_max_bytes: s.bulk_max_bytes,
-            pipeline: self.pipeline.clone(),
-        })
-    }
-}
-
-impl SearchSinkConfig {
-    fn validate(&self) -> Result<(), String> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return Err(format!("sink.search.url: {:?} must start with http:// (https needs a TLS build, not available yet)", self.url));
-        }
-        if self.url.starts_with("https://") {
-            return Err("sink.search.url: https is not supported by this build yet; use http:// on a trusted network".into());
-        }
-        let i = &self.index;
-        if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {
-            return Err(format!(
-                "sink.search.index: {i:?} is not a valid index name (lowercase, no spaces or \\/*?\"<>|,#:, not starting with _ - +)"
-            ));
-        }
-        if TableName::parse(&self.document.table).is_none() {
-            return Err(format!("sink.search.document.table: {:?} is not a table name; write schema.table", self.document.table));
-        }
-        if self.bulk_max_docs == 0 || self.bulk_max_docs > 100_000 {
-            return Err("sink.search.bulk_max_docs: must be between 1 and 100000".into());
-        }
-        if self.bulk_max_bytes < 64 * 1024 || self.bulk_max_bytes > 100 * 1024 * 1024 {
-            return Err("sink.search.bulk_max_bytes: must be between 65536 and 104857600 (64 KiB to 100 MiB)".into());
-        }
-        if self.password.is_some() && self.username.is_none() {
-            return Err("sink.search.password: set username too (basic authentication)".into());
-        }
-        Ok(())
-    }
-}
-
-impl KafkaSinkConfig {
-    fn validate(&self) -> Result<(), String> {
-        if self.brokers.trim().is_empty() {
-            return Err("sink.kafka.brokers: give at least one host:port".into());
-        }
-        let mut rest = self.topic.clone();
-        for p in sluice_kafka::TOPIC_PLACEHOLDERS {
-            rest = rest.replace(p, "");
-        }
-        if let Some(bad) = rest.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-            return Err(format!(
-                "sink.kafka.topic: {:?} has {:?}, which is neither a placeholder ({}) nor allowed in a topic name ([A-Za-z0-9._-])",
-                self.topic,
-                &rest[bad..].chars().next().unwrap_or(' '),
-                sluice_kafka::TOPIC_PLACEHOLDERS.join(", ")
-            ));
-        }
-        if !self.topic.contains("{table}") {
-            return Err(format!("sink.kafka.topic: {:?} must contain {{table}} so each table gets its own topic", self.topic));
-        }
-        if self.encoding == KafkaEncoding::Avro && self.registry_url.is_none() {
-            return Err(
-                "sink.kafka.registry_url: Avro needs a schema registry; set registry_url (e.g. http://127.0.0.1:8081), or encoding: json"
-                    .into(),
-            );
-        }
-        if let Some(u) = &self.registry_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
-        {
-            return Err(format!("sink.kafka.registry_url: {u:?} must start with http:// or https://"));
-        }
-        if let Some(c) = &self.registry_context
-            && (c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
-        {
-            return Err(format!("sink.kafka.registry_context: {c:?} must be letters, digits, _ and -"));
-        }
-        if self.partitions < 1 || self.replication_factor < 1 {
-            return Err("sink.kafka.partitions and replication_factor: must be at least 1".into());
-        }
-        Ok(())
     }
 }
 
@@ -498,7 +251,8 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
     #[test]
     fn parses_a_kafka_sink_with_debezium_like_defaults() {
         let c = PipelineConfig::parse(KAFKA).unwrap();
-        let o = c.kafka_options().unwrap();
+        let SinkConfig::Kafka(k) = &c.sink else { panic!("a kafka sink") };
+        let o = k.options(&c.pipeline, &c.source.database, &c.transforms);
         assert_eq!(o.topic_for(&TableName::new("public", "orders")), "orders.public.orders");
         assert!(o.tombstones);
         assert!(matches!(o.encoding, sluice_kafka::Encoding::Avro { .. }));

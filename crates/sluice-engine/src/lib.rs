@@ -7,9 +7,11 @@
 //! - [`enrich`]: enrichers that add fields from reference tables, HTTP services or
 //!   expressions, as one batched async step per sink batch.
 //! - [`metrics`]: counters and the Prometheus exposition.
+//! - [`sinks`]: the sink registry, the one place that names every sink.
 
 pub mod config;
 pub mod enrich;
 pub mod metrics;
 pub mod pipeline;
 pub mod resync;
+pub mod sinks;

@@ -9,18 +9,17 @@ use anyhow::{Context as _, Result, bail};
 use std::collections::HashMap;
 
 use crate::resync::Resync;
+use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotMethod};
 use sluice_core::transform::{Chain, TableTransform};
-use sluice_core::{Destination, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
-use sluice_kafka::{KafkaSink, SinkError};
+use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_postgres::{
-    Acker, CopyIntoState, HEARTBEAT_PREFIX, PgConnConfig, PgError, PostgresSink, ReplicationStream, RowTarget, SnapshotFilter,
-    SnapshotOptions, SnapshotTable, StreamItem,
+    Acker, CopyIntoState, HEARTBEAT_PREFIX, PgConnConfig, PgError, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions,
+    SnapshotTable, StreamItem,
 };
-use sluice_search::sink::{DocumentPlan, SearchSink};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
-use crate::config::{PipelineConfig, SinkConfig};
+use crate::config::PipelineConfig;
 use crate::enrich::Enrichment;
 use crate::metrics::Metrics;
 
@@ -30,7 +29,6 @@ pub struct Pipeline {
     /// The Postgres database holding the pipeline's state: the sink itself when the
     /// sink is Postgres, the configured state database otherwise.
     state: PgConnConfig,
-    target_schema: Option<String>,
     chain: Arc<Chain>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -66,8 +64,6 @@ pub struct Checked {
     pub slot_exists: bool,
     pub publication_missing: Vec<TableName>,
     pub publication_exists: bool,
-    /// The search sink's document, checked against the source's tables.
-    pub document: Option<Arc<DocumentPlan>>,
     /// The enrichers, checked against the tables and their reference databases.
     pub(crate) enrichment: Option<Arc<Enrichment>>,
     /// Reference tables streamed only to keep lookups fresh (never delivered).
@@ -121,31 +117,17 @@ fn item_cost_kb(item: &StreamItem) -> u32 {
 /// The retry class of an error, from the first component error in its chain.
 pub fn error_kind(e: &anyhow::Error) -> ErrorKind {
     e.chain()
-        .find_map(|c| {
-            c.downcast_ref::<PgError>()
-                .map(PgError::kind)
-                .or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind))
-                .or_else(|| c.downcast_ref::<sluice_search::sink::SinkError>().map(sluice_search::sink::SinkError::kind))
-        })
+        .find_map(|c| c.downcast_ref::<PgError>().map(PgError::kind).or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind)))
         .unwrap_or(ErrorKind::Permanent)
 }
 
-/// Where changes go. One per running pipeline: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-enum SinkKind {
-    /// Rows, snapshot progress and checkpoint commit together in the target.
-    Postgres(PostgresSink),
-    /// At least once: the slot's confirmed position is the checkpoint; snapshot
-    /// progress lives in the state database.
-    Kafka(KafkaSink),
-    /// Documents rebuilt from the source for every change; at least once, versioned by
-    /// LSN so replays never regress a document. `bool`: the initial load ran before.
-    Search(Box<SearchSink>, bool),
-}
-
 /// A running sink, and what the pipeline does to changes before it.
-struct Sink {
-    kind: SinkKind,
+struct Output {
+    /// Shared with the snapshot's row deliveries while a snapshot runs; owned alone
+    /// (for `apply`) afterwards.
+    sink: Arc<dyn DynSink>,
+    /// Whether the sink holds changes from an earlier run.
+    sink_progress: bool,
     /// Drops the changes the snapshot already holds, on source rows (before the
     /// transforms). The Postgres sink does this itself when there are no transforms.
     upstream: Option<(SnapshotFilter, Client)>,
@@ -153,29 +135,23 @@ struct Sink {
     transformer: Transformer,
 }
 
-impl Sink {
+impl Output {
     /// Whether the sink holds changes from an earlier run (then a missing slot means
     /// changes were lost).
     fn has_progress(&self) -> bool {
-        match &self.kind {
-            SinkKind::Postgres(s) => s.checkpoint().end_lsn > Lsn::ZERO,
-            SinkKind::Kafka(_) => self.upstream.as_ref().is_some_and(|(f, _)| !f.is_empty()),
-            SinkKind::Search(_, loaded) => *loaded,
-        }
+        self.sink_progress || self.upstream.as_ref().is_some_and(|(f, _)| !f.is_empty())
     }
 
-    /// Where streaming resumes: the sink's checkpoint, or the slot's own position.
-    fn resume_lsn(&self) -> Lsn {
-        match &self.kind {
-            SinkKind::Postgres(s) => s.checkpoint().end_lsn,
-            SinkKind::Kafka(_) | SinkKind::Search(..) => Lsn::ZERO,
+    /// The sink alone, for the calls that change it (no snapshot shares it then).
+    fn sink_mut(&mut self) -> Result<&mut dyn DynSink> {
+        match Arc::get_mut(&mut self.sink) {
+            Some(s) => Ok(s),
+            None => bail!(PgError::transient("the sink is still shared with a stopped snapshot")),
         }
     }
 
     async fn reload_snapshot_state(&mut self, pipeline: &str) -> Result<()> {
-        if let SinkKind::Postgres(s) = &mut self.kind {
-            s.reload_snapshot_state().await?;
-        }
+        self.sink_mut()?.after_snapshot().await?;
         if let Some((filter, state)) = &mut self.upstream {
             *filter = SnapshotFilter::load(state, pipeline).await?;
         }
@@ -194,11 +170,7 @@ impl Sink {
             e.apply(batch).await?;
         }
         self.transformer.apply(batch)?;
-        match &mut self.kind {
-            SinkKind::Postgres(s) => s.apply(batch).await?,
-            SinkKind::Kafka(s) => s.apply(batch).await?,
-            SinkKind::Search(s, _) => s.apply(batch).await?,
-        }
+        self.sink_mut()?.apply(batch).await?;
         Ok(())
     }
 }
@@ -238,16 +210,25 @@ impl Transformer {
     }
 }
 
-/// Snapshot rows into Kafka.
+/// Snapshot rows handed to a sink that takes them decoded ([`SnapshotMethod::Rows`]).
 #[derive(Clone)]
-struct KafkaRows(KafkaSink);
+struct SinkRows(Arc<dyn DynSink>);
 
-impl RowTarget for KafkaRows {
+impl RowTarget for SinkRows {
     async fn deliver(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<(), PgError> {
-        self.0
-            .send_snapshot_rows(table, rows, snapshot_lsn)
-            .await
-            .map_err(|e| PgError::wrap(e.kind(), format!("snapshot of {}: {e}", table.name), Box::new(e)))
+        self.0.snapshot_rows(table, rows, snapshot_lsn).await.map_err(|e| PgError::wrap(e.kind(), e.to_string(), Box::new(e)))
+    }
+}
+
+/// The snapshot's progress, as a sink's own load reports it.
+struct LoadCounter<'a>(&'a sluice_postgres::SnapshotProgress);
+
+impl LoadProgress for LoadCounter<'_> {
+    fn estimated(&self, rows: u64) {
+        self.0.rows_estimated.store(rows, Ordering::Relaxed);
+    }
+    fn loaded(&self, rows: u64) {
+        self.0.rows_copied.fetch_add(rows, Ordering::Relaxed);
     }
 }
 
@@ -255,16 +236,11 @@ impl Pipeline {
     pub fn new(cfg: PipelineConfig, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
         let source = cfg.source.connection();
         let state = cfg.state_connection();
-        let target_schema = match &cfg.sink {
-            SinkConfig::Postgres(pg) => pg.schema.clone(),
-            SinkConfig::Kafka(_) | SinkConfig::Search(_) => None,
-        };
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         Self {
             cfg,
             source,
             state,
-            target_schema,
             chain,
             metrics,
             shutdown,
@@ -424,11 +400,9 @@ impl Pipeline {
             sluice_postgres::verify_slot(&slot, &info, &self.source.database).map_err(at(Source))?;
         }
         // The sink (and state database) must be reachable before anything is created.
-        let what = if matches!(self.cfg.sink, SinkConfig::Postgres(_)) { "sink" } else { "state database" };
+        let what = if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" };
         drop(sluice_postgres::connect(&self.state, what).await.map_err(at(Sink))?);
-        if let Some(opts) = self.cfg.kafka_options() {
-            drop(KafkaSink::connect(opts).await.map_err(at(Sink))?);
-        }
+        self.cfg.sink.get().check(&self.sink_context(&tables)).await.map_err(at(Sink))?;
         let mut transforms = Vec::with_capacity(tables.len());
         for t in &tables {
             let shaped = match &enrichment {
@@ -438,24 +412,12 @@ impl Pipeline {
             let compiled = if self.chain.is_empty() { None } else { Some(Arc::new(self.chain.compile(&shaped).map_err(at(Transforms))?)) };
             transforms.push(compiled);
         }
-        let document = match &self.cfg.sink {
-            SinkConfig::Search(sc) => {
-                let by_name = tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
-                let plan = Arc::new(DocumentPlan::new(&sc.document, &by_name).map_err(at(Sink))?);
-                let opts = self.cfg.search_options().expect("search sink");
-                let state = sluice_postgres::connect(&self.state, "state database").await.map_err(at(Sink))?;
-                drop(SearchSink::connect(opts, plan.clone(), src, state).await.map_err(at(Sink))?);
-                Some(plan)
-            }
-            _ => None,
-        };
         Ok(Checked {
             tables,
             transforms,
             slot_exists: slot_info.is_some(),
             publication_missing,
             publication_exists: published.is_some(),
-            document,
             enrichment,
             reference,
         })
@@ -476,7 +438,7 @@ impl Pipeline {
                      DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the {} and empty the sink",
                     self.cfg.pipeline,
                     self.cfg.pipeline,
-                    if matches!(sink.kind, SinkKind::Postgres(_)) { "sink" } else { "state database" },
+                    if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" },
                 )));
             }
             src.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
@@ -505,53 +467,42 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The tables this pipeline writes in a Postgres sink (after transforms), for a
-    /// teardown that removes them.
-    pub async fn sink_tables(&self) -> Result<Vec<TableName>> {
+    /// What the sink is told when it connects.
+    fn sink_context(&self, tables: &[Arc<TableSchema>]) -> SinkContext {
+        SinkContext {
+            pipeline: self.cfg.pipeline.clone(),
+            source: self.source.clone(),
+            source_tables: tables.to_vec(),
+            transforms: self.cfg.transforms.clone(),
+        }
+    }
+
+    /// Removes what the pipeline created in its sink when `purge` (target tables,
+    /// topics and their schema subjects, the index); the state rows are the caller's.
+    pub async fn teardown_sink(&self, purge: bool) -> Result<()> {
         let checked = self.check().await?;
-        Ok(checked
+        let sink = self.cfg.sink.get().connect(&self.sink_context(&checked.tables)).await?;
+        let names: Vec<TableName> = checked
             .tables
             .iter()
             .zip(&checked.transforms)
-            .map(|(t, x)| {
-                let out = x.as_ref().map_or(&t.name, |x| &x.output.name);
-                TableName::new(self.target_schema.clone().unwrap_or_else(|| out.schema.clone()), out.name.clone())
-            })
-            .collect())
+            .map(|(t, x)| sink.target_name(x.as_ref().map_or(&t.name, |x| &x.output.name)))
+            .collect();
+        sink.teardown(&names, purge).await?;
+        Ok(())
     }
 
-    async fn connect_sink(&self, checked: &Checked) -> Result<Sink> {
+    async fn connect_sink(&self, checked: &Checked) -> Result<Output> {
         let outputs = checked.outputs()?;
         let transformed = !self.chain.is_empty();
-        let kind = match (self.cfg.kafka_options(), &checked.document) {
-            (None, Some(plan)) => {
-                let opts = self.cfg.search_options().expect("search sink");
-                let source = sluice_postgres::connect(&self.source, "source").await?;
-                let state = sluice_postgres::connect(&self.state, "state database").await?;
-                let sink = SearchSink::connect(opts, plan.clone(), source, state).await?;
-                sink.prepare_index().await?;
-                let loaded = sink.has_progress().await?;
-                SinkKind::Search(Box::new(sink), loaded)
-            }
-            (None, None) => {
-                let mut sink = PostgresSink::connect(&self.state, &self.cfg.pipeline, self.target_schema.clone()).await?;
-                for t in &outputs {
-                    sink.prepare_table(t).await?;
-                }
-                if transformed {
-                    sink.filter_upstream();
-                }
-                SinkKind::Postgres(sink)
-            }
-            (Some(opts), _) => {
-                let sink = KafkaSink::connect(opts).await?;
-                for t in &outputs {
-                    sink.prepare_table(t).await?;
-                }
-                SinkKind::Kafka(sink)
-            }
-        };
-        let upstream = if transformed || matches!(kind, SinkKind::Kafka(_)) {
+        let mut sink = self.cfg.sink.get().connect(&self.sink_context(&checked.tables)).await?;
+        sink.prepare(&outputs).await?;
+        let sink_progress = sink.has_progress().await?;
+        // Snapshot chunks are cut by the source key: a sink can drop the changes they
+        // already hold itself only while rows keep that key. A sink that loads itself
+        // has no chunks to filter by.
+        let filters_itself = sink.filters_snapshot(!transformed);
+        let upstream = if !filters_itself && sink.snapshot_method() != SnapshotMethod::Load {
             let state = sluice_postgres::connect(&self.state, "state database").await?;
             state
                 .batch_execute(sluice_postgres::STATE_DDL)
@@ -565,7 +516,7 @@ impl Pipeline {
         let tables =
             checked.enriched()?.into_iter().zip(&checked.transforms).filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?)))).collect();
         let transformer = Transformer { chain: self.chain.clone(), tables };
-        Ok(Sink { kind, upstream, enrichment: checked.enrichment.clone(), transformer })
+        Ok(Output { sink: Arc::from(sink), sink_progress, upstream, enrichment: checked.enrichment.clone(), transformer })
     }
 
     async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
@@ -590,7 +541,7 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn snapshot(&self, sink: &Sink, checked: &Checked) -> Result<()> {
+    async fn snapshot(&self, sink: &Output, checked: &Checked) -> Result<()> {
         let opts = SnapshotOptions {
             pipeline: self.cfg.pipeline.clone(),
             slot: self.cfg.slot_name(),
@@ -598,10 +549,7 @@ impl Pipeline {
             parallelism: self.cfg.snapshot.parallelism,
             chunk_rows: self.cfg.snapshot.chunk_rows,
         };
-        let target = |n: &TableName| match &sink.kind {
-            SinkKind::Postgres(s) => s.target_name(n),
-            SinkKind::Kafka(_) | SinkKind::Search(..) => n.clone(),
-        };
+        let target = |n: &TableName| sink.sink.target_name(n);
         let mut snap = Vec::with_capacity(checked.tables.len());
         for (t, x) in checked.tables.iter().zip(&checked.transforms) {
             snap.push(SnapshotTable {
@@ -653,10 +601,10 @@ impl Pipeline {
         let mut shutdown = self.shutdown.clone();
         let r = tokio::select! {
             r = async {
-                match &sink.kind {
-                    SinkKind::Postgres(_) => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
-                    SinkKind::Kafka(sink) => sluice_postgres::run_snapshot(&self.source, &self.state, Some(KafkaRows(sink.clone())), &opts, &snap, progress.clone()).await,
-                    SinkKind::Search(sink, _) => self.initial_load(sink, checked, &progress).await,
+                match sink.sink.snapshot_method() {
+                    SnapshotMethod::CopyInTarget => sluice_postgres::run_snapshot(&self.source, &self.state, None::<CopyIntoState>, &opts, &snap, progress.clone()).await,
+                    SnapshotMethod::Rows => sluice_postgres::run_snapshot(&self.source, &self.state, Some(SinkRows(sink.sink.clone())), &opts, &snap, progress.clone()).await,
+                    SnapshotMethod::Load => self.initial_load(&*sink.sink, &progress).await,
                 }
             } => r,
             _ = shutdown.changed() => Ok(()),
@@ -678,14 +626,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The search sink's initial load: every document built from the source, versioned
-    /// with the slot's position (every streamed change has a higher one).
-    async fn initial_load(
-        &self,
-        sink: &SearchSink,
-        checked: &Checked,
-        progress: &Arc<sluice_postgres::SnapshotProgress>,
-    ) -> Result<(), PgError> {
+    /// A sink's own initial load (search: every document built from the source),
+    /// versioned with the slot's position (every streamed change has a higher one).
+    async fn initial_load(&self, sink: &dyn DynSink, progress: &Arc<sluice_postgres::SnapshotProgress>) -> Result<(), PgError> {
         let src = sluice_postgres::connect(&self.source, "source").await?;
         let slot = self.cfg.slot_name();
         let row = src
@@ -693,26 +636,16 @@ impl Pipeline {
             .await
             .map_err(|e| PgError::from_pg("reading the slot position", e))?;
         let version: Lsn = row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))?;
-        let root = &checked.document.as_ref().expect("search sink has a document").root;
-        if let Ok(r) =
-            src.query_one("SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&root.quoted()]).await
-        {
-            progress.rows_estimated.store(r.get::<_, i64>(0) as u64, Ordering::Relaxed);
-        }
         progress.chunks_total.store(1, Ordering::Relaxed);
-        sink.initial_load(version.0.max(1), |n| {
-            progress.rows_copied.fetch_add(n, Ordering::Relaxed);
-        })
-        .await
-        .map_err(|e| PgError::wrap(e.kind(), format!("initial load into the search index: {e}"), Box::new(e)))?;
+        sink.load(version.0.max(1), &LoadCounter(progress)).await.map_err(|e| PgError::wrap(e.kind(), e.to_string(), Box::new(e)))?;
         progress.chunks_done.store(1, Ordering::Relaxed);
         Ok(())
     }
 
-    async fn stream(&mut self, mut sink: Sink, checked: &Checked) -> Result<()> {
+    async fn stream(&mut self, mut sink: Output, checked: &Checked) -> Result<()> {
         let tables = &checked.tables[..];
         let catalog = sluice_postgres::connect(&self.source, "source").await?;
-        let start = sink.resume_lsn();
+        let start = sink.sink.resume_lsn();
         let streamed: Vec<Arc<TableSchema>> = tables.iter().chain(&checked.reference).cloned().collect();
         let stream =
             ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog).await?;
@@ -748,9 +681,10 @@ impl Pipeline {
         let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
         // Rows the source no longer has can be found in a Postgres sink whose rows are
         // the source's own (no transforms).
-        let targets = match &sink.kind {
-            SinkKind::Postgres(s) if self.chain.is_empty() => tables.iter().map(|t| (t.name.clone(), s.target_name(&t.name))).collect(),
-            _ => HashMap::new(),
+        let targets = if sink.sink.mirrors_source_rows() && self.chain.is_empty() {
+            tables.iter().map(|t| (t.name.clone(), sink.sink.target_name(&t.name))).collect()
+        } else {
+            HashMap::new()
         };
         let chunk_rows = self.cfg.snapshot.chunk_rows.min(RESYNC_CHUNK_ROWS);
         let result = match Resync::new(
@@ -782,7 +716,7 @@ impl Pipeline {
 
     async fn apply_loop(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Output,
         rx: &mut mpsc::Receiver<StreamItem>,
         acker: &Acker,
         budget: &Semaphore,

@@ -1,7 +1,6 @@
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use secrecy::ExposeSecret;
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::{PgError, Result};
@@ -11,45 +10,25 @@ use crate::error::{PgError, Result};
 pub(crate) const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c intervalstyle=iso_8601 -c timezone=UTC \
      -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
 
-/// How to reach a Postgres database. The password never appears in logs or `Debug`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgConnConfig {
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    pub user: String,
-    pub password: SecretString,
-    pub database: String,
-}
+pub use sluice_core::PgConnConfig;
 
-fn default_port() -> u16 {
-    5432
-}
-
-impl PgConnConfig {
-    /// Where this points, for messages: never includes the password.
-    pub fn describe(&self) -> String {
-        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.database)
-    }
-
-    pub(crate) fn replication(&self, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
-        pgwire_replication::ReplicationConfig::new(
-            self.host.clone(),
-            self.user.clone(),
-            self.password.expose_secret().to_string(),
-            self.database.clone(),
-            slot.to_string(),
-            publication.to_string(),
-        )
-        .with_port(self.port)
-        .with_tls(pgwire_replication::TlsConfig::disabled())
-        .with_options(SESSION_OPTIONS)
-        .with_application_name(format!("sluice:{slot}"))
-        .with_status_interval(Duration::from_millis(200))
-        .with_wakeup_interval(Duration::from_secs(1))
-        .with_buffer_size(4096)
-    }
+/// The replication connection's settings for `cfg`.
+pub(crate) fn replication_config(cfg: &PgConnConfig, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
+    pgwire_replication::ReplicationConfig::new(
+        cfg.host.clone(),
+        cfg.user.clone(),
+        cfg.password.expose_secret().to_string(),
+        cfg.database.clone(),
+        slot.to_string(),
+        publication.to_string(),
+    )
+    .with_port(cfg.port)
+    .with_tls(pgwire_replication::TlsConfig::disabled())
+    .with_options(SESSION_OPTIONS)
+    .with_application_name(format!("sluice:{slot}"))
+    .with_status_interval(Duration::from_millis(200))
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(4096)
 }
 
 /// Opens a regular (non-replication) connection; `what` names it in errors.

@@ -15,6 +15,6 @@ pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_sl
 pub use conn::{PgConnConfig, connect, connect_listening};
 pub use copy_text::{CopyRowDecoder, decode_row};
 pub use error::{PgError, Result};
-pub use sink::{Checkpoint, PostgresSink, STATE_DDL, SnapshotFilter, key_of};
+pub use sink::{Checkpoint, PostgresSink, PostgresSinkConfig, STATE_DDL, SnapshotFilter, key_of};
 pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, run_snapshot};
 pub use stream::{Acker, HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream, StreamItem};

@@ -202,9 +202,10 @@ pub async fn run_snapshot<R: RowTarget>(
 
     // The temporary slot lives as long as this session; its snapshot stays importable
     // until the session runs its next command.
-    let mut repl = pgwire_replication::ReplicationClient::connect_gated(source.replication(&opts.slot, &opts.publication))
-        .await
-        .map_err(|e| PgError::from_wire("opening a replication connection for the snapshot", e))?;
+    let mut repl =
+        pgwire_replication::ReplicationClient::connect_gated(crate::conn::replication_config(source, &opts.slot, &opts.publication))
+            .await
+            .map_err(|e| PgError::from_wire("opening a replication connection for the snapshot", e))?;
     let temp_slot = format!("{}_snap_{}", opts.slot, std::process::id());
     let rows = repl
         .simple_query(&format!("CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT", quote_ident(&temp_slot)))

@@ -73,8 +73,7 @@ impl ReplicationStream {
         tables: &[Arc<TableSchema>],
         catalog: Client,
     ) -> Result<Self> {
-        let rc = cfg
-            .replication(slot, publication)
+        let rc = crate::conn::replication_config(cfg, slot, publication)
             .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
             .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0));
         let mut client = ReplicationClient::connect(rc).await.map_err(|e| PgError::from_wire("starting replication", e))?;

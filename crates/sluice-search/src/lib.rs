@@ -1,5 +1,5 @@
-//! Sluice's search platform: an Elasticsearch-compatible service on tantivy, and the
-//! sink that feeds it (or Elasticsearch/OpenSearch) with documents built from Postgres.
+//! Sluice's search service: an Elasticsearch-compatible HTTP API on tantivy. The sink
+//! that feeds it (or Elasticsearch/OpenSearch) is `sluice-sink-search`.
 
 mod error;
 mod http;
@@ -8,7 +8,6 @@ mod mapping;
 mod query;
 mod search;
 mod service;
-pub mod sink;
 
 pub use error::{EsError, EsResult};
 pub use http::router;

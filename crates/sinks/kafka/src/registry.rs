@@ -5,7 +5,7 @@ use reqwest::StatusCode;
 use serde_json::{Value as Json, json};
 use sluice_core::ErrorKind;
 
-use crate::error::{Result, SinkError};
+use crate::error::{KafkaSinkError, Result};
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
@@ -32,7 +32,7 @@ impl RegistryClient {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| SinkError::with_source(ErrorKind::Permanent, format!("schema registry client for {base_url}"), e))?;
+            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Permanent, format!("schema registry client for {base_url}"), e))?;
         Ok(Self { base: base_url.trim_end_matches('/').to_string(), http })
     }
 
@@ -47,7 +47,10 @@ impl RegistryClient {
         let reply: Json = resp.json().await.unwrap_or(Json::Null);
         match status {
             s if s.is_success() => reply["id"].as_u64().map(|id| id as u32).ok_or_else(|| {
-                SinkError::new(ErrorKind::Transient, format!("schema registry {}: no id in the reply to registering {subject}", self.base))
+                KafkaSinkError::new(
+                    ErrorKind::Transient,
+                    format!("schema registry {}: no id in the reply to registering {subject}", self.base),
+                )
             }),
             StatusCode::CONFLICT => {
                 let reasons = self.reasons(subject, schema).await.unwrap_or_default();
@@ -62,7 +65,7 @@ impl RegistryClient {
                     .map(|old| column_changes(&old, schema))
                     .filter(|c| !c.is_empty())
                     .map_or_else(String::new, |c| format!("{}; ", c.join("; ")));
-                Err(SinkError::new(
+                Err(KafkaSinkError::new(
                     ErrorKind::Halted,
                     format!(
                         "schema registry rejected the new schema of subject {subject} under {mode}: {columns}registry says: \
@@ -72,9 +75,9 @@ impl RegistryClient {
                 ))
             }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                Err(SinkError::new(ErrorKind::Transient, format!("schema registry {} answered {s} registering {subject}", self.base)))
+                Err(KafkaSinkError::new(ErrorKind::Transient, format!("schema registry {} answered {s} registering {subject}", self.base)))
             }
-            s => Err(SinkError::new(
+            s => Err(KafkaSinkError::new(
                 ErrorKind::Permanent,
                 format!("schema registry {} answered {s} registering {subject}: {}", self.base, reply["message"].as_str().unwrap_or("")),
             )),
@@ -86,16 +89,17 @@ impl RegistryClient {
     pub async fn delete_subject(&self, subject: &str) -> Result<()> {
         for query in ["", "?permanent=true"] {
             let url = format!("{}/subjects/{}{query}", self.base, encode_subject(subject));
-            let resp = self
-                .http
-                .delete(&url)
-                .send()
-                .await
-                .map_err(|e| SinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e))?;
+            let resp =
+                self.http.delete(&url).send().await.map_err(|e| {
+                    KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e)
+                })?;
             let status = resp.status();
             if !(status.is_success() || status == StatusCode::NOT_FOUND) {
                 let kind = if status.is_server_error() { ErrorKind::Transient } else { ErrorKind::Permanent };
-                return Err(SinkError::new(kind, format!("schema registry {} answered {status} deleting subject {subject}", self.base)));
+                return Err(KafkaSinkError::new(
+                    kind,
+                    format!("schema registry {} answered {status} deleting subject {subject}", self.base),
+                ));
             }
         }
         Ok(())
@@ -123,7 +127,7 @@ impl RegistryClient {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| SinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e))
+            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e))
     }
 }
 

@@ -8,8 +8,6 @@
 //! source state (never older than the change), and versions only grow, so replays and
 //! retries never regress a document: a 409 means a newer version is already there.
 
-mod document;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,18 +17,20 @@ use serde_json::{Value, json};
 use sluice_core::{ErrorKind, Op, Transaction};
 use tokio_postgres::Client;
 
-pub use document::{CountSpec, DocumentPlan, DocumentSpec, RelationKind, RelationSpec};
+use crate::document::DocumentPlan;
+use sluice_core::sink::{LoadProgress, Sink, SinkError, SinkResult, SnapshotMethod};
+use sluice_core::{TableName, TableSchema};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct SinkError {
+pub struct SearchError {
     kind: ErrorKind,
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-impl SinkError {
+impl SearchError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
     }
@@ -54,7 +54,7 @@ impl SinkError {
     }
 }
 
-type Result<T, E = SinkError> = std::result::Result<T, E>;
+type Result<T, E = SearchError> = std::result::Result<T, E>;
 
 /// Where documents go and how they are sent.
 #[derive(Clone, Debug)]
@@ -136,22 +136,22 @@ impl SearchSink {
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| SinkError::permanent(format!("search sink: HTTP client: {e}")))?;
+            .map_err(|e| SearchError::permanent(format!("search sink: HTTP client: {e}")))?;
         let sink = SearchSink { opts, plan, http, source, state };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
-            SinkError::transient(format!(
+            SearchError::transient(format!(
                 "search service at {} does not answer: {e}: check sink.search.url and that the service runs",
                 sink.opts.url
             ))
         })?;
         match resp.status().as_u16() {
             200..=299 => Ok(sink),
-            401 | 403 => Err(SinkError::permanent(format!(
+            401 | 403 => Err(SearchError::permanent(format!(
                 "search service at {} refused the credentials ({}): check sink.search.username/password",
                 sink.opts.url,
                 resp.status()
             ))),
-            s => Err(SinkError::transient(format!("search service at {} answered {s} to GET /", sink.opts.url))),
+            s => Err(SearchError::transient(format!("search service at {} answered {s} to GET /", sink.opts.url))),
         }
     }
 
@@ -167,13 +167,13 @@ impl SearchSink {
     /// Creates the state tables, and the index with the mapping derived from the
     /// document when it is missing.
     pub async fn prepare_index(&self) -> Result<()> {
-        self.state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SinkError::pg("creating the search sink's state tables", e))?;
+        self.state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SearchError::pg("creating the search sink's state tables", e))?;
         let index = &self.opts.index;
         let head = self
             .request(reqwest::Method::HEAD, &format!("/{index}"))
             .send()
             .await
-            .map_err(|e| SinkError::transient(format!("search service: HEAD /{index}: {e}")))?;
+            .map_err(|e| SearchError::transient(format!("search service: HEAD /{index}: {e}")))?;
         if head.status().is_success() {
             return Ok(());
         }
@@ -183,14 +183,14 @@ impl SearchSink {
             .json(&body)
             .send()
             .await
-            .map_err(|e| SinkError::transient(format!("search service: creating index {index}: {e}")))?;
+            .map_err(|e| SearchError::transient(format!("search service: creating index {index}: {e}")))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         if status.is_success() || text.contains("resource_already_exists_exception") {
             tracing::info!(index = %index, "search index ready");
             return Ok(());
         }
-        let err = if status.is_server_error() { SinkError::transient } else { SinkError::permanent };
+        let err = if status.is_server_error() { SearchError::transient } else { SearchError::permanent };
         Err(err(format!("search service refused to create index {index} ({status}): {text}")))
     }
 
@@ -203,7 +203,7 @@ impl SearchSink {
                 &[&self.opts.pipeline, &self.opts.index],
             )
             .await
-            .map_err(|e| SinkError::pg("reading the search load state", e))?;
+            .map_err(|e| SearchError::pg("reading the search load state", e))?;
         Ok(row.is_some())
     }
 
@@ -215,7 +215,7 @@ impl SearchSink {
             .state
             .query_opt("SELECT last_key, done FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2", &[p, ix])
             .await
-            .map_err(|e| SinkError::pg("reading the search load state", e))?;
+            .map_err(|e| SearchError::pg("reading the search load state", e))?;
         let mut last: Option<String> = match row {
             Some(r) if r.get::<_, bool>(1) => return Ok(()),
             Some(r) => r.get(0),
@@ -232,7 +232,7 @@ impl SearchSink {
                     &[p, ix, &last],
                 )
                 .await
-                .map_err(|e| SinkError::pg("saving the search load state", e))?;
+                .map_err(|e| SearchError::pg("saving the search load state", e))?;
             progress(n);
         }
         self.state
@@ -242,13 +242,13 @@ impl SearchSink {
                 &[p, ix, &last],
             )
             .await
-            .map_err(|e| SinkError::pg("saving the search load state", e))?;
+            .map_err(|e| SearchError::pg("saving the search load state", e))?;
         Ok(())
     }
 
     fn finish(&self, doc: String) -> Result<String> {
         let v: Value =
-            serde_json::from_str(&doc).map_err(|e| SinkError::permanent(format!("document from the source is not JSON: {e}")))?;
+            serde_json::from_str(&doc).map_err(|e| SearchError::permanent(format!("document from the source is not JSON: {e}")))?;
         Ok(self.plan.finish(v).to_string())
     }
 
@@ -264,7 +264,7 @@ impl SearchSink {
             for e in &t.events {
                 if e.op == Op::Truncate {
                     if self.plan.is_root(&e.table.name) {
-                        return Err(SinkError::permanent(format!(
+                        return Err(SearchError::permanent(format!(
                             "TRUNCATE of the document root {}: the search sink cannot tell which documents to delete; delete index {} and the row of sluice.search_loads for pipeline {}, then restart to rebuild it",
                             e.table.name, self.opts.index, self.opts.pipeline
                         )));
@@ -290,7 +290,7 @@ impl SearchSink {
             }
             for (sql, keys) in queries {
                 let rows =
-                    self.source.query(&sql, &[&keys]).await.map_err(|e| SinkError::pg("finding the documents a change affects", e))?;
+                    self.source.query(&sql, &[&keys]).await.map_err(|e| SearchError::pg("finding the documents a change affects", e))?;
                 direct.extend(rows.iter().map(|r| r.get::<_, String>(0)));
             }
             let mut seen = HashSet::with_capacity(direct.len());
@@ -304,7 +304,7 @@ impl SearchSink {
         .await;
         let ended = self.source.batch_execute(if built.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
         let ops = built?;
-        ended.map_err(|e| SinkError::pg("ending the read of the source", e))?;
+        ended.map_err(|e| SearchError::pg("ending the read of the source", e))?;
         self.bulk(ops).await
     }
 
@@ -319,19 +319,19 @@ impl SearchSink {
             self.source
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await
-                .map_err(|e| SinkError::pg("reading the source", e))?;
+                .map_err(|e| SearchError::pg("reading the source", e))?;
             let unseen: i64 = self
                 .source
                 .query_one(UNSEEN_XIDS, &[&xids])
                 .await
-                .map_err(|e| SinkError::pg("checking that the source shows the batch", e))?
+                .map_err(|e| SearchError::pg("checking that the source shows the batch", e))?
                 .get(0);
             if unseen == 0 {
                 return Ok(());
             }
-            self.source.batch_execute("ROLLBACK").await.map_err(|e| SinkError::pg("reading the source", e))?;
+            self.source.batch_execute("ROLLBACK").await.map_err(|e| SearchError::pg("reading the source", e))?;
             if std::time::Instant::now() > deadline {
-                return Err(SinkError::transient(format!("{unseen} committed source transactions are still not visible after 30 s")));
+                return Err(SearchError::transient(format!("{unseen} committed source transactions are still not visible after 30 s")));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -344,7 +344,7 @@ impl SearchSink {
             .source
             .query(self.plan.build_sql(), &[&ids])
             .await
-            .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+            .map_err(|e| SearchError::pg(&format!("building documents from {}", self.plan.root), e))?;
         let mut built: std::collections::HashMap<String, String> = std::collections::HashMap::with_capacity(rows.len());
         for r in rows {
             built.insert(r.get(0), r.get(1));
@@ -376,7 +376,7 @@ impl SearchSink {
             .source
             .query(self.plan.page_sql(), &[after, &(self.opts.bulk_max_docs as i64)])
             .await
-            .map_err(|e| SinkError::pg(&format!("building documents from {}", self.plan.root), e))?;
+            .map_err(|e| SearchError::pg(&format!("building documents from {}", self.plan.root), e))?;
         let Some(last) = rows.last().map(|r| r.get::<_, String>(0)) else { return Ok(None) };
         let mut ops = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -441,22 +441,22 @@ impl SearchSink {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            let text = resp.text().await.map_err(|e| SinkError::transient(format!("search bulk response: {e}")))?;
+            let text = resp.text().await.map_err(|e| SearchError::transient(format!("search bulk response: {e}")))?;
             if status.as_u16() == 413 {
-                return Err(SinkError::permanent(format!(
+                return Err(SearchError::permanent(format!(
                     "search service refused a {} byte bulk request as too large (413): lower sink.search.bulk_max_bytes",
                     ops.iter().map(|o| if let BulkOp::Index { doc, .. } = o { doc.len() } else { 0 }).sum::<usize>()
                 )));
             }
             if !status.is_success() {
-                return Err(SinkError::permanent(format!("search service refused the bulk request ({status}): {text}")));
+                return Err(SearchError::permanent(format!("search service refused the bulk request ({status}): {text}")));
             }
             let v: Value =
-                serde_json::from_str(&text).map_err(|e| SinkError::transient(format!("search bulk response is not JSON: {e}")))?;
+                serde_json::from_str(&text).map_err(|e| SearchError::transient(format!("search bulk response is not JSON: {e}")))?;
             let items =
-                v.get("items").and_then(Value::as_array).ok_or_else(|| SinkError::transient("search bulk response has no items"))?;
+                v.get("items").and_then(Value::as_array).ok_or_else(|| SearchError::transient("search bulk response has no items"))?;
             if items.len() != ops.len() {
-                return Err(SinkError::transient(format!("search bulk response has {} items for {} operations", items.len(), ops.len())));
+                return Err(SearchError::transient(format!("search bulk response has {} items for {} operations", items.len(), ops.len())));
             }
             let mut retry = Vec::new();
             let mut dead = Vec::new();
@@ -491,7 +491,7 @@ impl SearchSink {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        Err(SinkError::transient(format!(
+        Err(SearchError::transient(format!(
             "search service at {} did not accept the bulk request after {RETRY_ATTEMPTS} attempts",
             self.opts.url
         )))
@@ -522,9 +522,72 @@ impl SearchSink {
                 &[&self.opts.pipeline, &self.opts.index, &ids, &versions, &statuses, &reasons, &docs],
             )
             .await
-            .map_err(|e| SinkError::pg("writing to sluice.search_dead_letters", e))?;
+            .map_err(|e| SearchError::pg("writing to sluice.search_dead_letters", e))?;
         // Ids and documents are row data: they stay in the table, out of the logs.
         tracing::error!(documents = n, index = %self.opts.index, "search service refused documents; they are in sluice.search_dead_letters with the reason");
         Ok(())
     }
+}
+
+/// At least once, idempotent by versions: the slot's confirmed position is the only
+/// checkpoint; the initial load is the sink's own (documents built by SQL).
+impl Sink for SearchSink {
+    fn snapshot_method(&self) -> SnapshotMethod {
+        SnapshotMethod::Load
+    }
+
+    async fn prepare(&mut self, _tables: &[Arc<TableSchema>]) -> SinkResult<()> {
+        self.prepare_index().await.map_err(to_sink)
+    }
+
+    async fn has_progress(&self) -> SinkResult<bool> {
+        SearchSink::has_progress(self).await.map_err(to_sink)
+    }
+
+    async fn load<'a>(&'a self, version: u64, progress: &'a dyn LoadProgress) -> SinkResult<()> {
+        let root = &self.plan.root;
+        if let Ok(r) = self
+            .source
+            .query_one("SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&root.quoted()])
+            .await
+        {
+            progress.estimated(r.get::<_, i64>(0) as u64);
+        }
+        self.initial_load(version, |n| progress.loaded(n))
+            .await
+            .map_err(|e| SinkError::new(e.kind(), format!("initial load into the search index: {e}")))
+    }
+
+    async fn apply(&mut self, batch: &[sluice_core::Transaction]) -> SinkResult<()> {
+        SearchSink::apply(self, batch).await.map_err(to_sink)
+    }
+
+    async fn teardown(&self, _tables: &[TableName], purge: bool) -> SinkResult<()> {
+        if !purge {
+            return Ok(());
+        }
+        let index = &self.opts.index;
+        let resp = self
+            .request(reqwest::Method::DELETE, &format!("/{index}"))
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(format!("deleting index {index}: {e}")))?;
+        if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND) {
+            return Err(SinkError::transient(format!("deleting index {index}: HTTP {}", resp.status())));
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> SinkResult<()> {
+        let resp = self
+            .request(reqwest::Method::GET, "/")
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(format!("search service at {} does not answer: {e}", self.opts.url)))?;
+        if resp.status().is_success() { Ok(()) } else { Err(SinkError::transient(format!("search service answered {}", resp.status()))) }
+    }
+}
+
+fn to_sink(e: SearchError) -> SinkError {
+    SinkError::wrap(e.kind(), e)
 }

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use apache_avro::Schema;
 use apache_avro::types::Value as Avro;
-use base64::Engine as _;
-use serde_json::{Map, Value as Json, json};
-use sluice_core::{ChangeEvent, Datum, Lsn, Op, PgType, Row, TableSchema, Value};
+use serde_json::{Value as Json, json};
+use sluice_core::{ChangeEvent, Lsn, Op, Row, TableSchema};
 
-use crate::avro::{Columns, EncodeError, UNAVAILABLE, datum, header};
+use crate::avro::{Columns, EncodeError, datum, header};
 
 /// `source.version` of every event.
 const VERSION: &str = concat!("sluice-", env!("CARGO_PKG_VERSION"));
@@ -201,56 +200,14 @@ impl EventEncoder {
 }
 
 fn json_record(table: &TableSchema, row: &Row, only: Option<&[usize]>) -> Result<Json, EncodeError> {
-    let mut obj = Map::new();
-    for (i, c) in table.columns.iter().enumerate() {
-        if only.is_some_and(|o| !o.contains(&i)) {
-            continue;
-        }
-        let err = |reason: String| EncodeError::Value { column: c.name.clone(), reason };
-        let v = match row.get(i).unwrap_or(&Datum::Null) {
-            Datum::Null => Json::Null,
-            Datum::Unchanged => Json::String(UNAVAILABLE.into()),
-            Datum::Text(b) => {
-                let text = std::str::from_utf8(b).map_err(|_| err("not UTF-8".into()))?;
-                to_json(Value::parse(&c.pg_type, text).map_err(|e| err(e.to_string()))?, &c.pg_type)
-            }
-        };
-        obj.insert(c.name.clone(), v);
-    }
-    Ok(Json::Object(obj))
-}
-
-/// Values as Debezium's JSON converter shows them: numbers as numbers, dates as days
-/// and times/timestamps as microseconds since the epoch, bytes as base64, decimals
-/// and everything without a JSON equivalent as its exact text.
-fn to_json(v: Value, ty: &PgType) -> Json {
-    let float = |f: f64| serde_json::Number::from_f64(f).map_or_else(|| Json::String(f.to_string()), Json::Number);
-    match v {
-        Value::Null => Json::Null,
-        Value::Bool(b) => Json::Bool(b),
-        Value::Int2(i) => json!(i),
-        Value::Int4(i) => json!(i),
-        Value::Int8(i) => json!(i),
-        Value::Float4(f) => float(f64::from(f)),
-        Value::Float8(f) => float(f),
-        Value::Bytea(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
-        Value::Date(d) => json!(d),
-        Value::Time(t) | Value::Timestamp(t) | Value::TimestampTz(t) => json!(t),
-        Value::Array(items) => {
-            let elem = match ty {
-                PgType::Array(e) => e.as_ref(),
-                other => other,
-            };
-            Json::Array(items.into_iter().map(|i| to_json(i, elem)).collect())
-        }
-        other => Json::String(other.to_pg_text().unwrap_or_default()),
-    }
+    sluice_core::json::record(table, row, only).map_err(|e| EncodeError::Value { column: e.column, reason: e.reason })
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use sluice_core::{ColumnSchema, ReplicaIdentity, SourcePosition, TableName};
+    use sluice_core::json::UNAVAILABLE;
+    use sluice_core::{ColumnSchema, Datum, PgType, ReplicaIdentity, SourcePosition, TableName};
 
     use super::*;
 

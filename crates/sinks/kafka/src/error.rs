@@ -6,14 +6,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// running the pipeline, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct SinkError {
+pub struct KafkaSinkError {
     kind: ErrorKind,
     message: String,
     #[source]
     source: Option<BoxError>,
 }
 
-impl SinkError {
+impl KafkaSinkError {
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self { kind, message: message.into(), source: None }
     }
@@ -51,4 +51,4 @@ impl SinkError {
     }
 }
 
-pub type Result<T, E = SinkError> = std::result::Result<T, E>;
+pub type Result<T, E = KafkaSinkError> = std::result::Result<T, E>;

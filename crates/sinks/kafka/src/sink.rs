@@ -17,11 +17,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
-use sluice_core::{ChangeEvent, Destination, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
+use sluice_core::sink::{Sink, SinkResult, SnapshotMethod};
+use sluice_core::{ChangeEvent, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
 
 use crate::envelope::{EventEncoder, EventMeta, value_schema};
-use crate::error::{Result, SinkError};
+use crate::error::{KafkaSinkError, Result};
 use crate::registry::RegistryClient;
 
 /// How records are encoded.
@@ -122,8 +123,8 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn encode_err(table: &TableName, e: crate::avro::EncodeError) -> SinkError {
-    SinkError::with_source(ErrorKind::Permanent, format!("encoding a change of {table}: {e}"), e)
+fn encode_err(table: &TableName, e: crate::avro::EncodeError) -> KafkaSinkError {
+    KafkaSinkError::with_source(ErrorKind::Permanent, format!("encoding a change of {table}: {e}"), e)
 }
 
 impl KafkaSink {
@@ -132,14 +133,14 @@ impl KafkaSink {
         let producer: FutureProducer = opts
             .client_config()
             .create()
-            .map_err(|e| SinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
+            .map_err(|e| KafkaSinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
         let probe = producer.clone();
         let brokers = opts.brokers.clone();
         tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, Duration::from_secs(10)))
             .await
-            .map_err(|e| SinkError::with_source(ErrorKind::Transient, "Kafka metadata task failed", e))?
+            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, "Kafka metadata task failed", e))?
             .map_err(|e| {
-                SinkError::with_source(
+                KafkaSinkError::with_source(
                     ErrorKind::Transient,
                     format!("Kafka brokers {brokers} did not answer: check sink.kafka.brokers and that the brokers are up ({e})"),
                     e,
@@ -166,18 +167,18 @@ impl KafkaSink {
         let opts = &self.inner.opts;
         let topic = opts.topic_for(&schema.name);
         let admin: AdminClient<DefaultClientContext> =
-            opts.client_config().create().map_err(|e| SinkError::from_kafka("creating a Kafka admin client", e))?;
+            opts.client_config().create().map_err(|e| KafkaSinkError::from_kafka("creating a Kafka admin client", e))?;
         let new = NewTopic::new(&topic, opts.partitions, TopicReplication::Fixed(opts.replication_factor));
         let results = admin
             .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
             .await
-            .map_err(|e| SinkError::from_kafka(&format!("creating topic {topic}"), e))?;
+            .map_err(|e| KafkaSinkError::from_kafka(&format!("creating topic {topic}"), e))?;
         for r in results {
             match r {
                 Ok(_) => tracing::info!(topic = %topic, partitions = opts.partitions, "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
-                    return Err(SinkError::from_kafka(&format!("creating topic {t}"), KafkaError::AdminOp(code)));
+                    return Err(KafkaSinkError::from_kafka(&format!("creating topic {t}"), KafkaError::AdminOp(code)));
                 }
             }
         }
@@ -191,16 +192,16 @@ impl KafkaSink {
         let opts = &self.inner.opts;
         let topic = opts.topic_for(table);
         let admin: AdminClient<DefaultClientContext> =
-            opts.client_config().create().map_err(|e| SinkError::from_kafka("creating a Kafka admin client", e))?;
+            opts.client_config().create().map_err(|e| KafkaSinkError::from_kafka("creating a Kafka admin client", e))?;
         let results = admin
             .delete_topics(&[&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
             .await
-            .map_err(|e| SinkError::from_kafka(&format!("deleting topic {topic}"), e))?;
+            .map_err(|e| KafkaSinkError::from_kafka(&format!("deleting topic {topic}"), e))?;
         for r in results {
             match r {
                 Ok(_) => tracing::info!(topic = %topic, "deleted topic"),
                 Err((_, RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) => {}
-                Err((t, code)) => return Err(SinkError::from_kafka(&format!("deleting topic {t}"), KafkaError::AdminOp(code))),
+                Err((t, code)) => return Err(KafkaSinkError::from_kafka(&format!("deleting topic {t}"), KafkaError::AdminOp(code))),
             }
         }
         if let (Encoding::Avro { context, .. }, Some(registry)) = (&opts.encoding, &self.inner.registry) {
@@ -333,7 +334,7 @@ impl KafkaSink {
                     Some(f) => wait(f).await?,
                     None => tokio::time::sleep(Duration::from_millis(5)).await,
                 },
-                Err((e, _)) => return Err(SinkError::from_kafka(&format!("producing to {topic}"), e)),
+                Err((e, _)) => return Err(KafkaSinkError::from_kafka(&format!("producing to {topic}"), e)),
             }
         }
     }
@@ -344,16 +345,15 @@ async fn wait(f: DeliveryFuture) -> Result<()> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, m))) => {
             use rdkafka::Message as _;
-            Err(SinkError::from_kafka(&format!("delivering to {}", m.topic()), e))
+            Err(KafkaSinkError::from_kafka(&format!("delivering to {}", m.topic()), e))
         }
-        Err(_) => Err(SinkError::new(ErrorKind::Transient, "the Kafka producer dropped a delivery")),
+        Err(_) => Err(KafkaSinkError::new(ErrorKind::Transient, "the Kafka producer dropped a delivery")),
     }
 }
 
-impl Destination for KafkaSink {
-    type Error = SinkError;
-
-    async fn apply(&mut self, txns: &[Transaction]) -> Result<()> {
+impl KafkaSink {
+    /// Produces the batch's records; returns once the broker acknowledged all of them.
+    pub async fn apply(&self, txns: &[Transaction]) -> Result<()> {
         // Every shape in the batch is registered before anything is produced, so a
         // rejected schema stops the batch whole.
         let mut outs: Vec<(&Arc<TableSchema>, Arc<TableOut>)> = Vec::new();
@@ -370,4 +370,47 @@ impl Destination for KafkaSink {
         }
         self.produce(txns.iter().flat_map(|t| &t.events).zip(&index).map(|(e, &i)| (&outs[i].1, e))).await
     }
+}
+
+/// At least once: the slot's confirmed position is the checkpoint, snapshot rows are
+/// sent as `op: r` records, topics and schema subjects are the sink's objects.
+impl Sink for KafkaSink {
+    fn snapshot_method(&self) -> SnapshotMethod {
+        SnapshotMethod::Rows
+    }
+
+    async fn prepare(&mut self, tables: &[Arc<TableSchema>]) -> SinkResult<()> {
+        for t in tables {
+            self.prepare_table(t).await.map_err(to_sink)?;
+        }
+        Ok(())
+    }
+
+    async fn has_progress(&self) -> SinkResult<bool> {
+        // What was delivered is known from the snapshot progress in the state database.
+        Ok(false)
+    }
+
+    async fn snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+        self.send_snapshot_rows(table, rows, snapshot_lsn)
+            .await
+            .map_err(|e| sluice_core::sink::SinkError::new(e.kind(), format!("snapshot of {}: {e}", table.name)))
+    }
+
+    async fn apply(&mut self, txns: &[Transaction]) -> SinkResult<()> {
+        KafkaSink::apply(self, txns).await.map_err(to_sink)
+    }
+
+    async fn teardown(&self, tables: &[TableName], purge: bool) -> SinkResult<()> {
+        if purge {
+            for t in tables {
+                self.remove_table(t).await.map_err(to_sink)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_sink(e: KafkaSinkError) -> sluice_core::sink::SinkError {
+    sluice_core::sink::SinkError::wrap(e.kind(), e)
 }

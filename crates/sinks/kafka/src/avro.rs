@@ -19,7 +19,7 @@ pub struct AvroEncoder {
 
 /// What Debezium writes for a TOASTed column an update did not touch (its
 /// `unavailable.value.placeholder`), so consumers that know Debezium recognize it.
-pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+pub use sluice_core::json::UNAVAILABLE;
 
 struct Col {
     /// Index in the source row.

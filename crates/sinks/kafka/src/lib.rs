@@ -4,13 +4,15 @@
 
 mod avro;
 pub mod broker;
+mod config;
 mod envelope;
 mod error;
 mod registry;
 mod sink;
 
 pub use avro::{AvroEncoder, EncodeError, UNAVAILABLE};
+pub use config::{KafkaEncoding, KafkaSinkConfig};
 pub use envelope::{EventEncoder, EventMeta, envelope_schema, value_schema};
-pub use error::SinkError;
+pub use error::KafkaSinkError;
 pub use registry::RegistryClient;
 pub use sink::{Encoding, KafkaSink, KafkaSinkOptions, TOPIC_PLACEHOLDERS};

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
-use sluice_core::{ChangeEvent, Datum, Destination, Lsn, Op, Row, TableName, TableSchema, Transaction, quote_ident};
+use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
+use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, quote_ident};
 use tokio_postgres::Client;
 
 use crate::conn::{PgConnConfig, connect};
@@ -243,6 +244,10 @@ fn fill_unchanged(row: &mut Row, prev: &Row) {
         }
     }
 }
+
+mod config;
+
+pub use config::PostgresSinkConfig;
 
 pub struct PostgresSink {
     client: Client,
@@ -747,17 +752,74 @@ impl PostgresSink {
     }
 }
 
-impl Destination for PostgresSink {
-    type Error = PgError;
+/// Rows, snapshot chunks and the checkpoint commit together in the target: exactly once.
+impl Sink for PostgresSink {
+    fn snapshot_method(&self) -> SnapshotMethod {
+        SnapshotMethod::CopyInTarget
+    }
 
-    async fn apply(&mut self, txns: &[Transaction]) -> Result<()> {
+    async fn prepare(&mut self, tables: &[Arc<TableSchema>]) -> SinkResult<()> {
+        for t in tables {
+            self.prepare_table(t).await.map_err(sink_error)?;
+        }
+        Ok(())
+    }
+
+    async fn has_progress(&self) -> SinkResult<bool> {
+        Ok(self.checkpoint.end_lsn > Lsn::ZERO)
+    }
+
+    fn resume_lsn(&self) -> Lsn {
+        self.checkpoint.end_lsn
+    }
+
+    fn target_name(&self, table: &TableName) -> TableName {
+        PostgresSink::target_name(self, table)
+    }
+
+    fn filters_snapshot(&mut self, keyed_as_source: bool) -> bool {
+        if !keyed_as_source {
+            self.filter_upstream();
+        }
+        keyed_as_source
+    }
+
+    fn mirrors_source_rows(&self) -> bool {
+        true
+    }
+
+    async fn after_snapshot(&mut self) -> SinkResult<()> {
+        self.reload_snapshot_state().await.map_err(sink_error)
+    }
+
+    async fn apply(&mut self, txns: &[Transaction]) -> SinkResult<()> {
         let r = self.apply_inner(txns).await;
         if r.is_err() {
             // Leave the connection usable for a retry; the failed batch is rolled back.
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
-        r
+        r.map_err(sink_error)
     }
+
+    async fn teardown(&self, tables: &[TableName], purge: bool) -> SinkResult<()> {
+        if purge {
+            for t in tables {
+                self.client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", t.quoted()))
+                    .await
+                    .map_err(|e| sink_error(PgError::from_pg(&format!("dropping {t}"), e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> SinkResult<()> {
+        self.client.simple_query("SELECT 1").await.map(drop).map_err(|e| sink_error(PgError::from_pg("sink health check", e)))
+    }
+}
+
+fn sink_error(e: PgError) -> SinkError {
+    SinkError::wrap(e.kind(), e)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sluice_core::{PgType, ReplicaIdentity, TableName, TableSchema, quote_ident};
 
-use super::SinkError;
+use crate::sink::SearchError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -106,19 +106,19 @@ pub struct DocumentPlan {
     tables: Vec<TableName>,
 }
 
-fn perm(msg: String) -> SinkError {
-    SinkError::permanent(msg)
+fn perm(msg: String) -> SearchError {
+    SearchError::permanent(msg)
 }
 
-fn parse_table(what: &str, s: &str) -> Result<TableName, SinkError> {
+fn parse_table(what: &str, s: &str) -> Result<TableName, SearchError> {
     TableName::parse(s).ok_or_else(|| perm(format!("document: {what} `{s}` is not a table name: write schema.table")))
 }
 
-fn table<'a>(tables: &'a HashMap<TableName, Arc<TableSchema>>, name: &TableName, what: &str) -> Result<&'a Arc<TableSchema>, SinkError> {
+fn table<'a>(tables: &'a HashMap<TableName, Arc<TableSchema>>, name: &TableName, what: &str) -> Result<&'a Arc<TableSchema>, SearchError> {
     tables.get(name).ok_or_else(|| perm(format!("document: {what} table {name} was not found in the source: check the name")))
 }
 
-fn column(t: &TableSchema, name: &str, what: &str) -> Result<KeyCol, SinkError> {
+fn column(t: &TableSchema, name: &str, what: &str) -> Result<KeyCol, SearchError> {
     let index = t
         .columns
         .iter()
@@ -127,7 +127,7 @@ fn column(t: &TableSchema, name: &str, what: &str) -> Result<KeyCol, SinkError> 
     Ok(KeyCol { index, name: name.to_owned(), type_name: t.columns[index].type_name.clone() })
 }
 
-fn single_key(t: &TableSchema, what: &str) -> Result<KeyCol, SinkError> {
+fn single_key(t: &TableSchema, what: &str) -> Result<KeyCol, SearchError> {
     let keys: Vec<usize> = t.key_indexes().collect();
     if keys.len() != 1 {
         return Err(perm(format!(
@@ -140,7 +140,7 @@ fn single_key(t: &TableSchema, what: &str) -> Result<KeyCol, SinkError> {
 }
 
 /// A column read from the old row image must be there for deletes and updates.
-fn needs_old_image(t: &TableSchema, col: &KeyCol, what: &str) -> Result<(), SinkError> {
+fn needs_old_image(t: &TableSchema, col: &KeyCol, what: &str) -> Result<(), SearchError> {
     if t.replica_identity == ReplicaIdentity::Full || t.columns[col.index].is_key {
         return Ok(());
     }
@@ -164,14 +164,19 @@ fn es_type(t: &PgType) -> Value {
     }
 }
 
-fn selected<'a>(t: &'a TableSchema, fields: &Option<Vec<String>>, what: &str) -> Result<Vec<&'a sluice_core::ColumnSchema>, SinkError> {
+fn selected<'a>(t: &'a TableSchema, fields: &Option<Vec<String>>, what: &str) -> Result<Vec<&'a sluice_core::ColumnSchema>, SearchError> {
     match fields {
         None => Ok(t.columns.iter().collect()),
         Some(names) => names.iter().map(|n| column(t, n, what).map(|k| &t.columns[k.index])).collect(),
     }
 }
 
-fn properties(cols: &[&sluice_core::ColumnSchema], text: &[String], t: &TableSchema, what: &str) -> Result<Map<String, Value>, SinkError> {
+fn properties(
+    cols: &[&sluice_core::ColumnSchema],
+    text: &[String],
+    t: &TableSchema,
+    what: &str,
+) -> Result<Map<String, Value>, SearchError> {
     for name in text {
         let c = column(t, name, what)?;
         if !matches!(t.columns[c.index].pg_type, PgType::Text | PgType::Enum | PgType::Array(_)) {
@@ -226,7 +231,7 @@ fn order_by(alias: &str, t: &TableSchema) -> String {
 
 impl DocumentPlan {
     /// Checks the definition against the source's tables.
-    pub fn new(spec: &DocumentSpec, tables: &HashMap<TableName, Arc<TableSchema>>) -> Result<DocumentPlan, SinkError> {
+    pub fn new(spec: &DocumentSpec, tables: &HashMap<TableName, Arc<TableSchema>>) -> Result<DocumentPlan, SearchError> {
         let root_name = parse_table("root", &spec.table)?;
         let root = table(tables, &root_name, "root")?;
         let root_key = single_key(root, "root")?;

@@ -1,0 +1,78 @@
+//! The Postgres sink's settings (`sink: postgres:`): the target database, and a schema
+//! that every table may be put in.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use sluice_core::PgConnConfig;
+use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
+use sluice_core::transform::Step;
+
+use super::PostgresSink;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+    /// Put every table in this schema instead of the source table's schema.
+    pub schema: Option<String>,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+impl PostgresSinkConfig {
+    pub fn connection(&self) -> PgConnConfig {
+        PgConnConfig {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password: self.password.clone(),
+            database: self.database.clone(),
+        }
+    }
+}
+
+impl SinkConfigure for PostgresSinkConfig {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
+        if let Some(i) = shape.transforms.iter().position(|s| matches!(s, Step::Unwrap(_) | Step::InsertHeader(_))) {
+            return Err(format!(
+                "transforms[{i}] ({}): the postgres sink writes rows, without change envelopes or record headers; remove the step",
+                shape.transforms[i].kind()
+            ));
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> PgConnConfig {
+        self.connection()
+    }
+
+    fn state_is_sink(&self) -> bool {
+        true
+    }
+
+    /// The engine reached the database already (it is the state database); connecting
+    /// here would create the state tables.
+    fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
+        Box::pin(async move {
+            let sink = PostgresSink::connect(&self.connection(), &ctx.pipeline, self.schema.clone())
+                .await
+                .map_err(|e| SinkError::wrap(e.kind(), e))?;
+            Ok(Box::new(sink) as Box<dyn DynSink>)
+        })
+    }
+}
