@@ -33,4 +33,5 @@ registry! {
     Postgres(sluice_postgres::PostgresSinkConfig),
     Kafka(sluice_kafka::KafkaSinkConfig),
     Search(sluice_sink_search::SearchSinkConfig),
+    Webhook(sluice_sink_webhook::WebhookSinkConfig),
 }

@@ -17,4 +17,5 @@ mod server;
 mod smoke;
 mod transforms;
 mod types;
+mod webhook;
 mod workload;
