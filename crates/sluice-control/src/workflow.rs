@@ -19,27 +19,79 @@ use super::Control;
 use sluice_core::quote_literal as literal;
 use sluice_engine::metrics::Metrics;
 use sluice_engine::pipeline::Pipeline;
+use sluice_postgres::replication;
 
 /// Attempts of one step before the workflow fails (a person can `retry` it).
 const MAX_ATTEMPTS: i32 = 10;
 /// Workflows one server runs at once.
 const CONCURRENCY: usize = 16;
 
-pub const PROVISION: &[&str] =
-    &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
+/// A step of a workflow. Its name is what the step history and the API show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    CheckSource,
+    CreateRole,
+    CreatePublication,
+    CreateSlot,
+    Heartbeat,
+    PrepareSink,
+    Snapshot,
+    Start,
+    Stop,
+    DropSlot,
+    DropPublication,
+    DropSinkObjects,
+    DropRole,
+    Forget,
+    RequestResync,
+    AwaitResync,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::CheckSource => "check_source",
+            Step::CreateRole => "create_role",
+            Step::CreatePublication => "create_publication",
+            Step::CreateSlot => "create_slot",
+            Step::Heartbeat => "heartbeat",
+            Step::PrepareSink => "prepare_sink",
+            Step::Snapshot => "snapshot",
+            Step::Start => "start",
+            Step::Stop => "stop",
+            Step::DropSlot => "drop_slot",
+            Step::DropPublication => "drop_publication",
+            Step::DropSinkObjects => "drop_sink_objects",
+            Step::DropRole => "drop_role",
+            Step::Forget => "forget",
+            Step::RequestResync => "request_resync",
+            Step::AwaitResync => "await_resync",
+        }
+    }
+}
+
+pub const PROVISION: &[Step] = &[
+    Step::CheckSource,
+    Step::CreateRole,
+    Step::CreatePublication,
+    Step::CreateSlot,
+    Step::Heartbeat,
+    Step::PrepareSink,
+    Step::Snapshot,
+    Step::Start,
+];
 
 /// The steps of a workflow of `kind`.
-pub fn steps(kind: &str, params: &Value) -> Vec<&'static str> {
+pub fn steps(kind: &str, params: &Value) -> Vec<Step> {
+    use Step::*;
     match kind {
         "provision" => PROVISION.to_vec(),
-        "teardown" if params["purge"].as_bool() == Some(true) => {
-            vec!["stop", "drop_slot", "drop_publication", "drop_sink_objects", "drop_role", "forget"]
-        }
-        "teardown" => vec!["stop", "drop_slot", "drop_publication", "drop_role", "forget"],
-        "update" => std::iter::once("stop").chain(PROVISION.iter().copied()).collect(),
-        "pause" => vec!["stop"],
-        "resume" => vec!["start"],
-        "resync" => vec!["request_resync", "await_resync"],
+        "teardown" if params["purge"].as_bool() == Some(true) => vec![Stop, DropSlot, DropPublication, DropSinkObjects, DropRole, Forget],
+        "teardown" => vec![Stop, DropSlot, DropPublication, DropRole, Forget],
+        "update" => std::iter::once(Stop).chain(PROVISION.iter().copied()).collect(),
+        "pause" => vec![Stop],
+        "resume" => vec![Start],
+        "resync" => vec![RequestResync, AwaitResync],
         _ => vec![],
     }
 }
@@ -165,7 +217,7 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
     let c = ctl.db.connect().await?;
     let names = steps(&wf.kind, &wf.params);
     loop {
-        let Some(&name) = names.get(wf.step as usize) else {
+        let Some(&step) = names.get(wf.step as usize) else {
             c.execute(
                 "UPDATE workflows SET state = 'succeeded', owner = NULL, error = NULL, updated_at = now() WHERE id = $1 AND owner = $2",
                 &[&wf.id, &ctl.server_id],
@@ -174,6 +226,7 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
             tracing::info!(workflow = wf.id, kind = %wf.kind, "workflow succeeded");
             return Ok(());
         };
+        let name = step.name();
         let cancel: bool = c.query_one("SELECT cancel_requested FROM workflows WHERE id = $1", &[&wf.id]).await?.get(0);
         if cancel {
             finish(&c, ctl, wf.id, "cancelled", "cancelled on request").await?;
@@ -191,7 +244,7 @@ async fn run(ctl: &Arc<Control>, mut wf: Claimed, shutdown: watch::Receiver<bool
         tracing::info!(workflow = wf.id, kind = %wf.kind, step = name, attempt = wf.attempt, "workflow step");
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let outcome = {
-            let step = run_step(ctl, &wf, name, cancel_rx);
+            let step = run_step(ctl, &wf, step, cancel_rx);
             tokio::pin!(step);
             let mut sd = shutdown.clone();
             let mut tick = tokio::time::interval(ctl.lease / 3);
@@ -291,11 +344,11 @@ async fn finish(c: &Client, ctl: &Control, id: i64, state: &str, error: &str) ->
     Ok(())
 }
 
-async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::Receiver<bool>) -> Result<(), StepError> {
+async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::Receiver<bool>) -> Result<(), StepError> {
     let p = match ctl.load_pipeline(wf.pipeline_id).await? {
         Some(p) => p,
         // Only `forget` removes the row: its re-run after a crash finds it gone.
-        None if name == "forget" => return Ok(()),
+        None if step == Step::Forget => return Ok(()),
         None => return Err(StepError::Fatal(format!("pipeline {} no longer exists", wf.pipeline_id))),
     };
     let obj = p.object_name();
@@ -305,8 +358,8 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
     let tables = cfg.source_tables();
     let admin =
         || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
-    match name {
-        "check_source" => {
+    match step {
+        Step::CheckSource => {
             let c = admin().await?;
             let level: String = q1(&c, "SHOW wal_level", &[]).await?;
             if level != "logical" {
@@ -325,7 +378,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
             }
             super::check_privileges(&c, &p.source, &tables).await.map_err(StepError::Fatal)?;
         }
-        "create_role" => {
+        Step::CreateRole => {
             let c = admin().await?;
             let pw = literal(&p.role_password);
             c.batch_execute(&format!(
@@ -347,51 +400,32 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 c.batch_execute(&format!("GRANT SELECT ON TABLE {} TO {role}", list.join(", "))).await.map_err(anyhow::Error::from)?;
             }
         }
-        "create_publication" => {
+        Step::CreatePublication => {
             let c = admin().await?;
-            let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
-            let exists: bool = q1(&c, "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)", &[&obj]).await?;
-            let sql = if exists {
-                format!("ALTER PUBLICATION {role} SET TABLE {}", list.join(", "))
-            } else {
-                format!("CREATE PUBLICATION {role} FOR TABLE {} WITH (publish_via_partition_root = true)", list.join(", "))
-            };
-            c.batch_execute(&sql).await.map_err(anyhow::Error::from)?;
+            replication::ensure_publication(&c, &obj, &tables, replication::PublicationTables::Set).await.map_err(anyhow::Error::from)?;
         }
-        "create_slot" => {
-            let c = admin().await?;
-            c.execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
-                 WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&obj],
-            )
-            .await
-            .map_err(anyhow::Error::from)?;
+        Step::CreateSlot => {
+            replication::create_slot(&admin().await?, &obj).await.map_err(anyhow::Error::from)?;
         }
-        "heartbeat" => {
+        Step::Heartbeat => {
             // The heartbeat is a logical message the pipeline writes on a timer (no
             // table): the role must be allowed to emit it.
             let c = admin().await?;
-            let allowed: bool =
-                q1(&c, "SELECT has_function_privilege($1, 'pg_logical_emit_message(boolean, text, text)', 'EXECUTE')", &[&obj]).await?;
+            let function = replication::EMIT_MESSAGE_FUNCTION;
+            let allowed: bool = q1(&c, "SELECT has_function_privilege($1, $2, 'EXECUTE')", &[&obj, &function]).await?;
             if !allowed {
-                c.batch_execute(&format!("GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role}"))
-                    .await
-                    .map_err(anyhow::Error::from)?;
+                c.batch_execute(&format!("GRANT EXECUTE ON FUNCTION {function} TO {role}")).await.map_err(anyhow::Error::from)?;
             }
             let as_role =
                 sluice_postgres::connect(&cfg.source.connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
-            as_role
-                .execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&sluice_postgres::HEARTBEAT_PREFIX, &cfg.pipeline])
-                .await
-                .map_err(anyhow::Error::from)?;
+            replication::emit_heartbeat(&as_role, &cfg.pipeline).await.map_err(anyhow::Error::from)?;
         }
-        "prepare_sink" => {
+        Step::PrepareSink => {
             let (_tx, rx) = watch::channel(false);
             let pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), rx);
             pipeline.prepare().await?;
         }
-        "snapshot" => {
+        Step::Snapshot => {
             if cfg.snapshot.enabled {
                 let mut pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), cancel.clone());
                 pipeline.stop_after_snapshot = true;
@@ -401,7 +435,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 }
             }
         }
-        "start" => {
+        Step::Start => {
             ctl.db
                 .get()
                 .await?
@@ -410,7 +444,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 .map_err(anyhow::Error::from)?;
             ctl.wake_supervisor.notify_one();
         }
-        "stop" => {
+        Step::Stop => {
             let desired = if wf.kind == "teardown" { "stopped" } else { "paused" };
             let db = ctl.db.get().await?;
             db.execute("UPDATE pipelines SET desired = $2, updated_at = now() WHERE id = $1", &[&p.id, &desired])
@@ -430,21 +464,15 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        "drop_slot" => {
+        Step::DropSlot => {
             let c = admin().await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
-                let row = c
-                    .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&obj])
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                match row.map(|r| r.get::<_, Option<i32>>(0)) {
-                    None => break,
-                    Some(None) => {
-                        // Dropped concurrently by nobody else: the slot is ours by name.
-                        let _ = c.execute("SELECT pg_drop_replication_slot($1)", &[&obj]).await;
-                    }
-                    Some(Some(pid)) => {
+                // The slot is ours by name: dropped when idle.
+                match replication::drop_slot_if_idle(&c, &obj).await.map_err(anyhow::Error::from)? {
+                    None if !replication::slot_exists(&c, &obj).await.map_err(anyhow::Error::from)? => break,
+                    None => {}
+                    Some(pid) => {
                         if tokio::time::Instant::now() > deadline {
                             return Err(StepError::Retry(format!("replication slot {obj} is still in use by backend {pid}")));
                         }
@@ -455,10 +483,10 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 }
             }
         }
-        "drop_publication" => {
-            admin().await?.batch_execute(&format!("DROP PUBLICATION IF EXISTS {role}")).await.map_err(anyhow::Error::from)?;
+        Step::DropPublication => {
+            replication::drop_publication(&admin().await?, &obj).await.map_err(anyhow::Error::from)?;
         }
-        "drop_role" => {
+        Step::DropRole => {
             let c = admin().await?;
             let exists: bool = q1(&c, "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", &[&obj]).await?;
             if exists {
@@ -469,11 +497,11 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.map_err(anyhow::Error::from)?;
             }
         }
-        "request_resync" | "await_resync" => {
+        Step::RequestResync | Step::AwaitResync => {
             let tables: Vec<TableName> =
                 wf.params["tables"].as_array().into_iter().flatten().filter_map(|t| TableName::parse(t.as_str()?)).collect();
             let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
-            if name == "request_resync" {
+            if step == Step::RequestResync {
                 sluice_engine::resync::request(&state, &cfg.pipeline, wf.id, &tables).await?;
                 return Ok(());
             }
@@ -503,11 +531,10 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, name: &str, cancel: watch::R
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        "drop_sink_objects" => super::purge_sink(&p, &cfg).await?,
-        "forget" => {
+        Step::DropSinkObjects => super::purge_sink(&p, &cfg).await?,
+        Step::Forget => {
             ctl.db.get().await?.execute("DELETE FROM pipelines WHERE id = $1", &[&p.id]).await.map_err(anyhow::Error::from)?;
         }
-        other => return Err(StepError::Fatal(format!("unknown step {other}"))),
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction, quote_ident};
-use sluice_postgres::{CopyRowDecoder, PgConnConfig, RESYNC_PREFIX, key_of};
+use sluice_postgres::{CopyRowDecoder, PgConnConfig, key_of};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -540,8 +540,7 @@ async fn read_chunk(
     limit: i64,
     mark: String,
 ) -> Result<Fetched> {
-    let emit = "SELECT pg_logical_emit_message(false, $1, $2)";
-    c.execute(emit, &[&RESYNC_PREFIX, &format!("lo:{mark}")]).await.context("writing the resync low watermark")?;
+    sluice_postgres::replication::emit_watermark(&c, &format!("lo:{mark}")).await.context("writing the resync low watermark")?;
     let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let keys: Vec<String> = schema.key_indexes().map(|i| quote_ident(&schema.columns[i].name)).collect();
     if keys.is_empty() {
@@ -578,7 +577,7 @@ async fn read_chunk(
     if let Some(ms) = std::env::var("SLUICE_TEST_RESYNC_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    c.execute(emit, &[&RESYNC_PREFIX, &format!("hi:{mark}")]).await.context("writing the resync high watermark")?;
+    sluice_postgres::replication::emit_watermark(&c, &format!("hi:{mark}")).await.context("writing the resync high watermark")?;
     Ok(Fetched { schema, rows, snapshot: SnapshotXids::parse(&snap) })
 }
 

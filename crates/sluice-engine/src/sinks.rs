@@ -34,4 +34,5 @@ registry! {
     Kafka(sluice_kafka::KafkaSinkConfig),
     Search(sluice_sink_search::SearchSinkConfig),
     Webhook(sluice_sink_webhook::WebhookSinkConfig),
+    Memory(sluice_sink_memory::MemorySinkConfig),
 }

@@ -7,6 +7,7 @@ mod conn;
 mod copy_text;
 mod error;
 mod pgoutput;
+pub mod replication;
 mod sink;
 mod snapshot;
 mod stream;

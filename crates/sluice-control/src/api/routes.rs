@@ -1,0 +1,132 @@
+//! Every route in one table: the router, the OpenAPI paths and the isolation test read it.
+
+use super::*;
+
+/// Every route: (method, path, summary, who). The router and the OpenAPI document are
+/// both built from it, and the tenant-isolation test walks it.
+pub const ROUTES: &[(&str, &str, &str, &str)] = &[
+    ("get", "/v1/tenants", "List the tenants this token sees", "any"),
+    ("post", "/v1/tenants", "Create a tenant {name}", "platform_admin"),
+    ("get", "/v1/tenants/{tenant}", "Show a tenant and its resource counts", "viewer"),
+    ("delete", "/v1/tenants/{tenant}", "Delete an empty tenant", "platform_admin"),
+    ("get", "/v1/tenants/{tenant}/tokens", "List API tokens (never their values)", "viewer"),
+    ("post", "/v1/tenants/{tenant}/tokens", "Create a token {name, role: tenant_admin|tenant_viewer}; its value is shown once", "admin"),
+    ("delete", "/v1/tenants/{tenant}/tokens/{id}", "Revoke a token", "admin"),
+    ("get", "/v1/tenants/{tenant}/sources", "List sources", "viewer"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/sources",
+        "Create a source {name, host, port, database, admin_user, admin_password, heartbeat_interval}",
+        "admin",
+    ),
+    ("get", "/v1/tenants/{tenant}/sources/{name}", "Show a source (never its password)", "viewer"),
+    ("put", "/v1/tenants/{tenant}/sources/{name}", "Replace a source", "admin"),
+    ("delete", "/v1/tenants/{tenant}/sources/{name}", "Delete an unused source", "admin"),
+    ("get", "/v1/tenants/{tenant}/sinks", "List sinks", "viewer"),
+    ("post", "/v1/tenants/{tenant}/sinks", "Create a sink {name, postgres|kafka|search: {...}}", "admin"),
+    ("get", "/v1/tenants/{tenant}/sinks/{name}", "Show a sink (passwords redacted)", "viewer"),
+    ("put", "/v1/tenants/{tenant}/sinks/{name}", "Replace a sink", "admin"),
+    ("delete", "/v1/tenants/{tenant}/sinks/{name}", "Delete an unused sink", "admin"),
+    ("get", "/v1/tenants/{tenant}/enrichers", "List enrichers", "viewer"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/enrichers",
+        "Create an enricher {name, tables, lookup|http|expression: {...}, on_failure, apply}",
+        "admin",
+    ),
+    ("get", "/v1/tenants/{tenant}/enrichers/{name}", "Show an enricher (passwords and header values redacted)", "viewer"),
+    (
+        "put",
+        "/v1/tenants/{tenant}/enrichers/{name}",
+        "Replace an enricher; its pipelines are re-provisioned and re-enrich what they delivered",
+        "admin",
+    ),
+    ("delete", "/v1/tenants/{tenant}/enrichers/{name}", "Delete an enricher no pipeline uses", "admin"),
+    ("get", "/v1/tenants/{tenant}/pipelines", "List pipelines with status and lag", "viewer"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/pipelines",
+        "Create a pipeline {name, source, sink, tables, transforms, enrichers, snapshot, batch}; starts provisioning",
+        "admin",
+    ),
+    ("get", "/v1/tenants/{tenant}/pipelines/{name}", "Show a pipeline with live status and lag", "viewer"),
+    ("put", "/v1/tenants/{tenant}/pipelines/{name}", "Change a pipeline's tables, transforms or options; re-provisions", "admin"),
+    (
+        "delete",
+        "/v1/tenants/{tenant}/pipelines/{name}",
+        "Tear a pipeline down (slot, publication, role; ?purge=true also its sink objects)",
+        "admin",
+    ),
+    ("post", "/v1/tenants/{tenant}/pipelines/{name}/pause", "Pause (stop streaming; the slot keeps the position)", "admin"),
+    ("post", "/v1/tenants/{tenant}/pipelines/{name}/resume", "Resume a paused pipeline", "admin"),
+    (
+        "get",
+        "/v1/tenants/{tenant}/pipelines/{name}/enrichment",
+        "Rows waiting for an enricher (failed or deferred, by enricher and table) and the latest re-enrichments with progress",
+        "viewer",
+    ),
+    (
+        "post",
+        "/v1/tenants/{tenant}/pipelines/{name}/resync",
+        "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues",
+        "admin",
+    ),
+    ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
+    ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
+    ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),
+    ("post", "/v1/tenants/{tenant}/workflows/{id}/retry", "Retry a failed or cancelled workflow from its failed step", "admin"),
+];
+
+pub fn router(ctl: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/tenants", get(tenants_list).post(tenants_create))
+        .route("/v1/tenants/{tenant}", get(tenants_get).delete(tenants_delete))
+        .route("/v1/tenants/{tenant}/tokens", get(tokens_list).post(tokens_create))
+        .route("/v1/tenants/{tenant}/tokens/{id}", axum::routing::delete(tokens_delete))
+        .route("/v1/tenants/{tenant}/sources", get(sources_list).post(sources_create))
+        .route("/v1/tenants/{tenant}/sources/{name}", get(sources_get).put(sources_put).delete(sources_delete))
+        .route("/v1/tenants/{tenant}/sinks", get(sinks_list).post(sinks_create))
+        .route("/v1/tenants/{tenant}/sinks/{name}", get(sinks_get).put(sinks_put).delete(sinks_delete))
+        .route("/v1/tenants/{tenant}/enrichers", get(enrichers_list).post(enrichers_create))
+        .route("/v1/tenants/{tenant}/enrichers/{name}", get(enrichers_get).put(enrichers_put).delete(enrichers_delete))
+        .route("/v1/tenants/{tenant}/pipelines", get(pipelines_list).post(pipelines_create))
+        .route("/v1/tenants/{tenant}/pipelines/{name}", get(pipelines_get).put(pipelines_put).delete(pipelines_delete))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/pause", post(pipelines_pause))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/resume", post(pipelines_resume))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/enrichment", get(pipelines_enrichment))
+        .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
+        .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
+        .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))
+        .route("/v1/tenants/{tenant}/workflows/{id}/retry", post(workflows_retry))
+        .with_state(ctl)
+}
+
+/// The control routes' OpenAPI path items.
+pub fn openapi_paths() -> serde_json::Map<String, Value> {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, who) in ROUTES {
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}').map(str::to_string))
+            .map(|p| json!({ "name": p, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .collect();
+        let mut op = json!({
+            "summary": summary,
+            "description": format!("Allowed for: {who}. Body: YAML or JSON."),
+            "security": [{ "bearer": [] }],
+            "parameters": params,
+            "responses": {
+                "200": { "description": "ok" }, "201": { "description": "created" }, "202": { "description": "workflow started" },
+                "401": { "description": "no or unknown token" }, "403": { "description": "role not allowed" },
+                "404": { "description": "not found (or another tenant's)" }, "409": { "description": "conflict" },
+                "422": { "description": "invalid: {error: {type, message, field}}" }
+            }
+        });
+        if matches!(*method, "post" | "put") {
+            op["requestBody"] = json!({ "content": { "application/json": { "schema": { "type": "object" } }, "application/yaml": { "schema": { "type": "object" } } } });
+        }
+        paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
+    }
+    paths
+}

@@ -1,0 +1,188 @@
+//! Phase 4, apply: batches of whole transactions through the snapshot filter,
+//! enrichment and transforms into the sink; the LSN confirmed after the sink took them.
+
+use super::*;
+
+/// A running sink, and what the pipeline does to changes before it.
+pub(super) struct Output {
+    /// Shared with the snapshot's row deliveries while a snapshot runs; owned alone
+    /// (for `apply`) afterwards.
+    pub(super) sink: Arc<dyn DynSink>,
+    /// Whether the sink holds changes from an earlier run.
+    pub(super) sink_progress: bool,
+    /// Drops the changes the snapshot already holds, on source rows (before the
+    /// transforms). The Postgres sink does this itself when there are no transforms.
+    pub(super) upstream: Option<(SnapshotFilter, Client)>,
+    pub(super) enrichment: Option<Arc<Enrichment>>,
+    pub(super) transformer: Transformer,
+}
+
+impl Output {
+    /// Whether the sink holds changes from an earlier run (then a missing slot means
+    /// changes were lost).
+    pub(super) fn has_progress(&self) -> bool {
+        self.sink_progress || self.upstream.as_ref().is_some_and(|(f, _)| !f.is_empty())
+    }
+
+    /// The sink alone, for the calls that change it (no snapshot shares it then).
+    pub(super) fn sink_mut(&mut self) -> Result<&mut dyn DynSink> {
+        match Arc::get_mut(&mut self.sink) {
+            Some(s) => Ok(s),
+            None => bail!(PgError::transient("the sink is still shared with a stopped snapshot")),
+        }
+    }
+
+    pub(super) async fn reload_snapshot_state(&mut self, pipeline: &str) -> Result<()> {
+        self.sink_mut()?.after_snapshot().await?;
+        if let Some((filter, state)) = &mut self.upstream {
+            *filter = SnapshotFilter::load(state, pipeline).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn apply(&mut self, batch: &mut [Transaction]) -> Result<()> {
+        if let Some((filter, _)) = &self.upstream
+            && !filter.is_empty()
+        {
+            for t in batch.iter_mut() {
+                t.events.retain(|e| !filter.covers_event(e));
+            }
+        }
+        if let Some(e) = &self.enrichment {
+            e.apply(batch).await?;
+        }
+        self.transformer.apply(batch)?;
+        self.sink_mut()?.apply(batch).await?;
+        Ok(())
+    }
+}
+
+/// The pipeline's transform chain, compiled per source table shape as shapes arrive.
+pub(super) struct Transformer {
+    pub(super) chain: Arc<Chain>,
+    pub(super) tables: HashMap<TableName, (Arc<TableSchema>, Arc<TableTransform>)>,
+}
+
+impl Transformer {
+    pub(super) fn get(&mut self, source: &Arc<TableSchema>) -> Result<Arc<TableTransform>> {
+        if let Some((s, t)) = self.tables.get(&source.name)
+            && (Arc::ptr_eq(s, source) || s.columns == source.columns)
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.chain.compile(source)?);
+        self.tables.insert(source.name.clone(), (source.clone(), t.clone()));
+        Ok(t)
+    }
+
+    pub(super) fn apply(&mut self, batch: &mut [Transaction]) -> Result<()> {
+        if self.chain.is_empty() {
+            return Ok(());
+        }
+        for t in batch.iter_mut() {
+            let mut out = Vec::with_capacity(t.events.len());
+            for e in t.events.drain(..) {
+                if let Some(e) = self.get(&e.table)?.apply_owned(e)? {
+                    out.push(e);
+                }
+            }
+            t.events = out;
+        }
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    pub(super) async fn apply_loop(
+        &mut self,
+        sink: &mut Output,
+        rx: &mut mpsc::Receiver<StreamItem>,
+        acker: &Acker,
+        budget: &Semaphore,
+        resync: &mut Resync,
+    ) -> Result<()> {
+        let max_rows = self.cfg.batch.max_rows;
+        let mut batch: Vec<Transaction> = Vec::new();
+        let mut shutdown = self.shutdown.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                item = rx.recv() => item,
+                _ = tick.tick() => {
+                    if let Some(e) = &sink.enrichment {
+                        e.replay().await?;
+                        if e.take_requested() {
+                            resync.wake();
+                        }
+                    }
+                    resync.tick().await?;
+                    continue;
+                }
+            };
+            let Some(first) = first else { return Ok(()) };
+            let (mut rows, mut cost, mut position) = (0usize, 0u32, Lsn::ZERO);
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                cost += item_cost_kb(&item);
+                match item {
+                    StreamItem::Txn(t) => {
+                        resync.observe(&t);
+                        rows += t.events.len();
+                        batch.push(t);
+                    }
+                    StreamItem::Position(l) => position = position.max(l),
+                    StreamItem::Mark(lsn, text) => {
+                        if let Some(t) = resync.on_mark(lsn, &text).await? {
+                            rows += t.events.len();
+                            batch.push(t);
+                        }
+                    }
+                }
+                if rows < max_rows && cost < BATCH_BUDGET_KB {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                sink.apply(&mut batch).await?;
+                self.metrics.halted.store(0, Ordering::Relaxed);
+                self.record(&batch);
+                position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
+                batch.clear();
+            }
+            if let Some(e) = &sink.enrichment {
+                e.replay().await?;
+                if e.take_requested() {
+                    resync.wake();
+                }
+            }
+            resync.after_apply().await?;
+            // Everything taken is applied (or was only a position): its budget is free.
+            budget.add_permits(cost as usize);
+            if position > Lsn::ZERO {
+                acker.ack(position);
+                self.metrics.confirmed_lsn.store(position.0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn record(&self, batch: &[Transaction]) {
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let m = &self.metrics;
+        let (mut events, mut bytes) = (0u64, 0u64);
+        for t in batch {
+            events += t.events.len() as u64;
+            bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
+            // A resync's chunk (xid 0) is no source commit: it has no lag.
+            if !t.events.is_empty() && t.xid != 0 {
+                m.observe_lag_ms((now_us - t.commit_time_us) / 1000);
+            }
+        }
+        m.events.fetch_add(events, Ordering::Relaxed);
+        m.bytes.fetch_add(bytes, Ordering::Relaxed);
+        m.transactions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        m.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,100 @@
+//! Phase 3, stream: the replication reader (bounded by bytes), the heartbeat, and
+//! resync, around the apply loop.
+
+use super::*;
+
+impl Pipeline {
+    pub(super) async fn stream(&mut self, mut sink: Output, checked: &Checked) -> Result<()> {
+        let tables = &checked.tables[..];
+        let catalog = sluice_postgres::connect(&self.source, "source").await?;
+        let start = sink.sink.resume_lsn();
+        let streamed: Vec<Arc<TableSchema>> = tables.iter().chain(&checked.reference).cloned().collect();
+        let stream =
+            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog).await?;
+        tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
+        let acker = stream.acker();
+        let (tx, mut rx) = mpsc::channel::<StreamItem>(1024);
+        // Bounds memory by bytes, not items: a reader far ahead of the sink waits.
+        let budget = Arc::new(Semaphore::new(BUFFER_BUDGET_KB));
+        let reader_budget = budget.clone();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let reader = tokio::spawn(async move {
+            let mut stream = stream;
+            let r = loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break Ok(()),
+                    item = stream.next() => match item {
+                        Ok(Some(item)) => {
+                            let cost = item_cost_kb(&item);
+                            match reader_budget.acquire_many(cost).await {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => break Ok(()),
+                            }
+                            if tx.send(item).await.is_err() { break Ok(()) }
+                        }
+                        Ok(None) => break Err(PgError::transient("the source ended the replication stream")),
+                        Err(e) => break Err(e),
+                    },
+                }
+            };
+            stream.shutdown().await;
+            r
+        });
+        let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
+        // Rows the source no longer has can be found in a Postgres sink whose rows are
+        // the source's own (no transforms).
+        let targets = if sink.sink.mirrors_source_rows() && self.chain.is_empty() {
+            tables.iter().map(|t| (t.name.clone(), sink.sink.target_name(&t.name))).collect()
+        } else {
+            HashMap::new()
+        };
+        let chunk_rows = self.cfg.snapshot.chunk_rows.min(RESYNC_CHUNK_ROWS);
+        let result = match Resync::new(
+            &self.cfg.pipeline,
+            self.source.clone(),
+            &self.state,
+            tables,
+            targets,
+            chunk_rows,
+            self.metrics.clone(),
+        )
+        .await
+        {
+            Ok(mut resync) => self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync).await,
+            Err(e) => Err(e),
+        };
+        budget.close();
+        heartbeat.abort();
+        let _ = stop_tx.send(true);
+        drop(rx);
+        let reader_result = reader.await.context("replication reader task")?;
+        result?;
+        if !self.stopping() {
+            reader_result?;
+            bail!(PgError::transient("the replication reader stopped"));
+        }
+        Ok(())
+    }
+}
+
+/// Writes a heartbeat into the source's WAL on a timer, so the slot's confirmed
+/// position advances even when every replicated table is idle, and samples how much
+/// WAL the slot retains.
+pub(super) async fn heartbeat(source: PgConnConfig, cfg: PipelineConfig, metrics: Arc<Metrics>) {
+    let slot = cfg.slot_name();
+    let mut client: Option<Client> = None;
+    loop {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = sluice_postgres::connect(&source, "source").await.ok();
+        }
+        if let Some(c) = &client {
+            if let Err(e) = sluice_postgres::replication::emit_heartbeat(c, &cfg.pipeline).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            if let Ok(retained) = sluice_postgres::replication::slot_retained_bytes(c, &slot).await {
+                metrics.wal_retained_bytes.store(retained.unwrap_or(-1), Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(cfg.source.heartbeat_interval).await;
+    }
+}

@@ -1,0 +1,121 @@
+//! The SQL of Sluice's replication objects in a source, written once: the slot, the
+//! publication, the heartbeat and the resync watermarks (logical messages). Both the
+//! runner and the control plane's workflows go through these.
+
+use sluice_core::{TableName, quote_ident};
+use tokio_postgres::Client;
+
+use crate::error::{PgError, Result};
+use crate::stream::{HEARTBEAT_PREFIX, RESYNC_PREFIX};
+
+/// Creates the logical replication slot `slot` (pgoutput) unless it exists.
+pub async fn create_slot(c: &Client, slot: &str) -> Result<()> {
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
+         WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+        &[&slot],
+    )
+    .await
+    .map_err(|e| PgError::from_pg(&format!("creating replication slot {slot}"), e))?;
+    Ok(())
+}
+
+/// Drops `slot` if nobody reads it; returns the backend reading it, if any.
+pub async fn drop_slot_if_idle(c: &Client, slot: &str) -> Result<Option<i32>> {
+    let row = c
+        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg(&format!("reading replication slot {slot}"), e))?;
+    match row.map(|r| r.get::<_, Option<i32>>(0)) {
+        None => Ok(None),
+        Some(None) => {
+            // Gone meanwhile is fine: the caller looks again.
+            let _ = c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+            Ok(None)
+        }
+        Some(Some(pid)) => Ok(Some(pid)),
+    }
+}
+
+/// Whether `slot` exists.
+pub async fn slot_exists(c: &Client, slot: &str) -> Result<bool> {
+    let row = c
+        .query_one("SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg(&format!("reading replication slot {slot}"), e))?;
+    Ok(row.get(0))
+}
+
+/// How the publication's table list changes when it exists already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationTables {
+    /// `ADD TABLE`: keep what it publishes, add these.
+    Add,
+    /// `SET TABLE`: publish exactly these.
+    Set,
+}
+
+/// Creates publication `name` for `tables` (changes to a partitioned table published
+/// under its own name, which is the one the pipeline knows), or changes an existing
+/// one's table list.
+pub async fn ensure_publication(c: &Client, name: &str, tables: &[TableName], mode: PublicationTables) -> Result<()> {
+    let exists: bool = c
+        .query_one("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)", &[&name])
+        .await
+        .map_err(|e| PgError::from_pg(&format!("reading publication {name}"), e))?
+        .get(0);
+    let list: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let sql = match (exists, mode) {
+        (true, PublicationTables::Add) => format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), list.join(", ")),
+        (true, PublicationTables::Set) => format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(name), list.join(", ")),
+        (false, _) => {
+            format!("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)", quote_ident(name), list.join(", "))
+        }
+    };
+    c.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("setting up publication {name}"), e))?;
+    Ok(())
+}
+
+pub async fn drop_publication(c: &Client, name: &str) -> Result<()> {
+    c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+        .await
+        .map_err(|e| PgError::from_pg(&format!("dropping publication {name}"), e))
+}
+
+/// The function a pipeline's role must be allowed to run for heartbeats and watermarks.
+pub const EMIT_MESSAGE_FUNCTION: &str = "pg_logical_emit_message(boolean, text, text)";
+
+/// Writes a heartbeat for `pipeline` into the WAL (a logical message outside any
+/// transaction), so the slot advances when the replicated tables are idle.
+pub async fn emit_heartbeat(c: &Client, pipeline: &str) -> Result<()> {
+    c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&HEARTBEAT_PREFIX, &pipeline])
+        .await
+        .map_err(|e| PgError::from_pg("writing a heartbeat", e))?;
+    Ok(())
+}
+
+/// Writes a resync watermark (`lo:<mark>` / `hi:<mark>`) into the WAL.
+pub async fn emit_watermark(c: &Client, text: &str) -> Result<()> {
+    c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&RESYNC_PREFIX, &text])
+        .await
+        .map_err(|e| PgError::from_pg("writing a resync watermark", e))?;
+    Ok(())
+}
+
+/// How many bytes of WAL `slot` holds back (`None` when it does not exist).
+pub async fn slot_retained_bytes(c: &Client, slot: &str) -> Result<Option<i64>> {
+    let row = c
+        .query_opt("SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg("reading the slot's retained WAL", e))?;
+    Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+}
+
+/// The slot's confirmed position.
+pub async fn slot_confirmed_lsn(c: &Client, slot: &str) -> Result<sluice_core::Lsn> {
+    let row = c
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg("reading the slot position", e))?;
+    row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))
+}
