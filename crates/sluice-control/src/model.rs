@@ -8,7 +8,9 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use sluice_core::sink::PipelineShape;
 use sluice_engine::config::PipelineConfig;
+use sluice_engine::sinks::SinkConfig;
 
 /// A request the API refuses: the field it concerns (a dotted path) and why.
 #[derive(Debug)]
@@ -161,14 +163,12 @@ impl SinkSpec {
             return Err(Invalid { field: None, message: "sink: give exactly one of postgres, kafka or search (besides name)".into() });
         };
         let spec = Self { name, kind, settings };
-        // The settings must make a valid sink on their own, checked exactly as a
-        // pipeline file's `sink:` block is (unknown keys, bad values).
-        let probe = json!({
-            "pipeline": "probe",
-            "source": { "host": "h", "user": "u", "password": "p", "database": "d", "tables": ["probe"] },
-            "sink": { spec.kind.clone(): spec.settings },
-        });
-        PipelineConfig::parse(&serde_yaml::to_string(&probe).expect("yaml")).map_err(|m| {
+        // The settings must make a valid sink on their own: parsed as the sink's typed
+        // config (unknown keys, bad values), then checked by the sink itself, exactly as
+        // a pipeline file's `sink:` block is.
+        let typed: SinkConfig = serde_json::from_value(json!({ spec.kind.clone(): spec.settings }))
+            .map_err(|e| Invalid::from_message(e.to_string().replace('\n', " ")))?;
+        typed.get().validate(&PipelineShape { transforms: &[], enriched: false }).map_err(|m| {
             let mut inv = Invalid::from_message(m.replacen("sink.", "", 1));
             if inv.field.as_deref() == Some("sink") {
                 inv.field = Some(spec.kind.clone());
