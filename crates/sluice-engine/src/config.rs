@@ -113,11 +113,15 @@ pub struct BatchConfig {
     /// Apply once this many changes are waiting (whole transactions are never split).
     #[serde(default = "default_max_rows")]
     pub max_rows: usize,
+    /// How long a batch may wait for more changes before it is applied (0: apply
+    /// what is there at once). For sinks that want few, large writes (webhooks).
+    #[serde(default, with = "humantime_serde")]
+    pub max_wait: Duration,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_rows: default_max_rows() }
+        Self { max_rows: default_max_rows(), max_wait: Duration::ZERO }
     }
 }
 
@@ -182,6 +186,9 @@ impl PipelineConfig {
         }
         if self.batch.max_rows == 0 {
             return Err("batch.max_rows: must be at least 1".into());
+        }
+        if self.batch.max_wait > Duration::from_secs(60) {
+            return Err("batch.max_wait: must be at most 60s (changes wait that long before they are applied)".into());
         }
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
         crate::enrich::validate(&self.enrich)?;

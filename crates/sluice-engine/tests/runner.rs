@@ -60,3 +60,39 @@ async fn snapshot_then_stream_through_transforms_into_memory() {
     let lsns: Vec<_> = got.events[100..].iter().map(|e| (e.position.commit_lsn, e.position.seq)).collect();
     assert!(lsns.windows(2).all(|w| w[0] < w[1]), "{lsns:?}");
 }
+
+/// `batch.max_wait` gathers changes that arrive apart into one batch (one write to the
+/// sink); without it each arrives in a batch of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_wait_gathers_changes_that_arrive_apart() {
+    let pg = tokio::task::spawn_blocking(|| TempCluster::start(&[])).await.unwrap().unwrap();
+    let c = sluice_postgres::cluster::superuser_client(pg.port, "postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE w (id int8 PRIMARY KEY)").await.unwrap();
+    let conn = format!("host: 127.0.0.1, port: {}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: postgres", pg.port);
+    let mut batches = Vec::new();
+    for (name, wait) in [("wait0", "0s"), ("wait1", "1500ms")] {
+        c.batch_execute("DELETE FROM w").await.unwrap(); // each pipeline's snapshot is empty
+        let cfg = PipelineConfig::parse(&format!(
+            "pipeline: {name}\nsource: {{{conn}, tables: [public.w], heartbeat_interval: 10s}}\n\
+             sink: {{memory: {{name: {name}, state: {{{conn}}}}}}}\nbatch: {{max_wait: {wait}}}\n"
+        ))
+        .unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let mut pipeline = Pipeline::new(cfg, Arc::new(Metrics::default()), rx);
+        let task = tokio::spawn(async move { pipeline.run().await });
+        // Streaming has started once a first change arrives.
+        c.execute("INSERT INTO w VALUES ($1)", &[&(batches.len() as i64 * 100)]).await.unwrap();
+        wait_until("the first change", Duration::from_secs(60), || received(name).count == 1).await;
+        let before = received(name).batches;
+        for i in 1..=5i64 {
+            c.execute("INSERT INTO w VALUES ($1)", &[&(batches.len() as i64 * 100 + i)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        wait_until("five changes", Duration::from_secs(30), || received(name).count == 6).await;
+        batches.push(received(name).batches - before);
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    assert!(batches[0] >= 4, "without max_wait, changes 100 ms apart go one by one: {batches:?}");
+    assert!(batches[1] <= 2, "with max_wait they are gathered: {batches:?}");
+}

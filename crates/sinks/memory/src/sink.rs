@@ -16,6 +16,8 @@ pub struct Received {
     pub count: u64,
     /// Transactions applied.
     pub transactions: u64,
+    /// Batches applied (calls of `apply`).
+    pub batches: u64,
 }
 
 static STORES: LazyLock<Mutex<HashMap<String, Arc<Mutex<Received>>>>> = LazyLock::new(Default::default);
@@ -73,7 +75,9 @@ impl Sink for MemorySink {
 
     async fn apply(&mut self, batch: &[Transaction]) -> SinkResult<()> {
         self.take(batch.iter().flat_map(|t| &t.events));
-        self.store.lock().expect("store").transactions += batch.len() as u64;
+        let mut s = self.store.lock().expect("store");
+        s.transactions += batch.len() as u64;
+        s.batches += 1;
         Ok(())
     }
 

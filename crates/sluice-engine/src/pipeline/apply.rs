@@ -124,6 +124,7 @@ impl Pipeline {
             };
             let Some(first) = first else { return Ok(()) };
             let (mut rows, mut cost, mut position) = (0usize, 0u32, Lsn::ZERO);
+            let deadline = Instant::now() + self.cfg.batch.max_wait;
             let mut next = Some(first);
             while let Some(item) = next.take() {
                 cost += item_cost_kb(&item);
@@ -143,6 +144,12 @@ impl Pipeline {
                 }
                 if rows < max_rows && cost < BATCH_BUDGET_KB {
                     next = rx.try_recv().ok();
+                    // With `batch.max_wait`, a quiet moment does not cut the batch: it
+                    // waits for more until the deadline (still bounded by size).
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if next.is_none() && !left.is_zero() {
+                        next = tokio::time::timeout(left, rx.recv()).await.ok().flatten();
+                    }
                 }
             }
             if !batch.is_empty() {
