@@ -3,10 +3,9 @@
 //! pure-Python kafka-python.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
-use rand::Rng;
 use serde_json::{Value, json};
 
 fn records_of<'a>(recs: &'a [Value], topic: &str) -> Vec<&'a Value> {
@@ -32,25 +31,6 @@ fn replay(recs: &[&Value]) -> BTreeMap<i64, Value> {
         }
     }
     state
-}
-
-/// Waits until the slot confirmed everything written so far (all delivered).
-async fn wait_caught_up(env: &Env, slot: &str, limit: Duration) {
-    let src = env.src().await;
-    let target: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-    wait_for("the slot to confirm the source's position", limit, || {
-        let (src, target) = (&src, &target);
-        async move {
-            src.query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot, target],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false)
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,46 +170,13 @@ async fn kill9_loses_nothing_and_keeps_per_key_order() {
     let (broker, brokers) = spawn_broker(&env.dir).await;
     let (_registry, url) = env.spawn_registry().await;
     let src = env.src().await;
-    src.batch_execute(
-        "CREATE TABLE acct (id int8 PRIMARY KEY, ver int8 NOT NULL, payload text);
-         INSERT INTO acct SELECT g, 1, repeat('x', 100) FROM generate_series(1, 300) g;",
-    )
-    .await
-    .unwrap();
+    src.batch_execute(ACCT_DDL).await.unwrap();
     let cfg = env.kafka_config(&["acct"], &brokers, &format!("    registry_url: {url}\n    partitions: 2\n"), "");
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
 
-    // A workload of single-row and multi-row transactions; every update bumps `ver`,
-    // so a lost change shows as a gap in a key's versions.
-    let writer = {
-        let dsn = env.dsn(env.src_port);
-        tokio::spawn(async move {
-            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let (mut next_id, mut n) = (1000i64, 0u64);
-            while Instant::now() < deadline {
-                let (pick, id, k) = {
-                    let mut rng = rand::rng();
-                    (rng.random_range(0..10), rng.random_range(1..300i64), rng.random_range(1..20i64))
-                };
-                let sql = match pick {
-                    0 => {
-                        next_id += 1;
-                        format!("INSERT INTO acct VALUES ({next_id}, 1, 'new')")
-                    }
-                    1 => format!("DELETE FROM acct WHERE id = {}", id + 1000),
-                    2 => format!("UPDATE acct SET ver = ver + 1 WHERE id BETWEEN {id} AND {}", id + k),
-                    _ => format!("UPDATE acct SET ver = ver + 1 WHERE id = {id}"),
-                };
-                c.batch_execute(&sql).await.unwrap();
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            n
-        })
-    };
+    // Every update bumps `ver`, so a lost change shows as a gap in a key's versions.
+    let writer = spawn_acct_writer(&env, 20);
     let signal = |sig: &str| {
         let st = std::process::Command::new("kill").args([sig, &broker.pid().expect("broker pid").to_string()]).status().unwrap();
         assert!(st.success());

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng as _;
 use serde_json::Value;
@@ -74,76 +74,25 @@ fn config(env: &Env, tables: &[&str], url: &str, sink: &str) -> PathBuf {
     ))
 }
 
-async fn wait_caught_up(env: &Env, limit: Duration) {
-    let src = env.src().await;
-    let slot = format!("sluice_{}", env.db);
-    let target: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-    wait_for("the slot to confirm the source's position", limit, || {
-        let (src, target, slot) = (&src, &target, &slot);
-        async move {
-            src.query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
-                &[slot, target],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false)
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_loses_nothing_and_keeps_per_key_order() {
     let env = Env::new("webhook_kill").await;
     let hook = Receiver::start(&env.dir).await;
     let src = env.src().await;
-    src.batch_execute(
-        "CREATE TABLE acct (id int8 PRIMARY KEY, ver int8 NOT NULL, payload text);
-         INSERT INTO acct SELECT g, 1, repeat('x', 100) FROM generate_series(1, 300) g;",
-    )
-    .await
-    .unwrap();
+    src.batch_execute(ACCT_DDL).await.unwrap();
     let cfg = config(&env, &["acct"], &hook.url, "    max_events: 50\n");
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
 
     // Every update bumps `ver`, so a lost change shows as a gap in a key's versions.
-    let writer = {
-        let dsn = env.dsn(env.src_port);
-        tokio::spawn(async move {
-            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            let (mut next_id, mut n) = (1000i64, 0u64);
-            while Instant::now() < deadline {
-                let (pick, id, k) = {
-                    let mut rng = rand::rng();
-                    (rng.random_range(0..10), rng.random_range(1..300i64), rng.random_range(1..20i64))
-                };
-                let sql = match pick {
-                    0 => {
-                        next_id += 1;
-                        format!("INSERT INTO acct VALUES ({next_id}, 1, 'new')")
-                    }
-                    1 => format!("DELETE FROM acct WHERE id = {}", id + 1000),
-                    2 => format!("UPDATE acct SET ver = ver + 1 WHERE id BETWEEN {id} AND {}", id + k),
-                    _ => format!("UPDATE acct SET ver = ver + 1 WHERE id = {id}"),
-                };
-                c.batch_execute(&sql).await.unwrap();
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            n
-        })
-    };
+    let writer = spawn_acct_writer(&env, 15);
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         p.kill9();
         p = env.spawn(&cfg);
     }
     let statements = writer.await.unwrap();
-    wait_caught_up(&env, Duration::from_secs(90)).await;
+    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
     p.assert_running();
 
     let requests = hook.requests();

@@ -329,3 +329,59 @@ pub fn run_to_exit(args: &[&str], limit: Duration) -> (Option<i32>, String) {
     let out = child.wait_with_output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// Waits until the slot confirmed everything written so far (all delivered).
+pub async fn wait_caught_up(env: &Env, slot: &str, limit: Duration) {
+    let src = env.src().await;
+    let target: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    wait_for("the slot to confirm the source's position", limit, || {
+        let (src, target) = (&src, &target);
+        async move {
+            src.query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, target],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// The `acct` table the at-least-once sinks' kill -9 tests replicate: 300 rows, each
+/// with a version that every update bumps, so a lost change shows as a gap.
+pub const ACCT_DDL: &str = "CREATE TABLE acct (id int8 PRIMARY KEY, ver int8 NOT NULL, payload text);
+     INSERT INTO acct SELECT g, 1, repeat('x', 100) FROM generate_series(1, 300) g;";
+
+/// Writes single-row and multi-row transactions into `acct` for `seconds`: inserts,
+/// deletes and updates that bump `ver`. Returns the statements run.
+pub fn spawn_acct_writer(env: &Env, seconds: u64) -> tokio::task::JoinHandle<u64> {
+    use rand::Rng as _;
+    let dsn = env.dsn(env.src_port);
+    tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let (mut next_id, mut n) = (1000i64, 0u64);
+        while Instant::now() < deadline {
+            let (pick, id, k) = {
+                let mut rng = rand::rng();
+                (rng.random_range(0..10), rng.random_range(1..300i64), rng.random_range(1..20i64))
+            };
+            let sql = match pick {
+                0 => {
+                    next_id += 1;
+                    format!("INSERT INTO acct VALUES ({next_id}, 1, 'new')")
+                }
+                1 => format!("DELETE FROM acct WHERE id = {}", id + 1000),
+                2 => format!("UPDATE acct SET ver = ver + 1 WHERE id BETWEEN {id} AND {}", id + k),
+                _ => format!("UPDATE acct SET ver = ver + 1 WHERE id = {id}"),
+            };
+            c.batch_execute(&sql).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        n
+    })
+}
