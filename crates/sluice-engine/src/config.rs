@@ -57,24 +57,19 @@ fn default_port() -> u16 {
     5432
 }
 
-// The connection fields are spelled out in each section (not flattened) because serde
-// cannot reject unknown keys through `flatten`.
-macro_rules! connection {
-    ($t:ty) => {
-        impl $t {
-            pub fn connection(&self) -> PgConnConfig {
-                PgConnConfig {
-                    host: self.host.clone(),
-                    port: self.port,
-                    user: self.user.clone(),
-                    password: self.password.clone(),
-                    database: self.database.clone(),
-                }
-            }
+// The connection fields are spelled out (not flattened from `PgConnConfig`) because
+// serde cannot reject unknown keys through `flatten`.
+impl SourceConfig {
+    pub fn connection(&self) -> PgConnConfig {
+        PgConnConfig {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password: self.password.clone(),
+            database: self.database.clone(),
         }
-    };
+    }
 }
-connection!(SourceConfig);
 
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)

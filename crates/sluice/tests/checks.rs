@@ -18,8 +18,7 @@ fn expect_failure(config: &std::path::Path, want: &str) {
 /// Nothing of the pipeline's exists: no slot or publication at the source, no state in the sink.
 async fn assert_untouched(env: &Env) {
     let src = env.src().await;
-    let slots: i64 =
-        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    let slots = slot_count(env).await;
     let pubs: i64 = src.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
     assert_eq!((slots, pubs), (0, 0), "the failed run created replication objects");
     let dst = env.dst().await;

@@ -456,14 +456,7 @@ async fn bad_documents_are_refused_with_the_fix() {
     }
     // Nothing was created: no slot, no index.
     // (Other tests run pipelines on the same cluster: count this database's slots.)
-    let slots = env
-        .src()
-        .await
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
-    assert_eq!(slots, 0);
+    assert_eq!(slot_count(&env).await, 0);
     let (s, _) = http("HEAD", &format!("{}/metrics", svc.url), None);
     assert_eq!(s, 404);
     let state =

@@ -148,14 +148,7 @@ async fn bad_chains_are_refused_before_anything_is_written() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     // Nothing was created in the source or the target.
-    let slots: i64 = env
-        .src()
-        .await
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0);
+    assert_eq!(slot_count(&env).await, 0);
     assert!(try_digest(&env.dst().await, "sales.orders_v2", "1").await.is_none());
 }
 

@@ -223,12 +223,5 @@ async fn bad_settings_are_refused_in_one_line() {
         assert!(errors[0].contains(want), "{want}: {}", errors[0]);
         assert!(!stderr.contains(SECRET), "the secret leaked: {stderr}");
     }
-    let slots: i64 = env
-        .src()
-        .await
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0);
+    assert_eq!(slot_count(&env).await, 0);
 }

@@ -385,3 +385,8 @@ pub fn spawn_acct_writer(env: &Env, seconds: u64) -> tokio::task::JoinHandle<u64
         n
     })
 }
+
+/// Replication slots in this test's source database (a refused config creates none).
+pub async fn slot_count(env: &Env) -> i64 {
+    env.src().await.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0)
+}
