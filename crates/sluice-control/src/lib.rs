@@ -194,23 +194,13 @@ pub async fn check_privileges(c: &Client, source: &SourceSpec, tables: &[TableNa
 
 /// Removes what the pipeline created in its sink (teardown with `purge`): target
 /// tables, or topics and their schema subjects, or the index (the sink's own
-/// `teardown`), then the pipeline's rows in the state tables.
+/// `teardown`), then the pipeline's rows in every state table.
 pub(crate) async fn purge_sink(p: &Loaded, cfg: &PipelineConfig) -> Result<(), workflow::StepError> {
     let (_tx, rx) = watch::channel(false);
     let pipeline = sluice_engine::pipeline::Pipeline::new(cfg.clone(), Arc::new(sluice_engine::metrics::Metrics::default()), rx);
     pipeline.teardown_sink(true).await?;
     let state = cfg.state_connection();
     let c = sluice_postgres::connect(&state, "sink").await.map_err(anyhow::Error::from)?;
-    c.batch_execute(&format!(
-        "DO $$ DECLARE t text; BEGIN
-           FOREACH t IN ARRAY ARRAY['pipelines', 'snapshot_chunks', 'resyncs', 'search_loads', 'search_dead_letters'] LOOP
-             IF to_regclass('sluice.' || t) IS NOT NULL THEN
-               EXECUTE format('DELETE FROM sluice.%I WHERE pipeline = %L', t, {});
-             END IF;
-           END LOOP; END $$",
-        sluice_core::quote_literal(&model::runner_name(&p.install, p.id))
-    ))
-    .await
-    .map_err(anyhow::Error::from)?;
+    sluice_engine::state::forget_pipeline(&c, &model::runner_name(&p.install, p.id)).await.map_err(anyhow::Error::from)?;
     Ok(())
 }

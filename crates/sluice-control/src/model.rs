@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use sluice_core::sink::PipelineShape;
-use sluice_engine::config::PipelineConfig;
+use sluice_engine::config::{PipelineConfig, SourceConfig};
 use sluice_engine::sinks::SinkConfig;
 
 /// A request the API refuses: the field it concerns (a dotted path) and why.
@@ -315,7 +315,15 @@ pub fn object_name(install: &str, id: i64) -> String {
     format!("sluice_{}", runner_name(install, id))
 }
 
-/// The runner's config for pipeline `id`, connecting as `user`/`password`.
+/// One part of a pipeline request, as the runner's typed config: a bad value is named
+/// by its field (`snapshot.parallelism`, `transforms[2]`).
+fn typed<T: for<'de> Deserialize<'de>>(field: &str, v: &Value) -> Result<T, Invalid> {
+    serde_json::from_value(v.clone()).map_err(|e| Invalid::new(field, e.to_string().replace('\n', " ")))
+}
+
+/// The runner's config for pipeline `id`, connecting as `user`/`password`: built from
+/// the typed parts (no config text is written and parsed again), then checked as a
+/// pipeline file is.
 #[allow(clippy::too_many_arguments)]
 pub fn run_config(
     install: &str,
@@ -327,30 +335,30 @@ pub fn run_config(
     user: &str,
     password: &str,
 ) -> Result<PipelineConfig, Invalid> {
-    let mut src = json!({
-        "host": source.host, "port": source.port, "user": user, "password": password,
-        "database": source.database, "tables": spec.tables,
-        "heartbeat_interval": humantime::format_duration(source.heartbeat_interval).to_string(),
-        "slot": object_name(install, id), "publication": object_name(install, id),
-    });
-    if spec.tables.is_empty() {
-        src.as_object_mut().expect("object").remove("tables");
-    }
-    let mut cfg = json!({
-        "pipeline": runner_name(install, id),
-        "source": src,
-        "sink": { sink.kind.clone(): sink.settings },
-        "transforms": spec.transforms,
-        "enrich": enrichers,
-    });
-    if let Some(s) = &spec.snapshot {
-        cfg["snapshot"] = s.clone();
-    }
-    if let Some(b) = &spec.batch {
-        cfg["batch"] = b.clone();
-    }
-    let yaml = serde_yaml::to_string(&cfg).expect("yaml");
-    PipelineConfig::parse(&yaml).map_err(|m| {
+    let sink_config: SinkConfig = serde_json::from_value(json!({ sink.kind.clone(): sink.settings })).map_err(|e| Invalid {
+        field: Some("sink".into()),
+        message: format!("sink {:?}: {}", sink.name, e.to_string().replace('\n', " ")),
+    })?;
+    let cfg = PipelineConfig {
+        pipeline: runner_name(install, id),
+        source: SourceConfig {
+            host: source.host.clone(),
+            port: source.port,
+            user: user.to_string(),
+            password: SecretString::from(password.to_string()),
+            database: source.database.clone(),
+            tables: spec.tables.clone(),
+            publication: Some(object_name(install, id)),
+            slot: Some(object_name(install, id)),
+            heartbeat_interval: source.heartbeat_interval,
+        },
+        sink: sink_config,
+        snapshot: spec.snapshot.as_ref().map(|v| typed("snapshot", v)).transpose()?.unwrap_or_default(),
+        batch: spec.batch.as_ref().map(|v| typed("batch", v)).transpose()?.unwrap_or_default(),
+        transforms: spec.transforms.iter().enumerate().map(|(i, v)| typed(&format!("transforms[{i}]"), v)).collect::<Result<_, _>>()?,
+        enrich: enrichers.iter().enumerate().map(|(i, v)| typed(&format!("enrichers[{i}]"), v)).collect::<Result<_, _>>()?,
+    };
+    cfg.validate().map_err(|m| {
         // The runner names its own keys; say them as the pipeline request does.
         let m = m.replace("source.tables", "tables").replace("source: list the tables", "tables: list the tables");
         let mut inv = Invalid::from_message(m);
@@ -359,7 +367,8 @@ pub fn run_config(
             inv.field = Some("sink".into());
         }
         inv
-    })
+    })?;
+    Ok(cfg)
 }
 
 #[cfg(test)]

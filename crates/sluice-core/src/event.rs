@@ -26,6 +26,22 @@ impl Datum {
 
 pub type Row = Vec<Datum>;
 
+/// A row's key columns as one byte string (each value length-prefixed, so `("ab", "c")`
+/// and `("a", "bc")` differ), for maps and sets keyed by row.
+pub fn key_of(row: &Row, keys: &[usize]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
+    for &i in keys {
+        match &row[i] {
+            Datum::Text(b) => {
+                k.extend((b.len() as u32).to_be_bytes());
+                k.extend_from_slice(b);
+            }
+            _ => k.extend(u32::MAX.to_be_bytes()),
+        }
+    }
+    k
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// A row read by the initial snapshot.

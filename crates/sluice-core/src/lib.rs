@@ -17,7 +17,7 @@ mod value;
 
 pub use conn::PgConnConfig;
 pub use error::{CoreError, ErrorKind};
-pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction};
+pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of};
 pub use lsn::Lsn;
 pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
 pub use value::{Interval, Numeric, PgType, Value};

@@ -150,7 +150,9 @@ impl PipelineConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks a config built in code (the control plane's) as [`parse`](Self::parse)
+    /// checks a file; the error is one line naming the key and the fix.
+    pub fn validate(&self) -> Result<(), String> {
         let p = &self.pipeline;
         if p.is_empty() || p.len() > 40 || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
             return Err(format!(

@@ -8,6 +8,7 @@
 //!   expressions, as one batched async step per sink batch.
 //! - [`metrics`]: counters and the Prometheus exposition.
 //! - [`sinks`]: the sink registry, the one place that names every sink.
+//! - [`state`]: the state store (the `sluice` schema), one migration file per feature.
 
 pub mod config;
 pub mod enrich;
@@ -15,3 +16,4 @@ pub mod metrics;
 pub mod pipeline;
 pub mod resync;
 pub mod sinks;
+pub mod state;

@@ -32,8 +32,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
+use sluice_core::key_of;
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction, quote_ident};
-use sluice_postgres::{CopyRowDecoder, PgConnConfig, key_of};
+use sluice_postgres::{CopyRowDecoder, PgConnConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -92,7 +93,7 @@ pub async fn check_keys(source: &Client, tables: &[TableName], describe: &str) -
 /// Asks the running pipeline to resync `tables`; `id` names the request (a workflow id).
 /// Idempotent.
 pub async fn request(state: &Client, pipeline: &str, id: i64, tables: &[TableName]) -> Result<()> {
-    state.batch_execute(sluice_postgres::STATE_DDL).await.context("creating sluice state tables")?;
+    crate::state::migrate(state).await?;
     for t in tables {
         state
             .execute(
@@ -261,7 +262,6 @@ impl Resync {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let (state, notified) = sluice_postgres::connect_listening(state, "state database", NOTIFY_CHANNEL).await?;
-        state.batch_execute(sluice_postgres::STATE_DDL).await.context("creating sluice state tables")?;
         let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id());
         Ok(Self {

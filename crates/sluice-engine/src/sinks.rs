@@ -30,7 +30,7 @@ macro_rules! registry {
 }
 
 registry! {
-    Postgres(sluice_postgres::PostgresSinkConfig),
+    Postgres(sluice_sink_postgres::PostgresSinkConfig),
     Kafka(sluice_kafka::KafkaSinkConfig),
     Search(sluice_sink_search::SearchSinkConfig),
     Webhook(sluice_sink_webhook::WebhookSinkConfig),

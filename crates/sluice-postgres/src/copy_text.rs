@@ -1,7 +1,8 @@
-//! Decoding of COPY's text format into row images, for sinks that need rows rather
-//! than a COPY stream to pass through (Kafka, search).
+//! COPY's text format: decoding into row images, for sinks that need rows rather than a
+//! COPY stream to pass through (Kafka, search), and encoding rows into it, for COPY
+//! into a Postgres table (the snapshot's chunks, the Postgres sink's staging tables).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use sluice_core::{Datum, Row};
 
 use crate::error::{PgError, Result};
@@ -107,6 +108,35 @@ fn decode_field(f: &[u8]) -> Result<Datum> {
     Ok(Datum::Text(Bytes::from(out)))
 }
 
+/// Appends a COPY text-format field.
+pub fn put_field(buf: &mut BytesMut, d: &Datum) {
+    match d {
+        Datum::Text(b) => {
+            for &c in b.iter() {
+                match c {
+                    b'\\' => buf.put_slice(b"\\\\"),
+                    b'\t' => buf.put_slice(b"\\t"),
+                    b'\n' => buf.put_slice(b"\\n"),
+                    b'\r' => buf.put_slice(b"\\r"),
+                    _ => buf.put_u8(c),
+                }
+            }
+        }
+        Datum::Null | Datum::Unchanged => buf.put_slice(b"\\N"),
+    }
+}
+
+/// Appends a row as a COPY text-format line.
+pub fn put_row(buf: &mut BytesMut, row: &Row) {
+    for (i, d) in row.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b'\t');
+        }
+        put_field(buf, d);
+    }
+    buf.put_u8(b'\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +163,15 @@ mod tests {
         d.feed(b"y\n3\tz\n", 2, &mut out).unwrap();
         d.finish().unwrap();
         assert_eq!(out, vec![vec![text("1"), text("x")], vec![text("2"), text("y")], vec![text("3"), text("z")]]);
+    }
+
+    #[test]
+    fn copy_fields_escape_control_characters() {
+        let mut b = BytesMut::new();
+        put_field(&mut b, &Datum::Text(Bytes::from_static(b"a\tb\\c\nd\re")));
+        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\\re");
+        b.clear();
+        put_field(&mut b, &Datum::Null);
+        assert_eq!(&b[..], b"\\N");
     }
 }

@@ -1,21 +1,22 @@
-//! The Postgres side of Sluice: logical-replication source, consistent snapshots and
-//! the Postgres sink.
+//! The Postgres side of Sluice: logical-replication source, consistent snapshots, the
+//! slot, publication, heartbeat and watermark SQL, and the COPY codec (the Postgres
+//! sink is in `crates/sinks/postgres`).
 
 mod catalog;
+mod chunks;
 pub mod cluster;
 mod conn;
 mod copy_text;
 mod error;
 mod pgoutput;
 pub mod replication;
-mod sink;
 mod snapshot;
 mod stream;
 
 pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_slot, wal_level};
+pub use chunks::{SnapshotFilter, TruncateScope, int_key};
 pub use conn::{PgConnConfig, connect, connect_listening};
-pub use copy_text::{CopyRowDecoder, decode_row};
+pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};
 pub use error::{PgError, Result};
-pub use sink::{Checkpoint, PostgresSink, PostgresSinkConfig, STATE_DDL, SnapshotFilter, key_of};
 pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, run_snapshot};
 pub use stream::{Acker, HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream, StreamItem};

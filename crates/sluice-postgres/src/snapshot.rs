@@ -18,10 +18,10 @@ use sluice_core::{Lsn, PgType, Row, SourcePosition, TableName, TableSchema, quot
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
+use crate::chunks::{Chunk, load_chunks};
 use crate::conn::{PgConnConfig, connect};
 use crate::copy_text::CopyRowDecoder;
 use crate::error::{PgError, Result};
-use crate::sink::{Chunk, STATE_DDL, load_chunks};
 
 const COPY_BATCH_BYTES: usize = 256 * 1024;
 
@@ -192,7 +192,6 @@ pub async fn run_snapshot<R: RowTarget>(
     progress: Arc<SnapshotProgress>,
 ) -> Result<()> {
     let state = connect(sink, "sink").await?;
-    state.batch_execute(STATE_DDL).await.map_err(|e| PgError::from_pg("creating sluice state tables in the sink", e))?;
     let existing = load_chunks(&state, &opts.pipeline).await?;
     let planned = |t: &SnapshotTable| existing.iter().any(|c| c.table == t.schema.name.to_string());
     let pending_tables = tables.iter().any(|t| !planned(t));
@@ -402,7 +401,7 @@ async fn copy_chunk(
             decoder.feed(&data, schema.columns.len(), &mut rows)?;
             if shape.enrich.is_none() || rows.len() >= DELIVER_ROWS {
                 for row in shape.rows(std::mem::take(&mut rows), consistent).await? {
-                    crate::sink::put_row(&mut buf, &row);
+                    crate::copy_text::put_row(&mut buf, &row);
                 }
             }
         } else {
@@ -415,7 +414,7 @@ async fn copy_chunk(
     decoder.finish()?;
     if !rows.is_empty() {
         for row in shape.rows(rows, consistent).await? {
-            crate::sink::put_row(&mut buf, &row);
+            crate::copy_text::put_row(&mut buf, &row);
         }
     }
     if !buf.is_empty() {

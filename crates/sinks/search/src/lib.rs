@@ -12,4 +12,4 @@ mod sink;
 
 pub use config::SearchSinkConfig;
 pub use document::{CountSpec, DocumentPlan, DocumentSpec, RelationKind, RelationSpec};
-pub use sink::{SEARCH_STATE_DDL, SearchError, SearchSink, SearchSinkOptions};
+pub use sink::{SearchError, SearchSink, SearchSinkOptions};

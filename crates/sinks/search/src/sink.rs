@@ -72,31 +72,6 @@ pub struct SearchSinkOptions {
     pub pipeline: String,
 }
 
-/// State tables (in the pipeline's state database).
-pub const SEARCH_STATE_DDL: &str = "
-BEGIN;
-SELECT pg_advisory_xact_lock(7290452);
-CREATE SCHEMA IF NOT EXISTS sluice;
-CREATE TABLE IF NOT EXISTS sluice.search_loads (
-    pipeline text NOT NULL,
-    index_name text NOT NULL,
-    last_key text,
-    done boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (pipeline, index_name)
-);
-CREATE TABLE IF NOT EXISTS sluice.search_dead_letters (
-    id bigserial PRIMARY KEY,
-    pipeline text NOT NULL,
-    index_name text NOT NULL,
-    doc_id text NOT NULL,
-    version bigint NOT NULL,
-    status int NOT NULL,
-    reason text NOT NULL,
-    document text,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-COMMIT;";
-
 /// How many of the 32-bit transaction ids `$1` the current snapshot does not show yet
 /// (each widened to its 64-bit form with the epoch of the snapshot's xmax).
 const UNSEEN_XIDS: &str = "
@@ -164,10 +139,8 @@ impl SearchSink {
         r
     }
 
-    /// Creates the state tables, and the index with the mapping derived from the
-    /// document when it is missing.
+    /// Creates the index, with the mapping derived from the document, when it is missing.
     pub async fn prepare_index(&self) -> Result<()> {
-        self.state.batch_execute(SEARCH_STATE_DDL).await.map_err(|e| SearchError::pg("creating the search sink's state tables", e))?;
         let index = &self.opts.index;
         let head = self
             .request(reqwest::Method::HEAD, &format!("/{index}"))

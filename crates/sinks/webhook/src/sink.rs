@@ -15,24 +15,6 @@ use tokio_postgres::Client;
 use crate::config::WebhookSinkConfig;
 use crate::encoding::{self, SIGNATURE_HEADER};
 
-/// Dead letters: events the endpoint refused, or that kept failing after the retries.
-const STATE_DDL: &str = "
-BEGIN;
-SELECT pg_advisory_xact_lock(7290453);
-CREATE SCHEMA IF NOT EXISTS sluice;
-CREATE TABLE IF NOT EXISTS sluice.webhook_dead_letters (
-    id bigserial PRIMARY KEY,
-    pipeline text NOT NULL,
-    event_id text NOT NULL,
-    table_name text NOT NULL,
-    event_key text NOT NULL,
-    status int,
-    reason text NOT NULL,
-    event text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-COMMIT;";
-
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -213,8 +195,10 @@ impl Sink for WebhookSink {
         SnapshotMethod::Rows
     }
 
+    /// Nothing to create: the endpoint is the user's, the dead-letter table is in the
+    /// state store's migrations.
     async fn prepare(&mut self, _tables: &[Arc<TableSchema>]) -> SinkResult<()> {
-        self.state.batch_execute(STATE_DDL).await.map_err(pg("creating the webhook sink's state tables"))
+        Ok(())
     }
 
     async fn has_progress(&self) -> SinkResult<bool> {
@@ -235,7 +219,6 @@ impl Sink for WebhookSink {
 
     async fn teardown(&self, _tables: &[TableName], purge: bool) -> SinkResult<()> {
         if purge {
-            self.state.batch_execute(STATE_DDL).await.map_err(pg("creating the webhook sink's state tables"))?;
             self.state
                 .execute("DELETE FROM sluice.webhook_dead_letters WHERE pipeline = $1", &[&self.pipeline])
                 .await

@@ -200,7 +200,7 @@ impl Pipeline {
     /// topics and their schema subjects, the index); the state rows are the caller's.
     pub async fn teardown_sink(&self, purge: bool) -> Result<()> {
         let checked = self.check().await?;
-        let sink = self.cfg.sink.get().connect(&self.sink_context(&checked.tables)).await?;
+        let sink = self.open_sink(&checked).await?;
         let names: Vec<TableName> = checked
             .tables
             .iter()
@@ -211,10 +211,18 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Brings the state schema up to date (sinks keep their progress there), then
+    /// connects the sink.
+    async fn open_sink(&self, checked: &Checked) -> Result<Box<dyn DynSink>> {
+        let what = if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" };
+        crate::state::migrate(&sluice_postgres::connect(&self.state, what).await?).await?;
+        Ok(self.cfg.sink.get().connect(&self.sink_context(&checked.tables)).await?)
+    }
+
     async fn connect_sink(&self, checked: &Checked) -> Result<Output> {
         let outputs = checked.outputs()?;
         let transformed = !self.chain.is_empty();
-        let mut sink = self.cfg.sink.get().connect(&self.sink_context(&checked.tables)).await?;
+        let mut sink = self.open_sink(checked).await?;
         sink.prepare(&outputs).await?;
         let sink_progress = sink.has_progress().await?;
         // Snapshot chunks are cut by the source key: a sink can drop the changes they
@@ -223,10 +231,6 @@ impl Pipeline {
         let filters_itself = sink.filters_snapshot(!transformed);
         let upstream = if !filters_itself && sink.snapshot_method() != SnapshotMethod::Load {
             let state = sluice_postgres::connect(&self.state, "state database").await?;
-            state
-                .batch_execute(sluice_postgres::STATE_DDL)
-                .await
-                .map_err(|e| PgError::from_pg("creating sluice state tables in the state database", e))?;
             Some((SnapshotFilter::load(&state, &self.cfg.pipeline).await?, state))
         } else {
             None

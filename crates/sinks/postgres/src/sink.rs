@@ -18,80 +18,10 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
 use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
-use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, quote_ident};
+use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of, quote_ident};
 use tokio_postgres::Client;
 
-use crate::conn::{PgConnConfig, connect};
-use crate::error::{PgError, Result};
-
-/// Run as one transaction under an advisory lock: pipelines starting together on one
-/// database would otherwise race on `CREATE SCHEMA IF NOT EXISTS` (a unique violation).
-pub const STATE_DDL: &str = "
-BEGIN;
-SELECT pg_advisory_xact_lock(7290452);
-CREATE SCHEMA IF NOT EXISTS sluice;
-CREATE TABLE IF NOT EXISTS sluice.pipelines (
-    pipeline text PRIMARY KEY,
-    commit_lsn pg_lsn NOT NULL DEFAULT '0/0',
-    end_lsn pg_lsn NOT NULL DEFAULT '0/0',
-    applied_txns int8 NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS sluice.snapshot_chunks (
-    pipeline text NOT NULL,
-    table_name text NOT NULL,
-    chunk int4 NOT NULL,
-    lo int8,
-    hi int8,
-    done bool NOT NULL DEFAULT false,
-    snapshot_lsn pg_lsn,
-    rows int8,
-    PRIMARY KEY (pipeline, table_name, chunk)
-);
-CREATE TABLE IF NOT EXISTS sluice.resyncs (
-    pipeline text NOT NULL,
-    id int8 NOT NULL,
-    table_name text NOT NULL,
-    last_key text[],
-    chunks int4 NOT NULL DEFAULT 0,
-    rows int8 NOT NULL DEFAULT 0,
-    deleted int8 NOT NULL DEFAULT 0,
-    done bool NOT NULL DEFAULT false,
-    requested_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz,
-    -- A resync limited to some rows (a re-enrichment), and why it was asked for.
-    filter text,
-    reason text,
-    PRIMARY KEY (pipeline, id, table_name)
-);
--- Tables from before those columns. Checked first: ALTER TABLE needs the table's
--- owner even when there is nothing to add, and pipelines may run as other roles.
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = 'sluice' AND table_name = 'resyncs' AND column_name = 'filter') THEN
-        ALTER TABLE sluice.resyncs ADD COLUMN filter text, ADD COLUMN reason text;
-    END IF;
-END $$;
-CREATE TABLE IF NOT EXISTS sluice.enrich_failures (
-    pipeline text NOT NULL,
-    enricher text NOT NULL,
-    table_name text NOT NULL,
-    key text[] NOT NULL,
-    delivered bool NOT NULL,
-    replay bool NOT NULL,
-    reason text NOT NULL,
-    attempts int4 NOT NULL DEFAULT 1,
-    first_failed_at timestamptz NOT NULL DEFAULT now(),
-    last_failed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (pipeline, enricher, table_name, key)
-);
-CREATE TABLE IF NOT EXISTS sluice.enrich_versions (
-    pipeline text NOT NULL,
-    enricher text NOT NULL,
-    fingerprint text NOT NULL,
-    PRIMARY KEY (pipeline, enricher)
-);
-COMMIT;";
+use sluice_postgres::{PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_field};
 
 /// What the sink has durably applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,118 +30,6 @@ pub struct Checkpoint {
     pub commit_lsn: Lsn,
     /// End LSN of that transaction (or a later idle position): safe to confirm.
     pub end_lsn: Lsn,
-}
-
-/// One snapshot chunk: a key range of a table, copied as of `snapshot_lsn`.
-#[derive(Debug, Clone)]
-pub(crate) struct Chunk {
-    pub table: String,
-    pub chunk: i32,
-    pub lo: Option<i64>,
-    pub hi: Option<i64>,
-    pub done: bool,
-    pub snapshot_lsn: Option<Lsn>,
-}
-
-impl Chunk {
-    fn contains(&self, key: i64) -> bool {
-        self.lo.is_none_or(|lo| key >= lo) && self.hi.is_none_or(|hi| key < hi)
-    }
-}
-
-pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<Chunk>> {
-    let rows = client
-        .query(
-            "SELECT table_name, chunk, lo, hi, done, snapshot_lsn::text FROM sluice.snapshot_chunks
-             WHERE pipeline = $1 ORDER BY table_name, chunk",
-            &[&pipeline],
-        )
-        .await
-        .map_err(|e| PgError::from_pg("reading snapshot state from the sink", e))?;
-    rows.iter()
-        .map(|r| {
-            let lsn: Option<String> = r.get(5);
-            Ok(Chunk {
-                table: r.get(0),
-                chunk: r.get(1),
-                lo: r.get(2),
-                hi: r.get(3),
-                done: r.get(4),
-                snapshot_lsn: lsn.map(|l| l.parse()).transpose().map_err(|e: sluice_core::CoreError| PgError::permanent(e.to_string()))?,
-            })
-        })
-        .collect()
-}
-
-/// Which stream changes the snapshot already contains. A chunk copied as of LSN `s`
-/// holds the effect of every transaction that committed before `s`, so those are
-/// skipped for keys in that chunk; after the last chunk's LSN, nothing is.
-#[derive(Debug, Default)]
-pub struct SnapshotFilter {
-    by_table: HashMap<String, Vec<Chunk>>,
-    max_lsn: Lsn,
-}
-
-impl SnapshotFilter {
-    fn new(chunks: Vec<Chunk>) -> Self {
-        let mut f = SnapshotFilter::default();
-        for c in chunks {
-            if let Some(l) = c.snapshot_lsn {
-                f.max_lsn = f.max_lsn.max(l);
-            }
-            f.by_table.entry(c.table.clone()).or_default().push(c);
-        }
-        f
-    }
-
-    /// The snapshot LSN of the chunk holding `key` (or of the table's only chunk).
-    fn snapshot_lsn(&self, table: &str, key: Option<i64>) -> Option<Lsn> {
-        let chunks = self.by_table.get(table)?;
-        let chunk = match (chunks.len(), key) {
-            (1, _) => &chunks[0],
-            (_, Some(k)) => chunks.iter().find(|c| c.contains(k))?,
-            (_, None) => return chunks.iter().filter_map(|c| c.snapshot_lsn).max(),
-        };
-        chunk.snapshot_lsn
-    }
-
-    fn covers(&self, table: &str, key: Option<i64>, commit_lsn: Lsn) -> bool {
-        commit_lsn < self.max_lsn && self.snapshot_lsn(table, key).is_some_and(|s| commit_lsn < s)
-    }
-
-    /// No snapshot chunk recorded (no snapshot ran, or none was started).
-    pub fn is_empty(&self) -> bool {
-        self.by_table.is_empty()
-    }
-
-    /// The pipeline's snapshot chunks, as recorded in a state database.
-    pub async fn load(state: &Client, pipeline: &str) -> Result<Self> {
-        Ok(Self::new(load_chunks(state, pipeline).await?))
-    }
-
-    /// Whether the snapshot already holds this change's effect, for sinks that take
-    /// events one by one: the row the change leaves behind (or removes) was copied
-    /// after the change committed. A truncate is covered when every chunk of its
-    /// table was copied after it.
-    pub fn covers_event(&self, e: &ChangeEvent) -> bool {
-        if e.position.commit_lsn >= self.max_lsn {
-            return false;
-        }
-        let table = e.table.name.to_string();
-        if e.op == Op::Truncate {
-            return self
-                .by_table
-                .get(&table)
-                .is_some_and(|cs| cs.iter().all(|c| c.snapshot_lsn.is_some_and(|s| e.position.commit_lsn < s)));
-        }
-        let Some(row) = e.after.as_ref().or(e.before.as_ref()) else { return false };
-        let keys: Vec<usize> = e.table.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
-        let idx = match keys.as_slice() {
-            [k] => Some(*k),
-            _ => None,
-        };
-        self.covers(&table, int_key(row, idx), e.position.commit_lsn)
-    }
 }
 
 struct Target {
@@ -245,10 +63,6 @@ fn fill_unchanged(row: &mut Row, prev: &Row) {
     }
 }
 
-mod config;
-
-pub use config::PostgresSinkConfig;
-
 pub struct PostgresSink {
     client: Client,
     pipeline: String,
@@ -260,60 +74,10 @@ pub struct PostgresSink {
     buf: BytesMut,
 }
 
-/// A row's key columns as one byte string (each value length-prefixed, so `("ab", "c")`
-/// and `("a", "bc")` differ), for maps and sets keyed by row.
-pub fn key_of(row: &Row, keys: &[usize]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(16);
-    for &i in keys {
-        match &row[i] {
-            Datum::Text(b) => {
-                k.extend((b.len() as u32).to_be_bytes());
-                k.extend_from_slice(b);
-            }
-            _ => k.extend(u32::MAX.to_be_bytes()),
-        }
-    }
-    k
-}
-
-fn int_key(row: &Row, idx: Option<usize>) -> Option<i64> {
-    std::str::from_utf8(row.get(idx?)?.as_text()?).ok()?.parse().ok()
-}
-
-/// Appends a COPY text-format field.
-fn put_field(buf: &mut BytesMut, d: &Datum) {
-    match d {
-        Datum::Text(b) => {
-            for &c in b.iter() {
-                match c {
-                    b'\\' => buf.put_slice(b"\\\\"),
-                    b'\t' => buf.put_slice(b"\\t"),
-                    b'\n' => buf.put_slice(b"\\n"),
-                    b'\r' => buf.put_slice(b"\\r"),
-                    _ => buf.put_u8(c),
-                }
-            }
-        }
-        Datum::Null | Datum::Unchanged => buf.put_slice(b"\\N"),
-    }
-}
-
-/// Appends a row as a COPY text-format line.
-pub(crate) fn put_row(buf: &mut BytesMut, row: &Row) {
-    for (i, d) in row.iter().enumerate() {
-        if i > 0 {
-            buf.put_u8(b'\t');
-        }
-        put_field(buf, d);
-    }
-    buf.put_u8(b'\n');
-}
-
 impl PostgresSink {
     /// Connects and creates the sink's state tables (`sluice.*`) if missing.
     pub async fn connect(cfg: &PgConnConfig, pipeline: &str, target_schema: Option<String>) -> Result<Self> {
         let client = connect(cfg, "sink").await?;
-        client.batch_execute(STATE_DDL).await.map_err(|e| PgError::from_pg("creating sluice state tables in the sink", e))?;
         client
             .execute("INSERT INTO sluice.pipelines (pipeline) VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline])
             .await
@@ -324,7 +88,7 @@ impl PostgresSink {
             .map_err(|e| PgError::from_pg("reading the sink checkpoint", e))?;
         let parse = |s: String| s.parse::<Lsn>().map_err(|e| PgError::permanent(e.to_string()));
         let checkpoint = Checkpoint { commit_lsn: parse(row.get(0))?, end_lsn: parse(row.get(1))? };
-        let filter = SnapshotFilter::new(load_chunks(&client, pipeline).await?);
+        let filter = SnapshotFilter::load(&client, pipeline).await?;
         Ok(Self {
             client,
             pipeline: pipeline.to_string(),
@@ -346,7 +110,7 @@ impl PostgresSink {
         if self.filter_upstream {
             return Ok(());
         }
-        self.filter = SnapshotFilter::new(load_chunks(&self.client, &self.pipeline).await?);
+        self.filter = SnapshotFilter::load(&self.client, &self.pipeline).await?;
         Ok(())
     }
 
@@ -597,25 +361,21 @@ impl PostgresSink {
     async fn truncate(&mut self, e: &ChangeEvent, commit_lsn: Lsn) -> Result<()> {
         let Some(target) = self.targets.get(&e.table.name) else { return Ok(()) };
         let table = e.table.name.to_string();
-        let chunks = self.filter.by_table.get(&table).map(Vec::as_slice).unwrap_or(&[]);
-        let newer: Vec<&Chunk> = chunks.iter().filter(|c| c.snapshot_lsn.is_some_and(|s| commit_lsn < s)).collect();
-        let sql = if newer.is_empty() {
-            format!("TRUNCATE {}", target.name.quoted())
-        } else if newer.len() == chunks.len() {
-            return Ok(()); // the snapshot was taken after this truncate
-        } else {
-            // Only the key ranges copied before the truncate lose their rows.
-            let k = quote_ident(&target.source.columns[target.int_key.unwrap_or(0)].name);
-            let ranges: Vec<String> = chunks
-                .iter()
-                .filter(|c| !newer.iter().any(|n| n.chunk == c.chunk))
-                .map(|c| {
-                    let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
-                    let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
-                    format!("({lo} AND {hi})")
-                })
-                .collect();
-            format!("DELETE FROM {} WHERE {}", target.name.quoted(), ranges.join(" OR "))
+        let sql = match self.filter.truncate_scope(&table, commit_lsn) {
+            TruncateScope::Everything => format!("TRUNCATE {}", target.name.quoted()),
+            TruncateScope::Nothing => return Ok(()), // the snapshot was taken after this truncate
+            TruncateScope::Ranges(ranges) => {
+                let k = quote_ident(&target.source.columns[target.int_key.unwrap_or(0)].name);
+                let ranges: Vec<String> = ranges
+                    .iter()
+                    .map(|(lo, hi)| {
+                        let lo = lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
+                        let hi = hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
+                        format!("({lo} AND {hi})")
+                    })
+                    .collect();
+                format!("DELETE FROM {} WHERE {}", target.name.quoted(), ranges.join(" OR "))
+            }
         };
         self.client.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("truncating {}", target.name), e))
     }
@@ -820,33 +580,4 @@ impl Sink for PostgresSink {
 
 fn sink_error(e: PgError) -> SinkError {
     SinkError::wrap(e.kind(), e)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(n: i32, lo: Option<i64>, hi: Option<i64>, lsn: u64) -> Chunk {
-        Chunk { table: "public.t".into(), chunk: n, lo, hi, done: true, snapshot_lsn: Some(Lsn(lsn)) }
-    }
-
-    #[test]
-    fn filter_skips_only_what_each_chunk_already_has() {
-        let f = SnapshotFilter::new(vec![chunk(0, None, Some(100), 10), chunk(1, Some(100), None, 50)]);
-        assert!(!f.covers("public.t", Some(5), Lsn(20)), "chunk 0 was copied before LSN 20");
-        assert!(f.covers("public.t", Some(150), Lsn(20)), "chunk 1 was copied after LSN 20");
-        assert!(!f.covers("public.t", Some(150), Lsn(50)));
-        assert!(f.covers("public.t", Some(5), Lsn(9)));
-        assert!(!f.covers("public.other", Some(5), Lsn(1)));
-    }
-
-    #[test]
-    fn copy_fields_escape_control_characters() {
-        let mut b = BytesMut::new();
-        put_field(&mut b, &Datum::Text(Bytes::from_static(b"a\tb\\c\nd\re")));
-        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\\re");
-        b.clear();
-        put_field(&mut b, &Datum::Null);
-        assert_eq!(&b[..], b"\\N");
-    }
 }

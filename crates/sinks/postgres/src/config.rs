@@ -7,7 +7,7 @@ use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
 use sluice_core::transform::Step;
 
-use super::PostgresSink;
+use crate::sink::PostgresSink;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
