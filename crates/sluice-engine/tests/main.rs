@@ -2,3 +2,4 @@
 //! a real Postgres cluster. Fast: no sink server, no child process.
 
 mod runner;
+mod state;
