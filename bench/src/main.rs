@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use sluice::metrics::Metrics;
+use sluice_core::source::StreamItem;
 use sluice_core::{Lsn, TableName};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
-use sluice_postgres::{PgConnConfig, ReplicationStream, StreamItem};
+use sluice_postgres::{PgConnConfig, ReplicationStream};
 use tokio_postgres::Client;
 
 #[derive(Parser)]

@@ -12,6 +12,7 @@ pub mod json;
 mod lsn;
 mod schema;
 pub mod sink;
+pub mod source;
 pub mod transform;
 mod value;
 

@@ -11,6 +11,7 @@ mod error;
 mod pgoutput;
 pub mod replication;
 mod snapshot;
+mod source;
 mod stream;
 
 pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_slot, wal_level};
@@ -19,4 +20,5 @@ pub use conn::{PgConnConfig, connect, connect_listening};
 pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};
 pub use error::{PgError, Result};
 pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, run_snapshot};
-pub use stream::{Acker, HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream, StreamItem};
+pub use source::PostgresSource;
+pub use stream::{HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream};

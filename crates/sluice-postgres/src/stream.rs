@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use sluice_core::source::{Acker, StreamItem};
 use sluice_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgType, SourcePosition, TableName, TableSchema, Transaction};
 use tokio_postgres::Client;
 
@@ -21,17 +22,6 @@ pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
 /// The prefix of the watermarks a resync writes around each chunk it reads.
 pub const RESYNC_PREFIX: &str = "sluice.resync";
 
-#[derive(Debug)]
-pub enum StreamItem {
-    Txn(Transaction),
-    /// Everything before this position has been delivered: with nothing pending, it is
-    /// safe to confirm (idle streams, heartbeats).
-    Position(Lsn),
-    /// A resync watermark (`pg_logical_emit_message(false, RESYNC_PREFIX, ..)`), in
-    /// its place among the transactions.
-    Mark(Lsn, String),
-}
-
 pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
@@ -43,23 +33,6 @@ pub struct ReplicationStream {
     acks: tokio::sync::watch::Receiver<Lsn>,
     // Kept so `acks.changed()` never fails: a dropped sender would make it ready forever.
     ack_tx: Arc<tokio::sync::watch::Sender<Lsn>>,
-}
-
-/// Confirms positions to the source from another task than the one reading.
-#[derive(Clone)]
-pub struct Acker(Arc<tokio::sync::watch::Sender<Lsn>>);
-
-impl Acker {
-    /// Everything up to `lsn` is durable in the sink.
-    pub fn ack(&self, lsn: Lsn) {
-        self.0.send_if_modified(|cur| {
-            let newer = lsn > *cur;
-            if newer {
-                *cur = lsn;
-            }
-            newer
-        });
-    }
 }
 
 impl ReplicationStream {
@@ -92,7 +65,16 @@ impl ReplicationStream {
     }
 
     pub fn acker(&self) -> Acker {
-        Acker(self.ack_tx.clone())
+        let tx = self.ack_tx.clone();
+        Acker::new(move |lsn| {
+            tx.send_if_modified(|cur| {
+                let newer = lsn > *cur;
+                if newer {
+                    *cur = lsn;
+                }
+                newer
+            });
+        })
     }
 
     /// Sends the last confirmed position and closes the stream.

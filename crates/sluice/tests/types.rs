@@ -84,7 +84,7 @@ async fn streamed_values_decode_into_typed_values() {
         .unwrap();
     let txn = loop {
         match tokio::time::timeout(Duration::from_secs(20), stream.next()).await.unwrap().unwrap() {
-            Some(sluice_postgres::StreamItem::Txn(t)) => break t,
+            Some(sluice_core::source::StreamItem::Txn(t)) => break t,
             Some(_) => continue,
             None => panic!("stream ended"),
         }

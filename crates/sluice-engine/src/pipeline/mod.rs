@@ -18,11 +18,10 @@ use std::collections::HashMap;
 
 use crate::resync::Resync;
 use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotMethod};
+use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, StreamItem};
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
-use sluice_postgres::{
-    Acker, CopyIntoState, PgConnConfig, PgError, ReplicationStream, RowTarget, SnapshotFilter, SnapshotOptions, SnapshotTable, StreamItem,
-};
+use sluice_postgres::{CopyIntoState, PgConnConfig, PgError, PostgresSource, RowTarget, SnapshotFilter, SnapshotOptions, SnapshotTable};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
@@ -33,6 +32,8 @@ use crate::metrics::Metrics;
 pub struct Pipeline {
     cfg: PipelineConfig,
     source: PgConnConfig,
+    /// The source as the stream phase sees it (the seam a second source would fill).
+    capture: Arc<PostgresSource>,
     /// The Postgres database holding the pipeline's state: the sink itself when the
     /// sink is Postgres, the configured state database otherwise.
     state: PgConnConfig,
@@ -78,7 +79,11 @@ pub(super) fn item_cost_kb(item: &StreamItem) -> u32 {
 /// The retry class of an error, from the first component error in its chain.
 pub fn error_kind(e: &anyhow::Error) -> ErrorKind {
     e.chain()
-        .find_map(|c| c.downcast_ref::<PgError>().map(PgError::kind).or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind)))
+        .find_map(|c| {
+            (c.downcast_ref::<PgError>().map(PgError::kind))
+                .or_else(|| c.downcast_ref::<SinkError>().map(SinkError::kind))
+                .or_else(|| c.downcast_ref::<SourceError>().map(SourceError::kind))
+        })
         .unwrap_or(ErrorKind::Permanent)
 }
 
@@ -87,9 +92,11 @@ impl Pipeline {
         let source = cfg.source.connection();
         let state = cfg.state_connection();
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
+        let capture = Arc::new(PostgresSource::new(source.clone(), &cfg.pipeline, &cfg.slot_name(), &cfg.publication_name()));
         Self {
             cfg,
             source,
+            capture,
             state,
             chain,
             metrics,
@@ -148,23 +155,18 @@ impl Pipeline {
         let checked = self.check().await?;
         let mut sink = self.connect_sink(&checked).await?;
         let had_progress = sink.has_progress();
-        let src = sluice_postgres::connect(&self.source, "source").await?;
-        self.setup_publication(&src, &checked).await?;
         let slot = self.cfg.slot_name();
-        if !checked.slot_exists {
-            if sink.has_progress() {
-                bail!(PgError::permanent(format!(
-                    "replication slot {slot} is gone but the sink already holds this pipeline's changes: changes since \
+        if !checked.slot_exists && sink.has_progress() {
+            bail!(PgError::permanent(format!(
+                "replication slot {slot} is gone but the sink already holds this pipeline's changes: changes since \
                      then were lost. To start over, run DELETE FROM sluice.pipelines WHERE pipeline = '{}'; \
                      DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the {} and empty the sink",
-                    self.cfg.pipeline,
-                    self.cfg.pipeline,
-                    if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" },
-                )));
-            }
-            sluice_postgres::replication::create_slot(&src, &slot).await?;
-            tracing::info!(slot = %slot, "created replication slot");
+                self.cfg.pipeline,
+                self.cfg.pipeline,
+                if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" },
+            )));
         }
+        self.capture.prepare(&checked.publication_missing, checked.slot_exists).await?;
         if self.cfg.snapshot.enabled {
             self.snapshot(&sink, &checked).await?;
             sink.reload_snapshot_state(&self.cfg.pipeline).await?;
@@ -175,7 +177,7 @@ impl Pipeline {
         if let Some(e) = &checked.enrichment {
             e.check_versions(had_progress).await?;
         }
-        self.stream(sink, &checked).await
+        self.stream(&self.capture.clone(), sink, &checked).await
     }
 
     /// Checks everything, then creates the sink's objects (tables, topics and their
@@ -240,17 +242,5 @@ impl Pipeline {
             checked.enriched()?.into_iter().zip(&checked.transforms).filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?)))).collect();
         let transformer = Transformer { chain: self.chain.clone(), tables };
         Ok(Output { sink: Arc::from(sink), sink_progress, upstream, enrichment: checked.enrichment.clone(), transformer })
-    }
-
-    async fn setup_publication(&self, src: &Client, checked: &Checked) -> Result<()> {
-        if checked.publication_missing.is_empty() {
-            return Ok(());
-        }
-        let publication = self.cfg.publication_name();
-        let missing = &checked.publication_missing;
-        sluice_postgres::replication::ensure_publication(src, &publication, missing, sluice_postgres::replication::PublicationTables::Add)
-            .await?;
-        tracing::info!(publication = %publication, tables = missing.len(), "publication ready");
-        Ok(())
     }
 }

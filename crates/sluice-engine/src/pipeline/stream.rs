@@ -4,14 +4,11 @@
 use super::*;
 
 impl Pipeline {
-    pub(super) async fn stream(&mut self, mut sink: Output, checked: &Checked) -> Result<()> {
+    pub(super) async fn stream<S: ChangeSource>(&mut self, source: &Arc<S>, mut sink: Output, checked: &Checked) -> Result<()> {
         let tables = &checked.tables[..];
-        let catalog = sluice_postgres::connect(&self.source, "source").await?;
         let start = sink.sink.resume_lsn();
         let streamed: Vec<Arc<TableSchema>> = tables.iter().chain(&checked.reference).cloned().collect();
-        let stream =
-            ReplicationStream::start(&self.source, &self.cfg.slot_name(), &self.cfg.publication_name(), start, &streamed, catalog).await?;
-        tracing::info!(slot = %self.cfg.slot_name(), from = %start, "streaming");
+        let stream = source.open(start, &streamed).await?;
         let acker = stream.acker();
         let (tx, mut rx) = mpsc::channel::<StreamItem>(1024);
         // Bounds memory by bytes, not items: a reader far ahead of the sink waits.
@@ -32,15 +29,15 @@ impl Pipeline {
                             }
                             if tx.send(item).await.is_err() { break Ok(()) }
                         }
-                        Ok(None) => break Err(PgError::transient("the source ended the replication stream")),
-                        Err(e) => break Err(e),
+                        Ok(None) => break Err(anyhow::Error::from(PgError::transient("the source ended the replication stream"))),
+                        Err(e) => break Err(e.into()),
                     },
                 }
             };
             stream.shutdown().await;
             r
         });
-        let heartbeat = tokio::spawn(heartbeat(self.source.clone(), self.cfg.clone(), self.metrics.clone()));
+        let heartbeat = tokio::spawn(heartbeat(source.clone(), self.cfg.source.heartbeat_interval, self.metrics.clone()));
         // Rows the source no longer has can be found in a Postgres sink whose rows are
         // the source's own (no transforms).
         let targets = if sink.sink.mirrors_source_rows() && self.chain.is_empty() {
@@ -77,24 +74,15 @@ impl Pipeline {
     }
 }
 
-/// Writes a heartbeat into the source's WAL on a timer, so the slot's confirmed
+/// Writes a heartbeat into the source's log on a timer, so the slot's confirmed
 /// position advances even when every replicated table is idle, and samples how much
-/// WAL the slot retains.
-pub(super) async fn heartbeat(source: PgConnConfig, cfg: PipelineConfig, metrics: Arc<Metrics>) {
-    let slot = cfg.slot_name();
-    let mut client: Option<Client> = None;
+/// log the source retains for the pipeline.
+pub(super) async fn heartbeat<S: ChangeSource>(source: Arc<S>, interval: Duration, metrics: Arc<Metrics>) {
     loop {
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = sluice_postgres::connect(&source, "source").await.ok();
+        match source.heartbeat().await {
+            Ok(retained) => metrics.wal_retained_bytes.store(retained.unwrap_or(-1), Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
-        if let Some(c) = &client {
-            if let Err(e) = sluice_postgres::replication::emit_heartbeat(c, &cfg.pipeline).await {
-                tracing::warn!(error = %e, "heartbeat failed");
-            }
-            if let Ok(retained) = sluice_postgres::replication::slot_retained_bytes(c, &slot).await {
-                metrics.wal_retained_bytes.store(retained.unwrap_or(-1), Ordering::Relaxed);
-            }
-        }
-        tokio::time::sleep(cfg.source.heartbeat_interval).await;
+        tokio::time::sleep(interval).await;
     }
 }

@@ -1,0 +1,93 @@
+//! Postgres as the runner's change source: its pipeline's slot and publication, set up
+//! once, streamed with pgoutput, kept moving with heartbeats.
+
+use std::sync::Arc;
+
+use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, SourceResult, StreamItem};
+use sluice_core::{Lsn, TableName, TableSchema};
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use crate::conn::{PgConnConfig, connect};
+use crate::error::PgError;
+use crate::replication::{self, PublicationTables};
+use crate::stream::ReplicationStream;
+
+/// A pipeline's view of its source database: where to connect, and the names of its
+/// slot and publication.
+pub struct PostgresSource {
+    conn: PgConnConfig,
+    pipeline: String,
+    slot: String,
+    publication: String,
+    /// The heartbeat's connection, opened again after it drops.
+    heartbeat: Mutex<Option<Client>>,
+}
+
+impl PostgresSource {
+    pub fn new(conn: PgConnConfig, pipeline: &str, slot: &str, publication: &str) -> Self {
+        Self {
+            conn,
+            pipeline: pipeline.to_string(),
+            slot: slot.to_string(),
+            publication: publication.to_string(),
+            heartbeat: Mutex::new(None),
+        }
+    }
+
+    /// Adds `missing` tables to the publication (creating it), and creates the slot
+    /// unless it exists: what the checks found absent, nothing else.
+    pub async fn prepare(&self, missing: &[TableName], slot_exists: bool) -> Result<(), PgError> {
+        let c = connect(&self.conn, "source").await?;
+        if !missing.is_empty() {
+            replication::ensure_publication(&c, &self.publication, missing, PublicationTables::Add).await?;
+            tracing::info!(publication = %self.publication, tables = missing.len(), "publication ready");
+        }
+        if !slot_exists {
+            replication::create_slot(&c, &self.slot).await?;
+            tracing::info!(slot = %self.slot, "created replication slot");
+        }
+        Ok(())
+    }
+}
+
+fn source_error(e: PgError) -> SourceError {
+    SourceError::wrap(e.kind(), e)
+}
+
+impl ChangeSource for PostgresSource {
+    type Stream = ReplicationStream;
+
+    async fn open(&self, from: Lsn, tables: &[Arc<TableSchema>]) -> SourceResult<ReplicationStream> {
+        // Relations the stream meets mid-flight are looked up in the catalog.
+        let catalog = connect(&self.conn, "source").await.map_err(source_error)?;
+        let stream =
+            ReplicationStream::start(&self.conn, &self.slot, &self.publication, from, tables, catalog).await.map_err(source_error)?;
+        tracing::info!(slot = %self.slot, from = %from, "streaming");
+        Ok(stream)
+    }
+
+    async fn heartbeat(&self) -> SourceResult<Option<i64>> {
+        let mut client = self.heartbeat.lock().await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            *client = Some(connect(&self.conn, "source").await.map_err(source_error)?);
+        }
+        let c = client.as_ref().expect("connected above");
+        replication::emit_heartbeat(c, &self.pipeline).await.map_err(source_error)?;
+        replication::slot_retained_bytes(c, &self.slot).await.map_err(source_error)
+    }
+}
+
+impl ChangeStream for ReplicationStream {
+    async fn next(&mut self) -> SourceResult<Option<StreamItem>> {
+        ReplicationStream::next(self).await.map_err(source_error)
+    }
+
+    fn acker(&self) -> Acker {
+        ReplicationStream::acker(self)
+    }
+
+    async fn shutdown(self) {
+        ReplicationStream::shutdown(self).await
+    }
+}
