@@ -150,6 +150,26 @@ impl PipelineConfig {
         Ok(cfg)
     }
 
+    /// The tables that `names` ask for (all of them when none is named).
+    pub fn pick_tables(&self, names: &[String]) -> Result<Vec<TableName>, String> {
+        let all = self.tables();
+        if names.is_empty() {
+            return Ok(all);
+        }
+        let list = || all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let mut out = Vec::new();
+        for n in names {
+            let t = TableName::parse(n).ok_or_else(|| format!("table {n:?} is not a table name: write schema.table"))?;
+            if !all.contains(&t) {
+                return Err(format!("table {t} is not one of the pipeline's tables ({}): name one of them", list()));
+            }
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
     /// Checks a config built in code (the control plane's) as [`parse`](Self::parse)
     /// checks a file; the error is one line naming the key and the fix.
     pub fn validate(&self) -> Result<(), String> {

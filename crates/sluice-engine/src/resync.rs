@@ -55,26 +55,6 @@ const NOTIFY_CHANNEL: &str = "sluice_resync";
 /// A chunk whose high watermark has not come back by then is read again.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The tables of `cfg` that `names` ask for (all of them when none is named).
-pub fn pick_tables(cfg: &crate::config::PipelineConfig, names: &[String]) -> Result<Vec<TableName>, String> {
-    let all = cfg.tables();
-    if names.is_empty() {
-        return Ok(all);
-    }
-    let list = || all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    let mut out = Vec::new();
-    for n in names {
-        let t = TableName::parse(n).ok_or_else(|| format!("table {n:?} is not a table name: write schema.table"))?;
-        if !all.contains(&t) {
-            return Err(format!("table {t} is not one of the pipeline's tables ({}): name one of them", list()));
-        }
-        if !out.contains(&t) {
-            out.push(t);
-        }
-    }
-    Ok(out)
-}
-
 /// Refuses tables without a key (primary key or replica-identity index): a resync
 /// reads a table in key order and must find its rows again.
 pub async fn check_keys(source: &Client, tables: &[TableName], describe: &str) -> Result<(), String> {
@@ -149,35 +129,12 @@ struct Request {
     filter: Option<String>,
 }
 
-/// A `pg_current_snapshot()`: which transactions it shows as committed.
-pub(crate) struct SnapshotXids {
-    xmax: u32,
-    /// Transactions still running when it was taken.
-    xip: HashSet<u32>,
-}
-
-impl SnapshotXids {
-    /// Parses `xmin:xmax:xip,xip` (64-bit, with the epoch) into the stream's 32-bit xids.
-    pub(crate) fn parse(snap: &str) -> Self {
-        let mut parts = snap.split(':');
-        let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
-        let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
-        let xip = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
-        Self { xmax, xip }
-    }
-
-    /// Whether transaction `x` had committed (or ended) when the snapshot was taken.
-    pub(crate) fn sees(&self, x: u32) -> bool {
-        (x.wrapping_sub(self.xmax) as i32) < 0 && !self.xip.contains(&x)
-    }
-}
-
 /// What one chunk read found.
 struct Fetched {
     schema: Arc<TableSchema>,
     rows: Vec<Row>,
     /// The snapshot the chunk was read in.
-    snapshot: SnapshotXids,
+    snapshot: sluice_postgres::SnapshotXids,
 }
 
 struct Active {
@@ -578,21 +535,12 @@ async fn read_chunk(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     sluice_postgres::replication::emit_watermark(&c, &format!("hi:{mark}")).await.context("writing the resync high watermark")?;
-    Ok(Fetched { schema, rows, snapshot: SnapshotXids::parse(&snap) })
+    Ok(Fetched { schema, rows, snapshot: sluice_postgres::SnapshotXids::parse(&snap) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snapshot_visibility() {
-        let s = SnapshotXids::parse("100:105:101,103");
-        assert!([99, 102, 104].iter().all(|&x| s.sees(x)));
-        assert!(!s.sees(103));
-        assert!(!SnapshotXids::parse("100:105:").sees(105));
-        assert!(SnapshotXids::parse("4294967400:4294967410:").sees(4294967405u64 as u32));
-    }
 
     #[test]
     fn key_comparison_quotes_values() {

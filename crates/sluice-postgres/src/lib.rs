@@ -19,6 +19,6 @@ pub use chunks::{SnapshotFilter, TruncateScope, int_key};
 pub use conn::{PgConnConfig, connect, connect_listening};
 pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};
 pub use error::{PgError, Result};
-pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, run_snapshot};
+pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, SnapshotXids, run_snapshot};
 pub use source::PostgresSource;
 pub use stream::{HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream};

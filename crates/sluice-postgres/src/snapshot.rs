@@ -433,3 +433,40 @@ async fn copy_chunk(
     progress.chunks_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
+
+/// A `pg_current_snapshot()`: which transactions it shows as committed.
+pub struct SnapshotXids {
+    xmax: u32,
+    /// Transactions still running when it was taken.
+    xip: std::collections::HashSet<u32>,
+}
+
+impl SnapshotXids {
+    /// Parses `xmin:xmax:xip,xip` (64-bit, with the epoch) into the stream's 32-bit xids.
+    pub fn parse(snap: &str) -> Self {
+        let mut parts = snap.split(':');
+        let (_, xmax, xip) = (parts.next(), parts.next().unwrap_or("0"), parts.next().unwrap_or(""));
+        let xmax = xmax.parse::<u64>().unwrap_or(0) as u32;
+        let xip = xip.split(',').filter_map(|x| x.parse::<u64>().ok()).map(|x| x as u32).collect();
+        Self { xmax, xip }
+    }
+
+    /// Whether transaction `x` had committed (or ended) when the snapshot was taken.
+    pub fn sees(&self, x: u32) -> bool {
+        (x.wrapping_sub(self.xmax) as i32) < 0 && !self.xip.contains(&x)
+    }
+}
+
+#[cfg(test)]
+mod xid_tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_visibility() {
+        let s = SnapshotXids::parse("100:105:101,103");
+        assert!([99, 102, 104].iter().all(|&x| s.sees(x)));
+        assert!(!s.sees(103));
+        assert!(!SnapshotXids::parse("100:105:").sees(105));
+        assert!(SnapshotXids::parse("4294967400:4294967410:").sees(4294967405u64 as u32));
+    }
+}

@@ -1,7 +1,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::store::Qualified;
+/// Confluent's media type, on every answer (errors too).
+pub(crate) const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 /// An error in Confluent's shape: HTTP status plus `{"error_code", "message"}`.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +22,9 @@ impl ApiError {
         Self::new(422, 42201, format!("Invalid schema: {why}"))
     }
 
-    pub fn subject_not_found(q: &Qualified) -> Self {
-        Self::new(404, 40401, format!("Subject '{}' not found.", q.display()))
+    /// `subject` as the client named it (with its context, if any).
+    pub fn subject_not_found(subject: &str) -> Self {
+        Self::new(404, 40401, format!("Subject '{subject}' not found."))
     }
 
     pub fn store(why: String) -> Self {
@@ -36,6 +38,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({ "error_code": self.code, "message": self.message });
-        (status, [("content-type", crate::http::CONTENT_TYPE)], body.to_string()).into_response()
+        (status, [("content-type", CONTENT_TYPE)], body.to_string()).into_response()
     }
 }

@@ -15,10 +15,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::compat::Compatibility;
-use crate::error::ApiError;
+use crate::error::{ApiError, CONTENT_TYPE};
 use crate::store::{Qualified, Store};
-
-pub(crate) const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 type Params = Query<HashMap<String, String>>;
 type Result<T = Response> = std::result::Result<T, ApiError>;

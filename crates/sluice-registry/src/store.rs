@@ -208,7 +208,7 @@ impl Store {
         let c = self.client.lock().await;
         let v = Self::versions_of(&*c, q, deleted).await?;
         if v.is_empty() {
-            return Err(ApiError::subject_not_found(q));
+            return Err(ApiError::subject_not_found(&q.display()));
         }
         Ok(v)
     }

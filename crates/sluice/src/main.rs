@@ -364,7 +364,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Resync { config, tables, no_wait, output } => {
             init_logs("warn", false);
             let cfg = PipelineConfig::load(&config)?;
-            let tables = sluice::resync::pick_tables(&cfg, &tables).map_err(anyhow::Error::msg)?;
+            let tables = cfg.pick_tables(&tables).map_err(anyhow::Error::msg)?;
             let source = cfg.source.connection();
             let src = sluice_postgres::connect(&source, "source").await?;
             sluice::resync::check_keys(&src, &tables, &source.describe()).await.map_err(anyhow::Error::msg)?;

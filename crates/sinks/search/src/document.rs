@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sluice_core::{PgType, ReplicaIdentity, TableName, TableSchema, quote_ident};
 
-use crate::sink::SearchError;
+use crate::error::SearchError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

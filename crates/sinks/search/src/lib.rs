@@ -4,12 +4,15 @@
 //! - `config`: the settings (`sink: search:`), checked, and how they connect.
 //! - `document`: the document definition turned into SQL that builds documents, the
 //!   index mapping, and the reverse lookups from a changed row to its documents.
+//! - `error`: the one error type, with its retry kind.
 //! - `sink`: rebuilds, `_bulk` requests, retries, dead letters; the `Sink` lifecycle.
 
 mod config;
 mod document;
+mod error;
 mod sink;
 
 pub use config::SearchSinkConfig;
 pub use document::{CountSpec, DocumentPlan, DocumentSpec, RelationKind, RelationSpec};
-pub use sink::{SearchError, SearchSink, SearchSinkOptions};
+pub use error::SearchError;
+pub use sink::{SearchSink, SearchSinkOptions};

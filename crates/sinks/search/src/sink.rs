@@ -14,45 +14,13 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use sluice_core::{ErrorKind, Op, Transaction};
+use sluice_core::{Op, Transaction};
 use tokio_postgres::Client;
 
 use crate::document::DocumentPlan;
+use crate::error::SearchError;
 use sluice_core::sink::{LoadProgress, Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{TableName, TableSchema};
-
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct SearchError {
-    kind: ErrorKind,
-    message: String,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-}
-
-impl SearchError {
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
-    }
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Transient, message: message.into(), source: None }
-    }
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
-    }
-    fn pg(context: &str, e: tokio_postgres::Error) -> Self {
-        let transient = e.is_closed()
-            || e.code().is_none_or(|c| {
-                let c = c.code();
-                c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c == "40001" || c == "40P01"
-            });
-        Self {
-            kind: if transient { ErrorKind::Transient } else { ErrorKind::Permanent },
-            message: format!("{context}: {e}"),
-            source: Some(Box::new(e)),
-        }
-    }
-}
 
 type Result<T, E = SearchError> = std::result::Result<T, E>;
 

@@ -8,18 +8,8 @@ use serde::Deserialize;
 use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkResult};
 
+use crate::encoding::Format;
 use crate::sink::WebhookSink;
-
-/// How each event is written.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// Debezium's envelope: `before`, `after`, `source`, `op`, `ts_ms`.
-    #[default]
-    Debezium,
-    /// The row the change leaves (`row`; the old key for a delete) and `op`.
-    Row,
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

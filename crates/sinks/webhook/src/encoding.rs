@@ -5,11 +5,22 @@ use hmac::{Hmac, Mac as _};
 use serde_json::{Value as Json, json};
 use sluice_core::{ChangeEvent, Op, Row};
 
-use crate::config::Format;
+use serde::Deserialize;
 
 /// The header carrying the body's HMAC-SHA256 (`sha256=<hex>`), as GitHub signs
 /// webhooks: receivers verify it with the shared secret before trusting the body.
 pub const SIGNATURE_HEADER: &str = "X-Sluice-Signature-256";
+
+/// How each event is written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// Debezium's envelope: `before`, `after`, `source`, `op`, `ts_ms`.
+    #[default]
+    Debezium,
+    /// The row the change leaves (`row`; the old key for a delete) and `op`.
+    Row,
+}
 
 /// `sha256=<hex of HMAC-SHA256(secret, body)>`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {

@@ -16,6 +16,6 @@ mod config;
 mod encoding;
 mod sink;
 
-pub use config::{Format, WebhookSinkConfig};
-pub use encoding::{SIGNATURE_HEADER, sign};
+pub use config::WebhookSinkConfig;
+pub use encoding::{Format, SIGNATURE_HEADER, sign};
 pub use sink::WebhookSink;

@@ -298,8 +298,7 @@ pub(super) async fn pipelines_resync(
     let spec = ResyncSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_resync", i))?;
     let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
     let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
-    let tables = sluice_engine::resync::pick_tables(&cfg, &spec.tables)
-        .map_err(|m| ApiError::invalid("invalid_resync", Invalid::new("tables", m)))?;
+    let tables = cfg.pick_tables(&spec.tables).map_err(|m| ApiError::invalid("invalid_resync", Invalid::new("tables", m)))?;
     let desired: String = ctl.db.get().await?.query_one("SELECT desired FROM pipelines WHERE id = $1", &[&id]).await?.get(0);
     if desired != "running" {
         return Err(ApiError::conflict(format!(

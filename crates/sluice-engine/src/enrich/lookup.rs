@@ -189,7 +189,7 @@ impl Lookup {
                 e.to_string()
             })?;
             let snap: String = rows.first().map(|r| r.get(0)).unwrap_or_default();
-            let seen = crate::resync::SnapshotXids::parse(&snap);
+            let seen = sluice_postgres::SnapshotXids::parse(&snap);
             if self.replicated && !must_see.iter().all(|&x| seen.sees(x)) {
                 // A reference change the stream delivered is not visible yet (its
                 // commit record precedes its visibility): read again in a moment.
