@@ -188,6 +188,20 @@ pub trait Sink: Send + Sync + 'static {
     /// sink (with the position they came from, for sinks that keep their checkpoint).
     fn apply(&mut self, batch: &[Transaction]) -> impl Future<Output = SinkResult<()>> + Send;
 
+    /// Up to where the source may forget, once everything up to `applied` was handed
+    /// to [`apply`](Self::apply). A sink that gathers batches into fewer, larger commits
+    /// of its own (Iceberg) answers its last commit's position while later batches wait
+    /// for theirs; every other sink holds what `apply` returned.
+    fn durable_lsn(&self, applied: Lsn) -> Lsn {
+        applied
+    }
+
+    /// Called on a timer while streaming (every 500 ms), so a sink that commits on its
+    /// own cadence commits what is due even when no batch comes.
+    fn tick(&mut self) -> impl Future<Output = SinkResult<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// Removes what the pipeline created: `tables` are the sink's names of its tables
     /// (topics and their subjects, target tables, the index). Without `purge`, nothing
     /// is removed.
@@ -213,6 +227,8 @@ pub trait DynSink: Send + Sync {
     fn snapshot_rows<'a>(&'a self, table: &'a Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> BoxFuture<'a, SinkResult<()>>;
     fn load<'a>(&'a self, version: u64, progress: &'a dyn LoadProgress) -> BoxFuture<'a, SinkResult<()>>;
     fn apply<'a>(&'a mut self, batch: &'a [Transaction]) -> BoxFuture<'a, SinkResult<()>>;
+    fn durable_lsn(&self, applied: Lsn) -> Lsn;
+    fn tick(&mut self) -> BoxFuture<'_, SinkResult<()>>;
     fn teardown<'a>(&'a self, tables: &'a [TableName], purge: bool) -> BoxFuture<'a, SinkResult<()>>;
     fn health(&self) -> BoxFuture<'_, SinkResult<()>>;
 }
@@ -250,6 +266,12 @@ impl<S: Sink> DynSink for S {
     }
     fn apply<'a>(&'a mut self, batch: &'a [Transaction]) -> BoxFuture<'a, SinkResult<()>> {
         Box::pin(Sink::apply(self, batch))
+    }
+    fn durable_lsn(&self, applied: Lsn) -> Lsn {
+        Sink::durable_lsn(self, applied)
+    }
+    fn tick(&mut self) -> BoxFuture<'_, SinkResult<()>> {
+        Box::pin(Sink::tick(self))
     }
     fn teardown<'a>(&'a self, tables: &'a [TableName], purge: bool) -> BoxFuture<'a, SinkResult<()>> {
         Box::pin(Sink::teardown(self, tables, purge))

@@ -106,6 +106,8 @@ impl Pipeline {
         let mut shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Everything up to here was handed to the sink (or was only a position).
+        let mut applied = Lsn::ZERO;
         loop {
             let first = tokio::select! {
                 biased;
@@ -119,6 +121,8 @@ impl Pipeline {
                         }
                     }
                     resync.tick().await?;
+                    sink.sink_mut()?.tick().await?;
+                    self.confirm(&*sink.sink, applied, acker);
                     continue;
                 }
             };
@@ -168,10 +172,17 @@ impl Pipeline {
             resync.after_apply().await?;
             // Everything taken is applied (or was only a position): its budget is free.
             budget.add_permits(cost as usize);
-            if position > Lsn::ZERO {
-                acker.ack(position);
-                self.metrics.confirmed_lsn.store(position.0, Ordering::Relaxed);
-            }
+            applied = applied.max(position);
+            self.confirm(&*sink.sink, applied, acker);
+        }
+    }
+
+    /// Tells the source what the sink holds durably of what it was handed.
+    fn confirm(&self, sink: &dyn DynSink, applied: Lsn, acker: &Acker) {
+        let durable = sink.durable_lsn(applied);
+        if durable > Lsn::ZERO {
+            acker.ack(durable);
+            self.metrics.confirmed_lsn.store(durable.0, Ordering::Relaxed);
         }
     }
 
