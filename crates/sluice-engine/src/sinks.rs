@@ -34,5 +34,6 @@ registry! {
     Kafka(sluice_kafka::KafkaSinkConfig),
     Search(sluice_sink_search::SearchSinkConfig),
     Webhook(sluice_sink_webhook::WebhookSinkConfig),
+    Iceberg(sluice_sink_iceberg::IcebergSinkConfig),
     Memory(sluice_sink_memory::MemorySinkConfig),
 }

@@ -7,6 +7,7 @@ mod avro;
 mod checks;
 mod control;
 mod enrich;
+mod iceberg;
 mod kafka;
 mod migrations;
 mod registry;

@@ -1,0 +1,204 @@
+//! The Iceberg sink's settings (`sink: iceberg:`): the catalog, the warehouse, the table
+//! mode and the commit cadence.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use sluice_core::PgConnConfig;
+use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
+use sluice_core::transform::Step;
+
+use crate::sink::IcebergSink;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcebergSinkConfig {
+    pub catalog: CatalogConfig,
+    /// Where table files go: an absolute directory, or a `file://` URL.
+    pub warehouse: String,
+    /// The namespace of every table; default: the source table's schema.
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// How often staged changes become a snapshot readers see (Iceberg wants few,
+    /// large commits).
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Commit earlier once this many changes are staged.
+    #[serde(default = "default_commit_rows")]
+    pub commit_rows: usize,
+}
+
+/// The catalog that names the tables: one key naming its kind (a struct of options
+/// rather than an enum, so YAML and JSON spell it alike).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// A SQL catalog whose tables live in Postgres, in the layout of pyiceberg's
+    /// `SqlCatalog` and Iceberg Java's `JdbcCatalog` (`iceberg_tables`,
+    /// `iceberg_namespace_properties`), so other engines find the tables. The
+    /// pipeline's checkpoint is kept in the same database and moves in the same
+    /// transaction as the table pointers: exactly once.
+    pub sql: Option<SqlCatalogConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlCatalogConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub password: SecretString,
+    pub database: String,
+    /// The catalog's name (`catalog_name` in its tables); readers open it by this name.
+    #[serde(default = "default_catalog_name")]
+    pub name: String,
+}
+
+/// What an Iceberg table holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The table mirrors the source table: each commit writes the last image per key
+    /// as data files plus equality deletes on the key.
+    #[default]
+    Upsert,
+    /// Append only: one row per change, with `_op`, `_lsn`, `_commit_ts` and `_seq`.
+    Changelog,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_catalog_name() -> String {
+    "sluice".into()
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_commit_rows() -> usize {
+    500_000
+}
+
+impl IcebergSinkConfig {
+    fn sql(&self) -> &SqlCatalogConfig {
+        self.catalog.sql.as_ref().expect("validated: the catalog is sql")
+    }
+
+    fn catalog_connection(&self) -> PgConnConfig {
+        let c = self.sql();
+        PgConnConfig {
+            host: c.host.clone(),
+            port: c.port,
+            user: c.user.clone(),
+            password: c.password.clone(),
+            database: c.database.clone(),
+        }
+    }
+
+    /// The warehouse as a `file://` URL with no trailing slash.
+    pub(crate) fn warehouse_url(&self) -> String {
+        let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
+        format!("file://{}", path.trim_end_matches('/'))
+    }
+}
+
+impl SinkConfigure for IcebergSinkConfig {
+    fn kind(&self) -> &'static str {
+        "iceberg"
+    }
+
+    fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
+        if self.catalog.sql.is_none() {
+            return Err("sink.iceberg.catalog: name the catalog: sql: {host, user, password, database} (a Postgres database)".into());
+        }
+        let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
+        if !path.starts_with('/') {
+            return Err(format!(
+                "sink.iceberg.warehouse: {:?} is not an absolute directory or file:// URL; write /path/to/warehouse \
+                 (object storage is not supported yet)",
+                self.warehouse
+            ));
+        }
+        if self.commit_interval > Duration::from_secs(3600) {
+            return Err("sink.iceberg.commit_interval: at most 1h (the slot keeps WAL until each commit)".into());
+        }
+        if self.commit_rows == 0 {
+            return Err("sink.iceberg.commit_rows: must be at least 1".into());
+        }
+        if let Some(ns) = &self.namespace
+            && (ns.is_empty() || ns.contains('.') || ns.contains('/'))
+        {
+            return Err(format!("sink.iceberg.namespace: {ns:?} must be one non-empty name without '.' or '/'"));
+        }
+        if let Some(i) = shape.transforms.iter().position(|s| matches!(s, Step::Unwrap(_) | Step::InsertHeader(_))) {
+            return Err(format!(
+                "transforms[{i}] ({}): the iceberg sink writes rows, without change envelopes or record headers; remove the step",
+                shape.transforms[i].kind()
+            ));
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> PgConnConfig {
+        self.catalog_connection()
+    }
+
+    fn state_is_sink(&self) -> bool {
+        true
+    }
+
+    /// The engine reached the catalog database already (it is the state database);
+    /// connecting would create the catalog's tables.
+    fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
+        Box::pin(async move {
+            let c = self.sql();
+            let sink = IcebergSink::connect(
+                &self.catalog_connection(),
+                &c.name,
+                self.warehouse_url(),
+                self.namespace.clone(),
+                self.mode,
+                self.commit_interval,
+                self.commit_rows,
+                &ctx.pipeline,
+            )
+            .await
+            .map_err(|e| SinkError::wrap(e.kind(), e))?;
+            Ok(Box::new(sink) as Box<dyn DynSink>)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<IcebergSinkConfig, String> {
+        let c: IcebergSinkConfig = serde_yaml::from_str(y).map_err(|e| e.to_string())?;
+        c.validate(&PipelineShape { transforms: &[], enriched: false })?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_and_bad_settings_name_the_key() {
+        let c = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: /w/}").unwrap();
+        assert_eq!((c.mode, c.commit_interval, c.warehouse_url().as_str()), (Mode::Upsert, Duration::from_secs(10), "file:///w"));
+        let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: w}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.warehouse:"), "{e}");
+        let e = parse("{catalog: {rest: {}}, warehouse: /w}").unwrap_err();
+        assert!(e.contains("unknown field `rest`"), "{e}");
+        let e = parse("{catalog: {}, warehouse: /w}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.catalog:"), "{e}");
+        let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: /w, mode: merge}").unwrap_err();
+        assert!(e.contains("unknown variant `merge`"), "{e}");
+        let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: /w, namespace: a.b}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.namespace:"), "{e}");
+    }
+}

@@ -1,0 +1,37 @@
+//! The Iceberg sink's one error type, with whether retrying can help.
+
+use sluice_core::ErrorKind;
+use sluice_postgres::PgError;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct IcebergError {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl IcebergError {
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
+    }
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    /// A file or metadata operation that failed, with what was being done.
+    pub(crate) fn files(context: &str, e: iceberg::Error) -> Self {
+        // Bad data or an unsupported shape will fail again; the file system may recover.
+        let kind = match e.kind() {
+            iceberg::ErrorKind::DataInvalid | iceberg::ErrorKind::FeatureUnsupported => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        };
+        Self { kind, message: format!("{context}: {e}"), source: Some(Box::new(e)) }
+    }
+}
+
+impl From<PgError> for IcebergError {
+    fn from(e: PgError) -> Self {
+        Self { kind: e.kind(), message: e.to_string(), source: Some(Box::new(e)) }
+    }
+}

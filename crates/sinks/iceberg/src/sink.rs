@@ -1,0 +1,536 @@
+//! The `Sink` lifecycle: tables created from the source's shape, changes staged in
+//! memory and committed every `commit_interval` (or `commit_rows`) as one Iceberg
+//! snapshot per changed table, the catalog pointers and the checkpoint moved in one
+//! Postgres transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+use iceberg::io::FileIO;
+use iceberg::spec::TableMetadata;
+use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
+use sluice_core::{Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of};
+use sluice_postgres::{PgConnConfig, PgError, connect};
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use crate::catalog::SqlCatalog;
+use crate::config::Mode;
+use crate::encoding::{self, Column};
+use crate::error::IcebergError;
+use crate::table::{self, Table};
+
+type Result<T, E = IcebergError> = std::result::Result<T, E>;
+
+/// One change of a changelog table.
+struct LogRow {
+    row: Option<Row>,
+    op: &'static str,
+    lsn: Lsn,
+    commit_time_us: i64,
+    seq: u32,
+}
+
+/// What one table has waiting for the next commit.
+#[derive(Default)]
+struct Pending {
+    /// Upsert: the last image per key, in first-seen order (`None`: deleted).
+    latest: HashMap<Vec<u8>, Option<Row>>,
+    order: Vec<Vec<u8>>,
+    /// A TRUNCATE came: the commit leaves every earlier file out.
+    truncated: bool,
+    /// Changelog: every change.
+    log: Vec<LogRow>,
+}
+
+/// Changes handed to the sink and not yet committed.
+#[derive(Default)]
+struct Staged {
+    tables: HashMap<TableName, Pending>,
+    changes: usize,
+    txns: i64,
+    since: Option<Instant>,
+    /// The first and last staged transactions' commit LSNs (the commit's range).
+    first_commit_lsn: Lsn,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+}
+
+pub struct IcebergSink {
+    client: Client,
+    catalog: SqlCatalog,
+    io: FileIO,
+    warehouse: String,
+    namespace: Option<String>,
+    mode: Mode,
+    commit_interval: Duration,
+    commit_rows: usize,
+    pipeline: String,
+    /// By the name of the table the sink is handed (the source's, or the transforms').
+    tables: Mutex<HashMap<TableName, Table>>,
+    /// The last committed source transaction (commit and end LSN).
+    committed: (Lsn, Lsn),
+    /// Streamed commits by this process.
+    commits: u64,
+    staged: Staged,
+}
+
+impl IcebergSink {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn connect(
+        catalog_db: &PgConnConfig,
+        catalog: &str,
+        warehouse: String,
+        namespace: Option<String>,
+        mode: Mode,
+        commit_interval: Duration,
+        commit_rows: usize,
+        pipeline: &str,
+    ) -> Result<Self> {
+        let client = connect(catalog_db, "Iceberg catalog database").await?;
+        client
+            .execute("INSERT INTO sluice.pipelines (pipeline) VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline])
+            .await
+            .map_err(|e| PgError::from_pg("registering the pipeline in the catalog database", e))?;
+        let row = client
+            .query_one("SELECT commit_lsn::text, end_lsn::text FROM sluice.pipelines WHERE pipeline = $1", &[&pipeline])
+            .await
+            .map_err(|e| PgError::from_pg("reading the checkpoint", e))?;
+        let parse = |s: String| s.parse::<Lsn>().map_err(|e| IcebergError::permanent(e.to_string()));
+        let committed = (parse(row.get(0))?, parse(row.get(1))?);
+        Ok(Self {
+            client,
+            catalog: SqlCatalog { name: catalog.to_string() },
+            io: FileIO::new_with_fs(),
+            warehouse,
+            namespace,
+            mode,
+            commit_interval,
+            commit_rows,
+            pipeline: pipeline.to_string(),
+            tables: Mutex::new(HashMap::new()),
+            committed,
+            commits: 0,
+            staged: Staged::default(),
+        })
+    }
+
+    fn names(&self, table: &TableName) -> (String, String) {
+        (self.namespace.clone().unwrap_or_else(|| table.schema.clone()), table.name.clone())
+    }
+
+    /// Opens the table, creating it (and its namespace) when missing.
+    async fn open(&self, source: &TableSchema) -> Result<Table> {
+        let (ns, name) = self.names(&source.name);
+        if self.mode == Mode::Upsert && !source.columns.iter().any(|c| c.is_key) {
+            return Err(IcebergError::permanent(format!(
+                "table {} has no primary key, and the iceberg sink's upsert mode keeps one row per key: add a primary key \
+                 (or REPLICA IDENTITY USING INDEX), or set sink.iceberg.mode: changelog",
+                source.name
+            )));
+        }
+        self.catalog.ensure(&self.client, &ns).await?;
+        let files = |what: &str| {
+            let what = format!("{what} of Iceberg table {ns}.{name}");
+            move |e| IcebergError::files(&what, e)
+        };
+        let location = match self.catalog.load(&self.client, &ns, &name).await? {
+            Some(l) => l,
+            None => {
+                let table_location = format!("{}/{ns}.db/{name}", self.warehouse);
+                let schema = table::schema_for(source, self.mode).map_err(files("building the schema"))?;
+                let metadata = Table::new_metadata(schema, &table_location).map_err(files("building the metadata"))?;
+                let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
+                table::write_metadata(&self.io, &metadata, &l).await.map_err(files("writing the metadata"))?;
+                if self.catalog.create(&self.client, &ns, &name, &l).await? {
+                    tracing::info!(table = %format!("{ns}.{name}"), "created Iceberg table");
+                    l
+                } else {
+                    self.catalog.load(&self.client, &ns, &name).await?.unwrap_or(l)
+                }
+            }
+        };
+        let metadata = TableMetadata::read_from(&self.io, &location).await.map_err(files("reading the metadata"))?;
+        Table::open(&ns, &name, metadata, location, source, self.mode).map_err(files("opening"))
+    }
+
+    /// Stages committed source transactions (those past the checkpoint).
+    fn stage(&mut self, batch: &[Transaction]) -> Result<()> {
+        let tables = self.tables.get_mut();
+        for t in batch {
+            if t.commit_lsn <= self.committed.0 {
+                continue; // committed before a restart: the source sent it again
+            }
+            for e in &t.events {
+                let Some(table) = tables.get(&e.table.name) else { continue };
+                let pending = self.staged.tables.entry(e.table.name.clone()).or_default();
+                if self.mode == Mode::Changelog {
+                    let (row, op) = match e.op {
+                        Op::Insert => (e.after.clone(), "c"),
+                        Op::Update => (e.after.clone(), "u"),
+                        Op::Delete => (e.before.clone(), "d"),
+                        Op::Read => (e.after.clone(), "r"),
+                        Op::Truncate => (None, "t"),
+                    };
+                    let row = row.map(|r| fill_unchanged(r, e.before.as_ref(), None, &e.table)).transpose()?;
+                    pending.log.push(LogRow { row, op, lsn: t.commit_lsn, commit_time_us: t.commit_time_us, seq: e.position.seq });
+                } else {
+                    match e.op {
+                        Op::Truncate => {
+                            pending.latest.clear();
+                            pending.order.clear();
+                            pending.truncated = true;
+                        }
+                        Op::Delete => {
+                            if let Some(old) = &e.before {
+                                put(pending, key_of(old, &table.keys), None);
+                            }
+                        }
+                        Op::Insert | Op::Update | Op::Read => {
+                            let Some(new) = e.after.clone() else { continue };
+                            let key = key_of(&new, &table.keys);
+                            if let Some(old) = &e.before {
+                                let old_key = key_of(old, &table.keys);
+                                if old_key != key {
+                                    put(pending, old_key, None); // the key changed: the old row goes
+                                }
+                            }
+                            let prev = pending.latest.get(&key).and_then(Option::as_ref);
+                            let new = fill_unchanged(new, e.before.as_ref(), prev, &e.table)?;
+                            put(pending, key, Some(new));
+                        }
+                    }
+                }
+                self.staged.changes += 1;
+            }
+            if self.staged.txns == 0 {
+                self.staged.first_commit_lsn = t.commit_lsn;
+            }
+            self.staged.txns += 1;
+            self.staged.commit_lsn = t.commit_lsn;
+            self.staged.end_lsn = t.end_lsn;
+            self.staged.since.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+
+    fn due(&self) -> bool {
+        self.staged.since.is_some_and(|s| s.elapsed() >= self.commit_interval) || self.staged.changes >= self.commit_rows
+    }
+
+    /// Commits everything staged: one Iceberg snapshot per changed table, then the
+    /// catalog pointers and the checkpoint in one transaction.
+    async fn commit(&mut self) -> Result<()> {
+        if self.staged.since.is_none() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let started = Instant::now();
+        let mut staged_tables = Vec::new();
+        {
+            let tables = self.tables.get_mut();
+            for (name, pending) in &staged.tables {
+                let table = &tables[name];
+                let (data, deletes, n_deletes) = match self.mode {
+                    Mode::Upsert => upsert_batches(table, pending)?,
+                    Mode::Changelog => (changelog_batch(table, &pending.log)?, None, 0),
+                };
+                let props = HashMap::from([
+                    ("sluice.pipeline".to_string(), self.pipeline.clone()),
+                    ("sluice.first-commit-lsn".to_string(), staged.first_commit_lsn.to_string()),
+                    ("sluice.commit-lsn".to_string(), staged.commit_lsn.to_string()),
+                    ("sluice.deletes".to_string(), n_deletes.to_string()),
+                ]);
+                let (metadata, location) = table.stage(&self.io, data, deletes, pending.truncated, props).await.map_err(|e| {
+                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
+                })?;
+                staged_tables.push((name.clone(), metadata, location));
+            }
+        }
+        let r = async {
+            let c = &self.client;
+            c.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting the Iceberg commit", e))?;
+            let tables = self.tables.get_mut();
+            for (name, _, location) in &staged_tables {
+                let t = &tables[name];
+                self.catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, location).await?;
+            }
+            c.execute(
+                "UPDATE sluice.pipelines SET commit_lsn = $2::text::pg_lsn, end_lsn = $3::text::pg_lsn,
+                     applied_txns = applied_txns + $4, updated_at = now() WHERE pipeline = $1",
+                &[&self.pipeline, &staged.commit_lsn.to_string(), &staged.end_lsn.to_string(), &staged.txns],
+            )
+            .await
+            .map_err(|e| PgError::from_pg("moving the checkpoint", e))?;
+            c.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing the Iceberg commit", e))?;
+            Ok::<_, IcebergError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            // The files written stay unreferenced; the source sends the changes again.
+            return Err(e);
+        }
+        let tables = self.tables.get_mut();
+        for (name, metadata, location) in staged_tables {
+            let t = tables.get_mut(&name).expect("staged tables are open");
+            t.metadata = metadata;
+            t.metadata_location = location;
+        }
+        self.committed = (staged.commit_lsn, staged.end_lsn);
+        self.commits += 1;
+        // Test hook: die right after a commit, before the source hears of it, so the
+        // restart is sent again what this commit holds (the window kill -9 rarely hits).
+        if std::env::var("SLUICE_TEST_ICEBERG_ABORT_AFTER_COMMITS").ok().and_then(|v| v.parse::<u64>().ok()) == Some(self.commits) {
+            std::process::abort();
+        }
+        tracing::debug!(
+            changes = staged.changes,
+            tables = staged.tables.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "Iceberg commit"
+        );
+        Ok(())
+    }
+}
+
+fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>) {
+    if p.latest.insert(key.clone(), row).is_none() {
+        p.order.push(key);
+    }
+}
+
+/// An update that left TOASTed columns untouched does not resend them: they come from
+/// the old image (REPLICA IDENTITY FULL) or from this commit's earlier image of the row.
+fn fill_unchanged(mut row: Row, before: Option<&Row>, prev: Option<&Row>, table: &TableSchema) -> Result<Row> {
+    for (i, d) in row.iter_mut().enumerate() {
+        if *d == Datum::Unchanged {
+            match before.or(prev).map(|r| &r[i]).filter(|v| **v != Datum::Unchanged) {
+                Some(v) => *d = v.clone(),
+                None => {
+                    return Err(IcebergError::permanent(format!(
+                        "an update of {} left the large (TOASTed) column {} unchanged, and the iceberg sink cannot read \
+                         the value it already holds: run ALTER TABLE {} REPLICA IDENTITY FULL on the source so updates carry it",
+                        table.name,
+                        table.columns[i].name,
+                        table.name.quoted()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(row)
+}
+
+fn columns_of<'a>(table: &Table, rows: &[&'a Row], only_keys: bool) -> Result<Vec<ArrayRef>> {
+    let n = table.kinds.len();
+    let mut out = Vec::with_capacity(n);
+    for (i, kind) in table.kinds.iter().enumerate() {
+        let name = table.arrow.field(i).name();
+        let values: Column<'a> = if only_keys && !table.keys.contains(&i) {
+            vec![None; rows.len()]
+        } else {
+            rows.iter().map(|r| encoding::datum(&r[i])).collect()
+        };
+        out.push(encoding::array(*kind, name, &values).map_err(|b| {
+            IcebergError::permanent(format!(
+                "column {} of Iceberg table {}.{}: a value does not fit its type {:?}",
+                b.column, table.namespace, table.name, b.kind
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
+type Batch = Option<arrow_array::RecordBatch>;
+
+/// The data rows (last image per key) and the equality deletes (every key touched).
+fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
+    let rows: Vec<&Row> = p.order.iter().filter_map(|k| p.latest.get(k)?.as_ref()).collect();
+    let data = if rows.is_empty() {
+        None
+    } else {
+        Some(encoding::batch(&table.arrow, columns_of(table, &rows, false)?).map_err(IcebergError::permanent)?)
+    };
+    // A key's earlier rows go, whether it was updated or deleted. After a truncate
+    // no earlier file remains: nothing to delete.
+    let deleted = p.order.iter().filter(|k| p.latest.get(*k).is_some_and(Option::is_none)).count();
+    let deletes = if p.truncated || p.order.is_empty() {
+        None
+    } else {
+        // Key-only rows: the key's values come from the latest image, or from the delete.
+        let keyed: Vec<Row> = p.order.iter().map(|k| key_row(table, k)).collect();
+        let refs: Vec<&Row> = keyed.iter().collect();
+        Some(encoding::batch(&table.arrow, columns_of(table, &refs, true)?).map_err(IcebergError::permanent)?)
+    };
+    Ok((data, deletes, deleted))
+}
+
+/// A row holding only the key values of `key` (as [`key_of`] encoded them).
+fn key_row(table: &Table, key: &[u8]) -> Row {
+    let mut row = vec![Datum::Null; table.kinds.len()];
+    let mut rest = key;
+    for &i in &table.keys {
+        let (len, tail) = rest.split_at(4);
+        let len = u32::from_be_bytes(len.try_into().expect("4 bytes"));
+        if len == u32::MAX {
+            rest = tail;
+            continue;
+        }
+        let (v, tail) = tail.split_at(len as usize);
+        row[i] = Datum::Text(bytes_of(v));
+        rest = tail;
+    }
+    row
+}
+
+fn bytes_of(v: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(v)
+}
+
+fn changelog_batch(table: &Table, log: &[LogRow]) -> Result<Batch> {
+    if log.is_empty() {
+        return Ok(None);
+    }
+    let source_cols = table.kinds.len() - table::CHANGELOG_COLUMNS.len();
+    let empty: Row = vec![Datum::Null; table.kinds.len()];
+    let rows: Vec<&Row> = log.iter().map(|l| l.row.as_ref().unwrap_or(&empty)).collect();
+    let mut cols = columns_of_prefix(table, &rows, source_cols)?;
+    cols.push(Arc::new(StringArray::from_iter_values(log.iter().map(|l| l.op))));
+    cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| l.lsn.0 as i64))));
+    cols.push(Arc::new(TimestampMicrosecondArray::from_iter_values(log.iter().map(|l| l.commit_time_us)).with_timezone("+00:00")));
+    cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| i64::from(l.seq)))));
+    Ok(Some(encoding::batch(&table.arrow, cols).map_err(IcebergError::permanent)?))
+}
+
+/// The first `n` columns (the source's) of a changelog batch.
+fn columns_of_prefix<'a>(table: &Table, rows: &[&'a Row], n: usize) -> Result<Vec<ArrayRef>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let values: Column<'a> = rows.iter().map(|r| r.get(i).and_then(encoding::datum)).collect();
+        out.push(encoding::array(table.kinds[i], table.arrow.field(i).name(), &values).map_err(|b| {
+            IcebergError::permanent(format!(
+                "column {} of Iceberg table {}.{}: a value does not fit its type {:?}",
+                b.column, table.namespace, table.name, b.kind
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
+fn sink_error(e: IcebergError) -> SinkError {
+    SinkError::wrap(e.kind(), e)
+}
+
+/// Rows and the checkpoint commit together (catalog pointers and `sluice.pipelines` in
+/// one Postgres transaction): exactly once. The snapshot's rows are committed per
+/// delivery, before the engine marks their chunk done.
+impl Sink for IcebergSink {
+    fn snapshot_method(&self) -> SnapshotMethod {
+        SnapshotMethod::Rows
+    }
+
+    async fn prepare(&mut self, tables: &[Arc<TableSchema>]) -> SinkResult<()> {
+        for t in tables {
+            let table = self.open(t).await.map_err(sink_error)?;
+            self.tables.get_mut().insert(t.name.clone(), table);
+        }
+        Ok(())
+    }
+
+    async fn has_progress(&self) -> SinkResult<bool> {
+        Ok(self.committed.1 > Lsn::ZERO)
+    }
+
+    fn resume_lsn(&self) -> Lsn {
+        self.committed.1
+    }
+
+    fn target_name(&self, table: &TableName) -> TableName {
+        let (ns, name) = self.names(table);
+        TableName::new(ns, name)
+    }
+
+    async fn snapshot_rows(&self, source: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+        let mut tables = self.tables.lock().await;
+        let Some(table) = tables.get_mut(&source.name) else {
+            return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
+        };
+        let (data, deletes, truncated) = match self.mode {
+            Mode::Upsert => {
+                let mut p = Pending::default();
+                for r in rows {
+                    put(&mut p, key_of(&r, &table.keys), Some(r));
+                }
+                let (d, x, _) = upsert_batches(table, &p).map_err(sink_error)?;
+                (d, x, false)
+            }
+            Mode::Changelog => {
+                let log: Vec<LogRow> = rows
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| LogRow { row: Some(r), op: "r", lsn: snapshot_lsn, commit_time_us: 0, seq: i as u32 })
+                    .collect();
+                (changelog_batch(table, &log).map_err(sink_error)?, None, false)
+            }
+        };
+        let props = HashMap::from([
+            ("sluice.pipeline".to_string(), self.pipeline.clone()),
+            ("sluice.snapshot-lsn".to_string(), snapshot_lsn.to_string()),
+        ]);
+        let (metadata, location) = table
+            .stage(&self.io, data, deletes, truncated, props)
+            .await
+            .map_err(|e| sink_error(IcebergError::files(&format!("writing snapshot rows of {}.{}", table.namespace, table.name), e)))?;
+        self.catalog
+            .swap(&self.client, &table.namespace, &table.name, &table.metadata_location, &location)
+            .await
+            .map_err(|e| sink_error(e.into()))?;
+        table.metadata = metadata;
+        table.metadata_location = location;
+        Ok(())
+    }
+
+    async fn apply(&mut self, batch: &[Transaction]) -> SinkResult<()> {
+        self.stage(batch).map_err(sink_error)?;
+        if self.due() {
+            self.commit().await.map_err(sink_error)?;
+        }
+        Ok(())
+    }
+
+    fn durable_lsn(&self, applied: Lsn) -> Lsn {
+        if self.staged.since.is_some() { self.committed.1 } else { applied }
+    }
+
+    async fn tick(&mut self) -> SinkResult<()> {
+        if self.due() {
+            self.commit().await.map_err(sink_error)?;
+        }
+        Ok(())
+    }
+
+    async fn teardown(&self, tables: &[TableName], purge: bool) -> SinkResult<()> {
+        if !purge {
+            return Ok(());
+        }
+        for t in tables {
+            self.catalog.drop(&self.client, &t.schema, &t.name).await.map_err(|e| sink_error(e.into()))?;
+            let dir = format!("{}/{}.db/{}", self.warehouse, t.schema, t.name);
+            if let Some(path) = dir.strip_prefix("file://") {
+                match std::fs::remove_dir_all(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(SinkError::transient(format!("removing {path}: {e}"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> SinkResult<()> {
+        self.client.simple_query("SELECT 1").await.map(drop).map_err(|e| sink_error(PgError::from_pg("catalog health check", e).into()))
+    }
+}
