@@ -7,7 +7,8 @@ use sluice_postgres::PgError;
 use tokio_postgres::Client;
 
 /// Created by whichever of Sluice and the readers comes first; the same columns as
-/// pyiceberg creates.
+/// pyiceberg and Iceberg Java create (their "v1" layout, with `iceberg_type`, which
+/// tells tables from views; a "v0" catalog made by an older reader has no such column).
 const DDL: &str = "
 BEGIN;
 SELECT pg_advisory_xact_lock(7290461);
@@ -17,6 +18,7 @@ CREATE TABLE IF NOT EXISTS iceberg_tables (
     table_name varchar(255) NOT NULL,
     metadata_location varchar(1000),
     previous_metadata_location varchar(1000),
+    iceberg_type varchar(5),
     PRIMARY KEY (catalog_name, table_namespace, table_name)
 );
 CREATE TABLE IF NOT EXISTS iceberg_namespace_properties (
@@ -30,6 +32,8 @@ COMMIT;";
 
 pub(crate) struct SqlCatalog {
     pub name: String,
+    /// The catalog has the v1 layout's `iceberg_type` column (known after `ensure`).
+    pub typed: std::sync::atomic::AtomicBool,
 }
 
 fn pg(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
@@ -48,6 +52,16 @@ impl SqlCatalog {
         if !exists {
             c.batch_execute(DDL).await.map_err(pg("creating the Iceberg catalog's tables"))?;
         }
+        let typed: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'iceberg_tables' AND column_name = 'iceberg_type'
+                     AND table_schema = current_schema())",
+                &[],
+            )
+            .await
+            .map_err(pg("reading the Iceberg catalog"))?
+            .get(0);
+        self.typed.store(typed, std::sync::atomic::Ordering::Relaxed);
         c.execute(
             "INSERT INTO iceberg_namespace_properties VALUES ($1, $2, 'exists', 'true') ON CONFLICT DO NOTHING",
             &[&self.name, &namespace],
@@ -71,14 +85,14 @@ impl SqlCatalog {
 
     /// Registers a new table; false when another writer registered it first.
     pub async fn create(&self, c: &Client, namespace: &str, table: &str, metadata: &str) -> Result<bool, PgError> {
-        let n = c
-            .execute(
-                "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&self.name, &namespace, &table, &metadata],
-            )
-            .await
-            .map_err(pg("registering the Iceberg table"))?;
+        let sql = if self.typed.load(std::sync::atomic::Ordering::Relaxed) {
+            "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location, iceberg_type)
+             VALUES ($1, $2, $3, $4, 'TABLE') ON CONFLICT DO NOTHING"
+        } else {
+            "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+        };
+        let n = c.execute(sql, &[&self.name, &namespace, &table, &metadata]).await.map_err(pg("registering the Iceberg table"))?;
         Ok(n == 1)
     }
 

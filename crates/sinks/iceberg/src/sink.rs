@@ -102,7 +102,7 @@ impl IcebergSink {
         let committed = (parse(row.get(0))?, parse(row.get(1))?);
         Ok(Self {
             client,
-            catalog: SqlCatalog { name: catalog.to_string() },
+            catalog: SqlCatalog { name: catalog.to_string(), typed: Default::default() },
             io: FileIO::new_with_fs(),
             warehouse,
             namespace,

@@ -2,17 +2,26 @@
 
 Usage: iceberg_read.py CATALOG_URI WAREHOUSE CATALOG_NAME NAMESPACE TABLE
 
-pyiceberg (not Sluice's code) opens the SQL catalog, the metadata, the manifest list
-and the manifests; pyarrow reads the Parquet files. Equality deletes are applied here by
-the spec's rule (a delete file removes the rows with equal values in its equality
-columns from data files of a strictly lower sequence number), because pyiceberg 0.12's
-scan does not apply them yet. Prints one JSON object: the rows (merged), the snapshot
+Two readers nobody here wrote:
+- DuckDB's Iceberg extension (wheels from PyPI, loaded from their files: nothing is
+  downloaded) scans the table's current metadata, applying equality deletes itself;
+- pyiceberg opens the SQL catalog, the metadata, the manifest list and the manifests,
+  and pyarrow reads the Parquet files; equality deletes are applied here by the spec's
+  rule (a delete file removes the rows with equal values in its equality columns from
+  data files of a strictly lower sequence number), because pyiceberg 0.12's scan does
+  not apply them yet.
+Prints one JSON object: the rows (pyiceberg + the rule), DuckDB's rows, the snapshot
 count, the current snapshot's summary, and what pyiceberg's own scan returned (its
 rows, or the error it raised).
 """
 
 import json
+import os
 import sys
+
+import duckdb
+import duckdb_extension_avro
+import duckdb_extension_iceberg
 
 import pyarrow.parquet as pq
 from pyiceberg.catalog.sql import SqlCatalog
@@ -31,6 +40,18 @@ def plain(v):
     if v is not None and type(v).__name__ == "Decimal":
         return str(v)
     return v
+
+
+def duckdb_rows(metadata_location):
+    def ext(mod, name):
+        return os.path.join(os.path.dirname(mod.__file__), f"extensions/v{duckdb.__version__}/{name}.duckdb_extension")
+
+    con = duckdb.connect(config={"allow_unsigned_extensions": "true", "autoinstall_known_extensions": "false"})
+    con.execute(f"LOAD '{ext(duckdb_extension_avro, 'avro')}'")
+    con.execute(f"LOAD '{ext(duckdb_extension_iceberg, 'iceberg')}'")
+    cur = con.execute("SELECT * FROM iceberg_scan(?)", [local(metadata_location)])
+    names = [d[0] for d in cur.description]
+    return [{n: plain(v) for n, v in zip(names, row)} for row in cur.fetchall()]
 
 
 def main():
@@ -65,6 +86,7 @@ def main():
                 continue
             rows.append({k: plain(v) for k, v in r.items()})
     out["rows"] = rows
+    out["duckdb"] = duckdb_rows(t.metadata_location)
     try:
         scanned = t.scan().to_arrow().to_pylist()
         out["scan"] = [{k: plain(v) for k, v in r.items()} for r in scanned]
