@@ -70,6 +70,20 @@ pub struct PipelineShape<'a> {
     pub enriched: bool,
 }
 
+impl PipelineShape<'_> {
+    /// Refuses the steps that only mean something to change envelopes or records
+    /// (`unwrap`, `insert_header`), for a sink that writes rows.
+    pub fn rows_only(&self, sink: &str) -> Result<(), String> {
+        match self.transforms.iter().position(|s| matches!(s, Step::Unwrap(_) | Step::InsertHeader(_))) {
+            Some(i) => Err(format!(
+                "transforms[{i}] ({}): the {sink} sink writes rows, without change envelopes or record headers; remove the step",
+                self.transforms[i].kind()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What a sink is told when it connects.
 #[derive(Clone)]
 pub struct SinkContext {

@@ -3,6 +3,7 @@
 //! sink is in `crates/sinks/postgres`).
 
 mod catalog;
+mod checkpoint;
 mod chunks;
 pub mod cluster;
 mod conn;
@@ -15,6 +16,7 @@ mod source;
 mod stream;
 
 pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_slot, wal_level};
+pub use checkpoint::Checkpoint;
 pub use chunks::{SnapshotFilter, TruncateScope, int_key};
 pub use conn::{PgConnConfig, connect, connect_listening};
 pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};

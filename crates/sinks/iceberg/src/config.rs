@@ -7,7 +7,6 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
-use sluice_core::transform::Step;
 
 use crate::sink::IcebergSink;
 
@@ -133,13 +132,7 @@ impl SinkConfigure for IcebergSinkConfig {
         {
             return Err(format!("sink.iceberg.namespace: {ns:?} must be one non-empty name without '.' or '/'"));
         }
-        if let Some(i) = shape.transforms.iter().position(|s| matches!(s, Step::Unwrap(_) | Step::InsertHeader(_))) {
-            return Err(format!(
-                "transforms[{i}] ({}): the iceberg sink writes rows, without change envelopes or record headers; remove the step",
-                shape.transforms[i].kind()
-            ));
-        }
-        Ok(())
+        shape.rows_only("iceberg")
     }
 
     fn state(&self) -> PgConnConfig {

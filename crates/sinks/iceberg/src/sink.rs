@@ -12,7 +12,7 @@ use iceberg::io::FileIO;
 use iceberg::spec::TableMetadata;
 use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of};
-use sluice_postgres::{PgConnConfig, PgError, connect};
+use sluice_postgres::{Checkpoint, PgConnConfig, PgError, connect};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
@@ -70,8 +70,8 @@ pub struct IcebergSink {
     pipeline: String,
     /// By the name of the table the sink is handed (the source's, or the transforms').
     tables: Mutex<HashMap<TableName, Table>>,
-    /// The last committed source transaction (commit and end LSN).
-    committed: (Lsn, Lsn),
+    /// The last committed source transaction.
+    committed: Checkpoint,
     /// Streamed commits by this process.
     commits: u64,
     staged: Staged,
@@ -90,16 +90,7 @@ impl IcebergSink {
         pipeline: &str,
     ) -> Result<Self> {
         let client = connect(catalog_db, "Iceberg catalog database").await?;
-        client
-            .execute("INSERT INTO sluice.pipelines (pipeline) VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline])
-            .await
-            .map_err(|e| PgError::from_pg("registering the pipeline in the catalog database", e))?;
-        let row = client
-            .query_one("SELECT commit_lsn::text, end_lsn::text FROM sluice.pipelines WHERE pipeline = $1", &[&pipeline])
-            .await
-            .map_err(|e| PgError::from_pg("reading the checkpoint", e))?;
-        let parse = |s: String| s.parse::<Lsn>().map_err(|e| IcebergError::permanent(e.to_string()));
-        let committed = (parse(row.get(0))?, parse(row.get(1))?);
+        let committed = Checkpoint::register(&client, pipeline).await?;
         Ok(Self {
             client,
             catalog: SqlCatalog { name: catalog.to_string(), typed: Default::default() },
@@ -160,7 +151,7 @@ impl IcebergSink {
     fn stage(&mut self, batch: &[Transaction]) -> Result<()> {
         let tables = self.tables.get_mut();
         for t in batch {
-            if t.commit_lsn <= self.committed.0 {
+            if t.commit_lsn <= self.committed.commit_lsn {
                 continue; // committed before a restart: the source sent it again
             }
             for e in &t.events {
@@ -257,13 +248,7 @@ impl IcebergSink {
                 let t = &tables[name];
                 self.catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, location).await?;
             }
-            c.execute(
-                "UPDATE sluice.pipelines SET commit_lsn = $2::text::pg_lsn, end_lsn = $3::text::pg_lsn,
-                     applied_txns = applied_txns + $4, updated_at = now() WHERE pipeline = $1",
-                &[&self.pipeline, &staged.commit_lsn.to_string(), &staged.end_lsn.to_string(), &staged.txns],
-            )
-            .await
-            .map_err(|e| PgError::from_pg("moving the checkpoint", e))?;
+            Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn }.save(c, &self.pipeline, staged.txns).await?;
             c.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing the Iceberg commit", e))?;
             Ok::<_, IcebergError>(())
         }
@@ -279,7 +264,7 @@ impl IcebergSink {
             t.metadata = metadata;
             t.metadata_location = location;
         }
-        self.committed = (staged.commit_lsn, staged.end_lsn);
+        self.committed = Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn };
         self.commits += 1;
         // Test hook: die right after a commit, before the source hears of it, so the
         // restart is sent again what this commit holds (the window kill -9 rarely hits).
@@ -441,11 +426,11 @@ impl Sink for IcebergSink {
     }
 
     async fn has_progress(&self) -> SinkResult<bool> {
-        Ok(self.committed.1 > Lsn::ZERO)
+        Ok(self.committed.end_lsn > Lsn::ZERO)
     }
 
     fn resume_lsn(&self) -> Lsn {
-        self.committed.1
+        self.committed.end_lsn
     }
 
     fn target_name(&self, table: &TableName) -> TableName {
@@ -502,7 +487,7 @@ impl Sink for IcebergSink {
     }
 
     fn durable_lsn(&self, applied: Lsn) -> Lsn {
-        if self.staged.since.is_some() { self.committed.1 } else { applied }
+        if self.staged.since.is_some() { self.committed.end_lsn } else { applied }
     }
 
     async fn tick(&mut self) -> SinkResult<()> {

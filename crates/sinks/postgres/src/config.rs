@@ -5,7 +5,6 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
-use sluice_core::transform::Step;
 
 use crate::sink::PostgresSink;
 
@@ -44,13 +43,7 @@ impl SinkConfigure for PostgresSinkConfig {
     }
 
     fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
-        if let Some(i) = shape.transforms.iter().position(|s| matches!(s, Step::Unwrap(_) | Step::InsertHeader(_))) {
-            return Err(format!(
-                "transforms[{i}] ({}): the postgres sink writes rows, without change envelopes or record headers; remove the step",
-                shape.transforms[i].kind()
-            ));
-        }
-        Ok(())
+        shape.rows_only("postgres")
     }
 
     fn state(&self) -> PgConnConfig {

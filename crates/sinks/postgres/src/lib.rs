@@ -15,4 +15,4 @@ mod config;
 mod sink;
 
 pub use config::PostgresSinkConfig;
-pub use sink::{Checkpoint, PostgresSink};
+pub use sink::PostgresSink;

@@ -21,16 +21,7 @@ use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of, quote_ident};
 use tokio_postgres::Client;
 
-use sluice_postgres::{PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_field};
-
-/// What the sink has durably applied.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// Commit LSN of the last applied transaction: anything at or below is a replay.
-    pub commit_lsn: Lsn,
-    /// End LSN of that transaction (or a later idle position): safe to confirm.
-    pub end_lsn: Lsn,
-}
+use sluice_postgres::{Checkpoint, PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_field};
 
 struct Target {
     source: Arc<TableSchema>,
@@ -78,16 +69,7 @@ impl PostgresSink {
     /// Connects and creates the sink's state tables (`sluice.*`) if missing.
     pub async fn connect(cfg: &PgConnConfig, pipeline: &str, target_schema: Option<String>) -> Result<Self> {
         let client = connect(cfg, "sink").await?;
-        client
-            .execute("INSERT INTO sluice.pipelines (pipeline) VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline])
-            .await
-            .map_err(|e| PgError::from_pg("registering the pipeline in the sink", e))?;
-        let row = client
-            .query_one("SELECT commit_lsn::text, end_lsn::text FROM sluice.pipelines WHERE pipeline = $1", &[&pipeline])
-            .await
-            .map_err(|e| PgError::from_pg("reading the sink checkpoint", e))?;
-        let parse = |s: String| s.parse::<Lsn>().map_err(|e| PgError::permanent(e.to_string()));
-        let checkpoint = Checkpoint { commit_lsn: parse(row.get(0))?, end_lsn: parse(row.get(1))? };
+        let checkpoint = Checkpoint::register(&client, pipeline).await?;
         let filter = SnapshotFilter::load(&client, pipeline).await?;
         Ok(Self {
             client,
@@ -291,16 +273,10 @@ impl PostgresSink {
         }
         self.flush(&mut segment).await?;
         let client = &self.client;
-        client
-            .execute(
-                "UPDATE sluice.pipelines SET commit_lsn = $2::text::pg_lsn, end_lsn = $3::text::pg_lsn,
-                 applied_txns = applied_txns + $4, updated_at = now() WHERE pipeline = $1",
-                &[&self.pipeline, &commit_lsn.to_string(), &end_lsn.to_string(), &(todo.len() as i64)],
-            )
-            .await
-            .map_err(|e| PgError::from_pg("moving the sink checkpoint", e))?;
+        let checkpoint = Checkpoint { commit_lsn, end_lsn };
+        checkpoint.save(client, &self.pipeline, todo.len() as i64).await?;
         client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
-        self.checkpoint = Checkpoint { commit_lsn, end_lsn };
+        self.checkpoint = checkpoint;
         Ok(())
     }
 
