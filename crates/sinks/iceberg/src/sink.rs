@@ -309,17 +309,17 @@ fn fill_unchanged(mut row: Row, before: Option<&Row>, prev: Option<&Row>, table:
     Ok(row)
 }
 
-fn columns_of<'a>(table: &Table, rows: &[&'a Row], only_keys: bool) -> Result<Vec<ArrayRef>> {
-    let n = table.kinds.len();
+/// The table's first `n` columns (all of them, or a changelog's source columns) from
+/// `rows`; with `only_keys`, every column but the key is null (equality deletes).
+fn columns_of<'a>(table: &Table, rows: &[&'a Row], n: usize, only_keys: bool) -> Result<Vec<ArrayRef>> {
     let mut out = Vec::with_capacity(n);
-    for (i, kind) in table.kinds.iter().enumerate() {
-        let name = table.arrow.field(i).name();
+    for (i, kind) in table.kinds.iter().enumerate().take(n) {
         let values: Column<'a> = if only_keys && !table.keys.contains(&i) {
             vec![None; rows.len()]
         } else {
-            rows.iter().map(|r| encoding::datum(&r[i])).collect()
+            rows.iter().map(|r| r.get(i).and_then(encoding::datum)).collect()
         };
-        out.push(encoding::array(*kind, name, &values).map_err(|b| {
+        out.push(encoding::array(*kind, table.arrow.field(i).name(), &values).map_err(|b| {
             IcebergError::permanent(format!(
                 "column {} of Iceberg table {}.{}: a value does not fit its type {:?}",
                 b.column, table.namespace, table.name, b.kind
@@ -337,7 +337,7 @@ fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
     let data = if rows.is_empty() {
         None
     } else {
-        Some(encoding::batch(&table.arrow, columns_of(table, &rows, false)?).map_err(IcebergError::permanent)?)
+        Some(encoding::batch(&table.arrow, columns_of(table, &rows, table.kinds.len(), false)?).map_err(IcebergError::permanent)?)
     };
     // A key's earlier rows go, whether it was updated or deleted. After a truncate
     // no earlier file remains: nothing to delete.
@@ -348,7 +348,7 @@ fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
         // Key-only rows: the key's values come from the latest image, or from the delete.
         let keyed: Vec<Row> = p.order.iter().map(|k| key_row(table, k)).collect();
         let refs: Vec<&Row> = keyed.iter().collect();
-        Some(encoding::batch(&table.arrow, columns_of(table, &refs, true)?).map_err(IcebergError::permanent)?)
+        Some(encoding::batch(&table.arrow, columns_of(table, &refs, table.kinds.len(), true)?).map_err(IcebergError::permanent)?)
     };
     Ok((data, deletes, deleted))
 }
@@ -382,27 +382,12 @@ fn changelog_batch(table: &Table, log: &[LogRow]) -> Result<Batch> {
     let source_cols = table.kinds.len() - table::CHANGELOG_COLUMNS.len();
     let empty: Row = vec![Datum::Null; table.kinds.len()];
     let rows: Vec<&Row> = log.iter().map(|l| l.row.as_ref().unwrap_or(&empty)).collect();
-    let mut cols = columns_of_prefix(table, &rows, source_cols)?;
+    let mut cols = columns_of(table, &rows, source_cols, false)?;
     cols.push(Arc::new(StringArray::from_iter_values(log.iter().map(|l| l.op))));
     cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| l.lsn.0 as i64))));
     cols.push(Arc::new(TimestampMicrosecondArray::from_iter_values(log.iter().map(|l| l.commit_time_us)).with_timezone("+00:00")));
     cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| i64::from(l.seq)))));
     Ok(Some(encoding::batch(&table.arrow, cols).map_err(IcebergError::permanent)?))
-}
-
-/// The first `n` columns (the source's) of a changelog batch.
-fn columns_of_prefix<'a>(table: &Table, rows: &[&'a Row], n: usize) -> Result<Vec<ArrayRef>> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let values: Column<'a> = rows.iter().map(|r| r.get(i).and_then(encoding::datum)).collect();
-        out.push(encoding::array(table.kinds[i], table.arrow.field(i).name(), &values).map_err(|b| {
-            IcebergError::permanent(format!(
-                "column {} of Iceberg table {}.{}: a value does not fit its type {:?}",
-                b.column, table.namespace, table.name, b.kind
-            ))
-        })?);
-    }
-    Ok(out)
 }
 
 fn sink_error(e: IcebergError) -> SinkError {
