@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::PipelineConfig;
 use sluice::metrics::Metrics;
 use sluice::pipeline::Pipeline;
+use sluice::sinks::SinkConfig;
+use sluice_sink_iceberg::Maintenance;
 use tokio::sync::watch;
 
 /// Sluice moves data out of Postgres as it changes: a consistent snapshot, then every
@@ -115,6 +117,15 @@ enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime_parse)]
         lease: std::time::Duration,
     },
+    /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
+    /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
+    /// pipeline runs: the slow part runs beside it, and each result is committed on top
+    /// of whatever the pipeline committed meanwhile.
+    ///
+    ///   sluice iceberg compact -c pipeline.yaml
+    ///   sluice iceberg expire -c pipeline.yaml --older-than 1h
+    #[command(subcommand)]
+    Iceberg(IcebergCommand),
     /// Create the first platform-admin API token in a control database (prints it once;
     /// refuses when a platform admin token exists).
     Bootstrap {
@@ -191,6 +202,42 @@ enum Command {
         /// Rows in the sample table before replication starts (the snapshot).
         #[arg(long, default_value_t = 200_000)]
         rows: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum IcebergCommand {
+    /// Rewrite each table's live rows into new data files with the equality deletes
+    /// applied, so readers that cannot apply deletes (pyiceberg 0.12) read it whole,
+    /// and scans open a few files instead of two per commit.
+    Compact {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A source table whose Iceberg table to compact (schema.table; repeat for
+        /// more). Default: all of the pipeline's.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Expire snapshots older than --older-than (the current one, and the newest --keep,
+    /// stay), delete the files only they referenced, and remove orphan files (written by
+    /// commits that never landed) older than --orphans-older-than.
+    Expire {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        #[arg(long, default_value = "1h", value_parser = humantime_parse)]
+        older_than: std::time::Duration,
+        #[arg(long, default_value_t = 1)]
+        keep: usize,
+        /// Younger unreferenced files may belong to a commit in flight: keep this above
+        /// the sink's commit_interval.
+        #[arg(long, default_value = "1h", value_parser = humantime_parse)]
+        orphans_older_than: std::time::Duration,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -417,6 +464,45 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("ok: pipeline {} can replicate {} table(s): {}", cfg.pipeline, tables.len(), tables.join(", "));
                 println!("slot {} {}", cfg.slot_name(), if checked.slot_exists { "exists" } else { "will be created" });
+            }
+            Ok(())
+        }
+        Command::Iceberg(cmd) => {
+            init_logs("warn", false);
+            let (config, tables, output, what) = match cmd {
+                IcebergCommand::Compact { config, tables, output } => {
+                    (config, tables, output, Maintenance { compact: true, expire_older_than: None, keep: 1, orphans_older_than: None })
+                }
+                IcebergCommand::Expire { config, tables, older_than, keep, orphans_older_than, output } => (
+                    config,
+                    tables,
+                    output,
+                    Maintenance { compact: false, expire_older_than: Some(older_than), keep, orphans_older_than: Some(orphans_older_than) },
+                ),
+            };
+            let cfg = PipelineConfig::load(&config)?;
+            let SinkConfig::Iceberg(sink) = &cfg.sink else {
+                anyhow::bail!("sluice iceberg: the sink of pipeline {} is {}, not iceberg", cfg.pipeline, cfg.sink.get().kind());
+            };
+            let tables = cfg.pick_tables(&tables).map_err(anyhow::Error::msg)?;
+            let reports = sluice_sink_iceberg::maintain(sink, &cfg.pipeline, &tables, &what).await?;
+            for r in &reports {
+                if output == Output::Json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else if what.compact {
+                    println!(
+                        "{}: {} rows in {} data and {} delete files rewritten into {} data files{} ({} ms)",
+                        r.table,
+                        r.rows,
+                        r.data_files_before,
+                        r.delete_files_before,
+                        r.data_files_after,
+                        if r.compaction_dropped { ", then dropped: the table was truncated meanwhile" } else { "" },
+                        r.ms
+                    );
+                } else {
+                    println!("{}: {} snapshots expired, {} files removed ({} ms)", r.table, r.snapshots_expired, r.files_removed, r.ms);
+                }
             }
             Ok(())
         }

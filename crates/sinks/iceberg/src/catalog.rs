@@ -83,6 +83,26 @@ impl SqlCatalog {
         Ok(row.and_then(|r| r.get(0)))
     }
 
+    /// The table's current metadata file, locked until the caller's transaction ends:
+    /// the sink's commits and maintenance commits take turns through this lock.
+    pub async fn lock(&self, c: &Client, namespace: &str, table: &str) -> Result<String, PgError> {
+        let row = c
+            .query_opt(
+                "SELECT metadata_location FROM iceberg_tables WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3
+                 FOR UPDATE",
+                &[&self.name, &namespace, &table],
+            )
+            .await
+            .map_err(pg("locking the Iceberg table"))?;
+        row.and_then(|r| r.get::<_, Option<String>>(0)).ok_or_else(|| {
+            PgError::permanent(format!(
+                "Iceberg table {namespace}.{table} is gone from catalog {}: it was dropped while the pipeline ran; \
+                 restart the pipeline to create it again",
+                self.name
+            ))
+        })
+    }
+
     /// Registers a new table; false when another writer registered it first.
     pub async fn create(&self, c: &Client, namespace: &str, table: &str, metadata: &str) -> Result<bool, PgError> {
         let sql = if self.typed.load(std::sync::atomic::Ordering::Relaxed) {

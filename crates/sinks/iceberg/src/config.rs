@@ -27,6 +27,43 @@ pub struct IcebergSinkConfig {
     /// Commit earlier once this many changes are staged.
     #[serde(default = "default_commit_rows")]
     pub commit_rows: usize,
+    /// A source column narrowed (bigint to int, double to real) is written into the
+    /// table's wider field, where every value fits; otherwise the pipeline halts, since
+    /// an Iceberg field can only widen.
+    #[serde(default)]
+    pub accept_narrowing: bool,
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
+}
+
+/// Table maintenance the sink runs beside streaming (also on demand: `sluice iceberg
+/// compact|expire`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// How often each table is compacted (live rows rewritten with the equality deletes
+    /// applied), its old snapshots expired and its orphan files removed; 0s turns it off.
+    #[serde(default = "one_hour", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Snapshots older than this are expired (the current one always stays): time
+    /// travel reaches this far back. Every commit adds one, and each makes the metadata
+    /// file larger.
+    #[serde(default = "one_hour", with = "humantime_serde")]
+    pub expire_snapshots_after: Duration,
+    /// Files no snapshot references (a commit that died before its pointer moved) are
+    /// removed once older than this; younger ones may belong to a commit in flight.
+    #[serde(default = "one_hour", with = "humantime_serde")]
+    pub orphan_files_after: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self { interval: one_hour(), expire_snapshots_after: one_hour(), orphan_files_after: one_hour() }
+    }
+}
+
+fn one_hour() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// The catalog that names the tables: one key naming its kind (a struct of options
@@ -82,11 +119,11 @@ fn default_commit_rows() -> usize {
 }
 
 impl IcebergSinkConfig {
-    fn sql(&self) -> &SqlCatalogConfig {
+    pub(crate) fn sql(&self) -> &SqlCatalogConfig {
         self.catalog.sql.as_ref().expect("validated: the catalog is sql")
     }
 
-    fn catalog_connection(&self) -> PgConnConfig {
+    pub(crate) fn catalog_connection(&self) -> PgConnConfig {
         let c = self.sql();
         PgConnConfig {
             host: c.host.clone(),
@@ -95,6 +132,11 @@ impl IcebergSinkConfig {
             password: c.password.clone(),
             database: c.database.clone(),
         }
+    }
+
+    /// The Iceberg namespace and table name of a source table.
+    pub(crate) fn target(&self, table: &sluice_core::TableName) -> (String, String) {
+        (self.namespace.clone().unwrap_or_else(|| table.schema.clone()), table.name.clone())
     }
 
     /// The warehouse as a `file://` URL with no trailing slash.
@@ -124,6 +166,13 @@ impl SinkConfigure for IcebergSinkConfig {
         if self.commit_interval > Duration::from_secs(3600) {
             return Err("sink.iceberg.commit_interval: at most 1h (the slot keeps WAL until each commit)".into());
         }
+        if !self.maintenance.interval.is_zero() && self.maintenance.orphan_files_after < self.commit_interval * 3 {
+            return Err(format!(
+                "sink.iceberg.maintenance.orphan_files_after: at least three commit intervals ({:?}), or files of a commit in \
+                 flight could be removed",
+                self.commit_interval * 3
+            ));
+        }
         if self.commit_rows == 0 {
             return Err("sink.iceberg.commit_rows: must be at least 1".into());
         }
@@ -151,19 +200,7 @@ impl SinkConfigure for IcebergSinkConfig {
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
-            let c = self.sql();
-            let sink = IcebergSink::connect(
-                &self.catalog_connection(),
-                &c.name,
-                self.warehouse_url(),
-                self.namespace.clone(),
-                self.mode,
-                self.commit_interval,
-                self.commit_rows,
-                &ctx.pipeline,
-            )
-            .await
-            .map_err(|e| SinkError::wrap(e.kind(), e))?;
+            let sink = IcebergSink::connect(self, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })
     }

@@ -67,6 +67,59 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The kind of an existing table's field (`None`: a type Sluice never writes).
+    pub(crate) fn from_iceberg(t: &Type) -> Option<Kind> {
+        let Type::Primitive(p) = t else { return None };
+        Some(match p {
+            PrimitiveType::Boolean => Kind::Bool,
+            PrimitiveType::Int => Kind::Int,
+            PrimitiveType::Long => Kind::Long,
+            PrimitiveType::Float => Kind::Float,
+            PrimitiveType::Double => Kind::Double,
+            PrimitiveType::Decimal { precision, scale } => Kind::Decimal { precision: *precision, scale: *scale },
+            PrimitiveType::Date => Kind::Date,
+            PrimitiveType::Timestamp => Kind::Timestamp,
+            PrimitiveType::Timestamptz => Kind::TimestampTz,
+            PrimitiveType::String => Kind::String,
+            PrimitiveType::Binary => Kind::Binary,
+            _ => return None,
+        })
+    }
+
+    /// Whether a field of this kind may be promoted to `to` (Iceberg's type promotions).
+    pub(crate) fn widens_to(self, to: Kind) -> bool {
+        match (self, to) {
+            (Kind::Int, Kind::Long) | (Kind::Float, Kind::Double) => true,
+            (Kind::Decimal { precision: p1, scale: s1 }, Kind::Decimal { precision: p2, scale: s2 }) => s1 == s2 && p2 > p1,
+            _ => false,
+        }
+    }
+
+    /// A Postgres type holding this kind, for messages.
+    pub(crate) fn pg_name(self) -> &'static str {
+        match self {
+            Kind::Bool => "boolean",
+            Kind::Int => "integer",
+            Kind::Long => "bigint",
+            Kind::Float => "real",
+            Kind::Double => "double precision",
+            Kind::Decimal { .. } => "numeric",
+            Kind::Date => "date",
+            Kind::Timestamp => "timestamp",
+            Kind::TimestampTz => "timestamptz",
+            Kind::String => "text",
+            Kind::Binary => "bytea",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.iceberg(), f)
+    }
+}
+
 /// `numeric(10,2)` → (10, 2); `numeric(5)` → (5, 0); `numeric` → None.
 fn numeric_modifier(type_name: &str) -> Option<(u32, u32)> {
     let inner = type_name.split_once('(')?.1.strip_suffix(')')?;

@@ -16,6 +16,11 @@ impl IcebergError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
     }
+    /// A source change the table cannot take (a type Iceberg cannot change to): the
+    /// pipeline pauses and retries until a person resolves it.
+    pub fn halted(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Halted, message: message.into(), source: None }
+    }
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

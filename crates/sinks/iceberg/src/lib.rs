@@ -8,6 +8,8 @@
 //!   writers; the row-delta commit is assembled here, since the crate has no action
 //!   that commits deletes.
 //! - `encoding`: Postgres columns as Iceberg types, rows as Arrow record batches.
+//! - `maintenance`: compaction, snapshot expiry, orphan-file removal (scheduled by the
+//!   sink, and `sluice iceberg compact|expire`).
 //! - `sink`: staging, the commit cadence, the `Sink` lifecycle.
 //!
 //! Exactly once: a commit swaps the catalog pointer of every table it changed and
@@ -24,9 +26,11 @@ mod catalog;
 mod config;
 mod encoding;
 mod error;
+mod maintenance;
 mod sink;
 mod table;
 
-pub use config::{CatalogConfig, IcebergSinkConfig, Mode, SqlCatalogConfig};
+pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, SqlCatalogConfig};
 pub use error::IcebergError;
+pub use maintenance::{Maintenance, MaintenanceReport, maintain};
 pub use sink::IcebergSink;

@@ -5,22 +5,23 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow_array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
 use iceberg::io::FileIO;
 use iceberg::spec::TableMetadata;
 use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of};
-use sluice_postgres::{Checkpoint, PgConnConfig, PgError, connect};
+use sluice_postgres::{Checkpoint, PgError, connect};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::catalog::SqlCatalog;
-use crate::config::Mode;
+use crate::config::{IcebergSinkConfig, Mode};
 use crate::encoding::{self, Column};
 use crate::error::IcebergError;
-use crate::table::{self, Table};
+use crate::maintenance::{MAINTENANCE, Maintenance, maintain_table};
+use crate::table::{self, Slot, Table};
 
 type Result<T, E = IcebergError> = std::result::Result<T, E>;
 
@@ -63,11 +64,11 @@ pub struct IcebergSink {
     catalog: SqlCatalog,
     io: FileIO,
     warehouse: String,
-    namespace: Option<String>,
-    mode: Mode,
-    commit_interval: Duration,
-    commit_rows: usize,
     pipeline: String,
+    cfg: IcebergSinkConfig,
+    /// The background maintenance's last start, and its task.
+    last_maintenance: Instant,
+    maintenance_task: Option<tokio::task::JoinHandle<()>>,
     /// By the name of the table the sink is handed (the source's, or the transforms').
     tables: Mutex<HashMap<TableName, Table>>,
     /// The last committed source transaction.
@@ -78,29 +79,18 @@ pub struct IcebergSink {
 }
 
 impl IcebergSink {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn connect(
-        catalog_db: &PgConnConfig,
-        catalog: &str,
-        warehouse: String,
-        namespace: Option<String>,
-        mode: Mode,
-        commit_interval: Duration,
-        commit_rows: usize,
-        pipeline: &str,
-    ) -> Result<Self> {
-        let client = connect(catalog_db, "Iceberg catalog database").await?;
+    pub(crate) async fn connect(cfg: &IcebergSinkConfig, pipeline: &str) -> Result<Self> {
+        let client = connect(&cfg.catalog_connection(), "Iceberg catalog database").await?;
         let committed = Checkpoint::register(&client, pipeline).await?;
         Ok(Self {
             client,
-            catalog: SqlCatalog { name: catalog.to_string(), typed: Default::default() },
+            catalog: SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() },
             io: FileIO::new_with_fs(),
-            warehouse,
-            namespace,
-            mode,
-            commit_interval,
-            commit_rows,
+            warehouse: cfg.warehouse_url(),
             pipeline: pipeline.to_string(),
+            cfg: cfg.clone(),
+            last_maintenance: Instant::now(),
+            maintenance_task: None,
             tables: Mutex::new(HashMap::new()),
             committed,
             commits: 0,
@@ -109,13 +99,60 @@ impl IcebergSink {
     }
 
     fn names(&self, table: &TableName) -> (String, String) {
-        (self.namespace.clone().unwrap_or_else(|| table.schema.clone()), table.name.clone())
+        self.cfg.target(table)
+    }
+
+    /// Starts the tables' maintenance beside streaming when its interval has passed
+    /// (and the last run is over). Its commits take turns with the sink's through the
+    /// catalog row lock; a failure is logged and tried again at the next interval.
+    fn schedule_maintenance(&mut self) {
+        let m = &self.cfg.maintenance;
+        if m.interval.is_zero()
+            || self.last_maintenance.elapsed() < m.interval
+            || self.maintenance_task.as_ref().is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        self.last_maintenance = Instant::now();
+        let what = Maintenance {
+            compact: true,
+            expire_older_than: Some(m.expire_snapshots_after),
+            keep: 1,
+            orphans_older_than: Some(m.orphan_files_after),
+        };
+        let tables: Vec<(String, String)> = self.tables.get_mut().values().map(|t| (t.namespace.clone(), t.name.clone())).collect();
+        let (cfg, io, mode, pipeline) = (self.cfg.clone(), self.io.clone(), self.cfg.mode, self.pipeline.clone());
+        self.maintenance_task = Some(tokio::spawn(async move {
+            let client = match connect(&cfg.catalog_connection(), "Iceberg catalog database").await {
+                Ok(c) => c,
+                Err(e) => return tracing::warn!(error = %e, "Iceberg maintenance could not connect; tried again at the next interval"),
+            };
+            let catalog = SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() };
+            for (ns, name) in tables {
+                match maintain_table(&client, &catalog, &io, &ns, &name, mode, &pipeline, &what).await {
+                    Ok(r) => tracing::info!(
+                        table = %r.table,
+                        rows = r.rows,
+                        data_files_before = r.data_files_before,
+                        delete_files_before = r.delete_files_before,
+                        data_files_after = r.data_files_after,
+                        snapshots_expired = r.snapshots_expired,
+                        files_removed = r.files_removed,
+                        ms = r.ms,
+                        "Iceberg table maintained"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(table = %format!("{ns}.{name}"), error = %e, "Iceberg maintenance failed; tried again at the next interval")
+                    }
+                }
+            }
+        }));
     }
 
     /// Opens the table, creating it (and its namespace) when missing.
     async fn open(&self, source: &TableSchema) -> Result<Table> {
         let (ns, name) = self.names(&source.name);
-        if self.mode == Mode::Upsert && !source.columns.iter().any(|c| c.is_key) {
+        if self.cfg.mode == Mode::Upsert && !source.columns.iter().any(|c| c.is_key) {
             return Err(IcebergError::permanent(format!(
                 "table {} has no primary key, and the iceberg sink's upsert mode keeps one row per key: add a primary key \
                  (or REPLICA IDENTITY USING INDEX), or set sink.iceberg.mode: changelog",
@@ -131,7 +168,7 @@ impl IcebergSink {
             Some(l) => l,
             None => {
                 let table_location = format!("{}/{ns}.db/{name}", self.warehouse);
-                let schema = table::schema_for(source, self.mode).map_err(files("building the schema"))?;
+                let schema = table::schema_for(source, self.cfg.mode).map_err(files("building the schema"))?;
                 let metadata = Table::new_metadata(schema, &table_location).map_err(files("building the metadata"))?;
                 let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
                 table::write_metadata(&self.io, &metadata, &l).await.map_err(files("writing the metadata"))?;
@@ -144,7 +181,7 @@ impl IcebergSink {
             }
         };
         let metadata = TableMetadata::read_from(&self.io, &location).await.map_err(files("reading the metadata"))?;
-        Table::open(&ns, &name, metadata, location, source, self.mode).map_err(files("opening"))
+        Table::open(&ns, &name, metadata, location, self.cfg.mode).map_err(files("opening"))
     }
 
     /// Stages committed source transactions (those past the checkpoint).
@@ -155,17 +192,23 @@ impl IcebergSink {
                 continue; // committed before a restart: the source sent it again
             }
             for e in &t.events {
-                let Some(table) = tables.get(&e.table.name) else { continue };
+                let Some(table) = tables.get_mut(&e.table.name) else { continue };
+                table.map(&e.table, t.commit_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| IcebergError::halted(r.0))?;
+                let before = e.before.as_ref().map(|r| table.fields_of(r));
                 let pending = self.staged.tables.entry(e.table.name.clone()).or_default();
-                if self.mode == Mode::Changelog {
+                if self.cfg.mode == Mode::Changelog {
                     let (row, op) = match e.op {
-                        Op::Insert => (e.after.clone(), "c"),
-                        Op::Update => (e.after.clone(), "u"),
-                        Op::Delete => (e.before.clone(), "d"),
-                        Op::Read => (e.after.clone(), "r"),
+                        Op::Insert => (e.after.as_ref(), "c"),
+                        Op::Update => (e.after.as_ref(), "u"),
+                        Op::Delete => (None, "d"),
+                        Op::Read => (e.after.as_ref(), "r"),
                         Op::Truncate => (None, "t"),
                     };
-                    let row = row.map(|r| fill_unchanged(r, e.before.as_ref(), None, &e.table)).transpose()?;
+                    let row = match (row, e.op) {
+                        (Some(r), _) => Some(fill_unchanged(table.fields_of(r), before.as_ref(), None, table)?),
+                        (None, Op::Delete) => before,
+                        (None, _) => None,
+                    };
                     pending.log.push(LogRow { row, op, lsn: t.commit_lsn, commit_time_us: t.commit_time_us, seq: e.position.seq });
                 } else {
                     match e.op {
@@ -175,21 +218,22 @@ impl IcebergSink {
                             pending.truncated = true;
                         }
                         Op::Delete => {
-                            if let Some(old) = &e.before {
+                            if let Some(old) = &before {
                                 put(pending, key_of(old, &table.keys), None);
                             }
                         }
                         Op::Insert | Op::Update | Op::Read => {
-                            let Some(new) = e.after.clone() else { continue };
+                            let Some(new) = &e.after else { continue };
+                            let new = table.fields_of(new);
                             let key = key_of(&new, &table.keys);
-                            if let Some(old) = &e.before {
+                            if let Some(old) = &before {
                                 let old_key = key_of(old, &table.keys);
                                 if old_key != key {
                                     put(pending, old_key, None); // the key changed: the old row goes
                                 }
                             }
                             let prev = pending.latest.get(&key).and_then(Option::as_ref);
-                            let new = fill_unchanged(new, e.before.as_ref(), prev, &e.table)?;
+                            let new = fill_unchanged(new, before.as_ref(), prev, table)?;
                             put(pending, key, Some(new));
                         }
                     }
@@ -208,7 +252,7 @@ impl IcebergSink {
     }
 
     fn due(&self) -> bool {
-        self.staged.since.is_some_and(|s| s.elapsed() >= self.commit_interval) || self.staged.changes >= self.commit_rows
+        self.staged.since.is_some_and(|s| s.elapsed() >= self.cfg.commit_interval) || self.staged.changes >= self.cfg.commit_rows
     }
 
     /// Commits everything staged: one Iceberg snapshot per changed table, then the
@@ -219,47 +263,49 @@ impl IcebergSink {
         }
         let staged = std::mem::take(&mut self.staged);
         let started = Instant::now();
-        let mut staged_tables = Vec::new();
+        let mut batches = Vec::new();
         {
             let tables = self.tables.get_mut();
             for (name, pending) in &staged.tables {
                 let table = &tables[name];
-                let (data, deletes, n_deletes) = match self.mode {
+                let (data, deletes, n_deletes) = match self.cfg.mode {
                     Mode::Upsert => upsert_batches(table, pending)?,
                     Mode::Changelog => (changelog_batch(table, &pending.log)?, None, 0),
                 };
+                batches.push((name.clone(), data, deletes, n_deletes, pending.truncated));
+            }
+        }
+        let c = &self.client;
+        c.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting the Iceberg commit", e))?;
+        let r = async {
+            let tables = self.tables.get_mut();
+            let mut done = Vec::new();
+            for (name, data, deletes, n_deletes, truncated) in batches {
                 let props = HashMap::from([
                     ("sluice.pipeline".to_string(), self.pipeline.clone()),
                     ("sluice.first-commit-lsn".to_string(), staged.first_commit_lsn.to_string()),
                     ("sluice.commit-lsn".to_string(), staged.commit_lsn.to_string()),
                     ("sluice.deletes".to_string(), n_deletes.to_string()),
                 ]);
-                let (metadata, location) = table.stage(&self.io, data, deletes, pending.truncated, props).await.map_err(|e| {
-                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
-                })?;
-                staged_tables.push((name.clone(), metadata, location));
-            }
-        }
-        let r = async {
-            let c = &self.client;
-            c.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting the Iceberg commit", e))?;
-            let tables = self.tables.get_mut();
-            for (name, _, location) in &staged_tables {
-                let t = &tables[name];
-                self.catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, location).await?;
+                let t = tables.get_mut(&name).expect("staged tables are open");
+                done.push((name, stage_locked(c, &self.catalog, &self.io, t, data, deletes, truncated, props).await?));
             }
             Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn }.save(c, &self.pipeline, staged.txns).await?;
             c.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing the Iceberg commit", e))?;
-            Ok::<_, IcebergError>(())
+            Ok::<_, IcebergError>(done)
         }
         .await;
-        if let Err(e) = r {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            // The files written stay unreferenced; the source sends the changes again.
-            return Err(e);
-        }
+        let done = match r {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                // The files written stay unreferenced (orphan removal takes them); the
+                // source sends the changes again.
+                return Err(e);
+            }
+        };
         let tables = self.tables.get_mut();
-        for (name, metadata, location) in staged_tables {
+        for (name, (metadata, location)) in done {
             let t = tables.get_mut(&name).expect("staged tables are open");
             t.metadata = metadata;
             t.metadata_location = location;
@@ -281,6 +327,31 @@ impl IcebergSink {
     }
 }
 
+/// Writes one commit of `t` on the table's current state, read under the catalog row
+/// lock (maintenance may have committed since this process last did), and moves the
+/// pointer, in the caller's transaction.
+#[allow(clippy::too_many_arguments)]
+async fn stage_locked(
+    c: &Client,
+    catalog: &SqlCatalog,
+    io: &FileIO,
+    t: &mut Table,
+    data: Batch,
+    deletes: Batch,
+    truncated: bool,
+    props: HashMap<String, String>,
+) -> Result<(TableMetadata, String)> {
+    let what = format!("Iceberg table {}.{}", t.namespace, t.name);
+    let current = catalog.lock(c, &t.namespace, &t.name).await?;
+    if current != t.metadata_location {
+        t.rebase(io, current, MAINTENANCE).await.map_err(|e| IcebergError::files(&format!("reading the current state of {what}"), e))?;
+    }
+    let (metadata, location) =
+        t.stage(io, data, deletes, truncated, props).await.map_err(|e| IcebergError::files(&format!("writing a commit of {what}"), e))?;
+    catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, &location).await?;
+    Ok((metadata, location))
+}
+
 fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>) {
     if p.latest.insert(key.clone(), row).is_none() {
         p.order.push(key);
@@ -289,18 +360,19 @@ fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>) {
 
 /// An update that left TOASTed columns untouched does not resend them: they come from
 /// the old image (REPLICA IDENTITY FULL) or from this commit's earlier image of the row.
-fn fill_unchanged(mut row: Row, before: Option<&Row>, prev: Option<&Row>, table: &TableSchema) -> Result<Row> {
+/// Rows are in the table's field order.
+fn fill_unchanged(mut row: Row, before: Option<&Row>, prev: Option<&Row>, table: &Table) -> Result<Row> {
     for (i, d) in row.iter_mut().enumerate() {
         if *d == Datum::Unchanged {
-            match before.or(prev).map(|r| &r[i]).filter(|v| **v != Datum::Unchanged) {
+            match before.or(prev).and_then(|r| r.get(i)).filter(|v| **v != Datum::Unchanged) {
                 Some(v) => *d = v.clone(),
                 None => {
+                    let source = table.source_name();
                     return Err(IcebergError::permanent(format!(
-                        "an update of {} left the large (TOASTed) column {} unchanged, and the iceberg sink cannot read \
+                        "an update of {source} left the large (TOASTed) column {} unchanged, and the iceberg sink cannot read \
                          the value it already holds: run ALTER TABLE {} REPLICA IDENTITY FULL on the source so updates carry it",
-                        table.name,
-                        table.columns[i].name,
-                        table.name.quoted()
+                        table.arrow.field(i).name(),
+                        source.quoted()
                     )));
                 }
             }
@@ -309,11 +381,11 @@ fn fill_unchanged(mut row: Row, before: Option<&Row>, prev: Option<&Row>, table:
     Ok(row)
 }
 
-/// The table's first `n` columns (all of them, or a changelog's source columns) from
-/// `rows`; with `only_keys`, every column but the key is null (equality deletes).
-fn columns_of<'a>(table: &Table, rows: &[&'a Row], n: usize, only_keys: bool) -> Result<Vec<ArrayRef>> {
-    let mut out = Vec::with_capacity(n);
-    for (i, kind) in table.kinds.iter().enumerate().take(n) {
+/// The table's columns from `rows` (in field order; a changelog's own columns come out
+/// null); with `only_keys`, every column but the key is null (equality deletes).
+fn columns_of<'a>(table: &Table, rows: &[&'a Row], only_keys: bool) -> Result<Vec<ArrayRef>> {
+    let mut out = Vec::with_capacity(table.kinds.len());
+    for (i, kind) in table.kinds.iter().enumerate() {
         let values: Column<'a> = if only_keys && !table.keys.contains(&i) {
             vec![None; rows.len()]
         } else {
@@ -337,7 +409,7 @@ fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
     let data = if rows.is_empty() {
         None
     } else {
-        Some(encoding::batch(&table.arrow, columns_of(table, &rows, table.kinds.len(), false)?).map_err(IcebergError::permanent)?)
+        Some(encoding::batch(&table.arrow, columns_of(table, &rows, false)?).map_err(IcebergError::permanent)?)
     };
     // A key's earlier rows go, whether it was updated or deleted. After a truncate
     // no earlier file remains: nothing to delete.
@@ -348,7 +420,7 @@ fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
         // Key-only rows: the key's values come from the latest image, or from the delete.
         let keyed: Vec<Row> = p.order.iter().map(|k| key_row(table, k)).collect();
         let refs: Vec<&Row> = keyed.iter().collect();
-        Some(encoding::batch(&table.arrow, columns_of(table, &refs, table.kinds.len(), true)?).map_err(IcebergError::permanent)?)
+        Some(encoding::batch(&table.arrow, columns_of(table, &refs, true)?).map_err(IcebergError::permanent)?)
     };
     Ok((data, deletes, deleted))
 }
@@ -379,14 +451,18 @@ fn changelog_batch(table: &Table, log: &[LogRow]) -> Result<Batch> {
     if log.is_empty() {
         return Ok(None);
     }
-    let source_cols = table.kinds.len() - table::CHANGELOG_COLUMNS.len();
-    let empty: Row = vec![Datum::Null; table.kinds.len()];
+    let empty: Row = Vec::new();
     let rows: Vec<&Row> = log.iter().map(|l| l.row.as_ref().unwrap_or(&empty)).collect();
-    let mut cols = columns_of(table, &rows, source_cols, false)?;
-    cols.push(Arc::new(StringArray::from_iter_values(log.iter().map(|l| l.op))));
-    cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| l.lsn.0 as i64))));
-    cols.push(Arc::new(TimestampMicrosecondArray::from_iter_values(log.iter().map(|l| l.commit_time_us)).with_timezone("+00:00")));
-    cols.push(Arc::new(Int64Array::from_iter_values(log.iter().map(|l| i64::from(l.seq)))));
+    let mut cols = columns_of(table, &rows, false)?;
+    for (i, slot) in table.slots.iter().enumerate() {
+        let Slot::Changelog(which) = slot else { continue };
+        cols[i] = match which {
+            0 => Arc::new(StringArray::from_iter_values(log.iter().map(|l| l.op))),
+            1 => Arc::new(Int64Array::from_iter_values(log.iter().map(|l| l.lsn.0 as i64))),
+            2 => Arc::new(TimestampMicrosecondArray::from_iter_values(log.iter().map(|l| l.commit_time_us)).with_timezone("+00:00")),
+            _ => Arc::new(Int64Array::from_iter_values(log.iter().map(|l| i64::from(l.seq)))),
+        };
+    }
     Ok(Some(encoding::batch(&table.arrow, cols).map_err(IcebergError::permanent)?))
 }
 
@@ -428,7 +504,9 @@ impl Sink for IcebergSink {
         let Some(table) = tables.get_mut(&source.name) else {
             return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
         };
-        let (data, deletes, truncated) = match self.mode {
+        table.map(source, snapshot_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| SinkError::halted(r.0))?;
+        let rows = rows.iter().map(|r| table.fields_of(r));
+        let (data, deletes, truncated) = match self.cfg.mode {
             Mode::Upsert => {
                 let mut p = Pending::default();
                 for r in rows {
@@ -439,7 +517,6 @@ impl Sink for IcebergSink {
             }
             Mode::Changelog => {
                 let log: Vec<LogRow> = rows
-                    .into_iter()
                     .enumerate()
                     .map(|(i, r)| LogRow { row: Some(r), op: "r", lsn: snapshot_lsn, commit_time_us: 0, seq: i as u32 })
                     .collect();
@@ -450,20 +527,26 @@ impl Sink for IcebergSink {
             ("sluice.pipeline".to_string(), self.pipeline.clone()),
             ("sluice.snapshot-lsn".to_string(), snapshot_lsn.to_string()),
         ]);
-        let (metadata, location) = table
-            .stage(&self.io, data, deletes, truncated, props)
-            .await
-            .map_err(|e| sink_error(IcebergError::files(&format!("writing snapshot rows of {}.{}", table.namespace, table.name), e)))?;
-        self.catalog
-            .swap(&self.client, &table.namespace, &table.name, &table.metadata_location, &location)
-            .await
-            .map_err(|e| sink_error(e.into()))?;
+        let c = &self.client;
+        let pg = |what: &'static str| move |e| sink_error(PgError::from_pg(what, e).into());
+        c.batch_execute("BEGIN").await.map_err(pg("starting an Iceberg commit of snapshot rows"))?;
+        let r = stage_locked(c, &self.catalog, &self.io, table, data, deletes, truncated, props).await;
+        let (metadata, location) = match r {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(sink_error(e));
+            }
+        };
+        c.batch_execute("COMMIT").await.map_err(pg("committing snapshot rows to Iceberg"))?;
         table.metadata = metadata;
         table.metadata_location = location;
         Ok(())
     }
 
     async fn apply(&mut self, batch: &[Transaction]) -> SinkResult<()> {
+        // Ticks wait while changes keep coming: maintenance is scheduled here too.
+        self.schedule_maintenance();
         self.stage(batch).map_err(sink_error)?;
         if self.due() {
             self.commit().await.map_err(sink_error)?;
@@ -476,6 +559,7 @@ impl Sink for IcebergSink {
     }
 
     async fn tick(&mut self) -> SinkResult<()> {
+        self.schedule_maintenance();
         if self.due() {
             self.commit().await.map_err(sink_error)?;
         }

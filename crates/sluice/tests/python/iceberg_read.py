@@ -65,6 +65,7 @@ def main():
         return
     out["summary"] = {k: v for k, v in snap.summary.additional_properties.items()} | {"operation": str(snap.summary.operation)}
     schema = t.schema()
+    out["schema"] = [f"{f.field_id}:{f.name}:{f.field_type}" for f in schema.fields]
     data, deletes = [], []
     for manifest in snap.manifests(t.io):
         for entry in manifest.fetch_manifest_entry(t.io, discard_deleted=True):
