@@ -143,6 +143,22 @@ pub trait SinkConfigure: Send + Sync {
     }
 }
 
+/// One chunk (a key range of a table) of the initial snapshot, as the snapshot state
+/// (`sluice.snapshot_chunks`) names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotChunk {
+    pub pipeline: String,
+    pub table: String,
+    pub chunk: i32,
+}
+
+impl SnapshotChunk {
+    /// Marks the chunk done in the state database; bound as ($1 pipeline, $2 table,
+    /// $3 chunk, $4 rows, $5 snapshot LSN as text).
+    pub const DONE_SQL: &'static str = "UPDATE sluice.snapshot_chunks SET done = true, rows = $4, snapshot_lsn = $5::text::pg_lsn
+         WHERE pipeline = $1 AND table_name = $2 AND chunk = $3";
+}
+
 /// A destination's lifecycle. Methods are called by one task at a time.
 pub trait Sink: Send + Sync + 'static {
     /// How the initial snapshot reaches this sink.
@@ -185,11 +201,35 @@ pub trait Sink: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Snapshot rows of one chunk ([`SnapshotMethod::Rows`]); returns once durable.
-    fn snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> impl Future<Output = SinkResult<()>> + Send {
-        let _ = (rows, snapshot_lsn);
+    /// Snapshot rows of `chunk` ([`SnapshotMethod::Rows`]), in batches; returns once
+    /// durable, unless the sink commits the chunk's rows in
+    /// [`Sink::snapshot_chunk_done`].
+    fn snapshot_rows(
+        &self,
+        table: &Arc<TableSchema>,
+        chunk: &SnapshotChunk,
+        rows: Vec<Row>,
+        snapshot_lsn: Lsn,
+    ) -> impl Future<Output = SinkResult<()>> + Send {
+        let _ = (chunk, rows, snapshot_lsn);
         let table = table.name.clone();
         async move { Err(SinkError::permanent(format!("this sink takes no snapshot rows (table {table})"))) }
+    }
+
+    /// Every row of `chunk` was handed over. A sink whose state database is its own
+    /// (`state_is_sink`) may commit the chunk's rows together with the chunk's done mark
+    /// ([`SnapshotChunk`]'s `done_sql`) and return true: a crash then re-delivers only
+    /// chunks of which nothing is committed, so rows that are not idempotent (appends)
+    /// land exactly once. False: the engine records the chunk (rows at least once).
+    fn snapshot_chunk_done(
+        &self,
+        table: &Arc<TableSchema>,
+        chunk: &SnapshotChunk,
+        rows: u64,
+        snapshot_lsn: Lsn,
+    ) -> impl Future<Output = SinkResult<bool>> + Send {
+        let _ = (table, chunk, rows, snapshot_lsn);
+        async { Ok(false) }
     }
 
     /// The sink's own initial load ([`SnapshotMethod::Load`]), versioned `version`.
@@ -238,7 +278,20 @@ pub trait DynSink: Send + Sync {
     fn filters_snapshot(&mut self, keyed_as_source: bool) -> bool;
     fn mirrors_source_rows(&self) -> bool;
     fn after_snapshot(&mut self) -> BoxFuture<'_, SinkResult<()>>;
-    fn snapshot_rows<'a>(&'a self, table: &'a Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> BoxFuture<'a, SinkResult<()>>;
+    fn snapshot_rows<'a>(
+        &'a self,
+        table: &'a Arc<TableSchema>,
+        chunk: &'a SnapshotChunk,
+        rows: Vec<Row>,
+        snapshot_lsn: Lsn,
+    ) -> BoxFuture<'a, SinkResult<()>>;
+    fn snapshot_chunk_done<'a>(
+        &'a self,
+        table: &'a Arc<TableSchema>,
+        chunk: &'a SnapshotChunk,
+        rows: u64,
+        snapshot_lsn: Lsn,
+    ) -> BoxFuture<'a, SinkResult<bool>>;
     fn load<'a>(&'a self, version: u64, progress: &'a dyn LoadProgress) -> BoxFuture<'a, SinkResult<()>>;
     fn apply<'a>(&'a mut self, batch: &'a [Transaction]) -> BoxFuture<'a, SinkResult<()>>;
     fn durable_lsn(&self, applied: Lsn) -> Lsn;
@@ -272,8 +325,23 @@ impl<S: Sink> DynSink for S {
     fn after_snapshot(&mut self) -> BoxFuture<'_, SinkResult<()>> {
         Box::pin(Sink::after_snapshot(self))
     }
-    fn snapshot_rows<'a>(&'a self, table: &'a Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> BoxFuture<'a, SinkResult<()>> {
-        Box::pin(Sink::snapshot_rows(self, table, rows, snapshot_lsn))
+    fn snapshot_rows<'a>(
+        &'a self,
+        table: &'a Arc<TableSchema>,
+        chunk: &'a SnapshotChunk,
+        rows: Vec<Row>,
+        snapshot_lsn: Lsn,
+    ) -> BoxFuture<'a, SinkResult<()>> {
+        Box::pin(Sink::snapshot_rows(self, table, chunk, rows, snapshot_lsn))
+    }
+    fn snapshot_chunk_done<'a>(
+        &'a self,
+        table: &'a Arc<TableSchema>,
+        chunk: &'a SnapshotChunk,
+        rows: u64,
+        snapshot_lsn: Lsn,
+    ) -> BoxFuture<'a, SinkResult<bool>> {
+        Box::pin(Sink::snapshot_chunk_done(self, table, chunk, rows, snapshot_lsn))
     }
     fn load<'a>(&'a self, version: u64, progress: &'a dyn LoadProgress) -> BoxFuture<'a, SinkResult<()>> {
         Box::pin(Sink::load(self, version, progress))

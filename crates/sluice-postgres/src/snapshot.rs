@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{SinkExt, StreamExt};
+use sluice_core::sink::SnapshotChunk;
 use sluice_core::transform::TableTransform;
 use sluice_core::{Lsn, PgType, Row, SourcePosition, TableName, TableSchema, quote_ident};
 use tokio::sync::Mutex;
@@ -50,10 +51,26 @@ pub struct SnapshotProgress {
 /// snapshot state (which takes them by COPY, in the same transaction as the chunk's
 /// done mark). Rows are delivered in batches; a chunk is marked done in the state
 /// database only after every batch of it was delivered, so a crash re-delivers at
-/// most the chunks in flight (at least once).
+/// most the chunks in flight (at least once), unless the target records the chunk
+/// done with its rows itself (exactly once).
 pub trait RowTarget: Clone + Send + Sync + 'static {
-    /// Returns once `rows` are durable in the sink.
-    fn deliver(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> impl Future<Output = Result<()>> + Send;
+    /// Returns once `rows` are durable in the sink (or staged for `chunk_done`).
+    fn deliver(
+        &self,
+        table: &Arc<TableSchema>,
+        chunk: &SnapshotChunk,
+        rows: Vec<Row>,
+        snapshot_lsn: Lsn,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Every row of `chunk` was delivered: true when the target committed them with
+    /// the chunk's done mark; false leaves the mark to the snapshot.
+    fn chunk_done(
+        &self,
+        table: &Arc<TableSchema>,
+        chunk: &SnapshotChunk,
+        rows: u64,
+        snapshot_lsn: Lsn,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// The `RowTarget` of a Postgres sink, which never decodes rows.
@@ -61,8 +78,11 @@ pub trait RowTarget: Clone + Send + Sync + 'static {
 pub struct CopyIntoState;
 
 impl RowTarget for CopyIntoState {
-    async fn deliver(&self, _: &Arc<TableSchema>, _: Vec<Row>, _: Lsn) -> Result<()> {
+    async fn deliver(&self, _: &Arc<TableSchema>, _: &SnapshotChunk, _: Vec<Row>, _: Lsn) -> Result<()> {
         Err(PgError::permanent("internal: a Postgres sink takes snapshot rows by COPY"))
+    }
+    async fn chunk_done(&self, _: &Arc<TableSchema>, _: &SnapshotChunk, _: u64, _: Lsn) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -332,6 +352,7 @@ async fn deliver_chunk<R: RowTarget>(
         .map_err(err)?;
     futures::pin_mut!(out);
     let (mut decoder, mut batch, mut total) = (CopyRowDecoder::default(), Vec::with_capacity(DELIVER_ROWS), 0u64);
+    let id = SnapshotChunk { pipeline: pipeline.to_string(), table: chunk.table.clone(), chunk: chunk.chunk };
     let ncols = schema.columns.len();
     while let Some(data) = out.next().await {
         let data = data.map_err(err)?;
@@ -340,7 +361,7 @@ async fn deliver_chunk<R: RowTarget>(
         if batch.len() >= DELIVER_ROWS {
             let n = batch.len() as u64;
             let rows = shape.rows(std::mem::replace(&mut batch, Vec::with_capacity(DELIVER_ROWS)), consistent).await?;
-            target.deliver(out_schema, rows, consistent).await?;
+            target.deliver(out_schema, &id, rows, consistent).await?;
             progress.rows_copied.fetch_add(n, Ordering::Relaxed);
             total += n;
         }
@@ -348,18 +369,16 @@ async fn deliver_chunk<R: RowTarget>(
     decoder.finish()?;
     if !batch.is_empty() {
         let n = batch.len() as u64;
-        target.deliver(out_schema, shape.rows(batch, consistent).await?, consistent).await?;
+        target.deliver(out_schema, &id, shape.rows(batch, consistent).await?, consistent).await?;
         progress.rows_copied.fetch_add(n, Ordering::Relaxed);
         total += n;
     }
-    state
-        .execute(
-            "UPDATE sluice.snapshot_chunks SET done = true, rows = $4, snapshot_lsn = $5::text::pg_lsn
-             WHERE pipeline = $1 AND table_name = $2 AND chunk = $3",
-            &[&pipeline, &chunk.table, &chunk.chunk, &(total as i64), &consistent.to_string()],
-        )
-        .await
-        .map_err(|e| PgError::from_pg(&ctx, e))?;
+    if !target.chunk_done(out_schema, &id, total, consistent).await? {
+        state
+            .execute(SnapshotChunk::DONE_SQL, &[&pipeline, &chunk.table, &chunk.chunk, &(total as i64), &consistent.to_string()])
+            .await
+            .map_err(|e| PgError::from_pg(&ctx, e))?;
+    }
     progress.chunks_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -421,13 +440,9 @@ async fn copy_chunk(
         inp.send(buf.split().freeze()).await.map_err(err)?;
     }
     let rows = inp.finish().await.map_err(err)?;
-    dst.execute(
-        "UPDATE sluice.snapshot_chunks SET done = true, rows = $4, snapshot_lsn = $5::text::pg_lsn
-         WHERE pipeline = $1 AND table_name = $2 AND chunk = $3",
-        &[&pipeline, &chunk.table, &chunk.chunk, &(rows as i64), &consistent.to_string()],
-    )
-    .await
-    .map_err(err)?;
+    dst.execute(SnapshotChunk::DONE_SQL, &[&pipeline, &chunk.table, &chunk.chunk, &(rows as i64), &consistent.to_string()])
+        .await
+        .map_err(err)?;
     dst.batch_execute("COMMIT").await.map_err(err)?;
     progress.rows_copied.fetch_add(rows, Ordering::Relaxed);
     progress.chunks_done.fetch_add(1, Ordering::Relaxed);

@@ -105,10 +105,8 @@ impl Table {
             .build()?;
         let mut batches = reader.scan().snapshot_id(base.snapshot_id()).build()?.to_arrow().await?;
         let commit = uuid::Uuid::new_v4().to_string();
-        let mut w =
-            DataFileWriterBuilder::new(self.rolling_writer(io, format!("{commit}-compacted"), self.metadata.current_schema().clone())?)
-                .build(None)
-                .await?;
+        let files = self.files(io)?;
+        let mut w = DataFileWriterBuilder::new(files.rolling(format!("{commit}-compacted"), files.schema())).build(None).await?;
         let mut rows = 0;
         while let Some(batch) = batches.try_next().await? {
             rows += batch.num_rows() as u64;

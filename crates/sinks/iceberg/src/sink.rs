@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use arrow_array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
 use iceberg::io::FileIO;
-use iceberg::spec::TableMetadata;
-use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
+use iceberg::spec::{DataFile, TableMetadata};
+use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of};
 use sluice_postgres::{Checkpoint, PgError, connect};
 use tokio::sync::Mutex;
@@ -21,7 +21,7 @@ use crate::config::{IcebergSinkConfig, Mode};
 use crate::encoding::{self, Column};
 use crate::error::IcebergError;
 use crate::maintenance::{MAINTENANCE, Maintenance, maintain_table};
-use crate::table::{self, Slot, Table};
+use crate::table::{self, Files, Slot, Table};
 
 type Result<T, E = IcebergError> = std::result::Result<T, E>;
 
@@ -76,6 +76,8 @@ pub struct IcebergSink {
     /// Streamed commits by this process.
     commits: u64,
     staged: Staged,
+    /// Snapshot chunks in flight.
+    chunks: std::sync::Mutex<HashMap<SnapshotChunk, ChunkFiles>>,
 }
 
 impl IcebergSink {
@@ -95,6 +97,7 @@ impl IcebergSink {
             committed,
             commits: 0,
             staged: Staged::default(),
+            chunks: Default::default(),
         })
     }
 
@@ -272,7 +275,16 @@ impl IcebergSink {
                     Mode::Upsert => upsert_batches(table, pending)?,
                     Mode::Changelog => (changelog_batch(table, &pending.log)?, None, 0),
                 };
-                batches.push((name.clone(), data, deletes, n_deletes, pending.truncated));
+                // The files are written before the transaction: the catalog row lock
+                // is held for the metadata only.
+                let commit = uuid::Uuid::new_v4().to_string();
+                let files = table.files(&self.io).map_err(|e| {
+                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
+                })?;
+                let written = files.write(&commit, data.into_iter().collect(), deletes).await.map_err(|e| {
+                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
+                })?;
+                batches.push((name.clone(), commit, written, n_deletes, pending.truncated));
             }
         }
         let c = &self.client;
@@ -280,7 +292,7 @@ impl IcebergSink {
         let r = async {
             let tables = self.tables.get_mut();
             let mut done = Vec::new();
-            for (name, data, deletes, n_deletes, truncated) in batches {
+            for (name, commit, written, n_deletes, truncated) in batches {
                 let props = HashMap::from([
                     ("sluice.pipeline".to_string(), self.pipeline.clone()),
                     ("sluice.first-commit-lsn".to_string(), staged.first_commit_lsn.to_string()),
@@ -288,7 +300,7 @@ impl IcebergSink {
                     ("sluice.deletes".to_string(), n_deletes.to_string()),
                 ]);
                 let t = tables.get_mut(&name).expect("staged tables are open");
-                done.push((name, stage_locked(c, &self.catalog, &self.io, t, data, deletes, truncated, props).await?));
+                done.push((name, stage_locked(c, &self.catalog, &self.io, t, &commit, written, truncated, props).await?));
             }
             Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn }.save(c, &self.pipeline, staged.txns).await?;
             c.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing the Iceberg commit", e))?;
@@ -327,17 +339,36 @@ impl IcebergSink {
     }
 }
 
-/// Writes one commit of `t` on the table's current state, read under the catalog row
-/// lock (maintenance may have committed since this process last did), and moves the
-/// pointer, in the caller's transaction.
+/// Snapshot rows of a chunk waiting for its commit: batches not yet written, and
+/// files written.
+#[derive(Default)]
+struct ChunkFiles {
+    batches: Vec<arrow_array::RecordBatch>,
+    rows: usize,
+    files: Vec<DataFile>,
+}
+
+/// Snapshot rows are written out once a chunk holds this many (bounded memory per
+/// chunk in flight, files of a useful size).
+const SNAPSHOT_FILE_ROWS: usize = 131_072;
+
+async fn write_chunk_files(files: &Files, batches: Vec<arrow_array::RecordBatch>) -> SinkResult<Vec<DataFile>> {
+    let commit = uuid::Uuid::new_v4().to_string();
+    let (data, _) = files.write(&commit, batches, None).await.map_err(|e| sink_error(IcebergError::files("writing snapshot rows", e)))?;
+    Ok(data)
+}
+
+/// Commits files already written for `t` on the table's current state, read under the
+/// catalog row lock (maintenance may have committed since this process last did), and
+/// moves the pointer, in the caller's transaction.
 #[allow(clippy::too_many_arguments)]
 async fn stage_locked(
     c: &Client,
     catalog: &SqlCatalog,
     io: &FileIO,
     t: &mut Table,
-    data: Batch,
-    deletes: Batch,
+    commit: &str,
+    (data, deletes): (Vec<DataFile>, Vec<DataFile>),
     truncated: bool,
     props: HashMap<String, String>,
 ) -> Result<(TableMetadata, String)> {
@@ -346,8 +377,10 @@ async fn stage_locked(
     if current != t.metadata_location {
         t.rebase(io, current, MAINTENANCE).await.map_err(|e| IcebergError::files(&format!("reading the current state of {what}"), e))?;
     }
-    let (metadata, location) =
-        t.stage(io, data, deletes, truncated, props).await.map_err(|e| IcebergError::files(&format!("writing a commit of {what}"), e))?;
+    let (metadata, location) = t
+        .stage_files(io, commit, data, deletes, truncated, props)
+        .await
+        .map_err(|e| IcebergError::files(&format!("writing a commit of {what}"), e))?;
     catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, &location).await?;
     Ok((metadata, location))
 }
@@ -499,38 +532,84 @@ impl Sink for IcebergSink {
         TableName::new(ns, name)
     }
 
-    async fn snapshot_rows(&self, source: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+    /// Rows of a chunk become Parquet files as they come, in parallel with the other
+    /// chunks; [`Sink::snapshot_chunk_done`] commits them.
+    async fn snapshot_rows(&self, source: &Arc<TableSchema>, chunk: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+        let (batch, files) = {
+            let mut tables = self.tables.lock().await;
+            let Some(table) = tables.get_mut(&source.name) else {
+                return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
+            };
+            table.map(source, snapshot_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| SinkError::halted(r.0))?;
+            let rows: Vec<Row> = rows.iter().map(|r| table.fields_of(r)).collect();
+            let batch = match self.cfg.mode {
+                // A chunk commits whole or not at all, and streaming starts after the
+                // snapshot: the rows need no deletes.
+                Mode::Upsert => {
+                    let refs: Vec<&Row> = rows.iter().collect();
+                    encoding::batch(&table.arrow, columns_of(table, &refs, false).map_err(sink_error)?).map_err(SinkError::permanent)?
+                }
+                Mode::Changelog => {
+                    let log: Vec<LogRow> = rows
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, r)| LogRow { row: Some(r), op: "r", lsn: snapshot_lsn, commit_time_us: 0, seq: i as u32 })
+                        .collect();
+                    changelog_batch(table, &log).map_err(sink_error)?.expect("rows were delivered")
+                }
+            };
+            (batch, table.files(&self.io).map_err(|e| sink_error(IcebergError::files("writing snapshot rows", e)))?)
+        };
+        let full = {
+            let mut chunks = self.chunks.lock().expect("not poisoned");
+            let c = chunks.entry(chunk.clone()).or_default();
+            c.rows += batch.num_rows();
+            c.batches.push(batch);
+            (c.rows >= SNAPSHOT_FILE_ROWS).then(|| (std::mem::take(&mut c.batches), std::mem::take(&mut c.rows)))
+        };
+        if let Some((batches, _)) = full {
+            let written = write_chunk_files(&files, batches).await?;
+            self.chunks.lock().expect("not poisoned").entry(chunk.clone()).or_default().files.extend(written);
+        }
+        Ok(())
+    }
+
+    /// Commits the chunk's files and its done mark in one transaction: a chunk is in
+    /// the table whole, exactly once, or not at all (and delivered again).
+    async fn snapshot_chunk_done(
+        &self,
+        source: &Arc<TableSchema>,
+        chunk: &SnapshotChunk,
+        rows: u64,
+        snapshot_lsn: Lsn,
+    ) -> SinkResult<bool> {
+        let Some(staged) = self.chunks.lock().expect("not poisoned").remove(chunk) else { return Ok(false) };
         let mut tables = self.tables.lock().await;
         let Some(table) = tables.get_mut(&source.name) else {
             return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
         };
-        table.map(source, snapshot_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| SinkError::halted(r.0))?;
-        let rows = rows.iter().map(|r| table.fields_of(r));
-        let (data, deletes, truncated) = match self.cfg.mode {
-            Mode::Upsert => {
-                let mut p = Pending::default();
-                for r in rows {
-                    put(&mut p, key_of(&r, &table.keys), Some(r));
-                }
-                let (d, x, _) = upsert_batches(table, &p).map_err(sink_error)?;
-                (d, x, false)
-            }
-            Mode::Changelog => {
-                let log: Vec<LogRow> = rows
-                    .enumerate()
-                    .map(|(i, r)| LogRow { row: Some(r), op: "r", lsn: snapshot_lsn, commit_time_us: 0, seq: i as u32 })
-                    .collect();
-                (changelog_batch(table, &log).map_err(sink_error)?, None, false)
-            }
-        };
+        let mut data_files = staged.files;
+        if !staged.batches.is_empty() {
+            let files = table.files(&self.io).map_err(|e| sink_error(IcebergError::files("writing snapshot rows", e)))?;
+            data_files.extend(write_chunk_files(&files, staged.batches).await?);
+        }
         let props = HashMap::from([
             ("sluice.pipeline".to_string(), self.pipeline.clone()),
             ("sluice.snapshot-lsn".to_string(), snapshot_lsn.to_string()),
+            ("sluice.snapshot-chunk".to_string(), format!("{}/{}", chunk.table, chunk.chunk)),
         ]);
         let c = &self.client;
         let pg = |what: &'static str| move |e| sink_error(PgError::from_pg(what, e).into());
         c.batch_execute("BEGIN").await.map_err(pg("starting an Iceberg commit of snapshot rows"))?;
-        let r = stage_locked(c, &self.catalog, &self.io, table, data, deletes, truncated, props).await;
+        let r = async {
+            let commit = uuid::Uuid::new_v4().to_string();
+            let m = stage_locked(c, &self.catalog, &self.io, table, &commit, (data_files, Vec::new()), false, props).await?;
+            c.execute(SnapshotChunk::DONE_SQL, &[&chunk.pipeline, &chunk.table, &chunk.chunk, &(rows as i64), &snapshot_lsn.to_string()])
+                .await
+                .map_err(|e| PgError::from_pg("recording a snapshot chunk as done", e))?;
+            Ok::<_, IcebergError>(m)
+        }
+        .await;
         let (metadata, location) = match r {
             Ok(m) => m,
             Err(e) => {
@@ -541,7 +620,7 @@ impl Sink for IcebergSink {
         c.batch_execute("COMMIT").await.map_err(pg("committing snapshot rows to Iceberg"))?;
         table.metadata = metadata;
         table.metadata_location = location;
-        Ok(())
+        Ok(true)
     }
 
     async fn apply(&mut self, batch: &[Transaction]) -> SinkResult<()> {

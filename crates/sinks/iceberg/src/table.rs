@@ -325,72 +325,34 @@ impl Table {
         shape.from.iter().map(|f| f.and_then(|j| row.get(j).cloned()).unwrap_or(Datum::Null)).collect()
     }
 
-    /// The equality-delete columns: the table's identifier fields.
-    fn key_ids(&self) -> Vec<i32> {
-        let mut ids: Vec<i32> = self.metadata.current_schema().identifier_field_ids().collect();
-        ids.sort_unstable();
-        ids
+    /// What writing the table's files needs, apart from the table (cheap to clone, so
+    /// snapshot chunks write their files in parallel).
+    pub(crate) fn files(&self, io: &FileIO) -> IcebergResult<Files> {
+        let mut key_ids: Vec<i32> = self.metadata.current_schema().identifier_field_ids().collect();
+        key_ids.sort_unstable();
+        Ok(Files {
+            io: io.clone(),
+            schema: self.metadata.current_schema().clone(),
+            location: DefaultLocationGenerator::new(&self.metadata)?,
+            key_ids,
+        })
     }
 
-    /// Parquet files of `schema` under the table's `data/`, named `<prefix>-<n>`.
-    pub(crate) fn rolling_writer(
-        &self,
-        io: &FileIO,
-        prefix: String,
-        schema: Arc<Schema>,
-    ) -> IcebergResult<RollingFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>> {
-        Ok(RollingFileWriterBuilder::new_with_default_file_size(
-            ParquetWriterBuilder::new(WriterProperties::default(), schema),
-            io.clone(),
-            DefaultLocationGenerator::new(&self.metadata)?,
-            DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet),
-        ))
-    }
-
-    /// Writes `data` and `deletes` (rows of the table's shape holding only the keys)
-    /// as Parquet files under the table's `data/`.
-    async fn write_files(
+    /// Commits files already written: writes the manifests and the next metadata file;
+    /// returns the new metadata and its location (the catalog pointer is not moved
+    /// here). Equality deletes carry this commit's sequence number, so they remove the
+    /// rows of earlier commits only, never the rows written with them. `truncate`:
+    /// earlier files are left out.
+    pub async fn stage_files(
         &self,
         io: &FileIO,
         commit: &str,
-        data: Option<RecordBatch>,
-        deletes: Option<RecordBatch>,
-    ) -> IcebergResult<(Vec<DataFile>, Vec<DataFile>)> {
-        let schema = self.metadata.current_schema().clone();
-        let mut data_files = Vec::new();
-        if let Some(batch) = data {
-            let mut w = DataFileWriterBuilder::new(self.rolling_writer(io, format!("{commit}-data"), schema.clone())?).build(None).await?;
-            w.write(batch).await?;
-            data_files = w.close().await?;
-        }
-        let mut delete_files = Vec::new();
-        if let Some(batch) = deletes {
-            let config = EqualityDeleteWriterConfig::new(self.key_ids(), schema.clone())?;
-            // The delete files hold the key columns only.
-            let delete_schema = Arc::new(iceberg::arrow::arrow_schema_to_schema(config.projected_arrow_schema_ref())?);
-            let mut w = EqualityDeleteFileWriterBuilder::new(self.rolling_writer(io, format!("{commit}-deletes"), delete_schema)?, config)
-                .build(None)
-                .await?;
-            w.write(batch).await?;
-            delete_files = w.close().await?;
-        }
-        Ok((data_files, delete_files))
-    }
-
-    /// Writes one commit's files and the next metadata file; returns the new metadata
-    /// and its location (the catalog pointer is not moved here). Equality deletes carry
-    /// this commit's sequence number, so they remove the rows of earlier commits only,
-    /// never the rows written with them. `truncate`: earlier files are left out.
-    pub async fn stage(
-        &self,
-        io: &FileIO,
-        data: Option<RecordBatch>,
-        deletes: Option<RecordBatch>,
+        data_files: Vec<DataFile>,
+        delete_files: Vec<DataFile>,
         truncate: bool,
         properties: HashMap<String, String>,
     ) -> IcebergResult<(TableMetadata, String)> {
-        let commit = uuid::Uuid::new_v4().to_string();
-        let (data_files, delete_files) = self.write_files(io, &commit, data, deletes).await?;
+        let commit = commit.to_string();
         let snapshot_id = self.new_snapshot_id();
         let seq = self.metadata.next_sequence_number();
         let mut manifests = Vec::new();
@@ -492,6 +454,64 @@ impl Table {
 
     pub fn next_location(&self, seq: i64, commit: &str) -> String {
         format!("{}/metadata/{seq:05}-{commit}.metadata.json", self.metadata.location())
+    }
+}
+
+/// Writes a table's Parquet files under its `data/`.
+#[derive(Clone)]
+pub(crate) struct Files {
+    io: FileIO,
+    schema: Arc<Schema>,
+    location: DefaultLocationGenerator,
+    /// The equality-delete columns: the table's identifier fields.
+    key_ids: Vec<i32>,
+}
+
+impl Files {
+    /// Files of `schema`, named `<prefix>-<n>`, rolled over at the crate's target size.
+    pub fn rolling(
+        &self,
+        prefix: String,
+        schema: Arc<Schema>,
+    ) -> RollingFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator> {
+        RollingFileWriterBuilder::new_with_default_file_size(
+            ParquetWriterBuilder::new(WriterProperties::default(), schema),
+            self.io.clone(),
+            self.location.clone(),
+            DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet),
+        )
+    }
+
+    pub fn schema(&self) -> Arc<Schema> {
+        self.schema.clone()
+    }
+
+    /// Writes `data` and `deletes` (rows of the table's shape holding only the keys).
+    pub async fn write(
+        &self,
+        commit: &str,
+        data: Vec<RecordBatch>,
+        deletes: Option<RecordBatch>,
+    ) -> IcebergResult<(Vec<DataFile>, Vec<DataFile>)> {
+        let mut data_files = Vec::new();
+        if !data.is_empty() {
+            let mut w = DataFileWriterBuilder::new(self.rolling(format!("{commit}-data"), self.schema.clone())).build(None).await?;
+            for batch in data {
+                w.write(batch).await?;
+            }
+            data_files = w.close().await?;
+        }
+        let mut delete_files = Vec::new();
+        if let Some(batch) = deletes {
+            let config = EqualityDeleteWriterConfig::new(self.key_ids.clone(), self.schema.clone())?;
+            // The delete files hold the key columns only.
+            let delete_schema = Arc::new(iceberg::arrow::arrow_schema_to_schema(config.projected_arrow_schema_ref())?);
+            let mut w =
+                EqualityDeleteFileWriterBuilder::new(self.rolling(format!("{commit}-deletes"), delete_schema), config).build(None).await?;
+            w.write(batch).await?;
+            delete_files = w.close().await?;
+        }
+        Ok((data_files, delete_files))
     }
 }
 

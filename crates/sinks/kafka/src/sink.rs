@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
-use sluice_core::sink::{Sink, SinkResult, SnapshotMethod};
+use sluice_core::sink::{Sink, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{ChangeEvent, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
 
@@ -391,7 +391,7 @@ impl Sink for KafkaSink {
         Ok(false)
     }
 
-    async fn snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+    async fn snapshot_rows(&self, table: &Arc<TableSchema>, _: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
         self.send_snapshot_rows(table, rows, snapshot_lsn)
             .await
             .map_err(|e| sluice_core::sink::SinkError::new(e.kind(), format!("snapshot of {}: {e}", table.name)))

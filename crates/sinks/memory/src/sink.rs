@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use sluice_core::sink::{Sink, SinkResult, SnapshotMethod};
+use sluice_core::sink::{Sink, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{ChangeEvent, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 
 /// What a store holds.
@@ -65,7 +65,7 @@ impl Sink for MemorySink {
         Ok(false)
     }
 
-    async fn snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+    async fn snapshot_rows(&self, table: &Arc<TableSchema>, _: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
         let position = SourcePosition { lsn: snapshot_lsn, commit_lsn: snapshot_lsn, ..Default::default() };
         let events: Vec<ChangeEvent> =
             rows.into_iter().map(|r| ChangeEvent { op: Op::Read, table: table.clone(), before: None, after: Some(r), position }).collect();

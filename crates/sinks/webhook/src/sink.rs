@@ -8,7 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::ExposeSecret as _;
-use sluice_core::sink::{Sink, SinkContext, SinkError, SinkResult, SnapshotMethod};
+use sluice_core::sink::{Sink, SinkContext, SinkError, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{ChangeEvent, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio_postgres::Client;
 
@@ -206,7 +206,7 @@ impl Sink for WebhookSink {
         Ok(false)
     }
 
-    async fn snapshot_rows(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
+    async fn snapshot_rows(&self, table: &Arc<TableSchema>, _: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
         let position = SourcePosition { lsn: snapshot_lsn, commit_lsn: snapshot_lsn, xid: 0, commit_time_us: now_ms() * 1000, seq: 0 };
         let events: Vec<ChangeEvent> =
             rows.into_iter().map(|r| ChangeEvent { op: Op::Read, table: table.clone(), before: None, after: Some(r), position }).collect();

@@ -108,6 +108,9 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // Everything up to here was handed to the sink (or was only a position).
         let mut applied = Lsn::ZERO;
+        // Transactions handed to the sink and not yet durable in it (a sink may commit
+        // on its own cadence): their lag is measured when they become visible.
+        let mut unseen: VecDeque<(Lsn, i64)> = VecDeque::new();
         loop {
             let first = tokio::select! {
                 biased;
@@ -122,7 +125,7 @@ impl Pipeline {
                     }
                     resync.tick().await?;
                     sink.sink_mut()?.tick().await?;
-                    self.confirm(&*sink.sink, applied, acker);
+                    self.confirm(&*sink.sink, applied, acker, &mut unseen);
                     continue;
                 }
             };
@@ -159,7 +162,7 @@ impl Pipeline {
             if !batch.is_empty() {
                 sink.apply(&mut batch).await?;
                 self.metrics.halted.store(0, Ordering::Relaxed);
-                self.record(&batch);
+                self.record(&batch, &mut unseen);
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();
             }
@@ -173,21 +176,28 @@ impl Pipeline {
             // Everything taken is applied (or was only a position): its budget is free.
             budget.add_permits(cost as usize);
             applied = applied.max(position);
-            self.confirm(&*sink.sink, applied, acker);
+            self.confirm(&*sink.sink, applied, acker, &mut unseen);
         }
     }
 
-    /// Tells the source what the sink holds durably of what it was handed.
-    fn confirm(&self, sink: &dyn DynSink, applied: Lsn, acker: &Acker) {
+    /// Tells the source what the sink holds durably of what it was handed, and measures
+    /// the lag of the transactions that became durable (visible) since.
+    fn confirm(&self, sink: &dyn DynSink, applied: Lsn, acker: &Acker, unseen: &mut VecDeque<(Lsn, i64)>) {
         let durable = sink.durable_lsn(applied);
         if durable > Lsn::ZERO {
             acker.ack(durable);
             self.metrics.confirmed_lsn.store(durable.0, Ordering::Relaxed);
         }
+        if unseen.front().is_some_and(|(end, _)| *end <= durable) {
+            let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            while let Some((_, commit_us)) = unseen.front().filter(|(end, _)| *end <= durable).copied() {
+                self.metrics.observe_lag_ms((now_us - commit_us) / 1000);
+                unseen.pop_front();
+            }
+        }
     }
 
-    pub(super) fn record(&self, batch: &[Transaction]) {
-        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    pub(super) fn record(&self, batch: &[Transaction], unseen: &mut VecDeque<(Lsn, i64)>) {
         let m = &self.metrics;
         let (mut events, mut bytes) = (0u64, 0u64);
         for t in batch {
@@ -195,7 +205,7 @@ impl Pipeline {
             bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
             // A resync's chunk (xid 0) is no source commit: it has no lag.
             if !t.events.is_empty() && t.xid != 0 {
-                m.observe_lag_ms((now_us - t.commit_time_us) / 1000);
+                unseen.push_back((t.end_lsn, t.commit_time_us));
             }
         }
         m.events.fetch_add(events, Ordering::Relaxed);

@@ -14,10 +14,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::resync::Resync;
-use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotMethod};
+use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotChunk, SnapshotMethod};
 use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, StreamItem};
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};

@@ -7,9 +7,16 @@ use super::*;
 #[derive(Clone)]
 pub(super) struct SinkRows(Arc<dyn DynSink>);
 
+fn pg(e: SinkError) -> PgError {
+    PgError::wrap(e.kind(), e.to_string(), Box::new(e))
+}
+
 impl RowTarget for SinkRows {
-    async fn deliver(&self, table: &Arc<TableSchema>, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<(), PgError> {
-        self.0.snapshot_rows(table, rows, snapshot_lsn).await.map_err(|e| PgError::wrap(e.kind(), e.to_string(), Box::new(e)))
+    async fn deliver(&self, table: &Arc<TableSchema>, chunk: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> Result<(), PgError> {
+        self.0.snapshot_rows(table, chunk, rows, snapshot_lsn).await.map_err(pg)
+    }
+    async fn chunk_done(&self, table: &Arc<TableSchema>, chunk: &SnapshotChunk, rows: u64, snapshot_lsn: Lsn) -> Result<bool, PgError> {
+        self.0.snapshot_chunk_done(table, chunk, rows, snapshot_lsn).await.map_err(pg)
     }
 }
 
