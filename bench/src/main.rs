@@ -10,6 +10,7 @@
 
 mod control;
 mod enrich;
+mod iceberg;
 mod resync;
 mod search;
 
@@ -46,15 +47,24 @@ enum Bench {
         rows_per_txn: u64,
     },
     /// Postgres → Iceberg (upsert, SQL catalog in Postgres, local warehouse): the
-    /// initial snapshot of `rows` rows, then streaming as many again, each until the
-    /// commit that holds the last row; streaming against pg_recvlogical over the same WAL.
+    /// initial snapshot of `rows` rows against writing them straight to Parquet; then
+    /// streaming as many again until the commit that holds the last row, against
+    /// pg_recvlogical over the same WAL; the lag from source commit to a visible Iceberg
+    /// snapshot at commit_interval 1 s and 10 s; DuckDB's read time with equality
+    /// deletes against after compaction.
     Iceberg {
         #[arg(long, default_value_t = 200)]
         row_bytes: usize,
-        #[arg(long, default_value_t = 500_000)]
+        #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
         #[arg(long, default_value_t = 1000)]
         rows_per_txn: u64,
+        /// Rows per second of the lag runs.
+        #[arg(long, default_value_t = 2000)]
+        lag_rate: u64,
+        /// Seconds of the 1 s lag run (the 10 s one runs at least 40 s).
+        #[arg(long, default_value_t = 20)]
+        lag_seconds: u64,
     },
     /// Commit-to-applied lag at a steady write rate into the Postgres sink.
     Lag {
@@ -553,89 +563,6 @@ async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_j
     }))
 }
 
-/// Waits until the Iceberg sink's checkpoint (in the catalog database) reaches `end`.
-async fn wait_committed(dst: &Client, pipeline: &str, end: Lsn, handle: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
-    loop {
-        let row = dst.query_opt("SELECT end_lsn::text FROM sluice.pipelines WHERE pipeline = $1", &[&pipeline]).await.ok().flatten();
-        if let Some(r) = row
-            && r.get::<_, String>(0).parse::<Lsn>()? >= end
-        {
-            return Ok(());
-        }
-        if handle.is_finished() {
-            bail!("pipeline stopped");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
-    let (src, dst) = servers().await?;
-    let s = connect(src.port, "bench").await?;
-    s.batch_execute(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_ice FOR TABLE bench;",
-    )
-    .await?;
-    let warehouse = tempfile::tempdir()?;
-    let yaml = format!(
-        "pipeline: ice\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, \
-         database: bench, tables: [public.bench]}}\n\
-         sink: {{iceberg: {{warehouse: {wh}, commit_interval: 1s, catalog: {{sql: {{host: 127.0.0.1, port: {dp}, user: {SUPERUSER}, \
-         password: {SUPERUSER_PASSWORD}, database: bench}}}}}}}}\n\
-         snapshot: {{parallelism: 2, chunk_rows: 100000}}\n",
-        sp = src.port,
-        dp = dst.port,
-        wh = warehouse.path().display(),
-    );
-    // The snapshot: `rows` rows already in the table.
-    write_rows(&s, rows, row_bytes, per_txn).await?;
-    let t = Instant::now();
-    let (metrics, stop, mut handle) = start_pipeline(&yaml)?;
-    wait_snapshot(&metrics, &mut handle).await?;
-    let snap_s = t.elapsed().as_secs_f64();
-    let _ = stop.send(true);
-    handle.await??;
-
-    // Streaming: as many rows again, with a second slot drained by pg_recvlogical.
-    s.batch_execute("SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput')").await?;
-    let payload = row_bytes.saturating_sub(8 + 24).max(1);
-    let mut id = rows;
-    // The last transaction commits after this position: its end LSN is past it.
-    let mut before_last = Lsn::ZERO;
-    while id < 2 * rows {
-        let n = per_txn.min(2 * rows - id);
-        before_last = s.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get::<_, String>(0).parse()?;
-        insert_rows(&s, id, n, payload).await?;
-        id += n;
-    }
-    let end: String = s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    let t = Instant::now();
-    recvlogical(src.port, "recv_slot", "sluice_ice", &end)?;
-    let base_s = t.elapsed().as_secs_f64();
-    let dstc = connect(dst.port, "bench").await?;
-    let t = Instant::now();
-    let (_metrics, stop, handle) = start_pipeline(&yaml)?;
-    wait_committed(&dstc, "ice", Lsn(before_last.0 + 1), &handle).await?;
-    let stream_s = t.elapsed().as_secs_f64();
-    let _ = stop.send(true);
-    handle.await??;
-    let files = walk_size(warehouse.path());
-    let mb = (rows as f64 * row_bytes as f64) / 1e6;
-    let rate = |s: f64| (rows as f64 / s, mb / s);
-    let (sn, b, st) = (rate(snap_s), rate(base_s), rate(stream_s));
-    Ok(serde_json::json!({
-        "bench": "iceberg", "row_bytes": row_bytes, "rows": rows, "rows_per_txn": per_txn, "commit_interval_s": 1,
-        "snapshot": {"seconds": snap_s, "rows_per_s": sn.0, "mb_per_s": sn.1},
-        "pg_recvlogical": {"seconds": base_s, "rows_per_s": b.0, "mb_per_s": b.1},
-        "streaming_to_committed": {"seconds": stream_s, "rows_per_s": st.0, "mb_per_s": st.1},
-        "streaming_vs_recvlogical": b.0.recip() * st.0,
-        "warehouse_mb": files as f64 / 1e6,
-        "peak_rss_mb": peak_rss_mb(),
-    }))
-}
-
 fn walk_size(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
@@ -775,7 +702,9 @@ async fn main() -> Result<()> {
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
-        Bench::Iceberg { row_bytes, rows, rows_per_txn } => iceberg(row_bytes, rows, rows_per_txn).await?,
+        Bench::Iceberg { row_bytes, rows, rows_per_txn, lag_rate, lag_seconds } => {
+            iceberg::iceberg(row_bytes, rows, rows_per_txn, lag_rate, lag_seconds).await?
+        }
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,

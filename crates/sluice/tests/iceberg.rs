@@ -424,3 +424,37 @@ async fn changelog_is_exact_through_kill9_during_snapshot_and_streaming() {
     assert_eq!(state, expect, "replaying the changelog does not give the source table");
     eprintln!("{} changelog rows, {during_snapshot} kills during the snapshot", log.len());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_settings_fail_in_one_line_and_create_nothing() {
+    let env = Env::new("iceberg_input").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY)").await.unwrap();
+    let dst = env.dst().await;
+    let count = |sql: &'static str| {
+        let dst = &dst;
+        async move {
+            let exists: bool = dst.query_one("SELECT to_regclass('iceberg_tables') IS NOT NULL", &[]).await.unwrap().get(0);
+            if exists { dst.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) } else { 0 }
+        }
+    };
+    // A catalog kind Sluice does not have.
+    let (cfg, _) = config(&env, &["t"], "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("    catalog:\n      sql:", "    catalog:\n      hive:");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, err) = run_to_exit(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("unknown field `hive`"), "{err}");
+    // A warehouse that cannot take files: refused before any slot, namespace or table.
+    let (cfg, _) = config(&env, &["t"], "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let warehouse = text.lines().find(|l| l.trim_start().starts_with("warehouse:")).unwrap().to_string();
+    std::fs::write(&cfg, text.replace(&warehouse, "    warehouse: /proc/sluice-warehouse")).unwrap();
+    let (code, err) = run_to_exit(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    let line = err.lines().find(|l| l.contains("sink.iceberg.warehouse")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("cannot write files under /proc/sluice-warehouse"), "{line}");
+    assert_eq!(count("SELECT count(*) FROM iceberg_tables").await, 0);
+    assert_eq!(count("SELECT count(*) FROM iceberg_namespace_properties").await, 0);
+    assert_eq!(slot_count(&env).await, 0, "a refused config created a replication slot");
+}

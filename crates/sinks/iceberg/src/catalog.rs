@@ -41,9 +41,8 @@ fn pg(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
 }
 
 impl SqlCatalog {
-    /// Creates the catalog's tables and the namespace (as pyiceberg's
-    /// `create_namespace` records it) when missing.
-    pub async fn ensure(&self, c: &Client, namespace: &str) -> Result<(), PgError> {
+    /// Creates the catalog's tables when missing.
+    pub async fn ensure(&self, c: &Client) -> Result<(), PgError> {
         let exists: bool = c
             .query_one("SELECT to_regclass('iceberg_tables') IS NOT NULL AND to_regclass('iceberg_namespace_properties') IS NOT NULL", &[])
             .await
@@ -62,6 +61,11 @@ impl SqlCatalog {
             .map_err(pg("reading the Iceberg catalog"))?
             .get(0);
         self.typed.store(typed, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records the namespace (as pyiceberg's `create_namespace` does) when missing.
+    pub async fn ensure_namespace(&self, c: &Client, namespace: &str) -> Result<(), PgError> {
         c.execute(
             "INSERT INTO iceberg_namespace_properties VALUES ($1, $2, 'exists', 'true') ON CONFLICT DO NOTHING",
             &[&self.name, &namespace],

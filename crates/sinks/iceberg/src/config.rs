@@ -139,6 +139,20 @@ impl IcebergSinkConfig {
         (self.namespace.clone().unwrap_or_else(|| table.schema.clone()), table.name.clone())
     }
 
+    /// Creates the warehouse directory if missing and writes and removes a probe file
+    /// in it: a warehouse that cannot take files fails here, in one line, before any
+    /// table or namespace is created.
+    fn probe_warehouse(&self) -> SinkResult<()> {
+        let dir = std::path::PathBuf::from(self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse));
+        let probe = dir.join(format!(".sluice-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"")).and_then(|()| std::fs::remove_file(&probe)).map_err(|e| {
+            SinkError::permanent(format!(
+                "sink.iceberg.warehouse: cannot write files under {}: {e}; name a directory this process can create and write",
+                dir.display()
+            ))
+        })
+    }
+
     /// The warehouse as a `file://` URL with no trailing slash.
     pub(crate) fn warehouse_url(&self) -> String {
         let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
@@ -194,12 +208,14 @@ impl SinkConfigure for IcebergSinkConfig {
 
     /// The engine reached the catalog database already (it is the state database);
     /// connecting would create the catalog's tables.
+    /// The warehouse must take files before anything is created.
     fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async { self.probe_warehouse() })
     }
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
+            self.probe_warehouse()?;
             let sink = IcebergSink::connect(self, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })

@@ -40,6 +40,10 @@ struct Pending {
     /// Upsert: the last image per key, in first-seen order (`None`: deleted).
     latest: HashMap<Vec<u8>, Option<Row>>,
     order: Vec<Vec<u8>>,
+    /// Along `order`: the key's first change in this commit was an insert, so no earlier
+    /// commit holds a row of it and it needs no equality delete (insert-heavy tables
+    /// then get no delete files, which every reader would otherwise have to apply).
+    fresh: Vec<bool>,
     /// A TRUNCATE came: the commit leaves every earlier file out.
     truncated: bool,
     /// Changelog: every change.
@@ -162,7 +166,7 @@ impl IcebergSink {
                 source.name
             )));
         }
-        self.catalog.ensure(&self.client, &ns).await?;
+        self.catalog.ensure(&self.client).await?;
         let files = |what: &str| {
             let what = format!("{what} of Iceberg table {ns}.{name}");
             move |e| IcebergError::files(&what, e)
@@ -175,6 +179,9 @@ impl IcebergSink {
                 let metadata = Table::new_metadata(schema, &table_location).map_err(files("building the metadata"))?;
                 let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
                 table::write_metadata(&self.io, &metadata, &l).await.map_err(files("writing the metadata"))?;
+                // The namespace is recorded once the table's first metadata file is
+                // written: a warehouse that fails leaves nothing behind.
+                self.catalog.ensure_namespace(&self.client, &ns).await?;
                 if self.catalog.create(&self.client, &ns, &name, &l).await? {
                     tracing::info!(table = %format!("{ns}.{name}"), "created Iceberg table");
                     l
@@ -218,11 +225,12 @@ impl IcebergSink {
                         Op::Truncate => {
                             pending.latest.clear();
                             pending.order.clear();
+                            pending.fresh.clear();
                             pending.truncated = true;
                         }
                         Op::Delete => {
                             if let Some(old) = &before {
-                                put(pending, key_of(old, &table.keys), None);
+                                put(pending, key_of(old, &table.keys), None, false);
                             }
                         }
                         Op::Insert | Op::Update | Op::Read => {
@@ -232,12 +240,12 @@ impl IcebergSink {
                             if let Some(old) = &before {
                                 let old_key = key_of(old, &table.keys);
                                 if old_key != key {
-                                    put(pending, old_key, None); // the key changed: the old row goes
+                                    put(pending, old_key, None, false); // the key changed: the old row goes
                                 }
                             }
                             let prev = pending.latest.get(&key).and_then(Option::as_ref);
                             let new = fill_unchanged(new, before.as_ref(), prev, table)?;
-                            put(pending, key, Some(new));
+                            put(pending, key, Some(new), e.op == Op::Insert && before.is_none());
                         }
                     }
                 }
@@ -385,9 +393,10 @@ async fn stage_locked(
     Ok((metadata, location))
 }
 
-fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>) {
+fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>, insert: bool) {
     if p.latest.insert(key.clone(), row).is_none() {
         p.order.push(key);
+        p.fresh.push(insert);
     }
 }
 
@@ -447,11 +456,15 @@ fn upsert_batches(table: &Table, p: &Pending) -> Result<(Batch, Batch, usize)> {
     // A key's earlier rows go, whether it was updated or deleted. After a truncate
     // no earlier file remains: nothing to delete.
     let deleted = p.order.iter().filter(|k| p.latest.get(*k).is_some_and(Option::is_none)).count();
-    let deletes = if p.truncated || p.order.is_empty() {
-        None
+    let keyed: Vec<Row> = if p.truncated {
+        Vec::new()
     } else {
         // Key-only rows: the key's values come from the latest image, or from the delete.
-        let keyed: Vec<Row> = p.order.iter().map(|k| key_row(table, k)).collect();
+        p.order.iter().zip(&p.fresh).filter(|(_, fresh)| !**fresh).map(|(k, _)| key_row(table, k)).collect()
+    };
+    let deletes = if keyed.is_empty() {
+        None
+    } else {
         let refs: Vec<&Row> = keyed.iter().collect();
         Some(encoding::batch(&table.arrow, columns_of(table, &refs, true)?).map_err(IcebergError::permanent)?)
     };

@@ -1,6 +1,7 @@
 """Reads an Iceberg table the way another engine would, to check what Sluice wrote.
 
 Usage: iceberg_read.py CATALOG_URI WAREHOUSE CATALOG_NAME NAMESPACE TABLE
+       iceberg_read.py --time-duckdb METADATA_LOCATION   (sluice-bench iceberg)
 
 Two readers nobody here wrote:
 - DuckDB's Iceberg extension (wheels from PyPI, loaded from their files: nothing is
@@ -42,19 +43,37 @@ def plain(v):
     return v
 
 
-def duckdb_rows(metadata_location):
+def duckdb_connection():
     def ext(mod, name):
         return os.path.join(os.path.dirname(mod.__file__), f"extensions/v{duckdb.__version__}/{name}.duckdb_extension")
 
     con = duckdb.connect(config={"allow_unsigned_extensions": "true", "autoinstall_known_extensions": "false"})
     con.execute(f"LOAD '{ext(duckdb_extension_avro, 'avro')}'")
     con.execute(f"LOAD '{ext(duckdb_extension_iceberg, 'iceberg')}'")
+    return con
+
+
+def duckdb_rows(metadata_location):
+    con = duckdb_connection()
     cur = con.execute("SELECT * FROM iceberg_scan(?)", [local(metadata_location)])
     names = [d[0] for d in cur.description]
     return [{n: plain(v) for n, v in zip(names, row)} for row in cur.fetchall()]
 
 
+def time_duckdb(metadata_location):
+    """Times DuckDB's scan of the whole table (for sluice-bench iceberg)."""
+    import time
+
+    con = duckdb_connection()
+    t = time.monotonic()
+    rows, size = con.execute("SELECT count(*), sum(length(payload)) FROM iceberg_scan(?)", [local(metadata_location)]).fetchone()
+    print(json.dumps({"seconds": time.monotonic() - t, "rows": rows, "payload_bytes": size}))
+
+
 def main():
+    if sys.argv[1] == "--time-duckdb":
+        time_duckdb(sys.argv[2])
+        return
     uri, warehouse, name, namespace, table = sys.argv[1:6]
     catalog = SqlCatalog(name, uri=uri, warehouse=warehouse)
     t = catalog.load_table((namespace, table))
