@@ -206,9 +206,9 @@ impl SinkConfigure for IcebergSinkConfig {
         true
     }
 
-    /// The engine reached the catalog database already (it is the state database);
-    /// connecting would create the catalog's tables.
-    /// The warehouse must take files before anything is created.
+    /// The engine reached the catalog database already (it is the state database), and
+    /// connecting would create the catalog's tables: only the warehouse is probed, so it
+    /// fails before anything is created.
     fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
         Box::pin(async { self.probe_warehouse() })
     }
