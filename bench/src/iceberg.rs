@@ -13,7 +13,10 @@ use sluice_core::{Lsn, TableName};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD};
 use tokio_postgres::Client;
 
-use crate::{connect, insert_rows, peak_rss_mb, recvlogical, servers, start_pipeline, steady_load, wait_snapshot, walk_size, write_rows};
+use crate::{
+    connect, create_bench_table, insert_rows, peak_rss_mb, recvlogical, servers, start_pipeline, steady_load, wait_snapshot, walk_size,
+    write_rows,
+};
 
 /// Waits until the Iceberg sink's checkpoint (in the catalog database) reaches `end`.
 async fn wait_committed(dst: &Client, pipeline: &str, end: Lsn, handle: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
@@ -121,12 +124,7 @@ async fn visible_lag(s: &Client, dst: &Client, yaml: &str, first_id: u64, rate: 
 pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, lag_seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
-    s.batch_execute(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_ice FOR TABLE bench;",
-    )
-    .await?;
+    create_bench_table(&s, "sluice_ice").await?;
     let warehouse = tempfile::tempdir()?;
     let yaml1 = yaml(src.port, dst.port, warehouse.path(), "1s");
 

@@ -166,6 +166,18 @@ enum Bench {
     },
 }
 
+/// The table the throughput benchmarks stream (`id`, `payload` stored inline, so row
+/// size is what is written), published as `publication`.
+async fn create_bench_table(s: &Client, publication: &str) -> Result<()> {
+    s.batch_execute(&format!(
+        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
+         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
+         CREATE PUBLICATION {publication} FOR TABLE bench;"
+    ))
+    .await?;
+    Ok(())
+}
+
 async fn connect(port: u16, db: &str) -> Result<Client> {
     Ok(sluice_postgres::cluster::superuser_client(port, db).await?)
 }
@@ -417,12 +429,7 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     tokio::spawn(async move { axum::serve(listener, sluice_registry::router(Arc::new(store))).await });
 
     let s = connect(src.port, "bench").await?;
-    s.batch_execute(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_kafka FOR TABLE bench;",
-    )
-    .await?;
+    create_bench_table(&s, "sluice_kafka").await?;
     s.batch_execute("SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput')").await?;
     let yaml = format!(
         "pipeline: kafka\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, tables: [public.bench]}}\n\
@@ -486,12 +493,7 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
 async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
-    s.batch_execute(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
-         CREATE PUBLICATION sluice_pg FOR TABLE bench;",
-    )
-    .await?;
+    create_bench_table(&s, "sluice_pg").await?;
     for slot in ["recv_slot", "null_slot", "sluice_pg"] {
         s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await?;
     }

@@ -286,12 +286,10 @@ impl IcebergSink {
                 // The files are written before the transaction: the catalog row lock
                 // is held for the metadata only.
                 let commit = uuid::Uuid::new_v4().to_string();
-                let files = table.files(&self.io).map_err(|e| {
-                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
-                })?;
-                let written = files.write(&commit, data.into_iter().collect(), deletes).await.map_err(|e| {
-                    IcebergError::files(&format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name), e)
-                })?;
+                let what = format!("writing a commit of Iceberg table {}.{}", table.namespace, table.name);
+                let written = async { table.files(&self.io)?.write(&commit, data.into_iter().collect(), deletes).await }
+                    .await
+                    .map_err(|e| IcebergError::files(&what, e))?;
                 batches.push((name.clone(), commit, written, n_deletes, pending.truncated));
             }
         }
@@ -359,6 +357,13 @@ struct ChunkFiles {
 /// Snapshot rows are written out once a chunk holds this many (bounded memory per
 /// chunk in flight, files of a useful size).
 const SNAPSHOT_FILE_ROWS: usize = 131_072;
+
+/// The open table snapshot rows of `source` go to.
+fn prepared<'a>(tables: &'a mut HashMap<TableName, Table>, source: &TableSchema) -> SinkResult<&'a mut Table> {
+    tables
+        .get_mut(&source.name)
+        .ok_or_else(|| SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)))
+}
 
 async fn write_chunk_files(files: &Files, batches: Vec<arrow_array::RecordBatch>) -> SinkResult<Vec<DataFile>> {
     let commit = uuid::Uuid::new_v4().to_string();
@@ -550,9 +555,7 @@ impl Sink for IcebergSink {
     async fn snapshot_rows(&self, source: &Arc<TableSchema>, chunk: &SnapshotChunk, rows: Vec<Row>, snapshot_lsn: Lsn) -> SinkResult<()> {
         let (batch, files) = {
             let mut tables = self.tables.lock().await;
-            let Some(table) = tables.get_mut(&source.name) else {
-                return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
-            };
+            let table = prepared(&mut tables, source)?;
             table.map(source, snapshot_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| SinkError::halted(r.0))?;
             let rows: Vec<Row> = rows.iter().map(|r| table.fields_of(r)).collect();
             let batch = match self.cfg.mode {
@@ -598,9 +601,7 @@ impl Sink for IcebergSink {
     ) -> SinkResult<bool> {
         let Some(staged) = self.chunks.lock().expect("not poisoned").remove(chunk) else { return Ok(false) };
         let mut tables = self.tables.lock().await;
-        let Some(table) = tables.get_mut(&source.name) else {
-            return Err(SinkError::permanent(format!("snapshot rows for {}, which the sink was not prepared for", source.name)));
-        };
+        let table = prepared(&mut tables, source)?;
         let mut data_files = staged.files;
         if !staged.batches.is_empty() {
             let files = table.files(&self.io).map_err(|e| sink_error(IcebergError::files("writing snapshot rows", e)))?;
