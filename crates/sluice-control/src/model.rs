@@ -184,7 +184,7 @@ impl SinkSpec {
             match v {
                 Value::Object(m) => {
                     for (k, v) in m.iter_mut() {
-                        if k == "password" {
+                        if k == "password" || k == "secret_access_key" {
                             *v = Value::String("(set)".into());
                         } else {
                             redact(v);
@@ -402,6 +402,20 @@ mod tests {
         assert!(e.message.contains("exactly one"), "{}", e.message);
         let e = SinkSpec::parse(br#"{"name": "r", "elastic": {}}"#).err().unwrap();
         assert!(e.message.contains("unknown variant"), "{}", e.message);
+        // An Iceberg sink on object storage: both secrets stay out of the API.
+        let s = SinkSpec::parse(
+            b"{name: lake, iceberg: {warehouse: 's3://b/w', s3: {access_key_id: k, secret_access_key: s3pw}, \
+              catalog: {sql: {host: h, user: u, password: pw1, database: d}}}}",
+        )
+        .unwrap();
+        let public = s.public().to_string();
+        assert!(!public.contains("pw1") && !public.contains("s3pw"), "{public}");
+        let e = SinkSpec::parse(
+            b"{name: lake, iceberg: {warehouse: 's3://b/w', catalog: {sql: {host: h, user: u, password: p, database: d}}}}",
+        )
+        .err()
+        .unwrap();
+        assert!(e.message.contains("an s3:// warehouse needs its settings"), "{}", e.message);
     }
 
     #[test]

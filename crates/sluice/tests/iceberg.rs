@@ -18,10 +18,15 @@ fn config(env: &Env, tables: &[&str], sink: &str) -> (PathBuf, String) {
 
 /// `top`: more top-level settings of the pipeline.
 fn config_with(env: &Env, tables: &[&str], sink: &str, top: &str) -> (PathBuf, String) {
+    let warehouse = env.dir.join("warehouse").display().to_string();
+    (config_at(env, tables, &warehouse, sink, top), warehouse)
+}
+
+/// A pipeline into the warehouse at `warehouse` (a directory or an `s3://` URL).
+fn config_at(env: &Env, tables: &[&str], warehouse: &str, sink: &str, top: &str) -> PathBuf {
     let pw = sluice_postgres::cluster::SUPERUSER_PASSWORD;
     let user = sluice_postgres::cluster::SUPERUSER;
-    let warehouse = env.dir.join("warehouse").display().to_string();
-    let path = env.write_config(&format!(
+    env.write_config(&format!(
         "pipeline: {db}\nsource:\n  host: 127.0.0.1\n  port: {sp}\n  user: {user}\n  password: {pw}\n  database: {db}\n  \
          heartbeat_interval: 500ms\n  tables: [{tables}]\nsink:\n  iceberg:\n    warehouse: {warehouse}\n{sink}    catalog:\n      sql:\n        \
          host: 127.0.0.1\n        port: {dp}\n        user: {user}\n        password: {pw}\n        database: {db}\n{top}",
@@ -29,8 +34,7 @@ fn config_with(env: &Env, tables: &[&str], sink: &str, top: &str) -> (PathBuf, S
         sp = env.src_port,
         dp = env.dst_port,
         tables = tables.join(", "),
-    ));
-    (path, warehouse)
+    ))
 }
 
 /// Every file under `dir`.
@@ -54,6 +58,12 @@ fn run_to_exit_stdout(args: &[&str]) -> (Option<i32>, String) {
 
 /// The table as another engine reads it.
 fn read(env: &Env, warehouse: &str, namespace: &str, table: &str) -> Value {
+    read_at(env, &format!("file://{warehouse}"), None, namespace, table)
+}
+
+/// The table as another engine reads it from `warehouse` (a URL), with the files on
+/// the S3-compatible server at `s3` if given.
+fn read_at(env: &Env, warehouse: &str, s3: Option<&str>, namespace: &str, table: &str) -> Value {
     let uri = format!(
         "postgresql+psycopg2://{}:{}@127.0.0.1:{}/{}",
         sluice_postgres::cluster::SUPERUSER,
@@ -62,11 +72,11 @@ fn read(env: &Env, warehouse: &str, namespace: &str, table: &str) -> Value {
         env.db
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/iceberg_read.py");
-    let out = Command::new(python())
-        .args([script, &uri, &format!("file://{warehouse}"), "sluice", namespace, table])
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(python());
+    if let Some(endpoint) = s3 {
+        cmd.env("SLUICE_S3_ENDPOINT", endpoint);
+    }
+    let out = cmd.args([script, &uri, warehouse, "sluice", namespace, table]).stderr(Stdio::piped()).output().unwrap();
     assert!(out.status.success(), "iceberg_read.py failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -88,18 +98,35 @@ fn lsn(text: &str) -> u64 {
 }
 
 /// Each streamed commit's range of source transactions, from the snapshot summaries in
-/// the table's history (oldest first).
-async fn commit_ranges(env: &Env, table: &str) -> Vec<(u64, u64)> {
-    let dst = env.dst().await;
-    let location: String =
-        dst.query_one("SELECT metadata_location FROM iceberg_tables WHERE table_name = $1", &[&table]).await.unwrap().get(0);
-    let meta: Value = serde_json::from_slice(&std::fs::read(location.strip_prefix("file://").unwrap()).unwrap()).unwrap();
-    let mut snaps: Vec<&Value> = meta["snapshots"].as_array().unwrap().iter().collect();
-    snaps.sort_by_key(|s| s["sequence-number"].as_i64());
-    snaps
+/// the table's history as read by [`read`] (oldest first).
+fn commit_ranges(got: &Value) -> Vec<(u64, u64)> {
+    got["summaries"]
+        .as_array()
+        .unwrap()
         .iter()
-        .filter_map(|s| Some((lsn(s["summary"]["sluice.first-commit-lsn"].as_str()?), lsn(s["summary"]["sluice.commit-lsn"].as_str()?))))
+        .filter_map(|s| Some((lsn(s["sluice.first-commit-lsn"].as_str()?), lsn(s["sluice.commit-lsn"].as_str()?))))
         .collect()
+}
+
+/// No source transaction was committed twice: every streamed commit starts past the
+/// previous one's end.
+fn assert_no_commit_twice(ranges: &[(u64, u64)]) {
+    for w in ranges.windows(2) {
+        assert!(w[1].0 > w[0].1, "a commit re-applied source transactions already committed: {w:?}");
+    }
+}
+
+/// The compacted table equals the source `acct` (id → ver) as every reader sees it:
+/// the spec's rule applied to the files, DuckDB, and pyiceberg's own scan; one data
+/// file and no delete file left.
+fn assert_compacted_acct(got: &Value, expect: &BTreeMap<i64, i64>) {
+    assert_eq!((got["data_files"].as_u64(), got["delete_files"].as_u64(), got["snapshots"].as_u64()), (Some(1), Some(0), Some(1)), "{got}");
+    for reader in ["rows", "duckdb", "scan"] {
+        let rows = got[reader].as_array().unwrap_or_else(|| panic!("{reader}: {got}"));
+        let seen: BTreeMap<i64, i64> = rows.iter().map(|r| (r["id"].as_i64().unwrap(), r["ver"].as_i64().unwrap())).collect();
+        assert_eq!(rows.len(), seen.len(), "{reader} sees a key twice");
+        assert_eq!(&seen, expect, "{reader} reads a table that differs from the source");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -136,15 +163,11 @@ async fn upsert_mirrors_the_source_through_kill9_exactly_once() {
     wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
     p.assert_running();
     wait_for("the scheduled maintenance", Duration::from_secs(30), || async { p.log().contains("Iceberg table maintained") }).await;
-    // No source transaction was committed twice: every streamed commit starts past the
-    // previous one's end.
-    let ranges = commit_ranges(&env, "acct").await;
-    assert!(ranges.len() >= 5, "{ranges:?}");
-    for w in ranges.windows(2) {
-        assert!(w[1].0 > w[0].1, "a commit re-applied source transactions already committed: {w:?}");
-    }
     assert_eq!(p.terminate(), Some(0));
     let before = read(&env, &warehouse, "public", "acct");
+    let ranges = commit_ranges(&before);
+    assert!(ranges.len() >= 5, "{ranges:?}");
+    assert_no_commit_twice(&ranges);
 
     // Compacted, then everything but the current snapshot expired and every orphan
     // removed: one data file, no delete file, and pyiceberg's own scan reads it.
@@ -167,27 +190,10 @@ async fn upsert_mirrors_the_source_through_kill9_exactly_once() {
     let expired: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(expired["files_removed"].as_u64().unwrap() > 0, "{expired}");
     let got = read(&env, &warehouse, "public", "acct");
-    assert_eq!((got["data_files"].as_u64(), got["delete_files"].as_u64(), got["snapshots"].as_u64()), (Some(1), Some(0), Some(1)), "{got}");
-    let table_dir = std::path::Path::new(&warehouse).join("public.db/acct");
-    let on_disk = walk(&table_dir);
-    let rows = got["rows"].as_array().unwrap();
-    let mut table: BTreeMap<i64, i64> = BTreeMap::new();
-    for r in rows {
-        let id = r["id"].as_i64().unwrap();
-        assert!(table.insert(id, r["ver"].as_i64().unwrap()).is_none(), "key {id} appears twice in the Iceberg table");
-    }
     let expect: BTreeMap<i64, i64> =
         src.query("SELECT id, ver FROM acct", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(table, expect, "the Iceberg table differs from the source");
-    // DuckDB's Iceberg extension applies the equality deletes itself.
-    let duck: BTreeMap<i64, i64> =
-        got["duckdb"].as_array().unwrap().iter().map(|r| (r["id"].as_i64().unwrap(), r["ver"].as_i64().unwrap())).collect();
-    assert_eq!(got["duckdb"].as_array().unwrap().len(), duck.len(), "DuckDB sees a key twice");
-    assert_eq!(duck, expect, "DuckDB reads a table that differs from the source");
-    let scan: BTreeMap<i64, i64> =
-        got["scan"].as_array().unwrap().iter().map(|r| (r["id"].as_i64().unwrap(), r["ver"].as_i64().unwrap())).collect();
-    assert_eq!(got["scan"].as_array().unwrap().len(), scan.len(), "pyiceberg's scan sees a key twice");
-    assert_eq!(scan, expect, "pyiceberg's scan of the compacted table differs from the source");
+    assert_compacted_acct(&got, &expect);
+    let on_disk = walk(&std::path::Path::new(&warehouse).join("public.db/acct"));
     // Only the current metadata, its manifest list, manifest and data file, and the
     // metadata files of its log remain.
     assert!(on_disk.iter().filter(|f| f.ends_with(".parquet")).count() == 1, "{on_disk:?}");
@@ -199,6 +205,60 @@ async fn upsert_mirrors_the_source_through_kill9_exactly_once() {
         compacted["rows"],
         expired["files_removed"],
     );
+}
+
+/// The same workload with the files on S3-compatible object storage (moto's server,
+/// from PyPI): the sink writes every file there through kill -9, maintenance lists and
+/// removes files there, and DuckDB (httpfs) and pyiceberg (pyarrow's S3) read the table
+/// from it. Nothing is written to local disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn upsert_on_s3_storage_mirrors_the_source_through_kill9() {
+    let env = Env::new("iceberg_s3").await;
+    let s3 = S3Server::start(&env.dir, "lake").await;
+    let src = env.src().await;
+    src.batch_execute(ACCT_DDL).await.unwrap();
+    // A bucket that does not exist: one line, before anything is created.
+    let cfg = config_at(&env, &["acct"], "s3://no-such-bucket/w", &s3.sink_settings(), "");
+    let (code, err) = run_to_exit(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    let line = err.lines().find(|l| l.contains("sink.iceberg.warehouse")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("cannot write files under s3://no-such-bucket/w") && line.contains("check the bucket exists"), "{line}");
+    assert_eq!(slot_count(&env).await, 0, "a refused config created a replication slot");
+    let warehouse = format!("s3://{}/warehouse", s3.bucket);
+    let sink = format!("{}    commit_interval: 700ms\n    maintenance: {{interval: 3s, orphan_files_after: 1h}}\n", s3.sink_settings());
+    let cfg = config_at(&env, &["acct"], &warehouse, &sink, "");
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(90), || async { p.log().contains("streaming") }).await;
+    let writer = spawn_acct_writer(&env, 12);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        p.kill9();
+        p = env.spawn(&cfg);
+    }
+    p.kill9();
+    p = env.spawn_env(&cfg, &[("SLUICE_TEST_ICEBERG_ABORT_AFTER_COMMITS", "2")]);
+    assert!(wait_exit(&mut p, Duration::from_secs(30)).await, "the hook did not stop the pipeline:\n{}", p.log());
+    p = env.spawn(&cfg);
+    writer.await.unwrap();
+    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
+    wait_for("the scheduled maintenance", Duration::from_secs(30), || async { p.log().contains("Iceberg table maintained") }).await;
+    assert_eq!(p.terminate(), Some(0));
+    let before = read_at(&env, &warehouse, Some(&s3.endpoint), "public", "acct");
+    let ranges = commit_ranges(&before);
+    assert!(ranges.len() >= 3, "{ranges:?}");
+    assert_no_commit_twice(&ranges);
+    let (code, out) = run_to_exit_stdout(&["iceberg", "compact", "-c", cfg.to_str().unwrap(), "--output", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let args = ["iceberg", "expire", "-c", cfg.to_str().unwrap(), "--older-than", "0s", "--orphans-older-than", "0s", "--output", "json"];
+    let (code, out) = run_to_exit_stdout(&args);
+    assert_eq!(code, Some(0), "{out}");
+    let expired: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(expired["files_removed"].as_u64().unwrap() > 0, "expiry removed nothing from the bucket: {expired}");
+    let got = read_at(&env, &warehouse, Some(&s3.endpoint), "public", "acct");
+    let expect: BTreeMap<i64, i64> =
+        src.query("SELECT id, ver FROM acct", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_compacted_acct(&got, &expect);
+    assert!(!env.dir.join("warehouse").exists(), "files were written to local disk");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,13 +9,17 @@ use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
 
 use crate::sink::IcebergSink;
+use crate::storage::{Warehouse, bucket_of};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IcebergSinkConfig {
     pub catalog: CatalogConfig,
-    /// Where table files go: an absolute directory, or a `file://` URL.
+    /// Where table files go: an absolute directory, a `file://` URL, or
+    /// `s3://bucket/prefix` (with `s3`).
     pub warehouse: String,
+    /// S3-compatible object storage for an `s3://` warehouse.
+    pub s3: Option<S3StorageConfig>,
     /// The namespace of every table; default: the source table's schema.
     pub namespace: Option<String>,
     #[serde(default)]
@@ -64,6 +68,46 @@ impl Default for MaintenanceConfig {
 
 fn one_hour() -> Duration {
     Duration::from_secs(3600)
+}
+
+/// Static credentials and the endpoint of S3-compatible object storage (AWS S3,
+/// MinIO, Ceph, R2...). Readers of the tables need the same settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3StorageConfig {
+    /// The service's URL (`http://127.0.0.1:9000`); default: AWS for the region.
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: SecretString,
+    /// Path-style URLs (`https://host/bucket/key`), which most S3-compatible servers
+    /// want; AWS itself uses virtual-hosted style (`https://bucket.host/key`).
+    #[serde(default)]
+    pub path_style_access: bool,
+}
+
+impl S3StorageConfig {
+    /// The settings as Iceberg's `FileIO` properties (the names every engine uses).
+    pub(crate) fn file_io_props(&self) -> Vec<(&'static str, String)> {
+        use secrecy::ExposeSecret;
+        let mut p = vec![
+            (iceberg::io::S3_REGION, self.region.clone()),
+            (iceberg::io::S3_ACCESS_KEY_ID, self.access_key_id.clone()),
+            (iceberg::io::S3_SECRET_ACCESS_KEY, self.secret_access_key.expose_secret().to_string()),
+            (iceberg::io::S3_PATH_STYLE_ACCESS, self.path_style_access.to_string()),
+            (iceberg::io::S3_DISABLE_CONFIG_LOAD, "true".into()),
+            (iceberg::io::S3_DISABLE_EC2_METADATA, "true".into()),
+        ];
+        if let Some(e) = &self.endpoint {
+            p.push((iceberg::io::S3_ENDPOINT, e.clone()));
+        }
+        p
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 /// The catalog that names the tables: one key naming its kind (a struct of options
@@ -139,24 +183,13 @@ impl IcebergSinkConfig {
         (self.namespace.clone().unwrap_or_else(|| table.schema.clone()), table.name.clone())
     }
 
-    /// Creates the warehouse directory if missing and writes and removes a probe file
-    /// in it: a warehouse that cannot take files fails here, in one line, before any
-    /// table or namespace is created.
-    fn probe_warehouse(&self) -> SinkResult<()> {
-        let dir = std::path::PathBuf::from(self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse));
-        let probe = dir.join(format!(".sluice-probe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b"")).and_then(|()| std::fs::remove_file(&probe)).map_err(|e| {
-            SinkError::permanent(format!(
-                "sink.iceberg.warehouse: cannot write files under {}: {e}; name a directory this process can create and write",
-                dir.display()
-            ))
-        })
+    /// The warehouse's storage (the settings are validated).
+    pub(crate) fn warehouse(&self) -> SinkResult<Warehouse> {
+        Warehouse::new(&self.warehouse, self.s3.as_ref()).map_err(SinkError::permanent)
     }
 
-    /// The warehouse as a `file://` URL with no trailing slash.
-    pub(crate) fn warehouse_url(&self) -> String {
-        let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
-        format!("file://{}", path.trim_end_matches('/'))
+    async fn probe_warehouse(&self) -> SinkResult<()> {
+        self.warehouse()?.probe().await.map_err(SinkError::permanent)
     }
 }
 
@@ -169,13 +202,32 @@ impl SinkConfigure for IcebergSinkConfig {
         if self.catalog.sql.is_none() {
             return Err("sink.iceberg.catalog: name the catalog: sql: {host, user, password, database} (a Postgres database)".into());
         }
-        let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
-        if !path.starts_with('/') {
-            return Err(format!(
-                "sink.iceberg.warehouse: {:?} is not an absolute directory or file:// URL; write /path/to/warehouse \
-                 (object storage is not supported yet)",
-                self.warehouse
-            ));
+        if self.warehouse.starts_with("s3://") || self.warehouse.starts_with("s3a://") {
+            if bucket_of(&self.warehouse).is_none() {
+                return Err(format!("sink.iceberg.warehouse: {:?} names no bucket; write s3://bucket/prefix", self.warehouse));
+            }
+            if self.s3.is_none() {
+                return Err("sink.iceberg.s3: an s3:// warehouse needs its settings: s3: {endpoint, region, access_key_id, \
+                            secret_access_key, path_style_access}"
+                    .into());
+            }
+        } else {
+            let path = self.warehouse.strip_prefix("file://").unwrap_or(&self.warehouse);
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "sink.iceberg.warehouse: {:?} is not an absolute directory, a file:// URL or an s3://bucket/prefix URL; \
+                     write /path/to/warehouse",
+                    self.warehouse
+                ));
+            }
+            if self.s3.is_some() {
+                return Err("sink.iceberg.s3: set only with an s3:// warehouse".into());
+            }
+        }
+        if let Some(e) = self.s3.as_ref().and_then(|s| s.endpoint.as_deref())
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(format!("sink.iceberg.s3.endpoint: {e:?} must be an http:// or https:// URL"));
         }
         if self.commit_interval > Duration::from_secs(3600) {
             return Err("sink.iceberg.commit_interval: at most 1h (the slot keeps WAL until each commit)".into());
@@ -210,12 +262,12 @@ impl SinkConfigure for IcebergSinkConfig {
     /// connecting would create the catalog's tables: only the warehouse is probed, so it
     /// fails before anything is created.
     fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
-        Box::pin(async { self.probe_warehouse() })
+        Box::pin(self.probe_warehouse())
     }
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
-            self.probe_warehouse()?;
+            self.probe_warehouse().await?;
             let sink = IcebergSink::connect(self, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })
@@ -235,7 +287,19 @@ mod tests {
     #[test]
     fn defaults_and_bad_settings_name_the_key() {
         let c = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: /w/}").unwrap();
-        assert_eq!((c.mode, c.commit_interval, c.warehouse_url().as_str()), (Mode::Upsert, Duration::from_secs(10), "file:///w"));
+        assert_eq!((c.mode, c.commit_interval, c.warehouse().unwrap().url.as_str()), (Mode::Upsert, Duration::from_secs(10), "file:///w"));
+        let s3 = "{access_key_id: k, secret_access_key: s, endpoint: 'http://127.0.0.1:9000', path_style_access: true}";
+        let c =
+            parse(&format!("{{catalog: {{sql: {{host: h, user: u, password: p, database: d}}}}, warehouse: 's3://lake/w/', s3: {s3}}}"))
+                .unwrap();
+        assert_eq!(c.warehouse().unwrap().url, "s3://lake/w");
+        let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: 's3://lake/w'}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.s3:"), "{e}");
+        let e =
+            parse(&format!("{{catalog: {{sql: {{host: h, user: u, password: p, database: d}}}}, warehouse: /w, s3: {s3}}}")).unwrap_err();
+        assert!(e.starts_with("sink.iceberg.s3:"), "{e}");
+        let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: 's3://lake', s3: {access_key_id: k, secret_access_key: s, endpoint: 'x:9000'}}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.s3.endpoint:"), "{e}");
         let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: w}").unwrap_err();
         assert!(e.starts_with("sink.iceberg.warehouse:"), "{e}");
         let e = parse("{catalog: {rest: {}}, warehouse: /w}").unwrap_err();

@@ -21,6 +21,11 @@ impl IcebergError {
     pub fn halted(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Halted, message: message.into(), source: None }
     }
+    /// Object storage or the file system failed where retrying may help.
+    pub(crate) fn storage(context: &str, e: opendal::Error) -> Self {
+        let kind = if e.is_temporary() { ErrorKind::Transient } else { ErrorKind::Permanent };
+        Self { kind, message: format!("{context}: {e}"), source: Some(Box::new(e)) }
+    }
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

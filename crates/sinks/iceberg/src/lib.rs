@@ -7,6 +7,7 @@
 //!   deletes, manifests, manifest list, metadata) written with the `iceberg` crate's
 //!   writers; the row-delta commit is assembled here, since the crate has no action
 //!   that commits deletes.
+//! - `storage`: the warehouse: a local directory or S3-compatible object storage.
 //! - `encoding`: Postgres columns as Iceberg types, rows as Arrow record batches.
 //! - `maintenance`: compaction, snapshot expiry, orphan-file removal (scheduled by the
 //!   sink, and `sluice iceberg compact|expire`).
@@ -28,9 +29,10 @@ mod encoding;
 mod error;
 mod maintenance;
 mod sink;
+mod storage;
 mod table;
 
-pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, SqlCatalogConfig};
+pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, S3StorageConfig, SqlCatalogConfig};
 pub use error::IcebergError;
 pub use maintenance::{Maintenance, MaintenanceReport, maintain};
 pub use sink::IcebergSink;

@@ -28,6 +28,7 @@ use tokio_postgres::Client;
 use crate::catalog::SqlCatalog;
 use crate::config::{IcebergSinkConfig, Mode};
 use crate::error::IcebergError;
+use crate::storage::Warehouse;
 use crate::table::{IcebergResult, Table};
 
 /// The summary property that marks a snapshot as maintenance (no source change in it).
@@ -196,28 +197,6 @@ impl Table {
     }
 }
 
-/// Lists the files under a local table directory with their ages (object stores are
-/// not supported by this sink yet).
-fn local_files(location: &str) -> Vec<(String, Duration)> {
-    let Some(root) = location.strip_prefix("file://") else { return Vec::new() };
-    let mut out = Vec::new();
-    let mut dirs = vec![std::path::PathBuf::from(root)];
-    while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let path = e.path();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                dirs.push(path);
-            } else {
-                let age = meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).unwrap_or_default();
-                out.push((format!("file://{}", path.display()), age));
-            }
-        }
-    }
-    out
-}
-
 /// Runs `what` on the Iceberg tables of `tables` (source names), one after another.
 pub async fn maintain(
     cfg: &IcebergSinkConfig,
@@ -227,11 +206,11 @@ pub async fn maintain(
 ) -> Result<Vec<MaintenanceReport>, IcebergError> {
     let client = sluice_postgres::connect(&cfg.catalog_connection(), "Iceberg catalog database").await?;
     let catalog = SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() };
-    let io = FileIO::new_with_fs();
+    let warehouse = cfg.warehouse().map_err(|e| IcebergError::permanent(e.to_string()))?;
     let mut out = Vec::new();
     for t in tables {
         let (ns, name) = cfg.target(t);
-        out.push(maintain_table(&client, &catalog, &io, &ns, &name, cfg.mode, pipeline, what).await?);
+        out.push(maintain_table(&client, &catalog, &warehouse, &ns, &name, cfg.mode, pipeline, what).await?);
     }
     Ok(out)
 }
@@ -241,7 +220,7 @@ pub async fn maintain(
 pub(crate) async fn maintain_table(
     client: &Client,
     catalog: &SqlCatalog,
-    io: &FileIO,
+    warehouse: &Warehouse,
     namespace: &str,
     name: &str,
     mode: Mode,
@@ -249,6 +228,7 @@ pub(crate) async fn maintain_table(
     what: &Maintenance,
 ) -> Result<MaintenanceReport, IcebergError> {
     let started = Instant::now();
+    let io = &warehouse.io;
     let files = |what: &str| {
         let what = format!("{what} Iceberg table {namespace}.{name}");
         move |e| IcebergError::files(&what, e)
@@ -294,7 +274,11 @@ pub(crate) async fn maintain_table(
     }
     if let Some(age) = what.orphans_older_than {
         let referenced = table.referenced(io).await.map_err(files("reading"))?;
-        for (path, file_age) in local_files(table.metadata.location()) {
+        let listed = warehouse
+            .files(table.metadata.location())
+            .await
+            .map_err(|e| IcebergError::storage(&format!("listing the files of Iceberg table {namespace}.{name}"), e))?;
+        for (path, file_age) in listed {
             if file_age >= age && !referenced.contains(&path) {
                 io.delete(&path).await.map_err(files("removing an orphan file of"))?;
                 report.files_removed += 1;

@@ -21,6 +21,7 @@ use crate::config::{IcebergSinkConfig, Mode};
 use crate::encoding::{self, Column};
 use crate::error::IcebergError;
 use crate::maintenance::{MAINTENANCE, Maintenance, maintain_table};
+use crate::storage::Warehouse;
 use crate::table::{self, Files, Slot, Table};
 
 type Result<T, E = IcebergError> = std::result::Result<T, E>;
@@ -67,7 +68,7 @@ pub struct IcebergSink {
     client: Client,
     catalog: SqlCatalog,
     io: FileIO,
-    warehouse: String,
+    warehouse: Warehouse,
     pipeline: String,
     cfg: IcebergSinkConfig,
     /// The background maintenance's last start, and its task.
@@ -88,11 +89,12 @@ impl IcebergSink {
     pub(crate) async fn connect(cfg: &IcebergSinkConfig, pipeline: &str) -> Result<Self> {
         let client = connect(&cfg.catalog_connection(), "Iceberg catalog database").await?;
         let committed = Checkpoint::register(&client, pipeline).await?;
+        let warehouse = cfg.warehouse().map_err(|e| IcebergError::permanent(e.to_string()))?;
         Ok(Self {
             client,
             catalog: SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() },
-            io: FileIO::new_with_fs(),
-            warehouse: cfg.warehouse_url(),
+            io: warehouse.io.clone(),
+            warehouse,
             pipeline: pipeline.to_string(),
             cfg: cfg.clone(),
             last_maintenance: Instant::now(),
@@ -128,7 +130,7 @@ impl IcebergSink {
             orphans_older_than: Some(m.orphan_files_after),
         };
         let tables: Vec<(String, String)> = self.tables.get_mut().values().map(|t| (t.namespace.clone(), t.name.clone())).collect();
-        let (cfg, io, mode, pipeline) = (self.cfg.clone(), self.io.clone(), self.cfg.mode, self.pipeline.clone());
+        let (cfg, warehouse, mode, pipeline) = (self.cfg.clone(), self.warehouse.clone(), self.cfg.mode, self.pipeline.clone());
         self.maintenance_task = Some(tokio::spawn(async move {
             let client = match connect(&cfg.catalog_connection(), "Iceberg catalog database").await {
                 Ok(c) => c,
@@ -136,7 +138,7 @@ impl IcebergSink {
             };
             let catalog = SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() };
             for (ns, name) in tables {
-                match maintain_table(&client, &catalog, &io, &ns, &name, mode, &pipeline, &what).await {
+                match maintain_table(&client, &catalog, &warehouse, &ns, &name, mode, &pipeline, &what).await {
                     Ok(r) => tracing::info!(
                         table = %r.table,
                         rows = r.rows,
@@ -174,7 +176,7 @@ impl IcebergSink {
         let location = match self.catalog.load(&self.client, &ns, &name).await? {
             Some(l) => l,
             None => {
-                let table_location = format!("{}/{ns}.db/{name}", self.warehouse);
+                let table_location = format!("{}/{ns}.db/{name}", self.warehouse.url);
                 let schema = table::schema_for(source, self.cfg.mode).map_err(files("building the schema"))?;
                 let metadata = Table::new_metadata(schema, &table_location).map_err(files("building the metadata"))?;
                 let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
@@ -665,14 +667,8 @@ impl Sink for IcebergSink {
         }
         for t in tables {
             self.catalog.drop(&self.client, &t.schema, &t.name).await.map_err(|e| sink_error(e.into()))?;
-            let dir = format!("{}/{}.db/{}", self.warehouse, t.schema, t.name);
-            if let Some(path) = dir.strip_prefix("file://") {
-                match std::fs::remove_dir_all(path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(SinkError::transient(format!("removing {path}: {e}"))),
-                }
-            }
+            let dir = format!("{}/{}.db/{}", self.warehouse.url, t.schema, t.name);
+            self.warehouse.remove_dir(&dir).await.map_err(|e| sink_error(IcebergError::storage(&format!("removing {dir}"), e)))?;
         }
         Ok(())
     }

@@ -189,6 +189,56 @@ pub async fn spawn_broker(_dir: &std::path::Path) -> (sluice_kafka::broker::Temp
     (broker, addr)
 }
 
+/// moto's S3-compatible server (from PyPI), on a free port of 127.0.0.1, with one
+/// bucket: object storage that runs here. Path-style URLs, static credentials (moto
+/// accepts any). Stopped when dropped.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub async fn start(dir: &std::path::Path, bucket: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let venv = std::env::var("SLUICE_VENV").unwrap_or_else(|_| "/var/cache/sluice/venv".into());
+        let child = Command::new(format!("{venv}/bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start moto_server (bash .ci/install-deps installs it): {e}"));
+        let server = Self { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() };
+        let url = format!("{}/{bucket}", server.endpoint);
+        wait_for("moto's S3 server", Duration::from_secs(30), || async {
+            // Creates the bucket once the server answers.
+            Command::new(python())
+                .args(["-c", "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method='PUT'))", &url])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .await;
+        server
+    }
+
+    /// The `s3:` block of an Iceberg sink (indented under `iceberg:`).
+    pub fn sink_settings(&self) -> String {
+        format!(
+            "    s3: {{endpoint: '{}', region: us-east-1, access_key_id: sluice, secret_access_key: sluice-secret, path_style_access: true}}\n",
+            self.endpoint
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Reads every record of `topics` with the Python clients (`mode`: `avro` through
 /// Confluent's DeserializingConsumer and the registry at `registry`, `json` through
 /// kafka-python) and returns them as JSON objects in partition order.

@@ -11,6 +11,8 @@ Two readers nobody here wrote:
   rule (a delete file removes the rows with equal values in its equality columns from
   data files of a strictly lower sequence number), because pyiceberg 0.12's scan does
   not apply them yet.
+With SLUICE_S3_ENDPOINT set (an S3-compatible server, path-style, the tests' static
+credentials), both readers read the files from object storage.
 Prints one JSON object: the rows (pyiceberg + the rule), DuckDB's rows, the snapshot
 count, the current snapshot's summary, and what pyiceberg's own scan returned (its
 rows, or the error it raised).
@@ -22,6 +24,7 @@ import sys
 
 import duckdb
 import duckdb_extension_avro
+import duckdb_extension_httpfs
 import duckdb_extension_iceberg
 
 import pyarrow.parquet as pq
@@ -29,8 +32,24 @@ from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.manifest import DataFileContent
 
 
+S3_ENDPOINT = os.environ.get("SLUICE_S3_ENDPOINT")
+S3_KEY, S3_SECRET = "sluice", "sluice-secret"
+
+
 def local(path):
     return path[len("file://"):] if path.startswith("file://") else path
+
+
+def catalog_properties():
+    if not S3_ENDPOINT:
+        return {}
+    return {
+        "s3.endpoint": S3_ENDPOINT,
+        "s3.access-key-id": S3_KEY,
+        "s3.secret-access-key": S3_SECRET,
+        "s3.region": "us-east-1",
+        "s3.path-style-access": "true",
+    }
 
 
 def plain(v):
@@ -50,6 +69,13 @@ def duckdb_connection():
     con = duckdb.connect(config={"allow_unsigned_extensions": "true", "autoinstall_known_extensions": "false"})
     con.execute(f"LOAD '{ext(duckdb_extension_avro, 'avro')}'")
     con.execute(f"LOAD '{ext(duckdb_extension_iceberg, 'iceberg')}'")
+    if S3_ENDPOINT:
+        con.execute(f"LOAD '{ext(duckdb_extension_httpfs, 'httpfs')}'")
+        host = S3_ENDPOINT.split("://", 1)[1]
+        con.execute(
+            f"CREATE SECRET s3 (TYPE s3, KEY_ID '{S3_KEY}', SECRET '{S3_SECRET}', ENDPOINT '{host}', "
+            "URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')"
+        )
     return con
 
 
@@ -70,12 +96,18 @@ def time_duckdb(metadata_location):
     print(json.dumps({"seconds": time.monotonic() - t, "rows": rows, "payload_bytes": size}))
 
 
+def read_parquet(io, path):
+    """A Parquet file's rows, read through pyiceberg's FileIO (local or S3)."""
+    with io.new_input(path).open() as f:
+        return pq.read_table(f).to_pylist()
+
+
 def main():
     if sys.argv[1] == "--time-duckdb":
         time_duckdb(sys.argv[2])
         return
     uri, warehouse, name, namespace, table = sys.argv[1:6]
-    catalog = SqlCatalog(name, uri=uri, warehouse=warehouse)
+    catalog = SqlCatalog(name, uri=uri, warehouse=warehouse, **catalog_properties())
     t = catalog.load_table((namespace, table))
     snap = t.current_snapshot()
     out = {"snapshots": len(t.metadata.snapshots), "summary": {}, "rows": [], "data_files": 0, "delete_files": 0}
@@ -83,6 +115,8 @@ def main():
         print(json.dumps(out))
         return
     out["summary"] = {k: v for k, v in snap.summary.additional_properties.items()} | {"operation": str(snap.summary.operation)}
+    history = sorted(t.metadata.snapshots, key=lambda s: s.sequence_number)
+    out["summaries"] = [dict(s.summary.additional_properties) for s in history]
     schema = t.schema()
     out["schema"] = [f"{f.field_id}:{f.name}:{f.field_type}" for f in schema.fields]
     data, deletes = [], []
@@ -91,10 +125,10 @@ def main():
             f = entry.data_file
             seq = entry.sequence_number
             if f.content == DataFileContent.DATA:
-                data.append((seq, pq.read_table(local(f.file_path)).to_pylist()))
+                data.append((seq, read_parquet(t.io, f.file_path)))
             elif f.content == DataFileContent.EQUALITY_DELETES:
                 cols = [schema.find_field(i).name for i in f.equality_ids]
-                keys = {tuple(r[c] for c in cols) for r in pq.read_table(local(f.file_path)).to_pylist()}
+                keys = {tuple(r[c] for c in cols) for r in read_parquet(t.io, f.file_path)}
                 deletes.append((seq, cols, keys))
             else:
                 raise SystemExit(f"unexpected content {f.content}")
