@@ -261,6 +261,90 @@ async fn upsert_on_s3_storage_mirrors_the_source_through_kill9() {
     assert!(!env.dir.join("warehouse").exists(), "files were written to local disk");
 }
 
+/// A partitioned, sorted table: rows land in their partitions' directories, updates
+/// that move a row to another partition leave no copy behind (the equality deletes are
+/// unpartitioned, so they apply in every partition), through a kill -9 and a
+/// compaction. A transform on a column the table lacks fails in one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_and_sorted_tables_mirror_the_source() {
+    let env = Env::new("iceberg_part").await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE orders (id int8 PRIMARY KEY, created_at timestamptz NOT NULL, region text, amount int4);
+         INSERT INTO orders SELECT g, '2024-03-01'::timestamptz + (g % 5) * interval '1 day' + g * interval '1 second',
+                                   (ARRAY['eu','us','ap'])[1 + g % 3], g FROM generate_series(1, 500) g;",
+    )
+    .await
+    .unwrap();
+    // A transform on a column the table does not have: one line, nothing created.
+    let bad = "    tables:\n      public.orders: {partition_by: ['day(created)']}\n";
+    let (cfg, _) = config(&env, &["orders"], bad);
+    let (code, err) = run_to_exit(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{err}");
+    let line = err.lines().find(|l| l.contains("sink.iceberg.tables.public.orders.partition_by")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("\"day(created)\" names column \"created\", which the table does not have"), "{line}");
+    assert_eq!(slot_count(&env).await, 0, "a refused config created a replication slot");
+    assert!(!env.dir.join("warehouse/public.db").exists(), "a refused config created files");
+
+    let layout = "    commit_interval: 500ms\n    maintenance: {interval: 0s}\n    tables:\n      public.orders: \
+                  {partition_by: ['day(created_at)', 'bucket(4, id)'], sort_by: [created_at desc]}\n";
+    let (cfg, warehouse) = config(&env, &["orders"], layout);
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(90), || async { p.log().contains("streaming") }).await;
+    src.batch_execute(
+        "UPDATE orders SET created_at = created_at + interval '3 days' WHERE id % 7 = 0;
+         UPDATE orders SET amount = amount + 1000 WHERE id % 11 = 0;
+         DELETE FROM orders WHERE id % 13 = 0;
+         INSERT INTO orders SELECT g, '2024-04-01'::timestamptz + g * interval '1 minute', 'eu', g FROM generate_series(501, 600) g;",
+    )
+    .await
+    .unwrap();
+    p.kill9();
+    p = env.spawn(&cfg);
+    src.batch_execute("UPDATE orders SET created_at = '2025-01-01', id = id + 10000 WHERE id % 17 = 0; DELETE FROM orders WHERE id = 600;")
+        .await
+        .unwrap();
+    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(60)).await;
+    assert_eq!(p.terminate(), Some(0));
+    let expect: BTreeMap<i64, (String, i32)> = src
+        .query("SELECT id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS'), amount FROM orders", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let rows_of = |got: &Value, reader: &str| -> BTreeMap<i64, (String, i32)> {
+        let rows = got[reader].as_array().unwrap_or_else(|| panic!("{reader}: {got}"));
+        let m: BTreeMap<i64, (String, i32)> = rows
+            .iter()
+            .map(|r| {
+                (r["id"].as_i64().unwrap(), (r["created_at"].as_str().unwrap()[..19].to_string(), r["amount"].as_i64().unwrap() as i32))
+            })
+            .collect();
+        assert_eq!(m.len(), rows.len(), "{reader} sees a key twice");
+        m
+    };
+    let got = read(&env, &warehouse, "public", "orders");
+    assert_eq!(got["partition_spec"], serde_json::json!(["created_at_day:day", "id_bucket:bucket[4]"]));
+    assert_eq!(got["sort_order"], serde_json::json!(["created_at:DESC"]));
+    assert_eq!(got["files_sorted"], Value::Bool(true), "a data file's rows are not in the table's sort order");
+    let paths = got["data_paths"].as_array().unwrap();
+    assert!(paths.iter().all(|p| p.as_str().unwrap().contains("/data/created_at_day=")), "{paths:?}");
+    assert!(paths.len() > 8, "rows of many days and buckets share files: {paths:?}");
+    assert_eq!(rows_of(&got, "rows"), expect, "the files (with the spec's delete rule) differ from the source");
+    assert_eq!(rows_of(&got, "duckdb"), expect, "DuckDB reads a table that differs from the source");
+    // Compacted: the live rows rewritten into their partitions, sorted within each file.
+    let (code, out) = run_to_exit_stdout(&["iceberg", "compact", "-c", cfg.to_str().unwrap(), "--output", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let got = read(&env, &warehouse, "public", "orders");
+    assert_eq!(got["delete_files"].as_u64(), Some(0), "{}", got["summary"]);
+    assert!(got["data_paths"].as_array().unwrap().iter().all(|p| p.as_str().unwrap().contains("/data/created_at_day=")));
+    assert_eq!(got["files_sorted"], Value::Bool(true), "a compacted file's rows are not in the table's sort order");
+    for reader in ["rows", "duckdb", "scan"] {
+        assert_eq!(rows_of(&got, reader), expect, "{reader} reads a compacted table that differs from the source");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changelog_holds_each_change_once_in_order() {
     let env = Env::new("iceberg_log").await;

@@ -1,6 +1,7 @@
 //! The Iceberg sink's settings (`sink: iceberg:`): the catalog, the warehouse, the table
 //! mode and the commit cadence.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
 
+use crate::layout::{self, TableLayout};
 use crate::sink::IcebergSink;
 use crate::storage::{Warehouse, bucket_of};
 
@@ -38,6 +40,11 @@ pub struct IcebergSinkConfig {
     pub accept_narrowing: bool,
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    /// Partition spec and sort order of the tables Sluice creates, by source table
+    /// (`public.orders: {partition_by: [day(created_at)], sort_by: [id]}`). A table
+    /// that exists keeps its layout.
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableLayout>,
 }
 
 /// Table maintenance the sink runs beside streaming (also on demand: `sluice iceberg
@@ -188,8 +195,28 @@ impl IcebergSinkConfig {
         Warehouse::new(&self.warehouse, self.s3.as_ref()).map_err(SinkError::permanent)
     }
 
-    async fn probe_warehouse(&self) -> SinkResult<()> {
+    /// The layouts against the captured tables' columns, then the warehouse: a bad
+    /// setting fails in one line before any table, namespace or slot is created.
+    async fn preflight(&self, ctx: &SinkContext) -> SinkResult<()> {
+        let names: Vec<_> = ctx.source_tables.iter().map(|t| t.name.clone()).collect();
+        if let Some(e) = layout::unknown_tables(&self.tables, &names) {
+            return Err(SinkError::permanent(e));
+        }
+        for t in &ctx.source_tables {
+            self.layout_of(t).map_err(SinkError::permanent)?;
+        }
         self.warehouse()?.probe().await.map_err(SinkError::permanent)
+    }
+
+    /// The partition spec and sort order configured for a source table, bound to the
+    /// schema Sluice creates for it.
+    pub(crate) fn layout_of(
+        &self,
+        source: &sluice_core::TableSchema,
+    ) -> Result<(Option<iceberg::spec::UnboundPartitionSpec>, Option<iceberg::spec::SortOrder>), String> {
+        let Some((key, layout)) = layout::for_table(&self.tables, &source.name) else { return Ok((None, None)) };
+        let schema = crate::table::schema_for(source, self.mode).map_err(|e| format!("sink.iceberg.tables.{key}: {e}"))?;
+        layout.bind(key, &schema)
     }
 }
 
@@ -247,6 +274,7 @@ impl SinkConfigure for IcebergSinkConfig {
         {
             return Err(format!("sink.iceberg.namespace: {ns:?} must be one non-empty name without '.' or '/'"));
         }
+        layout::validate(&self.tables)?;
         shape.rows_only("iceberg")
     }
 
@@ -259,15 +287,15 @@ impl SinkConfigure for IcebergSinkConfig {
     }
 
     /// The engine reached the catalog database already (it is the state database), and
-    /// connecting would create the catalog's tables: only the warehouse is probed, so it
-    /// fails before anything is created.
-    fn check<'a>(&'a self, _: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
-        Box::pin(self.probe_warehouse())
+    /// connecting would create the catalog's tables: only the layouts and the warehouse
+    /// are checked, so a bad one fails before anything is created.
+    fn check<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
+        Box::pin(self.preflight(ctx))
     }
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
-            self.probe_warehouse().await?;
+            self.preflight(ctx).await?;
             let sink = IcebergSink::connect(self, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })

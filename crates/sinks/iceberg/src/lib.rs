@@ -8,6 +8,7 @@
 //!   writers; the row-delta commit is assembled here, since the crate has no action
 //!   that commits deletes.
 //! - `storage`: the warehouse: a local directory or S3-compatible object storage.
+//! - `layout`: partition specs and sort orders from the config.
 //! - `encoding`: Postgres columns as Iceberg types, rows as Arrow record batches.
 //! - `maintenance`: compaction, snapshot expiry, orphan-file removal (scheduled by the
 //!   sink, and `sluice iceberg compact|expire`).
@@ -27,6 +28,7 @@ mod catalog;
 mod config;
 mod encoding;
 mod error;
+mod layout;
 mod maintenance;
 mod sink;
 mod storage;
@@ -34,5 +36,6 @@ mod table;
 
 pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, S3StorageConfig, SqlCatalogConfig};
 pub use error::IcebergError;
+pub use layout::TableLayout;
 pub use maintenance::{Maintenance, MaintenanceReport, maintain};
 pub use sink::IcebergSink;

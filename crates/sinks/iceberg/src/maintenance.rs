@@ -17,8 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::TryStreamExt;
 use iceberg::io::FileIO;
 use iceberg::spec::{DataFile, ManifestContentType, ManifestFile, ManifestList, Operation, TableMetadata, TableMetadataBuilder};
-use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
-use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{NamespaceIdent, TableIdent};
 use serde::Serialize;
 use sluice_core::TableName;
@@ -107,7 +105,7 @@ impl Table {
         let mut batches = reader.scan().snapshot_id(base.snapshot_id()).build()?.to_arrow().await?;
         let commit = uuid::Uuid::new_v4().to_string();
         let files = self.files(io)?;
-        let mut w = DataFileWriterBuilder::new(files.rolling(format!("{commit}-compacted"), files.schema())).build(None).await?;
+        let mut w = files.data(format!("{commit}-compacted"));
         let mut rows = 0;
         while let Some(batch) = batches.try_next().await? {
             rows += batch.num_rows() as u64;

@@ -178,7 +178,8 @@ impl IcebergSink {
             None => {
                 let table_location = format!("{}/{ns}.db/{name}", self.warehouse.url);
                 let schema = table::schema_for(source, self.cfg.mode).map_err(files("building the schema"))?;
-                let metadata = Table::new_metadata(schema, &table_location).map_err(files("building the metadata"))?;
+                let (spec, order) = self.cfg.layout_of(source).map_err(IcebergError::permanent)?;
+                let metadata = Table::new_metadata(schema, &table_location, spec, order).map_err(files("building the metadata"))?;
                 let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
                 table::write_metadata(&self.io, &metadata, &l).await.map_err(files("writing the metadata"))?;
                 // The namespace is recorded once the table's first metadata file is

@@ -7,11 +7,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
+use arrow_ord::sort::{SortColumn, SortOptions, lexsort_to_indices};
 use arrow_schema::SchemaRef as ArrowSchemaRef;
+use arrow_select::concat::concat_batches;
+use arrow_select::take::take_record_batch;
+use iceberg::arrow::RecordBatchPartitionSplitter;
 use iceberg::io::FileIO;
 use iceberg::spec::{
     DataFile, DataFileFormat, FormatVersion, MAIN_BRANCH, ManifestFile, ManifestList, ManifestListWriter, ManifestWriterBuilder,
-    NestedField, Operation, PartitionSpec, Schema, Snapshot, SortOrder, Summary, TableMetadata, TableMetadataBuilder,
+    NestedField, NullOrder, Operation, PartitionSpec, Schema, Snapshot, SortDirection, SortOrder, Summary, TableMetadata,
+    TableMetadataBuilder, UnboundPartitionSpec,
 };
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::base_writer::equality_delete_writer::{EqualityDeleteFileWriterBuilder, EqualityDeleteWriterConfig};
@@ -99,19 +104,32 @@ fn invalid(message: String) -> iceberg::Error {
 }
 
 impl Table {
-    /// Metadata for a new, empty table at `location`.
-    pub fn new_metadata(schema: Schema, location: &str) -> IcebergResult<TableMetadata> {
+    /// Metadata for a new, empty table at `location`, partitioned and sorted as
+    /// configured. The unpartitioned spec (id 0) stays beside a configured one: the
+    /// equality deletes are written with it, which makes them apply across partitions
+    /// (a row whose partition column changed is deleted where it was).
+    pub fn new_metadata(
+        schema: Schema,
+        location: &str,
+        spec: Option<UnboundPartitionSpec>,
+        order: Option<SortOrder>,
+    ) -> IcebergResult<TableMetadata> {
         let properties = HashMap::from([("write.format.default".to_string(), "parquet".to_string())]);
-        Ok(TableMetadataBuilder::new(
+        let mut b = TableMetadataBuilder::new(
             schema,
             PartitionSpec::unpartition_spec(),
             SortOrder::unsorted_order(),
             location.to_string(),
             FormatVersion::V2,
             properties,
-        )?
-        .build()?
-        .metadata)
+        )?;
+        if let Some(spec) = spec {
+            b = b.add_partition_spec(spec)?.set_default_partition_spec(-1)?;
+        }
+        if let Some(order) = order {
+            b = b.add_sort_order(order)?.set_default_sort_order(-1)?;
+        }
+        Ok(b.build()?.metadata)
     }
 
     /// The table as its metadata describes it; which source shape fills it is learnt
@@ -330,11 +348,35 @@ impl Table {
     pub(crate) fn files(&self, io: &FileIO) -> IcebergResult<Files> {
         let mut key_ids: Vec<i32> = self.metadata.current_schema().identifier_field_ids().collect();
         key_ids.sort_unstable();
+        let schema = self.metadata.current_schema().clone();
+        let spec = self.metadata.default_partition_spec();
+        let splitter = if spec.is_unpartitioned() {
+            None
+        } else {
+            Some(Arc::new(RecordBatchPartitionSplitter::try_new_with_computed_values(schema.clone(), spec.clone())?))
+        };
+        // The sort fields as Arrow columns (the table's fields are in the schema's order).
+        let fields = schema.as_struct().fields();
+        let sort = self
+            .metadata
+            .default_sort_order()
+            .fields
+            .iter()
+            .filter_map(|f| {
+                let i = fields.iter().position(|x| x.id == f.source_id)?;
+                Some((
+                    i,
+                    SortOptions { descending: f.direction == SortDirection::Descending, nulls_first: f.null_order == NullOrder::First },
+                ))
+            })
+            .collect();
         Ok(Files {
             io: io.clone(),
-            schema: self.metadata.current_schema().clone(),
+            schema,
             location: DefaultLocationGenerator::new(&self.metadata)?,
             key_ids,
+            splitter,
+            sort: Arc::new(sort),
         })
     }
 
@@ -401,12 +443,12 @@ impl Table {
     ) -> IcebergResult<ManifestFile> {
         let meta = &self.metadata;
         let path = format!("{}/metadata/{commit}-m{n}.avro", meta.location());
-        let builder = ManifestWriterBuilder::new(
-            io.new_output(path)?,
-            Some(snapshot_id),
-            meta.current_schema().clone(),
-            meta.default_partition_spec().as_ref().clone(),
-        );
+        // Deletes are written unpartitioned (spec 0, which every table has): they
+        // apply to the data files of every partition.
+        let spec =
+            if deletes { meta.partition_spec_by_id(0).unwrap_or(meta.default_partition_spec()) } else { meta.default_partition_spec() };
+        let builder =
+            ManifestWriterBuilder::new(io.new_output(path)?, Some(snapshot_id), meta.current_schema().clone(), spec.as_ref().clone());
         let mut w = if deletes { builder.build_v2_deletes() } else { builder.build_v2_data() };
         for f in files {
             w.add_file(f, data_seq)?;
@@ -465,6 +507,100 @@ pub(crate) struct Files {
     location: DefaultLocationGenerator,
     /// The equality-delete columns: the table's identifier fields.
     key_ids: Vec<i32>,
+    /// Splits rows by partition (a partitioned table).
+    splitter: Option<Arc<RecordBatchPartitionSplitter>>,
+    /// The sort order as Arrow columns: rows are sorted within each data file.
+    sort: Arc<Vec<(usize, SortOptions)>>,
+}
+
+type DataWriter = iceberg::writer::base_writer::data_file_writer::DataFileWriter<
+    ParquetWriterBuilder,
+    DefaultLocationGenerator,
+    DefaultFileNameGenerator,
+>;
+
+/// Rows a sorted table's writer sorts at a time: each run becomes files of its own, so
+/// every file is sorted, with memory bounded by one run.
+const SORT_RUN_ROWS: usize = 1 << 20;
+
+/// Data files being written: one writer per partition (one in all for an unpartitioned
+/// table); for a sorted table, rows are buffered and sorted by runs.
+pub(crate) struct DataFiles {
+    files: Files,
+    prefix: String,
+    writers: HashMap<iceberg::spec::Struct, DataWriter>,
+    unpartitioned: Option<DataWriter>,
+    run: Vec<RecordBatch>,
+    run_rows: usize,
+    /// Runs written: each run's files get names of their own.
+    runs: usize,
+    done: Vec<DataFile>,
+}
+
+impl DataFiles {
+    pub async fn write(&mut self, batch: RecordBatch) -> IcebergResult<()> {
+        if self.files.sort.is_empty() {
+            return self.write_now(batch).await;
+        }
+        self.run_rows += batch.num_rows();
+        self.run.push(batch);
+        if self.run_rows >= SORT_RUN_ROWS {
+            self.end_run().await?;
+        }
+        Ok(())
+    }
+
+    /// Sorts the buffered run and writes it into files of its own.
+    async fn end_run(&mut self) -> IcebergResult<()> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        let run = std::mem::take(&mut self.run);
+        self.run_rows = 0;
+        let arrow = |e: arrow_schema::ArrowError| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string());
+        let batch = concat_batches(&run[0].schema(), &run).map_err(arrow)?;
+        let batch = self.files.sorted(batch)?;
+        self.write_now(batch).await?;
+        self.close_writers().await?;
+        self.runs += 1;
+        Ok(())
+    }
+
+    async fn write_now(&mut self, batch: RecordBatch) -> IcebergResult<()> {
+        let Some(splitter) = self.files.splitter.clone() else {
+            if self.unpartitioned.is_none() {
+                self.unpartitioned = Some(self.builder().build(None).await?);
+            }
+            return self.unpartitioned.as_mut().expect("built").write(batch).await;
+        };
+        for (key, part) in splitter.split(&batch)? {
+            if !self.writers.contains_key(key.data()) {
+                let w = self.builder().build(Some(key.clone())).await?;
+                self.writers.insert(key.data().clone(), w);
+            }
+            self.writers.get_mut(key.data()).expect("inserted").write(part).await?;
+        }
+        Ok(())
+    }
+
+    fn builder(&self) -> DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator> {
+        // Each writer numbers its files from 0: a run's files need a prefix of their own.
+        let prefix = if self.runs == 0 { self.prefix.clone() } else { format!("{}-{}", self.prefix, self.runs) };
+        DataFileWriterBuilder::new(self.files.rolling(prefix, self.files.schema.clone()))
+    }
+
+    async fn close_writers(&mut self) -> IcebergResult<()> {
+        for mut w in self.unpartitioned.take().into_iter().chain(std::mem::take(&mut self.writers).into_values()) {
+            self.done.extend(w.close().await?);
+        }
+        Ok(())
+    }
+
+    pub async fn close(mut self) -> IcebergResult<Vec<DataFile>> {
+        self.end_run().await?;
+        self.close_writers().await?;
+        Ok(self.done)
+    }
 }
 
 impl Files {
@@ -482,8 +618,30 @@ impl Files {
         )
     }
 
-    pub fn schema(&self) -> Arc<Schema> {
-        self.schema.clone()
+    /// Data files named `<prefix>-<n>` (under their partition's directory).
+    pub fn data(&self, prefix: String) -> DataFiles {
+        DataFiles {
+            files: self.clone(),
+            prefix,
+            writers: HashMap::new(),
+            unpartitioned: None,
+            run: Vec::new(),
+            run_rows: 0,
+            runs: 0,
+            done: Vec::new(),
+        }
+    }
+
+    /// The batch in the table's sort order (as is for an unsorted table).
+    fn sorted(&self, batch: RecordBatch) -> IcebergResult<RecordBatch> {
+        if self.sort.is_empty() || batch.num_rows() < 2 {
+            return Ok(batch);
+        }
+        let columns: Vec<SortColumn> =
+            self.sort.iter().map(|(i, options)| SortColumn { values: batch.column(*i).clone(), options: Some(*options) }).collect();
+        let arrow = |e: arrow_schema::ArrowError| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string());
+        let indices = lexsort_to_indices(&columns, None).map_err(arrow)?;
+        take_record_batch(&batch, &indices).map_err(arrow)
     }
 
     /// Writes `data` and `deletes` (rows of the table's shape holding only the keys).
@@ -495,7 +653,7 @@ impl Files {
     ) -> IcebergResult<(Vec<DataFile>, Vec<DataFile>)> {
         let mut data_files = Vec::new();
         if !data.is_empty() {
-            let mut w = DataFileWriterBuilder::new(self.rolling(format!("{commit}-data"), self.schema.clone())).build(None).await?;
+            let mut w = self.data(format!("{commit}-data"));
             for batch in data {
                 w.write(batch).await?;
             }
@@ -548,7 +706,7 @@ mod tests {
     }
 
     fn table(source: &TableSchema, mode: Mode) -> Table {
-        let metadata = Table::new_metadata(schema_for(source, mode).unwrap(), "file:///w/t").unwrap();
+        let metadata = Table::new_metadata(schema_for(source, mode).unwrap(), "file:///w/t", None, None).unwrap();
         Table::open("public", "t", metadata, "file:///w/t/metadata/0.json".into(), mode).unwrap()
     }
 

@@ -119,12 +119,16 @@ def main():
     out["summaries"] = [dict(s.summary.additional_properties) for s in history]
     schema = t.schema()
     out["schema"] = [f"{f.field_id}:{f.name}:{f.field_type}" for f in schema.fields]
+    out["partition_spec"] = [f"{f.name}:{f.transform}" for f in t.spec().fields]
+    out["sort_order"] = [f"{schema.find_field(f.source_id).name}:{f.direction}" for f in t.sort_order().fields]
+    out["data_paths"] = []
     data, deletes = [], []
     for manifest in snap.manifests(t.io):
         for entry in manifest.fetch_manifest_entry(t.io, discard_deleted=True):
             f = entry.data_file
             seq = entry.sequence_number
             if f.content == DataFileContent.DATA:
+                out["data_paths"].append(f.file_path)
                 data.append((seq, read_parquet(t.io, f.file_path)))
             elif f.content == DataFileContent.EQUALITY_DELETES:
                 cols = [schema.find_field(i).name for i in f.equality_ids]
@@ -133,6 +137,12 @@ def main():
             else:
                 raise SystemExit(f"unexpected content {f.content}")
     out["data_files"], out["delete_files"] = len(data), len(deletes)
+    # Whether each data file's rows follow the table's first sort field.
+    order = t.sort_order().fields
+    if order:
+        col, desc = schema.find_field(order[0].source_id).name, "DESC" in str(order[0].direction).upper()
+        vals = [[r[col] for r in rows if r[col] is not None] for _, rows in data]
+        out["files_sorted"] = all(v == sorted(v, reverse=desc) for v in vals)
     rows = []
     for seq, file_rows in data:
         for r in file_rows:
