@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS iceberg_namespace_properties (
 );
 COMMIT;";
 
+/// The catalog that names the tables.
+pub(crate) enum Catalog {
+    Sql(SqlCatalog),
+    Rest(crate::rest::RestCatalog),
+}
+
 pub(crate) struct SqlCatalog {
     pub name: String,
     /// The catalog has the v1 layout's `iceberg_type` column (known after `ensure`).

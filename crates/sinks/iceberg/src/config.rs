@@ -9,7 +9,9 @@ use serde::Deserialize;
 use sluice_core::PgConnConfig;
 use sluice_core::sink::{BoxFuture, DynSink, PipelineShape, SinkConfigure, SinkContext, SinkError, SinkResult};
 
+use crate::catalog::{Catalog, SqlCatalog};
 use crate::layout::{self, TableLayout};
+use crate::rest::RestCatalog;
 use crate::sink::IcebergSink;
 use crate::storage::{Warehouse, bucket_of};
 
@@ -21,7 +23,7 @@ pub struct IcebergSinkConfig {
     /// `s3://bucket/prefix` (with `s3`).
     pub warehouse: String,
     /// S3-compatible object storage for an `s3://` warehouse.
-    pub s3: Option<S3StorageConfig>,
+    pub s3: Option<Box<S3StorageConfig>>,
     /// The namespace of every table; default: the source table's schema.
     pub namespace: Option<String>,
     #[serde(default)]
@@ -40,6 +42,9 @@ pub struct IcebergSinkConfig {
     pub accept_narrowing: bool,
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    /// The Postgres database that keeps the pipeline's checkpoint and snapshot
+    /// progress, with a REST catalog (a SQL catalog keeps them in its own database).
+    pub state: Option<Box<PgConnConfig>>,
     /// Partition spec and sort order of the tables Sluice creates, by source table
     /// (`public.orders: {partition_by: [day(created_at)], sort_by: [id]}`). A table
     /// that exists keeps its layout.
@@ -128,6 +133,21 @@ pub struct CatalogConfig {
     /// pipeline's checkpoint is kept in the same database and moves in the same
     /// transaction as the table pointers: exactly once.
     pub sql: Option<SqlCatalogConfig>,
+    /// An Iceberg REST catalog. It cannot share a transaction with the checkpoint:
+    /// each snapshot records the commit LSN it holds, and a restart skips what a table
+    /// holds already. The pipeline's state lives in `state:`.
+    pub rest: Option<Box<RestCatalogConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestCatalogConfig {
+    /// The catalog's base URL, without `/v1` (`http://127.0.0.1:8181`).
+    pub uri: String,
+    /// The warehouse the catalog serves, when it serves several (`?warehouse=`).
+    pub warehouse: Option<String>,
+    /// A bearer token, when the catalog wants one.
+    pub token: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,19 +190,30 @@ fn default_commit_rows() -> usize {
 }
 
 impl IcebergSinkConfig {
-    pub(crate) fn sql(&self) -> &SqlCatalogConfig {
-        self.catalog.sql.as_ref().expect("validated: the catalog is sql")
+    /// The database of the checkpoint: the SQL catalog's, or `state:` beside a REST
+    /// catalog (both validated).
+    pub(crate) fn state_connection(&self) -> PgConnConfig {
+        match (&self.catalog.sql, &self.state) {
+            (Some(c), _) => PgConnConfig {
+                host: c.host.clone(),
+                port: c.port,
+                user: c.user.clone(),
+                password: c.password.clone(),
+                database: c.database.clone(),
+            },
+            (None, Some(s)) => s.as_ref().clone(),
+            (None, None) => unreachable!("validated: a REST catalog comes with state"),
+        }
     }
 
-    pub(crate) fn catalog_connection(&self) -> PgConnConfig {
-        let c = self.sql();
-        PgConnConfig {
-            host: c.host.clone(),
-            port: c.port,
-            user: c.user.clone(),
-            password: c.password.clone(),
-            database: c.database.clone(),
-        }
+    /// Connects to the catalog (`client`: the state database, which holds a SQL
+    /// catalog's tables).
+    pub(crate) async fn catalog(&self) -> Result<Catalog, crate::error::IcebergError> {
+        Ok(match (&self.catalog.sql, &self.catalog.rest) {
+            (Some(c), _) => Catalog::Sql(SqlCatalog { name: c.name.clone(), typed: Default::default() }),
+            (None, Some(r)) => Catalog::Rest(RestCatalog::connect(&r.uri, r.warehouse.as_deref(), r.token.clone()).await?),
+            (None, None) => unreachable!("validated: a catalog is named"),
+        })
     }
 
     /// The Iceberg namespace and table name of a source table.
@@ -192,7 +223,7 @@ impl IcebergSinkConfig {
 
     /// The warehouse's storage (the settings are validated).
     pub(crate) fn warehouse(&self) -> SinkResult<Warehouse> {
-        Warehouse::new(&self.warehouse, self.s3.as_ref()).map_err(SinkError::permanent)
+        Warehouse::new(&self.warehouse, self.s3.as_deref()).map_err(SinkError::permanent)
     }
 
     /// The layouts against the captured tables' columns, then the warehouse: a bad
@@ -226,8 +257,24 @@ impl SinkConfigure for IcebergSinkConfig {
     }
 
     fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
-        if self.catalog.sql.is_none() {
-            return Err("sink.iceberg.catalog: name the catalog: sql: {host, user, password, database} (a Postgres database)".into());
+        match (&self.catalog.sql, &self.catalog.rest, &self.state) {
+            (None, None, _) | (Some(_), Some(_), _) => {
+                return Err("sink.iceberg.catalog: name one catalog: sql: {host, user, password, database} (a Postgres database) \
+                            or rest: {uri}"
+                    .into());
+            }
+            (None, Some(_), None) => {
+                return Err("sink.iceberg.state: a REST catalog needs a Postgres database for the pipeline's checkpoint: \
+                            state: {host, user, password, database}"
+                    .into());
+            }
+            (Some(_), None, Some(_)) => {
+                return Err("sink.iceberg.state: a SQL catalog keeps the checkpoint in its own database; remove state".into());
+            }
+            (None, Some(r), Some(_)) if !(r.uri.starts_with("http://") || r.uri.starts_with("https://")) => {
+                return Err(format!("sink.iceberg.catalog.rest.uri: {:?} must be an http:// or https:// URL", r.uri));
+            }
+            _ => {}
         }
         if self.warehouse.starts_with("s3://") || self.warehouse.starts_with("s3a://") {
             if bucket_of(&self.warehouse).is_none() {
@@ -279,11 +326,11 @@ impl SinkConfigure for IcebergSinkConfig {
     }
 
     fn state(&self) -> PgConnConfig {
-        self.catalog_connection()
+        self.state_connection()
     }
 
     fn state_is_sink(&self) -> bool {
-        true
+        self.catalog.sql.is_some()
     }
 
     /// The engine reached the catalog database already (it is the state database), and
@@ -330,8 +377,16 @@ mod tests {
         assert!(e.starts_with("sink.iceberg.s3.endpoint:"), "{e}");
         let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: w}").unwrap_err();
         assert!(e.starts_with("sink.iceberg.warehouse:"), "{e}");
-        let e = parse("{catalog: {rest: {}}, warehouse: /w}").unwrap_err();
-        assert!(e.contains("unknown field `rest`"), "{e}");
+        let e = parse("{catalog: {hive: {}}, warehouse: /w}").unwrap_err();
+        assert!(e.contains("unknown field `hive`"), "{e}");
+        let e = parse("{catalog: {rest: {uri: 'http://c:8181'}}, warehouse: /w}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.state:"), "{e}");
+        let e =
+            parse("{catalog: {rest: {uri: 'c:8181'}}, state: {host: h, user: u, password: p, database: d}, warehouse: /w}").unwrap_err();
+        assert!(e.starts_with("sink.iceberg.catalog.rest.uri:"), "{e}");
+        let c =
+            parse("{catalog: {rest: {uri: 'http://c:8181'}}, state: {host: h, user: u, password: p, database: s}, warehouse: /w}").unwrap();
+        assert_eq!(c.state_connection().database, "s");
         let e = parse("{catalog: {}, warehouse: /w}").unwrap_err();
         assert!(e.starts_with("sink.iceberg.catalog:"), "{e}");
         let e = parse("{catalog: {sql: {host: h, user: u, password: p, database: d}}, warehouse: /w, mode: merge}").unwrap_err();

@@ -16,6 +16,9 @@ impl IcebergError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Permanent, message: message.into(), source: None }
     }
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Transient, message: message.into(), source: None }
+    }
     /// A source change the table cannot take (a type Iceberg cannot change to): the
     /// pipeline pauses and retries until a person resolves it.
     pub fn halted(message: impl Into<String>) -> Self {

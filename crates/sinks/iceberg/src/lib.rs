@@ -3,6 +3,7 @@
 //!
 //! - `config`: the settings (`sink: iceberg:`), checked, and how they connect.
 //! - `catalog`: the SQL catalog in Postgres (pyiceberg's `SqlCatalog` layout).
+//! - `rest`: an Iceberg REST catalog.
 //! - `table`: a table's metadata, and the files of one commit (data files, equality
 //!   deletes, manifests, manifest list, metadata) written with the `iceberg` crate's
 //!   writers; the row-delta commit is assembled here, since the crate has no action
@@ -30,11 +31,12 @@ mod encoding;
 mod error;
 mod layout;
 mod maintenance;
+mod rest;
 mod sink;
 mod storage;
 mod table;
 
-pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, S3StorageConfig, SqlCatalogConfig};
+pub use config::{CatalogConfig, IcebergSinkConfig, MaintenanceConfig, Mode, RestCatalogConfig, S3StorageConfig, SqlCatalogConfig};
 pub use error::IcebergError;
 pub use layout::TableLayout;
 pub use maintenance::{Maintenance, MaintenanceReport, maintain};

@@ -23,10 +23,11 @@ use sluice_core::TableName;
 use sluice_postgres::PgError;
 use tokio_postgres::Client;
 
-use crate::catalog::SqlCatalog;
+use crate::catalog::Catalog;
 use crate::config::{IcebergSinkConfig, Mode};
 use crate::error::IcebergError;
-use crate::storage::Warehouse;
+use crate::rest::Commit;
+use crate::storage::{Warehouse, normalized};
 use crate::table::{IcebergResult, Table};
 
 /// The summary property that marks a snapshot as maintenance (no source change in it).
@@ -202,8 +203,8 @@ pub async fn maintain(
     tables: &[TableName],
     what: &Maintenance,
 ) -> Result<Vec<MaintenanceReport>, IcebergError> {
-    let client = sluice_postgres::connect(&cfg.catalog_connection(), "Iceberg catalog database").await?;
-    let catalog = SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() };
+    let client = sluice_postgres::connect(&cfg.state_connection(), "Iceberg sink's state database").await?;
+    let catalog = cfg.catalog().await?;
     let warehouse = cfg.warehouse().map_err(|e| IcebergError::permanent(e.to_string()))?;
     let mut out = Vec::new();
     for t in tables {
@@ -217,7 +218,7 @@ pub async fn maintain(
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn maintain_table(
     client: &Client,
-    catalog: &SqlCatalog,
+    catalog: &Catalog,
     warehouse: &Warehouse,
     namespace: &str,
     name: &str,
@@ -255,7 +256,9 @@ pub(crate) async fn maintain_table(
             let Some((next, gone)) = t.expire(cutoff_ms, what.keep).map_err(files("expiring snapshots of"))? else { return Ok(None) };
             lists = gone;
             let location = t.next_location(next.last_sequence_number(), &uuid::Uuid::new_v4().to_string());
-            crate::table::write_metadata(io, &next, &location).await.map_err(files("writing the metadata of"))?;
+            if t.writes_metadata {
+                crate::table::write_metadata(io, &next, &location).await.map_err(files("writing the metadata of"))?;
+            }
             Ok(Some((next, location)))
         })
         .await?;
@@ -271,7 +274,8 @@ pub(crate) async fn maintain_table(
         }
     }
     if let Some(age) = what.orphans_older_than {
-        let referenced = table.referenced(io).await.map_err(files("reading"))?;
+        let referenced: HashSet<String> =
+            table.referenced(io).await.map_err(files("reading"))?.iter().map(|p| normalized(p).into_owned()).collect();
         let listed = warehouse
             .files(table.metadata.location())
             .await
@@ -287,12 +291,25 @@ pub(crate) async fn maintain_table(
     Ok(report)
 }
 
-async fn load(client: &Client, catalog: &SqlCatalog, io: &FileIO, namespace: &str, name: &str, mode: Mode) -> Result<Table, IcebergError> {
-    let location = catalog
-        .load(client, namespace, name)
-        .await?
-        .ok_or_else(|| IcebergError::permanent(format!("Iceberg table {namespace}.{name} is not in catalog {}", catalog.name)))?;
-    open_at(io, namespace, name, location, mode).await
+async fn load(client: &Client, catalog: &Catalog, io: &FileIO, namespace: &str, name: &str, mode: Mode) -> Result<Table, IcebergError> {
+    let missing = |catalog: &str| IcebergError::permanent(format!("Iceberg table {namespace}.{name} is not in catalog {catalog}"));
+    match catalog {
+        Catalog::Sql(sql) => {
+            let location = sql.load(client, namespace, name).await?.ok_or_else(|| missing(&sql.name))?;
+            open_at(io, namespace, name, location, mode).await
+        }
+        Catalog::Rest(rest) => {
+            let (location, metadata) = rest.load(namespace, name).await?.ok_or_else(|| missing("(REST)"))?;
+            open_rest(namespace, name, metadata, location, mode)
+        }
+    }
+}
+
+fn open_rest(namespace: &str, name: &str, metadata: TableMetadata, location: String, mode: Mode) -> Result<Table, IcebergError> {
+    let mut t = Table::open(namespace, name, metadata, location, mode)
+        .map_err(|e| IcebergError::files(&format!("opening Iceberg table {namespace}.{name}"), e))?;
+    t.writes_metadata = false;
+    Ok(t)
 }
 
 async fn open_at(io: &FileIO, namespace: &str, name: &str, location: String, mode: Mode) -> Result<Table, IcebergError> {
@@ -303,16 +320,45 @@ async fn open_at(io: &FileIO, namespace: &str, name: &str, location: String, mod
         .map_err(|e| IcebergError::files(&format!("opening Iceberg table {namespace}.{name}"), e))
 }
 
-/// Builds the next metadata with `stage` on the table's current state, read under the
-/// catalog row lock, and moves the pointer to it; false when `stage` had nothing to do.
+/// Builds the next metadata with `stage` on the table's current state and commits it:
+/// under the SQL catalog's row lock, or through a REST catalog with the requirement that
+/// the table did not move since it was loaded. False when `stage` had nothing to do, or
+/// (REST) the table moved.
 async fn in_lock(
     client: &Client,
-    catalog: &SqlCatalog,
+    catalog: &Catalog,
     io: &FileIO,
     table: &mut Table,
     mode: Mode,
     stage: impl AsyncFnOnce(&Table) -> Result<Option<(TableMetadata, String)>, IcebergError>,
 ) -> Result<bool, IcebergError> {
+    let catalog = match catalog {
+        Catalog::Sql(sql) => sql,
+        Catalog::Rest(rest) => {
+            // The table's current state (the sink may have committed since it was
+            // loaded), so only a commit between here and the POST races this one.
+            let (ns, name) = (table.namespace.clone(), table.name.clone());
+            let (location, metadata) =
+                rest.load(&ns, &name).await?.ok_or_else(|| IcebergError::permanent(format!("Iceberg table {ns}.{name} is gone")))?;
+            if location != table.metadata_location {
+                *table = open_rest(&ns, &name, metadata, location, mode)?;
+            }
+            let Some((next, _)) = stage(table).await? else { return Ok(false) };
+            return match rest.commit(&table.namespace, &table.name, &table.metadata, &next).await? {
+                Commit::Done(location, metadata) => {
+                    table.metadata = *metadata;
+                    table.metadata_location = location;
+                    Ok(true)
+                }
+                // The sink committed meanwhile: this run's work is dropped, and the
+                // next run starts from the new state (the files written become orphans).
+                Commit::Conflict => {
+                    tracing::info!(table = %format!("{}.{}", table.namespace, table.name), "Iceberg maintenance raced a commit; dropped");
+                    Ok(false)
+                }
+            };
+        }
+    };
     let pg = |what: &'static str| move |e| IcebergError::from(PgError::from_pg(what, e));
     client.batch_execute("BEGIN").await.map_err(pg("starting an Iceberg maintenance commit"))?;
     let r = async {

@@ -16,15 +16,18 @@ use sluice_postgres::{Checkpoint, PgError, connect};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::catalog::SqlCatalog;
+use crate::catalog::{Catalog, SqlCatalog};
 use crate::config::{IcebergSinkConfig, Mode};
 use crate::encoding::{self, Column};
 use crate::error::IcebergError;
 use crate::maintenance::{MAINTENANCE, Maintenance, maintain_table};
+use crate::rest::{Commit, RestCatalog};
 use crate::storage::Warehouse;
 use crate::table::{self, Files, Slot, Table};
 
 type Result<T, E = IcebergError> = std::result::Result<T, E>;
+
+const STATE_DB: &str = "Iceberg sink's state database";
 
 /// One change of a changelog table.
 struct LogRow {
@@ -49,6 +52,9 @@ struct Pending {
     truncated: bool,
     /// Changelog: every change.
     log: Vec<LogRow>,
+    /// The commit LSN of the first transaction with a change of this table (the start
+    /// of the range its snapshot summary records).
+    first_lsn: Option<Lsn>,
 }
 
 /// Changes handed to the sink and not yet committed.
@@ -65,8 +71,9 @@ struct Staged {
 }
 
 pub struct IcebergSink {
+    /// The state database (a SQL catalog's own).
     client: Client,
-    catalog: SqlCatalog,
+    catalog: Catalog,
     io: FileIO,
     warehouse: Warehouse,
     pipeline: String,
@@ -87,12 +94,13 @@ pub struct IcebergSink {
 
 impl IcebergSink {
     pub(crate) async fn connect(cfg: &IcebergSinkConfig, pipeline: &str) -> Result<Self> {
-        let client = connect(&cfg.catalog_connection(), "Iceberg catalog database").await?;
+        let client = connect(&cfg.state_connection(), STATE_DB).await?;
         let committed = Checkpoint::register(&client, pipeline).await?;
+        let catalog = cfg.catalog().await?;
         let warehouse = cfg.warehouse().map_err(|e| IcebergError::permanent(e.to_string()))?;
         Ok(Self {
             client,
-            catalog: SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() },
+            catalog,
             io: warehouse.io.clone(),
             warehouse,
             pipeline: pipeline.to_string(),
@@ -132,11 +140,11 @@ impl IcebergSink {
         let tables: Vec<(String, String)> = self.tables.get_mut().values().map(|t| (t.namespace.clone(), t.name.clone())).collect();
         let (cfg, warehouse, mode, pipeline) = (self.cfg.clone(), self.warehouse.clone(), self.cfg.mode, self.pipeline.clone());
         self.maintenance_task = Some(tokio::spawn(async move {
-            let client = match connect(&cfg.catalog_connection(), "Iceberg catalog database").await {
+            let connected = async { Ok::<_, IcebergError>((connect(&cfg.state_connection(), STATE_DB).await?, cfg.catalog().await?)) };
+            let (client, catalog) = match connected.await {
                 Ok(c) => c,
                 Err(e) => return tracing::warn!(error = %e, "Iceberg maintenance could not connect; tried again at the next interval"),
             };
-            let catalog = SqlCatalog { name: cfg.sql().name.clone(), typed: Default::default() };
             for (ns, name) in tables {
                 match maintain_table(&client, &catalog, &warehouse, &ns, &name, mode, &pipeline, &what).await {
                     Ok(r) => tracing::info!(
@@ -168,28 +176,58 @@ impl IcebergSink {
                 source.name
             )));
         }
-        self.catalog.ensure(&self.client).await?;
         let files = |what: &str| {
             let what = format!("{what} of Iceberg table {ns}.{name}");
             move |e| IcebergError::files(&what, e)
         };
-        let location = match self.catalog.load(&self.client, &ns, &name).await? {
+        let table_location = format!("{}/{ns}.db/{name}", self.warehouse.url);
+        let new_table = || -> Result<_> {
+            let schema = table::schema_for(source, self.cfg.mode).map_err(files("building the schema"))?;
+            let (spec, order) = self.cfg.layout_of(source).map_err(IcebergError::permanent)?;
+            Ok((schema, spec, order))
+        };
+        let catalog = match &self.catalog {
+            Catalog::Sql(catalog) => catalog,
+            Catalog::Rest(rest) => {
+                let (location, metadata) = match rest.load(&ns, &name).await? {
+                    Some(t) => t,
+                    None => {
+                        let (schema, spec, order) = new_table()?;
+                        rest.ensure_namespace(&ns).await?;
+                        let props = Table::properties();
+                        match rest.create(&ns, &name, &table_location, &schema, spec.as_ref(), order.as_ref(), &props).await? {
+                            Some(t) => {
+                                tracing::info!(table = %format!("{ns}.{name}"), "created Iceberg table");
+                                t
+                            }
+                            None => {
+                                rest.load(&ns, &name).await?.ok_or_else(|| IcebergError::transient("the table was created and dropped"))?
+                            }
+                        }
+                    }
+                };
+                let mut t = Table::open(&ns, &name, metadata, location, self.cfg.mode).map_err(files("opening"))?;
+                t.writes_metadata = false;
+                t.skip_until = t.committed_lsn();
+                return Ok(t);
+            }
+        };
+        catalog.ensure(&self.client).await?;
+        let location = match catalog.load(&self.client, &ns, &name).await? {
             Some(l) => l,
             None => {
-                let table_location = format!("{}/{ns}.db/{name}", self.warehouse.url);
-                let schema = table::schema_for(source, self.cfg.mode).map_err(files("building the schema"))?;
-                let (spec, order) = self.cfg.layout_of(source).map_err(IcebergError::permanent)?;
+                let (schema, spec, order) = new_table()?;
                 let metadata = Table::new_metadata(schema, &table_location, spec, order).map_err(files("building the metadata"))?;
                 let l = format!("{table_location}/metadata/00000-{}.metadata.json", uuid::Uuid::new_v4());
                 table::write_metadata(&self.io, &metadata, &l).await.map_err(files("writing the metadata"))?;
                 // The namespace is recorded once the table's first metadata file is
                 // written: a warehouse that fails leaves nothing behind.
-                self.catalog.ensure_namespace(&self.client, &ns).await?;
-                if self.catalog.create(&self.client, &ns, &name, &l).await? {
+                catalog.ensure_namespace(&self.client, &ns).await?;
+                if catalog.create(&self.client, &ns, &name, &l).await? {
                     tracing::info!(table = %format!("{ns}.{name}"), "created Iceberg table");
                     l
                 } else {
-                    self.catalog.load(&self.client, &ns, &name).await?.unwrap_or(l)
+                    catalog.load(&self.client, &ns, &name).await?.unwrap_or(l)
                 }
             }
         };
@@ -206,9 +244,13 @@ impl IcebergSink {
             }
             for e in &t.events {
                 let Some(table) = tables.get_mut(&e.table.name) else { continue };
+                if t.commit_lsn <= table.skip_until {
+                    continue; // this table holds it already (a REST commit whose checkpoint was lost)
+                }
                 table.map(&e.table, t.commit_lsn, self.cfg.mode, self.cfg.accept_narrowing).map_err(|r| IcebergError::halted(r.0))?;
                 let before = e.before.as_ref().map(|r| table.fields_of(r));
                 let pending = self.staged.tables.entry(e.table.name.clone()).or_default();
+                pending.first_lsn.get_or_insert(t.commit_lsn);
                 if self.cfg.mode == Mode::Changelog {
                     let (row, op) = match e.op {
                         Op::Insert => (e.after.as_ref(), "c"),
@@ -293,25 +335,50 @@ impl IcebergSink {
                 let written = async { table.files(&self.io)?.write(&commit, data.into_iter().collect(), deletes).await }
                     .await
                     .map_err(|e| IcebergError::files(&what, e))?;
-                batches.push((name.clone(), commit, written, n_deletes, pending.truncated));
+                let first = pending.first_lsn.unwrap_or(staged.first_commit_lsn);
+                batches.push((name.clone(), commit, written, (n_deletes, first), pending.truncated));
             }
         }
+        let props = |(n_deletes, first): (usize, Lsn)| {
+            HashMap::from([
+                ("sluice.pipeline".to_string(), self.pipeline.clone()),
+                ("sluice.first-commit-lsn".to_string(), first.to_string()),
+                ("sluice.commit-lsn".to_string(), staged.commit_lsn.to_string()),
+                ("sluice.deletes".to_string(), n_deletes.to_string()),
+            ])
+        };
+        let checkpoint = Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn };
         let c = &self.client;
+        let catalog = match &self.catalog {
+            Catalog::Sql(catalog) => catalog,
+            Catalog::Rest(rest) => {
+                // Table by table, each snapshot carrying the commit LSN; then the
+                // checkpoint. A crash between them is undone by `skip_until`.
+                let tables = self.tables.get_mut();
+                for (name, commit, written, n_deletes, truncated) in batches {
+                    let t = tables.get_mut(&name).expect("staged tables are open");
+                    commit_rest(rest, &self.io, t, &commit, written, truncated, props(n_deletes)).await?;
+                }
+                // Test hook: die after the catalog took the commit and before the
+                // checkpoint moved (the window only the summaries' LSNs cover).
+                if std::env::var("SLUICE_TEST_ICEBERG_ABORT_BEFORE_CHECKPOINT").ok().and_then(|v| v.parse::<u64>().ok())
+                    == Some(self.commits + 1)
+                {
+                    std::process::abort();
+                }
+                checkpoint.save(c, &self.pipeline, staged.txns).await?;
+                return self.committed(checkpoint, &staged, started);
+            }
+        };
         c.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting the Iceberg commit", e))?;
         let r = async {
             let tables = self.tables.get_mut();
             let mut done = Vec::new();
             for (name, commit, written, n_deletes, truncated) in batches {
-                let props = HashMap::from([
-                    ("sluice.pipeline".to_string(), self.pipeline.clone()),
-                    ("sluice.first-commit-lsn".to_string(), staged.first_commit_lsn.to_string()),
-                    ("sluice.commit-lsn".to_string(), staged.commit_lsn.to_string()),
-                    ("sluice.deletes".to_string(), n_deletes.to_string()),
-                ]);
                 let t = tables.get_mut(&name).expect("staged tables are open");
-                done.push((name, stage_locked(c, &self.catalog, &self.io, t, &commit, written, truncated, props).await?));
+                done.push((name, stage_locked(c, catalog, &self.io, t, &commit, written, truncated, props(n_deletes)).await?));
             }
-            Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn }.save(c, &self.pipeline, staged.txns).await?;
+            checkpoint.save(c, &self.pipeline, staged.txns).await?;
             c.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing the Iceberg commit", e))?;
             Ok::<_, IcebergError>(done)
         }
@@ -331,7 +398,12 @@ impl IcebergSink {
             t.metadata = metadata;
             t.metadata_location = location;
         }
-        self.committed = Checkpoint { commit_lsn: staged.commit_lsn, end_lsn: staged.end_lsn };
+        self.committed(checkpoint, &staged, started)
+    }
+
+    /// Records a commit that reached the catalog and the checkpoint.
+    fn committed(&mut self, checkpoint: Checkpoint, staged: &Staged, started: Instant) -> Result<()> {
+        self.committed = checkpoint;
         self.commits += 1;
         // Test hook: die right after a commit, before the source hears of it, so the
         // restart is sent again what this commit holds (the window kill -9 rarely hits).
@@ -399,6 +471,43 @@ async fn stage_locked(
         .map_err(|e| IcebergError::files(&format!("writing a commit of {what}"), e))?;
     catalog.swap(c, &t.namespace, &t.name, &t.metadata_location, &location).await?;
     Ok((metadata, location))
+}
+
+/// Commits files already written for `t` through a REST catalog: on the table's state
+/// as this process knows it, and again on the catalog's current state when maintenance
+/// committed meanwhile (anything else is refused by [`Table::rebase_to`]).
+async fn commit_rest(
+    rest: &RestCatalog,
+    io: &FileIO,
+    t: &mut Table,
+    commit: &str,
+    (data, deletes): (Vec<DataFile>, Vec<DataFile>),
+    truncated: bool,
+    props: HashMap<String, String>,
+) -> Result<()> {
+    let what = format!("Iceberg table {}.{}", t.namespace, t.name);
+    for _ in 0..5 {
+        let (next, _) = t
+            .stage_files(io, commit, data.clone(), deletes.clone(), truncated, props.clone())
+            .await
+            .map_err(|e| IcebergError::files(&format!("writing a commit of {what}"), e))?;
+        match rest.commit(&t.namespace, &t.name, &t.metadata, &next).await? {
+            Commit::Done(location, metadata) => {
+                t.metadata = *metadata;
+                t.metadata_location = location;
+                return Ok(());
+            }
+            Commit::Conflict => {
+                let (location, theirs) = rest
+                    .load(&t.namespace, &t.name)
+                    .await?
+                    .ok_or_else(|| IcebergError::permanent(format!("{what} is gone from the REST catalog; restart the pipeline")))?;
+                t.rebase_to(theirs, location, MAINTENANCE)
+                    .map_err(|e| IcebergError::files(&format!("reading the current state of {what}"), e))?;
+            }
+        }
+    }
+    Err(IcebergError::transient(format!("{what}: the REST catalog refused five commits in a row (the table kept moving); retrying")))
 }
 
 fn put(p: &mut Pending, key: Vec<u8>, row: Option<Row>, insert: bool) {
@@ -617,13 +726,37 @@ impl Sink for IcebergSink {
         ]);
         let c = &self.client;
         let pg = |what: &'static str| move |e| sink_error(PgError::from_pg(what, e).into());
+        let lsn_text = snapshot_lsn.to_string();
+        let rows = rows as i64;
+        let done = async |lsn: &str| c.execute(SnapshotChunk::DONE_SQL, &[&chunk.pipeline, &chunk.table, &chunk.chunk, &rows, &lsn]).await;
+        let catalog = match &self.catalog {
+            Catalog::Sql(catalog) => catalog,
+            Catalog::Rest(rest) => {
+                // The chunk's snapshot names it: one committed before a crash lost its
+                // done mark is marked done as of the LSN it was read at (the stream
+                // skips what that read holds), and this read's files are dropped.
+                let at = match table.holds_chunk(&props["sluice.snapshot-chunk"]) {
+                    Some(at) => at.to_string(),
+                    None => {
+                        let commit = uuid::Uuid::new_v4().to_string();
+                        commit_rest(rest, &self.io, table, &commit, (data_files, Vec::new()), false, props).await.map_err(sink_error)?;
+                        // Test hook: die after the catalog took a chunk and before its
+                        // done mark (the restart delivers the chunk again).
+                        if std::env::var("SLUICE_TEST_ICEBERG_ABORT_BEFORE_CHUNK_DONE").is_ok_and(|v| v == chunk.chunk.to_string()) {
+                            std::process::abort();
+                        }
+                        lsn_text
+                    }
+                };
+                done(&at).await.map_err(pg("recording a snapshot chunk as done"))?;
+                return Ok(true);
+            }
+        };
         c.batch_execute("BEGIN").await.map_err(pg("starting an Iceberg commit of snapshot rows"))?;
         let r = async {
             let commit = uuid::Uuid::new_v4().to_string();
-            let m = stage_locked(c, &self.catalog, &self.io, table, &commit, (data_files, Vec::new()), false, props).await?;
-            c.execute(SnapshotChunk::DONE_SQL, &[&chunk.pipeline, &chunk.table, &chunk.chunk, &(rows as i64), &snapshot_lsn.to_string()])
-                .await
-                .map_err(|e| PgError::from_pg("recording a snapshot chunk as done", e))?;
+            let m = stage_locked(c, catalog, &self.io, table, &commit, (data_files, Vec::new()), false, props).await?;
+            done(&lsn_text).await.map_err(|e| PgError::from_pg("recording a snapshot chunk as done", e))?;
             Ok::<_, IcebergError>(m)
         }
         .await;
@@ -667,7 +800,10 @@ impl Sink for IcebergSink {
             return Ok(());
         }
         for t in tables {
-            self.catalog.drop(&self.client, &t.schema, &t.name).await.map_err(|e| sink_error(e.into()))?;
+            match &self.catalog {
+                Catalog::Sql(catalog) => catalog.drop(&self.client, &t.schema, &t.name).await.map_err(|e| sink_error(e.into()))?,
+                Catalog::Rest(rest) => rest.drop(&t.schema, &t.name).await.map_err(sink_error)?,
+            }
             let dir = format!("{}/{}.db/{}", self.warehouse.url, t.schema, t.name);
             self.warehouse.remove_dir(&dir).await.map_err(|e| sink_error(IcebergError::storage(&format!("removing {dir}"), e)))?;
         }

@@ -30,6 +30,15 @@ impl std::fmt::Debug for Warehouse {
     }
 }
 
+/// A file URL as the warehouse lists it: Hadoop-based writers (Iceberg Java's REST
+/// catalog server) spell local files `file:/path`, Sluice `file:///path`.
+pub(crate) fn normalized(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.strip_prefix("file:") {
+        Some(rest) if !rest.starts_with("//") => format!("file://{rest}").into(),
+        _ => url.into(),
+    }
+}
+
 /// The bucket of an `s3://bucket/prefix` URL.
 pub(crate) fn bucket_of(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("s3://").or_else(|| url.strip_prefix("s3a://"))?;
@@ -139,6 +148,9 @@ mod tests {
         assert_eq!(bucket_of("s3a://lake"), Some("lake"));
         assert_eq!(bucket_of("s3:///x"), None);
         assert_eq!(bucket_of("/w"), None);
+        assert_eq!(normalized("file:/w/a.json"), "file:///w/a.json");
+        assert_eq!(normalized("file:///w/a.json"), "file:///w/a.json");
+        assert_eq!(normalized("s3://b/a"), "s3://b/a");
         let w = Warehouse::new("/tmp/w/", None).unwrap();
         assert_eq!((w.url.as_str(), w.key("file:///tmp/w/a.db")), ("file:///tmp/w", "tmp/w/a.db".to_string()));
     }

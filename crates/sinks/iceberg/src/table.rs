@@ -70,6 +70,12 @@ pub(crate) struct Table {
     /// The fields that form the key (upsert mode: the identifier fields), by position.
     pub keys: Vec<usize>,
     shape: Option<Shape>,
+    /// Whether a commit writes the next metadata file itself (a SQL catalog), or the
+    /// catalog does (REST).
+    pub writes_metadata: bool,
+    /// Source transactions up to this commit LSN are in the table already (a REST
+    /// catalog's commits are not atomic with the checkpoint).
+    pub skip_until: Lsn,
 }
 
 /// The table's schema for a source table: keys required and the table's identifier
@@ -114,14 +120,13 @@ impl Table {
         spec: Option<UnboundPartitionSpec>,
         order: Option<SortOrder>,
     ) -> IcebergResult<TableMetadata> {
-        let properties = HashMap::from([("write.format.default".to_string(), "parquet".to_string())]);
         let mut b = TableMetadataBuilder::new(
             schema,
             PartitionSpec::unpartition_spec(),
             SortOrder::unsorted_order(),
             location.to_string(),
             FormatVersion::V2,
-            properties,
+            Self::properties(),
         )?;
         if let Some(spec) = spec {
             b = b.add_partition_spec(spec)?.set_default_partition_spec(-1)?;
@@ -130,6 +135,11 @@ impl Table {
             b = b.add_sort_order(order)?.set_default_sort_order(-1)?;
         }
         Ok(b.build()?.metadata)
+    }
+
+    /// The properties of a table Sluice creates.
+    pub fn properties() -> HashMap<String, String> {
+        HashMap::from([("write.format.default".to_string(), "parquet".to_string())])
     }
 
     /// The table as its metadata describes it; which source shape fills it is learnt
@@ -145,6 +155,8 @@ impl Table {
             slots: Vec::new(),
             keys: Vec::new(),
             shape: None,
+            writes_metadata: true,
+            skip_until: Lsn::ZERO,
         };
         t.load_schema(mode)?;
         let made_for = |other: &str| {
@@ -296,6 +308,11 @@ impl Table {
     /// pointer: another writer, which the sink refuses to race.
     pub async fn rebase(&mut self, io: &FileIO, location: String, maintenance: &str) -> IcebergResult<()> {
         let theirs = TableMetadata::read_from(io, &location).await?;
+        self.rebase_to(theirs, location, maintenance)
+    }
+
+    /// [`Table::rebase`] onto metadata already read.
+    pub fn rebase_to(&mut self, theirs: TableMetadata, location: String, maintenance: &str) -> IcebergResult<()> {
         let ours = self.metadata.current_snapshot().map(|s| s.snapshot_id());
         let mut at = theirs.current_snapshot();
         let foreign = || {
@@ -330,6 +347,33 @@ impl Table {
         self.metadata = next;
         self.metadata_location = location;
         Ok(())
+    }
+
+    /// The last source commit LSN a streamed commit put in the table: the highest its
+    /// snapshots record (they only grow; maintenance snapshots record none).
+    pub fn committed_lsn(&self) -> Lsn {
+        self.metadata
+            .snapshots()
+            .filter_map(|s| s.summary().additional_properties.get("sluice.commit-lsn")?.parse::<Lsn>().ok())
+            .max()
+            .unwrap_or(Lsn::ZERO)
+    }
+
+    /// The snapshot LSN at which a commit of this table holds snapshot chunk `chunk`
+    /// already (a REST commit whose done mark was lost in a crash; the restart read the
+    /// chunk again at a later LSN). Chunks of an earlier snapshot (before a resync) are
+    /// older than the streamed commits since, and do not count.
+    pub fn holds_chunk(&self, chunk: &str) -> Option<Lsn> {
+        let streamed = self.committed_lsn();
+        self.metadata
+            .snapshots()
+            .filter_map(|s| {
+                let p = &s.summary().additional_properties;
+                (p.get("sluice.snapshot-chunk")? == chunk).then_some(())?;
+                p.get("sluice.snapshot-lsn")?.parse::<Lsn>().ok()
+            })
+            .filter(|l| *l >= streamed)
+            .max()
     }
 
     /// The source table rows come from (for messages).
@@ -490,7 +534,9 @@ impl Table {
             .build()?
             .metadata;
         let location = self.next_location(seq, commit);
-        write_metadata(io, &next, &location).await?;
+        if self.writes_metadata {
+            write_metadata(io, &next, &location).await?;
+        }
         Ok((next, location))
     }
 

@@ -239,6 +239,46 @@ impl Drop for S3Server {
     }
 }
 
+/// Apache Iceberg's REST catalog server (Iceberg Java's `RESTCatalogServer`, jars from
+/// Maven Central fetched by .ci/install-deps), on a free port, its tables in an SQLite
+/// database of the test's directory and their files under `warehouse`. Stopped when
+/// dropped.
+pub struct RestCatalogServer {
+    child: Child,
+    pub uri: String,
+}
+
+impl RestCatalogServer {
+    pub async fn start(dir: &std::path::Path, warehouse: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let jars = std::env::var("SLUICE_ICEBERG_REST").unwrap_or_else(|_| "/var/cache/sluice/iceberg-rest-1.10.0".into());
+        let cp = format!("{jars}/iceberg-open-api-1.10.0.jar:{jars}/iceberg-open-api-1.10.0-test-fixtures.jar");
+        let log = std::fs::File::create(dir.join("iceberg-rest.log")).unwrap();
+        let child = Command::new("java")
+            .args(["-Xmx512m", "-cp", &cp, "org.apache.iceberg.rest.RESTCatalogServer"])
+            .env("CATALOG_REST_PORT", port.to_string())
+            .env("CATALOG_WAREHOUSE", format!("file://{}", warehouse.display()))
+            .env("CATALOG_URI", format!("jdbc:sqlite:file:{}", dir.join("iceberg-rest.db").display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the Iceberg REST catalog (bash .ci/install-deps fetches it): {e}"));
+        let server = Self { child, uri: format!("http://127.0.0.1:{port}") };
+        wait_for("the Iceberg REST catalog", Duration::from_secs(60), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        server
+    }
+}
+
+impl Drop for RestCatalogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Reads every record of `topics` with the Python clients (`mode`: `avro` through
 /// Confluent's DeserializingConsumer and the registry at `registry`, `json` through
 /// kafka-python) and returns them as JSON objects in partition order.

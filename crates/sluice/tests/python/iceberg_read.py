@@ -1,6 +1,7 @@
 """Reads an Iceberg table the way another engine would, to check what Sluice wrote.
 
 Usage: iceberg_read.py CATALOG_URI WAREHOUSE CATALOG_NAME NAMESPACE TABLE
+       (CATALOG_URI: a SQL catalog's database URL, or a REST catalog's http:// URL)
        iceberg_read.py --time-duckdb METADATA_LOCATION   (sluice-bench iceberg)
 
 Two readers nobody here wrote:
@@ -107,7 +108,12 @@ def main():
         time_duckdb(sys.argv[2])
         return
     uri, warehouse, name, namespace, table = sys.argv[1:6]
-    catalog = SqlCatalog(name, uri=uri, warehouse=warehouse, **catalog_properties())
+    if uri.startswith("http"):
+        from pyiceberg.catalog.rest import RestCatalog
+
+        catalog = RestCatalog(name, uri=uri, **catalog_properties())
+    else:
+        catalog = SqlCatalog(name, uri=uri, warehouse=warehouse, **catalog_properties())
     t = catalog.load_table((namespace, table))
     snap = t.current_snapshot()
     out = {"snapshots": len(t.metadata.snapshots), "summary": {}, "rows": [], "data_files": 0, "delete_files": 0}
