@@ -820,6 +820,62 @@ async fn resync_through_the_cli_and_kafka_purge() {
     registry.kill9();
 }
 
+/// An Iceberg sink is a tenant resource like the others: created through the API
+/// (its secrets never returned), a pipeline into it fills its table, and teardown with
+/// purge drops the table from the catalog and removes its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iceberg_sinks_are_tenant_resources_and_purge_drops_their_tables() {
+    let ctl = Ctl::new("ctl_iceberg").await;
+    let env = &ctl.env;
+    create_orders(env, "orders", 2_000).await;
+    let server = ctl.server("s1", free_port(), None).await;
+    let url = server.url.clone();
+    let token = tenant_with_resources(&ctl, &url, "shop").await;
+    let warehouse = env.dir.join("lake");
+    let sink = format!(
+        "name: lake\niceberg:\n  warehouse: {}\n  commit_interval: 500ms\n  catalog:\n    sql:\n      host: 127.0.0.1\n      port: {}\n      \
+         user: {}\n      password: {}\n      database: {}\n",
+        warehouse.display(),
+        env.dst_port,
+        sluice_postgres::cluster::SUPERUSER,
+        superuser_pw(),
+        env.db
+    );
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/shop/sinks"), Some(&token), Some(sink)).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = call("GET", &format!("{url}/v1/tenants/shop/sinks"), Some(&token), None).await;
+    assert_eq!(s, 200);
+    assert!(!v.to_string().contains(superuser_pw()), "a sink's password was returned: {v}");
+    let (s, v) = call(
+        "POST",
+        &format!("{url}/v1/tenants/shop/pipelines"),
+        Some(&token),
+        Some("name: analytics\nsource: main\nsink: lake\ntables: [public.orders]\n".into()),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
+    let dst = env.dst().await;
+    let table_dir = warehouse.join("public.db/orders");
+    wait_for("the Iceberg table's snapshot", Duration::from_secs(60), || async {
+        let registered: i64 = dst
+            .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'iceberg_tables'", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        registered > 0
+            && dst.query_one("SELECT count(*) FROM iceberg_tables WHERE table_name = 'orders'", &[]).await.unwrap().get::<_, i64>(0) == 1
+            && table_dir.join("data").exists()
+    })
+    .await;
+    let (s, v) = call("DELETE", &format!("{url}/v1/tenants/shop/pipelines/analytics?purge=true"), Some(&token), None).await;
+    assert_eq!(s, 202, "{v}");
+    wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
+    let left: i64 = dst.query_one("SELECT count(*) FROM iceberg_tables WHERE table_name = 'orders'", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "the Iceberg table is still in the catalog");
+    assert!(!table_dir.exists(), "the table's files are left under {}", table_dir.display());
+}
+
 /// The broker's topics, listed by kafka-python.
 fn kafka_topics(brokers: &str) -> Vec<String> {
     let out = Command::new(crate::common::python())
