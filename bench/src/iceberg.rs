@@ -103,6 +103,31 @@ fn yaml(src: u16, dst: u16, warehouse: &std::path::Path, interval: &str) -> Stri
     )
 }
 
+/// The read limit of the snapshot: the table's rows COPYed out of Postgres as text over
+/// two connections (the snapshot's parallelism, one half of the keys each), bytes
+/// counted and dropped. Seconds.
+async fn copy_out_baseline(port: u16, rows: u64) -> Result<f64> {
+    use futures::StreamExt as _;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (lo, hi) in [(0, rows / 2), (rows / 2, i64::MAX as u64)] {
+        tasks.push(tokio::spawn(async move {
+            let c = connect(port, "bench").await?;
+            let out = c.copy_out(&format!("COPY (SELECT * FROM bench WHERE id >= {lo} AND id < {hi}) TO STDOUT")).await?;
+            futures::pin_mut!(out);
+            let mut bytes = 0usize;
+            while let Some(b) = out.next().await {
+                bytes += b?.len();
+            }
+            Ok::<_, anyhow::Error>(bytes)
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Source commit → visible in an Iceberg snapshot at a steady `rate`, for `seconds`.
 async fn visible_lag(s: &Client, dst: &Client, yaml: &str, first_id: u64, rate: u64, seconds: u64) -> Result<(u64, serde_json::Value)> {
     let (metrics, stop, handle): (Arc<Metrics>, _, _) = start_pipeline(yaml)?;
@@ -132,6 +157,7 @@ pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, l
     write_rows(&s, rows, row_bytes, per_txn).await?;
     let baseline_dir = tempfile::tempdir()?;
     let parquet_s = parquet_baseline(rows, row_bytes, baseline_dir.path())?;
+    let copy_s = copy_out_baseline(src.port, rows).await?;
     let t = Instant::now();
     let (metrics, stop, mut handle) = start_pipeline(&yaml1)?;
     wait_snapshot(&metrics, &mut handle).await?;
@@ -207,12 +233,15 @@ pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, l
     let files = walk_size(warehouse.path());
     let mb = (rows as f64 * row_bytes as f64) / 1e6;
     let rate = |s: f64| (rows as f64 / s, mb / s);
-    let (sn, pq, b, st) = (rate(snap_s), rate(parquet_s), rate(base_s), rate(stream_s));
+    let (sn, pq, b, st, cp) = (rate(snap_s), rate(parquet_s), rate(base_s), rate(stream_s), rate(copy_s));
     Ok(serde_json::json!({
         "bench": "iceberg", "row_bytes": row_bytes, "rows": rows, "rows_per_txn": per_txn,
         "parquet_baseline": {"seconds": parquet_s, "rows_per_s": pq.0, "mb_per_s": pq.1},
         "snapshot": {"seconds": snap_s, "rows_per_s": sn.0, "mb_per_s": sn.1},
         "snapshot_vs_parquet": pq.0.recip() * sn.0,
+        "copy_out_baseline": {"seconds": copy_s, "rows_per_s": cp.0, "mb_per_s": cp.1,
+                              "note": "COPY ... TO STDOUT over 2 connections, bytes dropped: the read limit of the snapshot"},
+        "snapshot_vs_copy_out": cp.0.recip() * sn.0,
         "pg_recvlogical": {"seconds": base_s, "rows_per_s": b.0, "mb_per_s": b.1},
         "streaming_to_committed": {"seconds": stream_s, "rows_per_s": st.0, "mb_per_s": st.1, "commit_interval_s": 1},
         "streaming_vs_recvlogical": b.0.recip() * st.0,

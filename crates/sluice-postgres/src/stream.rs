@@ -26,6 +26,10 @@ pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
     tables: HashMap<TableName, Arc<TableSchema>>,
+    /// Each table's column type modifiers as the last Relation message gave them: a
+    /// change of modifier alone (numeric(10,2) to numeric(12,2), varchar(20) to
+    /// varchar(40)) keeps the type OID and is a schema change too.
+    typmods: HashMap<TableName, HashMap<String, i32>>,
     /// `None` for relations the publication has but this pipeline does not replicate.
     relations: HashMap<u32, Option<Arc<TableSchema>>>,
     current: Option<Transaction>,
@@ -58,6 +62,7 @@ impl ReplicationStream {
             acks,
             ack_tx: Arc::new(ack_tx),
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            typmods: HashMap::new(),
             relations: HashMap::new(),
             current: None,
             last_position: start,
@@ -213,11 +218,21 @@ impl ReplicationStream {
     /// added or changed since the pipeline started).
     async fn resolve(&mut self, rel: Relation) -> Result<Arc<TableSchema>> {
         let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let typmods: HashMap<String, i32> = rel.columns.iter().map(|c| (c.name.clone(), c.type_modifier)).collect();
+        // The first Relation message of a table gives the modifiers the schema read at
+        // start has (it was read from the same catalog).
+        let old_typmods = self.typmods.insert(name.clone(), typmods.clone());
+        let typmod_changed =
+            |column: &str| old_typmods.as_ref().and_then(|o| o.get(column)).is_some_and(|t| typmods.get(column) != Some(t));
         if let Some(known) = self.tables.get(&name) {
             // Key flags are not compared: with REPLICA IDENTITY FULL pgoutput flags every
             // column, while the sink keys by the primary key.
             let same = known.columns.len() == rel.columns.len()
-                && known.columns.iter().zip(&rel.columns).all(|(c, r)| c.name == r.name && c.type_oid == r.type_oid);
+                && known
+                    .columns
+                    .iter()
+                    .zip(&rel.columns)
+                    .all(|(c, r)| c.name == r.name && c.type_oid == r.type_oid && !typmod_changed(&c.name));
             if same {
                 let mut s = known.clone();
                 if s.relid != rel.relid {
@@ -231,6 +246,17 @@ impl ReplicationStream {
         for rc in &rel.columns {
             let prior = self.tables.get(&name).and_then(|t| t.columns.iter().find(|c| c.name == rc.name && c.type_oid == rc.type_oid));
             let col = match prior {
+                // Only the modifier changed: the column keeps its key flag, with the new
+                // declared type.
+                Some(c) if typmod_changed(&c.name) => ColumnSchema {
+                    type_name: self
+                        .catalog
+                        .query_one("SELECT format_type($1::int8::oid, $2)", &[&(rc.type_oid as i64), &rc.type_modifier])
+                        .await
+                        .map_err(err)?
+                        .get(0),
+                    ..c.clone()
+                },
                 Some(c) => c.clone(),
                 None => {
                     let row = self

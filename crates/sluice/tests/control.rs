@@ -858,11 +858,8 @@ async fn iceberg_sinks_are_tenant_resources_and_purge_drops_their_tables() {
     let dst = env.dst().await;
     let table_dir = warehouse.join("public.db/orders");
     wait_for("the Iceberg table's snapshot", Duration::from_secs(60), || async {
-        let registered: i64 = dst
-            .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'iceberg_tables'", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
+        let registered: i64 =
+            dst.query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'iceberg_tables'", &[]).await.unwrap().get::<_, i64>(0);
         registered > 0
             && dst.query_one("SELECT count(*) FROM iceberg_tables WHERE table_name = 'orders'", &[]).await.unwrap().get::<_, i64>(0) == 1
             && table_dir.join("data").exists()

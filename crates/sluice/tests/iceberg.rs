@@ -430,6 +430,30 @@ async fn rest_catalog_mirrors_the_source_exactly_once() {
     assert!(!sql_catalog, "the SQL catalog's tables were created");
 }
 
+/// numeric(6,2) widened to numeric(12,2) while the pipeline streams: the type OID stays,
+/// only the type modifier in the Relation message changes, and the field's precision
+/// follows (Iceberg allows a decimal's precision to grow).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decimal_widened_mid_stream_widens_the_field() {
+    let env = Env::new("iceberg_decimal").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE dm (id int8 PRIMARY KEY, amount numeric(6,2)); INSERT INTO dm VALUES (1, 1234.56);").await.unwrap();
+    let (cfg, warehouse) = config(&env, &["dm"], "    commit_interval: 300ms\n");
+    let mut p = env.spawn(&cfg);
+    wait_for("streaming", Duration::from_secs(90), || async { p.log().contains("streaming") }).await;
+    src.batch_execute("INSERT INTO dm VALUES (2, 9999.99)").await.unwrap();
+    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(60)).await;
+    src.batch_execute("ALTER TABLE dm ALTER COLUMN amount TYPE numeric(12,2); INSERT INTO dm VALUES (3, 1234567890.12);").await.unwrap();
+    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(60)).await;
+    p.assert_running();
+    let got = read(&env, &warehouse, "public", "dm");
+    assert_eq!(got["schema"], serde_json::json!(["1:id:long", "2:amount:decimal(12, 2)"]));
+    let duck = duck_by_id(&got);
+    let amounts: Vec<&str> = (1..=3).map(|i| duck[&i]["amount"].as_str().unwrap()).collect();
+    assert_eq!(amounts, ["1234.56", "9999.99", "1234567890.12"]);
+    assert_eq!(p.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changelog_holds_each_change_once_in_order() {
     let env = Env::new("iceberg_log").await;
