@@ -146,7 +146,14 @@ async fn visible_lag(s: &Client, dst: &Client, yaml: &str, first_id: u64, rate: 
     ))
 }
 
-pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, lag_seconds: u64) -> Result<serde_json::Value> {
+pub async fn iceberg(
+    row_bytes: usize,
+    rows: u64,
+    per_txn: u64,
+    lag_rate: u64,
+    lag_seconds: u64,
+    snapshot_only: bool,
+) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
     create_bench_table(&s, "sluice_ice").await?;
@@ -164,6 +171,22 @@ pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, l
     let snap_s = t.elapsed().as_secs_f64();
     let _ = stop.send(true);
     handle.await??;
+    let mb = (rows as f64 * row_bytes as f64) / 1e6;
+    let rate = |s: f64| (rows as f64 / s, mb / s);
+    let (sn, pq, cp) = (rate(snap_s), rate(parquet_s), rate(copy_s));
+    let snapshot = serde_json::json!({
+        "parquet_baseline": {"seconds": parquet_s, "rows_per_s": pq.0, "mb_per_s": pq.1},
+        "snapshot": {"seconds": snap_s, "rows_per_s": sn.0, "mb_per_s": sn.1},
+        "snapshot_vs_parquet": pq.0.recip() * sn.0,
+        "copy_out_baseline": {"seconds": copy_s, "rows_per_s": cp.0, "mb_per_s": cp.1,
+                              "note": "COPY ... TO STDOUT over 2 connections, bytes dropped: the read limit of the snapshot"},
+        "snapshot_vs_copy_out": cp.0.recip() * sn.0,
+    });
+    if snapshot_only {
+        let mut out = serde_json::json!({"bench": "iceberg", "row_bytes": row_bytes, "rows": rows, "peak_rss_mb": peak_rss_mb()});
+        out.as_object_mut().expect("object").extend(snapshot.as_object().expect("object").clone());
+        return Ok(out);
+    }
 
     // Streaming: as many rows again, with a second slot drained by pg_recvlogical.
     s.batch_execute("SELECT pg_create_logical_replication_slot('recv_slot', 'pgoutput')").await?;
@@ -231,17 +254,9 @@ pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, l
     }
 
     let files = walk_size(warehouse.path());
-    let mb = (rows as f64 * row_bytes as f64) / 1e6;
-    let rate = |s: f64| (rows as f64 / s, mb / s);
-    let (sn, pq, b, st, cp) = (rate(snap_s), rate(parquet_s), rate(base_s), rate(stream_s), rate(copy_s));
-    Ok(serde_json::json!({
+    let (b, st) = (rate(base_s), rate(stream_s));
+    let mut out = serde_json::json!({
         "bench": "iceberg", "row_bytes": row_bytes, "rows": rows, "rows_per_txn": per_txn,
-        "parquet_baseline": {"seconds": parquet_s, "rows_per_s": pq.0, "mb_per_s": pq.1},
-        "snapshot": {"seconds": snap_s, "rows_per_s": sn.0, "mb_per_s": sn.1},
-        "snapshot_vs_parquet": pq.0.recip() * sn.0,
-        "copy_out_baseline": {"seconds": copy_s, "rows_per_s": cp.0, "mb_per_s": cp.1,
-                              "note": "COPY ... TO STDOUT over 2 connections, bytes dropped: the read limit of the snapshot"},
-        "snapshot_vs_copy_out": cp.0.recip() * sn.0,
         "pg_recvlogical": {"seconds": base_s, "rows_per_s": b.0, "mb_per_s": b.1},
         "streaming_to_committed": {"seconds": stream_s, "rows_per_s": st.0, "mb_per_s": st.1, "commit_interval_s": 1},
         "streaming_vs_recvlogical": b.0.recip() * st.0,
@@ -253,5 +268,7 @@ pub async fn iceberg(row_bytes: usize, rows: u64, per_txn: u64, lag_rate: u64, l
                         "compaction_s": compact_s},
         "warehouse_mb": files as f64 / 1e6,
         "peak_rss_mb": peak_rss_mb(),
-    }))
+    });
+    out.as_object_mut().expect("object").extend(snapshot.as_object().expect("object").clone());
+    Ok(out)
 }

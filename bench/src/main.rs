@@ -65,6 +65,9 @@ enum Bench {
         /// Seconds of the 1 s lag run (the 10 s one runs at least 40 s).
         #[arg(long, default_value_t = 20)]
         lag_seconds: u64,
+        /// Only the snapshot and its two baselines (a minute instead of many).
+        #[arg(long)]
+        snapshot_only: bool,
     },
     /// Commit-to-applied lag at a steady write rate into the Postgres sink.
     Lag {
@@ -704,8 +707,8 @@ async fn main() -> Result<()> {
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
-        Bench::Iceberg { row_bytes, rows, rows_per_txn, lag_rate, lag_seconds } => {
-            iceberg::iceberg(row_bytes, rows, rows_per_txn, lag_rate, lag_seconds).await?
+        Bench::Iceberg { row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only } => {
+            iceberg::iceberg(row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only).await?
         }
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
