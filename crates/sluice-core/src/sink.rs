@@ -196,6 +196,14 @@ pub trait Sink: Send + Sync + 'static {
         false
     }
 
+    /// Whether the sink keeps one row per key (a replica, an index, an upsert table)
+    /// rather than a log of events: then an update that a `filter` transform drops
+    /// must remove the row the sink may hold from before, as Postgres's own publication
+    /// row filters turn such an update into a delete.
+    fn keeps_rows_by_key(&self) -> bool {
+        false
+    }
+
     /// Reloads what the sink knows of the snapshot (after it ran).
     fn after_snapshot(&mut self) -> impl Future<Output = SinkResult<()>> + Send {
         async { Ok(()) }
@@ -277,6 +285,7 @@ pub trait DynSink: Send + Sync {
     fn target_name(&self, table: &TableName) -> TableName;
     fn filters_snapshot(&mut self, keyed_as_source: bool) -> bool;
     fn mirrors_source_rows(&self) -> bool;
+    fn keeps_rows_by_key(&self) -> bool;
     fn after_snapshot(&mut self) -> BoxFuture<'_, SinkResult<()>>;
     fn snapshot_rows<'a>(
         &'a self,
@@ -321,6 +330,9 @@ impl<S: Sink> DynSink for S {
     }
     fn mirrors_source_rows(&self) -> bool {
         Sink::mirrors_source_rows(self)
+    }
+    fn keeps_rows_by_key(&self) -> bool {
+        Sink::keeps_rows_by_key(self)
     }
     fn after_snapshot(&mut self) -> BoxFuture<'_, SinkResult<()>> {
         Box::pin(Sink::after_snapshot(self))

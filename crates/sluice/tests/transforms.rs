@@ -60,6 +60,7 @@ async fn chain_into_postgres_survives_kill9() {
              FROM generate_series({base}, {base} + 40) g;
              UPDATE orders SET price = price + 1.237, note = note || '!' WHERE id % 7 = {round} AND status = 'paid';
              UPDATE orders SET status = 'paid' WHERE status = 'draft' AND id % 3 = {round};
+             UPDATE orders SET status = 'draft' WHERE status = 'paid' AND id % 13 = {round};
              DELETE FROM orders WHERE id % 11 = {round};"
         ))
         .await

@@ -637,6 +637,11 @@ fn sink_error(e: IcebergError) -> SinkError {
 /// one Postgres transaction): exactly once. The snapshot's rows are committed per
 /// delivery, before the engine marks their chunk done.
 impl Sink for IcebergSink {
+    /// An upsert table holds one row per key; a changelog is a log.
+    fn keeps_rows_by_key(&self) -> bool {
+        self.cfg.mode == Mode::Upsert
+    }
+
     fn snapshot_method(&self) -> SnapshotMethod {
         SnapshotMethod::Rows
     }

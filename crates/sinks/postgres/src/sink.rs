@@ -490,6 +490,10 @@ impl PostgresSink {
 
 /// Rows, snapshot chunks and the checkpoint commit together in the target: exactly once.
 impl Sink for PostgresSink {
+    fn keeps_rows_by_key(&self) -> bool {
+        true
+    }
+
     fn snapshot_method(&self) -> SnapshotMethod {
         SnapshotMethod::CopyInTarget
     }

@@ -473,6 +473,11 @@ impl SearchSink {
 /// At least once, idempotent by versions: the slot's confirmed position is the only
 /// checkpoint; the initial load is the sink's own (documents built by SQL).
 impl Sink for SearchSink {
+    /// An index holds one document per key.
+    fn keeps_rows_by_key(&self) -> bool {
+        true
+    }
+
     fn snapshot_method(&self) -> SnapshotMethod {
         SnapshotMethod::Load
     }

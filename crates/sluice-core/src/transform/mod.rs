@@ -518,6 +518,39 @@ impl TableTransform {
         Ok(Some(e))
     }
 
+    /// As [`apply_owned`](Self::apply_owned), for a sink that keeps one row per key
+    /// (`Sink::keeps_rows_by_key`): an update the filters drop becomes a delete of the
+    /// row (its old key when the key changed), since the sink may hold it from before;
+    /// a delete is never dropped (removing a row the sink does not hold is a no-op). An
+    /// update out of the filter arrives as an update, which such sinks upsert.
+    pub fn apply_keyed(&self, e: ChangeEvent) -> Result<Option<ChangeEvent>, ApplyError> {
+        if !self.ops.iter().any(|o| matches!(o, RowOp::Filter { .. })) {
+            return self.apply_owned(e);
+        }
+        match e.op {
+            Op::Update => {
+                let image = e.before.clone().or_else(|| e.after.clone());
+                let (table, position) = (self.output.clone(), e.position.clone());
+                if let Some(out) = self.apply_owned(e)? {
+                    return Ok(Some(out));
+                }
+                let Some(image) = image else { return Ok(None) };
+                let probe = ChangeEvent { op: Op::Update, table: table.clone(), before: None, after: None, position: position.clone() };
+                let before = self.run(image, &probe, false)?;
+                Ok(Some(ChangeEvent { op: Op::Delete, table, before, after: None, position }))
+            }
+            Op::Delete => {
+                let mut e = e;
+                if let Some(b) = e.before.take() {
+                    e.before = self.run(b, &e, false)?;
+                }
+                e.table = self.output.clone();
+                Ok(Some(e))
+            }
+            _ => self.apply_owned(e),
+        }
+    }
+
     /// A row read by the snapshot (op `r`, at `position`) in the output shape, or
     /// `None` when a filter drops it.
     pub fn apply_read(&self, row: Row, position: crate::SourcePosition) -> Result<Option<Row>, ApplyError> {

@@ -109,6 +109,30 @@ fn filters_drop_matching_events_and_respect_guards() {
 }
 
 #[test]
+fn for_a_sink_keyed_by_row_an_update_into_the_filter_is_a_delete() {
+    let c = chain("- filter: {field: status, equals: draft}\n- drop_fields: {fields: [meta]}\n").unwrap();
+    let tt = c.compile(&orders()).unwrap();
+    let mut draft = row();
+    draft[2] = t("draft");
+    // An event stream drops it; a replica deletes the row it may hold, in the output shape.
+    assert!(tt.apply(&event(Op::Update, None, Some(draft.clone()))).unwrap().is_none());
+    let e = tt.apply_keyed(event(Op::Update, None, Some(draft.clone()))).unwrap().unwrap();
+    assert_eq!((e.op, e.after.is_none(), e.before.as_ref().map(Vec::len)), (Op::Delete, true, Some(5)));
+    assert_eq!(e.before.unwrap()[..2], [t("7"), t("42")]);
+    // The key changed too: the old key's row goes.
+    let mut old = row();
+    old[1] = t("41");
+    let e = tt.apply_keyed(event(Op::Update, Some(old), Some(draft.clone()))).unwrap().unwrap();
+    assert_eq!(e.before.unwrap()[1], t("41"));
+    // An insert into the filter is still dropped (nothing to remove); a delete of a
+    // draft passes; an update out of the filter is an update (upserted).
+    assert!(tt.apply_keyed(event(Op::Insert, None, Some(draft.clone()))).unwrap().is_none());
+    assert_eq!(tt.apply_keyed(event(Op::Delete, Some(draft.clone()), None)).unwrap().unwrap().op, Op::Delete);
+    assert!(tt.apply(&event(Op::Delete, Some(draft.clone()), None)).unwrap().is_none(), "an event stream drops it");
+    assert_eq!(tt.apply_keyed(event(Op::Update, Some(draft), Some(row()))).unwrap().unwrap().op, Op::Update);
+}
+
+#[test]
 fn table_guards_and_keep_fields() {
     let c = chain(
         r#"

@@ -61,6 +61,8 @@ impl Output {
 pub(super) struct Transformer {
     pub(super) chain: Arc<Chain>,
     pub(super) tables: HashMap<TableName, (Arc<TableSchema>, Arc<TableTransform>)>,
+    /// The sink keeps one row per key: updates the filters drop become deletes.
+    pub(super) keyed: bool,
 }
 
 impl Transformer {
@@ -82,7 +84,8 @@ impl Transformer {
         for t in batch.iter_mut() {
             let mut out = Vec::with_capacity(t.events.len());
             for e in t.events.drain(..) {
-                if let Some(e) = self.get(&e.table)?.apply_owned(e)? {
+                let t = self.get(&e.table)?;
+                if let Some(e) = if self.keyed { t.apply_keyed(e)? } else { t.apply_owned(e)? } {
                     out.push(e);
                 }
             }

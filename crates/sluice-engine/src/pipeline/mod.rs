@@ -240,7 +240,7 @@ impl Pipeline {
         // The shapes compiled by the checks serve until a table changes shape.
         let tables =
             checked.enriched()?.into_iter().zip(&checked.transforms).filter_map(|(t, x)| Some((t.name.clone(), (t, x.clone()?)))).collect();
-        let transformer = Transformer { chain: self.chain.clone(), tables };
+        let transformer = Transformer { chain: self.chain.clone(), tables, keyed: sink.keeps_rows_by_key() };
         Ok(Output { sink: Arc::from(sink), sink_progress, upstream, enrichment: checked.enrichment.clone(), transformer })
     }
 }
