@@ -530,12 +530,12 @@ impl TableTransform {
         match e.op {
             Op::Update => {
                 let image = e.before.clone().or_else(|| e.after.clone());
-                let (table, position) = (self.output.clone(), e.position.clone());
+                let (table, position) = (self.output.clone(), e.position);
                 if let Some(out) = self.apply_owned(e)? {
                     return Ok(Some(out));
                 }
                 let Some(image) = image else { return Ok(None) };
-                let probe = ChangeEvent { op: Op::Update, table: table.clone(), before: None, after: None, position: position.clone() };
+                let probe = ChangeEvent { op: Op::Update, table: table.clone(), before: None, after: None, position };
                 let before = self.run(image, &probe, false)?;
                 Ok(Some(ChangeEvent { op: Op::Delete, table, before, after: None, position }))
             }
