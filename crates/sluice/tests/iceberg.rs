@@ -213,6 +213,26 @@ async fn upsert_mirrors_the_source_through_kill9_exactly_once() {
     );
 }
 
+/// 12 s of the acct writer while the pipeline is killed (-9) three times, and dies once
+/// right after a commit, before the source hears of it; returns the pipeline running
+/// again, caught up with the source.
+async fn acct_workload_through_kills(env: &Env, cfg: &std::path::Path, mut p: Pipeline) -> Pipeline {
+    let cfg = &cfg.to_path_buf();
+    let writer = spawn_acct_writer(env, 12);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        p.kill9();
+        p = env.spawn(cfg);
+    }
+    p.kill9();
+    p = env.spawn_env(cfg, &[("SLUICE_TEST_ICEBERG_ABORT_AFTER_COMMITS", "2")]);
+    assert!(wait_exit(&mut p, Duration::from_secs(30)).await, "the hook did not stop the pipeline:\n{}", p.log());
+    p = env.spawn(cfg);
+    writer.await.unwrap();
+    wait_caught_up(env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
+    p
+}
+
 /// The same workload with the files on S3-compatible object storage (moto's server,
 /// from PyPI): the sink writes every file there through kill -9, maintenance lists and
 /// removes files there, and DuckDB (httpfs) and pyiceberg (pyarrow's S3) read the table
@@ -235,18 +255,7 @@ async fn upsert_on_s3_storage_mirrors_the_source_through_kill9() {
     let cfg = config_at(&env, &["acct"], &warehouse, &sink, "");
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(90), || async { p.log().contains("streaming") }).await;
-    let writer = spawn_acct_writer(&env, 12);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        p.kill9();
-        p = env.spawn(&cfg);
-    }
-    p.kill9();
-    p = env.spawn_env(&cfg, &[("SLUICE_TEST_ICEBERG_ABORT_AFTER_COMMITS", "2")]);
-    assert!(wait_exit(&mut p, Duration::from_secs(30)).await, "the hook did not stop the pipeline:\n{}", p.log());
-    p = env.spawn(&cfg);
-    writer.await.unwrap();
-    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
+    p = acct_workload_through_kills(&env, &cfg, p).await;
     wait_for("the scheduled maintenance", Duration::from_secs(30), || async { p.log().contains("Iceberg table maintained") }).await;
     assert_eq!(p.terminate(), Some(0));
     let before = read_at(&env, &warehouse, Some(&s3.endpoint), "public", "acct");
@@ -631,18 +640,7 @@ async fn changelog_is_exact_through_kill9_during_snapshot_and_streaming() {
     }
     assert!(during_snapshot >= 3, "the snapshot ended before three kills landed in it");
     wait_for("streaming", Duration::from_secs(120), || async { p.log().contains("streaming") }).await;
-    let writer = spawn_acct_writer(&env, 12);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        p.kill9();
-        p = env.spawn(&cfg);
-    }
-    p.kill9();
-    p = env.spawn_env(&cfg, &[("SLUICE_TEST_ICEBERG_ABORT_AFTER_COMMITS", "2")]);
-    assert!(wait_exit(&mut p, Duration::from_secs(30)).await, "the hook did not stop the pipeline:\n{}", p.log());
-    p = env.spawn(&cfg);
-    writer.await.unwrap();
-    wait_caught_up(&env, &format!("sluice_{}", env.db), Duration::from_secs(90)).await;
+    p = acct_workload_through_kills(&env, &cfg, p).await;
     assert_eq!(p.terminate(), Some(0));
 
     // Every snapshot row once.
