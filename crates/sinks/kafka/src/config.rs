@@ -40,11 +40,26 @@ pub struct KafkaSinkConfig {
     /// Write a tombstone (null value) after each delete, for log compaction.
     #[serde(default = "yes")]
     pub tombstones: bool,
+    /// What an update that a `filter` transform drops becomes: `drop` (Kafka
+    /// Connect's meaning, the default), or `delete`: a delete event (and tombstone) of
+    /// the row's key, so a compacted topic or a replica built from the topic loses the
+    /// row, as Postgres's own publication row filters do; deletes then always pass.
+    #[serde(default)]
+    pub filtered_updates: FilteredUpdates,
     /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// The Postgres database that keeps the pipeline's snapshot progress (schema `sluice`).
     pub state: PgConnConfig,
+}
+
+/// See [`KafkaSinkConfig::filtered_updates`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FilteredUpdates {
+    #[default]
+    Drop,
+    Delete,
 }
 
 fn default_topic() -> String {
@@ -79,6 +94,7 @@ impl KafkaSinkConfig {
             partitions: self.partitions,
             replication_factor: self.replication_factor,
             tombstones: self.tombstones,
+            filtered_updates_as_deletes: self.filtered_updates == FilteredUpdates::Delete,
             properties: self.properties.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
             unwrap: transforms.iter().any(|s| matches!(s, Step::Unwrap(_))),
             headers: transforms

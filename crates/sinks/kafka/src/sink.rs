@@ -53,6 +53,8 @@ pub struct KafkaSinkOptions {
     /// Follow each delete with a tombstone (same key, null value) so log compaction
     /// can drop the key.
     pub tombstones: bool,
+    /// An update a `filter` drops is sent as a delete of its row.
+    pub filtered_updates_as_deletes: bool,
     /// librdkafka properties that override the defaults (security, tuning).
     pub properties: Vec<(String, String)>,
     /// Write row states instead of change envelopes (the `unwrap` transform): a
@@ -375,6 +377,11 @@ impl KafkaSink {
 /// At least once: the slot's confirmed position is the checkpoint, snapshot rows are
 /// sent as `op: r` records, topics and schema subjects are the sink's objects.
 impl Sink for KafkaSink {
+    /// Only when asked (`filtered_updates: delete`): a topic is an event stream.
+    fn keeps_rows_by_key(&self) -> bool {
+        self.inner.opts.filtered_updates_as_deletes
+    }
+
     fn snapshot_method(&self) -> SnapshotMethod {
         SnapshotMethod::Rows
     }
