@@ -206,8 +206,8 @@ impl IcebergSinkConfig {
         }
     }
 
-    /// Connects to the catalog (`client`: the state database, which holds a SQL
-    /// catalog's tables).
+    /// The catalog: a SQL catalog is reached through the state database's client (its
+    /// tables live there); a REST catalog's configuration is read here.
     pub(crate) async fn catalog(&self) -> Result<Catalog, crate::error::IcebergError> {
         Ok(match (&self.catalog.sql, &self.catalog.rest) {
             (Some(c), _) => Catalog::Sql(SqlCatalog { name: c.name.clone(), typed: Default::default() }),
