@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use sluice_core::sink::PipelineShape;
-use sluice_engine::config::{PipelineConfig, SourceConfig};
+use sluice_engine::config::{OnSlotLost, PipelineConfig, SourceConfig};
 use sluice_engine::sinks::SinkConfig;
 
 /// A request the API refuses: the field it concerns (a dotted path) and why.
@@ -283,6 +283,9 @@ pub struct PipelineSpec {
     pub snapshot: Option<Value>,
     #[serde(default)]
     pub batch: Option<Value>,
+    /// `halt` (default: `sluice pipelines recover NAME` brings it back) or `resync`.
+    #[serde(default)]
+    pub on_slot_lost: OnSlotLost,
 }
 
 impl PipelineSpec {
@@ -296,6 +299,7 @@ impl PipelineSpec {
         json!({
             "name": self.name, "source": self.source, "sink": self.sink, "tables": self.tables,
             "transforms": self.transforms, "enrichers": self.enrichers, "snapshot": self.snapshot, "batch": self.batch,
+            "on_slot_lost": self.on_slot_lost,
         })
     }
 
@@ -351,6 +355,7 @@ pub fn run_config(
             publication: Some(object_name(install, id)),
             slot: Some(object_name(install, id)),
             heartbeat_interval: source.heartbeat_interval,
+            on_slot_lost: spec.on_slot_lost,
         },
         sink: sink_config,
         snapshot: spec.snapshot.as_ref().map(|v| typed("snapshot", v)).transpose()?.unwrap_or_default(),

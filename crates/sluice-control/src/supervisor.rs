@@ -41,7 +41,10 @@ fn status(m: &Metrics, server: &str) -> Value {
         "lag_last_ms": m.lag_last_ms.load(Ordering::Relaxed),
         "lag_p99_ms": m.lag_quantile_ms(0.99),
         "confirmed_lsn": sluice_core::Lsn(m.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
+        "halted_reason": m.halt_reason(),
         "wal_retained_bytes": m.wal_retained_bytes.load(Ordering::Relaxed),
+        "wal_safe_bytes": m.wal_safe_bytes.load(Ordering::Relaxed),
+        "wal_status": m.wal_status().as_str(),
         "snapshot": { "rows": s.rows_copied.load(Ordering::Relaxed), "chunks_done": done, "chunks_total": total },
         "resync": { "rows": m.resync_rows.load(Ordering::Relaxed), "chunks": m.resync_chunks.load(Ordering::Relaxed) },
         "enrich": {
@@ -178,7 +181,9 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         .await?;
     for r in claimed {
         let (id, generation): (i64, i32) = (r.get(0), r.get(1));
-        let cfg = match ctl.load_pipeline(id).await?.map(|p| p.run_config()) {
+        let loaded = ctl.load_pipeline(id).await?;
+        let name = loaded.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        let cfg = match loaded.map(|p| p.run_config()) {
             Some(Ok(cfg)) => cfg,
             Some(Err(e)) => {
                 c.execute(
@@ -193,6 +198,7 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         let metrics = Arc::new(Metrics::default());
         let (stop, rx) = watch::channel(false);
         let mut pipeline = Pipeline::new(cfg, metrics.clone(), rx);
+        pipeline.recover_hint = format!("sluice pipelines recover {name}");
         let wake = ctl.clone();
         let task = tokio::spawn(async move {
             let result = pipeline.run().await;

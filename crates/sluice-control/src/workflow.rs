@@ -44,6 +44,7 @@ pub enum Step {
     DropRole,
     Forget,
     RequestResync,
+    RequestRecover,
     AwaitResync,
 }
 
@@ -65,6 +66,7 @@ impl Step {
             Step::DropRole => "drop_role",
             Step::Forget => "forget",
             Step::RequestResync => "request_resync",
+            Step::RequestRecover => "request_recover",
             Step::AwaitResync => "await_resync",
         }
     }
@@ -92,6 +94,7 @@ pub fn steps(kind: &str, params: &Value) -> Vec<Step> {
         "pause" => vec![Stop],
         "resume" => vec![Start],
         "resync" => vec![RequestResync, AwaitResync],
+        "recover" => vec![RequestRecover, AwaitResync],
         _ => vec![],
     }
 }
@@ -497,12 +500,21 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
                 c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.map_err(anyhow::Error::from)?;
             }
         }
-        Step::RequestResync | Step::AwaitResync => {
+        Step::RequestResync | Step::RequestRecover | Step::AwaitResync => {
             let tables: Vec<TableName> =
                 wf.params["tables"].as_array().into_iter().flatten().filter_map(|t| TableName::parse(t.as_str()?)).collect();
             let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await.map_err(anyhow::Error::from)?;
             if step == Step::RequestResync {
                 sluice_engine::resync::request(&state, &cfg.pipeline, wf.id, &tables).await?;
+                return Ok(());
+            }
+            if step == Step::RequestRecover {
+                // The pipeline (halted on its lost slot) takes the request at its next
+                // retry; the resync rows it reads carry this workflow's id.
+                let id = sluice_engine::recover::request(&state, &cfg.pipeline, wf.id, &tables).await?;
+                if id != wf.id {
+                    return Err(StepError::Fatal(format!("recovery {id} of pipeline {} is already pending", p.name)));
+                }
                 return Ok(());
             }
             let db = ctl.db.get().await?;

@@ -40,6 +40,66 @@ impl Acker {
     }
 }
 
+/// Where the log a source keeps for a pipeline stands (Postgres: its replication slot's
+/// `wal_status`). `Lost` is final: the source removed log the pipeline had not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WalStatus {
+    #[default]
+    Unknown,
+    /// Within `max_wal_size`.
+    Reserved,
+    /// Beyond `max_wal_size`, held by the slot.
+    Extended,
+    /// Past `max_slot_wal_keep_size`: removed at the next checkpoint unless read.
+    Unreserved,
+    Lost,
+}
+
+impl WalStatus {
+    /// As Postgres spells it in `pg_replication_slots.wal_status`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "reserved" => Self::Reserved,
+            "extended" => Self::Extended,
+            "unreserved" => Self::Unreserved,
+            "lost" => Self::Lost,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Reserved => "reserved",
+            Self::Extended => "extended",
+            Self::Unreserved => "unreserved",
+            Self::Lost => "lost",
+        }
+    }
+
+    /// The gauge value: rising with the danger, -1 when unknown.
+    pub fn code(self) -> i64 {
+        match self {
+            Self::Unknown => -1,
+            Self::Reserved => 0,
+            Self::Extended => 1,
+            Self::Unreserved => 2,
+            Self::Lost => 3,
+        }
+    }
+}
+
+/// What a heartbeat learns about the log kept for the pipeline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetentionHealth {
+    pub status: WalStatus,
+    /// Bytes of log held back (`None`: unknown, or nothing held).
+    pub retained_bytes: Option<i64>,
+    /// Bytes that can still be written before the log is at risk of removal (`None`:
+    /// no limit configured, or unknown).
+    pub safe_bytes: Option<i64>,
+}
+
 /// A source failure, with whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -71,9 +131,9 @@ pub trait ChangeSource: Send + Sync + 'static {
     fn open(&self, from: Lsn, tables: &[Arc<TableSchema>]) -> impl Future<Output = SourceResult<Self::Stream>> + Send;
 
     /// Writes a mark into the source's log, so that an idle stream still yields
-    /// positions to confirm, and returns how many bytes of log the source keeps for this
-    /// pipeline (`None`: unknown).
-    fn heartbeat(&self) -> impl Future<Output = SourceResult<Option<i64>>> + Send;
+    /// positions to confirm, and returns the state of the log the source keeps for
+    /// this pipeline.
+    fn heartbeat(&self) -> impl Future<Output = SourceResult<RetentionHealth>> + Send;
 }
 
 /// An open stream of changes.

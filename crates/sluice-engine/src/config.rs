@@ -51,6 +51,23 @@ pub struct SourceConfig {
     /// How often to write a heartbeat into the WAL so the slot advances on idle tables.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// What to do when the source invalidates the slot (it kept more WAL than
+    /// `max_slot_wal_keep_size`): `halt` (default) and wait for `sluice recover`, or
+    /// `resync` by itself.
+    #[serde(default)]
+    pub on_slot_lost: OnSlotLost,
+}
+
+/// After a lost slot the source no longer has the changes since the sink's position:
+/// a new slot and a resync of every table bring the sink back, without emptying it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSlotLost {
+    /// Stop with one line saying what happened; a person runs `sluice recover`.
+    #[default]
+    Halt,
+    /// Recover at once: new slot, every table read again.
+    Resync,
 }
 
 fn default_port() -> u16 {

@@ -4,6 +4,7 @@
 //! - [`pipeline`]: the runner: checks, setup, snapshot, then streaming and applying
 //!   batches, with reconnects, until asked to stop.
 //! - [`resync`]: reading tables again while streaming (watermarks, as in DBLog).
+//! - [`recover`]: replacing a lost replication slot, and reading every table again.
 //! - [`enrich`]: enrichers that add fields from reference tables, HTTP services or
 //!   expressions, as one batched async step per sink batch.
 //! - [`metrics`]: counters and the Prometheus exposition.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod enrich;
 pub mod metrics;
 pub mod pipeline;
+pub mod recover;
 pub mod resync;
 pub mod sinks;
 pub mod state;

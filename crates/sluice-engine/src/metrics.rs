@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use sluice_core::source::{RetentionHealth, WalStatus};
 
 use sluice_postgres::SnapshotProgress;
 
@@ -24,9 +27,16 @@ pub struct Metrics {
     lag_count: AtomicU64,
     /// WAL the slot holds back (`pg_current_wal_lsn() - restart_lsn`), -1 when unknown.
     pub wal_retained_bytes: AtomicI64,
+    /// The slot's `wal_status`, as [`WalStatus::code`] + 1 (0: not read yet).
+    wal_status: AtomicI64,
+    /// WAL that may still be written before the slot is at risk (`safe_wal_size`), -1
+    /// when unlimited or unknown.
+    pub wal_safe_bytes: AtomicI64,
     pub confirmed_lsn: AtomicU64,
-    /// 1 while the pipeline is halted on a change the sink refused (see the log).
+    /// 1 while the pipeline is halted on a change the sink refused or a lost slot.
     pub halted: AtomicI64,
+    /// Why it is halted: one line, for status and alerts (never row values).
+    halt_reason: Mutex<Option<String>>,
     pub snapshot: Arc<SnapshotProgress>,
     /// Rows read again by resyncs, and their chunks taken by the sink.
     pub resync_rows: AtomicU64,
@@ -42,6 +52,32 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn set_wal_health(&self, h: &RetentionHealth) {
+        self.wal_retained_bytes.store(h.retained_bytes.unwrap_or(-1), Ordering::Relaxed);
+        self.wal_safe_bytes.store(h.safe_bytes.unwrap_or(-1), Ordering::Relaxed);
+        self.wal_status.store(h.status.code() + 1, Ordering::Relaxed);
+    }
+
+    pub fn wal_status(&self) -> WalStatus {
+        match self.wal_status.load(Ordering::Relaxed) {
+            1 => WalStatus::Reserved,
+            2 => WalStatus::Extended,
+            3 => WalStatus::Unreserved,
+            4 => WalStatus::Lost,
+            _ => WalStatus::Unknown,
+        }
+    }
+
+    /// Halted (with the one line saying why) or running again (`None`).
+    pub fn set_halted(&self, reason: Option<String>) {
+        self.halted.store(reason.is_some() as i64, Ordering::Relaxed);
+        *self.halt_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    pub fn halt_reason(&self) -> Option<String> {
+        self.halt_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn observe_lag_ms(&self, ms: i64) {
         let ms = ms.max(0);
         self.lag_last_ms.store(ms, Ordering::Relaxed);
@@ -108,11 +144,26 @@ impl Metrics {
             "gauge",
             self.wal_retained_bytes.load(Ordering::Relaxed).to_string(),
         );
+        c(
+            &mut s,
+            "sluice_wal_safe_bytes",
+            "WAL that may still be written before the slot is at risk (safe_wal_size; -1: no max_slot_wal_keep_size).",
+            "gauge",
+            self.wal_safe_bytes.load(Ordering::Relaxed).to_string(),
+        );
+        let status = self.wal_status();
+        let _ = writeln!(
+            s,
+            "# HELP sluice_slot_wal_status The replication slot's wal_status (1 on the current one): reserved, extended, unreserved (at risk), lost.\n# TYPE sluice_slot_wal_status gauge"
+        );
+        for st in [WalStatus::Reserved, WalStatus::Extended, WalStatus::Unreserved, WalStatus::Lost] {
+            let _ = writeln!(s, "sluice_slot_wal_status{{{l},status=\"{}\"}} {}", st.as_str(), (st == status) as u8);
+        }
         c(&mut s, "sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", get(&self.confirmed_lsn));
         c(
             &mut s,
             "sluice_pipeline_halted",
-            "1 while the pipeline is halted on a change the sink refused (the log says why).",
+            "1 while the pipeline is halted: a change the sink refused, a lost slot (the log and status say why).",
             "gauge",
             self.halted.load(Ordering::Relaxed).to_string(),
         );
@@ -190,5 +241,9 @@ mod tests {
         let text = m.render("p");
         assert!(text.contains("sluice_lag_histogram_ms_bucket{pipeline=\"p\",le=\"+Inf\"} 5"), "{text}");
         assert!(text.contains("sluice_lag_histogram_ms_count{pipeline=\"p\"} 5"));
+        m.set_wal_health(&RetentionHealth { status: WalStatus::Unreserved, retained_bytes: Some(9), safe_bytes: Some(-5) });
+        let text = m.render("p");
+        assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"unreserved\"} 1"), "{text}");
+        assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"reserved\"} 0"), "{text}");
     }
 }

@@ -31,6 +31,7 @@ static MIGRATIONS: &[Migration] = migrations! {
     4 "0004_enrichment",
     5 "0005_search_sink",
     6 "0006_webhook_sink",
+    7 "0007_slot_recovery",
 };
 
 /// Serializes migrations of one database: pipelines starting together would otherwise

@@ -100,18 +100,32 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush: Option<String>,
+    /// `lost` once the server removed WAL the slot needed: it can never stream again.
+    pub wal_status: Option<String>,
+}
+
+impl SlotInfo {
+    pub fn lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(|e| PgError::from_pg("reading pg_replication_slots", e))?;
-    Ok(row.map(|r| SlotInfo { plugin: r.get(0), database: r.get(1), active_pid: r.get(2), confirmed_flush: r.get(3) }))
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush: r.get(3),
+        wal_status: r.get(4),
+    }))
 }
 
 /// Checks that an existing slot is one this pipeline can use.

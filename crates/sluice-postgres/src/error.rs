@@ -22,6 +22,11 @@ impl PgError {
         Self { kind: ErrorKind::Transient, message: message.into(), source: None }
     }
 
+    /// A state a person must resolve; the pipeline waits, retrying slowly.
+    pub fn halted(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Halted, message: message.into(), source: None }
+    }
+
     pub(crate) fn protocol(message: impl Into<String>) -> Self {
         Self::permanent(message)
     }
@@ -70,6 +75,8 @@ impl PgError {
             W::Io(_) | W::Task(_) => ErrorKind::Transient,
             // The walsender reports a lost primary or a shutdown as a server error.
             W::Server(m) if m.contains("57P") || m.contains("terminating connection") || m.contains("shutdown") => ErrorKind::Transient,
+            // An invalidated slot: the retry's checks find it lost and say what to do.
+            W::Server(m) if m.contains("can no longer get changes") => ErrorKind::Transient,
             _ => ErrorKind::Permanent,
         };
         let hint = if matches!(e, W::Auth(_)) { ": check the user and password in the config" } else { "" };

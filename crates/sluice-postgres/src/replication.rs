@@ -2,6 +2,7 @@
 //! publication, the heartbeat and the resync watermarks (logical messages). Both the
 //! runner and the control plane's workflows go through these.
 
+use sluice_core::source::{RetentionHealth, WalStatus};
 use sluice_core::{TableName, quote_ident};
 use tokio_postgres::Client;
 
@@ -102,13 +103,38 @@ pub async fn emit_watermark(c: &Client, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// How many bytes of WAL `slot` holds back (`None` when it does not exist).
-pub async fn slot_retained_bytes(c: &Client, slot: &str) -> Result<Option<i64>> {
+/// `slot`'s `wal_status`, the WAL it holds back and how much more may be written
+/// before it is at risk (a missing slot reads as lost: its changes are gone too).
+pub async fn slot_health(c: &Client, slot: &str) -> Result<RetentionHealth> {
     let row = c
-        .query_opt("SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT wal_status, (pg_current_wal_lsn() - restart_lsn)::int8, safe_wal_size
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
-        .map_err(|e| PgError::from_pg("reading the slot's retained WAL", e))?;
-    Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+        .map_err(|e| PgError::from_pg("reading the slot's WAL status", e))?;
+    Ok(match row {
+        None => RetentionHealth { status: WalStatus::Lost, ..Default::default() },
+        Some(r) => RetentionHealth {
+            status: r.get::<_, Option<String>>(0).as_deref().map_or(WalStatus::Unknown, WalStatus::parse),
+            retained_bytes: r.get(1),
+            safe_bytes: r.get(2),
+        },
+    })
+}
+
+/// Replaces a lost `slot` with a new one, whose stream starts now. Returns the new
+/// slot's start position. What happened in between must be read again (a resync).
+pub async fn replace_slot(c: &Client, slot: &str) -> Result<sluice_core::Lsn> {
+    c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg(&format!("dropping the lost replication slot {slot}"), e))?;
+    let row = c
+        .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .await
+        .map_err(|e| PgError::from_pg(&format!("creating replication slot {slot}"), e))?;
+    row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))
 }
 
 /// The slot's confirmed position.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, SourceResult, StreamItem};
+use sluice_core::source::{Acker, ChangeSource, ChangeStream, RetentionHealth, SourceError, SourceResult, StreamItem};
 use sluice_core::{Lsn, TableName, TableSchema};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
@@ -51,6 +51,22 @@ impl PostgresSource {
     }
 }
 
+impl PostgresSource {
+    /// Replaces the pipeline's lost slot with a new one; returns where its stream starts.
+    pub async fn replace_lost_slot(&self) -> Result<Lsn, PgError> {
+        let c = connect(&self.conn, "source").await?;
+        replication::replace_slot(&c, &self.slot).await
+    }
+
+    /// The source's `max_slot_wal_keep_size`, for messages.
+    pub async fn wal_keep_limit(&self) -> Result<String, PgError> {
+        let c = connect(&self.conn, "source").await?;
+        let row =
+            c.query_one("SHOW max_slot_wal_keep_size", &[]).await.map_err(|e| PgError::from_pg("reading max_slot_wal_keep_size", e))?;
+        Ok(row.get(0))
+    }
+}
+
 fn source_error(e: PgError) -> SourceError {
     SourceError::wrap(e.kind(), e)
 }
@@ -67,14 +83,14 @@ impl ChangeSource for PostgresSource {
         Ok(stream)
     }
 
-    async fn heartbeat(&self) -> SourceResult<Option<i64>> {
+    async fn heartbeat(&self) -> SourceResult<RetentionHealth> {
         let mut client = self.heartbeat.lock().await;
         if client.as_ref().is_none_or(Client::is_closed) {
             *client = Some(connect(&self.conn, "source").await.map_err(source_error)?);
         }
         let c = client.as_ref().expect("connected above");
         replication::emit_heartbeat(c, &self.pipeline).await.map_err(source_error)?;
-        replication::slot_retained_bytes(c, &self.slot).await.map_err(source_error)
+        replication::slot_health(c, &self.slot).await.map_err(source_error)
     }
 }
 

@@ -127,6 +127,15 @@ pub enum Pipelines {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Bring back a pipeline halted because the source invalidated its replication slot
+    /// (it held more WAL than max_slot_wal_keep_size): a new slot, and every table read
+    /// again while the sink keeps serving its rows. Waits and shows progress.
+    Recover {
+        name: String,
+        /// Return at once instead of waiting for the tables to be read again.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Tear down: stop, drop the slot, publication and role; --purge also the sink's
     /// tables or index and the pipeline's state.
     Delete {
@@ -313,6 +322,20 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                         format!(
                             "resync of {name} ({}): workflow {wf}{}\n",
                             v["tables"].as_array().map_or(0, Vec::len).to_string() + " tables",
+                            if no_wait { "" } else { " succeeded" }
+                        )
+                    })
+                }
+                Pipelines::Recover { name, no_wait } => {
+                    let v = api.call("POST", &format!("{base}/{name}/recover"), None)?;
+                    let wf = v["workflow"].as_i64().unwrap_or_default();
+                    if !no_wait {
+                        wait_workflow(&api, wf)?;
+                    }
+                    out(&v, &|v| {
+                        format!(
+                            "recovery of {name} ({} tables): workflow {wf}{}\n",
+                            v["tables"].as_array().map_or(0, Vec::len),
                             if no_wait { "" } else { " succeeded" }
                         )
                     })

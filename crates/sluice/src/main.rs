@@ -74,6 +74,25 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Bring back a pipeline whose replication slot the source invalidated (it held
+    /// more WAL than max_slot_wal_keep_size; the pipeline halted saying so).
+    ///
+    /// The changes since the sink's position are gone from the source, so the running
+    /// pipeline replaces the slot and reads every table again between watermarks in
+    /// its new stream (as `sluice resync` does): the sink keeps serving its rows
+    /// meanwhile, and a Postgres sink without transforms also loses the rows deleted
+    /// while the slot was lost. Set source.on_slot_lost: resync to do this by itself.
+    ///
+    ///   sluice recover -c pipeline.yaml
+    Recover {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Return once the request is recorded, without waiting for the resync.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Check a config and both databases without changing anything.
     Check {
         #[arg(long, short)]
@@ -406,6 +425,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let mut p = Pipeline::new(cfg, metrics, shutdown_signal());
             p.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            p.recover_hint = format!("sluice recover -c {}", config.display());
             p.run().await
         }
         Command::Resync { config, tables, no_wait, output } => {
@@ -421,27 +441,37 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if output == Output::Text {
                 eprintln!("resync {id} of {} table(s) requested; pipeline {} must be running to take it", tables.len(), cfg.pipeline);
             }
-            let mut last = String::new();
-            loop {
-                let p = sluice::resync::progress(&state, &cfg.pipeline, id).await?;
-                let done = p.iter().all(|t| t.done);
-                if output == Output::Text {
-                    let line: Vec<String> =
-                        p.iter().map(|t| format!("{} {} rows{}", t.table, t.rows, if t.done { " done" } else { "" })).collect();
-                    let line = line.join(", ");
-                    if line != last {
-                        eprintln!("{line}");
-                        last = line;
-                    }
-                }
-                if done || no_wait {
-                    if output == Output::Json {
-                        println!("{}", serde_json::json!({"id": id, "pipeline": cfg.pipeline, "done": done, "tables": p}));
-                    }
-                    return Ok(());
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            wait_for_resync(&state, &cfg.pipeline, id, no_wait, output).await
+        }
+        Command::Recover { config, no_wait, output } => {
+            init_logs("warn", false);
+            let cfg = PipelineConfig::load(&config)?;
+            let source = cfg.source.connection();
+            let src = sluice_postgres::connect(&source, "source").await?;
+            let slot = cfg.slot_name();
+            if let Some(info) = sluice_postgres::slot_info(&src, &slot).await?
+                && !info.lost()
+            {
+                anyhow::bail!(
+                    "replication slot {slot} is not lost (wal_status {}): nothing to recover; to read tables again, run sluice resync -c {}",
+                    info.wal_status.as_deref().unwrap_or("unknown"),
+                    config.display()
+                );
             }
+            let tables = cfg.tables();
+            sluice::resync::check_keys(&src, &tables, &source.describe()).await.map_err(anyhow::Error::msg)?;
+            let state = sluice_postgres::connect(&cfg.state_connection(), "state database").await?;
+            let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let id = sluice::recover::request(&state, &cfg.pipeline, id, &tables).await?;
+            if output == Output::Text {
+                eprintln!(
+                    "recovery {id} requested: pipeline {} replaces slot {slot} and reads {} table(s) again when it runs (sluice run -c {})",
+                    cfg.pipeline,
+                    tables.len(),
+                    config.display()
+                );
+            }
+            wait_for_resync(&state, &cfg.pipeline, id, no_wait, output).await
         }
         Command::Check { config, output } => {
             init_logs("warn", false);
@@ -457,13 +487,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "tables": tables,
                     "slot": cfg.slot_name(),
                     "slot_exists": checked.slot_exists,
+                    "slot_lost": checked.slot_lost,
                     "publication": cfg.publication_name(),
                     "publication_exists": checked.publication_exists,
                 });
                 println!("{v}");
             } else {
                 println!("ok: pipeline {} can replicate {} table(s): {}", cfg.pipeline, tables.len(), tables.join(", "));
-                println!("slot {} {}", cfg.slot_name(), if checked.slot_exists { "exists" } else { "will be created" });
+                let slot = match (checked.slot_exists, checked.slot_lost) {
+                    (_, true) => format!("was invalidated by the source (wal_status lost): run sluice recover -c {}", config.display()),
+                    (true, false) => "exists".into(),
+                    (false, false) => "will be created".into(),
+                };
+                println!("slot {} {slot}", cfg.slot_name());
             }
             Ok(())
         }
@@ -659,5 +695,29 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints a resync's progress until every table is done (or at once with `no_wait`).
+async fn wait_for_resync(state: &tokio_postgres::Client, pipeline: &str, id: i64, no_wait: bool, output: Output) -> anyhow::Result<()> {
+    let mut last = String::new();
+    loop {
+        let p = sluice::resync::progress(state, pipeline, id).await?;
+        let done = p.iter().all(|t| t.done);
+        if output == Output::Text {
+            let line: Vec<String> = p.iter().map(|t| format!("{} {} rows{}", t.table, t.rows, if t.done { " done" } else { "" })).collect();
+            let line = line.join(", ");
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+        }
+        if done || no_wait {
+            if output == Output::Json {
+                println!("{}", serde_json::json!({"id": id, "pipeline": pipeline, "done": done, "tables": p}));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

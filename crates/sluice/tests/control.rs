@@ -773,6 +773,10 @@ async fn resync_through_the_cli_and_kafka_purge() {
     let (code, _, err) = cli(&url, &token, "shop", &["pipelines", "resync", "orders", "--table", "public.nope"]);
     assert_eq!(code, 1);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Recovery is for a lost slot only (tests/slots.rs loses one).
+    let (code, _, err) = cli(&url, &token, "shop", &["pipelines", "recover", "orders"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to recover") && err.trim().lines().count() == 1, "{err}");
     let (code, out, _) = cli(&url, &token, "shop", &["pipelines", "pause", "orders", "--output", "json"]);
     assert_eq!(code, 0);
     let wf = serde_json::from_str::<Value>(&out).unwrap()["workflow"].as_i64().unwrap();

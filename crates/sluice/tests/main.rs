@@ -15,6 +15,7 @@ mod restart;
 mod resync;
 mod search;
 mod server;
+mod slots;
 mod smoke;
 mod transforms;
 mod types;

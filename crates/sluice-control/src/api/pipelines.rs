@@ -316,3 +316,33 @@ pub(super) async fn pipelines_resync(
     let wf = start_workflow(&ctl, tid, id, &name, "resync", json!({ "tables": tables })).await?;
     accepted(json!({ "name": name, "workflow": wf, "tables": tables }))
 }
+
+/// Brings back a pipeline whose slot the source invalidated (see `sluice_engine::recover`):
+/// refused unless the slot is lost.
+pub(super) async fn pipelines_recover(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>) -> ApiResult {
+    let tid = caller.tenant(&ctl, &tenant, true).await?;
+    let id = pipeline_row(&ctl, tid, &name).await?;
+    let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
+    let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
+    let admin = p.source.admin();
+    let src = sluice_postgres::connect(&admin, &format!("source {}", p.source.name))
+        .await
+        .map_err(|e| ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: e.to_string() }))?;
+    let slot = cfg.slot_name();
+    let info = sluice_postgres::slot_info(&src, &slot)
+        .await
+        .map_err(|e| ApiError::invalid("source_unreachable", Invalid::new("source", e.to_string())))?;
+    if let Some(info) = info.filter(|i| !i.lost()) {
+        return Err(ApiError::conflict(format!(
+            "pipeline {name:?} has a healthy replication slot (wal_status {}): nothing to recover; to read tables again, use resync",
+            info.wal_status.as_deref().unwrap_or("unknown")
+        )));
+    }
+    let tables = cfg.tables();
+    sluice_engine::resync::check_keys(&src, &tables, &admin.describe())
+        .await
+        .map_err(|m| ApiError::invalid("invalid_recover", Invalid { field: Some("tables".into()), message: m }))?;
+    let tables: Vec<String> = tables.iter().map(ToString::to_string).collect();
+    let wf = start_workflow(&ctl, tid, id, &name, "recover", json!({ "tables": tables })).await?;
+    accepted(json!({ "name": name, "workflow": wf, "tables": tables }))
+}

@@ -71,6 +71,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Read tables {tables: [schema.table]} (default all) again from the source while streaming continues",
         "admin",
     ),
+    (
+        "post",
+        "/v1/tenants/{tenant}/pipelines/{name}/recover",
+        "Replace a pipeline's lost replication slot and read every table again, without emptying the sink",
+        "admin",
+    ),
     ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),
@@ -94,6 +100,7 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/pipelines/{name}/pause", post(pipelines_pause))
         .route("/v1/tenants/{tenant}/pipelines/{name}/resume", post(pipelines_resume))
         .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
+        .route("/v1/tenants/{tenant}/pipelines/{name}/recover", post(pipelines_recover))
         .route("/v1/tenants/{tenant}/pipelines/{name}/enrichment", get(pipelines_enrichment))
         .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))

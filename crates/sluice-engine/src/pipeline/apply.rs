@@ -164,7 +164,9 @@ impl Pipeline {
             }
             if !batch.is_empty() {
                 sink.apply(&mut batch).await?;
-                self.metrics.halted.store(0, Ordering::Relaxed);
+                if self.metrics.halted.load(Ordering::Relaxed) != 0 {
+                    self.metrics.set_halted(None);
+                }
                 self.record(&batch, &mut unseen);
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();

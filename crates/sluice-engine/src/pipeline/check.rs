@@ -21,6 +21,8 @@ pub struct Checked {
     /// Each table's transforms (its output shape), when the pipeline has any.
     pub transforms: Vec<Option<Arc<TableTransform>>>,
     pub slot_exists: bool,
+    /// The slot exists but the source invalidated it (`wal_status = lost`).
+    pub slot_lost: bool,
     pub publication_missing: Vec<TableName>,
     pub publication_exists: bool,
     /// The enrichers, checked against the tables and their reference databases.
@@ -172,6 +174,7 @@ impl Pipeline {
             tables,
             transforms,
             slot_exists: slot_info.is_some(),
+            slot_lost: slot_info.as_ref().is_some_and(sluice_postgres::SlotInfo::lost),
             publication_missing,
             publication_exists: published.is_some(),
             enrichment,

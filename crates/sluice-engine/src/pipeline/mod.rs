@@ -18,14 +18,14 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::resync::Resync;
 use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotChunk, SnapshotMethod};
-use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, StreamItem};
+use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, StreamItem, WalStatus};
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_postgres::{CopyIntoState, PgConnConfig, PgError, PostgresSource, RowTarget, SnapshotFilter, SnapshotOptions, SnapshotTable};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
 
-use crate::config::PipelineConfig;
+use crate::config::{OnSlotLost, PipelineConfig};
 use crate::enrich::Enrichment;
 use crate::metrics::Metrics;
 
@@ -50,6 +50,8 @@ pub struct Pipeline {
     /// Only checking a changed config of a pipeline that may be running: its own slot
     /// being in use is expected, not an error.
     pub slot_may_be_in_use: bool,
+    /// The command that recovers this pipeline from a lost slot, for the halt message.
+    pub recover_hint: String,
 }
 
 /// How long a slot held by another connection may take to be released before the
@@ -105,6 +107,7 @@ impl Pipeline {
             require_logical_wal: true,
             stop_after_snapshot: false,
             slot_may_be_in_use: false,
+            recover_hint: "sluice recover -c <the pipeline's config>".into(),
         }
     }
 
@@ -129,7 +132,7 @@ impl Pipeline {
                     if halted {
                         // Nothing past the last delivered batch was confirmed: the
                         // pipeline retries from there until a person resolves it.
-                        self.metrics.halted.store(1, Ordering::Relaxed);
+                        self.metrics.set_halted(Some(format!("{e:#}")));
                         backoff = backoff.max(Duration::from_secs(2));
                         tracing::error!(error = %e, retry_in = ?backoff, "pipeline halted");
                     } else {
@@ -152,19 +155,13 @@ impl Pipeline {
     }
 
     pub async fn run_once(&mut self) -> Result<()> {
-        let checked = self.check().await?;
+        let mut checked = self.check().await?;
         let mut sink = self.connect_sink(&checked).await?;
         let had_progress = sink.has_progress();
-        let slot = self.cfg.slot_name();
-        if !checked.slot_exists && sink.has_progress() {
-            bail!(PgError::permanent(format!(
-                "replication slot {slot} is gone but the sink already holds this pipeline's changes: changes since \
-                     then were lost. To start over, run DELETE FROM sluice.pipelines WHERE pipeline = '{}'; \
-                     DELETE FROM sluice.snapshot_chunks WHERE pipeline = '{}'; in the {} and empty the sink",
-                self.cfg.pipeline,
-                self.cfg.pipeline,
-                if self.cfg.sink.get().state_is_sink() { "sink" } else { "state database" },
-            )));
+        // A slot that is gone after the sink took changes lost the ones since then.
+        if checked.slot_lost || (!checked.slot_exists && had_progress) {
+            self.recover_slot(&sink, &checked).await?;
+            checked.slot_exists = true;
         }
         self.capture.prepare(&checked.publication_missing, checked.slot_exists).await?;
         if self.cfg.snapshot.enabled {
@@ -178,6 +175,33 @@ impl Pipeline {
             e.check_versions(had_progress).await?;
         }
         self.stream(&self.capture.clone(), sink, &checked).await
+    }
+
+    /// Replaces a lost slot when asked to (a recovery request, or `on_slot_lost:
+    /// resync`), recording the resync of every table first; halts otherwise. See
+    /// [`crate::recover`].
+    async fn recover_slot(&self, sink: &Output, checked: &Checked) -> Result<()> {
+        let state = sluice_postgres::connect(&self.state, "state database").await?;
+        let pipeline = &self.cfg.pipeline;
+        let id = match crate::recover::pending(&state, pipeline).await? {
+            Some(id) => id,
+            None if self.cfg.source.on_slot_lost == OnSlotLost::Resync => {
+                let id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                let tables: Vec<TableName> = checked.tables.iter().map(|t| t.name.clone()).collect();
+                crate::recover::request(&state, pipeline, id, &tables).await?
+            }
+            None => {
+                let limit = self.capture.wal_keep_limit().await.unwrap_or_else(|_| "?".into());
+                let msg = crate::recover::lost_message(&self.cfg.slot_name(), sink.sink.resume_lsn(), &limit, &self.recover_hint);
+                bail!(PgError::halted(msg));
+            }
+        };
+        let from = self.capture.replace_lost_slot().await?;
+        crate::recover::finish(&state, pipeline).await?;
+        self.metrics.set_halted(None);
+        tracing::warn!(slot = %self.cfg.slot_name(), %from, resync = id, tables = checked.tables.len(),
+            "replaced the lost replication slot; reading every table again");
+        Ok(())
     }
 
     /// Checks everything, then creates the sink's objects (tables, topics and their

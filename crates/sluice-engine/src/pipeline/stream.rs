@@ -37,7 +37,7 @@ impl Pipeline {
             stream.shutdown().await;
             r
         });
-        let heartbeat = tokio::spawn(heartbeat(source.clone(), self.cfg.source.heartbeat_interval, self.metrics.clone()));
+        let mut heartbeat = tokio::spawn(heartbeat(source.clone(), self.cfg.source.heartbeat_interval, self.metrics.clone()));
         // Rows the source no longer has can be found in a Postgres sink whose rows are
         // the source's own (no transforms).
         let targets = if sink.sink.mirrors_source_rows() && self.chain.is_empty() {
@@ -57,7 +57,13 @@ impl Pipeline {
         )
         .await
         {
-            Ok(mut resync) => self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync).await,
+            // A lost slot ends the stream within one heartbeat (the source may not have
+            // ended it); the retry's checks decide between halting and recovering.
+            // Leaving the apply loop mid-batch is safe: the sink commits a batch whole.
+            Ok(mut resync) => tokio::select! {
+                r = self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync) => r,
+                _ = &mut heartbeat => Err(PgError::transient(format!("replication slot {} was lost", self.cfg.slot_name())).into()),
+            },
             Err(e) => Err(e),
         };
         budget.close();
@@ -75,12 +81,23 @@ impl Pipeline {
 }
 
 /// Writes a heartbeat into the source's log on a timer, so the slot's confirmed
-/// position advances even when every replicated table is idle, and samples how much
-/// log the source retains for the pipeline.
+/// position advances even when every replicated table is idle, and samples the log
+/// the source retains for the pipeline. Returns when the slot is lost.
 pub(super) async fn heartbeat<S: ChangeSource>(source: Arc<S>, interval: Duration, metrics: Arc<Metrics>) {
+    let mut last = WalStatus::Unknown;
     loop {
         match source.heartbeat().await {
-            Ok(retained) => metrics.wal_retained_bytes.store(retained.unwrap_or(-1), Ordering::Relaxed),
+            Ok(health) => {
+                metrics.set_wal_health(&health);
+                if health.status != last && matches!(health.status, WalStatus::Extended | WalStatus::Unreserved) {
+                    tracing::warn!(wal_status = health.status.as_str(), retained_bytes = ?health.retained_bytes, safe_bytes = ?health.safe_bytes,
+                        "the replication slot holds WAL beyond max_wal_size; the source invalidates it past max_slot_wal_keep_size");
+                }
+                last = health.status;
+                if health.status == WalStatus::Lost {
+                    return;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         tokio::time::sleep(interval).await;
