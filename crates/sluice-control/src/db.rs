@@ -120,6 +120,16 @@ CREATE TABLE enrichers (
     UNIQUE (tenant_id, name)
 );
 "#,
+    r#"
+-- A tenant's alert settings: the webhook (sealed: a Slack URL is a credential) and
+-- the rules' thresholds, applied to all its pipelines.
+CREATE TABLE alert_settings (
+    tenant_id bigint PRIMARY KEY REFERENCES tenants(id) ON DELETE CASCADE,
+    spec jsonb NOT NULL,
+    sealed bytea NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"#,
 ];
 
 /// The schema everything lives in, so the control database may be shared.

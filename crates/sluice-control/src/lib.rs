@@ -35,6 +35,8 @@ pub struct Control {
     pub install: String,
     pub(crate) wake: Notify,
     pub(crate) wake_supervisor: Notify,
+    /// DogStatsD metrics and alert state of the pipelines this server runs.
+    pub(crate) signals: std::sync::Mutex<supervisor::Signals>,
 }
 
 /// A pipeline with its source and sink, secrets opened.
@@ -75,7 +77,21 @@ impl Control {
     /// The control plane over a migrated control database.
     pub async fn new(db: db::Db, sealer: crypto::Sealer, server_id: String, lease: Duration) -> Result<Arc<Self>> {
         let install = db.installation().await?;
-        Ok(Arc::new(Self { db, sealer, server_id, lease, install, wake: Notify::new(), wake_supervisor: Notify::new() }))
+        Ok(Arc::new(Self {
+            db,
+            sealer,
+            server_id,
+            lease,
+            install,
+            wake: Notify::new(),
+            wake_supervisor: Notify::new(),
+            signals: Default::default(),
+        }))
+    }
+
+    /// Sends every pipeline's metrics to a DogStatsD agent, tagged with its tenant.
+    pub fn set_dogstatsd(&self, d: sluice_engine::dogstatsd::DogStatsd) {
+        self.signals.lock().unwrap_or_else(|e| e.into_inner()).statsd = Some(d);
     }
 
     pub async fn load_pipeline(&self, id: i64) -> Result<Option<Loaded>> {

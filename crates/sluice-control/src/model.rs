@@ -41,6 +41,22 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Inv
     serde_yaml::from_str(text).map_err(|e| Invalid::from_message(e.to_string().replace('\n', " ")))
 }
 
+/// A tenant's alert settings (`sluice_engine::alerts::AlertConfig`), checked; with the
+/// form shown back (the webhook URL hidden).
+pub fn parse_alerts(body: &[u8]) -> Result<(sluice_engine::alerts::AlertConfig, Value, Value), Invalid> {
+    let raw: Value = parse(body, "alerts")?;
+    let cfg: sluice_engine::alerts::AlertConfig =
+        serde_json::from_value(raw.clone()).map_err(|e| Invalid::from_message(format!("alerts: {e}")))?;
+    cfg.validate().map_err(|m| {
+        let field = m.strip_prefix("alerts.").and_then(|r| r.split(':').next()).unwrap_or("alerts").to_string();
+        Invalid::new(&field, m)
+    })?;
+    let mut public = raw.clone();
+    public["webhook_url"] = json!("(secret)");
+    public["configured"] = json!(true);
+    Ok((cfg, raw, public))
+}
+
 /// A resync request: the tables to read again (none named: all of the pipeline's).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -362,6 +378,8 @@ pub fn run_config(
         batch: spec.batch.as_ref().map(|v| typed("batch", v)).transpose()?.unwrap_or_default(),
         transforms: spec.transforms.iter().enumerate().map(|(i, v)| typed(&format!("transforms[{i}]"), v)).collect::<Result<_, _>>()?,
         enrich: enrichers.iter().enumerate().map(|(i, v)| typed(&format!("enrichers[{i}]"), v)).collect::<Result<_, _>>()?,
+        // A tenant's alert settings apply to all its pipelines (the supervisor's).
+        alerts: None,
     };
     cfg.validate().map_err(|m| {
         // The runner names its own keys; say them as the pipeline request does.

@@ -16,11 +16,18 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::Control;
+use sluice_engine::alerts::{AlertConfig, Alerts, Subject, deliver};
+use sluice_engine::dogstatsd::DogStatsd;
 use sluice_engine::metrics::Metrics;
 use sluice_engine::pipeline::Pipeline;
 
 struct Local {
     generation: i32,
+    /// Names for tags and alerts: pipeline, tenant (id and name), sink kind.
+    pipeline: String,
+    tenant_id: i64,
+    tenant: String,
+    sink: String,
     metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<()>>,
@@ -119,6 +126,8 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         )
         .await?;
     let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    // Before ended tasks are taken out: their last errors count too.
+    signals(ctl, c, local).await?;
     // 2. Stop what is gone, no longer wanted, lost, or finished by itself. A pipeline
     //    told to stop is only awaited once its task has ended (it wakes the supervisor).
     let mut ended = Vec::new();
@@ -183,6 +192,9 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         let (id, generation): (i64, i32) = (r.get(0), r.get(1));
         let loaded = ctl.load_pipeline(id).await?;
         let name = loaded.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        let (tenant_id, sink) = loaded.as_ref().map(|p| (p.tenant_id, p.sink.kind.clone())).unwrap_or_default();
+        let tenant: String =
+            c.query_opt("SELECT name FROM tenants WHERE id = $1", &[&tenant_id]).await?.map(|r| r.get(0)).unwrap_or_default();
         let cfg = match loaded.map(|p| p.run_config()) {
             Some(Ok(cfg)) => cfg,
             Some(Err(e)) => {
@@ -206,7 +218,52 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
             result
         });
         tracing::info!(pipeline = id, "pipeline started on this server");
-        local.insert(id, Local { generation, metrics, stop, task, started: Instant::now(), stopping: false });
+        local.insert(
+            id,
+            Local { generation, pipeline: name, tenant_id, tenant, sink, metrics, stop, task, started: Instant::now(), stopping: false },
+        );
+    }
+    Ok(())
+}
+
+/// DogStatsD metrics and alert state of this server's pipelines.
+#[derive(Default)]
+pub(crate) struct Signals {
+    pub(crate) statsd: Option<DogStatsd>,
+    alerts: Alerts,
+    client: reqwest::Client,
+}
+
+/// Sends metrics when due, and evaluates each tenant's alert rules on its pipelines
+/// here, delivering what fires or resolves to the tenant's webhook.
+async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Result<()> {
+    let tenants: Vec<i64> = local.values().map(|l| l.tenant_id).collect();
+    let rows = c.query("SELECT tenant_id, sealed FROM alert_settings WHERE tenant_id = ANY($1)", &[&tenants]).await?;
+    let mut settings: HashMap<i64, AlertConfig> = HashMap::new();
+    for r in rows {
+        let opened = ctl.sealer.open(r.get::<_, &[u8]>(1)).map_err(anyhow::Error::msg)?;
+        match serde_json::from_slice::<AlertConfig>(&opened) {
+            Ok(cfg) => {
+                settings.insert(r.get(0), cfg);
+            }
+            Err(e) => tracing::warn!(tenant = r.get::<_, i64>(0), error = %e, "unreadable alert settings"),
+        }
+    }
+    let mut s = ctl.signals.lock().unwrap_or_else(|e| e.into_inner());
+    let s = &mut *s;
+    if let Some(d) = s.statsd.as_mut()
+        && d.due()
+    {
+        for l in local.values() {
+            d.emit(&[("pipeline", &l.pipeline), ("tenant", &l.tenant), ("sink", &l.sink)], &l.metrics);
+        }
+    }
+    for l in local.values() {
+        let Some(cfg) = settings.get(&l.tenant_id) else { continue };
+        let subject = Subject { pipeline: l.pipeline.clone(), tenant: Some(l.tenant.clone()) };
+        for n in s.alerts.evaluate(&subject, &l.metrics, cfg) {
+            deliver(&s.client, &cfg.webhook_url, n);
+        }
     }
     Ok(())
 }

@@ -30,6 +30,10 @@ pub struct PipelineConfig {
     /// Enrichers applied to every change, in order, before the transforms.
     #[serde(default)]
     pub enrich: Vec<crate::enrich::EnricherConfig>,
+    /// Built-in alert rules delivered to a webhook (`sluice run`; the server takes them
+    /// from each tenant's alert settings instead).
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::AlertConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +231,9 @@ impl PipelineConfig {
         sluice_core::transform::Chain::new(self.transforms.clone()).map_err(|e| e.to_string())?;
         crate::enrich::validate(&self.enrich)?;
         self.sink.get().validate(&PipelineShape { transforms: &self.transforms, enriched: !self.enrich.is_empty() })?;
+        if let Some(a) = &self.alerts {
+            a.validate()?;
+        }
         if self.source.heartbeat_interval < Duration::from_millis(100) {
             return Err("source.heartbeat_interval: must be at least 100ms".into());
         }

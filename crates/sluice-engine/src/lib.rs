@@ -7,11 +7,15 @@
 //! - [`recover`]: replacing a lost replication slot, and reading every table again.
 //! - [`enrich`]: enrichers that add fields from reference tables, HTTP services or
 //!   expressions, as one batched async step per sink batch.
-//! - [`metrics`]: counters and the Prometheus exposition.
+//! - [`alerts`]: built-in alert rules, delivered to a webhook.
+//! - [`metrics`]: counters and the Prometheus exposition; [`dogstatsd`]: the same
+//!   pushed to a Datadog agent.
 //! - [`sinks`]: the sink registry, the one place that names every sink.
 //! - [`state`]: the state store (the `sluice` schema), one migration file per feature.
 
+pub mod alerts;
 pub mod config;
+pub mod dogstatsd;
 pub mod enrich;
 pub mod metrics;
 pub mod pipeline;

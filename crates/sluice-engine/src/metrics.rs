@@ -1,10 +1,12 @@
 //! Pipeline metrics, rendered in the Prometheus text format on `/metrics`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use sluice_core::TableName;
 use sluice_core::source::{RetentionHealth, WalStatus};
 
 use sluice_postgres::SnapshotProgress;
@@ -16,6 +18,8 @@ const LAG_BUCKETS_MS: [u64; 22] =
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub events: AtomicU64,
+    /// Events applied, by source table (written once per batch).
+    pub table_events: Mutex<HashMap<TableName, u64>>,
     pub bytes: AtomicU64,
     pub transactions: AtomicU64,
     pub batches: AtomicU64,
@@ -195,6 +199,16 @@ impl Metrics {
             "counter",
             get(&self.enrich_dead_letters),
         );
+        let _ = writeln!(
+            s,
+            "# HELP sluice_table_events_total Change events applied, by source table.\n# TYPE sluice_table_events_total counter"
+        );
+        let mut tables: Vec<(String, u64)> =
+            self.table_events.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(t, n)| (t.to_string(), *n)).collect();
+        tables.sort();
+        for (t, n) in tables {
+            let _ = writeln!(s, "sluice_table_events_total{{{l},table=\"{}\"}} {n}", t.replace('\\', "\\\\").replace('"', "\\\""));
+        }
         let _ =
             writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
         let mut cum = 0;
@@ -245,5 +259,29 @@ mod tests {
         let text = m.render("p");
         assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"unreserved\"} 1"), "{text}");
         assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"reserved\"} 0"), "{text}");
+    }
+
+    /// The shipped monitoring files parse, and name only metrics `render` exports.
+    #[test]
+    fn deploy_files_name_only_exported_metrics() {
+        let rules = include_str!("../../../deploy/prometheus-alerts.yaml");
+        let dashboard = include_str!("../../../deploy/grafana-dashboard.json");
+        serde_yaml::from_str::<serde_yaml::Value>(rules).expect("prometheus-alerts.yaml is YAML");
+        serde_json::from_str::<serde_json::Value>(dashboard).expect("grafana-dashboard.json is JSON");
+        let m = Metrics::default();
+        m.table_events.lock().unwrap().insert(TableName::new("public", "t"), 1);
+        let text = m.render("p");
+        let mut named = 0;
+        for file in [rules, dashboard] {
+            for (i, _) in file.match_indices("sluice_") {
+                let name: String = file[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                if name == "sluice_" || name.starts_with("sluice_control") {
+                    continue;
+                }
+                named += 1;
+                assert!(text.contains(&format!("{name}{{")), "{name} is not a metric Sluice exports");
+            }
+        }
+        assert!(named > 15, "only {named} metric names found");
     }
 }

@@ -25,6 +25,14 @@ macro_rules! registry {
                     $(Self::$variant(c) => c,)*
                 }
             }
+
+            /// The kind as spelled in the config (`postgres`), for metric tags (the
+            /// variants are single words).
+            pub fn kind(&self) -> String {
+                match self {
+                    $(Self::$variant(_) => stringify!($variant).to_ascii_lowercase(),)*
+                }
+            }
         }
     };
 }

@@ -76,7 +76,9 @@ impl PgError {
             // The walsender reports a lost primary or a shutdown as a server error.
             W::Server(m) if m.contains("57P") || m.contains("terminating connection") || m.contains("shutdown") => ErrorKind::Transient,
             // An invalidated slot: the retry's checks find it lost and say what to do.
-            W::Server(m) if m.contains("can no longer get changes") => ErrorKind::Transient,
+            W::Server(m) if m.contains("can no longer get changes") || m.contains("cannot read from logical replication slot") => {
+                ErrorKind::Transient
+            }
             _ => ErrorKind::Permanent,
         };
         let hint = if matches!(e, W::Auth(_)) { ": check the user and password in the config" } else { "" };

@@ -3,7 +3,7 @@
 //! their own; they are re-exported here under their old paths.
 
 pub use sluice_control as control;
-pub use sluice_engine::{config, enrich, metrics, pipeline, recover, resync, sinks};
+pub use sluice_engine::{alerts, config, dogstatsd, enrich, metrics, pipeline, recover, resync, sinks};
 
 pub mod client;
 pub mod demo;

@@ -48,6 +48,8 @@ enum Command {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        dogstatsd: DogStatsdArgs,
         /// Log lines as text or JSON.
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
@@ -135,6 +137,8 @@ enum Command {
         /// after at most this long (renewed every 2s).
         #[arg(long, default_value = "15s", value_parser = humantime_parse)]
         lease: std::time::Duration,
+        #[command(flatten)]
+        dogstatsd: DogStatsdArgs,
     },
     /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
     /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
@@ -416,13 +420,14 @@ async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router, what: &s
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, metrics_addr, output } => {
+        Command::Run { config, metrics_addr, dogstatsd, output } => {
             init_logs(&cli.log, output == Output::Json);
             let cfg = PipelineConfig::load(&config)?;
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = metrics_addr {
                 sluice::metrics::serve(addr, cfg.pipeline.clone(), metrics.clone()).await?;
             }
+            spawn_signals(&cfg, metrics.clone(), dogstatsd.connect()?);
             let mut p = Pipeline::new(cfg, metrics, shutdown_signal());
             p.progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
             p.recover_hint = format!("sluice recover -c {}", config.display());
@@ -559,7 +564,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let o = sluice::search_demo::DemoOptions { scale, addr, search_addr, rate, duration };
             sluice::search_demo::run(o, shutdown_signal()).await
         }
-        Command::Server { addr, source, registry_database, search_data, control_database, server_id, lease } => {
+        Command::Server { addr, source, registry_database, search_data, control_database, server_id, lease, dogstatsd } => {
             init_logs(&cli.log, false);
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
             let addr = listener.local_addr()?;
@@ -578,7 +583,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         format!("{host}:{}", addr.port())
                     });
                     tracing::info!(server_id = %id, "control plane on");
-                    Some(sluice::control::Control::new(db, sealer, id, lease).await?)
+                    let ctl = sluice::control::Control::new(db, sealer, id, lease).await?;
+                    if let Some(d) = dogstatsd.connect()? {
+                        ctl.set_dogstatsd(d);
+                    }
+                    Some(ctl)
                 }
                 None => None,
             };
@@ -696,6 +705,52 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where to push DogStatsD metrics (a Datadog agent), beside Prometheus.
+#[derive(clap::Args)]
+struct DogStatsdArgs {
+    /// Send metrics to this DogStatsD agent (host:port, UDP; usually 127.0.0.1:8125),
+    /// tagged pipeline, sink, tenant (server) and table.
+    #[arg(long, env = "SLUICE_DOGSTATSD")]
+    dogstatsd: Option<String>,
+    /// How often to send them.
+    #[arg(long, env = "SLUICE_DOGSTATSD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    dogstatsd_interval: std::time::Duration,
+}
+
+impl DogStatsdArgs {
+    fn connect(&self) -> anyhow::Result<Option<sluice::dogstatsd::DogStatsd>> {
+        self.dogstatsd.as_deref().map(|a| sluice::dogstatsd::DogStatsd::connect(a, self.dogstatsd_interval)).transpose()
+    }
+}
+
+/// `sluice run`'s own signals: DogStatsD metrics and the config's alert rules, on a
+/// 2-second timer beside the pipeline.
+fn spawn_signals(cfg: &PipelineConfig, metrics: Arc<Metrics>, mut statsd: Option<sluice::dogstatsd::DogStatsd>) {
+    let alerts = cfg.alerts.clone();
+    if statsd.is_none() && alerts.is_none() {
+        return;
+    }
+    let (pipeline, sink) = (cfg.pipeline.clone(), cfg.sink.kind());
+    let subject = sluice::alerts::Subject { pipeline: pipeline.clone(), tenant: None };
+    let client = reqwest::Client::new();
+    tokio::spawn(async move {
+        let mut rules = sluice::alerts::Alerts::default();
+        loop {
+            if let Some(d) = statsd.as_mut()
+                && d.due()
+            {
+                d.emit(&[("pipeline", &pipeline), ("sink", &sink)], &metrics);
+            }
+            if let Some(a) = &alerts {
+                for n in rules.evaluate(&subject, &metrics, a) {
+                    sluice::alerts::deliver(&client, &a.webhook_url, n);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    });
 }
 
 /// Prints a resync's progress until every table is done (or at once with `no_wait`).

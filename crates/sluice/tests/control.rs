@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{BIN, Env, Pipeline as Proc, connect, spawn_broker, wait_equal, wait_for};
+use crate::common::{HookReceiver, StatsdListener};
 use serde_json::Value;
 
 const KEY: &str = "6b1f0f6c2c1e4b8a9d7e5c3a1b2c4d6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c";
@@ -55,12 +56,18 @@ impl Ctl {
 
     /// Starts a server (`id` names it in leases) on `port`; `failpoint` kills it there.
     async fn server(&self, id: &str, port: u16, failpoint: Option<&str>) -> Server {
+        self.server_env(id, port, failpoint, &[]).await
+    }
+
+    /// [`Ctl::server`] with more environment variables.
+    async fn server_env(&self, id: &str, port: u16, failpoint: Option<&str>, vars: &[(&str, &str)]) -> Server {
         let log = self.env.dir.join(format!("server-{id}-{}.log", Instant::now().elapsed().as_nanos() ^ u128::from(free_port())));
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--addr", &format!("127.0.0.1:{port}"), "--server-id", id])
             .env("SLUICE_CONTROL_DATABASE", &self.dsn)
             .env("SLUICE_MASTER_KEY", KEY)
             .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -741,7 +748,9 @@ async fn resync_through_the_cli_and_kafka_purge() {
     let ctl = Ctl::new("ctl_resync").await;
     let env = &ctl.env;
     create_orders(env, "orders", 20_000).await;
-    let server = ctl.server("s1", free_port(), None).await;
+    let statsd = StatsdListener::start();
+    let vars = [("SLUICE_DOGSTATSD", statsd.addr.as_str()), ("SLUICE_DOGSTATSD_INTERVAL", "1s")];
+    let server = ctl.server_env("s1", free_port(), None, &vars).await;
     let url = server.url.clone();
     let token = tenant_with_resources(&ctl, &url, "shop").await;
     let p = env.write_config("name: orders\nsource: main\nsink: replica\ntables: [public.orders]\n");
@@ -762,6 +771,33 @@ async fn resync_through_the_cli_and_kafka_purge() {
     let progress = &resync["params"]["progress"][0];
     assert_eq!((progress["table"].as_str(), progress["done"].as_bool()), (Some("public.orders"), Some(true)), "{resync}");
     assert!(progress["rows"].as_i64().unwrap() >= 20_000 && progress["deleted"].as_i64().unwrap() >= 1, "{resync}");
+
+    // The server's DogStatsD metrics carry the tenant.
+    wait_for("DogStatsD metrics with the tenant", Duration::from_secs(20), || async {
+        statsd.lines().iter().any(|l| l.starts_with("sluice.events:") && l.contains("pipeline:orders,tenant:shop,sink:postgres"))
+    })
+    .await;
+
+    // Alerts: the tenant's settings (webhook hidden when read back); a retained-WAL
+    // threshold of 1 byte fires slot_at_risk, raising it resolves it.
+    let hook = HookReceiver::start().await;
+    let alerts_url = format!("{url}/v1/tenants/shop/alerts");
+    let (s, v) = call("PUT", &alerts_url, Some(&token), Some(format!("webhook_url: {}\nretained_bytes: 1\n", hook.url))).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = call("GET", &alerts_url, Some(&token), None).await;
+    assert_eq!((s, v["webhook_url"].as_str()), (200, Some("(secret)")), "{v}");
+    wait_for("a firing slot_at_risk alert", Duration::from_secs(30), || async { hook.has("slot_at_risk", "firing") }).await;
+    let fired = hook.received().into_iter().find(|v| v["alert"] == "slot_at_risk").unwrap();
+    assert_eq!((fired["tenant"].as_str(), fired["pipeline"].as_str()), (Some("shop"), Some("orders")), "{fired}");
+    let (s, v) = call("PUT", &alerts_url, Some(&token), Some(format!("webhook_url: {}\n", hook.url))).await;
+    assert_eq!(s, 200, "{v}");
+    wait_for("the resolved slot_at_risk alert", Duration::from_secs(30), || async { hook.has("slot_at_risk", "resolved") }).await;
+    for (body, field) in [("webhook_url: ftp://x\n", "webhook_url"), ("webhook_url: http://x\nretained_bytes: 0\n", "retained_bytes")] {
+        let (s, v) = call("PUT", &alerts_url, Some(&token), Some(body.into())).await;
+        assert_eq!((s, v["error"]["field"].as_str()), (422, Some(field)), "{v}");
+    }
+    let (s, v) = call("PUT", &alerts_url, Some(&token), Some("webhook_url: http://x\nlag: 5\n".into())).await;
+    assert_eq!(s, 422, "{v}");
 
     // Bad requests: an unknown table (field tables), unknown keys; nothing started.
     let (s, v) =

@@ -83,10 +83,13 @@ async fn a_lost_slot_halts_and_recovers_without_emptying_the_sink() {
     .await
     .unwrap();
     let slot = format!("sluice_{}", env.db);
-    let cfg = env.config(&["items"], "snapshot:\n  chunk_rows: 2000\n");
+    // Alerts to a webhook, metrics to a DogStatsD listener.
+    let alerts = HookReceiver::start().await;
+    let statsd = StatsdListener::start();
+    let cfg = env.config(&["items"], &format!("snapshot:\n  chunk_rows: 2000\nalerts:\n  webhook_url: {}\n  window: 5s\n", alerts.url));
     let cfg_s = cfg.to_str().unwrap();
     // Resync chunks wait between read and high watermark: the kill lands mid-recovery.
-    let hook = [("SLUICE_TEST_RESYNC_DELAY_MS", "150")];
+    let hook = [("SLUICE_TEST_RESYNC_DELAY_MS", "400"), ("SLUICE_DOGSTATSD", &statsd.addr), ("SLUICE_DOGSTATSD_INTERVAL", "1s")];
     let mut p = env.spawn_env(&cfg, &hook);
     wait_equal(&env, "items", "id", Duration::from_secs(60)).await;
 
@@ -104,6 +107,21 @@ async fn a_lost_slot_halts_and_recovers_without_emptying_the_sink() {
     assert!(halt.contains("sluice recover -c") && halt.contains("max_slot_wal_keep_size = 1MB"), "{halt}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     p.assert_running();
+    wait_for("a firing pipeline_halted alert", Duration::from_secs(20), || async { alerts.has("pipeline_halted", "firing") }).await;
+    let fired = alerts.received().into_iter().find(|v| v["alert"] == "pipeline_halted").unwrap();
+    assert!(fired["text"].as_str().unwrap().contains("was invalidated by the source"), "{fired}");
+    // The lag and event metrics arrived with their tags; the slot's status is lost (3).
+    let tags = format!("pipeline:{},sink:postgres", env.db);
+    let has_all = |lines: &[String]| {
+        let has = |prefix: &str| lines.iter().any(|l| l.starts_with(prefix) && l.contains(&tags));
+        has("sluice.lag_ms:") && has("sluice.events:") && has("sluice.slot.wal_status:3|g") && has("sluice.table.events:")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !has_all(&statsd.lines()) {
+        assert!(std::time::Instant::now() < deadline, "DogStatsD lines: {:?}", statsd.lines());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(statsd.lines().iter().any(|l| l.starts_with("sluice.table.events:") && l.ends_with(",table:public.items")));
     let dst = env.dst().await;
     assert_ne!(digest(&src, "items", "id").await, digest(&dst, "items", "id").await, "the changes were lost: the sink must differ");
 
@@ -117,6 +135,8 @@ async fn a_lost_slot_halts_and_recovers_without_emptying_the_sink() {
         dst.query_one("SELECT coalesce(sum(chunks), 0)::int8 FROM sluice.resyncs", &[]).await.unwrap().get::<_, i64>(0) >= 3
     })
     .await;
+    // The slot is replaced: the halt alert resolves (the process that fired it sends it).
+    wait_for("the resolved alert", Duration::from_secs(10), || async { alerts.has("pipeline_halted", "resolved") }).await;
     let done: bool = dst.query_one("SELECT bool_and(done) FROM sluice.resyncs", &[]).await.unwrap().get(0);
     assert!(!done, "the recovery ended before the kill");
     assert!(p.log().contains("replaced the lost replication slot"), "{}", p.log());
@@ -140,14 +160,16 @@ async fn a_lost_slot_halts_and_recovers_without_emptying_the_sink() {
         .replace("  heartbeat_interval: 500ms\n", "  heartbeat_interval: 500ms\n  on_slot_lost: resync\n");
     let cfg2 = env.write_config(&text);
     let p = env.spawn(&cfg2);
+    wait_for("streaming", Duration::from_secs(30), || async { p.log().contains("INFO streaming") }).await;
     wait_equal(&env, "items", "id", Duration::from_secs(60)).await;
     signal(&p, "-STOP");
     lose_slot(&src, &slot, 2).await;
     signal(&p, "-CONT");
-    wait_for("the automatic recovery", Duration::from_secs(60), || async {
-        p.log().matches("replaced the lost replication slot").count() >= 1
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.log().contains("replaced the lost replication slot") {
+        assert!(std::time::Instant::now() < deadline, "no automatic recovery:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     wait_equal(&env, "items", "id", Duration::from_secs(120)).await;
     drop(p);
     drop(env);

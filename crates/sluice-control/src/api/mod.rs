@@ -4,6 +4,7 @@
 //! platform admins see everything. Bodies are YAML or JSON; errors are
 //! `{"error": {"type", "message", "field"}}`.
 
+mod alerts;
 mod auth;
 mod enrichers;
 mod error;
@@ -15,6 +16,7 @@ mod tenants;
 mod tokens;
 mod workflows;
 
+use alerts::*;
 use enrichers::*;
 use pipelines::*;
 use sinks::*;
@@ -43,7 +45,9 @@ use sluice_core::TableName;
 
 use super::Control;
 use super::crypto::{new_password, new_token, token_hash};
-use super::model::{EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, run_config};
+use super::model::{
+    EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, parse_alerts, run_config,
+};
 use sluice_engine::metrics::Metrics;
 use sluice_engine::pipeline::{CheckPart, Pipeline};
 

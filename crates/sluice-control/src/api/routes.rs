@@ -77,6 +77,14 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Replace a pipeline's lost replication slot and read every table again, without emptying the sink",
         "admin",
     ),
+    ("get", "/v1/tenants/{tenant}/alerts", "The tenant's alert settings (the webhook URL hidden)", "viewer"),
+    (
+        "put",
+        "/v1/tenants/{tenant}/alerts",
+        "Set alert settings {webhook_url, lag_ms, lag_for, retained_bytes, window} for every pipeline of the tenant",
+        "admin",
+    ),
+    ("delete", "/v1/tenants/{tenant}/alerts", "Remove the alert settings (no more alerts)", "admin"),
     ("get", "/v1/tenants/{tenant}/workflows", "List workflows (?pipeline=NAME)", "viewer"),
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),
@@ -102,6 +110,7 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
         .route("/v1/tenants/{tenant}/pipelines/{name}/recover", post(pipelines_recover))
         .route("/v1/tenants/{tenant}/pipelines/{name}/enrichment", get(pipelines_enrichment))
+        .route("/v1/tenants/{tenant}/alerts", get(alerts_get).put(alerts_put).delete(alerts_delete))
         .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
         .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))

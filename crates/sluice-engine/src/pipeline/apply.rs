@@ -205,7 +205,21 @@ impl Pipeline {
     pub(super) fn record(&self, batch: &[Transaction], unseen: &mut VecDeque<(Lsn, i64)>) {
         let m = &self.metrics;
         let (mut events, mut bytes) = (0u64, 0u64);
+        // Per-table counts by runs of one table: one lookup per run, not per event.
+        let mut run: Option<(&TableName, u64)> = None;
+        let mut per_table = m.table_events.lock().unwrap_or_else(|e| e.into_inner());
         for t in batch {
+            for e in &t.events {
+                match &mut run {
+                    Some((name, n)) if **name == e.table.name => *n += 1,
+                    _ => {
+                        if let Some((name, n)) = run.take() {
+                            count_table(&mut per_table, name, n);
+                        }
+                        run = Some((&e.table.name, 1));
+                    }
+                }
+            }
             events += t.events.len() as u64;
             bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
             // A resync's chunk (xid 0) is no source commit: it has no lag.
@@ -213,9 +227,22 @@ impl Pipeline {
                 unseen.push_back((t.end_lsn, t.commit_time_us));
             }
         }
+        if let Some((name, n)) = run {
+            count_table(&mut per_table, name, n);
+        }
+        drop(per_table);
         m.events.fetch_add(events, Ordering::Relaxed);
         m.bytes.fetch_add(bytes, Ordering::Relaxed);
         m.transactions.fetch_add(batch.len() as u64, Ordering::Relaxed);
         m.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn count_table(per_table: &mut HashMap<TableName, u64>, name: &TableName, n: u64) {
+    match per_table.get_mut(name) {
+        Some(c) => *c += n,
+        None => {
+            per_table.insert(name.clone(), n);
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::resync::Resync;
 use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotChunk, SnapshotMethod};
-use sluice_core::source::{Acker, ChangeSource, ChangeStream, SourceError, StreamItem, WalStatus};
+use sluice_core::source::{Acker, ChangeSource, ChangeStream, RetentionHealth, SourceError, StreamItem, WalStatus};
 use sluice_core::transform::{Chain, TableTransform};
 use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_postgres::{CopyIntoState, PgConnConfig, PgError, PostgresSource, RowTarget, SnapshotFilter, SnapshotOptions, SnapshotTable};
@@ -181,6 +181,8 @@ impl Pipeline {
     /// resync`), recording the resync of every table first; halts otherwise. See
     /// [`crate::recover`].
     async fn recover_slot(&self, sink: &Output, checked: &Checked) -> Result<()> {
+        // No heartbeat runs while halted here: the status says lost meanwhile.
+        self.metrics.set_wal_health(&RetentionHealth { status: WalStatus::Lost, ..Default::default() });
         let state = sluice_postgres::connect(&self.state, "state database").await?;
         let pipeline = &self.cfg.pipeline;
         let id = match crate::recover::pending(&state, pipeline).await? {

@@ -480,3 +480,67 @@ pub fn spawn_acct_writer(env: &Env, seconds: u64) -> tokio::task::JoinHandle<u64
 pub async fn slot_count(env: &Env) -> i64 {
     env.src().await.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0)
 }
+
+/// An HTTP endpoint on 127.0.0.1 that records every JSON body POSTed to it (alert
+/// webhooks).
+pub struct HookReceiver {
+    pub url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl HookReceiver {
+    pub async fn start() -> Self {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(v);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        HookReceiver { url, got }
+    }
+
+    pub fn received(&self) -> Vec<serde_json::Value> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Whether an alert `name` arrived with `status` (firing, resolved).
+    pub fn has(&self, name: &str, status: &str) -> bool {
+        self.received().iter().any(|v| v["alert"] == name && v["status"] == status)
+    }
+}
+
+/// A DogStatsD listener (UDP on 127.0.0.1) that keeps every line received.
+pub struct StatsdListener {
+    pub addr: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl StatsdListener {
+    pub fn start() -> Self {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap().to_string();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                keep.lock().unwrap().extend(text.lines().map(str::to_string));
+            }
+        });
+        StatsdListener { addr, lines }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
