@@ -13,6 +13,7 @@ mod enrich;
 mod iceberg;
 mod resync;
 mod search;
+mod slots;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -151,6 +152,14 @@ enum Bench {
         /// Seconds of writes without a resync (the lag baseline).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// A replication slot the source invalidates under a running pipeline
+    /// (max_slot_wal_keep_size = 1MB, an open transaction holding it back): time to
+    /// detect it, then `recover`'s rate (new slot, the table read again) vs the initial
+    /// snapshot of the same --rows table.
+    SlotLoss {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
     },
     /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     /// Lookup enrichment throughput, warm and cold cache, against no enrichment.
@@ -322,6 +331,23 @@ async fn wait_snapshot(metrics: &Metrics, handle: &mut tokio::task::JoinHandle<R
             bail!("pipeline stopped");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the `bench` table is the same in the target as in the source (after
+/// `what`), for up to two minutes.
+async fn wait_bench_equal(s: &Client, d: &Client, handle: &tokio::task::JoinHandle<Result<()>>, what: &str) -> Result<()> {
+    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
+        if (a.get::<_, i64>(0), a.get::<_, String>(1)) == (b.get::<_, i64>(0), b.get::<_, String>(1)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline || handle.is_finished() {
+            bail!("after {what} the target differs from the source");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -712,6 +738,7 @@ async fn main() -> Result<()> {
         }
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
+        Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,

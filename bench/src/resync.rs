@@ -8,7 +8,9 @@ use anyhow::{Result, bail};
 use sluice::metrics::lag_quantile_of;
 use sluice_core::TableName;
 
-use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_events, wait_snapshot};
+use crate::{
+    connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_bench_equal, wait_events, wait_snapshot,
+};
 
 pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
@@ -60,18 +62,7 @@ pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Va
         .await?;
     let (read, chunks, resync_s): (i64, i32, f64) = (r.get(0), r.get(1), r.get(2));
     // The target must equal the source once the last writes are applied.
-    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
-        if (a.get::<_, i64>(0), a.get::<_, String>(1)) == (b.get::<_, i64>(0), b.get::<_, String>(1)) {
-            break;
-        }
-        if Instant::now() > deadline || handle.is_finished() {
-            bail!("after the resync the target differs from the source");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_bench_equal(&s, &d, &handle, "the resync").await?;
     let during = metrics.lag_counts();
     let _ = stop.send(true);
     handle.await??;

@@ -95,11 +95,25 @@ pub async fn emit_heartbeat(c: &Client, pipeline: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes a resync watermark (`lo:<mark>` / `hi:<mark>`) into the WAL.
+/// Writes a resync watermark (`lo:<mark>` / `hi:<mark>`) into the WAL, flushed.
+///
+/// A non-transactional message is not flushed by itself (Postgres 15 has no `flush`
+/// argument), and the walsender only sends flushed WAL: on an idle source each
+/// watermark would wait for the WAL writer (`wal_writer_delay`, 200 ms). The message
+/// goes out in a transaction given an xid, whose commit flushes the WAL through it;
+/// the transaction changes nothing, so pgoutput skips it.
 pub async fn emit_watermark(c: &Client, text: &str) -> Result<()> {
-    c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&RESYNC_PREFIX, &text])
-        .await
-        .map_err(|e| PgError::from_pg("writing a resync watermark", e))?;
+    let err = |e| PgError::from_pg("writing a resync watermark", e);
+    c.batch_execute("BEGIN").await.map_err(err)?;
+    let r = async {
+        c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&RESYNC_PREFIX, &text]).await?;
+        c.batch_execute("SELECT pg_current_xact_id(); COMMIT").await
+    }
+    .await;
+    if let Err(e) = r {
+        let _ = c.batch_execute("ROLLBACK").await;
+        return Err(err(e));
+    }
     Ok(())
 }
 
