@@ -161,7 +161,6 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
     },
-    /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     /// Lookup enrichment throughput, warm and cold cache, against no enrichment.
     Enrich {
         #[arg(long, default_value_t = 200_000)]
@@ -169,6 +168,7 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         customers: u64,
     },
+    /// Initial snapshot of a large table vs `COPY TO STDOUT | COPY FROM STDIN` between the same servers.
     Snapshot {
         #[arg(long, default_value_t = 1024)]
         mb: u64,
