@@ -237,8 +237,14 @@ fn status_kb(status: &str, field: &str) -> f64 {
 }
 
 async fn servers() -> Result<(TempCluster, TempCluster)> {
-    let (src, dst) = tokio::task::spawn_blocking(|| -> std::io::Result<_> {
-        Ok((TempCluster::start(&["max_wal_size = 4GB"])?, TempCluster::start(&["max_wal_size = 4GB"])?))
+    servers_with(&[]).await
+}
+
+/// [`servers`], with `source_conf` lines added to the source's `postgresql.conf`.
+async fn servers_with(source_conf: &'static [&'static str]) -> Result<(TempCluster, TempCluster)> {
+    let (src, dst) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let conf: Vec<&str> = ["max_wal_size = 4GB"].iter().chain(source_conf).copied().collect();
+        Ok((TempCluster::start(&conf)?, TempCluster::start(&["max_wal_size = 4GB"])?))
     })
     .await??;
     for port in [src.port, dst.port] {
@@ -279,6 +285,17 @@ fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()
 }
 
 /// One transaction inserting ids `after + 1 ..= after + n` with `payload`-byte payloads.
+/// Creates `bench` in the source with `rows` rows of ~200 bytes, analyzed.
+async fn fill_bench_table(s: &Client, rows: u64) -> Result<()> {
+    s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text)").await?;
+    eprintln!("creating a table of {rows} rows...");
+    for start in (0..rows).step_by(100_000) {
+        insert_rows(s, start, 100_000.min(rows - start), 168).await?;
+    }
+    s.batch_execute("VACUUM ANALYZE bench").await?;
+    Ok(())
+}
+
 async fn insert_rows(s: &Client, after: u64, n: u64, payload: usize) -> Result<()> {
     s.batch_execute(&format!(
         "INSERT INTO bench SELECT g, rpad(md5(g::text), {payload}, 'x') FROM generate_series({}, {}) g",

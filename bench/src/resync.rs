@@ -9,18 +9,14 @@ use sluice::metrics::lag_quantile_of;
 use sluice_core::TableName;
 
 use crate::{
-    connect, insert_rows, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_bench_equal, wait_events, wait_snapshot,
+    connect, fill_bench_table, peak_rss_mb, pipeline_yaml, servers, start_pipeline, steady_load, wait_bench_equal, wait_events,
+    wait_snapshot,
 };
 
 pub async fn resync(rows: u64, rate: u64, seconds: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
-    s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text)").await?;
-    eprintln!("creating a table of {rows} rows...");
-    for start in (0..rows).step_by(100_000) {
-        insert_rows(&s, start, 100_000.min(rows - start), 168).await?;
-    }
-    s.batch_execute("VACUUM ANALYZE bench").await?;
+    fill_bench_table(&s, rows).await?;
 
     // Baseline: the initial snapshot of the same table (chunked COPY, 2 in parallel).
     let t = Instant::now();

@@ -8,25 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use sluice_core::TableName;
-use sluice_postgres::cluster::TempCluster;
 
-use crate::{connect, insert_rows, peak_rss_mb, pipeline_yaml, start_pipeline, wait_bench_equal, wait_snapshot};
+use crate::{connect, fill_bench_table, peak_rss_mb, pipeline_yaml, servers_with, start_pipeline, wait_bench_equal, wait_snapshot};
 
 pub async fn slot_loss(rows: u64) -> Result<serde_json::Value> {
-    let (src, dst) = tokio::task::spawn_blocking(|| -> std::io::Result<_> {
-        Ok((TempCluster::start(&["max_wal_size = 4GB", "max_slot_wal_keep_size = 1MB"])?, TempCluster::start(&["max_wal_size = 4GB"])?))
-    })
-    .await??;
-    for port in [src.port, dst.port] {
-        connect(port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
-    }
+    let (src, dst) = servers_with(&["max_slot_wal_keep_size = 1MB"]).await?;
     let s = connect(src.port, "bench").await?;
-    s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text)").await?;
-    eprintln!("creating a table of {rows} rows...");
-    for start in (0..rows).step_by(100_000) {
-        insert_rows(&s, start, 100_000.min(rows - start), 168).await?;
-    }
-    s.batch_execute("VACUUM ANALYZE bench").await?;
+    fill_bench_table(&s, rows).await?;
 
     // Baseline: the initial snapshot of the same table.
     let yaml = pipeline_yaml("slots", src.port, dst.port, true)

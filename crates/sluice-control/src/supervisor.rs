@@ -237,6 +237,9 @@ pub(crate) struct Signals {
 /// Sends metrics when due, and evaluates each tenant's alert rules on its pipelines
 /// here, delivering what fires or resolves to the tenant's webhook.
 async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Result<()> {
+    if local.is_empty() {
+        return Ok(()); // no pipelines here: nothing to send or evaluate, no query
+    }
     let tenants: Vec<i64> = local.values().map(|l| l.tenant_id).collect();
     let rows = c.query("SELECT tenant_id, sealed FROM alert_settings WHERE tenant_id = ANY($1)", &[&tenants]).await?;
     let mut settings: HashMap<i64, AlertConfig> = HashMap::new();
