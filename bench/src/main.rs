@@ -9,6 +9,7 @@
 //!   cargo run --release -p sluice-bench -- enrich --rows 200000 --customers 100000
 
 mod control;
+mod ddl;
 mod enrich;
 mod iceberg;
 mod resync;
@@ -160,6 +161,15 @@ enum Bench {
     SlotLoss {
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
+    },
+    /// The source-side cost of DDL capture: a --statements ALTER TABLE migration on
+    /// published tables (one transaction each) with the event trigger against without
+    /// it, --rounds alternating rounds of each.
+    DdlTrigger {
+        #[arg(long, default_value_t = 1000)]
+        statements: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// Lookup enrichment throughput, warm and cold cache, against no enrichment.
     Enrich {
@@ -757,6 +767,7 @@ async fn main() -> Result<()> {
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,
         Bench::Registry { schemas } => registry(schemas).await?,

@@ -406,6 +406,9 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
         Step::CreatePublication => {
             let c = admin().await?;
             replication::ensure_publication(&c, &obj, &tables, replication::PublicationTables::Set).await.map_err(anyhow::Error::from)?;
+            // Schema changes reach the pipeline as messages; the admin may create the
+            // event trigger, the pipeline's role may not.
+            sluice_postgres::ddl_capture::install(&c, &obj).await.map_err(anyhow::Error::from)?;
         }
         Step::CreateSlot => {
             replication::create_slot(&admin().await?, &obj).await.map_err(anyhow::Error::from)?;
@@ -487,7 +490,9 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
             }
         }
         Step::DropPublication => {
-            replication::drop_publication(&admin().await?, &obj).await.map_err(anyhow::Error::from)?;
+            let c = admin().await?;
+            sluice_postgres::ddl_capture::remove(&c, &obj).await.map_err(anyhow::Error::from)?;
+            replication::drop_publication(&c, &obj).await.map_err(anyhow::Error::from)?;
         }
         Step::DropRole => {
             let c = admin().await?;

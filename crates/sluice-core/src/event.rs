@@ -108,4 +108,7 @@ pub struct Transaction {
     /// Microseconds since the Unix epoch.
     pub commit_time_us: i64,
     pub events: Vec<ChangeEvent>,
+    /// The schema changes the source recorded in this transaction (DDL capture), each
+    /// placed among the events by its `seq`.
+    pub ddl: Vec<crate::ddl::SchemaChange>,
 }

@@ -6,6 +6,7 @@
 
 pub mod avro;
 mod conn;
+pub mod ddl;
 mod error;
 mod event;
 pub mod json;

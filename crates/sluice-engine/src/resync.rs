@@ -341,7 +341,7 @@ impl Resync {
         if full {
             self.start(Request { id: a.req.id, table: a.req.table, last_key, filter: a.req.filter }).await?;
         }
-        Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events }))
+        Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events, ddl: Vec::new() }))
     }
 
     /// Keys of the sink's rows in the chunk's key range.
@@ -385,6 +385,56 @@ impl Resync {
             self.next_poll = Instant::now();
         }
         self.tick().await
+    }
+
+    /// Reads `schema`'s table again (a table that joined the publication, or whose
+    /// existing rows changed without a trace in the log); `id` names the request, so a
+    /// replayed schema change asks again under the same one.
+    ///
+    /// A table new to the pipeline (`added_at`: the commit of the statement that
+    /// published it) is also recorded as snapshotted there, so no restart copies it
+    /// again: the resync is its snapshot, and every change from then on is streamed.
+    pub(crate) async fn request_table(
+        &mut self,
+        id: i64,
+        schema: &Arc<TableSchema>,
+        target: Option<TableName>,
+        added_at: Option<Lsn>,
+    ) -> Result<()> {
+        let name = schema.name.to_string();
+        // One transaction: after a crash either a snapshot copies the table (nothing
+        // recorded) or the resync reads it (both recorded), never neither or both.
+        let lsn = added_at.map(|l| l.to_string());
+        self.state.batch_execute("BEGIN").await.context("recording a resync request")?;
+        let r = async {
+            if let Some(lsn) = &lsn {
+                self.state
+                    .execute(
+                        "INSERT INTO sluice.snapshot_chunks (pipeline, table_name, chunk, done, snapshot_lsn, rows)
+                         VALUES ($1, $2, 0, true, $3::text::pg_lsn, 0) ON CONFLICT DO NOTHING",
+                        &[&self.pipeline, &name, lsn],
+                    )
+                    .await?;
+            }
+            self.state
+                .execute(
+                    "INSERT INTO sluice.resyncs (pipeline, id, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&self.pipeline, &id, &name],
+                )
+                .await?;
+            self.state.batch_execute("COMMIT").await
+        }
+        .await;
+        if let Err(e) = r {
+            let _ = self.state.batch_execute("ROLLBACK").await;
+            return Err(anyhow::Error::from(e).context("recording a resync request"));
+        }
+        self.tables.insert(schema.name.clone(), schema.clone());
+        if let Some(t) = target {
+            self.targets.insert(schema.name.clone(), t);
+        }
+        self.wake();
+        Ok(())
     }
 
     /// Looks for requests at the next tick instead of the next poll.

@@ -8,6 +8,7 @@ mod chunks;
 pub mod cluster;
 mod conn;
 mod copy_text;
+pub mod ddl_capture;
 mod error;
 mod pgoutput;
 pub mod replication;

@@ -35,13 +35,19 @@ impl PostgresSource {
         }
     }
 
-    /// Adds `missing` tables to the publication (creating it), and creates the slot
-    /// unless it exists: what the checks found absent, nothing else.
+    /// Adds `missing` tables to the publication (creating it), installs DDL capture
+    /// (when the role may), and creates the slot unless it exists.
     pub async fn prepare(&self, missing: &[TableName], slot_exists: bool) -> Result<(), PgError> {
         let c = connect(&self.conn, "source").await?;
         if !missing.is_empty() {
             replication::ensure_publication(&c, &self.publication, missing, PublicationTables::Add).await?;
             tracing::info!(publication = %self.publication, tables = missing.len(), "publication ready");
+        }
+        if !crate::ddl_capture::install(&c, &self.pipeline).await? {
+            tracing::warn!(
+                "DDL capture is not installed in the source (creating an event trigger needs a superuser): column drops, renames and \
+                 type changes reach the sink as new shapes only; have a superuser run `sluice run` once, or provision through the control plane"
+            );
         }
         if !slot_exists {
             replication::create_slot(&c, &self.slot).await?;

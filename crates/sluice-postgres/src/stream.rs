@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use sluice_core::ddl::{ColumnChange, SchemaChange, SchemaChangeKind};
 use sluice_core::source::{Acker, StreamItem};
 use sluice_core::{ChangeEvent, ColumnSchema, Lsn, Op, PgType, SourcePosition, TableName, TableSchema, Transaction};
 use tokio_postgres::Client;
 
 use crate::conn::PgConnConfig;
+use crate::ddl_capture::{self, DDL_PREFIX, DdlColumn, DdlMessage};
 use crate::error::{PgError, Result};
-use crate::pgoutput::{self, Message, Relation};
+use crate::pgoutput::{self, Message, Relation, RelationColumn};
 
 /// Microseconds from the Unix epoch to the Postgres epoch (2000-01-01).
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -25,6 +27,7 @@ pub const RESYNC_PREFIX: &str = "sluice.resync";
 pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
+    publication: String,
     tables: HashMap<TableName, Arc<TableSchema>>,
     /// Each table's column type modifiers as the last Relation message gave them: a
     /// change of modifier alone (numeric(10,2) to numeric(12,2), varchar(20) to
@@ -59,6 +62,7 @@ impl ReplicationStream {
         Ok(Self {
             client,
             catalog,
+            publication: publication.to_string(),
             acks,
             ack_tx: Arc::new(ack_tx),
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
@@ -126,6 +130,7 @@ impl ReplicationStream {
                         end_lsn: Lsn::ZERO,
                         commit_time_us: commit_time_micros + PG_EPOCH_US,
                         events: Vec::new(),
+                        ddl: Vec::new(),
                     });
                 }
                 ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
@@ -148,6 +153,11 @@ impl ReplicationStream {
                 ReplicationEvent::Message { transactional: false, lsn, prefix, content } if prefix == RESYNC_PREFIX => {
                     if self.current.is_none() {
                         return Ok(Some(StreamItem::Mark(Lsn(lsn.as_u64()), String::from_utf8_lossy(&content).into_owned())));
+                    }
+                }
+                ReplicationEvent::Message { transactional: true, prefix, content, .. } if prefix == DDL_PREFIX => {
+                    if self.current.is_some() {
+                        self.on_ddl(&content).await?;
                     }
                 }
                 ReplicationEvent::Message { .. } => {} // other applications' messages
@@ -211,6 +221,124 @@ impl ReplicationStream {
         };
         txn.events.push(ChangeEvent { op, table, before, after, position });
         Ok(())
+    }
+
+    /// A DDL capture message inside the current transaction: the table's new shape
+    /// becomes the one its next rows are read with, and the change joins the
+    /// transaction at its place among the events.
+    async fn on_ddl(&mut self, content: &[u8]) -> Result<()> {
+        let msg = DdlMessage::parse(content)?;
+        let seq = self.current.as_ref().map_or(0, |t| t.events.len() as u32);
+        let mut changes = Vec::new();
+        if msg.tag == "ALTER PUBLICATION" {
+            let Some(published) = msg.publications.get(&self.publication) else {
+                return Ok(()); // another publication, or ours was dropped
+            };
+            let published: Vec<TableName> = published.iter().map(|(s, t)| TableName::new(s.clone(), t.clone())).collect();
+            let added: Vec<TableName> = published.iter().filter(|n| !self.tables.contains_key(*n)).cloned().collect();
+            for name in &added {
+                // The commit that published it may not be visible to this connection yet
+                // (the walsender sends a transaction once its commit is in the WAL).
+                let mut tries = 0;
+                let schema = loop {
+                    match crate::catalog::load_table(&self.catalog, name, "the source").await {
+                        Ok(t) => break Arc::new(t),
+                        Err(_) if tries < 50 => tries += 1,
+                        Err(e) => return Err(e),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                };
+                tracing::info!(table = %name, publication = %self.publication, "table added to the publication");
+                self.tables.insert(name.clone(), schema.clone());
+                changes.push((name.clone(), SchemaChangeKind::TableAdded { schema }));
+            }
+            let removed: Vec<TableName> = self.tables.keys().filter(|n| !published.contains(n)).cloned().collect();
+            for name in removed {
+                tracing::info!(table = %name, publication = %self.publication, "table removed from the publication");
+                self.tables.remove(&name);
+                self.relations.retain(|_, s| s.as_ref().is_none_or(|s| s.name != name));
+                changes.push((name, SchemaChangeKind::TableRemoved));
+            }
+        } else if let Some(name) = msg.table() {
+            let before_name = msg.before.as_ref().map(ddl_capture::Shape::name);
+            let was = before_name.clone().unwrap_or_else(|| name.clone());
+            if !self.tables.contains_key(&was) {
+                return Ok(()); // published, but not a table of this pipeline
+            }
+            if was != name {
+                let reason = format!(
+                    "table {was} was renamed to {name}, and Sluice does not follow a table to a new name: rename it back, \
+                     or add {name} to the pipeline (it is read again through a resync)"
+                );
+                changes.push((was, SchemaChangeKind::Unsupported { reason }));
+            } else {
+                changes.push((name.clone(), self.columns_changed(&name, msg.relid.unwrap_or(0), msg.before.as_ref(), &msg.after).await?));
+            }
+        }
+        let txn = self.current.as_mut().ok_or_else(|| PgError::protocol("pgoutput: DDL message outside a transaction"))?;
+        for (table, kind) in changes {
+            txn.ddl.push(SchemaChange { seq, statement: msg.statement.clone(), table, kind });
+        }
+        Ok(())
+    }
+
+    /// The shape a table has after a column change, built as a Relation message would
+    /// be (renamed columns keep their key flag), and what changed.
+    async fn columns_changed(
+        &mut self,
+        name: &TableName,
+        relid: u32,
+        before: Option<&ddl_capture::Shape>,
+        after: &[DdlColumn],
+    ) -> Result<SchemaChangeKind> {
+        let known = self.tables[name].clone();
+        let (changes, resync) = match before {
+            Some(b) => {
+                self.typmods.entry(name.clone()).or_insert_with(|| b.columns.iter().map(|c| (c.name.clone(), c.typmod)).collect());
+                ddl_capture::diff(&b.columns, after)
+            }
+            None => {
+                let cols: Vec<(String, u32)> = known.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect();
+                (ddl_capture::diff_by_name(&cols, after), false)
+            }
+        };
+        let mut renamed = (*known).clone();
+        for ch in &changes {
+            if let ColumnChange::Renamed { from, to } = ch {
+                if let Some(c) = renamed.columns.iter_mut().find(|c| &c.name == from) {
+                    c.name.clone_from(to);
+                }
+                if let Some(t) = self.typmods.get_mut(name)
+                    && let Some(m) = t.remove(from)
+                {
+                    t.insert(to.clone(), m);
+                }
+            }
+        }
+        self.tables.insert(name.clone(), Arc::new(renamed));
+        let rel = Relation {
+            relid: if relid == 0 { known.relid } else { relid },
+            namespace: name.schema.clone(),
+            name: name.name.clone(),
+            replica_identity: replica_identity_code(known.replica_identity),
+            columns: after
+                .iter()
+                .map(|c| RelationColumn { is_key: c.is_key, name: c.name.clone(), type_oid: c.type_oid, type_modifier: c.typmod })
+                .collect(),
+        };
+        let mut after = self.resolve(rel).await?;
+        // A retyped column is a new column to `resolve`; the key the sink upserts by
+        // stays the one it was created with.
+        let keyed =
+            |c: &sluice_core::ColumnSchema| known.columns.iter().chain(&self.tables[name].columns).any(|k| k.name == c.name && k.is_key);
+        if after.columns.iter().any(|c| c.is_key != keyed(c)) {
+            let fixed: Vec<bool> = after.columns.iter().map(keyed).collect();
+            for (c, k) in Arc::make_mut(&mut after).columns.iter_mut().zip(fixed) {
+                c.is_key = k;
+            }
+            self.tables.insert(name.clone(), after.clone());
+        }
+        Ok(SchemaChangeKind::Columns { after, changes, resync })
     }
 
     /// Maps a Relation message to a schema: the catalog's when it still matches the
@@ -294,5 +422,14 @@ impl ReplicationStream {
         tracing::info!(table = %name, columns = schema.columns.len(), "source table schema changed");
         self.tables.insert(name, schema.clone());
         Ok(schema)
+    }
+}
+
+fn replica_identity_code(r: sluice_core::ReplicaIdentity) -> u8 {
+    match r {
+        sluice_core::ReplicaIdentity::Nothing => b'n',
+        sluice_core::ReplicaIdentity::Full => b'f',
+        sluice_core::ReplicaIdentity::Index => b'i',
+        sluice_core::ReplicaIdentity::Default => b'd',
     }
 }

@@ -114,7 +114,7 @@ async fn avro_changes_decode_with_confluent_consumer() {
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
 }
 
-fn ureq_get<T: serde::de::DeserializeOwned>(url: &str) -> T {
+pub(crate) fn ureq_get<T: serde::de::DeserializeOwned>(url: &str) -> T {
     let out = std::process::Command::new(python())
         .args(["-c", "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())", url])
         .output()
@@ -123,7 +123,7 @@ fn ureq_get<T: serde::de::DeserializeOwned>(url: &str) -> T {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn http_put_json(url: &str, body: &Value) {
+pub(crate) fn http_put_json(url: &str, body: &Value) {
     let out = std::process::Command::new(python())
         .args([
             "-c",

@@ -6,6 +6,7 @@ mod common;
 mod avro;
 mod checks;
 mod control;
+mod ddl;
 mod enrich;
 mod iceberg;
 mod kafka;

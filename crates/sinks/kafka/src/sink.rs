@@ -360,6 +360,13 @@ impl KafkaSink {
         // rejected schema stops the batch whole.
         let mut outs: Vec<(&Arc<TableSchema>, Arc<TableOut>)> = Vec::new();
         let mut index = Vec::with_capacity(txns.iter().map(|t| t.events.len()).sum());
+        // A captured schema change registers the new version when it commits, even
+        // before a row in that shape: a refused one halts at its statement.
+        for c in txns.iter().flat_map(|t| &t.ddl) {
+            if let sluice_core::ddl::SchemaChangeKind::Columns { after, .. } = &c.kind {
+                self.table_out(after).await?;
+            }
+        }
         for e in txns.iter().flat_map(|t| &t.events) {
             let i = match outs.iter().position(|(t, _)| Arc::ptr_eq(t, &e.table)) {
                 Some(i) => i,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
+use sluice_core::ddl::{ColumnChange, SchemaChange, SchemaChangeKind, is_constant_default};
 use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of, quote_ident};
 use tokio_postgres::Client;
@@ -253,6 +254,15 @@ impl PostgresSink {
         let todo: Vec<&Transaction> = txns.iter().filter(|t| t.commit_lsn > self.checkpoint.commit_lsn).collect();
         let Some(last) = todo.last() else { return Ok(()) };
         let (commit_lsn, end_lsn) = (last.commit_lsn, last.end_lsn);
+        if todo.iter().any(|t| !t.ddl.is_empty()) {
+            let r = self.apply_with_ddl(&todo).await;
+            if r.is_err() {
+                // The target's shape is whatever the rollback left: read it again.
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                self.targets.clear();
+            }
+            return r;
+        }
         for t in &todo {
             for e in &t.events {
                 self.ensure_schema(&e.table).await?;
@@ -277,6 +287,116 @@ impl PostgresSink {
         checkpoint.save(client, &self.pipeline, todo.len() as i64).await?;
         client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
         self.checkpoint = checkpoint;
+        Ok(())
+    }
+
+    /// A batch holding schema changes: each statement's effect is applied to the
+    /// target at its place among the rows, all in the transaction that moves the
+    /// checkpoint (Postgres DDL is transactional), so a crash applies it once.
+    async fn apply_with_ddl(&mut self, todo: &[&Transaction]) -> Result<()> {
+        let last = todo.last().expect("a batch");
+        let checkpoint = Checkpoint { commit_lsn: last.commit_lsn, end_lsn: last.end_lsn };
+        self.client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
+        let mut segment = Segment::new();
+        for t in todo {
+            let mut ddl = t.ddl.iter().peekable();
+            for (i, e) in t.events.iter().enumerate() {
+                while let Some(c) = ddl.next_if(|c| c.seq as usize <= i) {
+                    self.flush(&mut segment).await?;
+                    self.apply_schema_change(c).await?;
+                }
+                if self.targets.get(&e.table.name).is_none_or(|t| !Arc::ptr_eq(&t.source, &e.table) && *t.source != *e.table) {
+                    self.flush(&mut segment).await?;
+                    self.ensure_schema(&e.table).await?;
+                }
+                if e.op == Op::Truncate {
+                    self.flush(&mut segment).await?;
+                    self.truncate(e, t.commit_lsn).await?;
+                } else {
+                    self.stage_event(&mut segment, e, t.commit_lsn);
+                }
+            }
+            for c in ddl {
+                self.flush(&mut segment).await?;
+                self.apply_schema_change(c).await?;
+            }
+        }
+        self.flush(&mut segment).await?;
+        checkpoint.save(&self.client, &self.pipeline, todo.len() as i64).await?;
+        self.client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
+        self.checkpoint = checkpoint;
+        Ok(())
+    }
+
+    /// Applies one captured statement's column changes to the target table. With
+    /// transforms the target's columns are the chain's, not the source's: only added
+    /// columns follow (as before DDL capture), when the next rows bring them.
+    async fn apply_schema_change(&mut self, c: &SchemaChange) -> Result<()> {
+        let SchemaChangeKind::Columns { after, changes, .. } = &c.kind else { return Ok(()) };
+        if self.filter_upstream {
+            return Ok(());
+        }
+        let table = self.target_name(&c.table);
+        let t = table.quoted();
+        let column = |n: &str| after.columns.iter().find(|c| c.name == n).cloned();
+        // A restart resuming before this statement added the columns the catalog has
+        // now (the table's shape at start): such a column holds no value from the log yet.
+        let have: Vec<String> = self
+            .client
+            .query("SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped", &[&t])
+            .await
+            .map_err(|e| PgError::from_pg(&format!("reading columns of {table} in the sink"), e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let has = |n: &str| have.iter().any(|h| h == n);
+        for ch in changes {
+            let q = quote_ident(ch.column());
+            let sql = match ch {
+                ColumnChange::Added { name, default } => {
+                    let Some(col) = column(name) else { continue };
+                    let ty = self.target_type(&col, &table).await?;
+                    // A constant default gives the target's existing rows what the
+                    // source's got; others are resynced by the engine.
+                    let def = default.as_deref().filter(|d| is_constant_default(d));
+                    match def {
+                        Some(d) if has(name) => {
+                            format!("ALTER TABLE {t} ALTER COLUMN {q} SET DEFAULT {d}; UPDATE {t} SET {q} = {d} WHERE {q} IS NULL")
+                        }
+                        Some(d) => format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {q} {ty} DEFAULT {d}"),
+                        None => format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {q} {ty}"),
+                    }
+                }
+                ColumnChange::Dropped { .. } => format!("ALTER TABLE {t} DROP COLUMN IF EXISTS {q}"),
+                ColumnChange::Renamed { from, to } => match (has(from), has(to)) {
+                    (true, true) => format!("ALTER TABLE {t} DROP COLUMN {q}; ALTER TABLE {t} RENAME COLUMN {} TO {q}", quote_ident(from)),
+                    (true, false) => format!("ALTER TABLE {t} RENAME COLUMN {} TO {q}", quote_ident(from)),
+                    _ => continue,
+                },
+                ColumnChange::Retyped { name, .. } => {
+                    let Some(col) = column(name) else { continue };
+                    let ty = self.target_type(&col, &table).await?;
+                    format!("ALTER TABLE {t} ALTER COLUMN {q} TYPE {ty} USING {q}::{ty}")
+                }
+                ColumnChange::Nullability { name, not_null } => {
+                    if column(name).is_some_and(|c| c.is_key) {
+                        continue; // key columns are NOT NULL in the target already
+                    }
+                    format!("ALTER TABLE {t} ALTER COLUMN {q} {} NOT NULL", if *not_null { "SET" } else { "DROP" })
+                }
+                ColumnChange::Default { default: Some(d), .. } if is_constant_default(d) => {
+                    format!("ALTER TABLE {t} ALTER COLUMN {q} SET DEFAULT {d}")
+                }
+                ColumnChange::Default { default: Some(_), .. } => continue, // names source-side functions or sequences
+                ColumnChange::Default { default: None, .. } => format!("ALTER TABLE {t} ALTER COLUMN {q} DROP DEFAULT"),
+            };
+            self.client.batch_execute(&sql).await.map_err(|e| {
+                let e = PgError::from_pg("", e);
+                if e.kind() == sluice_core::ErrorKind::Transient { e } else { PgError::halted(format!("`{sql}` failed in the sink{e}")) }
+            })?;
+            tracing::info!(table = %table, change = ?ch, "schema change applied to the target table");
+        }
+        self.targets.remove(&c.table);
         Ok(())
     }
 

@@ -114,22 +114,29 @@ impl Pipeline {
         // Transactions handed to the sink and not yet durable in it (a sink may commit
         // on its own cadence): their lag is measured when they become visible.
         let mut unseen: VecDeque<(Lsn, i64)> = VecDeque::new();
+        // A transaction with schema changes is a batch of its own: the one before it
+        // waits here while the batch before it is applied.
+        let mut carry: Option<StreamItem> = None;
         loop {
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.changed() => return Ok(()),
-                item = rx.recv() => item,
-                _ = tick.tick() => {
-                    if let Some(e) = &sink.enrichment {
-                        e.replay().await?;
-                        if e.take_requested() {
-                            resync.wake();
+            let first = if let Some(c) = carry.take() {
+                Some(c)
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return Ok(()),
+                    item = rx.recv() => item,
+                    _ = tick.tick() => {
+                        if let Some(e) = &sink.enrichment {
+                            e.replay().await?;
+                            if e.take_requested() {
+                                resync.wake();
+                            }
                         }
+                        resync.tick().await?;
+                        sink.sink_mut()?.tick().await?;
+                        self.confirm(&*sink.sink, applied, acker, &mut unseen);
+                        continue;
                     }
-                    resync.tick().await?;
-                    sink.sink_mut()?.tick().await?;
-                    self.confirm(&*sink.sink, applied, acker, &mut unseen);
-                    continue;
                 }
             };
             let Some(first) = first else { return Ok(()) };
@@ -137,6 +144,11 @@ impl Pipeline {
             let deadline = Instant::now() + self.cfg.batch.max_wait;
             let mut next = Some(first);
             while let Some(item) = next.take() {
+                let ddl = matches!(&item, StreamItem::Txn(t) if !t.ddl.is_empty());
+                if ddl && !batch.is_empty() {
+                    carry = Some(item);
+                    break;
+                }
                 cost += item_cost_kb(&item);
                 match item {
                     StreamItem::Txn(t) => {
@@ -152,6 +164,9 @@ impl Pipeline {
                         }
                     }
                 }
+                if ddl {
+                    break;
+                }
                 if rows < max_rows && cost < BATCH_BUDGET_KB {
                     next = rx.try_recv().ok();
                     // With `batch.max_wait`, a quiet moment does not cut the batch: it
@@ -163,7 +178,17 @@ impl Pipeline {
                 }
             }
             if !batch.is_empty() {
-                sink.apply(&mut batch).await?;
+                let ddl = batch.iter().any(|t| !t.ddl.is_empty());
+                if ddl {
+                    self.before_schema_changes(sink, &batch).await?;
+                }
+                if let Err(e) = sink.apply(&mut batch).await {
+                    return Err(if ddl { schema_change_refused(&batch, e) } else { e });
+                }
+                if ddl {
+                    self.after_schema_changes(sink, &batch, resync).await?;
+                    kill_failpoint("kill-after:ddl");
+                }
                 if self.metrics.halted.load(Ordering::Relaxed) != 0 {
                     self.metrics.set_halted(None);
                 }
@@ -183,6 +208,43 @@ impl Pipeline {
             applied = applied.max(position);
             self.confirm(&*sink.sink, applied, acker, &mut unseen);
         }
+    }
+
+    /// What a batch's schema changes need before the sink applies it: a change no
+    /// sink can follow halts here; a table that joined the publication gets its place
+    /// in the sink.
+    async fn before_schema_changes(&self, sink: &mut Output, batch: &[Transaction]) -> Result<()> {
+        for c in batch.iter().flat_map(|t| &t.ddl) {
+            match &c.kind {
+                SchemaChangeKind::Unsupported { reason } => {
+                    bail!(PgError::halted(format!("schema change `{}`: {reason}", one_line(&c.statement))))
+                }
+                SchemaChangeKind::TableAdded { schema } => sink.sink_mut()?.prepare(std::slice::from_ref(schema)).await?,
+                SchemaChangeKind::TableRemoved => {
+                    tracing::warn!(table = %c.table, "table left the publication: its changes no longer reach the sink, which keeps its rows")
+                }
+                SchemaChangeKind::Columns { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the sink took the batch: the tables whose rows the log cannot bring (new in
+    /// the publication, or rewritten by a volatile default) are read through a resync.
+    async fn after_schema_changes(&self, sink: &Output, batch: &[Transaction], resync: &mut Resync) -> Result<()> {
+        for t in batch {
+            for c in &t.ddl {
+                let (schema, added_at) = match &c.kind {
+                    SchemaChangeKind::TableAdded { schema } => (schema, Some(t.commit_lsn)),
+                    SchemaChangeKind::Columns { after, resync: true, .. } => (after, None),
+                    _ => continue,
+                };
+                let target = (sink.sink.mirrors_source_rows() && self.chain.is_empty()).then(|| sink.sink.target_name(&schema.name));
+                tracing::info!(table = %schema.name, "schema change: the table is read again through a resync");
+                resync.request_table(t.commit_lsn.0 as i64, schema, target, added_at).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Tells the source what the sink holds durably of what it was handed, and measures
@@ -244,5 +306,37 @@ fn count_table(per_table: &mut HashMap<TableName, u64>, name: &TableName, n: u64
         None => {
             per_table.insert(name.clone(), n);
         }
+    }
+}
+
+/// A sink refused a batch with schema changes: the halt names the statement.
+fn schema_change_refused(batch: &[Transaction], e: anyhow::Error) -> anyhow::Error {
+    let Some(c) = batch.iter().flat_map(|t| &t.ddl).next() else { return e };
+    if error_kind(&e) == ErrorKind::Transient {
+        return e;
+    }
+    // A sink's own refusal may already say how to fix it (the registry's does).
+    let fix = if e.to_string().contains("resumes by itself") {
+        String::new()
+    } else {
+        "; change the sink so it can (or undo the change in the source) and the pipeline resumes by itself".into()
+    };
+    PgError::halted(format!("the sink cannot take the schema change `{}` on {}: {e}{fix}", one_line(&c.statement), c.table)).into()
+}
+
+/// A statement on one line, shortened: it goes into a one-line message.
+fn one_line(statement: &str) -> String {
+    let s: String = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > 200 { format!("{}...", s.chars().take(200).collect::<String>()) } else { s }
+}
+
+/// Test hook: `SLUICE_FAILPOINT=kill-after:ddl` kills this process with SIGKILL right
+/// after the sink took a schema change, before its position is confirmed. Nothing else
+/// reads it.
+fn kill_failpoint(name: &str) {
+    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|f| f == name) {
+        tracing::warn!(failpoint = name, "failpoint: killing this process");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        std::thread::sleep(Duration::from_secs(60));
     }
 }

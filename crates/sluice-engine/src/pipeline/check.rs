@@ -91,7 +91,18 @@ impl Pipeline {
                 }
             }
         } else {
-            self.cfg.tables()
+            let mut names = self.cfg.tables();
+            // Sluice's own publication is the table list: a table someone added to it
+            // (DDL capture snapshotted it through a resync) stays replicated.
+            if self.cfg.source.publication.is_none() {
+                let reference = crate::enrich::reference_tables(&self.cfg.enrich);
+                for t in published.iter().flatten() {
+                    if !names.contains(t) && !reference.contains(t) {
+                        names.push(t.clone());
+                    }
+                }
+            }
+            names
         };
         let mut tables = Vec::new();
         for name in &names {

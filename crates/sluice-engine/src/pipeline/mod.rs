@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use std::collections::{HashMap, VecDeque};
 
 use crate::resync::Resync;
+use sluice_core::ddl::SchemaChangeKind;
 use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotChunk, SnapshotMethod};
 use sluice_core::source::{Acker, ChangeSource, ChangeStream, RetentionHealth, SourceError, StreamItem, WalStatus};
 use sluice_core::transform::{Chain, TableTransform};
