@@ -367,7 +367,7 @@ pub fn run_config(
             user: user.to_string(),
             password: SecretString::from(password.to_string()),
             database: source.database.clone(),
-            tables: spec.tables.clone(),
+            tables: spec.tables.iter().cloned().map(Into::into).collect(),
             publication: Some(object_name(install, id)),
             slot: Some(object_name(install, id)),
             heartbeat_interval: source.heartbeat_interval,

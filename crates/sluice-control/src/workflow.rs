@@ -405,7 +405,9 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
         }
         Step::CreatePublication => {
             let c = admin().await?;
-            replication::ensure_publication(&c, &obj, &tables, replication::PublicationTables::Set).await.map_err(anyhow::Error::from)?;
+            replication::ensure_publication(&c, &obj, &tables, &cfg.table_filters(), replication::PublicationTables::Set)
+                .await
+                .map_err(anyhow::Error::from)?;
             // Schema changes reach the pipeline as messages; the admin may create the
             // event trigger, the pipeline's role may not.
             sluice_postgres::ddl_capture::install(&c, &obj).await.map_err(anyhow::Error::from)?;

@@ -45,9 +45,10 @@ pub struct SourceConfig {
     pub user: String,
     pub password: SecretString,
     pub database: String,
-    /// Tables to replicate, as `schema.table` (or `table` for `public`).
+    /// Tables to replicate, as `schema.table` (or `table` for `public`), or as
+    /// `{name, where, columns}`: a publication row filter and column list.
     #[serde(default)]
-    pub tables: Vec<String>,
+    pub tables: Vec<TableEntry>,
     /// Publication to use; created when missing. Default: `sluice_<pipeline>`.
     pub publication: Option<String>,
     /// Replication slot to use; created when missing. Default: `sluice_<pipeline>`.
@@ -60,6 +61,54 @@ pub struct SourceConfig {
     /// `resync` by itself.
     #[serde(default)]
     pub on_slot_lost: OnSlotLost,
+}
+
+/// One entry of `source.tables`: a name, or a name with the publication's row filter
+/// (`where`) and column list (`columns`), which the snapshot and resyncs apply too.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TableEntry {
+    pub name: String,
+    #[serde(rename = "where", skip_serializing_if = "Option::is_none")]
+    pub row_filter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+}
+
+impl From<String> for TableEntry {
+    fn from(name: String) -> Self {
+        Self { name, row_filter: None, columns: None }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilteredTable {
+    name: String,
+    #[serde(rename = "where")]
+    row_filter: Option<String>,
+    columns: Option<Vec<String>>,
+}
+
+// By hand rather than `untagged`: an unknown key in the map form keeps serde's own
+// message naming it, instead of "did not match any variant".
+impl<'de> Deserialize<'de> for TableEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TableEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table name, or {name, where, columns}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TableEntry, E> {
+                Ok(TableEntry::from(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<TableEntry, A::Error> {
+                let t = FilteredTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(TableEntry { name: t.name, row_filter: t.row_filter, columns: t.columns })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// After a lost slot the source no longer has the changes since the sink's position:
@@ -212,8 +261,14 @@ impl PipelineConfig {
             return Err("source: list the tables to replicate in `tables`, or name an existing `publication`".into());
         }
         for t in &self.source.tables {
-            if TableName::parse(t).is_none() {
-                return Err(format!("source.tables: {t:?} is not a table name; write schema.table or table"));
+            if TableName::parse(&t.name).is_none() {
+                return Err(format!("source.tables: {:?} is not a table name; write schema.table or table", t.name));
+            }
+            if t.row_filter.as_deref().is_some_and(|w| w.trim().is_empty() || w.contains(';')) {
+                return Err(format!("source.tables: {}: `where` must be one SQL condition (no `;`), like region = 'eu'", t.name));
+            }
+            if t.columns.as_ref().is_some_and(Vec::is_empty) {
+                return Err(format!("source.tables: {}: `columns` lists no column: name the columns to publish, or leave it out", t.name));
             }
         }
         if self.snapshot.parallelism == 0 || self.snapshot.parallelism > 32 {
@@ -253,6 +308,19 @@ impl PipelineConfig {
         out
     }
 
+    /// The row filter and column list configured for each table that has one.
+    pub fn table_filters(&self) -> std::collections::HashMap<TableName, sluice_postgres::replication::TableFilter> {
+        self.source
+            .tables
+            .iter()
+            .filter(|t| t.row_filter.is_some() || t.columns.is_some())
+            .filter_map(|t| {
+                let f = sluice_postgres::replication::TableFilter { row_filter: t.row_filter.clone(), columns: t.columns.clone() };
+                Some((TableName::parse(&t.name)?, f))
+            })
+            .collect()
+    }
+
     pub fn slot_name(&self) -> String {
         self.source.slot.clone().unwrap_or_else(|| format!("sluice_{}", self.pipeline))
     }
@@ -270,7 +338,7 @@ impl PipelineConfig {
     /// The listed tables, with the ones the sink needs added (a search document's
     /// related tables must be replicated for changes to reach it).
     pub fn tables(&self) -> Vec<TableName> {
-        let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(t)).collect();
+        let mut t: Vec<TableName> = self.source.tables.iter().filter_map(|t| TableName::parse(&t.name)).collect();
         for n in self.sink.get().required_tables() {
             if !t.contains(&n) {
                 t.push(n);

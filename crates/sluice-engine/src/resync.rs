@@ -183,6 +183,8 @@ pub(crate) struct Resync {
     /// Postgres sinks without transforms: where a table's rows are, to remove the ones
     /// the source no longer has.
     targets: HashMap<TableName, TableName>,
+    /// Publication row filters of the tables that have one.
+    row_filters: HashMap<TableName, String>,
     chunk_rows: i64,
     nonce: u64,
     seq: u64,
@@ -229,6 +231,7 @@ impl Resync {
             reader: None,
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             targets,
+            row_filters: HashMap::new(),
             chunk_rows: chunk_rows.clamp(1, 100_000) as i64,
             nonce,
             seq: 0,
@@ -238,6 +241,11 @@ impl Resync {
             next_poll: Instant::now(),
             metrics,
         })
+    }
+
+    pub(crate) fn with_row_filters(mut self, filters: HashMap<TableName, String>) -> Self {
+        self.row_filters = filters;
+        self
     }
 
     /// Sees every transaction, in stream order, before it joins a batch.
@@ -514,11 +522,17 @@ impl Resync {
         self.seq += 1;
         let mark = format!("{}/{:x}/{}", self.pipeline, self.nonce, self.seq);
         let schema = self.tables[&req.table].clone();
+        // The publication's row filter too: rows outside it are not the sink's, and the
+        // chunk's key range then removes any the sink still holds.
+        let filter = match (&req.filter, self.row_filters.get(&req.table)) {
+            (Some(a), Some(b)) => Some(format!("({a}) AND ({b})")),
+            (a, b) => a.clone().or_else(|| b.cloned()),
+        };
         let task = tokio::spawn(read_chunk(
             self.reader.clone().expect("connected"),
             schema,
             req.last_key.clone(),
-            req.filter.clone(),
+            filter,
             self.chunk_rows,
             mark.clone(),
         ));

@@ -106,8 +106,18 @@ pub struct SlotInfo {
 
 impl SlotInfo {
     pub fn lost(&self) -> bool {
-        self.wal_status.as_deref() == Some("lost")
+        self.wal_status.as_deref().map(sluice_core::source::WalStatus::parse) == Some(sluice_core::source::WalStatus::Lost)
     }
+}
+
+/// Why a recovery is refused: `slot` still streams (a missing or lost slot may be
+/// recovered). The CLI and the API add their own way to read tables again.
+pub fn recover_refusal(slot: &str, info: Option<&SlotInfo>) -> Option<String> {
+    let info = info.filter(|i| !i.lost())?;
+    Some(format!(
+        "replication slot {slot} is not lost (wal_status {}): nothing to recover",
+        info.wal_status.as_deref().unwrap_or("unknown")
+    ))
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> {

@@ -219,6 +219,31 @@ impl Shape {
     }
 }
 
+/// The statement itself out of the query string the trigger saw, which holds every
+/// statement sent together (`ALTER ..; INSERT .. VALUES (..)`): the others can carry row
+/// values, which never reach a log. The first statement starting with `tag` that names
+/// `table`, else the first starting with `tag`.
+pub(crate) fn statement_of(query: &str, tag: &str, table: Option<&str>) -> String {
+    let (mut parts, mut start, mut quote) = (Vec::new(), 0, None);
+    for (i, c) in query.char_indices() {
+        match (c, quote) {
+            ('\'' | '"', None) => quote = Some(c),
+            (c, Some(q)) if c == q => quote = None,
+            (';', None) => {
+                parts.push(&query[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&query[start..]);
+    let tag = tag.to_ascii_lowercase();
+    let words = |p: &str| p.split_whitespace().collect::<Vec<_>>().join(" ");
+    let candidates: Vec<String> = parts.iter().map(|p| words(p)).filter(|p| p.to_ascii_lowercase().starts_with(&tag)).collect();
+    let named = table.and_then(|t| candidates.iter().find(|p| p.to_ascii_lowercase().contains(&t.to_ascii_lowercase())));
+    named.or(candidates.first()).cloned().unwrap_or_else(|| format!("({tag} statement)"))
+}
+
 /// The column changes from `before` to `after`, matched by attribute number (so a
 /// rename is a rename), and whether existing rows took values the log does not carry.
 pub(crate) fn diff(before: &[DdlColumn], after: &[DdlColumn]) -> (Vec<ColumnChange>, bool) {
@@ -287,6 +312,14 @@ mod tests {
             default: default.map(Into::into),
             is_key: false,
         }
+    }
+
+    #[test]
+    fn the_statement_is_cut_out_of_what_was_sent_with_it() {
+        let q = "ALTER TABLE ev ALTER COLUMN n TYPE int4; INSERT INTO ev VALUES (3, 'a;b');\n ALTER TABLE other ADD c int";
+        assert_eq!(statement_of(q, "ALTER TABLE", Some("ev")), "ALTER TABLE ev ALTER COLUMN n TYPE int4");
+        assert_eq!(statement_of(q, "ALTER TABLE", Some("other")), "ALTER TABLE other ADD c int");
+        assert_eq!(statement_of("INSERT INTO t VALUES ('secret')", "ALTER TABLE", None), "(alter table statement)");
     }
 
     #[test]

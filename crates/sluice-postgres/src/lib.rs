@@ -16,7 +16,7 @@ mod snapshot;
 mod source;
 mod stream;
 
-pub use catalog::{SlotInfo, load_table, publication_tables, slot_info, verify_slot, wal_level};
+pub use catalog::{SlotInfo, load_table, publication_tables, recover_refusal, slot_info, verify_slot, wal_level};
 pub use checkpoint::Checkpoint;
 pub use chunks::{SnapshotFilter, TruncateScope, int_key};
 pub use conn::{PgConnConfig, connect, connect_listening};

@@ -2,6 +2,8 @@
 //! publication, the heartbeat and the resync watermarks (logical messages). Both the
 //! runner and the control plane's workflows go through these.
 
+use std::collections::HashMap;
+
 use sluice_core::source::{RetentionHealth, WalStatus};
 use sluice_core::{TableName, quote_ident};
 use tokio_postgres::Client;
@@ -56,16 +58,43 @@ pub enum PublicationTables {
     Set,
 }
 
+/// A table's publication row filter (`WHERE`) and column list, as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableFilter {
+    pub row_filter: Option<String>,
+    pub columns: Option<Vec<String>>,
+}
+
+impl TableFilter {
+    /// `t (c1, c2) WHERE (expr)`: the table as a publication lists it.
+    pub fn publish(&self, t: &TableName) -> String {
+        let mut out = t.quoted();
+        if let Some(cols) = &self.columns {
+            out.push_str(&format!(" ({})", cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")));
+        }
+        if let Some(w) = &self.row_filter {
+            out.push_str(&format!(" WHERE ({w})"));
+        }
+        out
+    }
+}
+
 /// Creates publication `name` for `tables` (changes to a partitioned table published
 /// under its own name, which is the one the pipeline knows), or changes an existing
-/// one's table list.
-pub async fn ensure_publication(c: &Client, name: &str, tables: &[TableName], mode: PublicationTables) -> Result<()> {
+/// one's table list. `filters` gives a table its row filter and column list.
+pub async fn ensure_publication(
+    c: &Client,
+    name: &str,
+    tables: &[TableName],
+    filters: &HashMap<TableName, TableFilter>,
+    mode: PublicationTables,
+) -> Result<()> {
     let exists: bool = c
         .query_one("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)", &[&name])
         .await
         .map_err(|e| PgError::from_pg(&format!("reading publication {name}"), e))?
         .get(0);
-    let list: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let list: Vec<String> = tables.iter().map(|t| filters.get(t).cloned().unwrap_or_default().publish(t)).collect();
     let sql = match (exists, mode) {
         (true, PublicationTables::Add) => format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), list.join(", ")),
         (true, PublicationTables::Set) => format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(name), list.join(", ")),
@@ -75,6 +104,49 @@ pub async fn ensure_publication(c: &Client, name: &str, tables: &[TableName], mo
     };
     c.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("setting up publication {name}"), e))?;
     Ok(())
+}
+
+/// Refuses a row filter or column list that would make Postgres reject the table's
+/// updates or deletes (a filter on columns outside the replica identity, a column list
+/// without it), or that is not valid SQL: tried on a publication created and rolled
+/// back in one transaction, so the source's writes are never the ones that fail.
+pub async fn check_filter(c: &Client, table: &TableName, filter: &TableFilter) -> std::result::Result<(), String> {
+    let key: Option<String> = c
+        .query_one(
+            "SELECT (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LIMIT 1)",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| format!("{table}: {}", PgError::from_pg("reading the table", e)))?
+        .get(0);
+    let Some(col) = key else { return Err(format!("{table} has no columns")) };
+    let col = quote_ident(&col);
+    let t = table.quoted();
+    let sql = format!(
+        "BEGIN; CREATE PUBLICATION sluice_filter_check FOR TABLE {}; UPDATE {t} SET {col} = {col} WHERE false; DELETE FROM {t} WHERE false",
+        filter.publish(table)
+    );
+    let r = c.batch_execute(&sql).await;
+    let _ = c.batch_execute("ROLLBACK").await;
+    // A role that may not publish or update the table cannot try it: whoever creates
+    // the publication gets Postgres's own answer then.
+    if r.as_ref().err().and_then(|e| e.code()).is_some_and(|c| *c == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return Ok(());
+    }
+    r.map_err(|e| {
+        let msg = e.as_db_error().map_or_else(
+            || e.to_string(),
+            |d| format!("{}{}", d.message(), d.detail().map(|x| format!(" ({x})")).unwrap_or_default()),
+        );
+        let hint = if msg.contains("replica identity") {
+            format!(
+                ": a row filter may only name replica-identity columns and a column list must include them; run ALTER TABLE {t} REPLICA IDENTITY FULL (then list every column, or none)"
+            )
+        } else {
+            String::new()
+        };
+        format!("{table}: Postgres refuses this filter: {msg}{hint}")
+    })
 }
 
 pub async fn drop_publication(c: &Client, name: &str) -> Result<()> {

@@ -92,11 +92,14 @@ const DELIVER_ROWS: usize = 4096;
 /// A table to snapshot: its source schema, where it goes in the sink, and the
 /// pipeline's enrichment and transforms for it (rows are then decoded, enriched,
 /// transformed and re-encoded).
+#[derive(Clone)]
 pub struct SnapshotTable {
     pub schema: Arc<TableSchema>,
     pub target: TableName,
     pub transform: Option<Arc<TableTransform>>,
     pub enrich: Option<Arc<dyn RowEnrich>>,
+    /// The publication's row filter: the snapshot copies the rows the stream publishes.
+    pub row_filter: Option<String>,
 }
 
 /// Fields added to source rows from outside them (lookups, a team's service), before
@@ -113,6 +116,7 @@ pub trait RowEnrich: Send + Sync {
 #[derive(Clone, Copy)]
 struct Shape<'a> {
     schema: &'a Arc<TableSchema>,
+    row_filter: Option<&'a str>,
     enrich: Option<&'a dyn RowEnrich>,
     transform: Option<&'a TableTransform>,
 }
@@ -192,12 +196,13 @@ async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<
     Ok((ranges, est))
 }
 
-fn chunk_predicate(schema: &TableSchema, c: &Chunk) -> String {
-    let Some(key) = int_key(schema) else { return "true".into() };
+fn chunk_predicate(shape: &Shape<'_>, c: &Chunk) -> String {
+    let filter = shape.row_filter.map_or(String::new(), |w| format!(" AND ({w})"));
+    let Some(key) = int_key(shape.schema) else { return format!("true{filter}") };
     let k = quote_ident(key);
     let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
     let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
-    format!("{lo} AND {hi}")
+    format!("{lo} AND {hi}{filter}")
 }
 
 /// Copies every chunk not yet done. Returns at once when all are done. `state` is the
@@ -274,21 +279,24 @@ pub async fn run_snapshot<R: RowTarget>(
         let snapshot_name = snapshot_name.clone();
         let pipeline = opts.pipeline.clone();
         let row_target = row_target.clone();
-        #[allow(clippy::type_complexity)]
-        let tables: Vec<(Arc<TableSchema>, TableName, Option<Arc<TableTransform>>, Option<Arc<dyn RowEnrich>>)> =
-            tables.iter().map(|t| (t.schema.clone(), t.target.clone(), t.transform.clone(), t.enrich.clone())).collect();
+        let tables: Vec<SnapshotTable> = tables.to_vec();
         workers.push(tokio::spawn(async move {
             let src = connect(&source, "source").await?;
             snapshot_txn(&src, &snapshot_name).await?;
             let dst = connect(&sink, "sink").await?;
             loop {
                 let Some(chunk) = queue.lock().await.pop() else { break };
-                let Some((schema, target, transform, enrich)) = tables.iter().find(|(s, ..)| s.name.to_string() == chunk.table) else {
+                let Some(t) = tables.iter().find(|t| t.schema.name.to_string() == chunk.table) else {
                     continue; // a table no longer in the config
                 };
-                let shape = Shape { schema, enrich: enrich.as_deref(), transform: transform.as_deref() };
+                let shape = Shape {
+                    schema: &t.schema,
+                    row_filter: t.row_filter.as_deref(),
+                    enrich: t.enrich.as_deref(),
+                    transform: t.transform.as_deref(),
+                };
                 match &row_target {
-                    None => copy_chunk(&src, &dst, &pipeline, shape, target, &chunk, consistent, &progress).await?,
+                    None => copy_chunk(&src, &dst, &pipeline, shape, &t.target, &chunk, consistent, &progress).await?,
                     Some(r) => deliver_chunk(&src, &dst, r, &pipeline, shape, &chunk, consistent, &progress).await?,
                 }
             }
@@ -346,7 +354,7 @@ async fn deliver_chunk<R: RowTarget>(
             "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT",
             cols.join(", "),
             schema.name.quoted(),
-            chunk_predicate(schema, chunk)
+            chunk_predicate(&shape, chunk)
         ))
         .await
         .map_err(err)?;
@@ -402,7 +410,7 @@ async fn copy_chunk(
     let err = |e| PgError::from_pg(&ctx, e);
     dst.batch_execute("BEGIN").await.map_err(err)?;
     let out = src
-        .copy_out(&format!("COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT", schema.name.quoted(), chunk_predicate(schema, chunk)))
+        .copy_out(&format!("COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT", schema.name.quoted(), chunk_predicate(&shape, chunk)))
         .await
         .map_err(err)?;
     let inp = dst.copy_in(&format!("COPY {} ({out_cols}) FROM STDIN", target.quoted())).await.map_err(err)?;

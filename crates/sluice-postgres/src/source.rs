@@ -1,6 +1,7 @@
 //! Postgres as the runner's change source: its pipeline's slot and publication, set up
 //! once, streamed with pgoutput, kept moving with heartbeats.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sluice_core::source::{Acker, ChangeSource, ChangeStream, RetentionHealth, SourceError, SourceResult, StreamItem};
@@ -20,6 +21,8 @@ pub struct PostgresSource {
     pipeline: String,
     slot: String,
     publication: String,
+    /// Row filters and column lists of the tables that have them.
+    filters: HashMap<TableName, replication::TableFilter>,
     /// The heartbeat's connection, opened again after it drops.
     heartbeat: Mutex<Option<Client>>,
 }
@@ -31,8 +34,15 @@ impl PostgresSource {
             pipeline: pipeline.to_string(),
             slot: slot.to_string(),
             publication: publication.to_string(),
+            filters: HashMap::new(),
             heartbeat: Mutex::new(None),
         }
+    }
+
+    /// The row filters and column lists the publication gives its tables.
+    pub fn with_filters(mut self, filters: HashMap<TableName, replication::TableFilter>) -> Self {
+        self.filters = filters;
+        self
     }
 
     /// Adds `missing` tables to the publication (creating it), installs DDL capture
@@ -40,7 +50,7 @@ impl PostgresSource {
     pub async fn prepare(&self, missing: &[TableName], slot_exists: bool) -> Result<(), PgError> {
         let c = connect(&self.conn, "source").await?;
         if !missing.is_empty() {
-            replication::ensure_publication(&c, &self.publication, missing, PublicationTables::Add).await?;
+            replication::ensure_publication(&c, &self.publication, missing, &self.filters, PublicationTables::Add).await?;
             tracing::info!(publication = %self.publication, tables = missing.len(), "publication ready");
         }
         if !crate::ddl_capture::install(&c, &self.pipeline).await? {
@@ -83,8 +93,9 @@ impl ChangeSource for PostgresSource {
     async fn open(&self, from: Lsn, tables: &[Arc<TableSchema>]) -> SourceResult<ReplicationStream> {
         // Relations the stream meets mid-flight are looked up in the catalog.
         let catalog = connect(&self.conn, "source").await.map_err(source_error)?;
-        let stream =
+        let mut stream =
             ReplicationStream::start(&self.conn, &self.slot, &self.publication, from, tables, catalog).await.map_err(source_error)?;
+        stream.column_lists = self.filters.iter().filter_map(|(t, f)| Some((t.clone(), f.columns.clone()?))).collect();
         tracing::info!(slot = %self.slot, from = %from, "streaming");
         Ok(stream)
     }

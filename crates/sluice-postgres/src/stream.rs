@@ -28,6 +28,8 @@ pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
     publication: String,
+    /// Tables whose publication lists columns: a captured shape keeps those only.
+    pub(crate) column_lists: HashMap<TableName, Vec<String>>,
     tables: HashMap<TableName, Arc<TableSchema>>,
     /// Each table's column type modifiers as the last Relation message gave them: a
     /// change of modifier alone (numeric(10,2) to numeric(12,2), varchar(20) to
@@ -63,6 +65,7 @@ impl ReplicationStream {
             client,
             catalog,
             publication: publication.to_string(),
+            column_lists: HashMap::new(),
             acks,
             ack_tx: Arc::new(ack_tx),
             tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
@@ -272,12 +275,20 @@ impl ReplicationStream {
                 );
                 changes.push((was, SchemaChangeKind::Unsupported { reason }));
             } else {
-                changes.push((name.clone(), self.columns_changed(&name, msg.relid.unwrap_or(0), msg.before.as_ref(), &msg.after).await?));
+                let (mut before, mut after) = (msg.before, msg.after);
+                if let Some(cols) = self.column_lists.get(&name) {
+                    after.retain(|c| cols.contains(&c.name));
+                    if let Some(b) = &mut before {
+                        b.columns.retain(|c| cols.contains(&c.name));
+                    }
+                }
+                changes.push((name.clone(), self.columns_changed(&name, msg.relid.unwrap_or(0), before.as_ref(), &after).await?));
             }
         }
+        let statement = ddl_capture::statement_of(&msg.statement, &msg.tag, msg.table.as_deref());
         let txn = self.current.as_mut().ok_or_else(|| PgError::protocol("pgoutput: DDL message outside a transaction"))?;
         for (table, kind) in changes {
-            txn.ddl.push(SchemaChange { seq, statement: msg.statement.clone(), table, kind });
+            txn.ddl.push(SchemaChange { seq, statement: statement.clone(), table, kind });
         }
         Ok(())
     }

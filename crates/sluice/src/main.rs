@@ -454,14 +454,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let source = cfg.source.connection();
             let src = sluice_postgres::connect(&source, "source").await?;
             let slot = cfg.slot_name();
-            if let Some(info) = sluice_postgres::slot_info(&src, &slot).await?
-                && !info.lost()
-            {
-                anyhow::bail!(
-                    "replication slot {slot} is not lost (wal_status {}): nothing to recover; to read tables again, run sluice resync -c {}",
-                    info.wal_status.as_deref().unwrap_or("unknown"),
-                    config.display()
-                );
+            if let Some(why) = sluice_postgres::recover_refusal(&slot, sluice_postgres::slot_info(&src, &slot).await?.as_ref()) {
+                anyhow::bail!("{why}; to read tables again, run sluice resync -c {}", config.display());
             }
             let tables = cfg.tables();
             sluice::resync::check_keys(&src, &tables, &source.describe()).await.map_err(anyhow::Error::msg)?;

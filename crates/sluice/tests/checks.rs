@@ -6,7 +6,7 @@ use crate::common::*;
 use sluice_postgres::cluster::TempCluster;
 
 /// Runs `sluice run` and expects exit 1 with exactly one error line containing `want`.
-fn expect_failure(config: &std::path::Path, want: &str) {
+pub(crate) fn expect_failure(config: &std::path::Path, want: &str) {
     let (code, stderr) = run_to_exit(&["run", "--config", config.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(code, Some(1), "expected exit 1, stderr:\n{stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
@@ -16,7 +16,7 @@ fn expect_failure(config: &std::path::Path, want: &str) {
 }
 
 /// Nothing of the pipeline's exists: no slot or publication at the source, no state in the sink.
-async fn assert_untouched(env: &Env) {
+pub(crate) async fn assert_untouched(env: &Env) {
     let src = env.src().await;
     let slots = slot_count(env).await;
     let pubs: i64 = src.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
@@ -169,6 +169,15 @@ async fn a_least_privilege_replication_role_is_enough() {
     wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
     let superuser: bool = src.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role]).await.unwrap().get(0);
     assert!(!superuser);
+    // Without a superuser there is no event trigger: one warning saying what that
+    // means, and added columns still reach the sink through the new row shape.
+    let warning = p.log().lines().filter(|l| l.contains("DDL capture is not installed")).count();
+    assert_eq!(warning, 1, "{}", p.log());
+    let trigger: bool =
+        src.query_one("SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'sluice_ddl_capture')", &[]).await.unwrap().get(0);
+    assert!(!trigger, "a role that may not create event triggers leaves none behind");
+    src.batch_execute("ALTER TABLE t ADD COLUMN w text; INSERT INTO t VALUES (101, 'v', 'w');").await.unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
     p.assert_running();
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
 }

@@ -8,6 +8,7 @@ mod checks;
 mod control;
 mod ddl;
 mod enrich;
+mod filters;
 mod iceberg;
 mod kafka;
 mod migrations;

@@ -332,11 +332,8 @@ pub(super) async fn pipelines_recover(State(ctl): Ctl, caller: Caller, Path((ten
     let info = sluice_postgres::slot_info(&src, &slot)
         .await
         .map_err(|e| ApiError::invalid("source_unreachable", Invalid::new("source", e.to_string())))?;
-    if let Some(info) = info.filter(|i| !i.lost()) {
-        return Err(ApiError::conflict(format!(
-            "pipeline {name:?} has a healthy replication slot (wal_status {}): nothing to recover; to read tables again, use resync",
-            info.wal_status.as_deref().unwrap_or("unknown")
-        )));
+    if let Some(why) = sluice_postgres::recover_refusal(&slot, info.as_ref()) {
+        return Err(ApiError::conflict(format!("pipeline {name:?}: {why}; to read tables again, use resync")));
     }
     let tables = cfg.tables();
     sluice_engine::resync::check_keys(&src, &tables, &admin.describe())

@@ -105,8 +105,30 @@ impl Pipeline {
             names
         };
         let mut tables = Vec::new();
+        let filters = self.cfg.table_filters();
         for name in &names {
-            tables.push(Arc::new(sluice_postgres::load_table(&src, name, &self.source.describe()).await.map_err(at(Tables))?));
+            let mut table = sluice_postgres::load_table(&src, name, &self.source.describe()).await.map_err(at(Tables))?;
+            if let Some(f) = filters.get(name) {
+                // The stream sends the listed columns only: the sink's shape is theirs.
+                if let Some(cols) = &f.columns {
+                    if let Some(c) = cols.iter().find(|c| !table.columns.iter().any(|t| &t.name == *c)) {
+                        return Err(at(Tables)(PgError::permanent(format!(
+                            "source.tables: {name}: column {c:?} in `columns` does not exist: check the spelling"
+                        ))));
+                    }
+                    if let Some(k) = table.columns.iter().find(|k| k.is_key && !cols.contains(&k.name)) {
+                        return Err(at(Tables)(PgError::permanent(format!(
+                            "source.tables: {name}: `columns` must include the key column {:?} (the sink upserts by it)",
+                            k.name
+                        ))));
+                    }
+                    table.columns.retain(|c| cols.contains(&c.name));
+                }
+                sluice_postgres::replication::check_filter(&src, name, f)
+                    .await
+                    .map_err(|m| at(Tables)(PgError::permanent(format!("source.tables: {m}"))))?;
+            }
+            tables.push(Arc::new(table));
         }
         let enrichment = Enrichment::new(&self.cfg.pipeline, &self.cfg.enrich, &self.source, &self.state, &names, self.metrics.clone())
             .await

@@ -95,7 +95,9 @@ impl Pipeline {
         let source = cfg.source.connection();
         let state = cfg.state_connection();
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
-        let capture = Arc::new(PostgresSource::new(source.clone(), &cfg.pipeline, &cfg.slot_name(), &cfg.publication_name()));
+        let capture = Arc::new(
+            PostgresSource::new(source.clone(), &cfg.pipeline, &cfg.slot_name(), &cfg.publication_name()).with_filters(cfg.table_filters()),
+        );
         Self {
             cfg,
             source,

@@ -43,6 +43,7 @@ impl Pipeline {
         };
         let target = |n: &TableName| sink.sink.target_name(n);
         let mut snap = Vec::with_capacity(checked.tables.len());
+        let filters = self.cfg.table_filters();
         for (t, x) in checked.tables.iter().zip(&checked.transforms) {
             snap.push(SnapshotTable {
                 schema: t.clone(),
@@ -52,6 +53,7 @@ impl Pipeline {
                     Some(e) => e.for_snapshot(t)?,
                     None => None,
                 },
+                row_filter: filters.get(&t.name).and_then(|f| f.row_filter.clone()),
             });
         }
         let progress = self.metrics.snapshot.clone();

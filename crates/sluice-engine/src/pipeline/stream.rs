@@ -57,13 +57,18 @@ impl Pipeline {
         )
         .await
         {
-            // A lost slot ends the stream within one heartbeat (the source may not have
-            // ended it); the retry's checks decide between halting and recovering.
-            // Leaving the apply loop mid-batch is safe: the sink commits a batch whole.
-            Ok(mut resync) => tokio::select! {
-                r = self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync) => r,
-                _ = &mut heartbeat => Err(PgError::transient(format!("replication slot {} was lost", self.cfg.slot_name())).into()),
-            },
+            Ok(resync) => {
+                // Resyncs read what the publication's row filters publish.
+                let filters = self.cfg.table_filters().into_iter().filter_map(|(t, f)| Some((t, f.row_filter?))).collect();
+                let mut resync = resync.with_row_filters(filters);
+                // A lost slot ends the stream within one heartbeat (the source may not have
+                // ended it); the retry's checks decide between halting and recovering.
+                // Leaving the apply loop mid-batch is safe: the sink commits a batch whole.
+                tokio::select! {
+                    r = self.apply_loop(&mut sink, &mut rx, &acker, &budget, &mut resync) => r,
+                    _ = &mut heartbeat => Err(PgError::transient(format!("replication slot {} was lost", self.cfg.slot_name())).into()),
+                }
+            }
             Err(e) => Err(e),
         };
         budget.close();
