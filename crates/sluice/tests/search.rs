@@ -191,6 +191,35 @@ async fn wait_index_equals_source(env: &Env, svc: &SearchService, index: &str, l
     }
 }
 
+/// Schema changes on a table documents are built from rebuild every document, also the
+/// ones no row change touches; one that breaks the document definition halts naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_rebuild_every_document() {
+    let env = Env::new("search_ddl").await;
+    let src = env.src().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let svc = spawn_search(&env.dir).await;
+    let mut p = env.spawn(&search_config(&env, &svc.url, "metrics", DOCUMENT));
+    wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
+    wait_index_equals_source(&env, &svc, "metrics", Duration::from_secs(60)).await;
+    // The root's columns are all in its documents: renamed and added ones reach every one.
+    src.batch_execute("ALTER TABLE metrics RENAME COLUMN unit TO units; ALTER TABLE metrics ADD COLUMN owner text DEFAULT 'ops';")
+        .await
+        .unwrap();
+    wait_for("every document in the new shape", Duration::from_secs(60), || async {
+        let docs = svc.all_docs("metrics");
+        docs.len() == 60 && docs.values().all(|d| d.get("unit").is_none() && d["units"] == "ms" && d["owner"] == "ops")
+    })
+    .await;
+    // A column the definition names is dropped: the documents cannot be built.
+    src.batch_execute("ALTER TABLE orgs DROP COLUMN plan").await.unwrap();
+    wait_for("the pipeline to halt", Duration::from_secs(60), || async { p.log().contains("pipeline halted") }).await;
+    let line = p.log().lines().find(|l| l.contains("pipeline halted")).unwrap().to_string();
+    assert!(line.contains("ALTER TABLE orgs DROP COLUMN plan") && line.contains("plan"), "{line}");
+    p.assert_running();
+    assert_eq!(p.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn denormalized_documents_follow_every_table() {
     let env = Env::new("search_denorm").await;

@@ -447,4 +447,9 @@ impl DocumentPlan {
     pub(crate) fn is_root(&self, t: &TableName) -> bool {
         *t == self.root
     }
+
+    /// Whether `t` is one of the tables documents are built from.
+    pub(crate) fn involves(&self, t: &TableName) -> bool {
+        self.tables.contains(t)
+    }
 }

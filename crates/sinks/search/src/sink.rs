@@ -19,6 +19,7 @@ use tokio_postgres::Client;
 
 use crate::document::DocumentPlan;
 use crate::error::SearchError;
+use sluice_core::ddl::SchemaChangeKind;
 use sluice_core::sink::{LoadProgress, Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{TableName, TableSchema};
 
@@ -202,6 +203,11 @@ impl SearchSink {
         let mut queries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut everything = false;
         for t in batch {
+            // A column of a table documents are built from was added, dropped, renamed
+            // or retyped: every document changes shape, also those no row change will
+            // touch, so all are built again (a change that breaks the document's SQL
+            // fails here, and the pipeline halts naming the statement).
+            everything |= t.ddl.iter().any(|c| matches!(c.kind, SchemaChangeKind::Columns { .. }) && self.plan.involves(&c.table));
             for e in &t.events {
                 if e.op == Op::Truncate {
                     if self.plan.is_root(&e.table.name) {
