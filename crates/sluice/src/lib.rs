@@ -9,6 +9,7 @@ pub mod client;
 pub mod demo;
 pub mod metrics_summary;
 pub mod migrations;
+pub mod mirror;
 pub mod registry_check;
 pub mod search_demo;
 pub mod server;

@@ -12,6 +12,7 @@ mod filters;
 mod iceberg;
 mod kafka;
 mod migrations;
+mod mirror;
 mod registry;
 mod restart;
 mod resync;

@@ -114,8 +114,13 @@ impl Env {
     /// Starts `sluice registry serve` on a free port, stored in the target database;
     /// returns the process and its base URL once it listens.
     pub async fn spawn_registry(&self) -> (Pipeline, String) {
+        self.spawn_registry_on(self.dst_port).await
+    }
+
+    /// [`Env::spawn_registry`] stored in this test's database of the cluster at `db_port`.
+    pub async fn spawn_registry_on(&self, db_port: u16) -> (Pipeline, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dsn = self.dsn(self.dst_port);
+        let dsn = self.dsn(db_port);
         let log = self.dir.join(format!("registry-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(BIN)
             .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])

@@ -1,0 +1,157 @@
+//! Consumer-group offsets, translated: a group's committed offset on the source (the
+//! next record it would read) becomes the target offset of that same record, through
+//! the mirror's exact offset map, and is committed for the same group on the target.
+//! A group that has members on the target is consuming there and is left alone, and
+//! a group's offset on the target is never moved back (MirrorMaker 2's rules).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::clusters::{Side, consumer};
+use crate::config::MirrorConfig;
+use crate::error::{MirrorError, Result};
+use crate::offsets::{OffsetMap, Translation};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One partition of a group, as `sluice mirror offsets GROUP` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset on the source.
+    pub committed: i64,
+    pub target_topic: String,
+    #[serde(flatten)]
+    pub translation: Translation,
+}
+
+/// The group's committed source offsets for every partition the mirror copies.
+fn committed(client: &BaseConsumer, group: &str, map: &OffsetMap) -> Result<Vec<(String, i32, i64)>> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in map.partitions.keys() {
+        tpl.add_partition(t, *p);
+    }
+    if tpl.count() == 0 {
+        return Ok(vec![]);
+    }
+    let got = client
+        .committed_offsets(tpl, TIMEOUT)
+        .map_err(|e| MirrorError::kafka(&format!("reading the committed offsets of group {group} on the source"), &e))?;
+    let mut out: Vec<_> = got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The translation of `group`'s committed offsets (no writes).
+pub fn translate_group(cfg: &MirrorConfig, map: &OffsetMap, group: &str) -> Result<Vec<GroupOffset>> {
+    let client = consumer(cfg, Side::Source, Some(group))?;
+    Ok(committed(&client, group, map)?
+        .into_iter()
+        .map(|(topic, partition, committed)| GroupOffset {
+            target_topic: cfg.target_topic(&topic),
+            translation: map.translate(&topic, partition, committed),
+            topic,
+            partition,
+            committed,
+        })
+        .collect())
+}
+
+/// Writes translated offsets of the source's groups to the target, periodically.
+pub(crate) struct GroupSync {
+    groups: regex::Regex,
+    /// One client per group and side (a group id is fixed per client).
+    clients: HashMap<(String, bool), BaseConsumer>,
+}
+
+impl GroupSync {
+    pub fn new(cfg: &MirrorConfig) -> Result<Self> {
+        let g = &cfg.offsets.groups;
+        let groups = regex::Regex::new(&format!("^(?:{g})$")).map_err(|e| MirrorError::fatal(format!("offsets.groups: {e}")))?;
+        Ok(Self { groups, clients: HashMap::new() })
+    }
+
+    fn client(&mut self, cfg: &MirrorConfig, group: &str, target: bool) -> Result<&BaseConsumer> {
+        let key = (group.to_string(), target);
+        if !self.clients.contains_key(&key) {
+            let side = if target { Side::Target } else { Side::Source };
+            self.clients.insert(key.clone(), consumer(cfg, side, Some(group))?);
+        }
+        Ok(&self.clients[&key])
+    }
+
+    /// One pass over the source's groups; returns how many partition offsets it wrote.
+    pub fn run(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer, target: &BaseConsumer) -> Result<usize> {
+        if cfg.offsets.groups.is_empty() {
+            return Ok(0);
+        }
+        let list = source.fetch_group_list(None, TIMEOUT).map_err(|e| MirrorError::kafka("listing the source's consumer groups", &e))?;
+        let names: Vec<String> = list
+            .groups()
+            .iter()
+            .map(|g| g.name().to_string())
+            .filter(|n| self.groups.is_match(n) && !n.starts_with("sluice-mirror"))
+            .collect();
+        let mut written = 0;
+        for group in names {
+            let there =
+                target.fetch_group_list(Some(&group), TIMEOUT).map_err(|e| MirrorError::kafka("describing a group on the target", &e))?;
+            if there.groups().iter().any(|g| !g.members().is_empty()) {
+                continue; // consuming on the target: its own commits win
+            }
+            let src = committed(self.client(cfg, &group, false)?, &group, map)?;
+            let mut want = TopicPartitionList::new();
+            for (topic, p, off) in &src {
+                if let Translation::Exact { target } = map.translate(topic, *p, *off) {
+                    want.add_partition_offset(&cfg.target_topic(topic), *p, Offset::Offset(target))
+                        .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
+                }
+            }
+            if want.count() == 0 {
+                continue;
+            }
+            let client = self.client(cfg, &group, true)?;
+            let have = client
+                .committed_offsets(want.clone(), TIMEOUT)
+                .map_err(|e| MirrorError::kafka(&format!("reading group {group}'s offsets on the target"), &e))?;
+            let mut write = TopicPartitionList::new();
+            for e in want.elements() {
+                let current = have.find_partition(e.topic(), e.partition()).and_then(|x| match x.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+                if let Offset::Offset(t) = e.offset()
+                    && current.is_none_or(|c| c < t)
+                {
+                    write
+                        .add_partition_offset(e.topic(), e.partition(), Offset::Offset(t))
+                        .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
+                }
+            }
+            if write.count() == 0 {
+                continue;
+            }
+            match client.commit(&write, CommitMode::Sync) {
+                Ok(()) => {
+                    written += write.count();
+                    tracing::debug!(group = %group, partitions = write.count(), "wrote translated group offsets to the target");
+                }
+                // The group became active on the target meanwhile: its commits win.
+                Err(e) => tracing::debug!(group = %group, error = %e, "did not write translated group offsets"),
+            }
+        }
+        Ok(written)
+    }
+}

@@ -1,0 +1,401 @@
+//! The mirror's loop: read a batch from the source (`read_committed`), write it to the
+//! target in one transaction together with the batch's offsets records, commit, and
+//! go on. A crash anywhere leaves either the whole batch (records and positions) or
+//! none of it on the target; the next start fences the old producer (same
+//! transactional id), reads the positions back and resumes right after the last
+//! committed batch, so `read_committed` readers of the target see every record once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::FromClientConfigAndContext as _;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+
+use crate::checkpoint::GroupSync;
+use crate::clusters::{Side, SourceTopic, TargetTopics, client_config, consumer, metadata, source_topics};
+use crate::config::{MirrorConfig, PROVENANCE_HEADER, StartFrom};
+use crate::error::{MirrorError, Result};
+use crate::offsets::{BatchOffsets, OffsetMap, RunBuilder};
+use crate::schemas::SchemaIds;
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The delivery tag of offsets records (their acks are not collected).
+const OFFSETS_RECORD: usize = usize::MAX;
+
+/// Collects each record's target offset (or error) as the target acknowledges it.
+#[derive(Default)]
+struct Acks {
+    acked: Mutex<Vec<(usize, Result<i64, KafkaError>)>>,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Box<usize>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, idx: Box<usize>) {
+        if *idx == OFFSETS_RECORD {
+            return; // the commit covers it
+        }
+        let r = match result {
+            Ok(m) => Ok(m.offset()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).push((*idx, r));
+    }
+}
+
+/// Runs the mirror until `stop` is set. Errors before the first successful start are
+/// returned (bad settings, unreachable clusters); later, retryable ones (a broker
+/// restarting) restart the mirror from its last committed batch, with backoff.
+pub fn run(cfg: &MirrorConfig, stop: &AtomicBool) -> Result<()> {
+    let mut started = false;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let result = Mirror::start(cfg).and_then(|mut m| {
+            started = true;
+            m.copy(cfg, stop)
+        });
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if !started || !e.is_retryable() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "the mirror failed; starting again from its last committed batch");
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Reads the offsets topic back (committed records only): the resume positions and
+/// the offset map.
+pub fn load_map(cfg: &MirrorConfig) -> Result<OffsetMap> {
+    // A group id because librdkafka's assign wants one; nothing joins or commits to it.
+    let c = consumer(cfg, Side::Target, Some(&cfg.transactional_id()))?;
+    let topic = cfg.offsets_topic();
+    let ctx = |what: &str| format!("reading the offsets topic {topic} on the target: {what}");
+    let (_, high) = match c.fetch_watermarks(&topic, 0, Duration::from_secs(10)) {
+        Ok(w) => w,
+        Err(e)
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownPartition | RDKafkaErrorCode::UnknownTopic)
+            ) =>
+        {
+            return Ok(OffsetMap::default());
+        }
+        Err(e) => return Err(MirrorError::kafka(&ctx("watermarks"), &e)),
+    };
+    let mut map = OffsetMap::default();
+    if high == 0 {
+        return Ok(map);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning).map_err(|e| MirrorError::kafka(&ctx("assign"), &e))?;
+    c.assign(&tpl).map_err(|e| MirrorError::kafka(&ctx("assign"), &e))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let b: BatchOffsets = serde_json::from_slice(m.payload().unwrap_or_default()).map_err(|e| {
+                    MirrorError::fatal(ctx(&format!("record at offset {} is not a Sluice offsets record ({e})", m.offset())))
+                })?;
+                map.add(&b);
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(e)) => return Err(MirrorError::kafka(&ctx("fetch"), &e)),
+            None => {
+                let pos = c.position().map_err(|e| MirrorError::kafka(&ctx("position"), &e))?;
+                if let Some(Offset::Offset(p)) = pos.find_partition(&topic, 0).map(|e| e.offset())
+                    && p >= high
+                {
+                    break;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(MirrorError::kafka(&ctx("no progress for 120 s"), &KafkaError::NoMessageReceived));
+        }
+    }
+    Ok(map)
+}
+
+struct Mirror {
+    source: BaseConsumer,
+    /// A plain client of the target, for group listings.
+    target: BaseConsumer,
+    producer: BaseProducer<Acks>,
+    targets: TargetTopics,
+    groups: GroupSync,
+    map: OffsetMap,
+    topics: Vec<SourceTopic>,
+    /// Target topic name of each source topic.
+    names: HashMap<String, String>,
+    schemas: Option<SchemaIds>,
+    /// Reused buffers for keys and values whose schema ids are rewritten.
+    bufs: (Vec<u8>, Vec<u8>),
+}
+
+/// What writing one record needs: borrowed field by field beside the source consumer,
+/// which the record being copied borrows.
+struct Out<'a> {
+    producer: &'a BaseProducer<Acks>,
+    names: &'a HashMap<String, String>,
+    schemas: Option<&'a mut SchemaIds>,
+    bufs: &'a mut (Vec<u8>, Vec<u8>),
+}
+
+impl Out<'_> {
+    fn send(self, cfg: &MirrorConfig, m: &BorrowedMessage<'_>, idx: usize) -> Result<()> {
+        let target = self.names.get(m.topic()).map_or_else(|| cfg.target_topic(m.topic()), Clone::clone);
+        let mut headers = m.headers().map_or_else(|| OwnedHeaders::new_with_capacity(1), |h| h.detach());
+        headers = headers.insert(Header { key: PROVENANCE_HEADER, value: Some(cfg.source().cluster.as_bytes()) });
+        let (mut key, mut payload) = (m.key(), m.payload());
+        if let Some(ids) = self.schemas {
+            let (kb, vb) = self.bufs;
+            if let Some(k) = key {
+                key = ids.rewrite(cfg, k, kb)?.or(key);
+            }
+            if let Some(v) = payload {
+                payload = ids.rewrite(cfg, v, vb)?.or(payload);
+            }
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<usize>> =
+            BaseRecord::with_opaque_to(&target, Box::new(idx)).partition(m.partition()).headers(headers);
+        rec.key = key;
+        rec.payload = payload;
+        if let Some(ts) = m.timestamp().to_millis() {
+            rec = rec.timestamp(ts);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(MirrorError::kafka(&format!("writing to {target} on the target"), &e)),
+            }
+        }
+    }
+}
+
+/// One record of the open transaction: where it came from (target offset from its ack).
+struct Sent {
+    topic: usize,
+    partition: i32,
+    offset: i64,
+}
+
+impl Mirror {
+    fn start(cfg: &MirrorConfig) -> Result<Mirror> {
+        // librdkafka's incremental assignment wants a group id; the mirror never joins
+        // or commits to this group (its positions live on the target).
+        let source = consumer(cfg, Side::Source, Some(&cfg.transactional_id()))?;
+        let smeta = metadata(cfg, Side::Source, &source)?;
+        let target = consumer(cfg, Side::Target, None)?;
+        metadata(cfg, Side::Target, &target)?;
+
+        let mut pc = client_config(cfg, Side::Target);
+        pc.set("transactional.id", cfg.transactional_id())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "none")
+            .set("transaction.timeout.ms", TXN_TIMEOUT.as_millis().to_string())
+            .set("queue.buffering.max.kbytes", "131072");
+        let producer = BaseProducer::from_config_and_context(&pc, Acks::default())
+            .map_err(|e| MirrorError::kafka("sink.kafka: creating the transactional producer", &e))?;
+        let topics = source_topics(cfg, &smeta, true)?;
+        // Fences an earlier instance (a crashed one) and aborts its open transaction,
+        // so the offsets topic read next holds only committed batches.
+        producer.init_transactions(TXN_TIMEOUT).map_err(|e| MirrorError::kafka("sink.kafka: starting transactions on the target", &e))?;
+        let map = load_map(cfg)?;
+        let targets = TargetTopics::new(cfg)?;
+        let mut m = Mirror {
+            source,
+            target,
+            producer,
+            targets,
+            groups: GroupSync::new(cfg)?,
+            map,
+            topics: vec![],
+            names: HashMap::new(),
+            schemas: SchemaIds::new(cfg),
+            bufs: Default::default(),
+        };
+        // Target topics are checked (partition counts) before anything is created.
+        m.follow(cfg, topics)?;
+        m.targets.ensure_offsets_topic(cfg)?;
+        tracing::info!(topics = m.topics.len(), partitions = m.map.partitions.len(), "mirror started");
+        Ok(m)
+    }
+
+    /// Shapes the target topics like `topics` and reads any partition not read yet.
+    fn follow(&mut self, cfg: &MirrorConfig, topics: Vec<SourceTopic>) -> Result<()> {
+        let tmeta = metadata(cfg, Side::Target, &self.target)?;
+        self.targets.sync(cfg, &topics, &tmeta, &self.map)?;
+        let mut tpl = TopicPartitionList::new();
+        for t in &topics {
+            let had = self.topics.iter().find(|x| x.name == t.name).map_or(0, |x| x.partitions);
+            for p in had..t.partitions {
+                let at = match (self.map.get(&t.name, p), cfg.source().start_from) {
+                    (Some(m), _) => Offset::Offset(m.next),
+                    (None, StartFrom::Earliest) => Offset::Beginning,
+                    (None, StartFrom::Latest) => Offset::End,
+                };
+                tpl.add_partition_offset(&t.name, p, at).map_err(|e| MirrorError::kafka("assigning partitions", &e))?;
+            }
+            self.names.insert(t.name.clone(), cfg.target_topic(&t.name));
+        }
+        if tpl.count() > 0 {
+            self.source.incremental_assign(&tpl).map_err(|e| MirrorError::kafka("reading the source's partitions", &e))?;
+        }
+        self.topics = topics;
+        Ok(())
+    }
+
+    fn copy(&mut self, cfg: &MirrorConfig, stop: &AtomicBool) -> Result<()> {
+        let (mut next_refresh, mut next_sync) = (Instant::now() + cfg.source().refresh_interval, Instant::now());
+        let mut sent: Vec<Sent> = Vec::with_capacity(cfg.batch.max_records);
+        // Source positions this batch reached (last offset + 1), per partition.
+        let mut reached: BTreeMap<(usize, i32), i64> = BTreeMap::new();
+        let mut topic_ids: HashMap<String, usize> = HashMap::new();
+        let mut topic_names: Vec<String> = Vec::new();
+        let target_cluster = cfg.target().cluster.as_bytes();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_refresh {
+                let meta = metadata(cfg, Side::Source, &self.source)?;
+                let topics = source_topics(cfg, &meta, false)?;
+                self.follow(cfg, topics)?;
+                next_refresh = now + cfg.source().refresh_interval;
+            }
+            if now >= next_sync {
+                if let Err(e) = self.groups.run(cfg, &self.map, &self.source, &self.target) {
+                    tracing::warn!(error = %e, "translating group offsets failed; trying again later");
+                }
+                next_sync = now + cfg.offsets.interval;
+            }
+
+            let began = Instant::now();
+            let mut open = false;
+            while sent.len() < cfg.batch.max_records {
+                let left = cfg.batch.max_wait.saturating_sub(began.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                let m = match self.source.poll(left) {
+                    None => break,
+                    Some(Err(e)) => return Err(MirrorError::kafka("reading the source", &e)),
+                    Some(Ok(m)) => m,
+                };
+                if !open {
+                    self.producer.begin_transaction().map_err(|e| MirrorError::kafka("beginning a transaction on the target", &e))?;
+                    open = true;
+                }
+                let tid = intern(&mut topic_ids, &mut topic_names, m.topic());
+                reached.insert((tid, m.partition()), m.offset() + 1);
+                if came_from(&m, target_cluster) {
+                    continue; // it was copied from the target: copying it back would loop
+                }
+                let out = Out { producer: &self.producer, names: &self.names, schemas: self.schemas.as_mut(), bufs: &mut self.bufs };
+                out.send(cfg, &m, sent.len())?;
+                sent.push(Sent { topic: tid, partition: m.partition(), offset: m.offset() });
+            }
+            // The consumer's position also moves past what is not a record to copy
+            // (transaction markers, aborted records). A group committing there must
+            // translate too, so the batch records those positions, and an otherwise
+            // idle round commits them on their own.
+            let positions = self.source.position().map_err(|e| MirrorError::kafka("reading the source positions", &e))?;
+            for e in positions.elements() {
+                let Offset::Offset(pos) = e.offset() else { continue };
+                let tid = intern(&mut topic_ids, &mut topic_names, e.topic());
+                let known = reached.get(&(tid, e.partition())).copied().or_else(|| self.map.get(e.topic(), e.partition()).map(|m| m.next));
+                if known.is_none_or(|k| pos > k) {
+                    reached.insert((tid, e.partition()), pos);
+                }
+            }
+            if !open && !reached.is_empty() {
+                self.producer.begin_transaction().map_err(|e| MirrorError::kafka("beginning a transaction on the target", &e))?;
+                open = true;
+            }
+            if open {
+                self.commit(cfg, &sent, &reached, &topic_names)?;
+            }
+            sent.clear();
+            reached.clear();
+        }
+        Ok(())
+    }
+
+    /// Waits for every record's ack, writes the batch's offsets records and commits.
+    /// Any failure aborts: the caller restarts from the last committed batch.
+    fn commit(&mut self, cfg: &MirrorConfig, sent: &[Sent], reached: &BTreeMap<(usize, i32), i64>, names: &[String]) -> Result<()> {
+        self.producer.flush(TXN_TIMEOUT).map_err(|e| MirrorError::kafka("waiting for the target's acknowledgements", &e))?;
+        let mut acked = std::mem::take(&mut *self.producer.context().acked.lock().unwrap_or_else(|p| p.into_inner()));
+        if acked.len() != sent.len() {
+            return Err(MirrorError::kafka("the target acknowledged fewer records than sent", &KafkaError::NoMessageReceived));
+        }
+        acked.sort_unstable_by_key(|(i, _)| *i);
+        let mut runs: BTreeMap<(usize, i32), (RunBuilder, i64)> = BTreeMap::new();
+        for (s, (_, r)) in sent.iter().zip(&acked) {
+            let t = r.as_ref().map_err(|e| MirrorError::kafka(&format!("writing a record of {} to the target", names[s.topic]), e))?;
+            let e = runs.entry((s.topic, s.partition)).or_default();
+            e.0.push(s.offset, *t);
+            e.1 = t + 1;
+        }
+        let otopic = cfg.offsets_topic();
+        let mut batches = Vec::with_capacity(reached.len());
+        for (&(tid, p), &next) in reached {
+            let prev = self.map.get(&names[tid], p).map_or(0, |m| m.tnext);
+            let (runs, tnext) = runs.remove(&(tid, p)).map_or((vec![], prev), |(r, t)| (r.runs, t));
+            let b = BatchOffsets { topic: names[tid].clone(), partition: p, next, tnext, runs };
+            let json = serde_json::to_vec(&b).map_err(|e| MirrorError::fatal(format!("encoding an offsets record: {e}")))?;
+            let key = b.key();
+            let rec: BaseRecord<'_, str, [u8], Box<usize>> =
+                BaseRecord::with_opaque_to(&otopic, Box::new(OFFSETS_RECORD)).partition(0).key(key.as_str()).payload(json.as_slice());
+            self.producer.send(rec).map_err(|(e, _)| MirrorError::kafka("writing the offsets record", &e))?;
+            batches.push(b);
+        }
+        self.producer.commit_transaction(TXN_TIMEOUT).map_err(|e| {
+            let _ = self.producer.abort_transaction(TXN_TIMEOUT);
+            MirrorError::kafka("committing a batch on the target", &e)
+        })?;
+        for b in &batches {
+            self.map.add(b);
+        }
+        Ok(())
+    }
+}
+
+/// A small number for a topic name, so per-record bookkeeping copies no strings.
+fn intern(ids: &mut HashMap<String, usize>, names: &mut Vec<String>, topic: &str) -> usize {
+    if let Some(i) = ids.get(topic) {
+        return *i;
+    }
+    names.push(topic.to_string());
+    ids.insert(topic.to_string(), names.len() - 1);
+    names.len() - 1
+}
+
+/// Whether the record names `cluster` among the clusters it was copied from.
+fn came_from(m: &BorrowedMessage<'_>, cluster: &[u8]) -> bool {
+    m.headers().is_some_and(|h| h.iter().any(|x| x.key == PROVENANCE_HEADER && x.value == Some(cluster)))
+}

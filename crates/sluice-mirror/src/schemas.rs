@@ -1,0 +1,150 @@
+//! Schema ids across registries. A record in Confluent's wire format (byte 0, then a
+//! 4-byte big-endian schema id, then the data) names its schema by an id of the source
+//! cluster's registry, which means nothing (or another schema) in the target's. The
+//! mirror copies each schema it meets to the target registry, under the subjects it
+//! has on the source (a `{topic}-key`/`{topic}-value` subject follows its topic's
+//! target name) with their compatibility level, and rewrites the id in the record to
+//! the target's. Ids are cached: a schema costs a few HTTP calls once per run.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::config::MirrorConfig;
+use crate::error::{MirrorError, Result};
+
+pub(crate) struct SchemaIds {
+    source: String,
+    target: String,
+    agent: ureq::Agent,
+    /// Source id -> target id; `None`: not a schema of the source registry (a value
+    /// that happens to start with byte 0), copied as it is.
+    ids: HashMap<u32, Option<u32>>,
+}
+
+impl SchemaIds {
+    pub fn new(cfg: &MirrorConfig) -> Option<Self> {
+        let (source, target) = (cfg.source().registry_url.as_ref()?, cfg.target().registry_url.as_ref()?);
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Some(Self { source: source.trim_end_matches('/').into(), target: target.trim_end_matches('/').into(), agent, ids: HashMap::new() })
+    }
+
+    /// `bytes` with its schema id rewritten to the target's, into `out`; `None` when the
+    /// bytes are not in the wire format (or name no schema of the source), to be
+    /// copied as they are.
+    pub fn rewrite<'a>(&mut self, cfg: &MirrorConfig, bytes: &[u8], out: &'a mut Vec<u8>) -> Result<Option<&'a [u8]>> {
+        if bytes.len() < 5 || bytes[0] != 0 {
+            return Ok(None);
+        }
+        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let target = match self.ids.get(&id) {
+            Some(t) => *t,
+            None => {
+                let t = self.copy_schema(cfg, id)?;
+                self.ids.insert(id, t);
+                t
+            }
+        };
+        let Some(t) = target else { return Ok(None) };
+        out.clear();
+        out.push(0);
+        out.extend_from_slice(&t.to_be_bytes());
+        out.extend_from_slice(&bytes[5..]);
+        Ok(Some(out.as_slice()))
+    }
+
+    fn get(&self, base: &str, path: &str) -> Result<Option<Value>> {
+        let url = format!("{base}{path}");
+        let mut r = self.agent.get(&url).call().map_err(|e| MirrorError::retry(format!("schema registry {base}: GET {path}: {e}")))?;
+        match r.status().as_u16() {
+            404 => Ok(None),
+            200 => r.body_mut().read_json().map(Some).map_err(|e| MirrorError::retry(format!("schema registry {base}: GET {path}: {e}"))),
+            s => Err(MirrorError::retry(format!("schema registry {base}: GET {path} answered {s}"))),
+        }
+    }
+
+    fn send(&self, method: &str, path: &str, body: Value) -> Result<Value> {
+        let url = format!("{}{path}", self.target);
+        let req = match method {
+            "PUT" => self.agent.put(&url),
+            _ => self.agent.post(&url),
+        };
+        let mut r = req
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .send_json(body)
+            .map_err(|e| MirrorError::retry(format!("target schema registry: {method} {path}: {e}")))?;
+        let status = r.status().as_u16();
+        let v: Value = r.body_mut().read_json().unwrap_or(Value::Null);
+        if status != 200 {
+            // A refusal (incompatible schema, read-only registry) needs a person: say
+            // which subject, and keep the mirror stopped rather than copy undecodable records.
+            return Err(MirrorError::fatal(format!(
+                "target schema registry refused {method} {path} ({status}: {}); fix the target registry (compatibility, mode) and start the mirror again",
+                v.get("message").and_then(Value::as_str).unwrap_or("no message")
+            )));
+        }
+        Ok(v)
+    }
+
+    /// The subject's name on the target: a topic's subject follows the topic's name.
+    fn target_subject(cfg: &MirrorConfig, subject: &str) -> String {
+        for suffix in ["-key", "-value"] {
+            if let Some(topic) = subject.strip_suffix(suffix)
+                && !topic.is_empty()
+                && !cfg.excluded(topic)
+            {
+                return format!("{}{suffix}", cfg.target_topic(topic));
+            }
+        }
+        subject.to_string()
+    }
+
+    fn copy_schema(&self, cfg: &MirrorConfig, id: u32) -> Result<Option<u32>> {
+        let Some(versions) = self.get(&self.source, &format!("/schemas/ids/{id}/versions"))? else {
+            tracing::warn!(
+                id,
+                "a record starts like Confluent's wire format but the source registry has no such schema id; copied as it is"
+            );
+            return Ok(None);
+        };
+        let mut target_id = None;
+        for sv in versions.as_array().into_iter().flatten() {
+            let (Some(subject), Some(version)) = (sv["subject"].as_str(), sv["version"].as_i64()) else { continue };
+            let Some(v) = self.get(&self.source, &format!("/subjects/{}/versions/{version}", enc(subject)))? else { continue };
+            let to = Self::target_subject(cfg, subject);
+            if let Some(c) = self.get(&self.source, &format!("/config/{}", enc(subject)))?
+                && let Some(level) = c.get("compatibilityLevel").or(c.get("compatibility")).and_then(Value::as_str)
+            {
+                self.send("PUT", &format!("/config/{}", enc(&to)), json!({"compatibility": level}))?;
+            }
+            let mut body = json!({"schema": v["schema"]});
+            if let Some(t) = v.get("schemaType") {
+                body["schemaType"] = t.clone();
+            }
+            if let Some(r) = v.get("references") {
+                body["references"] = r.clone();
+            }
+            let got = self.send("POST", &format!("/subjects/{}/versions", enc(&to)), body)?;
+            let tid = got["id"].as_u64().and_then(|i| u32::try_from(i).ok());
+            tracing::info!(subject = %to, source_id = id, target_id = ?tid, "copied a schema to the target registry");
+            target_id = target_id.or(tid);
+        }
+        if target_id.is_none() {
+            return Err(MirrorError::fatal(format!("schema id {id} of the source registry has no subject to copy it under")));
+        }
+        Ok(target_id)
+    }
+}
+
+/// Percent-encodes a subject for a URL path (subjects may hold `:` and `.`).
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') { (b as char).to_string() } else { format!("%{b:02X}") }
+        })
+        .collect()
+}
