@@ -7,11 +7,13 @@
 //!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
 //!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
 //!   cargo run --release -p sluice-bench -- enrich --rows 200000 --customers 100000
+//!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- mirror --records 300000
 
 mod control;
 mod ddl;
 mod enrich;
 mod iceberg;
+mod mirror;
 mod resync;
 mod search;
 mod slots;
@@ -47,6 +49,24 @@ enum Bench {
         rows: u64,
         #[arg(long, default_value_t = 1000)]
         rows_per_txn: u64,
+    },
+    /// Kafka → Kafka between two real clusters, same run: a raw copy (the limit),
+    /// `sluice mirror` and MirrorMaker 2 over the same backlog; how exactly each
+    /// translates `groups` consumer groups committed at random offsets; lag of each at
+    /// a steady `rate`. Needs the sluice binary built beside the bench.
+    Mirror {
+        #[arg(long, default_value_t = 300_000)]
+        records: u64,
+        #[arg(long, default_value_t = 1000)]
+        record_bytes: usize,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1000)]
+        groups: usize,
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Postgres → Iceberg (upsert, SQL catalog in Postgres, local warehouse): the
     /// initial snapshot of `rows` rows against writing them straight to Parquet; then
@@ -767,6 +787,9 @@ async fn main() -> Result<()> {
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
+        Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds } => {
+            mirror::mirror(records, record_bytes, partitions, groups, rate, seconds).await?
+        }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
         Bench::Control { pipelines, idle_seconds } => control::control(pipelines, idle_seconds).await?,

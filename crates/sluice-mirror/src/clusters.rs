@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 
-use crate::config::MirrorConfig;
+use crate::config::{HEARTBEATS_TOPIC, MirrorConfig};
 use crate::error::{MirrorError, Result};
 use crate::offsets::OffsetMap;
 
@@ -103,6 +103,7 @@ pub(crate) struct SourceTopic {
 /// line when none matches (a typo in the pattern should not look like an idle mirror).
 pub(crate) fn source_topics(cfg: &MirrorConfig, meta: &Metadata, must_match: bool) -> Result<Vec<SourceTopic>> {
     let s = cfg.source();
+    let heartbeats = !s.heartbeat_interval.is_zero();
     let re = s
         .topics_regex
         .as_ref()
@@ -113,16 +114,19 @@ pub(crate) fn source_topics(cfg: &MirrorConfig, meta: &Metadata, must_match: boo
         .topics()
         .iter()
         .filter(|t| t.error().is_none() && !cfg.excluded(t.name()))
-        .filter(|t| match &re {
-            Some(re) => re.is_match(t.name()),
-            None => s.topics.iter().any(|n| n == t.name()),
+        .filter(|t| {
+            (heartbeats && t.name() == HEARTBEATS_TOPIC)
+                || match &re {
+                    Some(re) => re.is_match(t.name()),
+                    None => s.topics.iter().any(|n| n == t.name()),
+                }
         })
         .map(|t| SourceTopic { name: t.name().to_string(), partitions: t.partitions().len() as i32 })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     if must_match {
         if let Some(r) = &s.topics_regex
-            && out.is_empty()
+            && out.iter().all(|t| t.name == HEARTBEATS_TOPIC)
         {
             return Err(MirrorError::fatal(format!(
                 "source.kafka.topics_regex: {r:?} matches no topic on cluster {}; fix the pattern or create the topics first",
@@ -247,13 +251,23 @@ impl TargetTopics {
         Ok(())
     }
 
+    /// The source's heartbeats topic (one partition), which the mirror writes to.
+    pub fn ensure_heartbeats_topic(&self) -> Result<()> {
+        let new = NewTopic::new(HEARTBEATS_TOPIC, 1, TopicReplication::Fixed(-1));
+        Self::create_on(&self.src_admin, &new, "source")
+    }
+
     fn create(&self, new: &NewTopic<'_>) -> Result<()> {
-        let res = block(self.tgt_admin.create_topics([new], &admin_opts()))
-            .map_err(|e| MirrorError::kafka(&format!("creating topic {} on the target", new.name), &e))?;
+        Self::create_on(&self.tgt_admin, new, "target")
+    }
+
+    fn create_on(admin: &AdminClient<DefaultClientContext>, new: &NewTopic<'_>, side: &str) -> Result<()> {
+        let res = block(admin.create_topics([new], &admin_opts()))
+            .map_err(|e| MirrorError::kafka(&format!("creating topic {} on the {side}", new.name), &e))?;
         for r in res {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => return Err(MirrorError::kafka(&format!("creating topic {t} on the target"), &KafkaError::AdminOp(code))),
+                Err((t, code)) => return Err(MirrorError::kafka(&format!("creating topic {t} on the {side}"), &KafkaError::AdminOp(code))),
             }
         }
         Ok(())

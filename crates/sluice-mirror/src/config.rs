@@ -60,6 +60,12 @@ pub struct SourceCluster {
     /// Where a partition the mirror has never read starts: `earliest` (default) or `latest`.
     #[serde(default)]
     pub start_from: StartFrom,
+    /// How often the mirror writes a heartbeat into the source's `heartbeats` topic,
+    /// which it copies like any other: an idle link still shows it works end to end
+    /// (`{cluster}.heartbeats` on the target). `0s`: none (the mirror then needs only
+    /// read access to the source).
+    #[serde(default = "one_second", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
     /// How often new topics, new partitions and topic config changes are looked for.
     #[serde(default = "five_seconds", with = "humantime_serde")]
     pub refresh_interval: Duration,
@@ -145,6 +151,9 @@ impl Default for OffsetSync {
     }
 }
 
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
 fn five_seconds() -> Duration {
     Duration::from_secs(5)
 }
@@ -168,6 +177,9 @@ fn all_groups() -> String {
 fn one_line(e: &regex::Error) -> String {
     e.to_string().lines().map(str::trim).filter(|l| !l.is_empty() && *l != "^").collect::<Vec<_>>().join(" ")
 }
+
+/// The source topic heartbeats go to (MirrorMaker 2's name).
+pub const HEARTBEATS_TOPIC: &str = "heartbeats";
 
 /// The header each mirrored record carries, naming the cluster it was copied from
 /// (once per hop): a mirror never copies a record into a cluster it names.

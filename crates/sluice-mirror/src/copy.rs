@@ -19,10 +19,15 @@ use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 
 use crate::checkpoint::GroupSync;
 use crate::clusters::{Side, SourceTopic, TargetTopics, client_config, consumer, metadata, source_topics};
-use crate::config::{MirrorConfig, PROVENANCE_HEADER, StartFrom};
+use crate::config::{HEARTBEATS_TOPIC, MirrorConfig, PROVENANCE_HEADER, StartFrom};
 use crate::error::{MirrorError, Result};
 use crate::offsets::{BatchOffsets, OffsetMap, RunBuilder};
 use crate::schemas::SchemaIds;
+use crate::stats::MirrorStats;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -55,19 +60,20 @@ impl ProducerContext for Acks {
 /// Runs the mirror until `stop` is set. Errors before the first successful start are
 /// returned (bad settings, unreachable clusters); later, retryable ones (a broker
 /// restarting) restart the mirror from its last committed batch, with backoff.
-pub fn run(cfg: &MirrorConfig, stop: &AtomicBool) -> Result<()> {
+pub fn run(cfg: &MirrorConfig, stop: &AtomicBool, stats: &MirrorStats) -> Result<()> {
     let mut started = false;
     let mut backoff = Duration::from_millis(500);
     loop {
         let result = Mirror::start(cfg).and_then(|mut m| {
             started = true;
-            m.copy(cfg, stop)
+            m.copy(cfg, stop, stats)
         });
         match result {
             Ok(()) => return Ok(()),
             Err(e) if !started || !e.is_retryable() => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "the mirror failed; starting again from its last committed batch");
+                stats.restarts.fetch_add(1, Ordering::Relaxed);
                 let until = Instant::now() + backoff;
                 while Instant::now() < until {
                     if stop.load(Ordering::Relaxed) {
@@ -150,6 +156,8 @@ struct Mirror {
     schemas: Option<SchemaIds>,
     /// Reused buffers for keys and values whose schema ids are rewritten.
     bufs: (Vec<u8>, Vec<u8>),
+    /// Writes heartbeats into the source's heartbeats topic.
+    heartbeat: Option<BaseProducer>,
 }
 
 /// What writing one record needs: borrowed field by field beside the source consumer,
@@ -201,6 +209,9 @@ struct Sent {
     topic: usize,
     partition: i32,
     offset: i64,
+    /// The record's timestamp (ms), for the replication latency; key and value bytes.
+    ts: Option<i64>,
+    bytes: usize,
 }
 
 impl Mirror {
@@ -222,12 +233,21 @@ impl Mirror {
             .set("queue.buffering.max.kbytes", "131072");
         let producer = BaseProducer::from_config_and_context(&pc, Acks::default())
             .map_err(|e| MirrorError::kafka("sink.kafka: creating the transactional producer", &e))?;
-        let topics = source_topics(cfg, &smeta, true)?;
+        let mut topics = source_topics(cfg, &smeta, true)?;
+        let targets = TargetTopics::new(cfg)?;
+        let heartbeat = if cfg.source().heartbeat_interval.is_zero() {
+            None
+        } else {
+            targets.ensure_heartbeats_topic()?;
+            topics = source_topics(cfg, &metadata(cfg, Side::Source, &source)?, true)?;
+            let mut hc = client_config(cfg, Side::Source);
+            hc.set("enable.idempotence", "true").set("acks", "all");
+            Some(hc.create::<BaseProducer>().map_err(|e| MirrorError::kafka("source.kafka: creating the heartbeat producer", &e))?)
+        };
         // Fences an earlier instance (a crashed one) and aborts its open transaction,
         // so the offsets topic read next holds only committed batches.
         producer.init_transactions(TXN_TIMEOUT).map_err(|e| MirrorError::kafka("sink.kafka: starting transactions on the target", &e))?;
         let map = load_map(cfg)?;
-        let targets = TargetTopics::new(cfg)?;
         let mut m = Mirror {
             source,
             target,
@@ -239,6 +259,7 @@ impl Mirror {
             names: HashMap::new(),
             schemas: SchemaIds::new(cfg),
             bufs: Default::default(),
+            heartbeat,
         };
         // Target topics are checked (partition counts) before anything is created.
         m.follow(cfg, topics)?;
@@ -271,8 +292,8 @@ impl Mirror {
         Ok(())
     }
 
-    fn copy(&mut self, cfg: &MirrorConfig, stop: &AtomicBool) -> Result<()> {
-        let (mut next_refresh, mut next_sync) = (Instant::now() + cfg.source().refresh_interval, Instant::now());
+    fn copy(&mut self, cfg: &MirrorConfig, stop: &AtomicBool, stats: &MirrorStats) -> Result<()> {
+        let (mut next_refresh, mut next_sync, mut next_beat) = (Instant::now(), Instant::now(), Instant::now());
         let mut sent: Vec<Sent> = Vec::with_capacity(cfg.batch.max_records);
         // Source positions this batch reached (last offset + 1), per partition.
         let mut reached: BTreeMap<(usize, i32), i64> = BTreeMap::new();
@@ -285,7 +306,20 @@ impl Mirror {
                 let meta = metadata(cfg, Side::Source, &self.source)?;
                 let topics = source_topics(cfg, &meta, false)?;
                 self.follow(cfg, topics)?;
+                self.measure_lag(stats);
                 next_refresh = now + cfg.source().refresh_interval;
+            }
+            if let Some(hb) = &self.heartbeat
+                && now >= next_beat
+            {
+                let value = serde_json::json!({"source": cfg.source().cluster, "target": cfg.target().cluster, "pipeline": cfg.pipeline, "ts": now_ms()});
+                let value = value.to_string();
+                // Best effort: a heartbeat that fails to send is simply missing downstream.
+                if hb.send(BaseRecord::<str, str>::to(HEARTBEATS_TOPIC).key(&cfg.pipeline).payload(&value)).is_ok() {
+                    stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                }
+                hb.poll(Duration::ZERO);
+                next_beat = now + cfg.source().heartbeat_interval;
             }
             if now >= next_sync {
                 if let Err(e) = self.groups.run(cfg, &self.map, &self.source, &self.target) {
@@ -312,12 +346,17 @@ impl Mirror {
                 }
                 let tid = intern(&mut topic_ids, &mut topic_names, m.topic());
                 reached.insert((tid, m.partition()), m.offset() + 1);
+                if m.topic() == HEARTBEATS_TOPIC && m.key() != Some(cfg.pipeline.as_bytes()) {
+                    continue; // another pipeline's heartbeat: that pipeline copies it
+                }
                 if came_from(&m, target_cluster) {
+                    stats.looped.fetch_add(1, Ordering::Relaxed);
                     continue; // it was copied from the target: copying it back would loop
                 }
+                let (ts, bytes) = (m.timestamp().to_millis(), m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len));
                 let out = Out { producer: &self.producer, names: &self.names, schemas: self.schemas.as_mut(), bufs: &mut self.bufs };
                 out.send(cfg, &m, sent.len())?;
-                sent.push(Sent { topic: tid, partition: m.partition(), offset: m.offset() });
+                sent.push(Sent { topic: tid, partition: m.partition(), offset: m.offset(), ts, bytes });
             }
             // The consumer's position also moves past what is not a record to copy
             // (transaction markers, aborted records). A group committing there must
@@ -338,11 +377,36 @@ impl Mirror {
             }
             if open {
                 self.commit(cfg, &sent, &reached, &topic_names)?;
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.records.fetch_add(sent.len() as u64, Ordering::Relaxed);
+                stats.bytes.fetch_add(sent.iter().map(|s| s.bytes as u64).sum(), Ordering::Relaxed);
+                let committed = now_ms();
+                // The latency of each partition's newest record in the batch.
+                let mut seen = std::collections::HashSet::new();
+                for s in sent.iter().rev() {
+                    if let Some(ts) = s.ts
+                        && seen.insert((s.topic, s.partition))
+                    {
+                        stats.partition(&topic_names[s.topic], s.partition, |p| p.latency_ms = Some(committed - ts));
+                    }
+                }
             }
             sent.clear();
             reached.clear();
         }
         Ok(())
+    }
+
+    /// Records not yet copied, per partition: the source's end minus the position.
+    fn measure_lag(&self, stats: &MirrorStats) {
+        for t in &self.topics {
+            for p in 0..t.partitions {
+                if let Ok((_, high)) = self.source.fetch_watermarks(&t.name, p, Duration::from_secs(2)) {
+                    let next = self.map.get(&t.name, p).map_or(0, |m| m.next);
+                    stats.partition(&t.name, p, |s| s.lag_records = Some((high - next).max(0)));
+                }
+            }
+        }
     }
 
     /// Waits for every record's ack, writes the batch's offsets records and commits.

@@ -8,6 +8,7 @@
 //! - `copy`: the loop: a batch per target transaction, positions inside it.
 //! - `offsets`: the offset map the transactions carry, and translation.
 //! - `checkpoint`: consumer-group offsets translated and written to the target.
+//! - `stats`: what `/metrics` shows (lag per partition in records and ms).
 //! - `schemas`: schema ids of Confluent's wire format carried across registries.
 
 mod checkpoint;
@@ -17,8 +18,10 @@ mod copy;
 mod error;
 pub mod offsets;
 mod schemas;
+pub mod stats;
 
 pub use checkpoint::{GroupOffset, translate_group};
 pub use config::{MirrorConfig, PROVENANCE_HEADER};
 pub use copy::{load_map, run};
 pub use error::{MirrorError, Result};
+pub use stats::MirrorStats;

@@ -253,6 +253,10 @@ enum MirrorCommand {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Serve Prometheus metrics on this address (records copied, lag per partition
+        /// in records and ms, restarts).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -460,13 +464,13 @@ async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router, what: &s
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, output, .. } if sluice::mirror::is_mirror(&config) => {
+        Command::Run { config, output, metrics_addr, .. } if sluice::mirror::is_mirror(&config) => {
             init_logs(&cli.log, output == Output::Json);
-            sluice::mirror::run(sluice::mirror::load(&config)?, shutdown_signal()).await
+            sluice::mirror::run(sluice::mirror::load(&config)?, metrics_addr, shutdown_signal()).await
         }
-        Command::Mirror(MirrorCommand::Run { config, output }) => {
+        Command::Mirror(MirrorCommand::Run { config, metrics_addr, output }) => {
             init_logs(&cli.log, output == Output::Json);
-            sluice::mirror::run(sluice::mirror::load(&config)?, shutdown_signal()).await
+            sluice::mirror::run(sluice::mirror::load(&config)?, metrics_addr, shutdown_signal()).await
         }
         Command::Mirror(MirrorCommand::Offsets { group, config, output }) => {
             init_logs("warn", false);

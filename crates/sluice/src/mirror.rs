@@ -20,7 +20,15 @@ pub fn is_mirror(path: &Path) -> bool {
 
 /// Runs the mirror until `stop` turns true (SIGINT/SIGTERM): the batch in flight
 /// commits or is aborted, and a restart resumes after the last committed one.
-pub async fn run(cfg: MirrorConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: MirrorConfig,
+    metrics_addr: Option<std::net::SocketAddr>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let stats = Arc::new(sluice_mirror::MirrorStats::default());
+    if let Some(addr) = metrics_addr {
+        serve_metrics(addr, cfg.pipeline.clone(), stats.clone()).await?;
+    }
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     tokio::spawn(async move {
@@ -28,7 +36,7 @@ pub async fn run(cfg: MirrorConfig, mut stop: tokio::sync::watch::Receiver<bool>
         f.store(true, Ordering::Relaxed);
     });
     // librdkafka's calls block: the mirror runs on its own thread.
-    tokio::task::spawn_blocking(move || sluice_mirror::run(&cfg, &flag)).await??;
+    tokio::task::spawn_blocking(move || sluice_mirror::run(&cfg, &flag, &stats)).await??;
     Ok(())
 }
 
@@ -54,5 +62,22 @@ pub async fn offsets(cfg: MirrorConfig, group: String, json: bool) -> anyhow::Re
         };
         println!("{}[{}] @ {} -> {what}", r.topic, r.partition, r.committed);
     }
+    Ok(())
+}
+
+/// Serves the mirror's `/metrics` (Prometheus text) until the process ends.
+async fn serve_metrics(addr: std::net::SocketAddr, pipeline: String, stats: Arc<sluice_mirror::MirrorStats>) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let (s, p) = (stats.clone(), pipeline.clone());
+            async move { ([("content-type", "text/plain; version=0.0.4")], s.render(&p)) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
     Ok(())
 }

@@ -69,10 +69,15 @@ fn mirror_config(dir: &Path, name: &str, from: (&str, &str), to: (&str, &str), s
 }
 
 fn spawn_mirror(dir: &Path, cfg: &Path) -> Pipeline {
+    spawn_mirror_with(dir, cfg, &[])
+}
+
+fn spawn_mirror_with(dir: &Path, cfg: &Path, args: &[&str]) -> Pipeline {
     let log = dir.join(format!("mirror-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
     let child = Command::new(BIN)
         .args(["mirror", "run", "--config"])
         .arg(cfg)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -105,11 +110,13 @@ async fn every_record_once_in_order_through_five_kill9s() {
     let cfg = mirror_config(&dir, "m_kill", ("a", &a), ("b", &b), "    topics: [orders1]\n", "");
     let producer = tokio::spawn(py_async(["produce", &a, "orders1", "24000", "2000", "plain"].map(String::from).to_vec()));
     let mut m = spawn_mirror(&dir, &cfg);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr = format!("127.0.0.1:{port}");
     for i in 0..5 {
         tokio::time::sleep(Duration::from_millis(1500 + 400 * i)).await;
         m.assert_running();
         m.kill9();
-        m = spawn_mirror(&dir, &cfg);
+        m = if i == 4 { spawn_mirror_with(&dir, &cfg, &["--metrics-addr", &metrics_addr]) } else { spawn_mirror(&dir, &cfg) };
     }
     producer.await.unwrap();
     let source = by_partition(&py_async(["dump", &a, "orders1", "24000"].map(String::from).to_vec()).await);
@@ -132,6 +139,25 @@ async fn every_record_once_in_order_through_five_kill9s() {
     assert_eq!(shape["partitions"], 3);
     assert_eq!(shape["configs"]["retention.ms"], "86400000", "{shape}");
     assert_eq!(shape["configs"]["max.message.bytes"], "2000000", "{shape}");
+
+    // Operations: lag per partition (all copied: 0), heartbeats written on a and
+    // copied through the link to b.
+    let url = format!("http://{metrics_addr}/metrics");
+    let text = tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap()).await.unwrap();
+    for p in 0..3 {
+        let line = format!("sluice_mirror_lag_records{{pipeline=\"m_kill\",topic=\"orders1\",partition=\"{p}\"}} 0");
+        assert!(text.contains(&line), "no {line} in\n{text}");
+    }
+    let beats: u64 =
+        text.lines().find_map(|l| l.strip_prefix("sluice_mirror_heartbeats_total{pipeline=\"m_kill\"} ")).unwrap().parse().unwrap();
+    assert!(beats > 0, "{text}");
+    // Each pipeline copies its own heartbeats only (several share the topic).
+    let hb = py_async(["dump", &b, "a.heartbeats", "1", "10"].map(String::from).to_vec()).await;
+    let ours: Vec<&Value> = hb.iter().filter(|r| r["k"] == hex("m_kill")).collect();
+    let mut seen = std::collections::HashSet::new();
+    assert!(ours.iter().all(|r| seen.insert(r["v"].as_str().unwrap())), "a heartbeat copied twice");
+    let v: Value = serde_json::from_slice(&hex_decode(ours.last().expect("heartbeats on b")["v"].as_str().unwrap())).unwrap();
+    assert_eq!((v["source"].as_str(), v["target"].as_str()), (Some("a"), Some("b")), "{v}");
     assert_eq!(m.terminate(), Some(0), "{}", m.log());
 }
 
@@ -232,6 +258,10 @@ async fn active_active_mirrors_never_loop() {
     m2.assert_running();
     assert_eq!(m1.terminate(), Some(0));
     assert_eq!(m2.terminate(), Some(0));
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn hex(s: &str) -> String {
