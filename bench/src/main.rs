@@ -67,6 +67,9 @@ enum Bench {
         rate: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Skip MirrorMaker 2 (quicker, for working on Sluice's side).
+        #[arg(long)]
+        sluice_only: bool,
     },
     /// Postgres → Iceberg (upsert, SQL catalog in Postgres, local warehouse): the
     /// initial snapshot of `rows` rows against writing them straight to Parquet; then
@@ -787,8 +790,8 @@ async fn main() -> Result<()> {
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
-        Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds } => {
-            mirror::mirror(records, record_bytes, partitions, groups, rate, seconds).await?
+        Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
+            mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?
         }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,

@@ -25,8 +25,16 @@ const TOPIC: &str = "bench";
 const LAG_TOPIC: &str = "lagt";
 const MM2_VERSION: &str = "4.3.1";
 
-pub async fn mirror(records: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds: u64) -> Result<Value> {
-    tokio::task::spawn_blocking(move || run(records, bytes, partitions, groups, rate, seconds)).await?
+pub async fn mirror(
+    records: u64,
+    bytes: usize,
+    partitions: i32,
+    groups: usize,
+    rate: u64,
+    seconds: u64,
+    sluice_only: bool,
+) -> Result<Value> {
+    tokio::task::spawn_blocking(move || run(records, bytes, partitions, groups, rate, seconds, sluice_only)).await?
 }
 
 fn now_ms() -> i64 {
@@ -222,7 +230,15 @@ fn spawn_sluice(bin: &Path, dir: &Path, name: &str, a: &str, b: &str, topics: &s
         ),
     )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    Ok(Proc(Command::new(bin).args(["mirror", "run", "-c"]).arg(&cfg).env("RUST_LOG", "warn").stderr(log).stdout(Stdio::null()).spawn()?))
+    Ok(Proc(
+        Command::new(bin)
+            .args(["mirror", "run", "-c"])
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("SLUICE_BENCH_MIRROR_LOG").unwrap_or_else(|_| "warn".into()))
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
 }
 
 fn spawn_mm2(libs: &Path, dir: &Path, a: &str, b: &str) -> Result<Proc> {
@@ -386,9 +402,13 @@ fn lag(a: &str, b: &str, target: &str, partitions: i32, rate: u64, seconds: u64)
     });
     let mut lags = Vec::new();
     let end = Instant::now() + Duration::from_secs(seconds + 5);
+    // The first 2 s are warm-up (the mirror's first transactions, the topic's first
+    // fetches): the figure is the steady state.
+    let steady = now_ms() + 2000;
     while Instant::now() < end {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100))
             && let Some(ts) = m.timestamp().to_millis()
+            && ts >= steady
         {
             lags.push(now_ms() - ts);
         }
@@ -399,10 +419,11 @@ fn lag(a: &str, b: &str, target: &str, partitions: i32, rate: u64, seconds: u64)
     Ok(json!({"records": lags.len(), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": lags.last()}))
 }
 
-fn run(n: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds: u64) -> Result<Value> {
+fn run(n: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds: u64, sluice_only: bool) -> Result<Value> {
     let libs = mm2_libs()?;
     let bin = sluice_bin()?;
     let dir = tempfile::Builder::new().prefix("sluice-bench-mirror-").tempdir()?;
+    eprintln!("logs in {} (kept with SLUICE_BENCH_MIRROR_LOG set)", dir.path().display());
     let ta = std::thread::spawn(|| TempBroker::start(&[]));
     let tb = TempBroker::start(&[])?;
     let ta = ta.join().map_err(|_| anyhow::anyhow!("broker a"))??;
@@ -451,6 +472,13 @@ fn run(n: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds:
         lag(&a, &b, "src.lagt", partitions, rate, seconds)?
     };
     eprintln!("sluice: translation {s_score}, lag {s_lag}");
+    if sluice_only {
+        if std::env::var_os("SLUICE_BENCH_MIRROR_LOG").is_some() {
+            let _ = dir.keep();
+        }
+        return Ok(json!({"bench": "mirror", "records": n, "raw_copy": raw.round(), "sluice": s_rate.round(), "vs_raw": s_rate / raw,
+                         "sluice_cpu_s": s_cpu, "translation": s_score, "lag": s_lag}));
+    }
 
     let mm2 = spawn_mm2(&libs, dir.path(), &a, &b)?;
     let mpid = mm2.0.id();
@@ -469,6 +497,9 @@ fn run(n: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds:
     let m_score = score(&b, "a.bench", &committed, &m_truth)?;
     let m_lag = lag(&a, &b, "a.lagt", partitions, rate, seconds)?;
     drop(mm2);
+    if std::env::var_os("SLUICE_BENCH_MIRROR_LOG").is_some() {
+        let _ = dir.keep();
+    }
 
     let round = |x: f64| (x * 100.0).round() / 100.0;
     let by_partition: BTreeMap<i32, i64> = ends_a.iter().enumerate().map(|(p, e)| (p as i32, *e)).collect();

@@ -164,7 +164,7 @@ fn minus_one() -> i32 {
     -1
 }
 fn default_max_records() -> usize {
-    5000
+    20000
 }
 fn default_max_wait() -> Duration {
     Duration::from_millis(100)

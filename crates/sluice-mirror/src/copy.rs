@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::FromClientConfigAndContext as _;
@@ -38,6 +39,9 @@ const OFFSETS_RECORD: usize = usize::MAX;
 #[derive(Default)]
 struct Acks {
     acked: Mutex<Vec<(usize, Result<i64, KafkaError>)>>,
+    /// Offsets records acknowledged (their offsets are not needed; a failed one fails
+    /// the commit).
+    offsets_acked: std::sync::atomic::AtomicUsize,
 }
 
 impl ClientContext for Acks {}
@@ -47,7 +51,8 @@ impl ProducerContext for Acks {
 
     fn delivery(&self, result: &DeliveryResult<'_>, idx: Box<usize>) {
         if *idx == OFFSETS_RECORD {
-            return; // the commit covers it
+            self.offsets_acked.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         let r = match result {
             Ok(m) => Ok(m.offset()),
@@ -148,7 +153,6 @@ struct Mirror {
     target: BaseConsumer,
     producer: BaseProducer<Acks>,
     targets: TargetTopics,
-    groups: GroupSync,
     map: OffsetMap,
     topics: Vec<SourceTopic>,
     /// Target topic name of each source topic.
@@ -253,7 +257,6 @@ impl Mirror {
             target,
             producer,
             targets,
-            groups: GroupSync::new(cfg)?,
             map,
             topics: vec![],
             names: HashMap::new(),
@@ -293,7 +296,24 @@ impl Mirror {
     }
 
     fn copy(&mut self, cfg: &MirrorConfig, stop: &AtomicBool, stats: &MirrorStats) -> Result<()> {
-        let (mut next_refresh, mut next_sync, mut next_beat) = (Instant::now(), Instant::now(), Instant::now());
+        // Group offsets are translated on a thread of their own (a pass is a few
+        // round trips per group), fed the batches this loop commits.
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<BatchOffsets>>();
+        let initial = self.map.clone();
+        std::thread::scope(|scope| {
+            scope.spawn(|| checkpoints(cfg, initial, rx, stop));
+            self.copy_loop(cfg, stop, stats, tx)
+        })
+    }
+
+    fn copy_loop(
+        &mut self,
+        cfg: &MirrorConfig,
+        stop: &AtomicBool,
+        stats: &MirrorStats,
+        committed_tx: Sender<Vec<BatchOffsets>>,
+    ) -> Result<()> {
+        let (mut next_refresh, mut next_beat) = (Instant::now(), Instant::now());
         let mut sent: Vec<Sent> = Vec::with_capacity(cfg.batch.max_records);
         // Source positions this batch reached (last offset + 1), per partition.
         let mut reached: BTreeMap<(usize, i32), i64> = BTreeMap::new();
@@ -320,12 +340,6 @@ impl Mirror {
                 }
                 hb.poll(Duration::ZERO);
                 next_beat = now + cfg.source().heartbeat_interval;
-            }
-            if now >= next_sync {
-                if let Err(e) = self.groups.run(cfg, &self.map, &self.source, &self.target) {
-                    tracing::warn!(error = %e, "translating group offsets failed; trying again later");
-                }
-                next_sync = now + cfg.offsets.interval;
             }
 
             let began = Instant::now();
@@ -376,7 +390,9 @@ impl Mirror {
                 open = true;
             }
             if open {
-                self.commit(cfg, &sent, &reached, &topic_names)?;
+                tracing::trace!(records = sent.len(), poll_ms = began.elapsed().as_millis() as u64, "batch read");
+                let batches = self.commit(cfg, &sent, &reached, &topic_names)?;
+                let _ = committed_tx.send(batches);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.records.fetch_add(sent.len() as u64, Ordering::Relaxed);
                 stats.bytes.fetch_add(sent.iter().map(|s| s.bytes as u64).sum(), Ordering::Relaxed);
@@ -397,6 +413,20 @@ impl Mirror {
         Ok(())
     }
 
+    /// Serves delivery reports until `done`. (librdkafka-rs's `flush` polls in 100 ms
+    /// steps and cost each batch two of them: the mirror waits for exactly the acks it
+    /// needs instead, so `commit_transaction`'s own flush finds nothing outstanding.)
+    fn wait_acks(&self, done: impl Fn(&Acks) -> bool) -> Result<()> {
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        while !done(self.producer.context()) {
+            if Instant::now() > deadline {
+                return Err(MirrorError::kafka("waiting for the target's acknowledgements", &KafkaError::NoMessageReceived));
+            }
+            self.producer.poll(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Records not yet copied, per partition: the source's end minus the position.
     fn measure_lag(&self, stats: &MirrorStats) {
         for t in &self.topics {
@@ -411,8 +441,16 @@ impl Mirror {
 
     /// Waits for every record's ack, writes the batch's offsets records and commits.
     /// Any failure aborts: the caller restarts from the last committed batch.
-    fn commit(&mut self, cfg: &MirrorConfig, sent: &[Sent], reached: &BTreeMap<(usize, i32), i64>, names: &[String]) -> Result<()> {
-        self.producer.flush(TXN_TIMEOUT).map_err(|e| MirrorError::kafka("waiting for the target's acknowledgements", &e))?;
+    fn commit(
+        &mut self,
+        cfg: &MirrorConfig,
+        sent: &[Sent],
+        reached: &BTreeMap<(usize, i32), i64>,
+        names: &[String],
+    ) -> Result<Vec<BatchOffsets>> {
+        let t0 = Instant::now();
+        self.wait_acks(|a| a.acked.lock().unwrap_or_else(|p| p.into_inner()).len() >= sent.len())?;
+        let flushed = t0.elapsed();
         let mut acked = std::mem::take(&mut *self.producer.context().acked.lock().unwrap_or_else(|p| p.into_inner()));
         if acked.len() != sent.len() {
             return Err(MirrorError::kafka("the target acknowledged fewer records than sent", &KafkaError::NoMessageReceived));
@@ -426,6 +464,7 @@ impl Mirror {
             e.1 = t + 1;
         }
         let otopic = cfg.offsets_topic();
+        self.producer.context().offsets_acked.store(0, Ordering::Relaxed);
         let mut batches = Vec::with_capacity(reached.len());
         for (&(tid, p), &next) in reached {
             let prev = self.map.get(&names[tid], p).map_or(0, |m| m.tnext);
@@ -438,14 +477,54 @@ impl Mirror {
             self.producer.send(rec).map_err(|(e, _)| MirrorError::kafka("writing the offsets record", &e))?;
             batches.push(b);
         }
+        let want = batches.len();
+        self.wait_acks(|a| a.offsets_acked.load(Ordering::Relaxed) >= want)?;
         self.producer.commit_transaction(TXN_TIMEOUT).map_err(|e| {
             let _ = self.producer.abort_transaction(TXN_TIMEOUT);
             MirrorError::kafka("committing a batch on the target", &e)
         })?;
+        tracing::debug!(
+            records = sent.len(),
+            flush_ms = flushed.as_millis() as u64,
+            commit_ms = (t0.elapsed() - flushed).as_millis() as u64,
+            "batch committed"
+        );
         for b in &batches {
             self.map.add(b);
         }
-        Ok(())
+        Ok(batches)
+    }
+}
+
+/// The group-offset translator's loop: keeps its own copy of the offset map from the
+/// committed batches and writes translated group offsets every `offsets.interval`.
+/// Its failures are logged and retried; they never stop the copy.
+fn checkpoints(cfg: &MirrorConfig, mut map: OffsetMap, rx: Receiver<Vec<BatchOffsets>>, stop: &AtomicBool) {
+    let clients = consumer(cfg, Side::Source, None).and_then(|s| Ok((s, consumer(cfg, Side::Target, None)?)));
+    let (mut groups, (source, target)) = match GroupSync::new(cfg).and_then(|g| Ok((g, clients?))) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "group offsets will not be translated");
+            return;
+        }
+    };
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))) {
+            Ok(batches) => {
+                for b in &batches {
+                    map.add(b);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= next {
+            if let Err(e) = groups.run(cfg, &map, &source, &target) {
+                tracing::warn!(error = %e, "translating group offsets failed; trying again later");
+            }
+            next = Instant::now() + cfg.offsets.interval;
+        }
     }
 }
 
