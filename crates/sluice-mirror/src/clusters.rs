@@ -143,6 +143,30 @@ pub(crate) fn source_topics(cfg: &MirrorConfig, meta: &Metadata, must_match: boo
     Ok(out)
 }
 
+/// Refuses a target topic that exists with another partition count than its source,
+/// unless the mirror made it and the source has gained partitions since (followed).
+pub(crate) fn check_partition_counts(cfg: &MirrorConfig, topics: &[SourceTopic], target: &Metadata, map: &OffsetMap) -> Result<()> {
+    for t in topics {
+        let name = cfg.target_topic(&t.name);
+        if let Some(existing) = target.topics().iter().find(|x| x.name() == name && x.error().is_none()) {
+            let have = existing.partitions().len() as i32;
+            let ours = map.partitions.keys().any(|(topic, _)| topic == &t.name);
+            if have != t.partitions && !(have < t.partitions && ours) {
+                return Err(MirrorError::fatal(format!(
+                    "partition-count mismatch: topic {} has {} partitions on cluster {} but {name} has {have} on cluster {}; \
+                     records keep their partition, so give {name} {} partitions (or delete it and let the mirror create it)",
+                    t.name,
+                    t.partitions,
+                    cfg.source().cluster,
+                    cfg.target().cluster,
+                    t.partitions
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the target's topics shaped like their sources.
 pub(crate) struct TargetTopics {
     src_admin: AdminClient<DefaultClientContext>,
@@ -191,24 +215,7 @@ impl TargetTopics {
     /// refused: records must keep their partition.
     pub fn sync(&mut self, cfg: &MirrorConfig, topics: &[SourceTopic], target: &Metadata, map: &OffsetMap) -> Result<()> {
         // Every topic is checked before any is changed: a refusal leaves the target as it was.
-        for t in topics {
-            let name = cfg.target_topic(&t.name);
-            if let Some(existing) = target.topics().iter().find(|x| x.name() == name && x.error().is_none()) {
-                let have = existing.partitions().len() as i32;
-                let ours = map.partitions.keys().any(|(topic, _)| topic == &t.name);
-                if have != t.partitions && !(have < t.partitions && ours) {
-                    return Err(MirrorError::fatal(format!(
-                        "partition-count mismatch: topic {} has {} partitions on cluster {} but {name} has {have} on cluster {}; \
-                         records keep their partition, so give {name} {} partitions (or delete it and let the mirror create it)",
-                        t.name,
-                        t.partitions,
-                        cfg.source().cluster,
-                        cfg.target().cluster,
-                        t.partitions
-                    )));
-                }
-            }
-        }
+        check_partition_counts(cfg, topics, target, map)?;
         for t in topics {
             let name = cfg.target_topic(&t.name);
             let configs = self.source_configs(&t.name)?;

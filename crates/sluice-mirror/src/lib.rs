@@ -7,10 +7,12 @@
 //! - `clusters`: clients, topic discovery, target topics shaped like their sources.
 //! - `copy`: the loop: a batch per target transaction, positions inside it.
 //! - `offsets`: the offset map the transactions carry, and translation.
+//! - `check`: `sluice check` for a mirror (reads only).
 //! - `checkpoint`: consumer-group offsets translated and written to the target.
 //! - `stats`: what `/metrics` shows (lag per partition in records and ms).
 //! - `schemas`: schema ids of Confluent's wire format carried across registries.
 
+mod check;
 mod checkpoint;
 mod clusters;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod offsets;
 mod schemas;
 pub mod stats;
 
+pub use check::{CheckedTopic, check};
 pub use checkpoint::{GroupOffset, translate_group};
 pub use config::{MirrorConfig, PROVENANCE_HEADER};
 pub use copy::{load_map, run};

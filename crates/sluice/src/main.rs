@@ -95,7 +95,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
-    /// Check a config and both databases without changing anything.
+    /// Check a config and both databases (or, for a mirror, both Kafka clusters)
+    /// without changing anything.
     Check {
         #[arg(long, short)]
         config: PathBuf,
@@ -527,6 +528,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             wait_for_resync(&state, &cfg.pipeline, id, no_wait, output).await
+        }
+        Command::Check { config, output } if sluice::mirror::is_mirror(&config) => {
+            init_logs("warn", false);
+            sluice::mirror::check(sluice::mirror::load(&config)?, output == Output::Json).await
         }
         Command::Check { config, output } => {
             init_logs("warn", false);

@@ -81,3 +81,19 @@ async fn serve_metrics(addr: std::net::SocketAddr, pipeline: String, stats: Arc<
     });
     Ok(())
 }
+
+/// `sluice check` for a mirror: both clusters, the topics, the partition counts.
+pub async fn check(cfg: MirrorConfig, json: bool) -> anyhow::Result<()> {
+    let pipeline = cfg.pipeline.clone();
+    let topics = tokio::task::spawn_blocking(move || sluice_mirror::check(&cfg)).await??;
+    if json {
+        println!("{}", serde_json::json!({"ok": true, "pipeline": pipeline, "topics": topics}));
+        return Ok(());
+    }
+    for t in &topics {
+        let state = if t.exists { "exists" } else { "will be created" };
+        println!("{} ({} partitions) -> {} ({state})", t.source, t.partitions, t.target);
+    }
+    println!("ok: mirror {pipeline} can run ({} topics)", topics.len());
+    Ok(())
+}

@@ -171,6 +171,14 @@ async fn a_failed_over_group_reads_exactly_what_it_had_not() {
     // exact map lines them up.
     py_async(["produce", &a, "orders2", "3000", "100000", "txn"].map(String::from).to_vec()).await;
     let cfg = mirror_config(&dir, "m_failover", ("a", &a), ("b", &b), "    topics_regex: \"orders2\"\n", "");
+    let c = cfg.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(["check", "-c", &c, "--output", "json"]).output().unwrap())
+        .await
+        .unwrap();
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let orders = checked["topics"].as_array().and_then(|t| t.iter().find(|t| t["source"] == "orders2")).cloned().unwrap_or(Value::Null);
+    assert_eq!(orders["target"], "a.orders2", "{checked} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((orders["partitions"].as_i64(), orders["exists"].as_bool()), (Some(3), Some(false)), "check writes nothing");
     let mut m = spawn_mirror(&dir, &cfg);
     let all = by_partition(&py_async(["dump", &a, "orders2", "2250"].map(String::from).to_vec()).await);
     assert_eq!(count(&all), 2250, "3000 produced, one transaction in four aborted");
@@ -283,6 +291,10 @@ async fn bad_inputs_fail_with_one_line() {
         (mirror_config(&dir, "m_bad3", ("a", &a), ("b", &b), "    topics: [orders4]\n", ""), "partition-count mismatch"),
         (mirror_config(&dir, "m_bad4", ("a", &a), ("b", &b), "    topics: [orders4]\n    colour: red\n", ""), "unknown field `colour`"),
     ];
+    // `sluice check` says the same, without writing anything.
+    let c = cases[2].0.to_str().unwrap().to_string();
+    let (code, err) = tokio::task::spawn_blocking(move || run_to_exit(&["check", "-c", &c], Duration::from_secs(60))).await.unwrap();
+    assert!(code == Some(1) && err.contains("partition-count mismatch"), "{err}");
     for (cfg, want) in cases {
         let c = cfg.to_str().unwrap().to_string();
         let (code, err) =
