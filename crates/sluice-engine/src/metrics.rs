@@ -225,12 +225,18 @@ impl Metrics {
 
 /// Serves `/metrics` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, pipeline: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    serve_text(addr, move || metrics.render(&pipeline)).await
+}
+
+/// Serves `/metrics` with what `render` returns (Prometheus text) until the process
+/// ends: pipelines and mirrors alike.
+pub async fn serve_text(addr: std::net::SocketAddr, render: impl Fn() -> String + Clone + Send + Sync + 'static) -> anyhow::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
-            let (m, p) = (metrics.clone(), pipeline.clone());
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render(&p)) }
+            let render = render.clone();
+            async move { ([("content-type", "text/plain; version=0.0.4")], render()) }
         }),
     );
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;

@@ -456,19 +456,18 @@ impl Mirror {
             return Err(MirrorError::kafka("the target acknowledged fewer records than sent", &KafkaError::NoMessageReceived));
         }
         acked.sort_unstable_by_key(|(i, _)| *i);
-        let mut runs: BTreeMap<(usize, i32), (RunBuilder, i64)> = BTreeMap::new();
+        let mut runs: BTreeMap<(usize, i32), RunBuilder> = BTreeMap::new();
         for (s, (_, r)) in sent.iter().zip(&acked) {
             let t = r.as_ref().map_err(|e| MirrorError::kafka(&format!("writing a record of {} to the target", names[s.topic]), e))?;
-            let e = runs.entry((s.topic, s.partition)).or_default();
-            e.0.push(s.offset, *t);
-            e.1 = t + 1;
+            runs.entry((s.topic, s.partition)).or_default().push(s.offset, *t);
         }
         let otopic = cfg.offsets_topic();
         self.producer.context().offsets_acked.store(0, Ordering::Relaxed);
         let mut batches = Vec::with_capacity(reached.len());
         for (&(tid, p), &next) in reached {
-            let prev = self.map.get(&names[tid], p).map_or(0, |m| m.tnext);
-            let (runs, tnext) = runs.remove(&(tid, p)).map_or((vec![], prev), |(r, t)| (r.runs, t));
+            let runs = runs.remove(&(tid, p)).map_or_else(Vec::new, |r| r.runs);
+            // After the last copied record, or where the partition stood.
+            let tnext = runs.last().map_or_else(|| self.map.get(&names[tid], p).map_or(0, |m| m.tnext), |[_, t, n]| t + n);
             let b = BatchOffsets { topic: names[tid].clone(), partition: p, next, tnext, runs };
             let json = serde_json::to_vec(&b).map_err(|e| MirrorError::fatal(format!("encoding an offsets record: {e}")))?;
             let key = b.key();

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
+use sluice_core::encode_path_segment;
 
 use crate::config::MirrorConfig;
 use crate::error::{MirrorError, Result};
@@ -114,12 +115,14 @@ impl SchemaIds {
         let mut target_id = None;
         for sv in versions.as_array().into_iter().flatten() {
             let (Some(subject), Some(version)) = (sv["subject"].as_str(), sv["version"].as_i64()) else { continue };
-            let Some(v) = self.get(&self.source, &format!("/subjects/{}/versions/{version}", enc(subject)))? else { continue };
+            let Some(v) = self.get(&self.source, &format!("/subjects/{}/versions/{version}", encode_path_segment(subject)))? else {
+                continue;
+            };
             let to = Self::target_subject(cfg, subject);
-            if let Some(c) = self.get(&self.source, &format!("/config/{}", enc(subject)))?
+            if let Some(c) = self.get(&self.source, &format!("/config/{}", encode_path_segment(subject)))?
                 && let Some(level) = c.get("compatibilityLevel").or(c.get("compatibility")).and_then(Value::as_str)
             {
-                self.send("PUT", &format!("/config/{}", enc(&to)), json!({"compatibility": level}))?;
+                self.send("PUT", &format!("/config/{}", encode_path_segment(&to)), json!({"compatibility": level}))?;
             }
             let mut body = json!({"schema": v["schema"]});
             if let Some(t) = v.get("schemaType") {
@@ -128,7 +131,7 @@ impl SchemaIds {
             if let Some(r) = v.get("references") {
                 body["references"] = r.clone();
             }
-            let got = self.send("POST", &format!("/subjects/{}/versions", enc(&to)), body)?;
+            let got = self.send("POST", &format!("/subjects/{}/versions", encode_path_segment(&to)), body)?;
             let tid = got["id"].as_u64().and_then(|i| u32::try_from(i).ok());
             tracing::info!(subject = %to, source_id = id, target_id = ?tid, "copied a schema to the target registry");
             target_id = target_id.or(tid);
@@ -138,13 +141,4 @@ impl SchemaIds {
         }
         Ok(target_id)
     }
-}
-
-/// Percent-encodes a subject for a URL path (subjects may hold `:` and `.`).
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') { (b as char).to_string() } else { format!("%{b:02X}") }
-        })
-        .collect()
 }

@@ -27,7 +27,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stats = Arc::new(sluice_mirror::MirrorStats::default());
     if let Some(addr) = metrics_addr {
-        serve_metrics(addr, cfg.pipeline.clone(), stats.clone()).await?;
+        let (s, p) = (stats.clone(), cfg.pipeline.clone());
+        crate::metrics::serve_text(addr, move || s.render(&p)).await?;
     }
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
@@ -62,23 +63,6 @@ pub async fn offsets(cfg: MirrorConfig, group: String, json: bool) -> anyhow::Re
         };
         println!("{}[{}] @ {} -> {what}", r.topic, r.partition, r.committed);
     }
-    Ok(())
-}
-
-/// Serves the mirror's `/metrics` (Prometheus text) until the process ends.
-async fn serve_metrics(addr: std::net::SocketAddr, pipeline: String, stats: Arc<sluice_mirror::MirrorStats>) -> anyhow::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let (s, p) = (stats.clone(), pipeline.clone());
-            async move { ([("content-type", "text/plain; version=0.0.4")], s.render(&p)) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
     Ok(())
 }
 

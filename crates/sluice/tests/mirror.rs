@@ -73,18 +73,9 @@ fn spawn_mirror(dir: &Path, cfg: &Path) -> Pipeline {
 }
 
 fn spawn_mirror_with(dir: &Path, cfg: &Path, args: &[&str]) -> Pipeline {
-    let log = dir.join(format!("mirror-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
-    let child = Command::new(BIN)
-        .args(["mirror", "run", "--config"])
-        .arg(cfg)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn sluice mirror");
-    Pipeline { child, log }
+    let mut all = vec!["mirror".as_ref(), "run".as_ref(), "--config".as_ref(), cfg.as_os_str()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    spawn_sluice(dir, all, &[])
 }
 
 /// Records by partition, as (key, value, headers without the mirror's provenance

@@ -3,7 +3,7 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value as Json, json};
-use sluice_core::ErrorKind;
+use sluice_core::{ErrorKind, encode_path_segment};
 
 use crate::error::{KafkaSinkError, Result};
 
@@ -13,18 +13,6 @@ const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 pub struct RegistryClient {
     base: String,
     http: reqwest::Client,
-}
-
-fn encode_subject(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl RegistryClient {
@@ -40,7 +28,7 @@ impl RegistryClient {
     /// subject already has this schema). A schema the subject's compatibility mode
     /// rejects halts the pipeline with the registry's reasons.
     pub async fn register(&self, subject: &str, schema: &Json) -> Result<u32> {
-        let url = format!("{}/subjects/{}/versions", self.base, encode_subject(subject));
+        let url = format!("{}/subjects/{}/versions", self.base, encode_path_segment(subject));
         let body = json!({"schema": schema.to_string()});
         let resp = self.post(&url, &body).await?;
         let status = resp.status();
@@ -56,9 +44,9 @@ impl RegistryClient {
                 let reasons = self.reasons(subject, schema).await.unwrap_or_default();
                 let detail =
                     if reasons.is_empty() { reply["message"].as_str().unwrap_or("incompatible").to_string() } else { reasons.join("; ") };
-                let mode = self.get(&format!("/config/{}?defaultToGlobal=true", encode_subject(subject))).await;
+                let mode = self.get(&format!("/config/{}?defaultToGlobal=true", encode_path_segment(subject))).await;
                 let mode = mode["compatibilityLevel"].as_str().unwrap_or("its compatibility mode").to_string();
-                let latest = self.get(&format!("/subjects/{}/versions/latest", encode_subject(subject))).await;
+                let latest = self.get(&format!("/subjects/{}/versions/latest", encode_path_segment(subject))).await;
                 let columns = latest["schema"]
                     .as_str()
                     .and_then(|s| serde_json::from_str::<Json>(s).ok())
@@ -88,7 +76,7 @@ impl RegistryClient {
     /// Confluent's registry requires). A subject that is not there is fine.
     pub async fn delete_subject(&self, subject: &str) -> Result<()> {
         for query in ["", "?permanent=true"] {
-            let url = format!("{}/subjects/{}{query}", self.base, encode_subject(subject));
+            let url = format!("{}/subjects/{}{query}", self.base, encode_path_segment(subject));
             let resp =
                 self.http.delete(&url).send().await.map_err(|e| {
                     KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e)
@@ -107,7 +95,7 @@ impl RegistryClient {
 
     /// The registry's explanation of why `schema` is incompatible with the subject.
     async fn reasons(&self, subject: &str, schema: &Json) -> Result<Vec<String>> {
-        let url = format!("{}/compatibility/subjects/{}/versions/latest?verbose=true", self.base, encode_subject(subject));
+        let url = format!("{}/compatibility/subjects/{}/versions/latest?verbose=true", self.base, encode_path_segment(subject));
         let reply: Json = self.post(&url, &json!({"schema": schema.to_string()})).await?.json().await.unwrap_or(Json::Null);
         Ok(reply["messages"].as_array().map(|m| m.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default())
     }
@@ -185,10 +173,5 @@ mod tests {
         };
         assert_eq!(super::column_changes(&table("long"), &table("int")), ["column n changed from long to int"]);
         assert!(super::column_changes(&table("long"), &table("long")).is_empty());
-    }
-
-    #[test]
-    fn subjects_with_contexts_are_escaped() {
-        assert_eq!(super::encode_subject(":.team-a:shop.public.items-value"), "%3A.team-a%3Ashop.public.items-value");
     }
 }

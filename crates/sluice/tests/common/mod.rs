@@ -151,25 +151,34 @@ impl Env {
     }
 
     /// Starts `sluice run`; logs go to a file read by [`Pipeline::log`].
-    pub fn spawn(&self, config: &PathBuf) -> Pipeline {
+    pub fn spawn(&self, config: &std::path::Path) -> Pipeline {
         self.spawn_env(config, &[])
     }
 
     /// [`Env::spawn`] with more environment variables (test hooks).
-    pub fn spawn_env(&self, config: &PathBuf, vars: &[(&str, &str)]) -> Pipeline {
-        let log = self.dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .envs(vars.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn sluice");
-        Pipeline { child, log }
+    pub fn spawn_env(&self, config: &std::path::Path, vars: &[(&str, &str)]) -> Pipeline {
+        spawn_sluice(&self.dir, [std::ffi::OsStr::new("run"), "--config".as_ref(), config.as_os_str()], vars)
     }
+}
+
+/// Starts the `sluice` binary with `args` (and environment `vars`); its log goes to a
+/// new file in `dir`, read by [`Pipeline::log`].
+pub fn spawn_sluice<S: AsRef<std::ffi::OsStr>>(
+    dir: &std::path::Path,
+    args: impl IntoIterator<Item = S>,
+    vars: &[(&str, &str)],
+) -> Pipeline {
+    let log = dir.join(format!("run-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+    let child = Command::new(BIN)
+        .args(args)
+        .envs(vars.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn sluice");
+    Pipeline { child, log }
 }
 
 pub struct Pipeline {
