@@ -130,6 +130,28 @@ CREATE TABLE alert_settings (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 "#,
+    r#"
+-- Kafka-to-Kafka mirrors: run under leases like pipelines (no source objects to
+-- provision, so no workflow); `deleting` is a teardown the supervisor carries out
+-- (the offsets topic, and with `purge` the target topics) before it removes the row.
+CREATE TABLE mirrors (
+    id bigserial PRIMARY KEY,
+    tenant_id bigint NOT NULL REFERENCES tenants(id),
+    name text NOT NULL,
+    spec jsonb NOT NULL,
+    sealed bytea NOT NULL,
+    desired text NOT NULL DEFAULT 'running' CHECK (desired IN ('running', 'paused', 'deleting')),
+    purge bool NOT NULL DEFAULT false,
+    generation int NOT NULL DEFAULT 0,
+    owner text,
+    lease_until timestamptz,
+    retry_at timestamptz NOT NULL DEFAULT now(),
+    status jsonb NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, name)
+);
+"#,
 ];
 
 /// The schema everything lives in, so the control database may be shared.

@@ -25,7 +25,7 @@ impl Invalid {
     }
 
     /// From a parser or validator message that starts with the key (`a.b: ...`).
-    fn from_message(message: String) -> Self {
+    pub(crate) fn from_message(message: String) -> Self {
         let head = message.split(": ").next().unwrap_or("");
         let looks_like_path =
             !head.is_empty() && head.len() < message.len() && head.chars().all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
@@ -228,6 +228,87 @@ impl SinkSpec {
             settings: v["settings"].clone(),
         })
     }
+}
+
+/// A Kafka-to-Kafka mirror: `name` plus a mirror file's keys (`source: kafka:`, `sink:
+/// kafka:`, `batch`, `offsets`; see `sluice_mirror::MirrorConfig`). The file's
+/// `pipeline` is generated instead ([`mirror_runner_name`]): it names the mirror's
+/// transactional id and offsets topic on the target, which two tenants' mirrors of
+/// the same name must not share.
+pub struct MirrorSpec {
+    pub name: String,
+    /// Everything but the name, secrets included (sealed at rest).
+    pub settings: serde_json::Map<String, Value>,
+}
+
+impl MirrorSpec {
+    pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
+        let mut settings: serde_json::Map<String, Value> = parse(body, "mirror")?;
+        let name = match settings.remove("name") {
+            Some(Value::String(n)) => n,
+            Some(_) => return Err(Invalid::new("name", "must be a string")),
+            None => return Err(Invalid::new("name", "missing; name the mirror")),
+        };
+        check_name("name", &name)?;
+        if settings.contains_key("pipeline") {
+            return Err(Invalid::new("pipeline", "is given by the control plane; name the mirror with `name` only"));
+        }
+        let spec = Self { name, settings };
+        spec.config("sluice_check")?;
+        Ok(spec)
+    }
+
+    /// The mirror's config, running as `runner`, checked exactly as a mirror file is.
+    pub fn config(&self, runner: &str) -> Result<sluice_mirror::MirrorConfig, Invalid> {
+        let mut m = self.settings.clone();
+        m.insert("pipeline".into(), json!(runner));
+        // Through YAML text because the config's `source:`/`sink:` blocks are YAML
+        // singleton maps; JSON is YAML, so nothing is lost.
+        let text = serde_json::to_string(&m).expect("json");
+        sluice_mirror::MirrorConfig::parse(&text).map_err(Invalid::from_message)
+    }
+
+    /// The settings for the API and the clear column: every Kafka property value
+    /// (SASL passwords, key passwords) and any credential inside a registry URL hidden.
+    pub fn public(&self) -> Value {
+        let mut s = Value::Object(self.settings.clone());
+        for side in ["source", "sink"] {
+            let Some(k) = s.get_mut(side).and_then(|b| b.get_mut("kafka")).and_then(Value::as_object_mut) else { continue };
+            if let Some(Value::Object(props)) = k.get_mut("properties") {
+                props.values_mut().for_each(|v| *v = json!("(set)"));
+            }
+            if let Some(Value::String(u)) = k.get_mut("registry_url") {
+                *u = without_credentials(u);
+            }
+        }
+        s["name"] = json!(self.name);
+        s
+    }
+
+    pub fn to_sealable(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "name": self.name, "settings": self.settings })).expect("json")
+    }
+
+    pub fn from_sealed(bytes: &[u8]) -> anyhow::Result<Self> {
+        let v: Value = serde_json::from_slice(bytes)?;
+        Ok(Self { name: v["name"].as_str().unwrap_or_default().into(), settings: v["settings"].as_object().cloned().unwrap_or_default() })
+    }
+}
+
+/// `https://user:pw@host/` shown as `https://(set)@host/`.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split('/').next().and_then(|auth| auth.rsplit_once('@')) {
+            Some((_, host_etc)) => format!("{scheme}://(set)@{host_etc}{}", &rest[rest.find('/').unwrap_or(rest.len())..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Mirror `id`'s name on the clusters (its transactional id and offsets topic).
+pub fn mirror_runner_name(install: &str, id: i64) -> String {
+    format!("sluice_{install}_m{id}")
 }
 
 /// An enricher a tenant registers once and pipelines reference by name: the same
@@ -455,5 +536,39 @@ mod tests {
         let e = run_config("ab12cd", 7, &p, &src, &sink, &[], "u", "x").err().unwrap();
         assert!(e.message.contains("transforms"), "{}", e.message);
         assert!(PipelineSpec::parse(b"{name: o, source: a, sink: b, tabels: []}").err().unwrap().message.contains("unknown field"));
+    }
+
+    #[test]
+    fn mirrors_are_checked_as_a_mirror_file_and_redacted() {
+        let body = b"{name: to-b, source: {kafka: {cluster: a, brokers: 'a:9092', topics: [t], \
+              properties: {sasl.password: pw1}, registry_url: 'https://u:rpw@reg:8081/x'}}, \
+              sink: {kafka: {cluster: b, brokers: 'b:9092', registry_url: 'http://reg2'}}}";
+        let m = MirrorSpec::parse(body).unwrap();
+        let public = m.public();
+        let text = public.to_string();
+        assert!(!text.contains("pw1") && !text.contains("rpw"), "{text}");
+        assert_eq!(public["source"]["kafka"]["registry_url"], "https://(set)@reg:8081/x");
+        assert_eq!(public["sink"]["kafka"]["registry_url"], "http://reg2");
+        assert_eq!(m.config(&mirror_runner_name("ab12cd", 3)).unwrap().pipeline, "sluice_ab12cd_m3");
+        let back = MirrorSpec::from_sealed(&m.to_sealable()).unwrap();
+        assert_eq!(back.settings, m.settings);
+        let e = MirrorSpec::parse(
+            b"{name: m, pipeline: x, source: {kafka: {cluster: a, brokers: a, topics: [t]}}, sink: {kafka: {cluster: b, brokers: b}}}",
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.field.as_deref(), Some("pipeline"));
+        let e = MirrorSpec::parse(
+            b"{name: m, source: {kafka: {cluster: a, brokers: a, topics: [t]}}, sink: {kafka: {cluster: a, brokers: b}}}",
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.field.as_deref(), Some("sink.kafka.cluster"), "{}", e.message);
+        let e = MirrorSpec::parse(
+            b"{name: m, source: {kafka: {cluster: a, brokers: a, topics: [t], topix: 1}}, sink: {kafka: {cluster: b, brokers: b}}}",
+        )
+        .err()
+        .unwrap();
+        assert!(e.message.contains("unknown field `topix`"), "{}", e.message);
     }
 }

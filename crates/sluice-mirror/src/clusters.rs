@@ -175,11 +175,11 @@ pub(crate) struct TargetTopics {
     copied: HashMap<String, BTreeMap<String, String>>,
 }
 
-fn admin_opts() -> AdminOptions {
+pub(crate) fn admin_opts() -> AdminOptions {
     AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT))
 }
 
-fn block<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn block<F: std::future::Future>(f: F) -> F::Output {
     futures::executor::block_on(f)
 }
 

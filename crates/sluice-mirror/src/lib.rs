@@ -11,6 +11,7 @@
 //! - `checkpoint`: consumer-group offsets translated and written to the target.
 //! - `stats`: what `/metrics` shows (lag per partition in records and ms).
 //! - `schemas`: schema ids of Confluent's wire format carried across registries.
+//! - `teardown`: what a removed mirror leaves behind, deleted.
 
 mod check;
 mod checkpoint;
@@ -21,6 +22,7 @@ mod error;
 pub mod offsets;
 mod schemas;
 pub mod stats;
+mod teardown;
 
 pub use check::{CheckedTopic, check};
 pub use checkpoint::{GroupOffset, translate_group};
@@ -28,3 +30,4 @@ pub use config::{MirrorConfig, PROVENANCE_HEADER};
 pub use copy::{load_map, run};
 pub use error::{MirrorError, Result};
 pub use stats::MirrorStats;
+pub use teardown::teardown;

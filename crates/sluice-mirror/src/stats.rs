@@ -32,6 +32,20 @@ impl MirrorStats {
         f(m.entry((topic.to_string(), partition)).or_default());
     }
 
+    /// A summary for the control plane's status column: the counters, and the lag
+    /// summed over partitions (records) and at its worst (ms).
+    pub fn summary(&self) -> serde_json::Value {
+        let parts = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let lag: i64 = parts.values().filter_map(|p| p.lag_records).sum();
+        let latency = parts.values().filter_map(|p| p.latency_ms).max();
+        let n = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        serde_json::json!({
+            "records": n(&self.records), "bytes": n(&self.bytes), "batches": n(&self.batches), "looped": n(&self.looped),
+            "restarts": n(&self.restarts), "heartbeats": n(&self.heartbeats), "partitions": parts.len(),
+            "lag_records": lag, "latency_ms_max": latency,
+        })
+    }
+
     /// The Prometheus text exposition of the mirror named `pipeline`.
     pub fn render(&self, pipeline: &str) -> String {
         let mut s = String::new();

@@ -145,6 +145,51 @@ pub enum Pipelines {
     },
 }
 
+/// Kafka-to-Kafka mirrors run by the servers (a mirror file's keys plus `name`).
+#[derive(Subcommand)]
+pub enum Mirrors {
+    List,
+    /// Create from a YAML file; both clusters are checked first, then a server runs it:
+    ///
+    ///   name: orders-to-b
+    ///   source:
+    ///     kafka: {cluster: a, brokers: "a1:9092", topics_regex: "orders.*"}
+    ///   sink:
+    ///     kafka: {cluster: b, brokers: "b1:9092"}
+    #[command(verbatim_doc_comment)]
+    Create {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Live status: records, batches, lag in records and ms, the server running it.
+    Show {
+        name: String,
+    },
+    /// Replace the spec from a file; the mirror restarts after its last committed batch.
+    Update {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Stop copying; a resume continues after the last committed batch.
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// How a source consumer group's committed offsets translate to the target.
+    Offsets {
+        name: String,
+        group: String,
+    },
+    /// Tear down: stop, delete the offsets topic; --purge also the topics it copied into.
+    Delete {
+        name: String,
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum Workflows {
     List {
@@ -171,6 +216,7 @@ pub enum Command {
     Sinks(Resource),
     Enrichers(Resource),
     Pipelines(Pipelines),
+    Mirrors(Mirrors),
     Workflows(Workflows),
 }
 
@@ -342,6 +388,32 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
                 }
                 Pipelines::Delete { name, purge } => out(&api.call("DELETE", &format!("{base}/{name}?purge={purge}"), None)?, &|v| {
                     format!("tearing down {name}: workflow {}\n", v["workflow"])
+                }),
+            }
+        }
+        Command::Mirrors(m) => {
+            let base = format!("/v1/tenants/{}/mirrors", api.tenant()?);
+            match m {
+                Mirrors::List => out(&api.call("GET", &base, None)?, &|v| {
+                    list(v, "mirrors", &["name", "desired", "status.state", "status.records", "status.lag_records", "server"])
+                }),
+                Mirrors::Create { file } => out(&api.call("POST", &base, Some(read(&file)?))?, &|v| {
+                    format!("mirror {} created\n", v["name"].as_str().unwrap_or(""))
+                }),
+                Mirrors::Show { name } => out(&api.call("GET", &format!("{base}/{name}"), None)?, &pretty),
+                Mirrors::Update { file } => {
+                    let name = name_in(&file)?;
+                    out(&api.call("PUT", &format!("{base}/{name}"), Some(read(&file)?))?, &|_| format!("updated {name}; it restarts\n"))
+                }
+                Mirrors::Pause { name } => out(&api.call("POST", &format!("{base}/{name}/pause"), None)?, &|_| format!("pausing {name}\n")),
+                Mirrors::Resume { name } => {
+                    out(&api.call("POST", &format!("{base}/{name}/resume"), None)?, &|_| format!("resuming {name}\n"))
+                }
+                Mirrors::Offsets { name, group } => out(&api.call("GET", &format!("{base}/{name}/offsets/{group}"), None)?, &|v| {
+                    list(v, "offsets", &["topic", "partition", "committed", "target_topic", "status", "target"])
+                }),
+                Mirrors::Delete { name, purge } => out(&api.call("DELETE", &format!("{base}/{name}?purge={purge}"), None)?, &|_| {
+                    format!("tearing down {name}{}\n", if purge { " and the topics it copied into" } else { "" })
                 }),
             }
         }

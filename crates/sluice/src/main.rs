@@ -213,6 +213,14 @@ enum Command {
         #[command(subcommand)]
         cmd: sluice::client::Pipelines,
     },
+    /// Kafka-to-Kafka mirrors of a tenant, run by the servers (`sluice mirror` runs a
+    /// mirror file locally).
+    Mirrors {
+        #[command(flatten)]
+        conn: sluice::client::Connection,
+        #[command(subcommand)]
+        cmd: sluice::client::Mirrors,
+    },
     /// Provisioning, teardown, pause and resume workflows, with their step history.
     Workflows {
         #[command(flatten)]
@@ -686,6 +694,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Sinks { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Sinks(cmd)),
         Command::Enrichers { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Enrichers(cmd)),
         Command::Pipelines { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Pipelines(cmd)),
+        Command::Mirrors { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Mirrors(cmd)),
         Command::Workflows { conn, cmd } => sluice::client::run(&conn, sluice::client::Command::Workflows(cmd)),
         Command::Demo { duration, rate, rows } => {
             init_logs(&cli.log.replace("info", "warn"), false);

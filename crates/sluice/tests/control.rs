@@ -12,23 +12,23 @@ const KEY: &str = "6b1f0f6c2c1e4b8a9d7e5c3a1b2c4d6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3
 const STEPS: &[&str] =
     &["check_source", "create_role", "create_publication", "create_slot", "heartbeat", "prepare_sink", "snapshot", "start"];
 
-struct Ctl {
-    env: Env,
+pub(crate) struct Ctl {
+    pub(crate) env: Env,
     dsn: String,
-    admin: String,
+    pub(crate) admin: String,
 }
 
-struct Server {
-    proc: Proc,
-    url: String,
+pub(crate) struct Server {
+    pub(crate) proc: Proc,
+    pub(crate) url: String,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Ctl {
-    async fn new(name: &str) -> Ctl {
+    pub(crate) async fn new(name: &str) -> Ctl {
         let env = Env::new(name).await;
         let ctl_db = format!("{}_ctl", env.db);
         connect(env.dst_port, "postgres").await.batch_execute(&format!("CREATE DATABASE {ctl_db}")).await.unwrap();
@@ -55,7 +55,7 @@ impl Ctl {
     }
 
     /// Starts a server (`id` names it in leases) on `port`; `failpoint` kills it there.
-    async fn server(&self, id: &str, port: u16, failpoint: Option<&str>) -> Server {
+    pub(crate) async fn server(&self, id: &str, port: u16, failpoint: Option<&str>) -> Server {
         self.server_env(id, port, failpoint, &[]).await
     }
 
@@ -110,7 +110,7 @@ fn superuser_pw() -> &'static str {
     sluice_postgres::cluster::SUPERUSER_PASSWORD
 }
 
-async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
+pub(crate) async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
     let c = reqwest::Client::new();
     let mut req = c.request(method.parse().unwrap(), url);
     if let Some(t) = token {
@@ -125,7 +125,7 @@ async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>
 }
 
 /// Runs a CLI command against `url`; returns (exit code, stdout, stderr).
-fn cli(url: &str, token: &str, tenant: &str, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn cli(url: &str, token: &str, tenant: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).env("SLUICE_URL", url).env("SLUICE_TOKEN", token).env("SLUICE_TENANT", tenant).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
@@ -505,6 +505,13 @@ async fn tenants_are_isolated_on_every_route() {
     let enricher = "{name: derived, expression: {fields: [{name: x2, expr: 'id * 2', type: int}]}}";
     let (s, v) = call("POST", &format!("{url}/v1/tenants/alpha/enrichers"), Some(&a), Some(enricher.into())).await;
     assert_eq!(s, 201, "{v}");
+    let (ka, kb) = crate::mirror::brokers().await;
+    crate::mirror::py_async(["create", &ka, "iso_orders", "1"].map(String::from).to_vec()).await;
+    let mirror = format!(
+        "{{name: orders, source: {{kafka: {{cluster: a, brokers: '{ka}', topics: [iso_orders]}}}}, sink: {{kafka: {{cluster: b, brokers: '{kb}'}}}}}}"
+    );
+    let (s, v) = call("POST", &format!("{url}/v1/tenants/alpha/mirrors"), Some(&a), Some(mirror.clone())).await;
+    assert_eq!(s, 201, "{v}");
     let before = call("GET", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), None).await.1;
 
     let (_, doc) = call("GET", &format!("{url}/openapi.json"), None, None).await;
@@ -525,7 +532,8 @@ async fn tenants_are_isolated_on_every_route() {
                     _ => "orders",
                 },
             )
-            .replace("{id}", &if section == "tokens" { viewer_id } else { wf }.to_string());
+            .replace("{id}", &if section == "tokens" { viewer_id } else { wf }.to_string())
+            .replace("{group}", "g");
         for method in item.as_object().unwrap().keys() {
             let m = method.to_uppercase();
             let body = match section {
@@ -533,6 +541,7 @@ async fn tenants_are_isolated_on_every_route() {
                 "sinks" => Some(ctl.sink_yaml("replica")),
                 "enrichers" => Some(enricher.into()),
                 "pipelines" => Some("{name: orders, source: main, sink: replica, tables: [orders]}".into()),
+                "mirrors" => Some(mirror.clone()),
                 "tokens" => Some("{name: x, role: tenant_admin}".into()),
                 _ => None,
             };
@@ -551,7 +560,7 @@ async fn tenants_are_isolated_on_every_route() {
             checked += 1;
         }
     }
-    assert!(checked >= 25, "walked {checked} tenant routes");
+    assert!(checked >= 33, "walked {checked} tenant routes");
     // The tenant list shows a tenant token its own tenant only; creating tenants is
     // for platform admins.
     let (_, v) = call("GET", &format!("{url}/v1/tenants"), Some(&b), None).await;
@@ -561,6 +570,8 @@ async fn tenants_are_isolated_on_every_route() {
     let after = call("GET", &format!("{url}/v1/tenants/alpha/pipelines"), Some(&a), None).await.1;
     assert_eq!(before["pipelines"][0]["spec"], after["pipelines"][0]["spec"]);
     assert_eq!(after["pipelines"][0]["desired"], "running");
+    let (s, v) = call("GET", &format!("{url}/v1/tenants/alpha/mirrors/orders"), Some(&a), None).await;
+    assert_eq!((s, v["desired"].as_str()), (200, Some("running")), "{v}");
     assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/sources/main"), Some(&a), None).await.0, 200);
     assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), None).await.1["tokens"].as_array().unwrap().len(), 2);
     let (slots, _, _) = source_objects(&ctl).await;
@@ -914,7 +925,7 @@ async fn iceberg_sinks_are_tenant_resources_and_purge_drops_their_tables() {
 }
 
 /// The broker's topics, listed by kafka-python.
-fn kafka_topics(brokers: &str) -> Vec<String> {
+pub(crate) fn kafka_topics(brokers: &str) -> Vec<String> {
     let out = Command::new(crate::common::python())
         .args(["-c", "import sys, kafka; print('\\n'.join(sorted(kafka.KafkaConsumer(bootstrap_servers=sys.argv[1]).topics())))", brokers])
         .output()

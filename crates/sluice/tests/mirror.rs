@@ -24,7 +24,7 @@ fn clusters() -> &'static (TempBroker, TempBroker) {
     })
 }
 
-async fn brokers() -> (String, String) {
+pub(crate) async fn brokers() -> (String, String) {
     tokio::task::spawn_blocking(|| {
         let (a, b) = clusters();
         (a.addr().to_string(), b.addr().to_string())
@@ -47,7 +47,7 @@ fn py(args: &[&str]) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-async fn py_async(args: Vec<String>) -> Vec<Value> {
+pub(crate) async fn py_async(args: Vec<String>) -> Vec<Value> {
     tokio::task::spawn_blocking(move || py(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
 }
 
@@ -329,4 +329,116 @@ async fn avro_records_decode_against_the_targets_registry() {
     let cfg_b: Value = ureq::get(&format!("{rb}/config/a.avro5-value")).call().unwrap().body_mut().read_json().unwrap();
     assert_eq!(cfg_b["compatibilityLevel"], "FULL", "the subject's compatibility is mirrored under the target topic's name");
     assert_eq!(m.terminate(), Some(0));
+}
+
+/// A mirror as a tenant's resource on the control plane: created through the CLI
+/// (bad clusters refused first, nothing created), run by a server under a lease,
+/// `kill -9` of that server mid-copy, paused (nothing copied) and resumed, its
+/// Kafka property values never shown, its group offsets translated through the API,
+/// and torn down with `--purge` (its offsets topic and target topic gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrors_are_control_plane_resources_that_pause_resume_and_tear_down() {
+    use crate::control::{Ctl, call, cli, free_port, kafka_topics};
+    let (a, b) = brokers().await;
+    let ctl = Ctl::new("ctl_mirror").await;
+    let port = free_port();
+    let mut server = ctl.server("s1", port, None).await;
+    let url = server.url.clone();
+    assert_eq!(cli(&url, &ctl.admin, "", &["tenants", "create", "shop"]).0, 0);
+    let (_, out, _) = cli(&url, &ctl.admin, "shop", &["tokens", "create", "ci", "--role", "tenant_admin", "--output", "json"]);
+    let token = serde_json::from_str::<Value>(&out).unwrap()["token"].as_str().unwrap().to_string();
+    let dir = dir();
+    py_async(["create", &a, "cm_orders", "3"].map(String::from).to_vec()).await;
+    let spec = |brokers_a: &str, topics: &str| {
+        format!(
+            "name: orders-to-b\nsource:\n  kafka:\n    cluster: a\n    brokers: \"{brokers_a}\"\n    topics: {topics}\n    refresh_interval: 1s\n\
+             \x20   properties: {{client.rack: rack-secret-1}}\nsink:\n  kafka:\n    cluster: b\n    brokers: \"{b}\"\noffsets:\n  interval: 500ms\n"
+        )
+    };
+
+    // Bad input: one line naming the field, nothing created.
+    let dead = format!("127.0.0.1:{}", free_port());
+    for (file, want) in [(spec(&dead, "[cm_orders]"), "source.kafka.brokers"), (spec(&a, "[cm_nothing_here]"), "cm_nothing_here")] {
+        let f = write(&dir, &file);
+        let (code, out, err) = cli(&url, &token, "shop", &["mirrors", "create", "-f", f.to_str().unwrap()]);
+        assert_ne!(code, 0, "{out}");
+        assert!(err.trim().lines().count() == 1 && err.contains(want), "one line naming {want}: {err}");
+    }
+    let (_, v) = call("GET", &format!("{url}/v1/tenants/shop/mirrors"), Some(&token), None).await;
+    assert_eq!(v["mirrors"], serde_json::json!([]), "nothing created by a refused request");
+
+    let f = write(&dir, &spec(&a, "[cm_orders]"));
+    let (code, out, err) = cli(&url, &token, "shop", &["mirrors", "create", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}\n{}", server.proc.log());
+    let producer = tokio::spawn(py_async(["produce", &a, "cm_orders", "9000", "2000", "plain", "one"].map(String::from).to_vec()));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    server.proc.kill9();
+    let mut server = ctl.server("s1", port, None).await;
+    producer.await.unwrap();
+    let show = |token: String, url: String| async move {
+        let (s, v) = call("GET", &format!("{url}/v1/tenants/shop/mirrors/orders-to-b"), Some(&token), None).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = show(token.clone(), url.clone()).await;
+        if v["status"]["records"].as_u64().unwrap_or(0) > 0 && v["status"]["lag_records"] == 0 && v["server"] == "s1" {
+            assert_eq!(v["status"]["state"], "running", "{v}");
+            assert!(!v.to_string().contains("rack-secret-1"), "property values are hidden: {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not catch up: {v}\n{}", server.proc.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Pause: the mirror stops on its server; records written meanwhile stay on a.
+    let (code, _, err) = cli(&url, &token, "shop", &["mirrors", "pause", "orders-to-b"]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while show(token.clone(), url.clone()).await["status"]["state"] != "paused" {
+        assert!(Instant::now() < deadline, "not paused\n{}", server.proc.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    py_async(["produce", &a, "cm_orders", "3000", "100000", "plain", "two"].map(String::from).to_vec()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on_b = count(&by_partition(&py_async(["dump", &b, "a.cm_orders", "100000", "4"].map(String::from).to_vec()).await));
+    assert_eq!(on_b, 9000, "a paused mirror copies nothing");
+
+    // Resume: exactly the source, in order, nothing twice (the kill -9 included).
+    let (code, _, err) = cli(&url, &token, "shop", &["mirrors", "resume", "orders-to-b"]);
+    assert_eq!(code, 0, "{err}");
+    let source = by_partition(&py_async(["dump", &a, "cm_orders", "12000"].map(String::from).to_vec()).await);
+    assert_eq!(count(&source), 12000);
+    let mut target = BTreeMap::new();
+    for _ in 0..12 {
+        target = by_partition(&py_async(["dump", &b, "a.cm_orders", "12000", "10"].map(String::from).to_vec()).await);
+        if count(&target) >= 12000 {
+            break;
+        }
+    }
+    assert!(target == source, "b differs from a: {} records on b\n{}", count(&target), server.proc.log());
+
+    // A group's offsets translate through the API.
+    py_async(["group-read", &a, "cm_orders", "g_cm", "3000"].map(String::from).to_vec()).await;
+    let (code, out, err) = cli(&url, &token, "shop", &["mirrors", "offsets", "orders-to-b", "g_cm", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    let rows = rows["offsets"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(rows.iter().all(|r| r["status"] == "exact" && r["target_topic"] == "a.cm_orders"), "{out}");
+
+    // Teardown with purge: the row, the offsets topic and the copied topic are gone.
+    let offsets_topic = show(token.clone(), url.clone()).await["objects"]["offsets_topic"].as_str().unwrap().to_string();
+    assert!(kafka_topics(&b).contains(&offsets_topic));
+    let (code, _, err) = cli(&url, &token, "shop", &["mirrors", "delete", "orders-to-b", "--purge"]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while call("GET", &format!("{url}/v1/tenants/shop/mirrors/orders-to-b"), Some(&token), None).await.0 != 404 {
+        assert!(Instant::now() < deadline, "not torn down\n{}", server.proc.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let topics = kafka_topics(&b);
+    assert!(!topics.contains(&offsets_topic) && !topics.contains(&"a.cm_orders".to_string()), "left on b: {topics:?}");
+    assert_eq!(server.proc.terminate(), Some(0));
 }

@@ -8,6 +8,7 @@ mod alerts;
 mod auth;
 mod enrichers;
 mod error;
+mod mirrors;
 mod pipelines;
 mod routes;
 mod sinks;
@@ -18,6 +19,7 @@ mod workflows;
 
 use alerts::*;
 use enrichers::*;
+use mirrors::*;
 use pipelines::*;
 use sinks::*;
 use sources::*;
@@ -27,6 +29,7 @@ use workflows::*;
 
 pub use auth::{Caller, Role};
 pub use error::ApiError;
+pub(crate) use mirrors::load_mirror;
 pub use routes::{openapi_paths, router};
 
 use std::sync::Arc;

@@ -77,6 +77,29 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Replace a pipeline's lost replication slot and read every table again, without emptying the sink",
         "admin",
     ),
+    ("get", "/v1/tenants/{tenant}/mirrors", "List Kafka-to-Kafka mirrors with status and lag", "viewer"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/mirrors",
+        "Create a mirror {name, source: {kafka: {...}}, sink: {kafka: {...}}, batch, offsets}; both clusters are checked, then it runs",
+        "admin",
+    ),
+    ("get", "/v1/tenants/{tenant}/mirrors/{name}", "Show a mirror with live status and lag (Kafka property values hidden)", "viewer"),
+    ("put", "/v1/tenants/{tenant}/mirrors/{name}", "Replace a mirror's spec; it restarts from its last committed batch", "admin"),
+    (
+        "delete",
+        "/v1/tenants/{tenant}/mirrors/{name}",
+        "Tear a mirror down (its offsets topic on the target; ?purge=true also the topics it copied into)",
+        "admin",
+    ),
+    ("post", "/v1/tenants/{tenant}/mirrors/{name}/pause", "Pause a mirror (it resumes after its last committed batch)", "admin"),
+    ("post", "/v1/tenants/{tenant}/mirrors/{name}/resume", "Resume a paused mirror", "admin"),
+    (
+        "get",
+        "/v1/tenants/{tenant}/mirrors/{name}/offsets/{group}",
+        "How a source consumer group's committed offsets translate to the target, per partition",
+        "viewer",
+    ),
     ("get", "/v1/tenants/{tenant}/alerts", "The tenant's alert settings (the webhook URL hidden)", "viewer"),
     (
         "put",
@@ -110,6 +133,11 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/pipelines/{name}/resync", post(pipelines_resync))
         .route("/v1/tenants/{tenant}/pipelines/{name}/recover", post(pipelines_recover))
         .route("/v1/tenants/{tenant}/pipelines/{name}/enrichment", get(pipelines_enrichment))
+        .route("/v1/tenants/{tenant}/mirrors", get(mirrors_list).post(mirrors_create))
+        .route("/v1/tenants/{tenant}/mirrors/{name}", get(mirrors_get).put(mirrors_put).delete(mirrors_delete))
+        .route("/v1/tenants/{tenant}/mirrors/{name}/pause", post(mirrors_pause))
+        .route("/v1/tenants/{tenant}/mirrors/{name}/resume", post(mirrors_resume))
+        .route("/v1/tenants/{tenant}/mirrors/{name}/offsets/{group}", get(mirrors_offsets))
         .route("/v1/tenants/{tenant}/alerts", get(alerts_get).put(alerts_put).delete(alerts_delete))
         .route("/v1/tenants/{tenant}/workflows", get(workflows_list))
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))

@@ -38,13 +38,14 @@ pub(super) async fn tenants_get(State(ctl): Ctl, caller: Caller, Path(tenant): P
     let r = c
         .query_one(
             "SELECT (SELECT count(*) FROM sources WHERE tenant_id = $1), (SELECT count(*) FROM sinks WHERE tenant_id = $1),
-                    (SELECT count(*) FROM pipelines WHERE tenant_id = $1), (SELECT count(*) FROM enrichers WHERE tenant_id = $1)",
+                    (SELECT count(*) FROM pipelines WHERE tenant_id = $1), (SELECT count(*) FROM enrichers WHERE tenant_id = $1),
+                    (SELECT count(*) FROM mirrors WHERE tenant_id = $1)",
             &[&id],
         )
         .await?;
     ok(json!({
         "name": tenant, "sources": r.get::<_, i64>(0), "sinks": r.get::<_, i64>(1), "pipelines": r.get::<_, i64>(2),
-        "enrichers": r.get::<_, i64>(3),
+        "enrichers": r.get::<_, i64>(3), "mirrors": r.get::<_, i64>(4),
     }))
 }
 
@@ -55,14 +56,14 @@ pub(super) async fn tenants_delete(State(ctl): Ctl, caller: Caller, Path(tenant)
     let busy: i64 = c
         .query_one(
             "SELECT (SELECT count(*) FROM sources WHERE tenant_id = $1) + (SELECT count(*) FROM sinks WHERE tenant_id = $1)
-                    + (SELECT count(*) FROM enrichers WHERE tenant_id = $1)",
+                    + (SELECT count(*) FROM enrichers WHERE tenant_id = $1) + (SELECT count(*) FROM mirrors WHERE tenant_id = $1)",
             &[&id],
         )
         .await?
         .get(0);
     if busy > 0 {
         return Err(ApiError::conflict(format!(
-            "tenant {tenant:?} still has sources, sinks or enrichers: delete its pipelines, sources, sinks and enrichers first"
+            "tenant {tenant:?} still has sources, sinks, enrichers or mirrors: delete its pipelines, mirrors, sources, sinks and enrichers first"
         )));
     }
     c.execute("DELETE FROM workflow_steps WHERE workflow_id IN (SELECT id FROM workflows WHERE tenant_id = $1)", &[&id]).await?;

@@ -3,7 +3,10 @@
 //! wanted here; claim wanted pipelines nobody holds (or whose holder's lease ran out)
 //! and start them from their checkpoints. A server that cannot renew stops its
 //! pipelines before its leases can expire, so a pipeline never runs in two places
-//! (and its replication slot admits one reader only, a second fence).
+//! (and its replication slot admits one reader only, a second fence). Mirrors run
+//! under the same kind of lease (`mirrors`).
+
+mod mirrors;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,6 +69,7 @@ fn status(m: &Metrics, server: &str) -> Value {
 
 pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
     let mut local: HashMap<i64, Local> = HashMap::new();
+    let mut local_mirrors: HashMap<i64, mirrors::Running> = HashMap::new();
     let mut client: Option<Client> = None;
     let mut last_renewed = Instant::now();
     loop {
@@ -74,7 +78,10 @@ pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
             client = ctl.db.connect().await.map_err(|e| tracing::warn!(error = %e, "supervisor: control database")).ok();
         }
         let pass = match &client {
-            Some(c) => pass(&ctl, c, &mut local, stopping).await,
+            Some(c) => match pass(&ctl, c, &mut local, stopping).await {
+                Ok(()) => mirrors::pass(&ctl, c, &mut local_mirrors, stopping).await,
+                Err(e) => Err(e),
+            },
             None => Err(anyhow::anyhow!("no control database connection")),
         };
         match pass {
@@ -84,22 +91,21 @@ pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
                 client = None;
                 // Fence: leases cannot be renewed, so stop before another server may
                 // take the pipelines over.
-                if last_renewed.elapsed() + Duration::from_secs(3) > ctl.lease && !local.is_empty() {
-                    tracing::error!(pipelines = local.len(), "cannot renew pipeline leases; stopping this server's pipelines");
-                    for (_, l) in local.drain() {
-                        let _ = l.stop.send(true);
-                        let _ = l.task.await;
-                    }
+                if last_renewed.elapsed() + Duration::from_secs(3) > ctl.lease && !(local.is_empty() && local_mirrors.is_empty()) {
+                    tracing::error!(
+                        pipelines = local.len(),
+                        mirrors = local_mirrors.len(),
+                        "cannot renew leases; stopping this server's pipelines and mirrors"
+                    );
+                    stop_all(&mut local, &mut local_mirrors).await;
                 }
             }
         }
         if stopping {
-            for (_, l) in local.drain() {
-                let _ = l.stop.send(true);
-                let _ = l.task.await;
-            }
+            stop_all(&mut local, &mut local_mirrors).await;
             if let Some(c) = &client {
                 let _ = c.execute("UPDATE pipelines SET owner = NULL WHERE owner = $1", &[&ctl.server_id]).await;
+                let _ = c.execute("UPDATE mirrors SET owner = NULL WHERE owner = $1", &[&ctl.server_id]).await;
             }
             return;
         }
@@ -108,6 +114,16 @@ pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
             _ = ctl.wake_supervisor.notified() => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+async fn stop_all(local: &mut HashMap<i64, Local>, mirrors: &mut HashMap<i64, mirrors::Running>) {
+    for (_, l) in local.drain() {
+        let _ = l.stop.send(true);
+        let _ = l.task.await;
+    }
+    for (_, m) in mirrors.drain() {
+        m.stop().await;
     }
 }
 

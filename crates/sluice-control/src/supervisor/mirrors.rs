@@ -1,0 +1,151 @@
+//! Mirrors under the same leases as pipelines: each pass renews the leases of the
+//! mirrors run here and publishes their status, stops the ones paused, changed, lost
+//! or deleted, and claims wanted mirrors nobody holds. A mirror marked `deleting` is
+//! claimed the same way to be torn down (its offsets topic, with `purge` its target
+//! topics), and its row goes only when that succeeded.
+//!
+//! Two servers never copy at once for long: a lease lost is a mirror stopped (the
+//! loop in `super`), and should one linger, the next owner's `init_transactions`
+//! with the same transactional id fences it and aborts its open batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use sluice_mirror::MirrorStats;
+use tokio_postgres::Client;
+
+use crate::Control;
+
+pub(super) struct Running {
+    generation: i32,
+    stats: Arc<MirrorStats>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    /// A teardown rather than a copy.
+    teardown: bool,
+    started: Instant,
+    stopping: bool,
+}
+
+impl Running {
+    /// Stops it and waits for the batch in flight to commit or abort.
+    pub(super) async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+fn status(r: &Running, server: &str, state: &str) -> Value {
+    let mut s = r.stats.summary();
+    s["state"] = json!(state);
+    s["server"] = json!(server);
+    s
+}
+
+pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Running>, stopping: bool) -> Result<()> {
+    let me = &ctl.server_id;
+    let ids: Vec<i64> = local.keys().copied().collect();
+    let statuses: Vec<Value> =
+        ids.iter().map(|id| status(&local[id], me, if local[id].teardown { "deleting" } else { "running" })).collect();
+    let rows = c
+        .query(
+            "UPDATE mirrors m SET lease_until = now() + make_interval(secs => $2), status = u.status
+             FROM unnest($3::int8[], $4::jsonb[]) AS u(id, status)
+             WHERE m.id = u.id AND m.owner = $1
+             RETURNING m.id, m.desired, m.generation",
+            &[me, &ctl.lease.as_secs_f64(), &ids, &statuses],
+        )
+        .await?;
+    let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    let mut ended = Vec::new();
+    for (id, r) in local.iter_mut() {
+        let wanted = keep.remove(id).is_some_and(|(d, g)| if r.teardown { d == "deleting" } else { d == "running" && g == r.generation });
+        if !r.stopping && (!wanted || stopping || r.task.is_finished()) {
+            r.stop.store(true, Ordering::Relaxed);
+            r.stopping = true;
+        }
+        if r.stopping && (stopping || r.task.is_finished()) {
+            ended.push(*id);
+        }
+    }
+    for id in ended {
+        let mut r = local.remove(&id).expect("present");
+        let failure = match (&mut r.task).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("mirror task: {e}")),
+        };
+        match failure {
+            Some(err) => {
+                tracing::error!(mirror = id, error = %err, teardown = r.teardown, "mirror failed");
+                let mut st = status(&r, me, "failed");
+                st["error"] = json!(err);
+                c.execute(
+                    "UPDATE mirrors SET owner = NULL, status = $3, retry_at = now() + interval '60 s' WHERE id = $1 AND owner = $2",
+                    &[&id, me, &st],
+                )
+                .await?;
+            }
+            None if r.teardown => {
+                c.execute("DELETE FROM mirrors WHERE id = $1 AND owner = $2 AND desired = 'deleting'", &[&id, me]).await?;
+                tracing::info!(mirror = id, "mirror torn down");
+            }
+            None => {
+                let st = status(&r, me, "stopped");
+                c.execute("UPDATE mirrors SET owner = NULL, status = $3 WHERE id = $1 AND owner = $2", &[&id, me, &st]).await?;
+                tracing::info!(mirror = id, ran_for = ?r.started.elapsed(), "mirror stopped on this server");
+            }
+        }
+    }
+    if stopping {
+        return Ok(());
+    }
+    let mine: Vec<i64> = local.keys().copied().collect();
+    let claimed = c
+        .query(
+            "UPDATE mirrors SET owner = $1, lease_until = now() + make_interval(secs => $2)
+             WHERE id IN (SELECT id FROM mirrors
+                          WHERE desired IN ('running', 'deleting') AND retry_at <= now()
+                            AND (owner IS NULL OR lease_until < now() OR (owner = $1 AND NOT id = ANY($3)))
+                          ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED)
+             RETURNING id, generation, desired, purge",
+            &[me, &ctl.lease.as_secs_f64(), &mine],
+        )
+        .await?;
+    for row in claimed {
+        let (id, generation, desired, purge): (i64, i32, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let cfg = match crate::api::load_mirror(ctl, id).await {
+            Ok(Some((_, cfg))) => cfg,
+            Ok(None) => continue,
+            Err(e) => {
+                c.execute(
+                    "UPDATE mirrors SET owner = NULL, retry_at = now() + interval '60 s', status = $2 WHERE id = $1",
+                    &[&id, &json!({"state": "failed", "error": format!("{e:#}")})],
+                )
+                .await?;
+                continue;
+            }
+        };
+        let stats = Arc::new(MirrorStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let teardown = desired == "deleting";
+        let (s, f, wake) = (stats.clone(), stop.clone(), ctl.clone());
+        // librdkafka's calls block: each mirror has a thread of its own.
+        let task = tokio::task::spawn_blocking(move || {
+            let result = if teardown {
+                sluice_mirror::teardown(&cfg, purge).map(|topics| tracing::info!(mirror = id, ?topics, "deleted the mirror's topics"))
+            } else {
+                sluice_mirror::run(&cfg, &f, &s)
+            };
+            wake.wake_supervisor.notify_one();
+            result.map_err(anyhow::Error::from)
+        });
+        tracing::info!(mirror = id, teardown, "mirror claimed by this server");
+        local.insert(id, Running { generation, stats, stop, task, teardown, started: Instant::now(), stopping: false });
+    }
+    Ok(())
+}
