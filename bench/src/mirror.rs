@@ -167,7 +167,17 @@ impl Progress {
 /// they are (key, value, headers, timestamp, partition), no transactions.
 fn raw_copy(a: &str, b: &str, n: u64, partitions: i32) -> Result<f64> {
     create_topic(b, "raw.bench", partitions)?;
-    let c = consumer(a, "bench-raw")?;
+    // The limit gets the prefetch tuning the mirror has (without it, librdkafka's
+    // queue backoff idles the consumer up to a second at a time).
+    let c: BaseConsumer = client(a)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.max.bytes", "52428800")
+        .set("queued.min.messages", "20000")
+        .set("queued.max.messages.kbytes", "32768")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
@@ -442,10 +452,30 @@ fn run(n: u64, bytes: usize, partitions: i32, groups: usize, rate: u64, seconds:
 
     let sluice = spawn_sluice(&bin, dir.path(), "bench", &a, &b, TOPIC)?;
     let pid = sluice.0.id();
-    let probe = sluice_mirror::MirrorConfig::parse(&std::fs::read_to_string(dir.path().join("bench.yaml"))?).map_err(anyhow::Error::msg)?;
+    // Sluice's committed positions, followed in its offsets topic by one long-lived
+    // read_committed consumer (a new client per probe would tax the 2 cores the run
+    // shares).
+    let probe = consumer(&b, "bench-probe")?;
+    let otopic = sluice_mirror::MirrorConfig::parse(&std::fs::read_to_string(dir.path().join("bench.yaml"))?)
+        .map_err(anyhow::Error::msg)?
+        .offsets_topic();
+    let mut assigned = false;
+    let mut next: BTreeMap<(String, i32), u64> = BTreeMap::new();
     let s_rate = watch(n, Duration::from_secs(600), || {
-        let map = sluice_mirror::load_map(&probe)?;
-        Ok(map.partitions.values().map(|m| m.next as u64).sum())
+        if !assigned {
+            if probe.fetch_watermarks(&otopic, 0, Duration::from_secs(1)).is_err() {
+                return Ok(0); // not created yet
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&otopic, 0, Offset::Beginning)?;
+            probe.assign(&tpl)?;
+            assigned = true;
+        }
+        while let Some(m) = probe.poll(Duration::from_millis(10)) {
+            let b: sluice_mirror::offsets::BatchOffsets = serde_json::from_slice(m?.payload().unwrap_or_default())?;
+            next.insert((b.topic, b.partition), b.next as u64);
+        }
+        Ok(next.iter().filter(|((t, _), _)| t == TOPIC).map(|(_, n)| n).sum())
     })?;
     let (s_cpu, s_rss) = usage(pid);
     eprintln!("sluice mirror: {s_rate:.0} records/s");

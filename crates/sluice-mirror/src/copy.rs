@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _,
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 
 use crate::checkpoint::GroupSync;
-use crate::clusters::{Side, SourceTopic, TargetTopics, client_config, consumer, metadata, source_topics};
+use crate::clusters::{Side, SourceTopic, TargetTopics, client_config, consumer, copy_consumer, metadata, source_topics};
 use crate::config::{HEARTBEATS_TOPIC, MirrorConfig, PROVENANCE_HEADER, StartFrom};
 use crate::error::{MirrorError, Result};
 use crate::offsets::{BatchOffsets, OffsetMap, RunBuilder};
@@ -152,7 +152,8 @@ struct Mirror {
     /// A plain client of the target, for group listings.
     target: BaseConsumer,
     producer: BaseProducer<Acks>,
-    targets: TargetTopics,
+    /// Shapes target topics: here at start, then on the side thread.
+    targets: Option<TargetTopics>,
     map: OffsetMap,
     topics: Vec<SourceTopic>,
     /// Target topic name of each source topic.
@@ -222,7 +223,7 @@ impl Mirror {
     fn start(cfg: &MirrorConfig) -> Result<Mirror> {
         // librdkafka's incremental assignment wants a group id; the mirror never joins
         // or commits to this group (its positions live on the target).
-        let source = consumer(cfg, Side::Source, Some(&cfg.transactional_id()))?;
+        let source = copy_consumer(cfg, &cfg.transactional_id())?;
         let smeta = metadata(cfg, Side::Source, &source)?;
         let target = consumer(cfg, Side::Target, None)?;
         metadata(cfg, Side::Target, &target)?;
@@ -256,7 +257,7 @@ impl Mirror {
             source,
             target,
             producer,
-            targets,
+            targets: Some(targets),
             map,
             topics: vec![],
             names: HashMap::new(),
@@ -266,7 +267,9 @@ impl Mirror {
         };
         // Target topics are checked (partition counts) before anything is created.
         m.follow(cfg, topics)?;
-        m.targets.ensure_offsets_topic(cfg)?;
+        if let Some(t) = &m.targets {
+            t.ensure_offsets_topic(cfg)?;
+        }
         tracing::info!(topics = m.topics.len(), partitions = m.map.partitions.len(), "mirror started");
         Ok(m)
     }
@@ -274,7 +277,14 @@ impl Mirror {
     /// Shapes the target topics like `topics` and reads any partition not read yet.
     fn follow(&mut self, cfg: &MirrorConfig, topics: Vec<SourceTopic>) -> Result<()> {
         let tmeta = metadata(cfg, Side::Target, &self.target)?;
-        self.targets.sync(cfg, &topics, &tmeta, &self.map)?;
+        if let Some(t) = self.targets.as_mut() {
+            t.sync(cfg, &topics, &tmeta, &self.map)?;
+        }
+        self.assign(cfg, topics)
+    }
+
+    /// Reads the partitions of `topics` not read yet (their target topics are shaped).
+    fn assign(&mut self, cfg: &MirrorConfig, topics: Vec<SourceTopic>) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for t in &topics {
             let had = self.topics.iter().find(|x| x.name == t.name).map_or(0, |x| x.partitions);
@@ -296,13 +306,22 @@ impl Mirror {
     }
 
     fn copy(&mut self, cfg: &MirrorConfig, stop: &AtomicBool, stats: &MirrorStats) -> Result<()> {
-        // Group offsets are translated on a thread of their own (a pass is a few
-        // round trips per group), fed the batches this loop commits.
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<BatchOffsets>>();
-        let initial = self.map.clone();
+        // Everything but the copy runs on a thread of its own, with clients of its own:
+        // topic discovery, target topic shaping, lag and group offsets are round trips
+        // (metadata, configs, watermarks, one per group) that, on the copy's clients,
+        // queue behind 50 MB fetch responses and stalled the copy for seconds. It
+        // follows the committed batches, and hands new topic lists to the copy, whose
+        // target topics it has already made.
+        let (committed_tx, committed_rx) = std::sync::mpsc::channel::<Vec<BatchOffsets>>();
+        let (topics_tx, topics_rx) = std::sync::mpsc::channel::<Result<Vec<SourceTopic>>>();
+        let targets = self.targets.take().map_or_else(|| TargetTopics::new(cfg), Ok)?;
+        let side = SideWork::new(cfg, self.map.clone(), self.topics.clone(), targets)?;
+        let stopped = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            scope.spawn(|| checkpoints(cfg, initial, rx, stop));
-            self.copy_loop(cfg, stop, stats, tx)
+            scope.spawn(|| side.run(cfg, committed_rx, topics_tx, stats, stop, &stopped));
+            let r = self.copy_loop(cfg, stop, stats, committed_tx, topics_rx);
+            stopped.store(true, Ordering::Relaxed);
+            r
         })
     }
 
@@ -312,8 +331,9 @@ impl Mirror {
         stop: &AtomicBool,
         stats: &MirrorStats,
         committed_tx: Sender<Vec<BatchOffsets>>,
+        topics_rx: Receiver<Result<Vec<SourceTopic>>>,
     ) -> Result<()> {
-        let (mut next_refresh, mut next_beat) = (Instant::now(), Instant::now());
+        let mut next_beat = Instant::now();
         let mut sent: Vec<Sent> = Vec::with_capacity(cfg.batch.max_records);
         // Source positions this batch reached (last offset + 1), per partition.
         let mut reached: BTreeMap<(usize, i32), i64> = BTreeMap::new();
@@ -322,12 +342,8 @@ impl Mirror {
         let target_cluster = cfg.target().cluster.as_bytes();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
-            if now >= next_refresh {
-                let meta = metadata(cfg, Side::Source, &self.source)?;
-                let topics = source_topics(cfg, &meta, false)?;
-                self.follow(cfg, topics)?;
-                self.measure_lag(stats);
-                next_refresh = now + cfg.source().refresh_interval;
+            while let Ok(topics) = topics_rx.try_recv() {
+                self.assign(cfg, topics?)?;
             }
             if let Some(hb) = &self.heartbeat
                 && now >= next_beat
@@ -390,7 +406,7 @@ impl Mirror {
                 open = true;
             }
             if open {
-                tracing::trace!(records = sent.len(), poll_ms = began.elapsed().as_millis() as u64, "batch read");
+                tracing::debug!(records = sent.len(), poll_ms = began.elapsed().as_millis() as u64, "batch read");
                 let batches = self.commit(cfg, &sent, &reached, &topic_names)?;
                 let _ = committed_tx.send(batches);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -425,18 +441,6 @@ impl Mirror {
             self.producer.poll(Duration::from_millis(10));
         }
         Ok(())
-    }
-
-    /// Records not yet copied, per partition: the source's end minus the position.
-    fn measure_lag(&self, stats: &MirrorStats) {
-        for t in &self.topics {
-            for p in 0..t.partitions {
-                if let Ok((_, high)) = self.source.fetch_watermarks(&t.name, p, Duration::from_secs(2)) {
-                    let next = self.map.get(&t.name, p).map_or(0, |m| m.next);
-                    stats.partition(&t.name, p, |s| s.lag_records = Some((high - next).max(0)));
-                }
-            }
-        }
     }
 
     /// Waits for every record's ack, writes the batch's offsets records and commits.
@@ -495,34 +499,100 @@ impl Mirror {
     }
 }
 
-/// The group-offset translator's loop: keeps its own copy of the offset map from the
-/// committed batches and writes translated group offsets every `offsets.interval`.
-/// Its failures are logged and retried; they never stop the copy.
-fn checkpoints(cfg: &MirrorConfig, mut map: OffsetMap, rx: Receiver<Vec<BatchOffsets>>, stop: &AtomicBool) {
-    let clients = consumer(cfg, Side::Source, None).and_then(|s| Ok((s, consumer(cfg, Side::Target, None)?)));
-    let (mut groups, (source, target)) = match GroupSync::new(cfg).and_then(|g| Ok((g, clients?))) {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(error = %e, "group offsets will not be translated");
-            return;
+/// The side thread's state: its own clients of both clusters, the target topics it
+/// shapes, and its copy of the offset map (from the committed batches).
+struct SideWork {
+    source: BaseConsumer,
+    target: BaseConsumer,
+    targets: TargetTopics,
+    map: OffsetMap,
+    topics: Vec<SourceTopic>,
+    groups: Option<GroupSync>,
+}
+
+impl SideWork {
+    fn new(cfg: &MirrorConfig, map: OffsetMap, topics: Vec<SourceTopic>, targets: TargetTopics) -> Result<Self> {
+        let groups = GroupSync::new(cfg).map_err(|e| tracing::warn!(error = %e, "group offsets will not be translated")).ok();
+        Ok(Self { source: consumer(cfg, Side::Source, None)?, target: consumer(cfg, Side::Target, None)?, targets, map, topics, groups })
+    }
+
+    /// Until the copy stops: every `refresh_interval` new topics and partitions (target
+    /// topics made first, then handed to the copy), config changes and lag; every
+    /// `offsets.interval` group offsets. Failures to look are logged and retried; a
+    /// refusal (a partition-count conflict) is handed to the copy, which stops.
+    fn run(
+        mut self,
+        cfg: &MirrorConfig,
+        committed: Receiver<Vec<BatchOffsets>>,
+        topics_tx: Sender<Result<Vec<SourceTopic>>>,
+        stats: &MirrorStats,
+        stop: &AtomicBool,
+        stopped: &AtomicBool,
+    ) {
+        let (mut next_refresh, mut next_groups) = (Instant::now(), Instant::now());
+        while !stop.load(Ordering::Relaxed) && !stopped.load(Ordering::Relaxed) {
+            let wake = next_refresh.min(next_groups);
+            match committed.recv_timeout(wake.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))) {
+                Ok(batches) => {
+                    for b in &batches {
+                        self.map.add(b);
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_refresh {
+                let t = Instant::now();
+                match self.refresh(cfg) {
+                    Ok(Some(topics)) => {
+                        let _ = topics_tx.send(Ok(topics));
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.is_retryable() => tracing::warn!(error = %e, "looking for new topics failed; trying again later"),
+                    Err(e) => {
+                        let _ = topics_tx.send(Err(e));
+                        return;
+                    }
+                }
+                self.measure_lag(stats);
+                tracing::debug!(ms = t.elapsed().as_millis() as u64, "refreshed topics and lag");
+                next_refresh = Instant::now() + cfg.source().refresh_interval;
+            }
+            if Instant::now() >= next_groups {
+                if let Some(g) = self.groups.as_mut()
+                    && let Err(e) = g.run(cfg, &self.map, &self.source, &self.target)
+                {
+                    tracing::warn!(error = %e, "translating group offsets failed; trying again later");
+                }
+                next_groups = Instant::now() + cfg.offsets.interval;
+            }
         }
-    };
-    let mut next = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        match rx.recv_timeout(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))) {
-            Ok(batches) => {
-                for b in &batches {
-                    map.add(b);
+    }
+
+    /// Shapes the target topics like the source's now (new topics, new partitions,
+    /// config changes); the topic list when it changed.
+    fn refresh(&mut self, cfg: &MirrorConfig) -> Result<Option<Vec<SourceTopic>>> {
+        let topics = source_topics(cfg, &metadata(cfg, Side::Source, &self.source)?, false)?;
+        let tmeta = metadata(cfg, Side::Target, &self.target)?;
+        self.targets.sync(cfg, &topics, &tmeta, &self.map)?;
+        if topics == self.topics {
+            return Ok(None);
+        }
+        self.topics = topics.clone();
+        Ok(Some(topics))
+    }
+
+    /// Records not yet copied, per partition: the source's end minus the committed
+    /// position.
+    fn measure_lag(&self, stats: &MirrorStats) {
+        for t in &self.topics {
+            for p in 0..t.partitions {
+                if let Ok((_, high)) = self.source.fetch_watermarks(&t.name, p, Duration::from_secs(2)) {
+                    let next = self.map.get(&t.name, p).map_or(0, |m| m.next);
+                    stats.partition(&t.name, p, |s| s.lag_records = Some((high - next).max(0)));
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() >= next {
-            if let Err(e) = groups.run(cfg, &map, &source, &target) {
-                tracing::warn!(error = %e, "translating group offsets failed; trying again later");
-            }
-            next = Instant::now() + cfg.offsets.interval;
         }
     }
 }
