@@ -74,13 +74,17 @@ pub(crate) struct GroupSync {
     groups: regex::Regex,
     /// One client per group and side (a group id is fixed per client).
     clients: HashMap<(String, bool), BaseConsumer>,
+    /// What each group's translation was when last settled (written, or found as far
+    /// on the target): while it stays the same the target is not asked again, which
+    /// saves two round trips a group a pass.
+    settled: HashMap<String, Vec<(String, i32, i64)>>,
 }
 
 impl GroupSync {
     pub fn new(cfg: &MirrorConfig) -> Result<Self> {
         let g = &cfg.offsets.groups;
         let groups = regex::Regex::new(&format!("^(?:{g})$")).map_err(|e| MirrorError::fatal(format!("offsets.groups: {e}")))?;
-        Ok(Self { groups, clients: HashMap::new() })
+        Ok(Self { groups, clients: HashMap::new(), settled: HashMap::new() })
     }
 
     fn client(&mut self, cfg: &MirrorConfig, group: &str, target: bool) -> Result<&BaseConsumer> {
@@ -106,21 +110,25 @@ impl GroupSync {
             .collect();
         let mut written = 0;
         for group in names {
+            let src = committed(self.client(cfg, &group, false)?, &group, map)?;
+            let mut wanted = Vec::new();
+            for (topic, p, off) in &src {
+                if let Translation::Exact { target } = map.translate(topic, *p, *off) {
+                    wanted.push((cfg.target_topic(topic), *p, target));
+                }
+            }
+            if wanted.is_empty() || self.settled.get(&group) == Some(&wanted) {
+                continue;
+            }
             let there =
                 target.fetch_group_list(Some(&group), TIMEOUT).map_err(|e| MirrorError::kafka("describing a group on the target", &e))?;
             if there.groups().iter().any(|g| !g.members().is_empty()) {
                 continue; // consuming on the target: its own commits win
             }
-            let src = committed(self.client(cfg, &group, false)?, &group, map)?;
             let mut want = TopicPartitionList::new();
-            for (topic, p, off) in &src {
-                if let Translation::Exact { target } = map.translate(topic, *p, *off) {
-                    want.add_partition_offset(&cfg.target_topic(topic), *p, Offset::Offset(target))
-                        .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
-                }
-            }
-            if want.count() == 0 {
-                continue;
+            for (topic, p, target) in &wanted {
+                want.add_partition_offset(topic, *p, Offset::Offset(*target))
+                    .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
             }
             let client = self.client(cfg, &group, true)?;
             let have = client
@@ -141,10 +149,12 @@ impl GroupSync {
                 }
             }
             if write.count() == 0 {
+                self.settled.insert(group, wanted);
                 continue;
             }
             match client.commit(&write, CommitMode::Sync) {
                 Ok(()) => {
+                    self.settled.insert(group.clone(), wanted);
                     written += write.count();
                     tracing::debug!(group = %group, partitions = write.count(), "wrote translated group offsets to the target");
                 }
