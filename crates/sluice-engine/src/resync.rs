@@ -413,30 +413,26 @@ impl Resync {
         // One transaction: after a crash either a snapshot copies the table (nothing
         // recorded) or the resync reads it (both recorded), never neither or both.
         let lsn = added_at.map(|l| l.to_string());
-        self.state.batch_execute("BEGIN").await.context("recording a resync request")?;
-        let r = async {
+        let (state, pipeline) = (&self.state, &self.pipeline);
+        sluice_postgres::in_transaction(state, async {
             if let Some(lsn) = &lsn {
-                self.state
+                state
                     .execute(
                         "INSERT INTO sluice.snapshot_chunks (pipeline, table_name, chunk, done, snapshot_lsn, rows)
                          VALUES ($1, $2, 0, true, $3::text::pg_lsn, 0) ON CONFLICT DO NOTHING",
-                        &[&self.pipeline, &name, lsn],
+                        &[pipeline, &name, lsn],
                     )
                     .await?;
             }
-            self.state
+            state
                 .execute(
                     "INSERT INTO sluice.resyncs (pipeline, id, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&self.pipeline, &id, &name],
+                    &[pipeline, &id, &name],
                 )
-                .await?;
-            self.state.batch_execute("COMMIT").await
-        }
-        .await;
-        if let Err(e) = r {
-            let _ = self.state.batch_execute("ROLLBACK").await;
-            return Err(anyhow::Error::from(e).context("recording a resync request"));
-        }
+                .await
+        })
+        .await
+        .context("recording a resync request")?;
         self.tables.insert(schema.name.clone(), schema.clone());
         if let Some(t) = target {
             self.targets.insert(schema.name.clone(), t);

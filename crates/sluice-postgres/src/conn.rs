@@ -87,3 +87,21 @@ pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
     });
     Ok(client)
 }
+
+/// Runs `body` (statements on `c`) between BEGIN and COMMIT, rolling back when any of
+/// it fails. The clients here are shared (`&Client`), which `Client::transaction`
+/// (it wants `&mut`) cannot serve.
+pub async fn in_transaction<T>(
+    c: &Client,
+    body: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    c.batch_execute("BEGIN").await?;
+    let done = match body.await {
+        Ok(v) => c.batch_execute("COMMIT").await.map(|()| v),
+        Err(e) => Err(e),
+    };
+    if done.is_err() {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    done
+}

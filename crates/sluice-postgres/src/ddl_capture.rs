@@ -120,8 +120,7 @@ pub async fn install(c: &Client, pipeline: &str) -> Result<bool> {
             .get(0);
         return Ok(installed);
     }
-    c.batch_execute("BEGIN").await.map_err(err)?;
-    let r = async {
+    crate::in_transaction(c, async {
         // Pipelines starting together install once each, in turn.
         c.execute("SELECT pg_advisory_xact_lock(hashtext('sluice_ddl'))", &[]).await?;
         let current: Option<String> = c.query_one("SELECT obj_description(to_regproc('sluice_ddl.capture'), 'pg_proc')", &[]).await?.get(0);
@@ -131,14 +130,10 @@ pub async fn install(c: &Client, pipeline: &str) -> Result<bool> {
         }
         // The shapes the next statement is compared with: the tables as they are now.
         c.execute("SELECT sluice_ddl.remember(p) FROM sluice_ddl.published() p", &[]).await?;
-        c.execute("INSERT INTO sluice_ddl.users VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline]).await?;
-        c.batch_execute("COMMIT").await
-    }
-    .await;
-    if let Err(e) = r {
-        let _ = c.batch_execute("ROLLBACK").await;
-        return Err(err(e));
-    }
+        c.execute("INSERT INTO sluice_ddl.users VALUES ($1) ON CONFLICT DO NOTHING", &[&pipeline]).await
+    })
+    .await
+    .map_err(err)?;
     Ok(true)
 }
 
@@ -149,22 +144,17 @@ pub async fn remove(c: &Client, pipeline: &str) -> Result<()> {
     if !exists {
         return Ok(());
     }
-    c.batch_execute("BEGIN").await.map_err(err)?;
-    let r = async {
+    crate::in_transaction(c, async {
         c.execute("SELECT pg_advisory_xact_lock(hashtext('sluice_ddl'))", &[]).await?;
         c.execute("DELETE FROM sluice_ddl.users WHERE pipeline = $1", &[&pipeline]).await?;
         let left: i64 = c.query_one("SELECT count(*) FROM sluice_ddl.users", &[]).await?.get(0);
         if left == 0 {
             c.batch_execute("DROP EVENT TRIGGER IF EXISTS sluice_ddl_capture; DROP SCHEMA sluice_ddl CASCADE").await?;
         }
-        c.batch_execute("COMMIT").await
-    }
-    .await;
-    if let Err(e) = r {
-        let _ = c.batch_execute("ROLLBACK").await;
-        return Err(err(e));
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
+    .map_err(err)
 }
 
 /// A DDL message as the trigger writes it.

@@ -19,7 +19,7 @@ mod stream;
 pub use catalog::{SlotInfo, load_table, publication_tables, recover_refusal, slot_info, verify_slot, wal_level};
 pub use checkpoint::Checkpoint;
 pub use chunks::{SnapshotFilter, TruncateScope, int_key};
-pub use conn::{PgConnConfig, connect, connect_listening};
+pub use conn::{PgConnConfig, connect, connect_listening, in_transaction};
 pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};
 pub use error::{PgError, Result};
 pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, SnapshotXids, run_snapshot};

@@ -176,17 +176,12 @@ pub async fn emit_heartbeat(c: &Client, pipeline: &str) -> Result<()> {
 /// the transaction changes nothing, so pgoutput skips it.
 pub async fn emit_watermark(c: &Client, text: &str) -> Result<()> {
     let err = |e| PgError::from_pg("writing a resync watermark", e);
-    c.batch_execute("BEGIN").await.map_err(err)?;
-    let r = async {
+    crate::in_transaction(c, async {
         c.execute("SELECT pg_logical_emit_message(false, $1, $2)", &[&RESYNC_PREFIX, &text]).await?;
-        c.batch_execute("SELECT pg_current_xact_id(); COMMIT").await
-    }
-    .await;
-    if let Err(e) = r {
-        let _ = c.batch_execute("ROLLBACK").await;
-        return Err(err(e));
-    }
-    Ok(())
+        c.batch_execute("SELECT pg_current_xact_id()").await
+    })
+    .await
+    .map_err(err)
 }
 
 /// `slot`'s `wal_status`, the WAL it holds back and how much more may be written
