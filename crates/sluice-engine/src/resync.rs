@@ -70,18 +70,15 @@ pub async fn check_keys(source: &Client, tables: &[TableName], describe: &str) -
     Ok(())
 }
 
+/// One table of a resync request (idempotent: a request may be recorded twice).
+const INSERT_REQUEST: &str = "INSERT INTO sluice.resyncs (pipeline, id, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
 /// Asks the running pipeline to resync `tables`; `id` names the request (a workflow id).
 /// Idempotent.
 pub async fn request(state: &Client, pipeline: &str, id: i64, tables: &[TableName]) -> Result<()> {
     crate::state::migrate(state).await?;
     for t in tables {
-        state
-            .execute(
-                "INSERT INTO sluice.resyncs (pipeline, id, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&pipeline, &id, &t.to_string()],
-            )
-            .await
-            .context("recording the resync request")?;
+        state.execute(INSERT_REQUEST, &[&pipeline, &id, &t.to_string()]).await.context("recording the resync request")?;
     }
     state.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &pipeline]).await.context("announcing the resync request")?;
     Ok(())
@@ -424,12 +421,7 @@ impl Resync {
                     )
                     .await?;
             }
-            state
-                .execute(
-                    "INSERT INTO sluice.resyncs (pipeline, id, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[pipeline, &id, &name],
-                )
-                .await
+            state.execute(INSERT_REQUEST, &[pipeline, &id, &name]).await
         })
         .await
         .context("recording a resync request")?;
