@@ -87,6 +87,9 @@ elif cmd == "produce":
             i += 1
         if mode == "txn":
             if batch % 4 == 3:
+                # Delivered first: aborting with produce requests still in flight once
+                # failed with INVALID_TXN_STATE on Kafka 4.4 (a fatal producer error).
+                p.flush(30)
                 p.abort_transaction(30)
             else:
                 p.commit_transaction(30)
