@@ -88,6 +88,17 @@ pub fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
     }
 }
 
+/// Takes a resource's `name` out of a request whose other keys are its settings.
+fn take_name(map: &mut serde_json::Map<String, Value>, what: &str) -> Result<String, Invalid> {
+    let name = match map.remove("name") {
+        Some(Value::String(n)) => n,
+        Some(_) => return Err(Invalid::new("name", "must be a string")),
+        None => return Err(Invalid::new("name", format!("missing; name the {what}"))),
+    };
+    check_name("name", &name)?;
+    Ok(name)
+}
+
 /// A Postgres database to capture from, with the credentials used for provisioning
 /// only (the pipelines themselves run as a generated least-privilege role).
 #[derive(Deserialize)]
@@ -168,12 +179,7 @@ pub struct SinkSpec {
 impl SinkSpec {
     pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
         let mut map: serde_json::Map<String, Value> = parse(body, "sink")?;
-        let name = match map.remove("name") {
-            Some(Value::String(n)) => n,
-            Some(_) => return Err(Invalid::new("name", "must be a string")),
-            None => return Err(Invalid::new("name", "missing; name the sink")),
-        };
-        check_name("name", &name)?;
+        let name = take_name(&mut map, "sink")?;
         let mut kinds = map.into_iter();
         let (Some((kind, settings)), None) = (kinds.next(), kinds.next()) else {
             return Err(Invalid { field: None, message: "sink: give exactly one of postgres, kafka or search (besides name)".into() });
@@ -244,12 +250,7 @@ pub struct MirrorSpec {
 impl MirrorSpec {
     pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
         let mut settings: serde_json::Map<String, Value> = parse(body, "mirror")?;
-        let name = match settings.remove("name") {
-            Some(Value::String(n)) => n,
-            Some(_) => return Err(Invalid::new("name", "must be a string")),
-            None => return Err(Invalid::new("name", "missing; name the mirror")),
-        };
-        check_name("name", &name)?;
+        let name = take_name(&mut settings, "mirror")?;
         if settings.contains_key("pipeline") {
             return Err(Invalid::new("pipeline", "is given by the control plane; name the mirror with `name` only"));
         }

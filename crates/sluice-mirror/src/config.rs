@@ -185,6 +185,16 @@ pub const HEARTBEATS_TOPIC: &str = "heartbeats";
 /// (once per hop): a mirror never copies a record into a cluster it names.
 pub const PROVENANCE_HEADER: &str = "sluice.mirror.source";
 
+/// The topic on the target holding the offset map of the mirror named `pipeline`.
+pub fn offsets_topic(pipeline: &str) -> String {
+    format!("sluice-mirror.{pipeline}.offsets")
+}
+
+/// The transactional id the mirror named `pipeline` writes to the target with.
+pub fn transactional_id(pipeline: &str) -> String {
+    format!("sluice-mirror-{pipeline}")
+}
+
 impl MirrorConfig {
     /// Whether a pipeline config file is a mirror's (its source is Kafka), so `sluice
     /// run` can run either kind.
@@ -278,11 +288,11 @@ impl MirrorConfig {
     /// The topic on the target holding, in the same transactions as the records, the
     /// source position and the source-to-target offset map of every batch.
     pub fn offsets_topic(&self) -> String {
-        format!("sluice-mirror.{}.offsets", self.pipeline)
+        offsets_topic(&self.pipeline)
     }
 
     pub(crate) fn transactional_id(&self) -> String {
-        format!("sluice-mirror-{}", self.pipeline)
+        transactional_id(&self.pipeline)
     }
 
     /// Whether a source topic is one the mirror must never copy: Kafka's and Sluice's

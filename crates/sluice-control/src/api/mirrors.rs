@@ -25,7 +25,8 @@ async fn check(cfg: sluice_mirror::MirrorConfig) -> Result<(), ApiError> {
     })
 }
 
-const MIRROR_SELECT: &str = "SELECT id, spec, desired, owner, status, created_at::text FROM mirrors";
+/// What [`mirror_json`] reads, from `mirrors` or from a statement's `RETURNING *`.
+const MIRROR_COLUMNS: &str = "id, spec, desired, owner, status, created_at::text";
 
 fn mirror_json(install: &str, r: &tokio_postgres::Row) -> Value {
     let id: i64 = r.get(0);
@@ -43,7 +44,10 @@ fn mirror_json(install: &str, r: &tokio_postgres::Row) -> Value {
         "desired": desired,
         "server": owner,
         "status": status,
-        "objects": { "transactional_id": format!("sluice-mirror-{runner}"), "offsets_topic": format!("sluice-mirror.{runner}.offsets") },
+        "objects": {
+            "transactional_id": sluice_mirror::config::transactional_id(&runner),
+            "offsets_topic": sluice_mirror::config::offsets_topic(&runner),
+        },
         "created_at": r.get::<_, String>(5),
     })
 }
@@ -60,7 +64,8 @@ async fn mirror_row(ctl: &Control, tenant: i64, name: &str) -> Result<i64, ApiEr
 
 pub(super) async fn mirrors_list(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, false).await?;
-    let rows = ctl.db.get().await?.query(&format!("{MIRROR_SELECT} WHERE tenant_id = $1 ORDER BY name"), &[&tid]).await?;
+    let rows =
+        ctl.db.get().await?.query(&format!("SELECT {MIRROR_COLUMNS} FROM mirrors WHERE tenant_id = $1 ORDER BY name"), &[&tid]).await?;
     ok(json!({ "mirrors": rows.iter().map(|r| mirror_json(&ctl.install, r)).collect::<Vec<_>>() }))
 }
 
@@ -75,9 +80,10 @@ pub(super) async fn mirrors_create(State(ctl): Ctl, caller: Caller, Path(tenant)
     check(m.config(&mirror_runner_name(&ctl.install, id)).map_err(|i| ApiError::invalid("invalid_mirror", i))?).await?;
     let r = c
         .query_opt(
-            "WITH m AS (INSERT INTO mirrors (id, tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4, $5)
-                            ON CONFLICT DO NOTHING RETURNING *)
-                 SELECT id, spec, desired, owner, status, created_at::text FROM m",
+            &format!(
+                "INSERT INTO mirrors (id, tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING RETURNING {MIRROR_COLUMNS}"
+            ),
             &[&id, &tid, &m.name, &m.public(), &ctl.sealer.seal(&m.to_sealable())],
         )
         .await?
@@ -93,7 +99,7 @@ pub(super) async fn mirrors_get(State(ctl): Ctl, caller: Caller, Path((tenant, n
         .db
         .get()
         .await?
-        .query_opt(&format!("{MIRROR_SELECT} WHERE tenant_id = $1 AND name = $2"), &[&tid, &name])
+        .query_opt(&format!("SELECT {MIRROR_COLUMNS} FROM mirrors WHERE tenant_id = $1 AND name = $2"), &[&tid, &name])
         .await?
         .ok_or_else(|| ApiError::not_found("mirror", &name))?;
     ok(mirror_json(&ctl.install, &r))
@@ -117,9 +123,10 @@ pub(super) async fn mirrors_put(State(ctl): Ctl, caller: Caller, Path((tenant, n
         .get()
         .await?
         .query_opt(
-            "WITH m AS (UPDATE mirrors SET spec = $2, sealed = $3, generation = generation + 1, updated_at = now()
-                            WHERE id = $1 AND desired <> 'deleting' RETURNING *)
-                 SELECT id, spec, desired, owner, status, created_at::text FROM m",
+            &format!(
+                "UPDATE mirrors SET spec = $2, sealed = $3, generation = generation + 1, updated_at = now()
+                 WHERE id = $1 AND desired <> 'deleting' RETURNING {MIRROR_COLUMNS}"
+            ),
             &[&id, &m.public(), &ctl.sealer.seal(&m.to_sealable())],
         )
         .await?
@@ -137,9 +144,10 @@ async fn set_desired(ctl: &Control, caller: &Caller, tenant: &str, name: &str, d
         .get()
         .await?
         .query_opt(
-            "WITH m AS (UPDATE mirrors SET desired = $2, purge = purge OR $3, retry_at = now(), updated_at = now()
-                            WHERE id = $1 AND (desired <> 'deleting' OR $2 = 'deleting') RETURNING *)
-                 SELECT id, spec, desired, owner, status, created_at::text FROM m",
+            &format!(
+                "UPDATE mirrors SET desired = $2, purge = purge OR $3, retry_at = now(), updated_at = now()
+                 WHERE id = $1 AND (desired <> 'deleting' OR $2 = 'deleting') RETURNING {MIRROR_COLUMNS}"
+            ),
             &[&id, &desired, &purge],
         )
         .await?
