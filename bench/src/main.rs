@@ -228,13 +228,7 @@ async fn connect(port: u16, db: &str) -> Result<Client> {
 }
 
 fn conn_cfg(port: u16, db: &str) -> PgConnConfig {
-    PgConnConfig {
-        host: "127.0.0.1".into(),
-        port,
-        user: SUPERUSER.into(),
-        password: SUPERUSER_PASSWORD.to_string().into(),
-        database: db.into(),
-    }
+    PgConnConfig::new("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD.to_string().into(), db)
 }
 
 fn pipeline_yaml(name: &str, src: u16, dst: u16, snapshot: bool) -> String {

@@ -3,11 +3,10 @@
 //! starting at once apply each migration exactly once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Each entry runs once, in its own transaction, recorded in `schema_migrations`.
 const MIGRATIONS: &[&str] = &[
@@ -160,16 +159,13 @@ pub const SCHEMA: &str = "sluice_control";
 /// A connection to the control database, re-opened when it drops.
 #[derive(Clone)]
 pub struct Db {
-    config: Arc<tokio_postgres::Config>,
+    config: Arc<sluice_postgres::PgConnConfig>,
     client: Arc<Mutex<Option<Arc<Client>>>>,
 }
 
 impl Db {
     pub fn new(dsn: &str) -> Result<Self, String> {
-        let mut config: tokio_postgres::Config =
-            dsn.parse().map_err(|e| format!("control database: not a Postgres connection string ({e})"))?;
-        config.options(format!("-c search_path={SCHEMA} -c timezone=UTC")).application_name("sluice-control");
-        config.connect_timeout(Duration::from_secs(10));
+        let config = sluice_postgres::parse_dsn(dsn).map_err(|e| format!("control database: {e}"))?;
         Ok(Self { config: Arc::new(config), client: Arc::new(Mutex::new(None)) })
     }
 
@@ -187,13 +183,8 @@ impl Db {
     /// A connection of its own (for transactions, and for loops that must not wait
     /// behind API requests).
     pub async fn connect(&self) -> Result<Client> {
-        let (client, conn) = self.config.connect(NoTls).await.context("cannot connect to the control database")?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control database connection ended");
-            }
-        });
-        Ok(client)
+        let options = format!("-c search_path={SCHEMA} -c timezone=UTC");
+        Ok(sluice_postgres::connect_as(&self.config, "the control database", &options, "sluice-control").await?)
     }
 
     /// This installation's id (from the control database).

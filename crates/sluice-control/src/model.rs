@@ -111,6 +111,10 @@ pub struct SourceSpec {
     pub database: String,
     pub admin_user: String,
     pub admin_password: SecretString,
+    /// libpq's `sslmode`; `verify-ca`/`verify-full` trust the public web authorities
+    /// (certificate files are the server operator's, never named by a tenant).
+    #[serde(default)]
+    pub sslmode: sluice_core::SslMode,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
 }
@@ -141,18 +145,13 @@ impl SourceSpec {
     pub fn public(&self) -> Value {
         json!({
             "name": self.name, "host": self.host, "port": self.port, "database": self.database,
-            "admin_user": self.admin_user, "heartbeat_interval": humantime::format_duration(self.heartbeat_interval).to_string(),
+            "admin_user": self.admin_user, "sslmode": self.sslmode.as_str(), "heartbeat_interval": humantime::format_duration(self.heartbeat_interval).to_string(),
         })
     }
 
     pub fn admin(&self) -> sluice_postgres::PgConnConfig {
-        sluice_postgres::PgConnConfig {
-            host: self.host.clone(),
-            port: self.port,
-            user: self.admin_user.clone(),
-            password: self.admin_password.clone(),
-            database: self.database.clone(),
-        }
+        let tls = sluice_core::PgTls { sslmode: self.sslmode, ..Default::default() };
+        sluice_postgres::PgConnConfig::with_tls(&self.host, self.port, &self.admin_user, self.admin_password.clone(), &self.database, tls)
     }
 
     /// Sealed form: the whole request, password included.
@@ -185,6 +184,12 @@ impl SinkSpec {
             return Err(Invalid { field: None, message: "sink: give exactly one of postgres, kafka or search (besides name)".into() });
         };
         let spec = Self { name, kind, settings };
+        if let Some(path) = server_file_key(&spec.settings, &spec.kind) {
+            return Err(Invalid::new(
+                &path,
+                "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities)",
+            ));
+        }
         // The settings must make a valid sink on their own: parsed as the sink's typed
         // config (unknown keys, bad values), then checked by the sink itself, exactly as
         // a pipeline file's `sink:` block is.
@@ -293,6 +298,19 @@ impl MirrorSpec {
     pub fn from_sealed(bytes: &[u8]) -> anyhow::Result<Self> {
         let v: Value = serde_json::from_slice(bytes)?;
         Ok(Self { name: v["name"].as_str().unwrap_or_default().into(), settings: v["settings"].as_object().cloned().unwrap_or_default() })
+    }
+}
+
+/// The first key (as a dotted path) of `v` that names a file on the server running
+/// Sluice: a tenant could otherwise make the server read its files (a key, a CA).
+fn server_file_key(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            let path = format!("{at}.{k}");
+            if matches!(k.as_str(), "sslrootcert" | "sslcert" | "sslkey") { Some(path) } else { server_file_key(v, &path) }
+        }),
+        Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| server_file_key(v, &format!("{at}[{i}]"))),
+        _ => None,
     }
 }
 
@@ -449,6 +467,10 @@ pub fn run_config(
             user: user.to_string(),
             password: SecretString::from(password.to_string()),
             database: source.database.clone(),
+            sslmode: source.sslmode,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             tables: spec.tables.iter().cloned().map(Into::into).collect(),
             publication: Some(object_name(install, id)),
             slot: Some(object_name(install, id)),

@@ -5,7 +5,7 @@
 //! values (Avro, search documents) decode a datum with [`Value::parse`] on demand.
 
 pub mod avro;
-mod conn;
+pub mod conn;
 pub mod ddl;
 mod error;
 mod event;
@@ -18,7 +18,7 @@ pub mod source;
 pub mod transform;
 mod value;
 
-pub use conn::PgConnConfig;
+pub use conn::{PgConnConfig, PgTls, SslMode};
 pub use error::{CoreError, ErrorKind};
 pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of};
 pub use lsn::Lsn;

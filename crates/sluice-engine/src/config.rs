@@ -45,6 +45,15 @@ pub struct SourceConfig {
     pub user: String,
     pub password: SecretString,
     pub database: String,
+    /// libpq's `sslmode` (default `prefer`), `sslrootcert`, `sslcert` and `sslkey`.
+    #[serde(default)]
+    pub sslmode: sluice_core::SslMode,
+    #[serde(default)]
+    pub sslrootcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslkey: Option<std::path::PathBuf>,
     /// Tables to replicate, as `schema.table` (or `table` for `public`), or as
     /// `{name, where, columns}`: a publication row filter and column list.
     #[serde(default)]
@@ -131,12 +140,15 @@ fn default_port() -> u16 {
 // serde cannot reject unknown keys through `flatten`.
 impl SourceConfig {
     pub fn connection(&self) -> PgConnConfig {
-        PgConnConfig {
-            host: self.host.clone(),
-            port: self.port,
-            user: self.user.clone(),
-            password: self.password.clone(),
-            database: self.database.clone(),
+        PgConnConfig::with_tls(&self.host, self.port, &self.user, self.password.clone(), &self.database, self.tls())
+    }
+
+    pub fn tls(&self) -> sluice_core::PgTls {
+        sluice_core::PgTls {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
         }
     }
 }

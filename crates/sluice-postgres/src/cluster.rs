@@ -196,11 +196,9 @@ impl Drop for TempCluster {
 }
 
 /// A superuser connection to a throwaway cluster on this machine.
-pub async fn superuser_client(port: u16, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let dsn = format!("host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={db}");
-    let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+/// TLS when the cluster offers it (`prefer`), so it also reaches a cluster that takes
+/// only TLS connections; the server's own session defaults.
+pub async fn superuser_client(port: u16, db: &str) -> crate::Result<tokio_postgres::Client> {
+    let cfg = crate::PgConnConfig::new("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD.to_string().into(), db);
+    crate::connect_as(&cfg, "a test cluster", "", "sluice-test").await
 }

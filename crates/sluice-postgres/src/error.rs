@@ -52,6 +52,10 @@ impl PgError {
                         ErrorKind::Permanent
                     };
                 let hint = match code {
+                    // pg_hba.conf has only `hostssl` lines for this client.
+                    "28000" if db.message().contains("no encryption") => {
+                        ": the server accepts only TLS connections here: set sslmode to verify-full (or require)"
+                    }
                     "28P01" | "28000" => ": check the user and password in the config",
                     "3D000" => ": check the database name in the config",
                     "42501" => ": grant the role the privilege, or use a role that has it",

@@ -229,7 +229,7 @@ pub async fn run_snapshot<R: RowTarget>(
     let mut repl =
         pgwire_replication::ReplicationClient::connect_gated(crate::conn::replication_config(source, &opts.slot, &opts.publication))
             .await
-            .map_err(|e| PgError::from_wire("opening a replication connection for the snapshot", e))?;
+            .map_err(|e| crate::conn::wire_connect_error(source, "opening a replication connection for the snapshot", e))?;
     let temp_slot = format!("{}_snap_{}", opts.slot, std::process::id());
     let rows = repl
         .simple_query(&format!("CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT", quote_ident(&temp_slot)))

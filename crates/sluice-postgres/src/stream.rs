@@ -58,7 +58,10 @@ impl ReplicationStream {
         let rc = crate::conn::replication_config(cfg, slot, publication)
             .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
             .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0));
-        let mut client = ReplicationClient::connect(rc).await.map_err(|e| PgError::from_wire("starting replication", e))?;
+        cfg.check_tls().map_err(|e| PgError::permanent(format!("starting replication from {}: {e}", cfg.describe())))?;
+        let mut client = ReplicationClient::connect(rc)
+            .await
+            .map_err(|e| crate::conn::wire_connect_error(cfg, &format!("starting replication from {}", cfg.describe()), e))?;
         client.wait_started().await.map_err(|e| PgError::from_wire(&format!("starting replication from slot {slot}"), e))?;
         let (ack_tx, acks) = tokio::sync::watch::channel(start);
         Ok(Self {

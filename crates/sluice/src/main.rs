@@ -447,10 +447,8 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 }
 
 async fn open_registry(dsn: &str) -> anyhow::Result<Arc<sluice_registry::Store>> {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the registry database: {e}: check its connection string"))?;
-    tokio::spawn(conn);
+    let cfg = sluice_postgres::parse_dsn(dsn).map_err(|e| anyhow::anyhow!("the registry database: {e}: check its connection string"))?;
+    let client = sluice_postgres::connect_as(&cfg, "the registry database", "", "sluice-registry").await?;
     let store = sluice_registry::Store::open(client).await.map_err(|e| anyhow::anyhow!("cannot create the registry tables: {e}"))?;
     Ok(Arc::new(store))
 }

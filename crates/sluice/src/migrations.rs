@@ -16,10 +16,10 @@ pub enum CheckError {
 /// Reads the catalog of `dsn` (read-only); with a pipeline, only its publication's
 /// tables count as replicated.
 pub async fn load_model(dsn: &str, pipeline: Option<&str>) -> Result<Model, CheckError> {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await.map_err(|e| {
-        CheckError::Context(format!("cannot connect to --source: {e}: check the connection string and that the server is reachable"))
-    })?;
-    tokio::spawn(conn);
+    let cfg = sluice_postgres::parse_dsn(dsn).map_err(|e| CheckError::Context(format!("--source: {e}")))?;
+    let client = sluice_postgres::connect_as(&cfg, "--source", "", "sluice-migrations")
+        .await
+        .map_err(|e| CheckError::Context(format!("{e}: check the connection string and that the server is reachable")))?;
     // Catalog reads only: the session cannot write even by mistake.
     client.batch_execute("SET default_transaction_read_only = on").await.map_err(|e| CheckError::Context(format!("--source: {e}")))?;
     let publications = pipeline.map(|p| vec![format!("sluice_{p}")]);

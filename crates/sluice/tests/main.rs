@@ -20,6 +20,7 @@ mod search;
 mod server;
 mod slots;
 mod smoke;
+mod tls;
 mod transforms;
 mod types;
 mod webhook;

@@ -159,6 +159,15 @@ pub struct SqlCatalogConfig {
     pub user: String,
     pub password: SecretString,
     pub database: String,
+    /// libpq's `sslmode` (default `prefer`), `sslrootcert`, `sslcert` and `sslkey`.
+    #[serde(default)]
+    pub sslmode: sluice_core::SslMode,
+    #[serde(default)]
+    pub sslrootcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslkey: Option<std::path::PathBuf>,
     /// The catalog's name (`catalog_name` in its tables); readers open it by this name.
     #[serde(default = "default_catalog_name")]
     pub name: String,
@@ -194,13 +203,15 @@ impl IcebergSinkConfig {
     /// catalog (both validated).
     pub(crate) fn state_connection(&self) -> PgConnConfig {
         match (&self.catalog.sql, &self.state) {
-            (Some(c), _) => PgConnConfig {
-                host: c.host.clone(),
-                port: c.port,
-                user: c.user.clone(),
-                password: c.password.clone(),
-                database: c.database.clone(),
-            },
+            (Some(c), _) => {
+                let tls = sluice_core::PgTls {
+                    sslmode: c.sslmode,
+                    sslrootcert: c.sslrootcert.clone(),
+                    sslcert: c.sslcert.clone(),
+                    sslkey: c.sslkey.clone(),
+                };
+                PgConnConfig::with_tls(&c.host, c.port, &c.user, c.password.clone(), &c.database, tls)
+            }
             (None, Some(s)) => s.as_ref().clone(),
             (None, None) => unreachable!("validated: a REST catalog comes with state"),
         }

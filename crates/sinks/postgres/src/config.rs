@@ -17,6 +17,15 @@ pub struct PostgresSinkConfig {
     pub user: String,
     pub password: SecretString,
     pub database: String,
+    /// libpq's `sslmode` (default `prefer`), `sslrootcert`, `sslcert` and `sslkey`.
+    #[serde(default)]
+    pub sslmode: sluice_core::SslMode,
+    #[serde(default)]
+    pub sslrootcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslkey: Option<std::path::PathBuf>,
     /// Put every table in this schema instead of the source table's schema.
     pub schema: Option<String>,
 }
@@ -27,13 +36,13 @@ fn default_port() -> u16 {
 
 impl PostgresSinkConfig {
     pub fn connection(&self) -> PgConnConfig {
-        PgConnConfig {
-            host: self.host.clone(),
-            port: self.port,
-            user: self.user.clone(),
-            password: self.password.clone(),
-            database: self.database.clone(),
-        }
+        let tls = sluice_core::PgTls {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+        };
+        PgConnConfig::with_tls(&self.host, self.port, &self.user, self.password.clone(), &self.database, tls)
     }
 }
 

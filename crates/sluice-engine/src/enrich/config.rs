@@ -218,5 +218,5 @@ pub fn validate(cfgs: &[EnricherConfig]) -> Result<(), String> {
 }
 
 pub(super) fn dummy_conn() -> PgConnConfig {
-    PgConnConfig { host: String::new(), port: 5432, user: String::new(), password: SecretString::from(""), database: String::new() }
+    PgConnConfig::new("", 5432, "", SecretString::from(""), "")
 }

@@ -93,6 +93,8 @@ fn read_key(row: &Row, inputs: &[usize]) -> KeyRead {
     KeyRead::Key(encode_key(&parts))
 }
 
+// One per configured enricher, built once: the sizes of its variants do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Kind {
     Lookup(lookup::Lookup),
     Http(http::Http),

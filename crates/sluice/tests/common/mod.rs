@@ -70,13 +70,13 @@ impl Env {
 
     /// The source database as Sluice's own connection config.
     pub fn src_config(&self) -> sluice_postgres::PgConnConfig {
-        sluice_postgres::PgConnConfig {
-            host: "127.0.0.1".into(),
-            port: self.src_port,
-            user: sluice_postgres::cluster::SUPERUSER.into(),
-            password: sluice_postgres::cluster::SUPERUSER_PASSWORD.to_string().into(),
-            database: self.db.clone(),
-        }
+        sluice_postgres::PgConnConfig::new(
+            "127.0.0.1",
+            self.src_port,
+            sluice_postgres::cluster::SUPERUSER,
+            sluice_postgres::cluster::SUPERUSER_PASSWORD.to_string().into(),
+            &self.db,
+        )
     }
 
     pub async fn src(&self) -> Client {
