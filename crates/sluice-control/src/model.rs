@@ -207,23 +207,8 @@ impl SinkSpec {
 
     /// The settings with every password replaced, for the API and the clear column.
     pub fn public(&self) -> Value {
-        fn redact(v: &mut Value) {
-            match v {
-                Value::Object(m) => {
-                    for (k, v) in m.iter_mut() {
-                        if k == "password" || k == "secret_access_key" {
-                            *v = Value::String("(set)".into());
-                        } else {
-                            redact(v);
-                        }
-                    }
-                }
-                Value::Array(a) => a.iter_mut().for_each(redact),
-                _ => {}
-            }
-        }
         let mut s = self.settings.clone();
-        redact(&mut s);
+        redact_secrets(&mut s);
         json!({ "name": self.name, self.kind.clone(): s })
     }
 
@@ -274,19 +259,10 @@ impl MirrorSpec {
         sluice_mirror::MirrorConfig::parse(&text).map_err(Invalid::from_message)
     }
 
-    /// The settings for the API and the clear column: every Kafka property value
-    /// (SASL passwords, key passwords) and any credential inside a registry URL hidden.
+    /// The settings for the API and the clear column, secrets hidden ([`redact_secrets`]).
     pub fn public(&self) -> Value {
         let mut s = Value::Object(self.settings.clone());
-        for side in ["source", "sink"] {
-            let Some(k) = s.get_mut(side).and_then(|b| b.get_mut("kafka")).and_then(Value::as_object_mut) else { continue };
-            if let Some(Value::Object(props)) = k.get_mut("properties") {
-                props.values_mut().for_each(|v| *v = json!("(set)"));
-            }
-            if let Some(Value::String(u)) = k.get_mut("registry_url") {
-                *u = without_credentials(u);
-            }
-        }
+        redact_secrets(&mut s);
         s["name"] = json!(self.name);
         s
     }
@@ -311,6 +287,27 @@ fn server_file_key(v: &Value, at: &str) -> Option<String> {
         }),
         Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| server_file_key(v, &format!("{at}[{i}]"))),
         _ => None,
+    }
+}
+
+/// Hides every secret in a resource's settings, at any depth: passwords, keys and
+/// tokens; every value of Kafka `properties` (SASL and key passwords hide there) and of
+/// HTTP `headers` (credentials); any credential inside a URL.
+fn redact_secrets(v: &mut Value) {
+    const SECRET: [&str; 5] = ["password", "secret_access_key", "token", "api_key", "sslkey"];
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m.iter_mut() {
+                match (k.as_str(), &mut *v) {
+                    (k, _) if SECRET.contains(&k) => *v = json!("(set)"),
+                    ("properties" | "headers", Value::Object(all)) => all.values_mut().for_each(|x| *x = json!("(set)")),
+                    (_, Value::String(u)) if u.contains("://") => *u = without_credentials(u),
+                    _ => redact_secrets(v),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        _ => {}
     }
 }
 
@@ -354,19 +351,8 @@ impl EnricherSpec {
     /// The entry with passwords and header values replaced, for the API and the
     /// clear column.
     pub fn public(&self) -> Value {
-        fn redact(v: &mut Value) {
-            if let Value::Object(m) = v {
-                for (k, v) in m.iter_mut() {
-                    match (k.as_str(), &mut *v) {
-                        ("password", _) => *v = Value::String("(set)".into()),
-                        ("headers", Value::Object(h)) => h.values_mut().for_each(|x| *x = Value::String("(set)".into())),
-                        _ => redact(v),
-                    }
-                }
-            }
-        }
         let mut s = self.settings.clone();
-        redact(&mut s);
+        redact_secrets(&mut s);
         s
     }
 

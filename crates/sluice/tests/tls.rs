@@ -1,79 +1,16 @@
-//! TLS to Postgres: a cluster that takes only TLS connections (`hostssl` lines only,
-//! a test CA made here with the `openssl` command), reached with libpq's `sslmode`s.
+//! TLS everywhere: a Postgres cluster that takes only TLS connections (`hostssl` lines
+//! only), reached with libpq's `sslmode`s, and a Kafka broker with a SASL_SSL listener
+//! (SCRAM-SHA-512); certificates from a test CA made with the `openssl` command.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use sluice_postgres::{PgConnConfig, SslMode};
 
+use crate::common::pki::Pki;
 use crate::common::*;
-
-/// A certificate authority, a second one nobody trusts, server certificates for
-/// `localhost` and for another name, and a client certificate for role `certuser`.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn make() -> Pki {
-        let dir = tempfile::Builder::new().prefix("sluice-pki-").tempdir().unwrap().keep();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(&dir).output().expect("run openssl");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        for ca in ["ca", "other-ca"] {
-            let (key, pem, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=sluice test {ca}"));
-            run(&[&["req", "-x509"][..], &ec, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat());
-        }
-        let leaf = |name: &str, cn: &str, ext: &str| {
-            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-            let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
-            run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]].concat());
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ]);
-        };
-        let server = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n";
-        leaf("server", "localhost", &format!("{server}subjectAltName=DNS:localhost\n"));
-        leaf("elsewhere", "db.elsewhere.test", &format!("{server}subjectAltName=DNS:db.elsewhere.test\n"));
-        leaf("client", "certuser", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n");
-        // The server (run as `postgres` when the tests run as root) reads its files
-        // here, and refuses a key others can read.
-        let as_root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let owner = if Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) { "postgres" } else { "nobody" };
-        for f in std::fs::read_dir(&dir).unwrap() {
-            let p = f.unwrap().path();
-            let mode = if p.extension().is_some_and(|e| e == "key") { 0o600 } else { 0o644 };
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-            if as_root && p.file_name().is_some_and(|n| n == "server.key" || n == "elsewhere.key") {
-                assert!(Command::new("chown").arg(owner).arg(&p).status().unwrap().success());
-            }
-        }
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.join(f)
-    }
-}
 
 /// Starts a cluster with `ssl = on` whose `pg_hba.conf` has only `hostssl` lines:
 /// `certuser` by client certificate, everyone else by password.
@@ -233,4 +170,56 @@ async fn postgres_over_verified_tls_snapshots_streams_and_says_why_tls_failed() 
     assert_eq!(who, "certuser");
     let ssl: bool = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
     assert!(ssl);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_sink_over_sasl_ssl_is_read_back_by_confluent_client() {
+    let pki = Pki::make();
+    let keystore = pki.path("kafka-keystore.pem");
+    let broker = tokio::task::spawn_blocking(move || {
+        sluice_kafka::broker::TempBroker::start_secured(&[], &keystore, &[("sluice", "sluice-secret-1"), ("reader", "reader-secret-2")])
+    })
+    .await
+    .unwrap()
+    .expect("start a SASL_SSL broker");
+    let secure = broker.secure_addr().unwrap().to_string();
+    let env = Env::new("kafka_tls").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY, v text); INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g;")
+        .await
+        .unwrap();
+    let ca = pki.path("ca.pem");
+    let sink = |user: &str, password: &str| {
+        format!(
+            "    encoding: json\n    properties:\n      security.protocol: SASL_SSL\n      sasl.mechanism: SCRAM-SHA-512\n      \
+             sasl.username: {user}\n      sasl.password: {password}\n      ssl.ca.location: {}\n",
+            ca.display()
+        )
+    };
+    let cfg = env.kafka_config(&["t"], &secure, &sink("sluice", "sluice-secret-1"), "");
+    let mut p = env.spawn(&cfg);
+    src.batch_execute("INSERT INTO t SELECT g, 'streamed ' || g FROM generate_series(501, 600) g;").await.unwrap();
+    let topic = format!("{}.public.t", env.db);
+    let client = serde_json::json!({
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "reader", "sasl.password": "reader-secret-2", "ssl.ca.location": ca,
+    });
+    let (topics, secure2) = (vec![topic.clone()], secure.clone());
+    let recs = tokio::task::spawn_blocking(move || consume_with("confluent-json", &secure2, "", &topics, 600, &client)).await.unwrap();
+    let ids: std::collections::BTreeSet<i64> = recs.iter().filter_map(|r| r["value"]["after"]["id"].as_i64()).collect();
+    assert_eq!(ids.len(), 600, "every row reached the topic over SASL_SSL");
+    let log = p.log();
+    assert!(!log.contains("sluice-secret-1"), "the SASL password is never logged");
+    p.assert_running();
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+
+    // Wrong credentials: one line naming the cause, non-zero exit.
+    let bad = env.kafka_config(&["t"], &secure, &sink("sluice", "not-the-password"), "");
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("SASL authentication") || err.contains("Authentication failed"), "{err}");
+    assert!(err.contains("sasl.password"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
 }

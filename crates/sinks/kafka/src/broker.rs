@@ -17,6 +17,8 @@ const DEFAULT_LIBS: &str = "/var/cache/sluice/kafka-4.4.0/libs";
 
 pub struct TempBroker {
     addr: String,
+    /// `localhost:port` of the SASL_SSL listener, when started with one.
+    secure_addr: Option<String>,
     dir: PathBuf,
     supervisor: Child,
     control: Option<ChildStdin>,
@@ -30,6 +32,17 @@ impl TempBroker {
     /// Formats a new KRaft log directory and starts the broker; returns once it
     /// accepts connections. `extra_conf` lines are appended to `server.properties`.
     pub fn start(extra_conf: &[&str]) -> std::io::Result<TempBroker> {
+        Self::start_with(extra_conf, None)
+    }
+
+    /// [`TempBroker::start`] with a second listener, SASL_SSL with SCRAM-SHA-512, on
+    /// `localhost`: `keystore` is a PEM file holding the broker's private key and
+    /// certificate chain, `users` the SCRAM users (name, password) it knows.
+    pub fn start_secured(extra_conf: &[&str], keystore: &std::path::Path, users: &[(&str, &str)]) -> std::io::Result<TempBroker> {
+        Self::start_with(extra_conf, Some((keystore, users)))
+    }
+
+    fn start_with(extra_conf: &[&str], secured: Option<(&std::path::Path, &[(&str, &str)])>) -> std::io::Result<TempBroker> {
         let libs = std::env::var("SLUICE_KAFKA_LIBS").unwrap_or_else(|_| DEFAULT_LIBS.into());
         if !std::path::Path::new(&libs).join("kafka_2.13-4.4.0.jar").exists() {
             return Err(std::io::Error::other(format!("no Apache Kafka jars in {libs}: run .ci/install-deps (or set SLUICE_KAFKA_LIBS)")));
@@ -38,14 +51,28 @@ impl TempBroker {
         let dir = tempfile::Builder::new().prefix("sluice-kafka-").tempdir()?.keep();
         let (port, controller) = (free_port()?, free_port()?);
         let addr = format!("127.0.0.1:{port}");
+        // The secured listener: clients verify the certificate against `localhost`.
+        let (mut listeners, mut advertised, mut map, mut secure_addr) =
+            (format!("PLAINTEXT://{addr},CONTROLLER://127.0.0.1:{controller}"), format!("PLAINTEXT://{addr}"), String::new(), None);
+        let mut format_args: Vec<String> = Vec::new();
+        if let Some((_, users)) = secured {
+            let sport = free_port()?;
+            listeners.push_str(&format!(",SASL_SSL://127.0.0.1:{sport}"));
+            advertised.push_str(&format!(",SASL_SSL://localhost:{sport}"));
+            map = ",SASL_SSL:SASL_SSL".into();
+            secure_addr = Some(format!("localhost:{sport}"));
+            for (name, password) in users {
+                format_args.extend(["--add-scram".into(), format!("SCRAM-SHA-512=[name={name},password={password}]")]);
+            }
+        }
         let mut conf = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller}\n\
-             listeners=PLAINTEXT://{addr},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=PLAINTEXT://{addr}\n\
+             listeners={listeners}\n\
+             advertised.listeners={advertised}\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{map}\n\
              inter.broker.listener.name=PLAINTEXT\n\
              log.dirs={logs}\n\
              offsets.topic.replication.factor=1\n\
@@ -59,6 +86,15 @@ impl TempBroker {
              num.partitions=1\n",
             logs = dir.join("data").display(),
         );
+        if let Some((keystore, _)) = secured {
+            conf.push_str(&format!(
+                "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                 ssl.keystore.type=PEM\n\
+                 ssl.keystore.location={}\n",
+                keystore.display()
+            ));
+        }
         for line in extra_conf {
             conf.push_str(line);
             conf.push('\n');
@@ -71,6 +107,7 @@ impl TempBroker {
             .args(["-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", &classpath, "kafka.tools.StorageTool", "format"])
             .args(["-t", "MkU3OEVBNTcwNTJENDM2Qk", "-c"])
             .arg(&props)
+            .args(&format_args)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| std::io::Error::other(format!("run {java} (install a JRE 17+): {e}")))?;
@@ -104,7 +141,7 @@ impl TempBroker {
             .stderr(Stdio::null())
             .spawn()?;
         let control = supervisor.stdin.take();
-        let mut broker = TempBroker { addr, dir, supervisor, control };
+        let mut broker = TempBroker { addr, secure_addr, dir, supervisor, control };
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(&broker.addr).is_err() {
             if Instant::now() > deadline {
@@ -120,6 +157,11 @@ impl TempBroker {
     /// `host:port` of the broker's PLAINTEXT listener.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// `localhost:port` of the SASL_SSL listener ([`TempBroker::start_secured`]).
+    pub fn secure_addr(&self) -> Option<&str> {
+        self.secure_addr.as_deref()
     }
 
     /// The JVM's process id (tests stop and continue it to make the broker hang).

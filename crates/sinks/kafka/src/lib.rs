@@ -7,6 +7,7 @@ pub mod broker;
 mod config;
 mod envelope;
 mod error;
+pub mod probe;
 mod registry;
 mod sink;
 

@@ -16,7 +16,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sluice_core::sink::{Sink, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{ChangeEvent, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
@@ -132,22 +132,11 @@ fn encode_err(table: &TableName, e: crate::avro::EncodeError) -> KafkaSinkError 
 impl KafkaSink {
     /// Creates the producer and checks the brokers answer (within 10 s).
     pub async fn connect(opts: KafkaSinkOptions) -> Result<Self> {
+        crate::probe::brokers_answer(opts.client_config(), &opts.brokers, "sink.kafka").await?;
         let producer: FutureProducer = opts
             .client_config()
             .create()
             .map_err(|e| KafkaSinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
-        let probe = producer.clone();
-        let brokers = opts.brokers.clone();
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, Duration::from_secs(10)))
-            .await
-            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, "Kafka metadata task failed", e))?
-            .map_err(|e| {
-                KafkaSinkError::with_source(
-                    ErrorKind::Transient,
-                    format!("Kafka brokers {brokers} did not answer: check sink.kafka.brokers and that the brokers are up ({e})"),
-                    e,
-                )
-            })?;
         let registry = match &opts.encoding {
             Encoding::Avro { registry_url, .. } => Some(RegistryClient::new(registry_url)?),
             Encoding::Json => None,

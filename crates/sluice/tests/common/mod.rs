@@ -4,6 +4,7 @@
 //! [`Env`] is (they would otherwise hold WAL and slot places for the whole run).
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -297,8 +298,21 @@ impl Drop for RestCatalogServer {
 /// Confluent's DeserializingConsumer and the registry at `registry`, `json` through
 /// kafka-python) and returns them as JSON objects in partition order.
 pub fn consume(mode: &str, brokers: &str, registry: &str, topics: &[String], expect_at_least: usize) -> Vec<serde_json::Value> {
+    consume_with(mode, brokers, registry, topics, expect_at_least, &serde_json::json!({}))
+}
+
+/// [`consume`] with more client settings for confluent-kafka (security, say).
+pub fn consume_with(
+    mode: &str,
+    brokers: &str,
+    registry: &str,
+    topics: &[String],
+    expect_at_least: usize,
+    client: &serde_json::Value,
+) -> Vec<serde_json::Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/kafka_consume.py");
     let out = Command::new(python())
+        .env("KAFKA_CLIENT_CONFIG", client.to_string())
         .arg(script)
         .args([mode, brokers, registry, &expect_at_least.to_string()])
         .args(topics)

@@ -1,15 +1,19 @@
 """Reads whole topics with clients nobody at Sluice wrote, printing one JSON line a record.
 
-usage: kafka_consume.py avro|json BROKERS REGISTRY_URL MIN_RECORDS TOPIC...
+usage: kafka_consume.py avro|json|confluent-json BROKERS REGISTRY_URL MIN_RECORDS TOPIC...
   avro: confluent-kafka's DeserializingConsumer with AvroDeserializer for key and value,
         schemas fetched from the registry by the id in each record.
   json: the pure-Python kafka-python client; also lists the topics first.
+  confluent-json: confluent-kafka's Consumer, JSON keys and values.
+The confluent-kafka modes add the client settings in $KAFKA_CLIENT_CONFIG (a JSON
+object: security.protocol, sasl.*, ssl.ca.location).
 Reads until MIN_RECORDS were seen and no record came for 3 s (or 90 s passed).
 """
 import base64
 import datetime
 import decimal
 import json
+import os
 import sys
 import time
 import uuid
@@ -39,20 +43,41 @@ def emit(topic, partition, offset, key, value, headers):
 
 
 seen, deadline, last = 0, time.time() + 90, time.time()
-if mode == "avro":
+extra = json.loads(os.environ.get("KAFKA_CLIENT_CONFIG", "{}"))
+if mode == "confluent-json":
+    from confluent_kafka import Consumer
+
+    c = Consumer(dict({"bootstrap.servers": brokers, "group.id": "verify-%d" % time.time_ns(),
+                       "auto.offset.reset": "earliest", "enable.auto.commit": False}, **extra))
+    c.subscribe(topics)
+    while time.time() < deadline:
+        m = c.poll(0.5)
+        if m is None:
+            if seen >= want and time.time() - last > 3:
+                break
+            continue
+        if m.error():
+            print("consumer error: %s" % m.error(), file=sys.stderr)
+            continue
+        key = json.loads(m.key()) if m.key() is not None else None
+        value = json.loads(m.value()) if m.value() is not None else None
+        emit(m.topic(), m.partition(), m.offset(), key, value, m.headers())
+        seen, last = seen + 1, time.time()
+    c.close()
+elif mode == "avro":
     from confluent_kafka import DeserializingConsumer
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
 
     sr = SchemaRegistryClient({"url": registry})
-    c = DeserializingConsumer({
+    c = DeserializingConsumer(dict({
         "bootstrap.servers": brokers,
         "group.id": "verify-%d" % time.time_ns(),
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "key.deserializer": AvroDeserializer(sr),
         "value.deserializer": AvroDeserializer(sr),
-    })
+    }, **extra))
     c.subscribe(topics)
     while time.time() < deadline:
         m = c.poll(0.5)
