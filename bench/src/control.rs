@@ -101,7 +101,7 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     let token = ctl.bootstrap().await?.context("bootstrap token")?;
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let _loops = ctl.spawn_loops(stop);
-    let app = sluice::server::router(sluice::server::ServerConfig::default(), None, Some(ctl.clone()));
+    let app = sluice::server::router(sluice::server::ServerConfig::default(), None, None, Some(ctl.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });

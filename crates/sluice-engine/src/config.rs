@@ -401,7 +401,7 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
         for bad in [
             GOOD.replace("pipeline: orders", "pipeline: orders\ncolour: blue"),
             GOOD.replace("tables:", "tabels:"),
-            GOOD.replace("database: replica", "database: replica, sslmode: x"),
+            GOOD.replace("database: replica", "database: replica, sslmod: require"),
             GOOD.to_string() + "snapshot: {paralel: 2}\n",
         ] {
             let err = PipelineConfig::parse(&bad).unwrap_err();

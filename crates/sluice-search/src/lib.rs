@@ -10,7 +10,7 @@ mod search;
 mod service;
 
 pub use error::{EsError, EsResult};
-pub use http::router;
+pub use http::{MAX_CONTENT_LENGTH, router};
 pub use service::SearchService;
 
 /// Refresh interval of new indices: how soon an acknowledged write is searchable.

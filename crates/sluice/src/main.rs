@@ -120,7 +120,7 @@ enum Command {
         registry_database: Option<String>,
         /// Directory of the built-in search service's indices: serves its
         /// Elasticsearch API under /search (clients: url prefix /search).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_SEARCH_DATA")]
         search_data: Option<PathBuf>,
         /// The control database (Postgres connection string): turns on the control plane
         /// (tenants, tokens, sources, sinks, pipelines under /v1, durable workflows) and
@@ -657,12 +657,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Some(dsn) => Some(open_registry(dsn).await?),
                 None => None,
             };
-            let mut app = sluice::server::router(sluice::server::ServerConfig { source }, registry, control);
-            if let Some(data) = &search_data {
-                let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
-                    .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?;
-                app = app.nest("/search", api);
-            }
+            let search = match &search_data {
+                Some(data) => Some(
+                    sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
+                        .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?,
+                ),
+                None => None,
+            };
+            let app = sluice::server::router(sluice::server::ServerConfig { source }, registry, search, control);
             serve_on(listener, app, "server", stop).await?;
             // The supervisor stops this server's pipelines and hands their leases back.
             for l in loops {

@@ -89,7 +89,15 @@ fn openapi() -> serde_json::Value {
     })
 }
 
-pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, control: Option<Arc<sluice_control::Control>>) -> Router {
+/// The server's routes. With the control plane on, the registry and the search service
+/// take its tokens and keep each tenant to its own context and indices (see `gate`);
+/// without it there are no tokens, and they answer anyone who reaches the address.
+pub fn router(
+    cfg: ServerConfig,
+    registry: Option<Arc<sluice_registry::Store>>,
+    search: Option<Router>,
+    control: Option<Arc<sluice_control::Control>>,
+) -> Router {
     let mut doc = openapi();
     if control.is_some() {
         let paths = doc["paths"].as_object_mut().expect("paths");
@@ -102,11 +110,25 @@ pub fn router(cfg: ServerConfig, registry: Option<Arc<sluice_registry::Store>>, 
         .route("/openapi.json", get(move || async move { Json((*doc).clone()) }))
         .route("/v1/migrations/check", post(migrations_check))
         .with_state(Arc::new(cfg));
-    if let Some(ctl) = control {
-        app = app.merge(sluice_control::api::router(ctl));
-    }
-    if let Some(store) = registry {
-        app = app.nest("/registry", sluice_registry::router(store));
+    let registry = registry.map(sluice_registry::router);
+    match control {
+        Some(ctl) => {
+            app = app.merge(sluice_control::api::router(ctl.clone()));
+            if let Some(r) = registry {
+                app = app.nest_service("/registry", crate::gate::registry(ctl.clone(), r));
+            }
+            if let Some(s) = search {
+                app = app.nest_service("/search", crate::gate::search(ctl, s));
+            }
+        }
+        None => {
+            if let Some(r) = registry {
+                app = app.nest("/registry", r);
+            }
+            if let Some(s) = search {
+                app = app.nest("/search", s);
+            }
+        }
     }
     app
 }

@@ -14,7 +14,7 @@ const STEPS: &[&str] =
 
 pub(crate) struct Ctl {
     pub(crate) env: Env,
-    dsn: String,
+    pub(crate) dsn: String,
     pub(crate) admin: String,
 }
 
@@ -60,7 +60,7 @@ impl Ctl {
     }
 
     /// [`Ctl::server`] with more environment variables.
-    async fn server_env(&self, id: &str, port: u16, failpoint: Option<&str>, vars: &[(&str, &str)]) -> Server {
+    pub(crate) async fn server_env(&self, id: &str, port: u16, failpoint: Option<&str>, vars: &[(&str, &str)]) -> Server {
         let log = self.env.dir.join(format!("server-{id}-{}.log", Instant::now().elapsed().as_nanos() ^ u128::from(free_port())));
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--addr", &format!("127.0.0.1:{port}"), "--server-id", id])

@@ -18,6 +18,7 @@ mod restart;
 mod resync;
 mod search;
 mod server;
+mod services;
 mod slots;
 mod smoke;
 mod tls;

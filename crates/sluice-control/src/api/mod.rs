@@ -27,7 +27,7 @@ use tenants::*;
 use tokens::*;
 use workflows::*;
 
-pub use auth::{Caller, Role};
+pub use auth::{Caller, Principal, Role, authenticate};
 pub use error::ApiError;
 pub(crate) use mirrors::load_mirror;
 pub use routes::{openapi_paths, router};

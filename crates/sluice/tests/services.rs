@@ -1,0 +1,182 @@
+//! The registry and the search service of `sluice server` behind the control plane's
+//! tokens: every route refuses a caller without one, and a tenant reaches only its own
+//! registry context and indices, with Confluent's and OpenSearch's own clients.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::common::*;
+use crate::control::{Ctl, call, free_port};
+
+/// Every route of the registry, `{s}` standing for a subject.
+const REGISTRY: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/subjects"),
+    ("POST", "/subjects/{s}"),
+    ("DELETE", "/subjects/{s}"),
+    ("POST", "/subjects/{s}/versions"),
+    ("GET", "/subjects/{s}/versions"),
+    ("GET", "/subjects/{s}/versions/1"),
+    ("DELETE", "/subjects/{s}/versions/1"),
+    ("GET", "/subjects/{s}/versions/1/schema"),
+    ("GET", "/schemas/ids/1"),
+    ("GET", "/schemas/ids/1/schema"),
+    ("GET", "/schemas/ids/1/subjects"),
+    ("GET", "/schemas/ids/1/versions"),
+    ("GET", "/schemas/types"),
+    ("GET", "/config"),
+    ("PUT", "/config"),
+    ("DELETE", "/config"),
+    ("GET", "/config/{s}"),
+    ("PUT", "/config/{s}"),
+    ("DELETE", "/config/{s}"),
+    ("GET", "/mode"),
+    ("PUT", "/mode"),
+    ("GET", "/mode/{s}"),
+    ("PUT", "/mode/{s}"),
+    ("POST", "/compatibility/subjects/{s}/versions/1"),
+    ("GET", "/contexts"),
+];
+
+/// Every route of the search service, `{i}` standing for an index.
+const SEARCH: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/_cluster/health"),
+    ("GET", "/_cat/indices"),
+    ("POST", "/_bulk"),
+    ("POST", "/_refresh"),
+    ("PUT", "/{i}"),
+    ("GET", "/{i}"),
+    ("HEAD", "/{i}"),
+    ("DELETE", "/{i}"),
+    ("POST", "/{i}/_bulk"),
+    ("POST", "/{i}/_refresh"),
+    ("GET", "/{i}/_mapping"),
+    ("PUT", "/{i}/_mapping"),
+    ("POST", "/{i}/_doc"),
+    ("PUT", "/{i}/_doc/1"),
+    ("GET", "/{i}/_doc/1"),
+    ("HEAD", "/{i}/_doc/1"),
+    ("DELETE", "/{i}/_doc/1"),
+    ("PUT", "/{i}/_create/1"),
+    ("POST", "/{i}/_update/1"),
+    ("GET", "/{i}/_search"),
+    ("POST", "/{i}/_search"),
+    ("GET", "/{i}/_count"),
+    ("POST", "/{i}/_count"),
+];
+
+fn tenant_services(url: &str, tenant: &str, token: &str) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tenant_services.py");
+    let out = Command::new(python()).args([script, url, tenant, token]).output().unwrap();
+    assert!(out.status.success(), "tenant_services.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn token(url: &str, admin: &str, tenant: &str, role: &str) -> String {
+    let (s, v) =
+        call("POST", &format!("{url}/v1/tenants/{tenant}/tokens"), Some(admin), Some(format!("{{name: t-{role}, role: {role}}}"))).await;
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
+    let ctl = Ctl::new("svc_auth").await;
+    let data = ctl.env.dir.join("search");
+    let data = data.to_str().unwrap();
+    let mut server = ctl.server_env("s1", free_port(), None, &[("SLUICE_REGISTRY_DATABASE", &ctl.dsn), ("SLUICE_SEARCH_DATA", data)]).await;
+    let url = server.url.clone();
+    for t in ["acme", "globex"] {
+        let (s, v) = call("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some(format!("name: {t}"))).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let acme = token(&url, &ctl.admin, "acme", "tenant_admin").await;
+    let viewer = token(&url, &ctl.admin, "acme", "tenant_viewer").await;
+    let globex = token(&url, &ctl.admin, "globex", "tenant_admin").await;
+
+    // Nothing answers without a token.
+    let routes = || {
+        REGISTRY
+            .iter()
+            .map(|(m, p)| (*m, format!("/registry{}", p.replace("{s}", "orders-value"))))
+            .chain(SEARCH.iter().map(|(m, p)| (*m, format!("/search{}", p.replace("{i}", "acme.orders")))))
+    };
+    for (method, path) in routes() {
+        let (s, _) = call(method, &format!("{url}{path}"), None, None).await;
+        assert_eq!(s, 401, "{method} {path} without a token");
+        let (s, _) = call(method, &format!("{url}{path}"), Some("slc_not_a_token"), None).await;
+        assert_eq!(s, 401, "{method} {path} with an unknown token");
+    }
+
+    // Each tenant through the clients its teams use: plain subject names land in the
+    // tenant's context, indices are named <tenant>.<name>, the other's are out of reach.
+    let (u, a) = (url.clone(), acme.clone());
+    let seen = tokio::task::spawn_blocking(move || tenant_services(&u, "acme", &a)).await.unwrap();
+    assert_eq!(seen["round_trip"], serde_json::json!({"id": 7, "who": "acme"}), "{seen}");
+    assert_eq!(seen["subjects"], serde_json::json!([":.acme:orders-value"]), "{seen}");
+    assert_eq!(seen["other_context"], 404, "{seen}");
+    assert_eq!(seen["bad_token"], 401, "{seen}");
+    assert_eq!(seen["hits"], 1, "{seen}");
+    assert_eq!(seen["cat"], serde_json::json!(["acme.orders"]), "{seen}");
+    for name in ["other.orders", "orders", "*"] {
+        assert_eq!(seen[format!("search {name}")], 403, "{seen}");
+    }
+    assert_eq!(seen["search bad_token"], 401, "{seen}");
+    let (u, g) = (url.clone(), globex.clone());
+    let seen = tokio::task::spawn_blocking(move || tenant_services(&u, "globex", &g)).await.unwrap();
+    assert_eq!(seen["subjects"], serde_json::json!([":.globex:orders-value"]), "{seen}");
+    assert_eq!(seen["cat"], serde_json::json!(["globex.orders"]), "{seen}");
+
+    // globex's token on every route naming acme's subject or index: missing or
+    // forbidden, never served; the routes naming nothing show globex's only.
+    for (method, path) in REGISTRY
+        .iter()
+        .map(|(m, p)| (*m, format!("/registry{}", p.replace("{s}", ":.acme:orders-value"))))
+        .chain(SEARCH.iter().map(|(m, p)| (*m, format!("/search{}", p.replace("{i}", "acme.orders")))))
+    {
+        let (s, v) = call(method, &format!("{url}{path}"), Some(&globex), None).await;
+        let names_nothing = !(path.contains("acme") || path.contains("/schemas/ids/"));
+        if matches!(path.as_str(), "/registry/config" | "/registry/mode") && method != "GET" {
+            assert_eq!(s, 403, "{method} {path}: the registry-wide settings are a platform admin's: {v}");
+        } else if names_nothing {
+            assert!(s < 300 || s == 403, "{method} {path}: {s} {v}");
+            assert!(!v.to_string().contains("acme"), "{method} {path} shows acme's: {v}");
+        } else if path.contains("/schemas/ids/") {
+            // Ids are numbered per context: globex's own id 1, never acme's.
+            let (s, v) = call(method, &format!("{url}{path}?subject=:.acme:"), Some(&globex), None).await;
+            assert_eq!(s, 404, "{method} {path}?subject=:.acme: {v}");
+        } else {
+            assert!(s == 403 || s == 404, "{method} {path} as globex: {s} {v}");
+        }
+    }
+    let bulk = reqwest::Client::new()
+        .post(format!("{url}/search/_bulk"))
+        .bearer_auth(&globex)
+        .header("content-type", "application/x-ndjson")
+        .body("{\"index\":{\"_index\":\"globex.orders\",\"_id\":\"2\"}}\n{\"who\":\"g\"}\n{\"delete\":{\"_index\":\"acme.orders\",\"_id\":\"1\"}}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bulk.status().as_u16(), 403, "a _bulk with one action on another tenant's index is refused whole");
+
+    // A viewer reads and never writes.
+    let (s, _) = call("GET", &format!("{url}/registry/subjects"), Some(&viewer), None).await;
+    assert_eq!(s, 200);
+    let (s, _) = call("DELETE", &format!("{url}/registry/subjects/orders-value"), Some(&viewer), None).await;
+    assert_eq!(s, 403);
+    let (s, _) = call("POST", &format!("{url}/search/acme.orders/_search"), Some(&viewer), None).await;
+    assert_eq!(s, 200);
+    let (s, _) = call("DELETE", &format!("{url}/search/acme.orders"), Some(&viewer), None).await;
+    assert_eq!(s, 403);
+
+    // acme's things are intact; a platform admin sees both tenants'.
+    let (s, v) = call("GET", &format!("{url}/search/acme.orders/_doc/1"), Some(&acme), None).await;
+    assert_eq!((s, v["_source"]["who"].as_str()), (200, Some("acme")), "{v}");
+    let (s, v) = call("GET", &format!("{url}/registry/subjects/orders-value/versions"), Some(&acme), None).await;
+    assert_eq!((s, v), (200, serde_json::json!([1])));
+    let (_, v) = call("GET", &format!("{url}/registry/subjects"), Some(&ctl.admin), None).await;
+    assert_eq!(v, serde_json::json!([":.acme:orders-value", ":.globex:orders-value"]));
+    server.proc.assert_running();
+}
