@@ -8,6 +8,7 @@ pub use sluice_engine::{alerts, config, dogstatsd, enrich, metrics, pipeline, re
 pub mod client;
 pub mod demo;
 mod gate;
+pub mod https;
 pub mod metrics_summary;
 pub mod migrations;
 pub mod mirror;

@@ -140,6 +140,16 @@ enum Command {
         lease: std::time::Duration,
         #[command(flatten)]
         dogstatsd: DogStatsdArgs,
+        /// Serve HTTPS with this certificate chain (PEM); with --tls-key.
+        #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address other machines can reach (behind a proxy that
+        /// terminates TLS). Without it, plain HTTP is served on loopback addresses only.
+        #[arg(long, conflicts_with = "tls_cert")]
+        plain_http: bool,
     },
     /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
     /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
@@ -459,7 +469,10 @@ async fn serve(addr: std::net::SocketAddr, app: axum::Router, what: &str) -> any
     serve_on(listener, app, what, shutdown_signal()).await
 }
 
-async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router, what: &str, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn serve_on<L>(listener: L, app: axum::Router, what: &str, mut stop: watch::Receiver<bool>) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     tracing::info!(addr = %listener.local_addr()?, "{what} listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -625,8 +638,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let o = sluice::search_demo::DemoOptions { scale, addr, search_addr, rate, duration };
             sluice::search_demo::run(o, shutdown_signal()).await
         }
-        Command::Server { addr, source, registry_database, search_data, control_database, server_id, lease, dogstatsd } => {
+        Command::Server {
+            addr,
+            source,
+            registry_database,
+            search_data,
+            control_database,
+            server_id,
+            lease,
+            dogstatsd,
+            tls_cert,
+            tls_key,
+            plain_http,
+        } => {
             init_logs(&cli.log, false);
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(sluice::https::server_config(cert, key)?),
+                _ if addr.ip().is_loopback() || plain_http => None,
+                _ => anyhow::bail!(
+                    "--addr {addr} is reachable from other machines: give --tls-cert and --tls-key, or --plain-http behind a proxy that terminates TLS"
+                ),
+            };
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {addr}: {e}"))?;
             let addr = listener.local_addr()?;
             let stop = shutdown_signal();
@@ -665,7 +697,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let app = sluice::server::router(sluice::server::ServerConfig { source }, registry, search, control);
-            serve_on(listener, app, "server", stop).await?;
+            match tls {
+                Some(config) => serve_on(sluice::https::TlsListener::new(listener, config)?, app, "server (HTTPS)", stop).await?,
+                None => serve_on(listener, app, "server", stop).await?,
+            }
             // The supervisor stops this server's pipelines and hands their leases back.
             for l in loops {
                 let _ = l.await;

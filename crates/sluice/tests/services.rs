@@ -1,13 +1,41 @@
-//! The registry and the search service of `sluice server` behind the control plane's
-//! tokens: every route refuses a caller without one, and a tenant reaches only its own
-//! registry context and indices, with Confluent's and OpenSearch's own clients.
+//! The registry and the search service of `sluice server`, over HTTPS, behind the
+//! control plane's tokens: every route refuses a caller without one, and a tenant
+//! reaches only its own registry context and indices, with Confluent's and
+//! OpenSearch's own clients.
 
 use std::process::Command;
 
 use serde_json::Value;
 
+use crate::common::pki::Pki;
 use crate::common::*;
-use crate::control::{Ctl, call, free_port};
+use crate::control::{Ctl, free_port};
+
+/// The test CA's certificate (PEM file), trusted by [`call`] and the Python clients.
+static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// An HTTPS client that trusts the test CA only.
+fn client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(CA.get().unwrap()).unwrap()).unwrap();
+        reqwest::Client::builder().tls_certs_only([ca]).build().unwrap()
+    })
+}
+
+/// A request over HTTPS with a Bearer token; status and JSON.
+async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
+    let mut req = client().request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/yaml").body(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
 
 /// Every route of the registry, `{s}` standing for a subject.
 const REGISTRY: &[(&str, &str)] = &[
@@ -69,7 +97,8 @@ const SEARCH: &[(&str, &str)] = &[
 
 fn tenant_services(url: &str, tenant: &str, token: &str) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tenant_services.py");
-    let out = Command::new(python()).args([script, url, tenant, token]).output().unwrap();
+    let ca = CA.get().unwrap().to_str().unwrap();
+    let out = Command::new(python()).args([script, url, tenant, token, ca]).output().unwrap();
     assert!(out.status.success(), "tenant_services.py: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -85,9 +114,21 @@ async fn token(url: &str, admin: &str, tenant: &str, role: &str) -> String {
 async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     let ctl = Ctl::new("svc_auth").await;
     let data = ctl.env.dir.join("search");
-    let data = data.to_str().unwrap();
-    let mut server = ctl.server_env("s1", free_port(), None, &[("SLUICE_REGISTRY_DATABASE", &ctl.dsn), ("SLUICE_SEARCH_DATA", data)]).await;
-    let url = server.url.clone();
+    let pki = Pki::make();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    CA.set(pki.path("ca.pem")).unwrap();
+    let vars = [
+        ("SLUICE_REGISTRY_DATABASE", ctl.dsn.as_str()),
+        ("SLUICE_SEARCH_DATA", data.to_str().unwrap()),
+        ("SLUICE_TLS_CERT", cert.to_str().unwrap()),
+        ("SLUICE_TLS_KEY", key.to_str().unwrap()),
+    ];
+    let port = free_port();
+    let mut server = ctl.server_env("s1", port, None, &vars).await;
+    let url = format!("https://localhost:{port}");
+    // Plain HTTP gets no answer from an HTTPS listener.
+    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/healthz")).send().await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served next to HTTPS");
     for t in ["acme", "globex"] {
         let (s, v) = call("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some(format!("name: {t}"))).await;
         assert_eq!(s, 201, "{v}");
@@ -151,7 +192,7 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
             assert!(s == 403 || s == 404, "{method} {path} as globex: {s} {v}");
         }
     }
-    let bulk = reqwest::Client::new()
+    let bulk = client()
         .post(format!("{url}/search/_bulk"))
         .bearer_auth(&globex)
         .header("content-type", "application/x-ndjson")
@@ -179,4 +220,22 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     let (_, v) = call("GET", &format!("{url}/registry/subjects"), Some(&ctl.admin), None).await;
     assert_eq!(v, serde_json::json!([":.acme:orders-value", ":.globex:orders-value"]));
     server.proc.assert_running();
+}
+
+#[test]
+fn server_refuses_plain_http_off_loopback_and_bad_certificate_files() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).arg("server").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    };
+    let (code, err) = run(&["--addr", "0.0.0.0:0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--tls-cert") && err.contains("--plain-http"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let (code, err) = run(&["--addr", "127.0.0.1:0", "--tls-cert", junk.to_str().unwrap(), "--tls-key", junk.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--tls-cert") && err.contains("junk.pem"), "{err}");
 }

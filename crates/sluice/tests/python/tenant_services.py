@@ -2,7 +2,8 @@
 against `sluice server`'s registry and search service with a tenant's token (Basic auth,
 as these clients send it). Prints one JSON object of what each client saw.
 
-usage: tenant_services.py SERVER_URL TENANT TOKEN
+usage: tenant_services.py SERVER_URL TENANT TOKEN CA_FILE
+  SERVER_URL is https://; CA_FILE the PEM of the authority that signed its certificate.
 """
 import json
 import sys
@@ -14,11 +15,11 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import AuthorizationException, AuthenticationException
 
-url, tenant, token = sys.argv[1], sys.argv[2], sys.argv[3]
+url, tenant, token, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 seen = {}
 
 # The registry: plain subject names, as any producer uses them.
-sr = SchemaRegistryClient({"url": url + "/registry", "basic.auth.user.info": f"{tenant}:{token}"})
+sr = SchemaRegistryClient({"url": url + "/registry", "basic.auth.user.info": f"{tenant}:{token}", "ssl.ca.location": ca})
 schema = Schema(json.dumps({"type": "record", "name": "Order", "fields": [{"name": "id", "type": "long"},
                                                                           {"name": "who", "type": "string"}]}), "AVRO")
 seen["registered_id"] = sr.register_schema("orders-value", schema)
@@ -34,7 +35,7 @@ try:
 except SchemaRegistryError as e:
     seen["other_context"] = e.http_status_code
 
-bad = SchemaRegistryClient({"url": url + "/registry", "basic.auth.user.info": f"{tenant}:not-a-token"})
+bad = SchemaRegistryClient({"url": url + "/registry", "basic.auth.user.info": f"{tenant}:not-a-token", "ssl.ca.location": ca})
 try:
     bad.get_subjects()
     seen["bad_token"] = "accepted"
@@ -42,7 +43,7 @@ except SchemaRegistryError as e:
     seen["bad_token"] = e.http_status_code
 
 # The search service: the tenant's indices are named <tenant>.<name>.
-es = OpenSearch(hosts=[url + "/search"], http_auth=(tenant, token), timeout=30)
+es = OpenSearch(hosts=[url + "/search"], http_auth=(tenant, token), timeout=30, use_ssl=True, verify_certs=True, ca_certs=ca)
 index = f"{tenant}.orders"
 es.indices.create(index=index, body={"mappings": {"properties": {"who": {"type": "keyword"}}}})
 es.index(index=index, id="1", body={"who": tenant}, refresh=True)
@@ -55,7 +56,7 @@ for name in ("other.orders", "orders", "*"):
     except AuthorizationException as e:
         seen[f"search {name}"] = e.status_code
 try:
-    OpenSearch(hosts=[url + "/search"], http_auth=(tenant, "not-a-token")).search(index=index)
+    OpenSearch(hosts=[url + "/search"], http_auth=(tenant, "not-a-token"), use_ssl=True, ca_certs=ca).search(index=index)
     seen["search bad_token"] = "accepted"
 except AuthenticationException as e:
     seen["search bad_token"] = e.status_code
