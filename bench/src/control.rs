@@ -98,6 +98,8 @@ pub async fn control(pipelines: usize, idle_seconds: u64) -> Result<Value> {
     db.migrate().await?;
     let sealer = sluice::control::crypto::Sealer::from_hex(&"ab".repeat(32).into()).map_err(anyhow::Error::msg)?;
     let ctl = sluice::control::Control::new(db, sealer, "bench".into(), Duration::from_secs(15)).await?;
+    // The bench's databases are on this machine.
+    ctl.set_egress(sluice::control::egress::Egress::parse("loopback").map_err(anyhow::Error::msg)?);
     let token = ctl.bootstrap().await?.context("bootstrap token")?;
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let _loops = ctl.spawn_loops(stop);

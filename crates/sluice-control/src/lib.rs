@@ -7,6 +7,7 @@
 pub mod api;
 pub mod crypto;
 pub mod db;
+pub mod egress;
 pub mod model;
 pub mod supervisor;
 pub mod workflow;
@@ -37,6 +38,8 @@ pub struct Control {
     pub(crate) wake_supervisor: Notify,
     /// DogStatsD metrics and alert state of the pipelines this server runs.
     pub(crate) signals: std::sync::Mutex<supervisor::Signals>,
+    /// The address ranges tenants may name besides public ones.
+    egress: std::sync::RwLock<Arc<egress::Egress>>,
 }
 
 /// A pipeline with its source and sink, secrets opened.
@@ -86,10 +89,22 @@ impl Control {
             wake: Notify::new(),
             wake_supervisor: Notify::new(),
             signals: Default::default(),
+            egress: Default::default(),
         }))
     }
 
     /// Sends every pipeline's metrics to a DogStatsD agent, tagged with its tenant.
+    /// The ranges tenants may reach besides public addresses (default: none).
+    pub fn set_egress(&self, e: egress::Egress) {
+        *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(e);
+    }
+
+    /// Refuses (422 `egress_refused`) settings naming a host tenants may not reach.
+    pub(crate) async fn check_egress(&self, at: &str, settings: &Value) -> Result<(), api::ApiError> {
+        let policy = self.egress.read().unwrap_or_else(|e| e.into_inner()).clone();
+        policy.check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
+    }
+
     pub fn set_dogstatsd(&self, d: sluice_engine::dogstatsd::DogStatsd) {
         self.signals.lock().unwrap_or_else(|e| e.into_inner()).statsd = Some(d);
     }

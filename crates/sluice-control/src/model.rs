@@ -184,11 +184,8 @@ impl SinkSpec {
             return Err(Invalid { field: None, message: "sink: give exactly one of postgres, kafka or search (besides name)".into() });
         };
         let spec = Self { name, kind, settings };
-        if let Some(path) = server_file_key(&spec.settings, &spec.kind) {
-            return Err(Invalid::new(
-                &path,
-                "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities)",
-            ));
+        if let Some(refused) = refused_setting(&spec.settings, &spec.kind) {
+            return Err(refused);
         }
         // The settings must make a valid sink on their own: parsed as the sink's typed
         // config (unknown keys, bad values), then checked by the sink itself, exactly as
@@ -244,6 +241,9 @@ impl MirrorSpec {
         if settings.contains_key("pipeline") {
             return Err(Invalid::new("pipeline", "is given by the control plane; name the mirror with `name` only"));
         }
+        if let Some(refused) = refused_setting(&Value::Object(settings.clone()), "") {
+            return Err(refused);
+        }
         let spec = Self { name, settings };
         spec.config("sluice_check")?;
         Ok(spec)
@@ -277,15 +277,34 @@ impl MirrorSpec {
     }
 }
 
-/// The first key (as a dotted path) of `v` that names a file on the server running
-/// Sluice: a tenant could otherwise make the server read its files (a key, a CA).
-fn server_file_key(v: &Value, at: &str) -> Option<String> {
+/// The first setting of `v` (at any depth) that a tenant may not give, as the error
+/// naming it: a file on the server running Sluice (a key, a CA, a plugin: the server
+/// would read or load it for the tenant), or a Kafka property that gives up the
+/// delivery guarantees or redirects the client (`bootstrap.servers` past the egress
+/// check). Kafka takes certificates inline instead (`ssl.ca.pem`, `ssl.certificate.pem`,
+/// `ssl.key.pem`).
+fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
+    const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
     match v {
         Value::Object(m) => m.iter().find_map(|(k, v)| {
-            let path = format!("{at}.{k}");
-            if matches!(k.as_str(), "sslrootcert" | "sslcert" | "sslkey") { Some(path) } else { server_file_key(v, &path) }
+            let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+            let text = v.as_str().unwrap_or_default();
+            match k.as_str() {
+                "sslrootcert" | "sslcert" | "sslkey" | "plugin.library.paths" | "sasl.kerberos.keytab" | "sasl.kerberos.kinit.cmd" => {
+                    Some(Invalid::new(&path, FILE))
+                }
+                k if k.ends_with(".location") => Some(Invalid::new(&path, FILE)),
+                "enable.idempotence" if text != "true" => {
+                    Some(Invalid::new(&path, "cannot be turned off: without it a retried send can duplicate or reorder records"))
+                }
+                "acks" if !matches!(text, "all" | "-1") => {
+                    Some(Invalid::new(&path, "must be all: with fewer, an acknowledged record can be lost when a broker fails"))
+                }
+                "bootstrap.servers" | "metadata.broker.list" => Some(Invalid::new(&path, "give the brokers in `brokers` instead")),
+                _ => refused_setting(v, &path),
+            }
         }),
-        Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| server_file_key(v, &format!("{at}[{i}]"))),
+        Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| refused_setting(v, &format!("{at}[{i}]"))),
         _ => None,
     }
 }
@@ -338,6 +357,9 @@ pub struct EnricherSpec {
 impl EnricherSpec {
     pub fn parse(body: &[u8]) -> Result<Self, Invalid> {
         let settings: Value = parse(body, "enricher")?;
+        if let Some(refused) = refused_setting(&settings, "") {
+            return Err(refused);
+        }
         let cfg: sluice_engine::enrich::EnricherConfig =
             serde_json::from_value(settings.clone()).map_err(|e| Invalid::from_message(e.to_string()))?;
         sluice_engine::enrich::validate(std::slice::from_ref(&cfg)).map_err(|m| {

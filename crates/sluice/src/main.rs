@@ -150,6 +150,11 @@ enum Command {
         /// terminates TLS). Without it, plain HTTP is served on loopback addresses only.
         #[arg(long, conflicts_with = "tls_cert")]
         plain_http: bool,
+        /// Address ranges tenants may name in sources, sinks, enrichers and mirrors
+        /// besides public addresses: loopback, private, link-local (cloud metadata
+        /// lives there) and CIDRs, comma-separated. Default: none of them.
+        #[arg(long, env = "SLUICE_ALLOW_EGRESS", default_value = "")]
+        allow_egress: String,
     },
     /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
     /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
@@ -650,6 +655,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             plain_http,
+            allow_egress,
         } => {
             init_logs(&cli.log, false);
             let tls = match (&tls_cert, &tls_key) {
@@ -677,6 +683,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     });
                     tracing::info!(server_id = %id, "control plane on");
                     let ctl = sluice::control::Control::new(db, sealer, id, lease).await?;
+                    ctl.set_egress(sluice::control::egress::Egress::parse(&allow_egress).map_err(anyhow::Error::msg)?);
                     if let Some(d) = dogstatsd.connect()? {
                         ctl.set_dogstatsd(d);
                     }

@@ -66,6 +66,8 @@ impl Ctl {
         cmd.args(["server", "--addr", &format!("127.0.0.1:{port}"), "--server-id", id])
             .env("SLUICE_CONTROL_DATABASE", &self.dsn)
             .env("SLUICE_MASTER_KEY", KEY)
+            // Everything here runs on this machine: its tenants may reach loopback.
+            .env("SLUICE_ALLOW_EGRESS", "loopback")
             .env("RUST_LOG", "info")
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
@@ -88,14 +90,14 @@ impl Ctl {
         Server { proc, url }
     }
 
-    fn source_yaml(&self, name: &str, user: &str, password: &str) -> String {
+    pub(crate) fn source_yaml(&self, name: &str, user: &str, password: &str) -> String {
         format!(
             "name: {name}\nhost: 127.0.0.1\nport: {}\ndatabase: {}\nadmin_user: {user}\nadmin_password: {password}\nheartbeat_interval: 500ms\n",
             self.env.src_port, self.env.db
         )
     }
 
-    fn sink_yaml(&self, name: &str) -> String {
+    pub(crate) fn sink_yaml(&self, name: &str) -> String {
         format!(
             "name: {name}\npostgres:\n  host: 127.0.0.1\n  port: {}\n  user: {}\n  password: {}\n  database: {}\n",
             self.env.dst_port,
@@ -106,7 +108,7 @@ impl Ctl {
     }
 }
 
-fn superuser_pw() -> &'static str {
+pub(crate) fn superuser_pw() -> &'static str {
     sluice_postgres::cluster::SUPERUSER_PASSWORD
 }
 

@@ -239,3 +239,64 @@ fn server_refuses_plain_http_off_loopback_and_bad_certificate_files() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--tls-cert") && err.contains("junk.pem"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_it() {
+    use crate::control::{call as http, superuser_pw};
+    let ctl = Ctl::new("egress").await;
+    let mut strict = ctl.server_env("strict", free_port(), None, &[("SLUICE_ALLOW_EGRESS", "")]).await;
+    let url = strict.url.clone();
+    let (s, v) = http("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some("name: acme".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let base = format!("{url}/v1/tenants/acme");
+    let refused = |v: &Value, field: &str| {
+        assert_eq!(v["error"]["type"], "egress_refused", "{v}");
+        assert_eq!(v["error"]["field"], field, "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains("loopback") && m.contains("--allow-egress"), "{m}");
+    };
+    let (s, v) =
+        http("POST", &format!("{base}/sources"), Some(&ctl.admin), Some(ctl.source_yaml("main", "postgres", superuser_pw()))).await;
+    assert_eq!(s, 422, "{v}");
+    refused(&v, "host");
+    let (s, v) = http("POST", &format!("{base}/sinks"), Some(&ctl.admin), Some(ctl.sink_yaml("replica"))).await;
+    assert_eq!(s, 422, "{v}");
+    refused(&v, "postgres.host");
+    let lookup = format!(
+        "name: tier\nlookup: {{table: public.customers, key: name, on: customer, fields: [tier], connection: \
+         {{host: localhost, port: {}, user: postgres, password: x, database: d}}}}\n",
+        ctl.env.src_port
+    );
+    let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(lookup.clone())).await;
+    assert_eq!(s, 422, "{v}");
+    refused(&v, "lookup.connection.host");
+    let hook = "name: hook\nhttp: {url: 'http://169.254.169.254/latest/meta-data', key: id, fields: {x: string}}\n";
+    let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(hook.into())).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("link-local"), "{v}");
+    // Settings that would make the server read its own files, or give up delivery
+    // guarantees, are refused whatever the policy.
+    for (props, field) in [
+        ("{ssl.ca.location: /etc/ssl/private/server.key}", "kafka.properties.ssl.ca.location"),
+        ("{enable.idempotence: 'false'}", "kafka.properties.enable.idempotence"),
+        ("{acks: '0'}", "kafka.properties.acks"),
+    ] {
+        let sink = format!(
+            "name: k\nkafka: {{brokers: 'kafka.example.com:9092', encoding: json, properties: {props}, state: {{host: db.example.com, user: u, password: p, database: d}}}}\n"
+        );
+        let (s, v) = http("POST", &format!("{base}/sinks"), Some(&ctl.admin), Some(sink)).await;
+        assert_eq!((s, v["error"]["field"].as_str()), (422, Some(field)), "{v}");
+    }
+    let (_, v) = http("GET", &format!("{base}/sources"), Some(&ctl.admin), None).await;
+    assert_eq!(v["sources"], serde_json::json!([]), "nothing was created");
+    strict.proc.kill9();
+
+    // The operator allows loopback: the same source is created.
+    let open = ctl.server_env("open", free_port(), None, &[("SLUICE_ALLOW_EGRESS", "loopback")]).await;
+    let base = format!("{}/v1/tenants/acme", open.url);
+    let (s, v) =
+        http("POST", &format!("{base}/sources"), Some(&ctl.admin), Some(ctl.source_yaml("main", "postgres", superuser_pw()))).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(lookup)).await;
+    assert_eq!(s, 201, "{v}");
+}

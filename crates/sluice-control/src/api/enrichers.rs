@@ -11,6 +11,7 @@ pub(super) async fn enrichers_list(State(ctl): Ctl, caller: Caller, Path(tenant)
 pub(super) async fn enrichers_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
+    ctl.check_egress("", &e.settings).await?;
     let n = ctl
         .db
         .get()
@@ -49,6 +50,7 @@ pub(super) async fn enricher_users(ctl: &Control, tenant: i64, name: &str) -> Re
 pub(super) async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
+    ctl.check_egress("", &e.settings).await?;
     if e.name != name {
         return Err(ApiError::invalid(
             "invalid_enricher",

@@ -16,7 +16,7 @@ impl ApiError {
     pub(super) fn not_found(what: &str, name: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} {name:?} not found"))
     }
-    pub(super) fn invalid(kind: &'static str, i: Invalid) -> Self {
+    pub(crate) fn invalid(kind: &'static str, i: Invalid) -> Self {
         Self { status: StatusCode::UNPROCESSABLE_ENTITY, kind, message: i.message, field: i.field }
     }
     pub(super) fn conflict(message: impl Into<String>) -> Self {

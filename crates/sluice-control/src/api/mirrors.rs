@@ -72,6 +72,7 @@ pub(super) async fn mirrors_list(State(ctl): Ctl, caller: Caller, Path(tenant): 
 pub(super) async fn mirrors_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let m = MirrorSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_mirror", i))?;
+    ctl.check_egress("", &Value::Object(m.settings.clone())).await?;
     let c = ctl.db.get().await?;
     if c.query_opt("SELECT 1 FROM mirrors WHERE tenant_id = $1 AND name = $2", &[&tid, &m.name]).await?.is_some() {
         return Err(ApiError::conflict(format!("mirror {:?} already exists in tenant {tenant:?}", m.name)));
@@ -111,6 +112,7 @@ pub(super) async fn mirrors_put(State(ctl): Ctl, caller: Caller, Path((tenant, n
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let id = mirror_row(&ctl, tid, &name).await?;
     let m = MirrorSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_mirror", i))?;
+    ctl.check_egress("", &Value::Object(m.settings.clone())).await?;
     if m.name != name {
         return Err(ApiError::invalid(
             "invalid_mirror",

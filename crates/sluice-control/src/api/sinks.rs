@@ -11,6 +11,7 @@ pub(super) async fn sinks_list(State(ctl): Ctl, caller: Caller, Path(tenant): Pa
 pub(super) async fn sinks_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    ctl.check_egress(&s.kind, &s.settings).await?;
     let n = ctl
         .db
         .get()
@@ -35,6 +36,7 @@ pub(super) async fn sinks_get(State(ctl): Ctl, caller: Caller, Path((tenant, nam
 pub(super) async fn sinks_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    ctl.check_egress(&s.kind, &s.settings).await?;
     if s.name != name {
         return Err(ApiError::invalid(
             "invalid_sink",

@@ -23,6 +23,7 @@ pub(super) async fn sources_list(State(ctl): Ctl, caller: Caller, Path(tenant): 
 pub(super) async fn sources_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SourceSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_source", i))?;
+    ctl.check_egress("", &json!({ "host": s.host })).await?;
     check_source_reachable(&s).await?;
     let n = ctl
         .db
@@ -48,6 +49,7 @@ pub(super) async fn sources_get(State(ctl): Ctl, caller: Caller, Path((tenant, n
 pub(super) async fn sources_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SourceSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_source", i))?;
+    ctl.check_egress("", &json!({ "host": s.host })).await?;
     if s.name != name {
         return Err(ApiError::invalid(
             "invalid_source",
