@@ -32,7 +32,7 @@ impl Api {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<Value> {
         let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
         if let Some(b) = body {
-            req = req.body(b);
+            req = req.header("content-type", "application/yaml").body(b);
         }
         let resp = req.send().await?;
         let status = resp.status();

@@ -7,6 +7,7 @@
 //!   cargo run --release -p sluice-bench -- kafka --rows 500000 --rate 5000
 //!   cargo run --release -p sluice-bench -- metrics-summary --scale 1
 //!   cargo run --release -p sluice-bench -- enrich --rows 200000 --customers 100000
+//!   cargo run --release -p sluice-bench -- tls --rows 300000
 //!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- mirror --records 300000
 
 mod control;
@@ -17,6 +18,7 @@ mod mirror;
 mod resync;
 mod search;
 mod slots;
+mod tls;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -176,6 +178,17 @@ enum Bench {
         /// Seconds of writes without a resync (the lag baseline).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// What TLS costs: the same WAL through Postgres → Postgres and Postgres → Kafka
+    /// (JSON) pipelines in the clear and over TLS (Postgres verify-full; Kafka SASL_SSL
+    /// with SCRAM-SHA-512), --rounds alternating rounds of each; rows/s and the ratio.
+    Tls {
+        #[arg(long, default_value_t = 300_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 200)]
+        row_bytes: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// A replication slot the source invalidates under a running pipeline
     /// (max_slot_wal_keep_size = 1MB, an open transaction holding it back): time to
@@ -783,6 +796,7 @@ async fn main() -> Result<()> {
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
+        Bench::Tls { rows, row_bytes, rounds } => tls::tls(rows, row_bytes, rounds).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?

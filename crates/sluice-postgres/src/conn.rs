@@ -7,9 +7,10 @@ use tokio_postgres::{Client, NoTls};
 use crate::error::{PgError, Result};
 
 /// Session settings pinned on every connection, so values are printed in the one
-/// text form the decoder and the sink expect (and floats without rounding).
+/// text form the decoder and the sink expect (and floats without rounding), and a
+/// quoted literal means what the quoting code assumes (backslashes are not escapes).
 pub(crate) const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c intervalstyle=iso_8601 -c timezone=UTC \
-     -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
+     -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8 -c standard_conforming_strings=on";
 
 pub use sluice_core::PgConnConfig;
 use sluice_core::SslMode;

@@ -549,10 +549,11 @@ pub fn search(ix: &SearchIndex, body: &Value) -> EsResult<Value> {
     };
     let size = num("size", 10)?;
     let from = num("from", 0)?;
-    if from + size > MAX_RESULT_WINDOW {
+    // Saturating: a huge `from` must not wrap around the window check.
+    let window = from.saturating_add(size);
+    if window > MAX_RESULT_WINDOW {
         return Err(EsError::illegal(format!(
-            "Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was [{}]. Use search_after to page through large result sets.",
-            from + size
+            "Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was [{window}]. Use search_after to page through large result sets."
         )));
     }
     let specs = match body.get("sort") {

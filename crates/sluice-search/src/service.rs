@@ -37,7 +37,12 @@ fn validate_name(name: &str) -> EsResult<()> {
     if name.starts_with(['_', '-', '+']) {
         return Err(bad("must not start with '_', '-', or '+'"));
     }
-    if let Some(c) = name.chars().find(|c| "\\/*?\"<>| ,#:".contains(*c)) {
+    // Hidden and system indices: the data directory's own entries start with '.',
+    // and an index named so would be taken for one (and removed at the next start).
+    if name.starts_with('.') {
+        return Err(bad("must not start with '.'"));
+    }
+    if let Some(c) = name.chars().find(|c| "\\/*?\"<>| ,#:%".contains(*c)) {
         return Err(bad(&format!("must not contain the following characters [{c}]")));
     }
     Ok(())
@@ -222,6 +227,8 @@ mod tests {
     fn names_and_intervals() {
         assert!(validate_name("metrics-v1").is_ok());
         assert_eq!(validate_name("Metrics").unwrap_err().kind, "invalid_index_name_exception");
+        assert_eq!(validate_name(".hidden").unwrap_err().kind, "invalid_index_name_exception");
+        assert_eq!(validate_name("a%2fb").unwrap_err().kind, "invalid_index_name_exception");
         assert!(validate_name("_x").is_err());
         assert!(validate_name("a b").is_err());
         assert_eq!(parse_interval(&json!("150ms")).unwrap(), Duration::from_millis(150));

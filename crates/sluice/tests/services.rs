@@ -300,3 +300,38 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(lookup)).await;
     assert_eq!(s, 201, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_refuses_alias_bombs_and_form_posts_and_keeps_serving() {
+    use crate::control::call as http;
+    let ctl = Ctl::new("bodies").await;
+    let server = ctl.server("b1", free_port(), None).await;
+    let url = server.url.clone();
+    // The "billion laughs": ten levels of ten aliases each, about 60 KB of text.
+    let mut bomb = String::from("name: x\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        bomb.push_str(&format!("l{i}: &l{i} [{}]\n", vec![format!("*l{}", i - 1); 10].join(", ")));
+    }
+    while bomb.len() < 60_000 {
+        bomb.push_str(&format!("# {}\n", "padding ".repeat(10)));
+    }
+    let t = std::time::Instant::now();
+    let (s, v) = http("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some(bomb)).await;
+    let took = t.elapsed();
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["type"], "yaml_alias", "{v}");
+    assert!(took < std::time::Duration::from_millis(500), "answered in {took:?}");
+    let form = reqwest::Client::new()
+        .post(format!("{url}/v1/tenants"))
+        .bearer_auth(&ctl.admin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=evil")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status().as_u16(), 415, "a form post is refused");
+    let (s, _) = http("GET", &format!("{url}/healthz"), None, None).await;
+    assert_eq!(s, 200, "still serving");
+    let (_, v) = http("GET", &format!("{url}/v1/tenants"), Some(&ctl.admin), None).await;
+    assert_eq!(v["tenants"], serde_json::json!([]), "nothing was created: {v}");
+}

@@ -143,7 +143,99 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
         .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))
         .route("/v1/tenants/{tenant}/workflows/{id}/retry", post(workflows_retry))
+        .layer(axum::middleware::from_fn(body_guard))
         .with_state(ctl)
+}
+
+/// The largest request body the API reads (resource specs are a few KB).
+const MAX_BODY: usize = 1 << 20;
+
+/// Every request body, before any handler: YAML or JSON by its content type (so a
+/// browser's cross-site form or `text/plain` post is refused), at most 1 MiB, and no
+/// YAML aliases (a few KB of nested aliases expand to gigabytes: the "billion laughs").
+async fn body_guard(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is larger than 1 MiB").into_response();
+        }
+    };
+    if !bytes.iter().all(u8::is_ascii_whitespace) {
+        let kind = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let essence = kind.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let structured =
+            matches!(essence.as_str(), "application/json" | "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml")
+                || essence.ends_with("+json")
+                || essence.ends_with("+yaml");
+        if !structured {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "send the body as application/json or application/yaml (got {:?})",
+                    if kind.is_empty() { "no content type" } else { kind }
+                ),
+            )
+            .into_response();
+        }
+        if has_yaml_alias(&bytes) {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "yaml_alias",
+                "YAML anchors and aliases (*name) are not accepted in request bodies: write the values out",
+            )
+            .into_response();
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// Whether YAML text holds an alias: a node starting with `*` outside quotes and
+/// comments. A plain scalar cannot start with `*`, so this finds every alias; it may
+/// also refuse a rare legitimate text (a `*` opening a line inside a multi-line quoted
+/// string), which the caller can quote differently.
+fn has_alias(text: &str) -> bool {
+    for line in text.lines() {
+        // The last significant character outside quotes; a node starts after these.
+        let mut prev: Option<char> = None;
+        let (mut single, mut double, mut escaped) = (false, false, false);
+        let starts_node = |p: Option<char>| matches!(p, None | Some(':' | '-' | '[' | '{' | ',' | '?' | '|' | '>'));
+        for (i, c) in line.char_indices() {
+            if double {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => {
+                        double = false;
+                        prev = Some('"');
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if single {
+                if c == '\'' {
+                    single = false;
+                    prev = Some('\'');
+                }
+                continue;
+            }
+            match c {
+                '"' if starts_node(prev) => double = true,
+                '\'' if starts_node(prev) => single = true,
+                '#' if i == 0 || line[..i].ends_with([' ', '\t']) => break,
+                '*' if starts_node(prev) => return true,
+                c if !c.is_whitespace() => prev = Some(c),
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
+fn has_yaml_alias(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok_and(has_alias)
 }
 
 /// The control routes' OpenAPI path items.
@@ -173,4 +265,22 @@ pub fn openapi_paths() -> serde_json::Map<String, Value> {
         paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
     }
     paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_alias;
+
+    #[test]
+    fn aliases_are_found_and_quoted_stars_are_not() {
+        assert!(has_alias("a: &x [1, 2]\nb: *x\n"));
+        assert!(has_alias("b: [*x, *x]\n"));
+        assert!(has_alias("- *x\n"));
+        assert!(has_alias("{a: 1, b: *x}"));
+        assert!(!has_alias("where: \"a * b > 1\"\nexpr: 'x * 2'\n"));
+        assert!(!has_alias("expr: id * 2\n"));
+        assert!(!has_alias("{\"name\": \"x\", \"expr\": \"*\"}"));
+        assert!(!has_alias("a: 1 # *not an alias\n"));
+        assert!(!has_alias("glob: 'a*'\n"));
+    }
 }

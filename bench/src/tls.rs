@@ -1,0 +1,193 @@
+//! What TLS costs: the same WAL drained by Postgres → Postgres and Postgres → Kafka
+//! pipelines, each once in the clear and once over TLS (Postgres `sslmode=verify-full`
+//! on the replication stream, the catalog and the sink; Kafka SASL_SSL with
+//! SCRAM-SHA-512), alternating the order each round. Certificates come from a
+//! throwaway CA made with the `openssl` command.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
+
+use crate::{connect, create_bench_table, peak_rss_mb, start_pipeline, write_rows};
+
+/// A CA, and a certificate and key for `localhost` signed by it (and the two in one
+/// PEM file, a Kafka keystore), readable by the Postgres servers.
+fn make_pki() -> Result<PathBuf> {
+    let dir = tempfile::Builder::new().prefix("sluice-bench-pki-").tempdir()?.keep();
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl").args(args).current_dir(&dir).output().context("running openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice bench ca"]].concat())?;
+    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat())?;
+    std::fs::write(dir.join("server.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n")?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ])?;
+    std::fs::write(dir.join("keystore.pem"), [std::fs::read(dir.join("server.key"))?, std::fs::read(dir.join("server.pem"))?].concat())?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    for f in ["ca.pem", "server.pem"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
+    }
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))?;
+    // Postgres runs as `postgres` when this runs as root, and wants its key its own.
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if root && Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) {
+        Command::new("chown").arg("postgres").arg(dir.join("server.key")).status()?;
+    }
+    Ok(dir)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    Postgres,
+    Kafka,
+}
+
+struct Run<'a> {
+    pki: &'a Path,
+    src: u16,
+    dst: u16,
+    brokers: &'a str,
+    secure_brokers: &'a str,
+}
+
+impl Run<'_> {
+    fn yaml(&self, name: &str, sink: Sink, tls: bool) -> String {
+        let ca = self.pki.join("ca.pem");
+        let pg_tls = if tls { format!("sslmode: verify-full, sslrootcert: {}", ca.display()) } else { "sslmode: disable".into() };
+        let conn = |port: u16| {
+            format!("host: localhost, port: {port}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, {pg_tls}")
+        };
+        let sink = match sink {
+            Sink::Postgres => format!("{{postgres: {{{}, schema: {name}}}}}", conn(self.dst)),
+            Sink::Kafka if tls => format!(
+                "{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, properties: {{security.protocol: SASL_SSL, \
+                 sasl.mechanism: SCRAM-SHA-512, sasl.username: sluice, sasl.password: bench-secret, ssl.ca.location: '{}'}}, \
+                 state: {{{}}}}}}}",
+                self.secure_brokers,
+                ca.display(),
+                conn(self.dst)
+            ),
+            Sink::Kafka => {
+                format!("{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, state: {{{}}}}}}}", self.brokers, conn(self.dst))
+            }
+        };
+        format!(
+            "pipeline: {name}\nsource: {{{}, tables: [public.bench], slot: {name}, publication: bench_pub}}\nsink: {sink}\n\
+             snapshot: {{enabled: false}}\n",
+            conn(self.src)
+        )
+    }
+
+    /// Seconds for the pipeline `name` to apply `rows` changes from its slot.
+    async fn drain(&self, name: &str, sink: Sink, tls: bool, rows: u64) -> Result<f64> {
+        let t = Instant::now();
+        let (metrics, stop, handle) = start_pipeline(&self.yaml(name, sink, tls))?;
+        while metrics.events.load(Ordering::Relaxed) < rows {
+            if handle.is_finished() {
+                handle.await??;
+                bail!("pipeline {name} stopped");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let s = t.elapsed().as_secs_f64();
+        let _ = stop.send(true);
+        handle.await??;
+        Ok(s)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub async fn tls(rows: u64, row_bytes: usize, rounds: usize) -> Result<serde_json::Value> {
+    let pki = make_pki()?;
+    let conf: Vec<String> = vec![
+        "max_wal_size = 4GB".into(),
+        "ssl = on".into(),
+        format!("ssl_cert_file = '{}'", pki.join("server.pem").display()),
+        format!("ssl_key_file = '{}'", pki.join("server.key").display()),
+    ];
+    let (src, dst) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let conf: Vec<&str> = conf.iter().map(String::as_str).collect();
+        Ok((TempCluster::start(&conf)?, TempCluster::start(&conf)?))
+    })
+    .await??;
+    for port in [src.port, dst.port] {
+        connect(port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
+    }
+    let keystore = pki.join("keystore.pem");
+    let broker =
+        tokio::task::spawn_blocking(move || sluice_kafka::broker::TempBroker::start_secured(&[], &keystore, &[("sluice", "bench-secret")]))
+            .await??;
+    let s = connect(src.port, "bench").await?;
+    create_bench_table(&s, "bench_pub").await?;
+    let names: Vec<(String, Sink, bool)> = (0..rounds)
+        .flat_map(|r| {
+            // Alternate which goes first, so warming up favours neither.
+            let modes = if r % 2 == 0 { [false, true] } else { [true, false] };
+            [Sink::Postgres, Sink::Kafka].into_iter().flat_map(move |sink| {
+                modes.map(|tls| {
+                    (
+                        format!("{}_{}_{r}", if sink == Sink::Postgres { "pg" } else { "kafka" }, if tls { "tls" } else { "plain" }),
+                        sink,
+                        tls,
+                    )
+                })
+            })
+        })
+        .collect();
+    for (name, _, _) in &names {
+        s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")).await?;
+    }
+    write_rows(&s, rows, row_bytes, 1000).await?;
+    let run =
+        Run { pki: &pki, src: src.port, dst: dst.port, brokers: broker.addr(), secure_brokers: broker.secure_addr().unwrap_or_default() };
+    let mut secs: std::collections::BTreeMap<(bool, bool), Vec<f64>> = Default::default();
+    for (name, sink, tls) in &names {
+        let t = run.drain(name, *sink, *tls, rows).await?;
+        eprintln!("{name}: {t:.2} s ({:.0} rows/s)", rows as f64 / t);
+        secs.entry((*sink == Sink::Kafka, *tls)).or_default().push(t);
+    }
+    let rate = |kafka: bool, tls: bool| rows as f64 / median(secs[&(kafka, tls)].clone());
+    let report = |kafka: bool| {
+        let (plain, tls) = (rate(kafka, false), rate(kafka, true));
+        serde_json::json!({
+            "plain_rows_per_s": plain, "tls_rows_per_s": tls, "tls_vs_plain": tls / plain,
+            "tls_cost_pct": (1.0 - tls / plain) * 100.0,
+            "plain_seconds": secs[&(kafka, false)], "tls_seconds": secs[&(kafka, true)],
+        })
+    };
+    Ok(serde_json::json!({
+        "bench": "tls", "rows": rows, "row_bytes": row_bytes, "rounds": rounds,
+        "postgres_to_postgres": report(false),
+        "postgres_to_kafka_json": report(true),
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
