@@ -189,6 +189,9 @@ enum Bench {
         row_bytes: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// librdkafka's compression.type of the Kafka sink, in both runs.
+        #[arg(long, default_value = "none")]
+        compression: String,
     },
     /// A replication slot the source invalidates under a running pipeline
     /// (max_slot_wal_keep_size = 1MB, an open transaction holding it back): time to
@@ -796,7 +799,7 @@ async fn main() -> Result<()> {
         Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
-        Bench::Tls { rows, row_bytes, rounds } => tls::tls(rows, row_bytes, rounds).await?,
+        Bench::Tls { rows, row_bytes, rounds, compression } => tls::tls(rows, row_bytes, rounds, &compression).await?,
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?

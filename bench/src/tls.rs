@@ -69,6 +69,8 @@ enum Sink {
 
 struct Run<'a> {
     pki: &'a Path,
+    /// librdkafka's `compression.type` for both runs.
+    compression: &'a str,
     src: u16,
     dst: u16,
     brokers: &'a str,
@@ -86,15 +88,19 @@ impl Run<'_> {
             Sink::Postgres => format!("{{postgres: {{{}, schema: {name}}}}}", conn(self.dst)),
             Sink::Kafka if tls => format!(
                 "{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, properties: {{security.protocol: SASL_SSL, \
-                 sasl.mechanism: SCRAM-SHA-512, sasl.username: sluice, sasl.password: bench-secret, ssl.ca.location: '{}'}}, \
-                 state: {{{}}}}}}}",
+                 sasl.mechanism: SCRAM-SHA-512, sasl.username: sluice, sasl.password: bench-secret, ssl.ca.location: '{}', \
+                 compression.type: {}}}, state: {{{}}}}}}}",
                 self.secure_brokers,
                 ca.display(),
+                self.compression,
                 conn(self.dst)
             ),
-            Sink::Kafka => {
-                format!("{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, state: {{{}}}}}}}", self.brokers, conn(self.dst))
-            }
+            Sink::Kafka => format!(
+                "{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, properties: {{compression.type: {}}}, state: {{{}}}}}}}",
+                self.brokers,
+                self.compression,
+                conn(self.dst)
+            ),
         };
         format!(
             "pipeline: {name}\nsource: {{{}, tables: [public.bench], slot: {name}, publication: bench_pub}}\nsink: {sink}\n\
@@ -126,7 +132,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub async fn tls(rows: u64, row_bytes: usize, rounds: usize) -> Result<serde_json::Value> {
+pub async fn tls(rows: u64, row_bytes: usize, rounds: usize, compression: &str) -> Result<serde_json::Value> {
     let pki = make_pki()?;
     let conf: Vec<String> = vec![
         "max_wal_size = 4GB".into(),
@@ -155,7 +161,7 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize) -> Result<serde_jso
             [Sink::Postgres, Sink::Kafka].into_iter().flat_map(move |sink| {
                 modes.map(|tls| {
                     (
-                        format!("{}_{}_{r}", if sink == Sink::Postgres { "pg" } else { "kafka" }, if tls { "tls" } else { "plain" }),
+                        format!("{}_{}_{r}", if sink == Sink::Postgres { "to_pg" } else { "to_kafka" }, if tls { "tls" } else { "plain" }),
                         sink,
                         tls,
                     )
@@ -167,8 +173,14 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize) -> Result<serde_jso
         s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")).await?;
     }
     write_rows(&s, rows, row_bytes, 1000).await?;
-    let run =
-        Run { pki: &pki, src: src.port, dst: dst.port, brokers: broker.addr(), secure_brokers: broker.secure_addr().unwrap_or_default() };
+    let run = Run {
+        pki: &pki,
+        compression,
+        src: src.port,
+        dst: dst.port,
+        brokers: broker.addr(),
+        secure_brokers: broker.secure_addr().unwrap_or_default(),
+    };
     let mut secs: std::collections::BTreeMap<(bool, bool), Vec<f64>> = Default::default();
     for (name, sink, tls) in &names {
         let t = run.drain(name, *sink, *tls, rows).await?;
@@ -185,7 +197,7 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize) -> Result<serde_jso
         })
     };
     Ok(serde_json::json!({
-        "bench": "tls", "rows": rows, "row_bytes": row_bytes, "rounds": rounds,
+        "bench": "tls", "rows": rows, "row_bytes": row_bytes, "rounds": rounds, "kafka_compression": compression,
         "postgres_to_postgres": report(false),
         "postgres_to_kafka_json": report(true),
         "peak_rss_mb": peak_rss_mb(),

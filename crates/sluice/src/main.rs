@@ -703,7 +703,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let app = sluice::server::router(sluice::server::ServerConfig { source }, registry, search, control);
+            let app = sluice::server::router(sluice::server::ServerConfig::new(source), registry, search, control);
             match tls {
                 Some(config) => serve_on(sluice::https::TlsListener::new(listener, config)?, app, "server (HTTPS)", stop).await?,
                 None => serve_on(listener, app, "server", stop).await?,

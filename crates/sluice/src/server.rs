@@ -20,7 +20,18 @@ pub struct ServerConfig {
     /// Catalog context for migration checks (read-only connection string). Callers
     /// choose a pipeline, never a database: the server never connects where a request says.
     pub source: Option<String>,
+    /// With the control plane on, migration checks take its tokens too.
+    control: Option<Arc<sluice_control::Control>>,
 }
+
+impl ServerConfig {
+    pub fn new(source: Option<String>) -> Self {
+        Self { source, control: None }
+    }
+}
+
+/// The largest migration a check reads (a file of thousands of statements fits).
+const MAX_SQL: usize = 4 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +47,16 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (status, Json(json!({ "error": { "type": kind, "message": message } }))).into_response()
 }
 
-async fn migrations_check(State(cfg): State<Arc<ServerConfig>>, body: axum::body::Bytes) -> Response {
+async fn migrations_check(State(cfg): State<Arc<ServerConfig>>, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(ctl) = &cfg.control
+        && let Err(e) = sluice_control::api::authenticate(ctl, &headers).await
+    {
+        return e.into_response();
+    }
+    let kind = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !kind.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json") {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send the request as application/json".into());
+    }
     let req: CheckRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}; expected {{\"sql\": \"...\"}}")),
@@ -108,8 +128,8 @@ pub fn router(
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(move || async move { Json((*doc).clone()) }))
-        .route("/v1/migrations/check", post(migrations_check))
-        .with_state(Arc::new(cfg));
+        .route("/v1/migrations/check", post(migrations_check).layer(axum::extract::DefaultBodyLimit::max(MAX_SQL)))
+        .with_state(Arc::new(ServerConfig { control: control.clone(), ..cfg }));
     let registry = registry.map(sluice_registry::router);
     match control {
         Some(ctl) => {

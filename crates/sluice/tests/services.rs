@@ -332,6 +332,20 @@ async fn api_refuses_alias_bombs_and_form_posts_and_keeps_serving() {
     assert_eq!(form.status().as_u16(), 415, "a form post is refused");
     let (s, _) = http("GET", &format!("{url}/healthz"), None, None).await;
     assert_eq!(s, 200, "still serving");
+    // Migration checks take the control plane's tokens, and JSON only.
+    let check = |token: Option<&str>, kind: &str| {
+        let mut r = reqwest::Client::new()
+            .post(format!("{url}/v1/migrations/check"))
+            .header("content-type", kind.to_string())
+            .body(r#"{"sql": "ALTER TABLE t ADD COLUMN c int"}"#);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(check(None, "application/json").await, 401);
+    assert_eq!(check(Some(&ctl.admin), "text/plain").await, 415);
+    assert_eq!(check(Some(&ctl.admin), "application/json").await, 200);
     let (_, v) = http("GET", &format!("{url}/v1/tenants"), Some(&ctl.admin), None).await;
     assert_eq!(v["tenants"], serde_json::json!([]), "nothing was created: {v}");
 }
