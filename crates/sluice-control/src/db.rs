@@ -151,6 +151,10 @@ CREATE TABLE mirrors (
     UNIQUE (tenant_id, name)
 );
 "#,
+    r#"
+-- Tokens that expire (NULL: never), and when each was last used.
+ALTER TABLE tokens ADD COLUMN expires_at timestamptz, ADD COLUMN last_used_at timestamptz;
+"#,
 ];
 
 /// The schema everything lives in, so the control database may be shared.

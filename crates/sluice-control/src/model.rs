@@ -33,7 +33,7 @@ impl Invalid {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Invalid> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Invalid> {
     let text = std::str::from_utf8(body).map_err(|_| Invalid { field: None, message: format!("{what}: the body is not UTF-8") })?;
     if text.trim().is_empty() {
         return Err(Invalid { field: None, message: format!("{what}: the body is empty; send YAML or JSON") });
@@ -202,6 +202,55 @@ impl SinkSpec {
         Ok(spec)
     }
 
+    /// Keeps what the sink names in other systems under the tenant: a Kafka sink's
+    /// topics start with `<tenant>.` (the default template becomes
+    /// `<tenant>.{prefix}.{schema}.{table}`) and its schemas live in the tenant's
+    /// registry context; a search sink's index is `<tenant>.<name>`, the names the
+    /// server's search service lets the tenant's token reach.
+    pub fn scope_to_tenant(&mut self, tenant: &str) -> Result<(), Invalid> {
+        let prefix = format!("{tenant}.");
+        let Some(settings) = self.settings.as_object_mut() else { return Ok(()) };
+        match self.kind.as_str() {
+            "kafka" => {
+                match settings.get("topic").and_then(Value::as_str) {
+                    None => {
+                        settings.insert("topic".into(), json!(format!("{prefix}{{prefix}}.{{schema}}.{{table}}")));
+                    }
+                    Some(t) if t.starts_with(&prefix) => {}
+                    Some(t) => {
+                        return Err(Invalid::new(
+                            "kafka.topic",
+                            format!("{t:?} must start with {prefix:?}: a tenant's topics carry its name"),
+                        ));
+                    }
+                }
+                match settings.get("registry_context").and_then(Value::as_str) {
+                    None => {
+                        settings.insert("registry_context".into(), json!(tenant));
+                    }
+                    Some(c) if c == tenant => {}
+                    Some(c) => {
+                        return Err(Invalid::new(
+                            "kafka.registry_context",
+                            format!("{c:?} must be {tenant:?}: a tenant's schemas live in its own context"),
+                        ));
+                    }
+                }
+            }
+            "search" => {
+                let index = settings.get("index").and_then(Value::as_str).unwrap_or_default();
+                if !(index.starts_with(&prefix) && index.len() > prefix.len()) {
+                    return Err(Invalid::new(
+                        "search.index",
+                        format!("{index:?} must be named {prefix}<name>: a tenant's indices carry its name"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The settings with every password replaced, for the API and the clear column.
     pub fn public(&self) -> Value {
         let mut s = self.settings.clone();
@@ -326,6 +375,26 @@ fn redact_secrets(v: &mut Value) {
             }
         }
         Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        _ => {}
+    }
+}
+
+/// A body sent back as the API showed it: each placeholder the API put in place of a
+/// secret (`(set)`, or `(set)@` in a URL otherwise unchanged) gets the stored secret at
+/// the same place back, so a GET-then-PUT round trip never stores a placeholder as a
+/// password. Anything else the caller changed stays as sent.
+pub fn restore_secrets(new: &mut Value, old: &Value) {
+    match (new, old) {
+        (Value::Object(n), Value::Object(o)) => {
+            for (k, v) in n.iter_mut() {
+                if let Some(ov) = o.get(k) {
+                    restore_secrets(v, ov);
+                }
+            }
+        }
+        (Value::Array(n), Value::Array(o)) => n.iter_mut().zip(o).for_each(|(v, ov)| restore_secrets(v, ov)),
+        (Value::String(n), Value::String(o)) if n == "(set)" => *n = o.clone(),
+        (Value::String(n), Value::String(o)) if n.contains("://(set)@") && without_credentials(o) == *n => *n = o.clone(),
         _ => {}
     }
 }
@@ -508,6 +577,45 @@ pub fn run_config(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sinks_are_kept_under_their_tenant() {
+        let kafka = |extra: &str| {
+            SinkSpec::parse(format!("{{name: k, kafka: {{brokers: 'b:9092', encoding: json{extra}, state: {{host: h, user: u, password: p, database: d}}}}}}").as_bytes())
+                .unwrap()
+        };
+        let mut s = kafka("");
+        s.scope_to_tenant("shop").unwrap();
+        assert_eq!(s.settings["topic"], "shop.{prefix}.{schema}.{table}");
+        assert_eq!(s.settings["registry_context"], "shop");
+        assert!(kafka(", topic: 'shop.cdc.{table}'").scope_to_tenant("shop").is_ok());
+        let e = kafka(", topic: 'other.{table}'").scope_to_tenant("shop").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("kafka.topic"));
+        let e = kafka(", registry_context: other").scope_to_tenant("shop").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("kafka.registry_context"));
+    }
+
+    #[test]
+    fn placeholders_sent_back_get_the_stored_secrets() {
+        let stored = json!({"name": "k", "kafka": {"brokers": "b:9092", "registry_url": "https://u:pw@reg/x",
+            "properties": {"sasl.password": "s3cret"}, "state": {"host": "h", "password": "pg-pw"}}});
+        let mut shown = stored.clone();
+        redact_secrets(&mut shown);
+        assert_eq!(shown["kafka"]["state"]["password"], "(set)");
+        let mut back = shown.clone();
+        back["kafka"]["brokers"] = json!("c:9092");
+        restore_secrets(&mut back, &stored);
+        assert_eq!(back["kafka"]["state"]["password"], "pg-pw");
+        assert_eq!(back["kafka"]["properties"]["sasl.password"], "s3cret");
+        assert_eq!(back["kafka"]["registry_url"], "https://u:pw@reg/x");
+        assert_eq!(back["kafka"]["brokers"], "c:9092", "what the caller changed stays");
+        // A URL whose host changed does not get the old credentials.
+        let mut moved = shown.clone();
+        moved["kafka"]["registry_url"] = json!("https://(set)@elsewhere/x");
+        restore_secrets(&mut moved, &stored);
+        assert_eq!(moved["kafka"]["registry_url"], "https://(set)@elsewhere/x");
+    }
+
     use super::*;
 
     #[test]

@@ -45,16 +45,25 @@ pub enum Tenants {
 
 #[derive(Subcommand)]
 pub enum Tokens {
-    List,
+    /// The tenant's tokens; with --all (a platform admin), every tenant's.
+    List {
+        #[arg(long)]
+        all: bool,
+    },
     /// Create a token; its value is printed once (only its hash is stored).
     Create {
         name: String,
         #[arg(long, value_parser = ["tenant_admin", "tenant_viewer"], default_value = "tenant_viewer")]
         role: String,
+        /// How long it works (e.g. 90d, 12h); without it, until revoked.
+        #[arg(long)]
+        expires_in: Option<String>,
     },
-    /// Revoke a token by id.
+    /// Revoke a token by id; with --all (a platform admin), any tenant's.
     Revoke {
         id: i64,
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -306,15 +315,30 @@ pub fn run(conn: &Connection, cmd: Command) -> Result<()> {
             }
         },
         Command::Tokens(t) => {
-            let base = format!("/v1/tenants/{}/tokens", api.tenant()?);
+            let columns = ["id", "tenant", "name", "role", "created_at", "expires_at"];
             match t {
-                Tokens::List => out(&api.call("GET", &base, None)?, &|v| list(v, "tokens", &["id", "name", "role", "created_at"])),
-                Tokens::Create { name, role } => {
-                    out(&api.call("POST", &base, Some(json!({ "name": name, "role": role }).to_string().into_bytes()))?, &|v| {
-                        format!("{}\n(token {} for {role}: shown once, store it now)\n", v["token"].as_str().unwrap_or(""), v["id"])
-                    })
+                Tokens::List { all: true } => out(&api.call("GET", "/v1/tokens", None)?, &|v| list(v, "tokens", &columns)),
+                Tokens::Revoke { id, all: true } => {
+                    out(&api.call("DELETE", &format!("/v1/tokens/{id}"), None)?, &|_| format!("revoked token {id}\n"))
                 }
-                Tokens::Revoke { id } => out(&api.call("DELETE", &format!("{base}/{id}"), None)?, &|_| format!("revoked token {id}\n")),
+                t => {
+                    let base = format!("/v1/tenants/{}/tokens", api.tenant()?);
+                    match t {
+                        Tokens::List { .. } => out(&api.call("GET", &base, None)?, &|v| list(v, "tokens", &columns)),
+                        Tokens::Create { name, role, expires_in } => {
+                            let mut body = json!({ "name": name, "role": role });
+                            if let Some(e) = expires_in {
+                                body["expires_in"] = json!(e);
+                            }
+                            out(&api.call("POST", &base, Some(body.to_string().into_bytes()))?, &|v| {
+                                format!("{}\n(token {} for {role}: shown once, store it now)\n", v["token"].as_str().unwrap_or(""), v["id"])
+                            })
+                        }
+                        Tokens::Revoke { id, .. } => {
+                            out(&api.call("DELETE", &format!("{base}/{id}"), None)?, &|_| format!("revoked token {id}\n"))
+                        }
+                    }
+                }
             }
         }
         Command::Sources(r) => resource(&api, "sources", r, &out, &list, &pretty)?,

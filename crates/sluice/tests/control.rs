@@ -50,7 +50,7 @@ impl Ctl {
         self.control().await.query_one("SELECT id FROM sluice_control.installation", &[]).await.unwrap().get(0)
     }
 
-    async fn control(&self) -> tokio_postgres::Client {
+    pub(crate) async fn control(&self) -> tokio_postgres::Client {
         connect(self.env.dst_port, &format!("{}_ctl", self.env.db)).await
     }
 
@@ -859,15 +859,17 @@ async fn resync_through_the_cli_and_kafka_purge() {
         let (_, v) = call("GET", &format!("{registry_url}/subjects?deleted=true"), None, None).await;
         v.as_array().unwrap().iter().filter_map(|s| s.as_str().map(String::from)).collect::<Vec<_>>()
     };
-    // The topic is named after the pipeline's runner name unless the sink sets a prefix.
+    // The topic is the tenant's name and the pipeline's runner name (unless the sink sets
+    // a prefix); its subjects are in the tenant's registry context.
     let value = subjects().await.into_iter().find(|s| s.ends_with(".public.orders-value")).expect("a value subject");
-    let topic = value.trim_end_matches("-value").to_string();
-    assert!(subjects().await.contains(&format!("{topic}-key")), "{:?}", subjects().await);
+    let topic = value.strip_prefix(":.shop:").expect("subjects in the tenant's context").trim_end_matches("-value").to_string();
+    assert!(topic.starts_with("shop."), "{topic}");
+    assert!(subjects().await.contains(&format!(":.shop:{topic}-key")), "{:?}", subjects().await);
     assert!(kafka_topics(&brokers).contains(&topic), "{:?}", kafka_topics(&brokers));
     let (s, v) = call("DELETE", &format!("{url}/v1/tenants/shop/pipelines/events?purge=true"), Some(&token), None).await;
     assert_eq!(s, 202, "{v}");
     wait_workflow(&url, &token, "shop", v["workflow"].as_i64().unwrap(), Duration::from_secs(120)).await;
-    assert!(subjects().await.iter().all(|s| !s.starts_with(&topic)), "subjects left: {:?}", subjects().await);
+    assert!(subjects().await.iter().all(|s| !s.contains(&topic)), "subjects left: {:?}", subjects().await);
     assert!(!kafka_topics(&brokers).contains(&topic), "topic left: {:?}", kafka_topics(&brokers));
     drop(broker);
     registry.kill9();

@@ -299,6 +299,19 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     assert_eq!(s, 201, "{v}");
     let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(lookup)).await;
     assert_eq!(s, 201, "{v}");
+
+    // A GET-then-PUT round trip keeps the stored password: the sink still reaches its
+    // database afterwards, so a pipeline can be created on it (creation connects).
+    let (s, v) = http("POST", &format!("{base}/sinks"), Some(&ctl.admin), Some(ctl.sink_yaml("replica"))).await;
+    assert_eq!(s, 201, "{v}");
+    let (_, shown) = http("GET", &format!("{base}/sinks/replica"), Some(&ctl.admin), None).await;
+    assert_eq!(shown["postgres"]["password"], "(set)", "{shown}");
+    let (s, v) = http("PUT", &format!("{base}/sinks/replica"), Some(&ctl.admin), Some(shown.to_string())).await;
+    assert_eq!(s, 200, "{v}");
+    ctl.env.src().await.batch_execute("CREATE TABLE orders (id int8 PRIMARY KEY)").await.unwrap();
+    let pipeline = "{name: p, source: main, sink: replica, tables: [orders]}";
+    let (s, v) = http("POST", &format!("{base}/pipelines"), Some(&ctl.admin), Some(pipeline.into())).await;
+    assert_eq!(s, 201, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -348,4 +361,94 @@ async fn api_refuses_alias_bombs_and_form_posts_and_keeps_serving() {
     assert_eq!(check(Some(&ctl.admin), "application/json").await, 200);
     let (_, v) = http("GET", &format!("{url}/v1/tenants"), Some(&ctl.admin), None).await;
     assert_eq!(v["tenants"], serde_json::json!([]), "nothing was created: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_expire_and_platform_admins_list_and_revoke_every_token() {
+    use crate::control::{call as http, cli};
+    let ctl = Ctl::new("tokens").await;
+    let server = ctl.server("t1", free_port(), None).await;
+    let url = server.url.clone();
+    let (s, _) = http("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some("name: acme".into())).await;
+    assert_eq!(s, 201);
+    let base = format!("{url}/v1/tenants/acme");
+    let (s, v) =
+        http("POST", &format!("{base}/tokens"), Some(&ctl.admin), Some("{name: short, role: tenant_admin, expires_in: 10s}".into())).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (422, Some("expires_in")), "{v}");
+    let (s, v) =
+        http("POST", &format!("{base}/tokens"), Some(&ctl.admin), Some("{name: ci, role: tenant_admin, expires_in: 90d}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    assert!(v["expires_at"].is_string(), "{v}");
+    let (ci, ci_id) = (v["token"].as_str().unwrap().to_string(), v["id"].as_i64().unwrap());
+    let (s, v) = http("POST", &format!("{base}/tokens"), Some(&ctl.admin), Some("{name: ops, role: tenant_viewer}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let (ops, ops_id) = (v["token"].as_str().unwrap().to_string(), v["id"].as_i64().unwrap());
+    assert_eq!(http("GET", &base, Some(&ci), None).await.0, 200);
+
+    // Past its expiry a token is unknown, on every route.
+    let c = ctl.control().await;
+    c.execute("UPDATE sluice_control.tokens SET expires_at = now() - interval '1 second' WHERE id = $1", &[&ci_id]).await.unwrap();
+    assert_eq!(http("GET", &base, Some(&ci), None).await.0, 401);
+
+    // A platform admin lists every tenant's tokens (never a value or a hash) and revokes any.
+    let (s, v) = http("GET", &format!("{url}/v1/tokens"), Some(&ctl.admin), None).await;
+    assert_eq!(s, 200, "{v}");
+    let tokens = v["tokens"].as_array().unwrap();
+    assert!(tokens.iter().any(|t| t["id"] == ops_id && t["tenant"] == "acme"), "{v}");
+    assert!(!v.to_string().contains(&ops) && !v.to_string().contains("hash"), "{v}");
+    assert_eq!(http("GET", &format!("{url}/v1/tokens"), Some(&ops), None).await.0, 403);
+    assert_eq!(http("DELETE", &format!("{url}/v1/tokens/{ops_id}"), Some(&ops), None).await.0, 403);
+    let (code, out, err) = cli(&url, &ctl.admin, "", &["tokens", "revoke", &ops_id.to_string(), "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(http("GET", &base, Some(&ops), None).await.0, 401);
+    // The last platform admin token stays.
+    let admin_id = tokens.iter().find(|t| t["role"] == "platform_admin").unwrap()["id"].as_i64().unwrap();
+    assert_eq!(http("DELETE", &format!("{url}/v1/tokens/{admin_id}"), Some(&ctl.admin), None).await.0, 404);
+    let (code, out, err) = cli(&url, &ctl.admin, "", &["tokens", "list", "--all", "--output", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("platform_admin"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schemathesis_finds_no_server_error_in_a_thousand_requests() {
+    use crate::control::call as http;
+    let ctl = Ctl::new("fuzz").await;
+    let server = ctl.server("f1", free_port(), None).await;
+    let url = server.url.clone();
+    let (s, _) = http("POST", &format!("{url}/v1/tenants"), Some(&ctl.admin), Some("name: acme".into())).await;
+    assert_eq!(s, 201);
+    let (s, v) =
+        http("POST", &format!("{url}/v1/tenants/acme/tokens"), Some(&ctl.admin), Some("{name: fuzz, role: tenant_admin}".into())).await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    // Requests go to the token's own tenant (others answer 404 before anything else),
+    // and to ids that exist nowhere (a generated id must not revoke the token itself).
+    let dir = &ctl.env.dir;
+    std::fs::write(dir.join("schemathesis.toml"), "[parameters]\ntenant = \"acme\"\nid = \"987654321\"\n").unwrap();
+    let har = dir.join("schemathesis.har");
+    let st = python().replace("/python", "/st");
+    let (toml, har_arg, spec) = (dir.join("schemathesis.toml"), har.clone(), format!("{url}/openapi.json"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(st)
+            .arg("--config-file")
+            .arg(toml)
+            .args(["run", &spec, "--checks", "not_a_server_error", "--max-examples", "120", "--seed", "1", "--workers", "2"])
+            .args(["--header", &format!("Authorization: Bearer {token}"), "--report", "har", "--report-har-path"])
+            .arg(har_arg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    let har: Value = serde_json::from_slice(&std::fs::read(&har).expect("schemathesis wrote its HAR file")).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap();
+    let errors: Vec<String> = entries
+        .iter()
+        .filter(|e| e["response"]["status"].as_i64().unwrap_or(0) >= 500)
+        .map(|e| format!("{} {} -> {}", e["request"]["method"], e["request"]["url"], e["response"]["status"]))
+        .collect();
+    assert!(errors.is_empty(), "5xx answers: {errors:?}\n{log}");
+    assert!(entries.len() >= 1000, "only {} requests were generated:\n{log}", entries.len());
+    assert!(out.status.success(), "schemathesis failed:\n{log}{}", String::from_utf8_lossy(&out.stderr));
 }

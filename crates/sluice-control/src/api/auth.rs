@@ -48,7 +48,8 @@ async fn lookup(ctl: &Control, headers: &axum::http::HeaderMap) -> Result<(Optio
         .get()
         .await?
         .query_opt(
-            "SELECT k.tenant_id, k.role, t.name FROM tokens k LEFT JOIN tenants t ON t.id = k.tenant_id WHERE k.hash = $1",
+            "SELECT k.tenant_id, k.role, t.name FROM tokens k LEFT JOIN tenants t ON t.id = k.tenant_id
+             WHERE k.hash = $1 AND (k.expires_at IS NULL OR k.expires_at > now())",
             &[&token_hash(token.trim())],
         )
         .await?

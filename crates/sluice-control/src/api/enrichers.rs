@@ -49,6 +49,7 @@ pub(super) async fn enricher_users(ctl: &Control, tenant: i64, name: &str) -> Re
 /// delivered in the background.
 pub(super) async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
+    let body = with_stored_secrets(&ctl, "enrichers", id, &name, body, EnricherSpec::from_sealed).await?;
     let e = EnricherSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_enricher", i))?;
     ctl.check_egress("", &e.settings).await?;
     if e.name != name {

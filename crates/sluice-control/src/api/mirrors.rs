@@ -111,6 +111,13 @@ pub(super) async fn mirrors_get(State(ctl): Ctl, caller: Caller, Path((tenant, n
 pub(super) async fn mirrors_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let tid = caller.tenant(&ctl, &tenant, true).await?;
     let id = mirror_row(&ctl, tid, &name).await?;
+    let body = with_stored_secrets(&ctl, "mirrors", tid, &name, body, |plain| {
+        let old = MirrorSpec::from_sealed(plain)?;
+        let mut v = Value::Object(old.settings);
+        v["name"] = json!(old.name);
+        Ok(v)
+    })
+    .await?;
     let m = MirrorSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_mirror", i))?;
     ctl.check_egress("", &Value::Object(m.settings.clone())).await?;
     if m.name != name {

@@ -67,3 +67,27 @@ pub(super) fn created(v: Value) -> ApiResult {
 pub(super) fn accepted(v: Value) -> ApiResult {
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
+
+/// `body`, a PUT of resource `name` (table `table`), with the API's secret placeholders
+/// replaced by the stored secrets ([`restore_secrets`]); `stored` rebuilds the stored
+/// resource, opened, as a request body. A body that does not parse is passed on as it
+/// is (the handler says what is wrong with it).
+pub(super) async fn with_stored_secrets(
+    ctl: &Control,
+    table: &str,
+    tenant: i64,
+    name: &str,
+    body: Bytes,
+    stored: impl Fn(&[u8]) -> anyhow::Result<Value>,
+) -> Result<Bytes, ApiError> {
+    if !body.windows(5).any(|w| w == b"(set)") {
+        return Ok(body);
+    }
+    let Ok(mut new) = super::model::parse::<Value>(&body, table) else { return Ok(body) };
+    let row =
+        ctl.db.get().await?.query_opt(&format!("SELECT sealed FROM {table} WHERE tenant_id = $1 AND name = $2"), &[&tenant, &name]).await?;
+    let Some(row) = row else { return Ok(body) };
+    let plain = ctl.sealer.open(row.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
+    super::model::restore_secrets(&mut new, &stored(&plain)?);
+    Ok(Bytes::from(serde_json::to_vec(&new).expect("json")))
+}

@@ -9,8 +9,15 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("post", "/v1/tenants", "Create a tenant {name}", "platform_admin"),
     ("get", "/v1/tenants/{tenant}", "Show a tenant and its resource counts", "viewer"),
     ("delete", "/v1/tenants/{tenant}", "Delete an empty tenant", "platform_admin"),
+    ("get", "/v1/tokens", "List every token of every tenant (never their values)", "platform_admin"),
+    ("delete", "/v1/tokens/{id}", "Revoke any token (not the last platform admin token)", "platform_admin"),
     ("get", "/v1/tenants/{tenant}/tokens", "List API tokens (never their values)", "viewer"),
-    ("post", "/v1/tenants/{tenant}/tokens", "Create a token {name, role: tenant_admin|tenant_viewer}; its value is shown once", "admin"),
+    (
+        "post",
+        "/v1/tenants/{tenant}/tokens",
+        "Create a token {name, role: tenant_admin|tenant_viewer, expires_in: 90d}; its value is shown once",
+        "admin",
+    ),
     ("delete", "/v1/tenants/{tenant}/tokens/{id}", "Revoke a token", "admin"),
     ("get", "/v1/tenants/{tenant}/sources", "List sources", "viewer"),
     (
@@ -118,6 +125,8 @@ pub fn router(ctl: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/tenants", get(tenants_list).post(tenants_create))
         .route("/v1/tenants/{tenant}", get(tenants_get).delete(tenants_delete))
+        .route("/v1/tokens", get(all_tokens_list))
+        .route("/v1/tokens/{id}", axum::routing::delete(all_tokens_delete))
         .route("/v1/tenants/{tenant}/tokens", get(tokens_list).post(tokens_create))
         .route("/v1/tenants/{tenant}/tokens/{id}", axum::routing::delete(tokens_delete))
         .route("/v1/tenants/{tenant}/sources", get(sources_list).post(sources_create))
@@ -150,10 +159,17 @@ pub fn router(ctl: Arc<Control>) -> Router {
 /// The largest request body the API reads (resource specs are a few KB).
 const MAX_BODY: usize = 1 << 20;
 
-/// Every request body, before any handler: YAML or JSON by its content type (so a
+/// Every request, before any handler: a path without control characters; a body in
+/// YAML or JSON by its content type (so a
 /// browser's cross-site form or `text/plain` post is refused), at most 1 MiB, and no
 /// YAML aliases (a few KB of nested aliases expand to gigabytes: the "billion laughs").
 async fn body_guard(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    // No name holds a control character (Postgres cannot even store NUL in text): such a
+    // path names nothing, and must not reach a query.
+    let path = percent_encoding::percent_decode_str(req.uri().path()).collect::<Vec<u8>>();
+    if std::str::from_utf8(&path).is_err() || path.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource: names hold letters, digits, _ and -").into_response();
+    }
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,

@@ -10,7 +10,8 @@ pub(super) async fn sinks_list(State(ctl): Ctl, caller: Caller, Path(tenant): Pa
 
 pub(super) async fn sinks_create(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
-    let s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    let mut s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    s.scope_to_tenant(&tenant).map_err(|i| ApiError::invalid("invalid_sink", i))?;
     ctl.check_egress(&s.kind, &s.settings).await?;
     let n = ctl
         .db
@@ -35,7 +36,13 @@ pub(super) async fn sinks_get(State(ctl): Ctl, caller: Caller, Path((tenant, nam
 
 pub(super) async fn sinks_put(State(ctl): Ctl, caller: Caller, Path((tenant, name)): Path<(String, String)>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
-    let s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    let body = with_stored_secrets(&ctl, "sinks", id, &name, body, |plain| {
+        let old = SinkSpec::from_sealed(plain)?;
+        Ok(json!({ "name": old.name, old.kind: old.settings }))
+    })
+    .await?;
+    let mut s = SinkSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_sink", i))?;
+    s.scope_to_tenant(&tenant).map_err(|i| ApiError::invalid("invalid_sink", i))?;
     ctl.check_egress(&s.kind, &s.settings).await?;
     if s.name != name {
         return Err(ApiError::invalid(
