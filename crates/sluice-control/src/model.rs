@@ -339,9 +339,13 @@ fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
             let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
             let text = v.as_str().unwrap_or_default();
             match k.as_str() {
-                "sslrootcert" | "sslcert" | "sslkey" | "plugin.library.paths" | "sasl.kerberos.keytab" | "sasl.kerberos.kinit.cmd" => {
-                    Some(Invalid::new(&path, FILE))
-                }
+                "sslrootcert"
+                | "sslcert"
+                | "sslkey"
+                | "ca_file"
+                | "plugin.library.paths"
+                | "sasl.kerberos.keytab"
+                | "sasl.kerberos.kinit.cmd" => Some(Invalid::new(&path, FILE)),
                 k if k.ends_with(".location") => Some(Invalid::new(&path, FILE)),
                 "enable.idempotence" if text != "true" => {
                     Some(Invalid::new(&path, "cannot be turned off: without it a retried send can duplicate or reorder records"))

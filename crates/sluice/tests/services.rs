@@ -219,6 +219,40 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     assert_eq!((s, v), (200, serde_json::json!([1])));
     let (_, v) = call("GET", &format!("{url}/registry/subjects"), Some(&ctl.admin), None).await;
     assert_eq!(v, serde_json::json!([":.acme:orders-value", ":.globex:orders-value"]));
+
+    // A pipeline's search sink reaches the same service over HTTPS, trusting the test CA,
+    // with the tenant's token as its password: rows become documents in the tenant's index.
+    let env = &ctl.env;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TABLE items (id int8 PRIMARY KEY, name text); INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 50) g;",
+    )
+    .await
+    .unwrap();
+    let (user, pw) = (sluice_postgres::cluster::SUPERUSER, sluice_postgres::cluster::SUPERUSER_PASSWORD);
+    let cfg = env.write_config(&format!(
+        "pipeline: {db}_search\nsource: {{host: 127.0.0.1, port: {sp}, user: {user}, password: {pw}, database: {db}, tables: [public.items], \
+         heartbeat_interval: 500ms}}\nsink:\n  search:\n    url: {url}/search\n    index: acme.items\n    username: acme\n    password: {acme}\n    \
+         ca_file: {ca}\n    document: {{table: public.items}}\n    state: {{host: 127.0.0.1, port: {dp}, user: {user}, password: {pw}, database: {db}}}\n",
+        db = env.db,
+        sp = env.src_port,
+        dp = env.dst_port,
+        ca = CA.get().unwrap().display(),
+    ));
+    let mut p = env.spawn(&cfg);
+    let count = |n: i64| {
+        let (url, acme) = (url.clone(), acme.clone());
+        move || {
+            let (url, acme) = (url.clone(), acme.clone());
+            async move { call("GET", &format!("{url}/search/acme.items/_count"), Some(&acme), None).await.1["count"].as_i64() == Some(n) }
+        }
+    };
+    wait_for("the snapshot in acme.items", std::time::Duration::from_secs(60), count(50)).await;
+    src.batch_execute("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(51, 60) g;").await.unwrap();
+    wait_for("the streamed rows in acme.items", std::time::Duration::from_secs(60), count(60)).await;
+    p.assert_running();
+    assert!(!p.log().contains(&acme), "the token is never logged");
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
     server.proc.assert_running();
 }
 

@@ -23,6 +23,13 @@ pub struct SearchSinkConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<SecretString>,
+    /// An Elasticsearch API key (`Authorization: ApiKey <key>`), instead of a user.
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// PEM file of the authority that signed an https service's certificate (without
+    /// it, the system's trusted authorities).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     pub document: DocumentSpec,
     /// Documents per `_bulk` request (and root rows per page of the initial load).
     #[serde(default = "default_bulk_docs")]
@@ -49,6 +56,8 @@ impl SearchSinkConfig {
             index: self.index.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
+            api_key: self.api_key.clone(),
+            ca_file: self.ca_file.clone(),
             bulk_max_docs: self.bulk_max_docs,
             bulk_max_bytes: self.bulk_max_bytes,
             pipeline: pipeline.to_string(),
@@ -63,10 +72,13 @@ impl SinkConfigure for SearchSinkConfig {
 
     fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return Err(format!("sink.search.url: {:?} must start with http:// (https needs a TLS build, not available yet)", self.url));
+            return Err(format!("sink.search.url: {:?} must start with https:// (or http://)", self.url));
         }
-        if self.url.starts_with("https://") {
-            return Err("sink.search.url: https is not supported by this build yet; use http:// on a trusted network".into());
+        if self.api_key.is_some() && self.username.is_some() {
+            return Err("sink.search: give username/password or api_key, not both".into());
+        }
+        if self.ca_file.is_some() && !self.url.starts_with("https://") {
+            return Err("sink.search.ca_file: only an https:// url uses it".into());
         }
         let i = &self.index;
         if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {

@@ -33,6 +33,9 @@ pub struct SearchSinkOptions {
     pub index: String,
     pub username: Option<String>,
     pub password: Option<SecretString>,
+    pub api_key: Option<SecretString>,
+    /// The authority of an https service's certificate (PEM), when not a public one.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Documents per `_bulk` request.
     pub bulk_max_docs: usize,
     /// Bytes per `_bulk` request body (a request is cut before it grows past this).
@@ -76,11 +79,14 @@ impl SearchSink {
     /// Connects and checks that the search service answers; writes nothing (so
     /// `sluice check` can call it).
     pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| SearchError::permanent(format!("search sink: HTTP client: {e}")))?;
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &opts.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| SearchError::permanent(format!("sink.search.ca_file {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| SearchError::permanent(format!("sink.search.ca_file {}: not a PEM certificate ({e})", ca.display())))?;
+            builder = builder.tls_certs_only([cert]);
+        }
+        let http = builder.build().map_err(|e| SearchError::permanent(format!("search sink: HTTP client: {e}")))?;
         let sink = SearchSink { opts, plan, http, source, state };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
             SearchError::transient(format!(
@@ -104,6 +110,9 @@ impl SearchSink {
         let mut r = self.http.request(method, url);
         if let Some(user) = &self.opts.username {
             r = r.basic_auth(user, self.opts.password.as_ref().map(|p| p.expose_secret().to_owned()));
+        }
+        if let Some(key) = &self.opts.api_key {
+            r = r.header(reqwest::header::AUTHORIZATION, format!("ApiKey {}", key.expose_secret()));
         }
         r
     }
