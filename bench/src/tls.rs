@@ -4,62 +4,14 @@
 //! SCRAM-SHA-512), alternating the order each round. Certificates come from a
 //! throwaway CA made with the `openssl` command.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
+use sluice_postgres::pki::Pki;
 
 use crate::{connect, create_bench_table, peak_rss_mb, start_pipeline, write_rows};
-
-/// A CA, and a certificate and key for `localhost` signed by it (and the two in one
-/// PEM file, a Kafka keystore), readable by the Postgres servers.
-fn make_pki() -> Result<PathBuf> {
-    let dir = tempfile::Builder::new().prefix("sluice-bench-pki-").tempdir()?.keep();
-    let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl").args(args).current_dir(&dir).output().context("running openssl")?;
-        if !out.status.success() {
-            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice bench ca"]].concat())?;
-    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat())?;
-    std::fs::write(dir.join("server.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n")?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ])?;
-    std::fs::write(dir.join("keystore.pem"), [std::fs::read(dir.join("server.key"))?, std::fs::read(dir.join("server.pem"))?].concat())?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    for f in ["ca.pem", "server.pem"] {
-        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
-    }
-    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))?;
-    // Postgres runs as `postgres` when this runs as root, and wants its key its own.
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if root && Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) {
-        Command::new("chown").arg("postgres").arg(dir.join("server.key")).status()?;
-    }
-    Ok(dir)
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Sink {
@@ -68,7 +20,7 @@ enum Sink {
 }
 
 struct Run<'a> {
-    pki: &'a Path,
+    pki: &'a Pki,
     /// librdkafka's `compression.type` for both runs.
     compression: &'a str,
     src: u16,
@@ -79,7 +31,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn yaml(&self, name: &str, sink: Sink, tls: bool) -> String {
-        let ca = self.pki.join("ca.pem");
+        let ca = self.pki.path("ca.pem");
         let pg_tls = if tls { format!("sslmode: verify-full, sslrootcert: {}", ca.display()) } else { "sslmode: disable".into() };
         let conn = |port: u16| {
             format!("host: localhost, port: {port}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, {pg_tls}")
@@ -133,12 +85,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn tls(rows: u64, row_bytes: usize, rounds: usize, compression: &str) -> Result<serde_json::Value> {
-    let pki = make_pki()?;
+    let pki = Pki::make().context("making a throwaway CA (needs the openssl command)")?;
     let conf: Vec<String> = vec![
         "max_wal_size = 4GB".into(),
         "ssl = on".into(),
-        format!("ssl_cert_file = '{}'", pki.join("server.pem").display()),
-        format!("ssl_key_file = '{}'", pki.join("server.key").display()),
+        format!("ssl_cert_file = '{}'", pki.path("server.pem").display()),
+        format!("ssl_key_file = '{}'", pki.path("server.key").display()),
     ];
     let (src, dst) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         let conf: Vec<&str> = conf.iter().map(String::as_str).collect();
@@ -148,7 +100,7 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize, compression: &str) 
     for port in [src.port, dst.port] {
         connect(port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
     }
-    let keystore = pki.join("keystore.pem");
+    let keystore = pki.path("kafka-keystore.pem");
     let broker =
         tokio::task::spawn_blocking(move || sluice_kafka::broker::TempBroker::start_secured(&[], &keystore, &[("sluice", "bench-secret")]))
             .await??;

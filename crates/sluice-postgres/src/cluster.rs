@@ -36,7 +36,7 @@ fn bin_dir() -> std::io::Result<PathBuf> {
     versions.pop().ok_or_else(|| std::io::Error::other("no PostgreSQL server found: install it (Debian: apt-get install postgresql-15)"))
 }
 
-fn run_as() -> Option<&'static str> {
+pub(crate) fn run_as() -> Option<&'static str> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return None;

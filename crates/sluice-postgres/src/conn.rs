@@ -93,12 +93,10 @@ async fn open_stream(cfg: &PgConnConfig, what: &str) -> Result<MaybeTlsStream> {
 async fn open(
     cfg: &PgConnConfig,
     what: &str,
+    pg: tokio_postgres::Config,
 ) -> Result<(Client, tokio_postgres::Connection<MaybeTlsStream, tokio_postgres::tls::NoTlsStream>)> {
     let stream = open_stream(cfg, what).await?;
-    pg_config(cfg)
-        .connect_raw(stream, NoTls)
-        .await
-        .map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))
+    pg.connect_raw(stream, NoTls).await.map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))
 }
 
 /// The replication connection's settings for `cfg`.
@@ -128,7 +126,7 @@ pub async fn connect_listening(
     what: &str,
     channel: &str,
 ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>)> {
-    let (client, mut connection) = open(cfg, what).await?;
+    let (client, mut connection) = open(cfg, what, pg_config(cfg)).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -166,13 +164,17 @@ fn pg_config(cfg: &PgConnConfig) -> tokio_postgres::Config {
 }
 
 pub async fn connect(cfg: &PgConnConfig, what: &str) -> Result<Client> {
-    let (client, connection) = open(cfg, what).await?;
+    Ok(driven(open(cfg, what, pg_config(cfg)).await?))
+}
+
+/// The client, its connection driven by a task of its own until it ends.
+fn driven((client, connection): (Client, tokio_postgres::Connection<MaybeTlsStream, tokio_postgres::tls::NoTlsStream>)) -> Client {
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }
     });
-    Ok(client)
+    client
 }
 
 /// Runs `body` (statements on `c`) between BEGIN and COMMIT, rolling back when any of
@@ -275,17 +277,9 @@ fn dsn_words(dsn: &str) -> Vec<String> {
 /// [`connect`] with the caller's own session options and application name (the
 /// control plane's search path, say) instead of the pipelines'.
 pub async fn connect_as(cfg: &PgConnConfig, what: &str, options: &str, application: &str) -> Result<Client> {
-    let stream = open_stream(cfg, what).await?;
     let mut pg = pg_config(cfg);
     pg.options(options).application_name(application);
-    let (client, connection) =
-        pg.connect_raw(stream, NoTls).await.map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
+    Ok(driven(open(cfg, what, pg).await?))
 }
 
 #[cfg(test)]

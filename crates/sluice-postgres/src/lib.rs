@@ -11,6 +11,7 @@ mod copy_text;
 pub mod ddl_capture;
 mod error;
 mod pgoutput;
+pub mod pki;
 pub mod replication;
 mod snapshot;
 mod source;

@@ -113,7 +113,11 @@ pub(crate) fn superuser_pw() -> &'static str {
 }
 
 pub(crate) async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
-    let c = reqwest::Client::new();
+    call_with(&reqwest::Client::new(), method, url, token, body).await
+}
+
+/// [`call`] through client `c` (one trusting a test CA, say).
+pub(crate) async fn call_with(c: &reqwest::Client, method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
     let mut req = c.request(method.parse().unwrap(), url);
     if let Some(t) = token {
         req = req.bearer_auth(t);

@@ -7,9 +7,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::pki::Pki;
 use crate::common::*;
 use crate::control::{Ctl, free_port};
+use sluice_postgres::pki::Pki;
 
 /// The test CA's certificate (PEM file), trusted by [`call`] and the Python clients.
 static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -25,16 +25,7 @@ fn client() -> &'static reqwest::Client {
 
 /// A request over HTTPS with a Bearer token; status and JSON.
 async fn call(method: &str, url: &str, token: Option<&str>, body: Option<String>) -> (u16, Value) {
-    let mut req = client().request(method.parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.header("content-type", "application/yaml").body(b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    crate::control::call_with(client(), method, url, token, body).await
 }
 
 /// Every route of the registry, `{s}` standing for a subject.
@@ -114,7 +105,7 @@ async fn token(url: &str, admin: &str, tenant: &str, role: &str) -> String {
 async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     let ctl = Ctl::new("svc_auth").await;
     let data = ctl.env.dir.join("search");
-    let pki = Pki::make();
+    let pki = Pki::make().expect("make a test CA");
     let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
     CA.set(pki.path("ca.pem")).unwrap();
     let vars = [

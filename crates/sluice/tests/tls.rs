@@ -9,8 +9,8 @@ use std::time::Duration;
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD, TempCluster};
 use sluice_postgres::{PgConnConfig, SslMode};
 
-use crate::common::pki::Pki;
 use crate::common::*;
+use sluice_postgres::pki::Pki;
 
 /// Starts a cluster with `ssl = on` whose `pg_hba.conf` has only `hostssl` lines:
 /// `certuser` by client certificate, everyone else by password.
@@ -61,7 +61,7 @@ fn check(env: &Env, source: &str) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_over_verified_tls_snapshots_streams_and_says_why_tls_failed() {
-    let pki = Pki::make();
+    let pki = Pki::make().expect("make a test CA");
     let cluster = tls_cluster(&pki).await;
     let (_, dst) = clusters();
     let env = Env::on("tls", cluster.port, dst.port).await;
@@ -174,7 +174,7 @@ async fn postgres_over_verified_tls_snapshots_streams_and_says_why_tls_failed() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_sink_over_sasl_ssl_is_read_back_by_confluent_client() {
-    let pki = Pki::make();
+    let pki = Pki::make().expect("make a test CA");
     let keystore = pki.path("kafka-keystore.pem");
     let broker = tokio::task::spawn_blocking(move || {
         sluice_kafka::broker::TempBroker::start_secured(&[], &keystore, &[("sluice", "sluice-secret-1"), ("reader", "reader-secret-2")])

@@ -4,7 +4,6 @@
 //! [`Env`] is (they would otherwise hold WAL and slot places for the whole run).
 #![allow(dead_code)]
 
-pub mod pki;
 pub mod workload;
 
 use std::path::PathBuf;

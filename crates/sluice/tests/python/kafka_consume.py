@@ -44,12 +44,11 @@ def emit(topic, partition, offset, key, value, headers):
 
 seen, deadline, last = 0, time.time() + 90, time.time()
 extra = json.loads(os.environ.get("KAFKA_CLIENT_CONFIG", "{}"))
-if mode == "confluent-json":
-    from confluent_kafka import Consumer
 
-    c = Consumer(dict({"bootstrap.servers": brokers, "group.id": "verify-%d" % time.time_ns(),
-                       "auto.offset.reset": "earliest", "enable.auto.commit": False}, **extra))
-    c.subscribe(topics)
+
+def drain_confluent(c, decode):
+    """Polls a confluent-kafka consumer (already subscribed) until the records are read."""
+    global seen, last
     while time.time() < deadline:
         m = c.poll(0.5)
         if m is None:
@@ -59,38 +58,29 @@ if mode == "confluent-json":
         if m.error():
             print("consumer error: %s" % m.error(), file=sys.stderr)
             continue
-        key = json.loads(m.key()) if m.key() is not None else None
-        value = json.loads(m.value()) if m.value() is not None else None
-        emit(m.topic(), m.partition(), m.offset(), key, value, m.headers())
+        emit(m.topic(), m.partition(), m.offset(), decode(m.key()), decode(m.value()), m.headers())
         seen, last = seen + 1, time.time()
     c.close()
+
+
+confluent = {"bootstrap.servers": brokers, "group.id": "verify-%d" % time.time_ns(),
+             "auto.offset.reset": "earliest", "enable.auto.commit": False}
+if mode == "confluent-json":
+    from confluent_kafka import Consumer
+
+    c = Consumer(dict(confluent, **extra))
+    c.subscribe(topics)
+    drain_confluent(c, lambda b: json.loads(b) if b is not None else None)
 elif mode == "avro":
     from confluent_kafka import DeserializingConsumer
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
 
     sr = SchemaRegistryClient({"url": registry})
-    c = DeserializingConsumer(dict({
-        "bootstrap.servers": brokers,
-        "group.id": "verify-%d" % time.time_ns(),
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-        "key.deserializer": AvroDeserializer(sr),
-        "value.deserializer": AvroDeserializer(sr),
-    }, **extra))
+    c = DeserializingConsumer(dict(confluent, **{"key.deserializer": AvroDeserializer(sr),
+                                                 "value.deserializer": AvroDeserializer(sr)}, **extra))
     c.subscribe(topics)
-    while time.time() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            if seen >= want and time.time() - last > 3:
-                break
-            continue
-        if m.error():
-            print("consumer error: %s" % m.error(), file=sys.stderr)
-            continue
-        emit(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers())
-        seen, last = seen + 1, time.time()
-    c.close()
+    drain_confluent(c, lambda v: v)
 else:
     from kafka import KafkaConsumer
 
