@@ -8,6 +8,7 @@ pub mod api;
 pub mod crypto;
 pub mod db;
 pub mod egress;
+pub mod keys;
 pub mod model;
 pub mod supervisor;
 pub mod workflow;
@@ -21,6 +22,7 @@ use sluice_core::TableName;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 
+use crypto::Owner;
 use model::{Invalid, PipelineSpec, SinkSpec, SourceSpec, object_name};
 use sluice_engine::config::PipelineConfig;
 
@@ -40,6 +42,17 @@ pub struct Control {
     pub(crate) signals: std::sync::Mutex<supervisor::Signals>,
     /// The address ranges tenants may name besides public ones.
     egress: std::sync::RwLock<Arc<egress::Egress>>,
+    /// The pipelines this server runs, for `/metrics`.
+    pub(crate) running: std::sync::Mutex<std::collections::BTreeMap<i64, Running>>,
+}
+
+/// A pipeline running on this server: its names and live metrics.
+pub(crate) struct Running {
+    pub tenant_id: i64,
+    pub tenant: String,
+    pub pipeline: String,
+    pub sink: String,
+    pub metrics: Arc<sluice_engine::metrics::Metrics>,
 }
 
 /// A pipeline with its source and sink, secrets opened.
@@ -90,10 +103,23 @@ impl Control {
             wake_supervisor: Notify::new(),
             signals: Default::default(),
             egress: Default::default(),
+            running: Default::default(),
         }))
     }
 
-    /// Sends every pipeline's metrics to a DogStatsD agent, tagged with its tenant.
+    /// The Prometheus metrics of the pipelines this server runs (of one tenant's, when
+    /// `tenant` is given), labelled pipeline, tenant and sink.
+    pub fn render_metrics(&self, tenant: Option<i64>) -> String {
+        use sluice_engine::metrics::label_value as v;
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let shown: Vec<(String, &sluice_engine::metrics::Metrics)> = running
+            .values()
+            .filter(|r| tenant.is_none_or(|t| t == r.tenant_id))
+            .map(|r| (format!("pipeline=\"{}\",tenant=\"{}\",sink=\"{}\"", v(&r.pipeline), v(&r.tenant), v(&r.sink)), &*r.metrics))
+            .collect();
+        sluice_engine::metrics::render_all(&shown)
+    }
+
     /// The ranges tenants may reach besides public addresses (default: none).
     pub fn set_egress(&self, e: egress::Egress) {
         *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(e);
@@ -105,6 +131,7 @@ impl Control {
         policy.check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
     }
 
+    /// Sends every pipeline's metrics to a DogStatsD agent, tagged with its tenant.
     pub fn set_dogstatsd(&self, d: sluice_engine::dogstatsd::DogStatsd) {
         self.signals.lock().unwrap_or_else(|e| e.into_inner()).statsd = Some(d);
     }
@@ -113,7 +140,7 @@ impl Control {
         let c = self.db.get().await?;
         let Some(r) = c
             .query_opt(
-                "SELECT p.id, p.tenant_id, p.name, p.spec, p.role_password, s.sealed, k.sealed
+                "SELECT p.id, p.tenant_id, p.name, p.spec, p.role_password, s.sealed, k.sealed, s.name, k.name
                  FROM pipelines p JOIN sources s ON s.id = p.source_id JOIN sinks k ON k.id = p.sink_id WHERE p.id = $1",
                 &[&id],
             )
@@ -121,16 +148,18 @@ impl Control {
         else {
             return Ok(None);
         };
-        let open = |col: usize| self.sealer.open(r.get::<_, &[u8]>(col)).map_err(anyhow::Error::msg);
-        let spec = PipelineSpec::from_json(&r.get::<_, Value>(3))?;
         let tenant_id: i64 = r.get(1);
+        let open = |table, name_col: usize, col: usize| {
+            self.sealer.open(Owner::new(table, tenant_id, r.get(name_col)), r.get::<_, &[u8]>(col)).map_err(anyhow::Error::msg)
+        };
+        let spec = PipelineSpec::from_json(&r.get::<_, Value>(3))?;
         let mut enrichers = Vec::with_capacity(spec.enrichers.len());
         for name in &spec.enrichers {
             let e = c
                 .query_opt("SELECT sealed FROM enrichers WHERE tenant_id = $1 AND name = $2", &[&tenant_id, name])
                 .await?
                 .with_context(|| format!("enricher {name:?} of pipeline {id} no longer exists"))?;
-            let plain = self.sealer.open(e.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
+            let plain = self.sealer.open(Owner::new("enrichers", tenant_id, name), e.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
             enrichers.push(model::EnricherSpec::from_sealed(&plain)?);
         }
         Ok(Some(Loaded {
@@ -139,9 +168,9 @@ impl Control {
             name: r.get(2),
             enrichers,
             spec,
-            role_password: String::from_utf8(open(4)?).context("role password")?,
-            source: SourceSpec::from_sealed(&open(5)?)?,
-            sink: SinkSpec::from_sealed(&open(6)?)?,
+            role_password: String::from_utf8(open("pipelines", 2, 4)?).context("role password")?,
+            source: SourceSpec::from_sealed(&open("sources", 7, 5)?)?,
+            sink: SinkSpec::from_sealed(&open("sinks", 8, 6)?)?,
             install: self.install.clone(),
         }))
     }

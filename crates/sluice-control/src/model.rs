@@ -339,14 +339,10 @@ fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
             let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
             let text = v.as_str().unwrap_or_default();
             match k.as_str() {
-                "sslrootcert"
-                | "sslcert"
-                | "sslkey"
-                | "ca_file"
-                | "plugin.library.paths"
-                | "sasl.kerberos.keytab"
-                | "sasl.kerberos.kinit.cmd" => Some(Invalid::new(&path, FILE)),
-                k if k.ends_with(".location") => Some(Invalid::new(&path, FILE)),
+                "sslrootcert" | "sslcert" | "sslkey" | "plugin.library.paths" | "sasl.kerberos.keytab" | "sasl.kerberos.kinit.cmd" => {
+                    Some(Invalid::new(&path, FILE))
+                }
+                k if k.ends_with(".location") || k.ends_with("ca_file") => Some(Invalid::new(&path, FILE)),
                 "enable.idempotence" if text != "true" => {
                     Some(Invalid::new(&path, "cannot be turned off: without it a retried send can duplicate or reorder records"))
                 }
@@ -362,25 +358,117 @@ fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
     }
 }
 
-/// Hides every secret in a resource's settings, at any depth: passwords, keys and
-/// tokens; every value of Kafka `properties` (SASL and key passwords hide there) and of
-/// HTTP `headers` (credentials); any credential inside a URL.
+/// Settings whose text the API shows. The list is an allowlist: a text setting not
+/// named here is shown as `(set)`, so a setting added later (or a typo'd secret) is
+/// hidden until someone decides it is not secret. Numbers and booleans are shown.
+const SHOWN: &[&str] = &[
+    "access_key_id",
+    "apply",
+    "backoff",
+    "breaker_open_for",
+    "brokers",
+    "ca_file",
+    "cache_ttl",
+    "cluster",
+    "column",
+    "commit_interval",
+    "database",
+    "encoding",
+    "endpoint",
+    "expire_snapshots_after",
+    "expr",
+    "filtered_updates",
+    "format",
+    "groups",
+    "heartbeat_interval",
+    "host",
+    "index",
+    "interval",
+    "kind",
+    "max_wait",
+    "mode",
+    "name",
+    "namespace",
+    "offsets_retention",
+    "on_failure",
+    "orphan_files_after",
+    "prefix",
+    "refresh_interval",
+    "region",
+    "registry_ca_file",
+    "registry_context",
+    "registry_url",
+    "relation",
+    "schema",
+    "sslcert",
+    "sslmode",
+    "sslrootcert",
+    "start_from",
+    "table",
+    "tables",
+    "through",
+    "through_column",
+    "timeout",
+    "topic",
+    "topic_naming",
+    "topic_prefix",
+    "topics",
+    "topics_regex",
+    "type",
+    "uri",
+    "url",
+    "user",
+    "username",
+    "warehouse",
+];
+
+/// Settings that are the shape of the data (column lists, document relations, field
+/// types), shown whole; a secret-named setting inside is still hidden.
+const STRUCTURE: &[&str] = &["counts", "document", "fields", "key", "on", "relations", "root", "text_fields"];
+
+/// Hidden wherever they appear, whatever their type (a YAML password may be a number).
+const SECRET: &[&str] = &["password", "secret", "secret_access_key", "token", "api_key", "sslkey"];
+
+/// The settings of a resource as the API shows them ([`SHOWN`], [`STRUCTURE`]): every
+/// value of Kafka `properties` (SASL and key passwords hide there) and of HTTP
+/// `headers` (credentials) hidden, and any credential inside a URL.
 fn redact_secrets(v: &mut Value) {
-    const SECRET: [&str; 5] = ["password", "secret_access_key", "token", "api_key", "sslkey"];
+    redact(v, false);
+}
+
+fn redact(v: &mut Value, whole: bool) {
+    let hidden = || json!("(set)");
     match v {
         Value::Object(m) => {
             for (k, v) in m.iter_mut() {
-                match (k.as_str(), &mut *v) {
-                    (k, _) if SECRET.contains(&k) => *v = json!("(set)"),
-                    ("properties" | "headers", Value::Object(all)) => all.values_mut().for_each(|x| *x = json!("(set)")),
-                    (_, Value::String(u)) if u.contains("://") => *u = without_credentials(u),
-                    _ => redact_secrets(v),
+                let k = k.as_str();
+                match v {
+                    _ if SECRET.contains(&k) => *v = hidden(),
+                    Value::Object(all) if k == "properties" || k == "headers" => all.values_mut().for_each(|x| *x = hidden()),
+                    Value::String(s) if whole || SHOWN.contains(&k) => *s = shown_text(s),
+                    Value::String(_) => *v = hidden(),
+                    Value::Array(items) => {
+                        let whole = whole || SHOWN.contains(&k) || STRUCTURE.contains(&k);
+                        items.iter_mut().for_each(|x| redact(x, whole));
+                    }
+                    _ => redact(v, whole || STRUCTURE.contains(&k)),
                 }
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        Value::Array(a) => a.iter_mut().for_each(|x| redact(x, whole)),
+        Value::String(s) if whole => *s = shown_text(s),
+        Value::String(_) => *v = hidden(),
         _ => {}
     }
+}
+
+/// A text setting the API may show: credentials in a URL hidden, and a connection
+/// string holding a password hidden whole.
+fn shown_text(s: &str) -> String {
+    if s.to_ascii_lowercase().contains("password=") {
+        return "(set)".into();
+    }
+    if s.contains("://") { without_credentials(s) } else { s.to_string() }
 }
 
 /// A body sent back as the API showed it: each placeholder the API put in place of a
@@ -597,6 +685,22 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("kafka.topic"));
         let e = kafka(", registry_context: other").scope_to_tenant("shop").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("kafka.registry_context"));
+    }
+
+    #[test]
+    fn only_listed_settings_are_shown() {
+        let mut v = json!({"host": "h", "port": 5432, "password": 1234, "new_credential": "abc", "flag": true,
+            "uri": "postgresql://u:pw@h/db", "url": "host=h password=pw", "topics": ["a", "b"],
+            "document": {"root": "public.orders", "relations": [{"name": "items", "on": ["id"], "token": "t"}]},
+            "fields": {"score": "float"}, "list": ["x"], "nested": {"host": "h2", "other": "y"}});
+        redact_secrets(&mut v);
+        assert_eq!(
+            v,
+            json!({"host": "h", "port": 5432, "password": "(set)", "new_credential": "(set)", "flag": true,
+                "uri": "postgresql://(set)@h/db", "url": "(set)", "topics": ["a", "b"],
+                "document": {"root": "public.orders", "relations": [{"name": "items", "on": ["id"], "token": "(set)"}]},
+                "fields": {"score": "float"}, "list": ["(set)"], "nested": {"host": "h2", "other": "(set)"}})
+        );
     }
 
     #[test]

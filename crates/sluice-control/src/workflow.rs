@@ -383,7 +383,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
         }
         Step::CreateRole => {
             let c = admin().await?;
-            let pw = literal(&p.role_password);
+            let pw = password_verifier(&p.role_password);
             c.batch_execute(&format!(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role} LOGIN REPLICATION PASSWORD {pw}; END IF; END $$;
                  ALTER ROLE {role} WITH LOGIN REPLICATION PASSWORD {pw};
@@ -558,6 +558,13 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
     Ok(())
 }
 
+/// The role's password as a SCRAM-SHA-256 verifier (a quoted literal): the source
+/// stores it as it is, and the password itself never appears in SQL text (statement
+/// logs, `pg_stat_statements`, a proxy's logs).
+fn password_verifier(password: &str) -> String {
+    literal(&postgres_protocol::password::scram_sha_256(password.as_bytes()))
+}
+
 async fn q1<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     c: &Client,
     sql: &str,
@@ -570,6 +577,26 @@ async fn q1<T: for<'a> tokio_postgres::types::FromSql<'a>>(
 mod tests {
     use super::*;
     use sluice_postgres::cluster::TempCluster;
+
+    /// The role is created from the verifier alone, and the password logs it in.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn role_passwords_go_to_the_source_as_scram_verifiers() {
+        let pg = tokio::task::spawn_blocking(|| TempCluster::start(&[])).await.unwrap().unwrap();
+        let password = crate::crypto::new_password();
+        let verifier = password_verifier(&password);
+        assert!(verifier.starts_with("'SCRAM-SHA-256$4096:") && !verifier.contains(&password), "{verifier}");
+        let admin = sluice_postgres::connect(&sluice_postgres::parse_dsn(&pg.dsn("postgres")).unwrap(), "test").await.unwrap();
+        admin.batch_execute(&format!("CREATE ROLE verified LOGIN PASSWORD {verifier}")).await.unwrap();
+        let stored: String = admin.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = 'verified'", &[]).await.unwrap().get(0);
+        assert_eq!(format!("'{stored}'"), verifier, "stored as given, not hashed again");
+        let mut cfg = sluice_postgres::parse_dsn(&pg.dsn("postgres")).unwrap();
+        cfg.user = "verified".into();
+        cfg.password = password.clone().into();
+        let c = sluice_postgres::connect(&cfg, "test").await.expect("the password logs in");
+        assert_eq!(c.query_one("SELECT current_user::text", &[]).await.unwrap().get::<_, String>(0), "verified");
+        cfg.password = "wrong".to_string().into();
+        assert!(sluice_postgres::connect(&cfg, "test").await.is_err());
+    }
 
     /// A server that lost a workflow's lease (and whose workflow another server took
     /// over) cannot advance it: the step stays where the new owner has it.

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod ddl;
 mod error;
 mod event;
+pub mod https;
 pub mod json;
 mod lsn;
 mod path;

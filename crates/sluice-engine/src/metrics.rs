@@ -120,107 +120,111 @@ pub fn lag_quantile_of(counts: &[u64], q: f64) -> Option<u64> {
     None
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+pub fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+type Read = fn(&Metrics) -> String;
+
+fn count(a: &AtomicU64) -> String {
+    a.load(Ordering::Relaxed).to_string()
+}
+
+/// The families with one sample per pipeline: name, help, type, value.
+const SCALARS: &[(&str, &str, &str, Read)] = &[
+    ("sluice_events_total", "Change events applied to the sink.", "counter", |m| count(&m.events)),
+    ("sluice_bytes_total", "Bytes of row data applied to the sink.", "counter", |m| count(&m.bytes)),
+    ("sluice_transactions_total", "Source transactions applied.", "counter", |m| count(&m.transactions)),
+    ("sluice_batches_total", "Sink batches committed.", "counter", |m| count(&m.batches)),
+    ("sluice_errors_total", "Errors met (each retried or fatal).", "counter", |m| count(&m.errors)),
+    ("sluice_reconnects_total", "Times the pipeline reconnected after a transient error.", "counter", |m| count(&m.reconnects)),
+    ("sluice_lag_ms", "Lag of the last applied transaction, source commit to sink commit.", "gauge", |m| {
+        m.lag_last_ms.load(Ordering::Relaxed).to_string()
+    }),
+    ("sluice_wal_retained_bytes", "WAL retained by the replication slot.", "gauge", |m| {
+        m.wal_retained_bytes.load(Ordering::Relaxed).to_string()
+    }),
+    (
+        "sluice_wal_safe_bytes",
+        "WAL that may still be written before the slot is at risk (safe_wal_size; -1: no max_slot_wal_keep_size).",
+        "gauge",
+        |m| m.wal_safe_bytes.load(Ordering::Relaxed).to_string(),
+    ),
+    ("sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", |m| count(&m.confirmed_lsn)),
+    (
+        "sluice_pipeline_halted",
+        "1 while the pipeline is halted: a change the sink refused, a lost slot (the log and status say why).",
+        "gauge",
+        |m| m.halted.load(Ordering::Relaxed).to_string(),
+    ),
+    ("sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", |m| count(&m.snapshot.rows_copied)),
+    ("sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", |m| count(&m.snapshot.chunks_done)),
+    ("sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", |m| count(&m.snapshot.chunks_total)),
+    ("sluice_resync_rows_total", "Rows read again from the source by resyncs.", "counter", |m| count(&m.resync_rows)),
+    ("sluice_resync_chunks_total", "Resync chunks the sink took.", "counter", |m| count(&m.resync_chunks)),
+    ("sluice_enrich_keys_fetched_total", "Enrichment keys fetched from a reference table or service.", "counter", |m| {
+        count(&m.enrich_fetched)
+    }),
+    ("sluice_enrich_keys_cached_total", "Enrichment keys answered by the cache.", "counter", |m| count(&m.enrich_cached)),
+    ("sluice_enrich_errors_total", "Enrichment calls that failed after their retries.", "counter", |m| count(&m.enrich_errors)),
+    ("sluice_enrich_failed_rows_total", "Rows recorded in sluice.enrich_failures (failed or deferred).", "counter", |m| {
+        count(&m.enrich_failed_rows)
+    }),
+    ("sluice_enrich_dead_letters_total", "Rows held back by a dead_letter policy until their enricher answers.", "counter", |m| {
+        count(&m.enrich_dead_letters)
+    }),
+];
+
 impl Metrics {
+    /// One pipeline's metrics, labelled `pipeline="<name>"`.
     pub fn render(&self, pipeline: &str) -> String {
-        let mut s = String::new();
-        let l = format!("pipeline=\"{pipeline}\"");
-        let c = |s: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}");
-        };
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        c(&mut s, "sluice_events_total", "Change events applied to the sink.", "counter", get(&self.events));
-        c(&mut s, "sluice_bytes_total", "Bytes of row data applied to the sink.", "counter", get(&self.bytes));
-        c(&mut s, "sluice_transactions_total", "Source transactions applied.", "counter", get(&self.transactions));
-        c(&mut s, "sluice_batches_total", "Sink batches committed.", "counter", get(&self.batches));
-        c(&mut s, "sluice_errors_total", "Errors met (each retried or fatal).", "counter", get(&self.errors));
-        c(&mut s, "sluice_reconnects_total", "Times the pipeline reconnected after a transient error.", "counter", get(&self.reconnects));
-        c(
-            &mut s,
-            "sluice_lag_ms",
-            "Lag of the last applied transaction, source commit to sink commit.",
-            "gauge",
-            self.lag_last_ms.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut s,
-            "sluice_wal_retained_bytes",
-            "WAL retained by the replication slot.",
-            "gauge",
-            self.wal_retained_bytes.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut s,
-            "sluice_wal_safe_bytes",
-            "WAL that may still be written before the slot is at risk (safe_wal_size; -1: no max_slot_wal_keep_size).",
-            "gauge",
-            self.wal_safe_bytes.load(Ordering::Relaxed).to_string(),
-        );
-        let status = self.wal_status();
-        let _ = writeln!(
-            s,
-            "# HELP sluice_slot_wal_status The replication slot's wal_status (1 on the current one): reserved, extended, unreserved (at risk), lost.\n# TYPE sluice_slot_wal_status gauge"
-        );
+        render_all(&[(format!("pipeline=\"{}\"", label_value(pipeline)), self)])
+    }
+}
+
+/// Several pipelines' metrics in one exposition: each family's HELP and TYPE once,
+/// then a sample per pipeline under its labels (`pipeline="a",tenant="t"`, escaped).
+pub fn render_all(pipelines: &[(String, &Metrics)]) -> String {
+    let mut s = String::new();
+    for (name, help, kind, read) in SCALARS {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (l, m) in pipelines {
+            let _ = writeln!(s, "{name}{{{l}}} {}", read(m));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP sluice_slot_wal_status The replication slot's wal_status (1 on the current one): reserved, extended, unreserved (at risk), lost.\n# TYPE sluice_slot_wal_status gauge"
+    );
+    for (l, m) in pipelines {
+        let status = m.wal_status();
         for st in [WalStatus::Reserved, WalStatus::Extended, WalStatus::Unreserved, WalStatus::Lost] {
             let _ = writeln!(s, "sluice_slot_wal_status{{{l},status=\"{}\"}} {}", st.as_str(), (st == status) as u8);
         }
-        c(&mut s, "sluice_confirmed_lsn", "Last LSN confirmed to the source, as a number.", "gauge", get(&self.confirmed_lsn));
-        c(
-            &mut s,
-            "sluice_pipeline_halted",
-            "1 while the pipeline is halted: a change the sink refused, a lost slot (the log and status say why).",
-            "gauge",
-            self.halted.load(Ordering::Relaxed).to_string(),
-        );
-        c(&mut s, "sluice_snapshot_rows_total", "Rows copied by the initial snapshot.", "counter", get(&self.snapshot.rows_copied));
-        c(&mut s, "sluice_snapshot_chunks_done", "Snapshot chunks finished.", "gauge", get(&self.snapshot.chunks_done));
-        c(&mut s, "sluice_snapshot_chunks_total", "Snapshot chunks planned.", "gauge", get(&self.snapshot.chunks_total));
-        c(&mut s, "sluice_resync_rows_total", "Rows read again from the source by resyncs.", "counter", get(&self.resync_rows));
-        c(&mut s, "sluice_resync_chunks_total", "Resync chunks the sink took.", "counter", get(&self.resync_chunks));
-        c(
-            &mut s,
-            "sluice_enrich_keys_fetched_total",
-            "Enrichment keys fetched from a reference table or service.",
-            "counter",
-            get(&self.enrich_fetched),
-        );
-        c(&mut s, "sluice_enrich_keys_cached_total", "Enrichment keys answered by the cache.", "counter", get(&self.enrich_cached));
-        c(&mut s, "sluice_enrich_errors_total", "Enrichment calls that failed after their retries.", "counter", get(&self.enrich_errors));
-        c(
-            &mut s,
-            "sluice_enrich_failed_rows_total",
-            "Rows recorded in sluice.enrich_failures (failed or deferred).",
-            "counter",
-            get(&self.enrich_failed_rows),
-        );
-        c(
-            &mut s,
-            "sluice_enrich_dead_letters_total",
-            "Rows held back by a dead_letter policy until their enricher answers.",
-            "counter",
-            get(&self.enrich_dead_letters),
-        );
-        let _ = writeln!(
-            s,
-            "# HELP sluice_table_events_total Change events applied, by source table.\n# TYPE sluice_table_events_total counter"
-        );
+    }
+    let _ =
+        writeln!(s, "# HELP sluice_table_events_total Change events applied, by source table.\n# TYPE sluice_table_events_total counter");
+    for (l, m) in pipelines {
         let mut tables: Vec<(String, u64)> =
-            self.table_events.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(t, n)| (t.to_string(), *n)).collect();
+            m.table_events.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(t, n)| (t.to_string(), *n)).collect();
         tables.sort();
         for (t, n) in tables {
-            let _ = writeln!(s, "sluice_table_events_total{{{l},table=\"{}\"}} {n}", t.replace('\\', "\\\\").replace('"', "\\\""));
+            let _ = writeln!(s, "sluice_table_events_total{{{l},table=\"{}\"}} {n}", label_value(&t));
         }
-        let _ =
-            writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
+    }
+    let _ = writeln!(s, "# HELP sluice_lag_histogram_ms Lag from source commit to sink commit.\n# TYPE sluice_lag_histogram_ms histogram");
+    for (l, m) in pipelines {
         let mut cum = 0;
-        for (i, b) in self.lag_buckets.iter().enumerate() {
+        for (i, b) in m.lag_buckets.iter().enumerate() {
             cum += b.load(Ordering::Relaxed);
             let le = LAG_BUCKETS_MS.get(i).map_or("+Inf".to_string(), |v| v.to_string());
             let _ = writeln!(s, "sluice_lag_histogram_ms_bucket{{{l},le=\"{le}\"}} {cum}");
         }
-        let _ = writeln!(s, "sluice_lag_histogram_ms_sum{{{l}}} {}", self.lag_sum_ms.load(Ordering::Relaxed));
-        let _ = writeln!(s, "sluice_lag_histogram_ms_count{{{l}}} {}", self.lag_count.load(Ordering::Relaxed));
-        s
+        let _ = writeln!(s, "sluice_lag_histogram_ms_sum{{{l}}} {}", m.lag_sum_ms.load(Ordering::Relaxed));
+        let _ = writeln!(s, "sluice_lag_histogram_ms_count{{{l}}} {}", m.lag_count.load(Ordering::Relaxed));
     }
+    s
 }
 
 /// Serves `/metrics` until the process ends.
@@ -265,6 +269,21 @@ mod tests {
         let text = m.render("p");
         assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"unreserved\"} 1"), "{text}");
         assert!(text.contains("sluice_slot_wal_status{pipeline=\"p\",status=\"reserved\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn several_pipelines_share_each_family_header() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        b.events.store(7, Ordering::Relaxed);
+        let text =
+            render_all(&[("pipeline=\"a\",tenant=\"t1\"".into(), &a), (format!("pipeline=\"{}\",tenant=\"t2\"", label_value("b\"x")), &b)]);
+        assert_eq!(text.matches("# TYPE sluice_events_total counter").count(), 1, "{text}");
+        assert!(text.contains("sluice_events_total{pipeline=\"a\",tenant=\"t1\"} 0"), "{text}");
+        assert!(text.contains("sluice_events_total{pipeline=\"b\\\"x\",tenant=\"t2\"} 7"), "{text}");
+        let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        let n = types.len();
+        types.dedup();
+        assert_eq!(types.len(), n, "a family's TYPE appears once");
     }
 
     /// The shipped monitoring files parse, and name only metrics `render` exports.

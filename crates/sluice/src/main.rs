@@ -186,6 +186,9 @@ enum Command {
         #[arg(long, env = "SLUICE_CONTROL_DATABASE", hide_env_values = true)]
         control_database: String,
     },
+    /// The master key that seals the control plane's stored secrets.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Tenants: a team's space for sources, sinks, pipelines and tokens.
     Tenants {
         #[command(flatten)]
@@ -291,6 +294,26 @@ enum MirrorCommand {
         group: String,
         #[arg(long, short)]
         config: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-seal every stored secret (source and sink credentials, role passwords,
+    /// webhook URLs) under the current master key, in one transaction.
+    ///
+    /// Rotating the master key:
+    ///
+    ///   1. new=$(openssl rand -hex 32)
+    ///   2. restart every server with SLUICE_MASTER_KEY=$new and
+    ///      SLUICE_MASTER_KEY_PREVIOUS=<old key> (they open both, seal with the new)
+    ///   3. SLUICE_MASTER_KEY=$new SLUICE_MASTER_KEY_PREVIOUS=<old> sluice keys rotate
+    ///   4. restart the servers without SLUICE_MASTER_KEY_PREVIOUS
+    Rotate {
+        #[arg(long, env = "SLUICE_CONTROL_DATABASE", hide_env_values = true)]
+        control_database: String,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -670,10 +693,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let stop = shutdown_signal();
             let control = match &control_database {
                 Some(dsn) => {
-                    let key = std::env::var("SLUICE_MASTER_KEY").map_err(|_| {
-                        anyhow::anyhow!("SLUICE_MASTER_KEY: not set; the control plane seals passwords with it: set 64 hex characters (`openssl rand -hex 32`), the same on every server")
-                    })?;
-                    let sealer = sluice::control::crypto::Sealer::from_hex(&key.into()).map_err(anyhow::Error::msg)?;
+                    let sealer = master_key()?;
                     let db = sluice::control::db::Db::new(dsn).map_err(anyhow::Error::msg)?;
                     db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
                     let id = server_id.unwrap_or_else(|| {
@@ -711,6 +731,23 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             // The supervisor stops this server's pipelines and hands their leases back.
             for l in loops {
                 let _ = l.await;
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Rotate { control_database, output }) => {
+            init_logs("warn", false);
+            let sealer = master_key()?;
+            let db = sluice::control::db::Db::new(&control_database).map_err(anyhow::Error::msg)?;
+            db.migrate().await.map_err(|e| anyhow::anyhow!("control database: {e:#}: check --control-database"))?;
+            let r = sluice::control::keys::rotate(&db, &sealer).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&r)?),
+                Output::Text => {
+                    for t in &r.tables {
+                        println!("{:<16} {:>6} re-sealed {:>6} already under the current key", t.table, t.resealed, t.already_current);
+                    }
+                    println!("every stored secret is sealed under key {}: SLUICE_MASTER_KEY_PREVIOUS can be removed", r.key_id);
+                }
             }
             Ok(())
         }
@@ -860,6 +897,16 @@ fn spawn_signals(cfg: &PipelineConfig, metrics: Arc<Metrics>, mut statsd: Option
 }
 
 /// Prints a resync's progress until every table is done (or at once with `no_wait`).
+/// The control plane's sealer from SLUICE_MASTER_KEY (and, while a rotation is under
+/// way, SLUICE_MASTER_KEY_PREVIOUS).
+fn master_key() -> anyhow::Result<sluice::control::crypto::Sealer> {
+    let key = std::env::var("SLUICE_MASTER_KEY").map_err(|_| {
+        anyhow::anyhow!("SLUICE_MASTER_KEY: not set; the control plane seals passwords with it: set 64 hex characters (`openssl rand -hex 32`), the same on every server")
+    })?;
+    let previous = std::env::var("SLUICE_MASTER_KEY_PREVIOUS").ok().map(Into::into);
+    sluice::control::crypto::Sealer::with_previous(&key.into(), previous.as_ref()).map_err(anyhow::Error::msg)
+}
+
 async fn wait_for_resync(state: &tokio_postgres::Client, pipeline: &str, id: i64, no_wait: bool, output: Output) -> anyhow::Result<()> {
     let mut last = String::new();
     loop {

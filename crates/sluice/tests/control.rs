@@ -264,7 +264,16 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
     });
     tokio::time::sleep(Duration::from_millis(1200)).await;
     server.proc.kill9();
-    let mut server = ctl.server("s1", port, None).await;
+    // The master key is rotated while the server is down: every stored secret is
+    // re-sealed under the new key, and the restarted server has only the new key.
+    let rotated = rotate_keys(&ctl, NEW_KEY, KEY);
+    assert_eq!(rotated["key_id"].as_str().map(str::len), Some(8), "{rotated}");
+    let resealed =
+        |table: &str| rotated["tables"].as_array().unwrap().iter().find(|t| t["table"] == table).map(|t| t["resealed"].as_u64().unwrap());
+    assert_eq!((resealed("sources"), resealed("sinks"), resealed("pipelines")), (Some(1), Some(1), Some(1)), "{rotated}");
+    let again = rotate_keys(&ctl, NEW_KEY, KEY);
+    assert!(again["tables"].as_array().unwrap().iter().all(|t| t["resealed"] == 0), "a second rotation has nothing to do: {again}");
+    let mut server = ctl.server_env("s1", port, None, &[("SLUICE_MASTER_KEY", NEW_KEY)]).await;
     writer.await.unwrap();
     wait_equal(env, "orders", "id", Duration::from_secs(60)).await;
     let (code, out, _) = cli(&url, &token, "shop", &["pipelines", "show", "orders", "--output", "json"]);
@@ -324,7 +333,38 @@ async fn pipeline_through_the_cli_replicates_survives_a_restart_and_tears_down_c
         .unwrap()
         .get(0);
     assert_eq!(leaked, 0, "passwords are sealed at rest");
+    // A sealed value is bound to its row: copied into another, it does not open, and
+    // a rotation that meets it changes nothing.
+    c.execute("UPDATE sluice_control.sinks SET sealed = (SELECT sealed FROM sluice_control.sources LIMIT 1)", &[]).await.unwrap();
+    let before: Vec<u8> = c.query_one("SELECT sealed FROM sluice_control.sources", &[]).await.unwrap().get(0);
+    let out = Command::new(BIN)
+        .args(["keys", "rotate"])
+        .env("SLUICE_CONTROL_DATABASE", &ctl.dsn)
+        .env("SLUICE_MASTER_KEY", "33".repeat(32))
+        .env("SLUICE_MASTER_KEY_PREVIOUS", NEW_KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("sinks \"replica\"") && err.contains("another row"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let after: Vec<u8> = c.query_one("SELECT sealed FROM sluice_control.sources", &[]).await.unwrap().get(0);
+    assert_eq!(before, after, "nothing re-sealed");
     assert_eq!(server.proc.terminate(), Some(0));
+}
+
+const NEW_KEY: &str = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
+
+/// `sluice keys rotate --output json` to `current`, opening values under `previous`.
+fn rotate_keys(ctl: &Ctl, current: &str, previous: &str) -> Value {
+    let out = Command::new(BIN)
+        .args(["keys", "rotate", "--output", "json"])
+        .env("SLUICE_CONTROL_DATABASE", &ctl.dsn)
+        .env("SLUICE_MASTER_KEY", current)
+        .env("SLUICE_MASTER_KEY_PREVIOUS", previous)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keys rotate: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The server is killed (SIGKILL) at every provisioning step, once after the step's
@@ -582,6 +622,31 @@ async fn tenants_are_isolated_on_every_route() {
     assert_eq!(call("GET", &format!("{url}/v1/tenants/alpha/tokens"), Some(&a), None).await.1["tokens"].as_array().unwrap().len(), 2);
     let (slots, _, _) = source_objects(&ctl).await;
     assert_eq!(slots.len(), 1);
+    // /metrics: per pipeline, labelled with its tenant; each tenant sees its own only.
+    let scrape = |token: Option<String>| {
+        let url = format!("{url}/metrics");
+        async move {
+            let mut req = reqwest::Client::new().get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let sample = r#"sluice_events_total{pipeline="orders",tenant="alpha",sink="postgres"}"#;
+    env.src().await.batch_execute("INSERT INTO orders VALUES (100001, 'scraped', 1)").await.unwrap();
+    wait_for("alpha's pipeline in /metrics", Duration::from_secs(20), || async {
+        let (s, text) = scrape(Some(a.clone())).await;
+        s == 200 && text.lines().any(|l| l.starts_with(sample) && !l.ends_with(" 0"))
+    })
+    .await;
+    let (s, text) = scrape(Some(ctl.admin.clone())).await;
+    assert!(s == 200 && text.contains(sample), "a platform admin sees every pipeline: {text}");
+    let (s, text) = scrape(Some(b.clone())).await;
+    assert!(s == 200 && !text.contains("alpha"), "beta sees nothing of alpha's: {text}");
+    assert!(text.contains("# TYPE sluice_events_total counter"), "{text}");
+    assert_eq!(scrape(None).await.0, 401, "/metrics without a token");
     server.proc.terminate();
 }
 

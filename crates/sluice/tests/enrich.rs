@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sluice_postgres::pki::Pki;
 
 /// What the target's enriched orders must be: the source joined by SQL, written
 /// independently of the enricher.
@@ -146,8 +147,9 @@ async fn lookup_enrichment_and_reference_changes_survive_kill9() {
 }
 
 /// The team's service: `{"keys": [...]}` → `{"results": {k: {score, segment}}}`, or
-/// 503 while `up` is false. Counts the calls.
-async fn enrichment_service(up: Arc<AtomicBool>, calls: Arc<AtomicU64>) -> String {
+/// 503 while `up` is false. Counts the calls. Over HTTPS, with `pki`'s certificate for
+/// `localhost`.
+async fn enrichment_service(up: Arc<AtomicBool>, calls: Arc<AtomicU64>, pki: &Pki) -> String {
     use axum::{Json, Router, http::StatusCode, routing::post};
     let app = Router::new().route(
         "/enrich",
@@ -175,8 +177,10 @@ async fn enrichment_service(up: Arc<AtomicBool>, calls: Arc<AtomicU64>) -> Strin
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let tls = sluice::https::server_config(&pki.path("server.pem"), &pki.path("server.key")).unwrap();
+    let listener = sluice::https::TlsListener::new(listener, tls).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/enrich")
+    format!("https://localhost:{}/enrich", addr.port())
 }
 
 /// `(rows, rows with every field, rows marked missing)` of a target table.
@@ -203,7 +207,10 @@ async fn http_state(dst: &tokio_postgres::Client, table: &str) -> (i64, i64, i64
 async fn http_enricher_down_then_back_delivers_every_row_with_its_fields() {
     let env = Env::new("enrich_http").await;
     let (up, calls) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
-    let url = enrichment_service(up.clone(), calls.clone()).await;
+    // Over HTTPS, trusting the service's private authority (ca_file).
+    let pki = Pki::make().expect("make a test CA");
+    let url = enrichment_service(up.clone(), calls.clone(), &pki).await;
+    let ca = pki.path("ca.pem");
     let src = env.src().await;
     src.batch_execute(
         "CREATE TABLE marked (id int8 PRIMARY KEY, v text);
@@ -217,9 +224,10 @@ async fn http_enricher_down_then_back_delivers_every_row_with_its_fields() {
     .unwrap();
     let http = |name: &str, table: &str, extra: &str| {
         format!(
-            "  - name: {name}\n    tables: [public.{table}]\n{extra}    http:\n      url: {url}\n      key: id\n      prefix: score_\n      \
+            "  - name: {name}\n    tables: [public.{table}]\n{extra}    http:\n      url: {url}\n      ca_file: {ca}\n      key: id\n      prefix: score_\n      \
              fields: {{score: float, segment: string}}\n      retries: 1\n      backoff: 20ms\n      timeout: 1s\n      \
-             breaker_failures: 2\n      breaker_open_for: 500ms\n      max_batch: 100\n"
+             breaker_failures: 2\n      breaker_open_for: 500ms\n      max_batch: 100\n",
+            ca = ca.display()
         )
     };
     let enrich = format!(

@@ -11,6 +11,7 @@ use rand::Rng as _;
 use serde_json::Value;
 
 use crate::common::*;
+use sluice_postgres::pki::Pki;
 
 const SECRET: &str = "test-webhook-secret";
 
@@ -30,18 +31,32 @@ impl Drop for Receiver {
 
 impl Receiver {
     async fn start(dir: &Path) -> Receiver {
+        Self::start_with(dir, None).await
+    }
+
+    /// Over HTTPS with `pki`'s certificate for `localhost`.
+    async fn start_tls(dir: &Path, pki: &Pki) -> Receiver {
+        Self::start_with(dir, Some(pki)).await
+    }
+
+    async fn start_with(dir: &Path, pki: Option<&Pki>) -> Receiver {
         let dir = dir.join(format!("hook-{}", rand::rng().random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/webhook_receiver.py");
-        let child = Command::new(python())
-            .args([script, &port.to_string(), dir.to_str().unwrap(), SECRET])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the webhook receiver");
+        let mut cmd = Command::new(python());
+        cmd.args([script, &port.to_string(), dir.to_str().unwrap(), SECRET]);
+        if let Some(pki) = pki {
+            cmd.arg(pki.path("server.pem")).arg(pki.path("server.key"));
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().expect("start the webhook receiver");
         wait_for("the receiver to listen", Duration::from_secs(20), || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() })
             .await;
-        Receiver { child, dir, url: format!("http://127.0.0.1:{port}/hook") }
+        let url = match pki {
+            Some(_) => format!("https://localhost:{port}/hook"),
+            None => format!("http://127.0.0.1:{port}/hook"),
+        };
+        Receiver { child, dir, url }
     }
 
     fn set_mode(&self, mode: &str) {
@@ -77,10 +92,13 @@ fn config(env: &Env, tables: &[&str], url: &str, sink: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_loses_nothing_and_keeps_per_key_order() {
     let env = Env::new("webhook_kill").await;
-    let hook = Receiver::start(&env.dir).await;
+    // Over HTTPS, trusting the endpoint's private authority (ca_file).
+    let pki = Pki::make().expect("make a test CA");
+    let hook = Receiver::start_tls(&env.dir, &pki).await;
     let src = env.src().await;
     src.batch_execute(ACCT_DDL).await.unwrap();
-    let cfg = config(&env, &["acct"], &hook.url, "    max_events: 50\n");
+    let extra = format!("    max_events: 50\n    ca_file: {}\n", pki.path("ca.pem").display());
+    let cfg = config(&env, &["acct"], &hook.url, &extra);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
 
@@ -210,7 +228,8 @@ async fn bad_settings_are_refused_in_one_line() {
     env.src().await.batch_execute("CREATE TABLE ev (id int8 PRIMARY KEY)").await.unwrap();
     for (url, extra, want) in [
         ("ftp://127.0.0.1/x", "", "sink.webhook.url"),
-        ("https://127.0.0.1/x", "", "https is not supported"),
+        ("http://127.0.0.1:9/x", "    ca_file: /ca.pem\n", "sink.webhook.ca_file: only an https:// url"),
+        ("https://127.0.0.1:9/x", "    ca_file: /nonexistent.pem\n", "sink.webhook.ca_file /nonexistent.pem"),
         ("http://127.0.0.1:9/x", "    max_events: 0\n", "sink.webhook.max_events"),
         ("http://127.0.0.1:9/x", "    retries: many\n", "retries"),
         ("http://127.0.0.1:9/x", "    colour: blue\n", "unknown field `colour`"),
@@ -224,4 +243,27 @@ async fn bad_settings_are_refused_in_one_line() {
         assert!(!stderr.contains(SECRET), "the secret leaked: {stderr}");
     }
     assert_eq!(slot_count(&env).await, 0);
+}
+
+/// An https endpoint whose certificate the pipeline does not trust halts it with one
+/// line naming the cause and the setting; no event is dead-lettered for it (the fault
+/// is the configuration's, not the events').
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_https_endpoint_halts_in_one_line() {
+    let env = Env::new("webhook_ca").await;
+    let pki = Pki::make().expect("make a test CA");
+    let hook = Receiver::start_tls(&env.dir, &pki).await;
+    env.src().await.batch_execute("CREATE TABLE ev (id int8 PRIMARY KEY); INSERT INTO ev VALUES (1), (2)").await.unwrap();
+    for (extra, want) in [("", "unknown CA"), ("    ca_file: OTHER\n", "unknown CA")] {
+        let extra = extra.replace("OTHER", pki.path("other-ca.pem").to_str().unwrap());
+        let cfg = config(&env, &["ev"], &hook.url, &format!("    retries: 1\n    backoff: 10ms\n{extra}"));
+        let (code, stderr) = run_to_exit(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(60));
+        assert_eq!(code, Some(1), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(want) && errors[0].contains("sink.webhook.ca_file") && errors[0].contains(&hook.url), "{}", errors[0]);
+    }
+    assert!(hook.requests().is_empty(), "nothing reached the endpoint");
+    let dead: i64 = env.dst().await.query_one("SELECT count(*) FROM sluice.webhook_dead_letters", &[]).await.unwrap().get(0);
+    assert_eq!(dead, 0, "a refused certificate dead-letters nothing");
 }

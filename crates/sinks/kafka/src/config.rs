@@ -29,8 +29,12 @@ pub struct KafkaSinkConfig {
     pub topic_prefix: Option<String>,
     #[serde(default = "default_encoding")]
     pub encoding: KafkaEncoding,
-    /// Confluent-compatible schema registry (required for Avro), e.g. Sluice's own.
+    /// Confluent-compatible schema registry (required for Avro), e.g. Sluice's own;
+    /// `https://user:password@host` sends basic auth (Confluent's URL credentials).
     pub registry_url: Option<String>,
+    /// PEM file of the authority that signed an https registry's certificate.
+    #[serde(default)]
+    pub registry_ca_file: Option<std::path::PathBuf>,
     /// Registry context the subjects live in (a tenant's), as `:.<context>:<subject>`.
     pub registry_context: Option<String>,
     #[serde(default = "one")]
@@ -80,9 +84,11 @@ impl KafkaSinkConfig {
     /// with `transforms` (which may ask for row values or headers).
     pub fn options(&self, pipeline: &str, database: &str, transforms: &[Step]) -> KafkaSinkOptions {
         let encoding = match self.encoding {
-            KafkaEncoding::Avro => {
-                Encoding::Avro { registry_url: self.registry_url.clone().unwrap_or_default(), context: self.registry_context.clone() }
-            }
+            KafkaEncoding::Avro => Encoding::Avro {
+                registry_url: self.registry_url.clone().unwrap_or_default(),
+                ca_file: self.registry_ca_file.clone(),
+                context: self.registry_context.clone(),
+            },
             KafkaEncoding::Json => Encoding::Json,
         };
         KafkaSinkOptions {
@@ -141,7 +147,10 @@ impl SinkConfigure for KafkaSinkConfig {
         if let Some(u) = &self.registry_url
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
-            return Err(format!("sink.kafka.registry_url: {u:?} must start with http:// or https://"));
+            return Err(format!("sink.kafka.registry_url: {:?} must start with http:// or https://", sluice_core::https::shown(u)));
+        }
+        if self.registry_ca_file.is_some() && !self.registry_url.as_deref().is_some_and(|u| u.starts_with("https://")) {
+            return Err("sink.kafka.registry_ca_file: only an https:// registry_url uses it".into());
         }
         if let Some(c) = &self.registry_context
             && (c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))

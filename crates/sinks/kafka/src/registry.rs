@@ -11,17 +11,35 @@ const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 #[derive(Clone)]
 pub struct RegistryClient {
+    /// With any credentials (`https://user:password@host`: sent as basic auth, as
+    /// Confluent's clients do with `basic.auth.credentials.source=URL`).
     base: String,
+    /// The url for messages: no password.
+    shown: String,
     http: reqwest::Client,
 }
 
 impl RegistryClient {
-    pub fn new(base_url: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
+    /// `ca_file`: the authority of an https registry's certificate, when private.
+    pub fn new(base_url: &str, ca_file: Option<&std::path::Path>) -> Result<Self> {
+        let shown = sluice_core::https::shown(base_url.trim_end_matches('/'));
+        let http = sluice_core::https::client(ca_file, "sink.kafka.registry_ca_file")
+            .map_err(|m| KafkaSinkError::new(ErrorKind::Permanent, m))?
             .timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Permanent, format!("schema registry client for {base_url}"), e))?;
-        Ok(Self { base: base_url.trim_end_matches('/').to_string(), http })
+            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Permanent, format!("schema registry client for {shown}"), e))?;
+        Ok(Self { base: base_url.trim_end_matches('/').to_string(), shown, http })
+    }
+
+    /// A failed request: a refused certificate said in one line (the fix is in the
+    /// configuration), anything else transient.
+    fn unreachable(&self, e: reqwest::Error) -> KafkaSinkError {
+        match sluice_core::https::certificate_refused(&self.shown, &e, "sink.kafka.registry_ca_file") {
+            Some(line) => KafkaSinkError::new(ErrorKind::Permanent, format!("schema registry: {line}")),
+            None => {
+                KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.shown), e.without_url())
+            }
+        }
     }
 
     /// Registers `schema` under `subject` and returns its id (the existing id when the
@@ -37,7 +55,7 @@ impl RegistryClient {
             s if s.is_success() => reply["id"].as_u64().map(|id| id as u32).ok_or_else(|| {
                 KafkaSinkError::new(
                     ErrorKind::Transient,
-                    format!("schema registry {}: no id in the reply to registering {subject}", self.base),
+                    format!("schema registry {}: no id in the reply to registering {subject}", self.shown),
                 )
             }),
             StatusCode::CONFLICT => {
@@ -63,11 +81,11 @@ impl RegistryClient {
                 ))
             }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                Err(KafkaSinkError::new(ErrorKind::Transient, format!("schema registry {} answered {s} registering {subject}", self.base)))
+                Err(KafkaSinkError::new(ErrorKind::Transient, format!("schema registry {} answered {s} registering {subject}", self.shown)))
             }
             s => Err(KafkaSinkError::new(
                 ErrorKind::Permanent,
-                format!("schema registry {} answered {s} registering {subject}: {}", self.base, reply["message"].as_str().unwrap_or("")),
+                format!("schema registry {} answered {s} registering {subject}: {}", self.shown, reply["message"].as_str().unwrap_or("")),
             )),
         }
     }
@@ -77,16 +95,13 @@ impl RegistryClient {
     pub async fn delete_subject(&self, subject: &str) -> Result<()> {
         for query in ["", "?permanent=true"] {
             let url = format!("{}/subjects/{}{query}", self.base, encode_path_segment(subject));
-            let resp =
-                self.http.delete(&url).send().await.map_err(|e| {
-                    KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e)
-                })?;
+            let resp = self.http.delete(&url).send().await.map_err(|e| self.unreachable(e))?;
             let status = resp.status();
             if !(status.is_success() || status == StatusCode::NOT_FOUND) {
                 let kind = if status.is_server_error() { ErrorKind::Transient } else { ErrorKind::Permanent };
                 return Err(KafkaSinkError::new(
                     kind,
-                    format!("schema registry {} answered {status} deleting subject {subject}", self.base),
+                    format!("schema registry {} answered {status} deleting subject {subject}", self.shown),
                 ));
             }
         }
@@ -109,13 +124,7 @@ impl RegistryClient {
     }
 
     async fn post(&self, url: &str, body: &Json) -> Result<reqwest::Response> {
-        self.http
-            .post(url)
-            .header("content-type", CONTENT_TYPE)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, format!("schema registry {} unreachable", self.base), e))
+        self.http.post(url).header("content-type", CONTENT_TYPE).body(body.to_string()).send().await.map_err(|e| self.unreachable(e))
     }
 }
 

@@ -79,20 +79,21 @@ impl SearchSink {
     /// Connects and checks that the search service answers; writes nothing (so
     /// `sluice check` can call it).
     pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).connect_timeout(Duration::from_secs(5));
-        if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| SearchError::permanent(format!("sink.search.ca_file {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| SearchError::permanent(format!("sink.search.ca_file {}: not a PEM certificate ({e})", ca.display())))?;
-            builder = builder.tls_certs_only([cert]);
-        }
-        let http = builder.build().map_err(|e| SearchError::permanent(format!("search sink: HTTP client: {e}")))?;
+        let http = sluice_core::https::client(opts.ca_file.as_deref(), "sink.search.ca_file")
+            .map_err(SearchError::permanent)?
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| SearchError::permanent(format!("search sink: HTTP client: {e}")))?;
         let sink = SearchSink { opts, plan, http, source, state };
         let resp = sink.request(reqwest::Method::GET, "/").send().await.map_err(|e| {
-            SearchError::transient(format!(
-                "search service at {} does not answer: {e}: check sink.search.url and that the service runs",
-                sink.opts.url
-            ))
+            match sluice_core::https::certificate_refused(&sink.opts.url, &e, "sink.search.ca_file") {
+                Some(line) => SearchError::permanent(line),
+                None => SearchError::transient(format!(
+                    "search service at {} does not answer: {e}: check sink.search.url and that the service runs",
+                    sink.opts.url
+                )),
+            }
         })?;
         match resp.status().as_u16() {
             200..=299 => Ok(sink),

@@ -14,8 +14,12 @@ use crate::sink::WebhookSink;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSinkConfig {
-    /// The endpoint, e.g. http://hooks.internal/sluice.
+    /// The endpoint, e.g. https://hooks.internal/sluice.
     pub url: String,
+    /// PEM file of the authority that signed an https endpoint's certificate (without
+    /// it, the system's trusted authorities).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub format: Format,
     /// Events per request at most.
@@ -77,12 +81,13 @@ impl SinkConfigure for WebhookSinkConfig {
     }
 
     fn validate(&self, shape: &PipelineShape<'_>) -> Result<(), String> {
-        if self.url.starts_with("https://") {
-            return Err("sink.webhook.url: https is not supported by this build yet; use http:// on a trusted network".into());
-        }
-        let rest = self.url.strip_prefix("http://").ok_or_else(|| format!("sink.webhook.url: {:?} must start with http://", self.url))?;
+        let rest = self.url.strip_prefix("https://").or_else(|| self.url.strip_prefix("http://"));
+        let rest = rest.ok_or_else(|| format!("sink.webhook.url: {:?} must start with https:// (or http://)", self.url))?;
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("sink.webhook.url: {:?} names no host", self.url));
+        }
+        if self.ca_file.is_some() && !self.url.starts_with("https://") {
+            return Err("sink.webhook.ca_file: only an https:// url uses it".into());
         }
         if self.max_events == 0 || self.max_events > 100_000 {
             return Err("sink.webhook.max_events: must be between 1 and 100000".into());
@@ -140,8 +145,8 @@ mod tests {
         let c = parse(&format!(r#"{{"url": "http://127.0.0.1:9/hook", {STATE}}}"#)).unwrap();
         assert_eq!((c.format, c.max_events, c.retries), (Format::Debezium, 500, 5));
         for (bad, says) in [
-            (r#""url": "ftp://x""#, "must start with http://"),
-            (r#""url": "https://x""#, "https is not supported"),
+            (r#""url": "ftp://x""#, "must start with https://"),
+            (r#""url": "http://x", "ca_file": "/ca.pem""#, "only an https:// url"),
             (r#""url": "http:///x""#, "names no host"),
             (r#""url": "http://x", "max_events": 0"#, "max_events"),
             (r#""url": "http://x", "headers": {"bad header": "v"}"#, "not a header name"),

@@ -61,7 +61,8 @@ impl WebhookSink {
     /// Builds the HTTP client and connects the state database; sends nothing (a probe
     /// request would be a change to the endpoint's eyes).
     pub(crate) async fn connect(cfg: WebhookSinkConfig, ctx: &SinkContext) -> SinkResult<Self> {
-        let http = reqwest::Client::builder()
+        let http = sluice_core::https::client(cfg.ca_file.as_deref(), "sink.webhook.ca_file")
+            .map_err(SinkError::permanent)?
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .build()
@@ -157,7 +158,14 @@ impl WebhookSink {
                         return self.dead_letter(events, last.0, &format!("refused: HTTP {status}")).await;
                     }
                 }
-                Err(e) => last = (None, if e.is_timeout() { "timed out".into() } else { format!("no answer: {e}") }),
+                Err(e) => {
+                    // A refused certificate is the configuration's fault, not the
+                    // events': halt (nothing dead-lettered) with the fix.
+                    if let Some(line) = sluice_core::https::certificate_refused(&self.cfg.url, &e, "sink.webhook.ca_file") {
+                        return Err(SinkError::permanent(format!("webhook sink: {line}")));
+                    }
+                    last = (None, if e.is_timeout() { "timed out".into() } else { format!("no answer: {e}") })
+                }
             }
             tracing::warn!(url = %self.cfg.url, attempt = attempt + 1, error = %last.1, "webhook request failed");
         }

@@ -18,7 +18,7 @@ pub(super) async fn enrichers_create(State(ctl): Ctl, caller: Caller, Path(tenan
         .await?
         .execute(
             "INSERT INTO enrichers (tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            &[&id, &e.name, &e.public(), &ctl.sealer.seal(&e.to_sealable())],
+            &[&id, &e.name, &e.public(), &ctl.sealer.seal(Owner::new("enrichers", id, &e.name), &e.to_sealable())],
         )
         .await?;
     if n == 0 {
@@ -80,10 +80,10 @@ pub(super) async fn enrichers_put(State(ctl): Ctl, caller: Caller, Path((tenant,
     }
     c.execute(
         "UPDATE enrichers SET spec = $3, sealed = $4, updated_at = now() WHERE tenant_id = $1 AND name = $2",
-        &[&id, &name, &e.public(), &ctl.sealer.seal(&e.to_sealable())],
+        &[&id, &name, &e.public(), &ctl.sealer.seal(Owner::new("enrichers", id, &name), &e.to_sealable())],
     )
     .await?;
-    let changed = ctl.sealer.open(&old).map_err(anyhow::Error::msg)? != e.to_sealable();
+    let changed = ctl.sealer.open(Owner::new("enrichers", id, &name), &old).map_err(anyhow::Error::msg)? != e.to_sealable();
     let mut workflows = Vec::new();
     if changed {
         for (pid, pname) in &users {

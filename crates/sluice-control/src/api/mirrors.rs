@@ -7,10 +7,11 @@ use crate::model::{MirrorSpec, mirror_runner_name};
 
 /// A mirror's config as the runner takes it, secrets opened.
 pub(crate) async fn load_mirror(ctl: &Control, id: i64) -> anyhow::Result<Option<(MirrorSpec, sluice_mirror::MirrorConfig)>> {
-    let Some(r) = ctl.db.get().await?.query_opt("SELECT sealed FROM mirrors WHERE id = $1", &[&id]).await? else {
+    let Some(r) = ctl.db.get().await?.query_opt("SELECT sealed, tenant_id, name FROM mirrors WHERE id = $1", &[&id]).await? else {
         return Ok(None);
     };
-    let spec = MirrorSpec::from_sealed(&ctl.sealer.open(r.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?)?;
+    let owner = Owner::new("mirrors", r.get(1), r.get(2));
+    let spec = MirrorSpec::from_sealed(&ctl.sealer.open(owner, r.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?)?;
     let cfg = spec.config(&mirror_runner_name(&ctl.install, id)).map_err(|i| anyhow::anyhow!("{}", i.message))?;
     Ok(Some((spec, cfg)))
 }
@@ -85,7 +86,7 @@ pub(super) async fn mirrors_create(State(ctl): Ctl, caller: Caller, Path(tenant)
                 "INSERT INTO mirrors (id, tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT DO NOTHING RETURNING {MIRROR_COLUMNS}"
             ),
-            &[&id, &tid, &m.name, &m.public(), &ctl.sealer.seal(&m.to_sealable())],
+            &[&id, &tid, &m.name, &m.public(), &ctl.sealer.seal(Owner::new("mirrors", tid, &m.name), &m.to_sealable())],
         )
         .await?
         .ok_or_else(|| ApiError::conflict(format!("mirror {:?} already exists in tenant {tenant:?}", m.name)))?;
@@ -136,7 +137,7 @@ pub(super) async fn mirrors_put(State(ctl): Ctl, caller: Caller, Path((tenant, n
                 "UPDATE mirrors SET spec = $2, sealed = $3, generation = generation + 1, updated_at = now()
                  WHERE id = $1 AND desired <> 'deleting' RETURNING {MIRROR_COLUMNS}"
             ),
-            &[&id, &m.public(), &ctl.sealer.seal(&m.to_sealable())],
+            &[&id, &m.public(), &ctl.sealer.seal(Owner::new("mirrors", tid, &name), &m.to_sealable())],
         )
         .await?
         .ok_or_else(|| ApiError::conflict(format!("mirror {name:?} is being deleted")))?;

@@ -8,6 +8,7 @@ mod alerts;
 mod auth;
 mod enrichers;
 mod error;
+mod metrics;
 mod mirrors;
 mod pipelines;
 mod routes;
@@ -19,6 +20,7 @@ mod workflows;
 
 use alerts::*;
 use enrichers::*;
+use metrics::*;
 use mirrors::*;
 use pipelines::*;
 use sinks::*;
@@ -47,7 +49,7 @@ use serde_json::{Value, json};
 use sluice_core::TableName;
 
 use super::Control;
-use super::crypto::{new_password, new_token, token_hash};
+use super::crypto::{Owner, new_password, new_token, token_hash};
 use super::model::{
     EnricherSpec, Invalid, PipelineSpec, ResyncSpec, SinkSpec, SourceSpec, check_name, object_name, parse_alerts, run_config,
 };
@@ -74,7 +76,7 @@ pub(super) fn accepted(v: Value) -> ApiResult {
 /// is (the handler says what is wrong with it).
 pub(super) async fn with_stored_secrets(
     ctl: &Control,
-    table: &str,
+    table: &'static str,
     tenant: i64,
     name: &str,
     body: Bytes,
@@ -87,7 +89,7 @@ pub(super) async fn with_stored_secrets(
     let row =
         ctl.db.get().await?.query_opt(&format!("SELECT sealed FROM {table} WHERE tenant_id = $1 AND name = $2"), &[&tenant, &name]).await?;
     let Some(row) = row else { return Ok(body) };
-    let plain = ctl.sealer.open(row.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
+    let plain = ctl.sealer.open(Owner::new(table, tenant, name), row.get::<_, &[u8]>(0)).map_err(anyhow::Error::msg)?;
     super::model::restore_secrets(&mut new, &stored(&plain)?);
     Ok(Bytes::from(serde_json::to_vec(&new).expect("json")))
 }

@@ -2,7 +2,13 @@
 
 use super::*;
 
-pub(super) async fn sealed_of(ctl: &Control, table: &str, tenant: i64, name: &str, field: &str) -> Result<(i64, Vec<u8>), ApiError> {
+pub(super) async fn sealed_of(
+    ctl: &Control,
+    table: &'static str,
+    tenant: i64,
+    name: &str,
+    field: &str,
+) -> Result<(i64, Vec<u8>), ApiError> {
     let r = ctl
         .db
         .get()
@@ -10,7 +16,7 @@ pub(super) async fn sealed_of(ctl: &Control, table: &str, tenant: i64, name: &st
         .query_opt(&format!("SELECT id, sealed FROM {table} WHERE tenant_id = $1 AND name = $2"), &[&tenant, &name])
         .await?
         .ok_or_else(|| ApiError::invalid("invalid_pipeline", Invalid::new(field, format!("no {field} named {name:?} in this tenant"))))?;
-    let plain = ctl.sealer.open(r.get::<_, &[u8]>(1)).map_err(anyhow::Error::msg)?;
+    let plain = ctl.sealer.open(Owner::new(table, tenant, name), r.get::<_, &[u8]>(1)).map_err(anyhow::Error::msg)?;
     Ok((r.get(0), plain))
 }
 
@@ -177,7 +183,7 @@ pub(super) async fn pipelines_create(State(ctl): Ctl, caller: Caller, Path(tenan
     }
     let id: i64 = c.query_one("SELECT nextval('pipelines_id_seq')", &[]).await?.get(0);
     let (source_id, sink_id, _) = validate_pipeline(&ctl, tid, id, &p).await?;
-    let pw = ctl.sealer.seal(new_password().as_bytes());
+    let pw = ctl.sealer.seal(Owner::new("pipelines", tid, &p.name), new_password().as_bytes());
     // The pipeline and its provisioning workflow appear together or not at all.
     let r = c
         .query_opt(

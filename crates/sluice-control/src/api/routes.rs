@@ -119,6 +119,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/v1/tenants/{tenant}/workflows/{id}", "Show a workflow and its step history", "viewer"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/cancel", "Cancel a workflow", "admin"),
     ("post", "/v1/tenants/{tenant}/workflows/{id}/retry", "Retry a failed or cancelled workflow from its failed step", "admin"),
+    (
+        "get",
+        "/metrics",
+        "Prometheus metrics (text) of the pipelines this server runs, labelled pipeline, tenant and sink; a tenant token sees its own",
+        "any",
+    ),
 ];
 
 pub fn router(ctl: Arc<Control>) -> Router {
@@ -152,6 +158,7 @@ pub fn router(ctl: Arc<Control>) -> Router {
         .route("/v1/tenants/{tenant}/workflows/{id}", get(workflows_get))
         .route("/v1/tenants/{tenant}/workflows/{id}/cancel", post(workflows_cancel))
         .route("/v1/tenants/{tenant}/workflows/{id}/retry", post(workflows_retry))
+        .route("/metrics", get(metrics_get))
         .layer(axum::middleware::from_fn(body_guard))
         .with_state(ctl)
 }

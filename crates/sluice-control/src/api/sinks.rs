@@ -19,7 +19,7 @@ pub(super) async fn sinks_create(State(ctl): Ctl, caller: Caller, Path(tenant): 
         .await?
         .execute(
             "INSERT INTO sinks (tenant_id, name, kind, spec, sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            &[&id, &s.name, &s.kind, &s.public(), &ctl.sealer.seal(&s.to_sealable())],
+            &[&id, &s.name, &s.kind, &s.public(), &ctl.sealer.seal(Owner::new("sinks", id, &s.name), &s.to_sealable())],
         )
         .await?;
     if n == 0 {
@@ -56,7 +56,7 @@ pub(super) async fn sinks_put(State(ctl): Ctl, caller: Caller, Path((tenant, nam
         .await?
         .execute(
             "UPDATE sinks SET spec = $3, sealed = $4, kind = $5, updated_at = now() WHERE tenant_id = $1 AND name = $2",
-            &[&id, &name, &s.public(), &ctl.sealer.seal(&s.to_sealable()), &s.kind],
+            &[&id, &name, &s.public(), &ctl.sealer.seal(Owner::new("sinks", id, &name), &s.to_sealable()), &s.kind],
         )
         .await?;
     if n == 0 {

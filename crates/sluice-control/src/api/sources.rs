@@ -31,7 +31,7 @@ pub(super) async fn sources_create(State(ctl): Ctl, caller: Caller, Path(tenant)
         .await?
         .execute(
             "INSERT INTO sources (tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            &[&id, &s.name, &s.public(), &ctl.sealer.seal(&s.to_sealable())],
+            &[&id, &s.name, &s.public(), &ctl.sealer.seal(Owner::new("sources", id, &s.name), &s.to_sealable())],
         )
         .await?;
     if n == 0 {
@@ -63,7 +63,7 @@ pub(super) async fn sources_put(State(ctl): Ctl, caller: Caller, Path((tenant, n
     check_source_reachable(&s).await?;
     c.execute(
         "UPDATE sources SET spec = $3, sealed = $4, updated_at = now() WHERE tenant_id = $1 AND name = $2",
-        &[&id, &name, &s.public(), &ctl.sealer.seal(&s.to_sealable())],
+        &[&id, &name, &s.public(), &ctl.sealer.seal(Owner::new("sources", id, &name), &s.to_sealable())],
     )
     .await?;
     ok(s.public())

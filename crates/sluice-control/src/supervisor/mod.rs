@@ -160,6 +160,7 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
     }
     for id in ended {
         let l = local.remove(&id).expect("present");
+        ctl.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let result = l.task.await; // finished, or this server is shutting down
         let failure = match result {
             Ok(Ok(())) => None,
@@ -234,6 +235,10 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
             result
         });
         tracing::info!(pipeline = id, "pipeline started on this server");
+        ctl.running.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            crate::Running { tenant_id, tenant: tenant.clone(), pipeline: name.clone(), sink: sink.clone(), metrics: metrics.clone() },
+        );
         local.insert(
             id,
             Local { generation, pipeline: name, tenant_id, tenant, sink, metrics, stop, task, started: Instant::now(), stopping: false },
@@ -260,7 +265,8 @@ async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Resu
     let rows = c.query("SELECT tenant_id, sealed FROM alert_settings WHERE tenant_id = ANY($1)", &[&tenants]).await?;
     let mut settings: HashMap<i64, AlertConfig> = HashMap::new();
     for r in rows {
-        let opened = ctl.sealer.open(r.get::<_, &[u8]>(1)).map_err(anyhow::Error::msg)?;
+        let opened =
+            ctl.sealer.open(crate::crypto::Owner::new("alert_settings", r.get(0), ""), r.get::<_, &[u8]>(1)).map_err(anyhow::Error::msg)?;
         match serde_json::from_slice::<AlertConfig>(&opened) {
             Ok(cfg) => {
                 settings.insert(r.get(0), cfg);

@@ -132,6 +132,10 @@ pub enum FieldType {
 pub struct HttpConfig {
     /// `http://` or `https://` endpoint taking `POST {"keys": [...]}`.
     pub url: String,
+    /// PEM file of the authority that signed an https endpoint's certificate (without
+    /// it, the system's trusted authorities).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// The event's column whose value is sent as the key.
     pub key: String,
     /// Fields of the answer and their types (`string`, `int`, `float`, `bool`, `json`).

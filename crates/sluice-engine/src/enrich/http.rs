@@ -77,7 +77,13 @@ impl Http {
         if cfg.fields.is_empty() {
             return Err("fields: name at least one field and its type".into());
         }
-        let client = reqwest::Client::builder().timeout(cfg.timeout).build().map_err(|e| format!("http client: {e}"))?;
+        if cfg.ca_file.is_some() && url.scheme() != "https" {
+            return Err("ca_file: only an https:// url uses it".into());
+        }
+        let client = sluice_core::https::client(cfg.ca_file.as_deref(), "ca_file")?
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
         Ok(Self {
             url: cfg.url.clone(),
             key: cfg.key.clone(),
@@ -115,7 +121,10 @@ impl Http {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
-        let resp = req.send().await.map_err(|e| format!("POST {}: {}", self.url, without_url(&e)))?;
+        let resp = req.send().await.map_err(|e| {
+            sluice_core::https::certificate_refused(&self.url, &e, "the enricher's ca_file")
+                .unwrap_or_else(|| format!("POST {}: {}", self.url, without_url(&e)))
+        })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(format!("POST {}: HTTP {status}", self.url));

@@ -1,6 +1,8 @@
 """A webhook endpoint for the tests: Python's own http.server, nobody's code here.
 
-Usage: webhook_receiver.py PORT DIR SECRET
+Usage: webhook_receiver.py PORT DIR SECRET [CERT KEY]
+
+With CERT and KEY (PEM files), it serves HTTPS (Python's ssl module).
 
 Each POST is appended to DIR/requests.jsonl (flushed and fsynced before the answer,
 so what was acknowledged is on disk): its status, whether its X-Sluice-Signature-256
@@ -11,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import ssl
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -45,4 +48,9 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+server = HTTPServer(("127.0.0.1", port), Handler)
+if len(sys.argv) > 5:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[4], sys.argv[5])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()

@@ -1,0 +1,78 @@
+//! HTTPS clients for every HTTP peer a pipeline talks to (webhooks, enrichers, search
+//! services, schema registries): the authority to trust, and one line saying what is
+//! wrong when a peer's certificate is refused.
+
+use std::path::Path;
+
+/// A client builder that trusts only the authority in `ca_file` (PEM) when one is
+/// given (a private CA), the system's authorities otherwise. `setting` names the
+/// option in errors (`sink.webhook.ca_file`).
+pub fn client(ca_file: Option<&Path>, setting: &str) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder();
+    let Some(ca) = ca_file else { return Ok(builder) };
+    let pem = std::fs::read(ca).map_err(|e| format!("{setting} {}: {e}", ca.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| format!("{setting} {}: not a PEM certificate", ca.display()))?;
+    Ok(builder.tls_certs_only(certs))
+}
+
+/// When a request failed because the peer's certificate was refused: one line naming
+/// the peer, the cause and the fix (`ca_setting` is the option that names an
+/// authority). Other failures: `None`.
+pub fn certificate_refused(url: &str, e: &reqwest::Error, ca_setting: &str) -> Option<String> {
+    let mut detail = String::new();
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        detail.push_str(&format!("{c} {c:?} "));
+        cause = c.source();
+    }
+    certificate_problem(&detail, ca_setting).map(|why| format!("TLS to {url} failed: {why}"))
+}
+
+/// The certificate problems a TLS library's error text names, said for a user.
+pub fn certificate_problem(detail: &str, ca_setting: &str) -> Option<String> {
+    let has = |a: &str, b: &str| detail.contains(a) || detail.contains(b);
+    Some(if has("UnknownIssuer", "unknown issuer") {
+        format!("the server's certificate is signed by an unknown CA: set {ca_setting} to the authority that signed it")
+    } else if has("NotValidForName", "not valid for name") {
+        "the server's certificate is not issued for this host name (hostname mismatch): use a name in the certificate".into()
+    } else if has("Expired", "expired") {
+        "the server's certificate has expired".into()
+    } else if has("CertificateRequired", "certificate required") {
+        "the server requires a client certificate".into()
+    } else {
+        return None;
+    })
+}
+
+/// `url` fit for a message or a log: any password in it replaced by `(set)`.
+pub fn shown(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("(set)"));
+            u.to_string().trim_end_matches('/').to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "(an unparsable url)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(super::shown("https://u:secret@reg:8081/x"), "https://u:(set)@reg:8081/x");
+        assert_eq!(super::shown("http://reg:8081"), "http://reg:8081");
+    }
+
+    #[test]
+    fn certificate_problems_are_said_with_the_setting() {
+        let why = super::certificate_problem("invalid peer certificate: UnknownIssuer", "sink.webhook.ca_file").unwrap();
+        assert!(why.contains("unknown CA") && why.contains("sink.webhook.ca_file"), "{why}");
+        assert!(super::certificate_problem("connection refused", "x").is_none());
+        let e = super::client(Some(std::path::Path::new("/nonexistent.pem")), "sink.webhook.ca_file").unwrap_err();
+        assert!(e.starts_with("sink.webhook.ca_file /nonexistent.pem"), "{e}");
+    }
+}
