@@ -453,8 +453,7 @@ impl SearchIndex {
             serde_json::to_writer(&mut buf, e).map_err(EsError::internal)?;
             buf.push(b'\n');
         }
-        st.translog.write_all(&buf)?;
-        st.translog.sync_data()?;
+        append_durably(&mut st.translog, &buf)?;
         for (e, indexed) in entries {
             self.apply(&mut st, e, indexed)?;
         }
@@ -684,4 +683,91 @@ fn _assert_send_sync() {
     fn f<T: Send + Sync>() {}
     f::<SearchIndex>();
     let _ = json!(null);
+}
+
+/// What the translog is appended through: a file, or in tests one that fails.
+trait Log: Write {
+    fn len(&self) -> std::io::Result<u64>;
+    fn truncate(&mut self, len: u64) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+impl Log for File {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        self.sync_all()
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// Appends `buf` (whole lines) and makes it durable. A failed append (a full disk) is
+/// cut off again: recovery stops at the first torn line, so a torn line left in front
+/// of later, acknowledged appends would lose them.
+fn append_durably(log: &mut impl Log, buf: &[u8]) -> std::io::Result<()> {
+    let before = log.len()?;
+    match log.write_all(buf).and_then(|()| log.sync()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if let Err(cut) = log.truncate(before) {
+                tracing::error!(error = %cut, "could not cut a failed translog append; the index recovers up to it");
+            }
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod translog_tests {
+    use super::*;
+
+    /// A log that takes `room` more bytes, then fails like a full disk.
+    struct Full {
+        data: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+            }
+            let n = buf.len().min(self.room);
+            self.data.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Log for Full {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.data.len() as u64)
+        }
+        fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+            self.data.truncate(len as usize);
+            Ok(())
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_torn_line() {
+        let mut log = Full { data: Vec::new(), room: 30 };
+        append_durably(&mut log, b"{\"s\":1}\n").unwrap();
+        let err = append_durably(&mut log, b"{\"s\":2,\"src\":\"a long document\"}\n").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+        assert_eq!(log.data, b"{\"s\":1}\n", "the partial line is cut off");
+        log.room = 100;
+        append_durably(&mut log, b"{\"s\":2}\n").unwrap();
+        assert_eq!(log.data, b"{\"s\":1}\n{\"s\":2}\n", "the next append follows a whole line");
+    }
 }

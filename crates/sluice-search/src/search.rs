@@ -429,17 +429,31 @@ fn source_filter(v: Option<&Value>) -> EsResult<Option<(Vec<String>, Vec<String>
     })
 }
 
+/// `*` matches any run of characters. Greedy, going back only to the last star: at
+/// most pattern × text steps, where trying every split at every star is exponential
+/// (`*a*a*a*a*b` against a long run of `a`s would hold a search thread for good).
+/// Bytes compare exactly, so UTF-8 text matches as text.
 fn glob(pattern: &str, s: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == s,
-        Some((head, tail)) => {
-            if !s.starts_with(head) {
-                return false;
-            }
-            let rest = &s[head.len()..];
-            (0..=rest.len()).filter(|i| rest.is_char_boundary(*i)).any(|i| glob(tail, &rest[i..]))
+    let (p, t) = (pattern.as_bytes(), s.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == t[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            // The last star takes one more byte; the rest of the pattern tries again.
+            star = Some((si, sj + 1));
+            i = si + 1;
+            j = sj + 1;
+        } else {
+            return false;
         }
     }
+    p[i..].iter().all(|&c| c == b'*')
 }
 
 fn filter_source(src: &Map<String, Value>, at: &str, inc: &[String], exc: &[String], included: bool) -> Map<String, Value> {
@@ -683,6 +697,12 @@ mod tests {
         assert!(glob("a.*", "a.b"));
         assert!(glob("*name", "first_name"));
         assert!(!glob("a.*", "b.a"));
+        assert!(glob("*", "") && glob("a*b*c", "aXbYc") && glob("a**", "a") && !glob("a*b", "ab.c"));
+        assert!(glob("é*", "été") && !glob("x", ""));
+        // Many stars and a text that almost matches: finishes (pattern × text steps).
+        let pattern = format!("{}b", "*a".repeat(40));
+        assert!(!glob(&pattern, &"a".repeat(20_000)));
+        assert!(glob(&pattern, &format!("{}b", "a".repeat(20_000))));
         let src = json!({"a": {"b": 1, "c": 2}, "d": 3, "e": [{"f": 1, "g": 2}]});
         let o = src.as_object().unwrap();
         assert_eq!(Value::Object(filter_source(o, "", &["a.b".into()], &[], false)), json!({"a": {"b": 1}}));

@@ -26,6 +26,72 @@ pub async fn load_model(dsn: &str, pipeline: Option<&str>) -> Result<Model, Chec
     Model::load(&client, publications.as_deref()).await.map_err(|e| CheckError::Context(e.to_string()))
 }
 
+/// The catalog models `sluice server`'s migration checks use. A model is read at most
+/// once per `ttl` for each pipeline (a burst of checks costs the source one read), at
+/// most [`MAX_LOADS`] reads at a time (each is a connection to the source), and at most
+/// [`MAX_MODELS`] are kept (the pipeline name is the caller's choice).
+pub struct ModelCache {
+    dsn: String,
+    ttl: std::time::Duration,
+    loads: tokio::sync::Semaphore,
+    models: std::sync::Mutex<std::collections::HashMap<Option<String>, (std::time::Instant, std::sync::Arc<Model>)>>,
+    /// One read per pipeline at a time: checks arriving together wait for it.
+    gates: std::sync::Mutex<std::collections::HashMap<Option<String>, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Catalog reads made, for tests of the bounds above.
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+pub const MAX_LOADS: usize = 2;
+pub const MAX_MODELS: usize = 64;
+
+impl ModelCache {
+    pub fn new(dsn: String, ttl: std::time::Duration) -> Self {
+        Self {
+            dsn,
+            ttl,
+            loads: tokio::sync::Semaphore::new(MAX_LOADS),
+            models: Default::default(),
+            gates: Default::default(),
+            reads: Default::default(),
+        }
+    }
+
+    fn fresh(&self, pipeline: Option<&str>) -> Option<std::sync::Arc<Model>> {
+        let models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        models.get(&pipeline.map(String::from)).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, m)| m.clone())
+    }
+
+    pub async fn get(&self, pipeline: Option<&str>) -> Result<std::sync::Arc<Model>, CheckError> {
+        if let Some(m) = self.fresh(pipeline) {
+            return Ok(m);
+        }
+        let busy = || CheckError::Context("the source's catalog is busy being read for other checks: try again".into());
+        let wait = std::time::Duration::from_secs(30);
+        let gate = {
+            let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+            gates.retain(|_, g| std::sync::Arc::strong_count(g) > 1); // no one waiting
+            gates.entry(pipeline.map(String::from)).or_default().clone()
+        };
+        let _one = tokio::time::timeout(wait, gate.lock()).await.map_err(|_| busy())?;
+        // Another check may have read it while this one waited.
+        if let Some(m) = self.fresh(pipeline) {
+            return Ok(m);
+        }
+        let _permit = tokio::time::timeout(wait, self.loads.acquire()).await.map_err(|_| busy())?.expect("the semaphore is never closed");
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let model = std::sync::Arc::new(load_model(&self.dsn, pipeline).await?);
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        models.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        if models.len() >= MAX_MODELS
+            && let Some(oldest) = models.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
+        {
+            models.remove(&oldest);
+        }
+        models.insert(pipeline.map(String::from), (std::time::Instant::now(), model.clone()));
+        Ok(model)
+    }
+}
+
 /// Checks files (name, SQL) against `base`, each from the catalog as it is; with a
 /// registry and pipeline, also asks the registry about each changed table.
 pub async fn check_files(
@@ -49,4 +115,62 @@ pub async fn check_files(
     }
     let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Allowed);
     Ok((worst, reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// A burst of checks reads the catalog once; many pipelines at once hold at most
+    /// MAX_LOADS connections to the source; the cache keeps at most MAX_MODELS models.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catalog_reads_are_cached_and_capped() {
+        let pg = tokio::task::spawn_blocking(|| sluice_postgres::cluster::TempCluster::start(&[])).await.unwrap().unwrap();
+        let admin = sluice_postgres::connect(&sluice_postgres::parse_dsn(&pg.dsn("postgres")).unwrap(), "test").await.unwrap();
+        admin.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+        let cache = std::sync::Arc::new(ModelCache::new(pg.dsn("postgres"), std::time::Duration::from_secs(60)));
+        let burst: Vec<_> = (0..20)
+            .map(|_| {
+                tokio::spawn({
+                    let c = cache.clone();
+                    async move { c.get(None).await.map(|_| ()) }
+                })
+            })
+            .collect();
+        for b in burst {
+            b.await.unwrap().unwrap();
+        }
+        assert_eq!(cache.reads.load(Ordering::Relaxed), 1, "twenty checks, one catalog read");
+        // Many pipelines at once: the source never sees more than MAX_LOADS sessions.
+        let watcher = tokio::spawn(async move {
+            let mut most = 0i64;
+            for _ in 0..200 {
+                let n: i64 = admin
+                    .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice-migrations'", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                most = most.max(n);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            most
+        });
+        let many: Vec<_> = (0..MAX_MODELS + 6)
+            .map(|i| {
+                tokio::spawn({
+                    let c = cache.clone();
+                    async move { c.get(Some(&format!("p{i}"))).await.map(|_| ()) }
+                })
+            })
+            .collect();
+        for m in many {
+            m.await.unwrap().unwrap();
+        }
+        let most = watcher.await.unwrap();
+        assert!(most <= MAX_LOADS as i64, "{most} catalog sessions at once");
+        assert!(most >= 1, "the watcher saw the reads");
+        assert_eq!(cache.reads.load(Ordering::Relaxed), MAX_MODELS + 7);
+        assert!(cache.models.lock().unwrap().len() <= MAX_MODELS);
+    }
 }

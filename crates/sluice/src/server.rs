@@ -13,20 +13,25 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::migrations::{CheckError, check_files, load_model};
+use crate::migrations::{CheckError, ModelCache, check_files};
 
 #[derive(Clone, Default)]
 pub struct ServerConfig {
-    /// Catalog context for migration checks (read-only connection string). Callers
-    /// choose a pipeline, never a database: the server never connects where a request says.
-    pub source: Option<String>,
+    /// Catalog context for migration checks (read-only connection string), read through
+    /// a cache. Callers choose a pipeline, never a database: the server never connects
+    /// where a request says.
+    models: Option<Arc<ModelCache>>,
     /// With the control plane on, migration checks take its tokens too.
     control: Option<Arc<sluice_control::Control>>,
 }
 
+/// How long a catalog read serves migration checks: a check seconds after a change
+/// applied elsewhere may not see it yet.
+const CATALOG_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ServerConfig {
     pub fn new(source: Option<String>) -> Self {
-        Self { source, control: None }
+        Self { models: source.map(|dsn| Arc::new(ModelCache::new(dsn, CATALOG_TTL))), control: None }
     }
 }
 
@@ -61,16 +66,19 @@ async fn migrations_check(State(cfg): State<Arc<ServerConfig>>, headers: axum::h
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}; expected {{\"sql\": \"...\"}}")),
     };
-    let model = match &cfg.source {
-        Some(dsn) => match load_model(dsn, req.pipeline.as_deref()).await {
+    if req.pipeline.as_ref().is_some_and(|p| p.len() > 63) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "pipeline: a pipeline name has at most 63 characters".into());
+    }
+    let model = match &cfg.models {
+        Some(cache) => match cache.get(req.pipeline.as_deref()).await {
             Ok(m) => m,
             Err(e) => return error(StatusCode::BAD_GATEWAY, "source_unavailable", e.to_string()),
         },
-        None => sluice_ddl::Model::default(),
+        None => Arc::new(sluice_ddl::Model::default()),
     };
     let name = req.file.unwrap_or_else(|| "request.sql".into());
     match check_files(vec![(name, req.sql)], &model, None).await {
-        Ok((verdict, files)) => Json(json!({ "verdict": verdict, "context": cfg.source.is_some(), "files": files })).into_response(),
+        Ok((verdict, files)) => Json(json!({ "verdict": verdict, "context": cfg.models.is_some(), "files": files })).into_response(),
         Err(CheckError::Input(e)) => {
             let kind = if matches!(e, sluice_ddl::DdlError::Empty(_)) { "empty" } else { "parse_error" };
             error(StatusCode::BAD_REQUEST, kind, e.to_string())
