@@ -34,6 +34,10 @@ pub(crate) const KIND_TOMBSTONE: u64 = 2;
 
 const META_FILE: &str = "sluice-index.json";
 const TRANSLOG_FILE: &str = "translog.jsonl";
+
+/// Writes held uncommitted at most (documents, translog bytes): see [`SearchIndex::write`].
+pub(crate) const MAX_UNCOMMITTED_DOCS: usize = 50_000;
+const MAX_TRANSLOG_BYTES: u64 = 512 << 20;
 const WRITER_MEMORY: usize = 64 * 1024 * 1024;
 
 #[derive(Clone, Copy)]
@@ -459,6 +463,13 @@ impl SearchIndex {
         }
         st.seq = seq;
         st.dirty = true;
+        // Unrefreshed writes are held in memory (for real-time gets) and in the translog:
+        // past a bound they are committed now, whatever the refresh interval (as
+        // Elasticsearch flushes at `index.translog.flush_threshold_size`), so an index
+        // that is never refreshed cannot take the server's memory or disk.
+        if st.live.len() >= MAX_UNCOMMITTED_DOCS || st.translog.len()? >= MAX_TRANSLOG_BYTES {
+            self.commit(st)?;
+        }
         Ok(results)
     }
 
@@ -506,6 +517,10 @@ impl SearchIndex {
         if !st.dirty {
             return Ok(());
         }
+        self.commit(st)
+    }
+
+    fn commit(&self, mut st: std::sync::MutexGuard<'_, WriteState>) -> EsResult<()> {
         let seq = st.seq;
         let mut prepared = st.writer.prepare_commit()?;
         prepared.set_payload(&seq.to_string());
@@ -724,6 +739,32 @@ fn append_durably(log: &mut impl Log, buf: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod translog_tests {
     use super::*;
+
+    /// An index that is never refreshed commits by itself past the bound: memory and
+    /// the translog stay bounded, and nothing is lost.
+    #[test]
+    fn unrefreshed_writes_are_bounded() {
+        let root = tempfile::tempdir().unwrap();
+        let ix = SearchIndex::create(root.path(), "big", Mapping::default(), json!({}), Duration::from_secs(3600)).unwrap();
+        let doc = |i: usize| WriteOp {
+            op: OpType::Index,
+            id: Some(i.to_string()),
+            body: Some(json!({"n": i})),
+            version: None,
+            version_type: VersionType::Internal,
+        };
+        for chunk in (0..MAX_UNCOMMITTED_DOCS + 10).collect::<Vec<_>>().chunks(5000) {
+            let results = ix.write(chunk.iter().map(|i| doc(*i)).collect()).unwrap();
+            assert!(results.iter().all(|r| r.outcome.is_ok()));
+        }
+        let st = ix.state.lock().unwrap();
+        assert!(st.live.len() < MAX_UNCOMMITTED_DOCS, "{} writes held", st.live.len());
+        assert!(st.translog.len().unwrap() < 1 << 20);
+        drop(st);
+        assert!(ix.doc_count().unwrap() >= MAX_UNCOMMITTED_DOCS as u64, "committed past the bound");
+        ix.refresh().unwrap();
+        assert_eq!(ix.doc_count().unwrap(), (MAX_UNCOMMITTED_DOCS + 10) as u64);
+    }
 
     /// A log that takes `room` more bytes, then fails like a full disk.
     struct Full {

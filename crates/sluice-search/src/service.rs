@@ -11,9 +11,15 @@ use crate::error::{EsError, EsResult};
 use crate::index::SearchIndex;
 use crate::mapping::Mapping;
 
+/// Indices one service holds open at most (Elasticsearch's default
+/// `cluster.max_shards_per_node`, one shard per index here).
+pub const MAX_INDICES: usize = 1000;
+
 pub struct SearchService {
     root: PathBuf,
     indices: RwLock<HashMap<String, Arc<SearchIndex>>>,
+    /// Indices open at most ([`MAX_INDICES`]; tests lower it).
+    max_indices: usize,
     default_refresh: Duration,
     /// Serializes index creation and deletion.
     admin: Mutex<()>,
@@ -105,7 +111,13 @@ impl SearchService {
                 indices.insert(name.clone(), Arc::new(SearchIndex::open(root, &name)?));
             }
         }
-        Ok(Arc::new(SearchService { root: root.to_owned(), indices: RwLock::new(indices), default_refresh, admin: Mutex::new(()) }))
+        Ok(Arc::new(SearchService {
+            root: root.to_owned(),
+            indices: RwLock::new(indices),
+            default_refresh,
+            admin: Mutex::new(()),
+            max_indices: MAX_INDICES,
+        }))
     }
 
     pub fn get(&self, name: &str) -> EsResult<Arc<SearchIndex>> {
@@ -122,10 +134,23 @@ impl SearchService {
     pub fn create(&self, name: &str, body: &Value) -> EsResult<Arc<SearchIndex>> {
         validate_name(name)?;
         let _g = self.admin.lock().expect("poisoned");
+        let open = self.indices.read().expect("poisoned").len();
         if self.indices.read().expect("poisoned").contains_key(name) {
             let mut e = EsError::bad_request("resource_already_exists_exception", format!("index [{name}] already exists"));
             e.index = Some(name.to_owned());
             return Err(e);
+        }
+        // Each index holds a writer with its own memory budget and threads: a cap keeps
+        // one caller (or a runaway auto-create) from taking the server down, as
+        // Elasticsearch's cluster.max_shards_per_node does.
+        if open >= self.max_indices {
+            return Err(EsError::bad_request(
+                "validation_exception",
+                format!(
+                    "Validation Failed: 1: this action would add [1] shards, but this cluster currently has [{open}]/[{}] maximum normal shards open; delete indices you no longer need",
+                    self.max_indices
+                ),
+            ));
         }
         let mut mapping = Mapping::default();
         let mut refresh = self.default_refresh;
@@ -234,5 +259,20 @@ mod tests {
         assert_eq!(parse_interval(&json!("150ms")).unwrap(), Duration::from_millis(150));
         assert_eq!(parse_interval(&json!("2s")).unwrap(), Duration::from_secs(2));
         assert!(parse_interval(&json!("2 parsecs")).is_err());
+    }
+
+    #[test]
+    fn indices_are_capped() {
+        let root = tempfile::tempdir().unwrap();
+        let mut svc = SearchService::open(root.path(), Duration::from_secs(1)).unwrap();
+        Arc::get_mut(&mut svc).unwrap().max_indices = 2;
+        svc.create("a", &Value::Null).unwrap();
+        svc.get_or_create("b").unwrap();
+        let e = svc.get_or_create("c").err().unwrap();
+        assert_eq!((e.status.as_u16(), e.kind), (400, "validation_exception"), "{}", e.reason);
+        assert!(e.reason.contains("[2]/[2]"), "{}", e.reason);
+        assert_eq!(svc.names(), ["a", "b"], "nothing half-made");
+        svc.delete("a").unwrap();
+        svc.create("c", &Value::Null).unwrap();
     }
 }
