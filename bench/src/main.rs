@@ -430,7 +430,7 @@ fn percentiles(mut us: Vec<f64>) -> serde_json::Value {
 async fn registry(n: u32) -> Result<serde_json::Value> {
     let pg = tokio::task::spawn_blocking(|| TempCluster::start(&[])).await??;
     connect(pg.port, "postgres").await?.batch_execute("CREATE DATABASE bench").await?;
-    let store = sluice_registry::Store::open(connect(pg.port, "bench").await?).await?;
+    let store = sluice_registry::Store::open(conn_cfg(pg.port, "bench")).await.map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, sluice_registry::router(Arc::new(store))).await });
@@ -512,7 +512,7 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[])).await??;
     let brokers = broker.addr().to_string();
     // Sluice's registry, in process, stored in the second server.
-    let store = sluice_registry::Store::open(connect(dst.port, "bench").await?).await?;
+    let store = sluice_registry::Store::open(conn_cfg(dst.port, "bench")).await.map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let registry = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, sluice_registry::router(Arc::new(store))).await });

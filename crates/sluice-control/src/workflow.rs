@@ -474,21 +474,26 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
         }
         Step::DropSlot => {
             let c = admin().await?;
+            // Tries for 30 s, waiting longer each time (a walsender takes a moment to
+            // end), then hands the step back to the workflow's own retries.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut wait = Duration::from_millis(100);
             loop {
                 // The slot is ours by name: dropped when idle.
-                match replication::drop_slot_if_idle(&c, &obj).await.map_err(anyhow::Error::from)? {
+                let why = match replication::drop_slot_if_idle(&c, &obj).await.map_err(anyhow::Error::from)? {
                     None if !replication::slot_exists(&c, &obj).await.map_err(anyhow::Error::from)? => break,
-                    None => {}
+                    None => format!("replication slot {obj} was taken again as it was dropped"),
                     Some(pid) => {
-                        if tokio::time::Instant::now() > deadline {
-                            return Err(StepError::Retry(format!("replication slot {obj} is still in use by backend {pid}")));
-                        }
                         // A walsender left by a stopped pipeline's server: end it.
                         let _ = c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await;
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        format!("replication slot {obj} is still in use by backend {pid}")
                     }
+                };
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(StepError::Retry(why));
                 }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
         Step::DropPublication => {

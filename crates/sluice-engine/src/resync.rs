@@ -31,10 +31,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use futures::StreamExt;
 use sluice_core::key_of;
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction, quote_ident};
-use sluice_postgres::{CopyRowDecoder, PgConnConfig};
+use sluice_postgres::PgConnConfig;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -121,9 +120,23 @@ struct Request {
     id: i64,
     table: TableName,
     last_key: Option<Vec<String>>,
-    /// Only the rows matching this condition (a re-enrichment); stale rows are
-    /// then not looked for.
-    filter: Option<String>,
+    /// Only these rows (a re-enrichment); stale rows are then not looked for.
+    keys: Option<KeySet>,
+}
+
+/// Rows named by the values of some columns: what a limited resync reads again. Stored
+/// as data and bound as parameters of the read, never pasted into SQL.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct KeySet {
+    pub columns: Vec<String>,
+    /// One value per column, as Postgres prints it.
+    pub rows: Vec<Vec<String>>,
+}
+
+impl KeySet {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a key set is JSON")
+    }
 }
 
 /// What one chunk read found.
@@ -317,7 +330,7 @@ impl Resync {
             events.push(ChangeEvent { op: Op::Read, table: schema.clone(), before: None, after: Some(row), position });
         }
         let mut deleted = 0;
-        if let Some(target) = self.targets.get(&a.req.table).filter(|_| a.req.filter.is_none()) {
+        if let Some(target) = self.targets.get(&a.req.table).filter(|_| a.req.keys.is_none()) {
             let stale = self.stale_keys(target, &schema, a.req.last_key.as_deref(), full.then_some(last_key.as_deref()).flatten()).await?;
             for key in stale {
                 let mut before: Row = vec![Datum::Null; schema.columns.len()];
@@ -344,7 +357,7 @@ impl Resync {
         // The next chunk is read while the sink takes this one; its progress is
         // recorded after this one's, in stream order.
         if full {
-            self.start(Request { id: a.req.id, table: a.req.table, last_key, filter: a.req.filter }).await?;
+            self.start(Request { id: a.req.id, table: a.req.table, last_key, keys: a.req.keys }).await?;
         }
         Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events, ddl: Vec::new() }))
     }
@@ -478,7 +491,7 @@ impl Resync {
         let row = self
             .state
             .query_opt(
-                "SELECT id, table_name, last_key, filter FROM sluice.resyncs WHERE pipeline = $1 AND NOT done ORDER BY id, table_name LIMIT 1",
+                "SELECT id, table_name, last_key, keys FROM sluice.resyncs WHERE pipeline = $1 AND NOT done ORDER BY id, table_name LIMIT 1",
                 &[&self.pipeline],
             )
             .await
@@ -500,7 +513,9 @@ impl Resync {
                 .context("dropping a resync request")?;
             return Ok(());
         };
-        self.start(Request { id, table, last_key: row.get(2), filter: row.get(3) }).await
+        // Unreadable keys (written by hand, say) read the whole table: a superset.
+        let keys = row.get::<_, Option<serde_json::Value>>(3).and_then(|v| serde_json::from_value(v).ok());
+        self.start(Request { id, table, last_key: row.get(2), keys }).await
     }
 
     async fn start(&mut self, req: Request) -> Result<()> {
@@ -510,20 +525,16 @@ impl Resync {
         self.seq += 1;
         let mark = format!("{}/{:x}/{}", self.pipeline, self.nonce, self.seq);
         let schema = self.tables[&req.table].clone();
-        // The publication's row filter too: rows outside it are not the sink's, and the
-        // chunk's key range then removes any the sink still holds.
-        let filter = match (&req.filter, self.row_filters.get(&req.table)) {
-            (Some(a), Some(b)) => Some(format!("({a}) AND ({b})")),
-            (a, b) => a.clone().or_else(|| b.cloned()),
+        // The publication's row filter too (SQL from the source's own catalog): rows
+        // outside it are not the sink's, and the chunk's key range then removes any the
+        // sink still holds.
+        let read = ChunkRead {
+            after: req.last_key.clone(),
+            keys: req.keys.clone(),
+            row_filter: self.row_filters.get(&req.table).cloned(),
+            limit: self.chunk_rows,
         };
-        let task = tokio::spawn(read_chunk(
-            self.reader.clone().expect("connected"),
-            schema,
-            req.last_key.clone(),
-            filter,
-            self.chunk_rows,
-            mark.clone(),
-        ));
+        let task = tokio::spawn(read_chunk(self.reader.clone().expect("connected"), schema, read, mark.clone()));
         self.active =
             Some(Active { req, mark, started: Instant::now(), before_lo: None, window: HashSet::new(), task: Some(task), fetched: None });
         Ok(())
@@ -540,41 +551,99 @@ pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Low watermark, the chunk read in one snapshot, high watermark.
-async fn read_chunk(
-    c: Arc<Client>,
-    schema: Arc<TableSchema>,
+/// Which rows one chunk reads.
+struct ChunkRead {
+    /// Rows after this key (the last chunk's last row).
     after: Option<Vec<String>>,
-    filter: Option<String>,
+    keys: Option<KeySet>,
+    row_filter: Option<String>,
     limit: i64,
-    mark: String,
-) -> Result<Fetched> {
+}
+
+impl ChunkRead {
+    /// The chunk's query and its parameters: every value bound (as text, cast on the
+    /// source to its column's type), every name quoted.
+    fn query(&self, schema: &TableSchema) -> Result<(String, Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>)> {
+        // Aliased: an output column named like a key column would be what ORDER BY
+        // sorts by, and the text sorts differently ('10' before '9').
+        let cols: Vec<String> = schema.columns.iter().enumerate().map(|(i, c)| format!("{}::text AS v{i}", quote_ident(&c.name))).collect();
+        let keys: Vec<&sluice_core::ColumnSchema> = schema.key_indexes().map(|i| &schema.columns[i]).collect();
+        if keys.is_empty() {
+            bail!("table {} has no primary key: resync reads tables in key order", schema.name);
+        }
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        let mut cond = vec!["true".to_string()];
+        if let Some(after) = &self.after {
+            if after.len() != keys.len() {
+                bail!("resync of {}: the stored position has {} values for {} key columns", schema.name, after.len(), keys.len());
+            }
+            let mut bound = Vec::new();
+            for (k, v) in keys.iter().zip(after) {
+                params.push(Box::new(v.clone()));
+                bound.push(format!("${}::text::{}", params.len(), k.type_name));
+            }
+            let names: Vec<String> = keys.iter().map(|k| quote_ident(&k.name)).collect();
+            cond.push(format!("({}) > ({})", names.join(", "), bound.join(", ")));
+        }
+        if let Some(set) = &self.keys {
+            let mut names = Vec::new();
+            let mut casts = Vec::new();
+            for (n, col) in set.columns.iter().enumerate() {
+                let c = schema
+                    .columns
+                    .iter()
+                    .find(|c| c.name == *col)
+                    .with_context(|| format!("resync of {}: no column {col:?}", schema.name))?;
+                let values: Vec<String> = set.rows.iter().map(|r| r.get(n).cloned().unwrap_or_default()).collect();
+                params.push(Box::new(values));
+                names.push(quote_ident(&c.name));
+                casts.push(format!("u.c{n}::{}", c.type_name));
+            }
+            let arrays: Vec<String> =
+                (0..set.columns.len()).map(|n| format!("${}::text[]", params.len() - set.columns.len() + n + 1)).collect();
+            let aliases: Vec<String> = (0..set.columns.len()).map(|n| format!("c{n}")).collect();
+            cond.push(format!(
+                "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+                names.join(", "),
+                casts.join(", "),
+                arrays.join(", "),
+                aliases.join(", ")
+            ));
+        }
+        if let Some(f) = &self.row_filter {
+            cond.push(format!("({f})"));
+        }
+        let order: Vec<String> = keys.iter().map(|k| quote_ident(&k.name)).collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT {}",
+            cols.join(", "),
+            schema.name.quoted(),
+            cond.join(" AND "),
+            order.join(", "),
+            self.limit
+        );
+        Ok((sql, params))
+    }
+}
+
+/// Low watermark, the chunk read in one snapshot, high watermark.
+async fn read_chunk(c: Arc<Client>, schema: Arc<TableSchema>, read: ChunkRead, mark: String) -> Result<Fetched> {
+    let (sql, params) = read.query(&schema)?;
     sluice_postgres::replication::emit_watermark(&c, &format!("lo:{mark}")).await.context("writing the resync low watermark")?;
-    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let keys: Vec<String> = schema.key_indexes().map(|i| quote_ident(&schema.columns[i].name)).collect();
-    if keys.is_empty() {
-        bail!("table {} has no primary key: resync reads tables in key order", schema.name);
-    }
-    let mut cond = after.as_deref().map_or_else(|| "true".to_string(), |v| key_cmp(&keys, ">", v));
-    if let Some(f) = &filter {
-        cond = format!("{cond} AND ({f})");
-    }
-    let sql = format!(
-        "COPY (SELECT {} FROM {} WHERE {cond} ORDER BY {} LIMIT {limit}) TO STDOUT",
-        cols.join(", "),
-        schema.name.quoted(),
-        keys.join(", ")
-    );
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.context("reading a resync chunk")?;
     let read = async {
         let snap: String = c.query_one("SELECT pg_current_snapshot()::text", &[]).await?.get(0);
-        let out = c.copy_out(&sql).await?;
-        futures::pin_mut!(out);
-        let (mut decoder, mut rows) = (CopyRowDecoder::default(), Vec::new());
-        while let Some(data) = out.next().await {
-            decoder.feed(&data?, schema.columns.len(), &mut rows)?;
+        let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        // Each value as its type's text output: what COPY's text format would carry.
+        let mut rows = Vec::new();
+        for r in c.query(&sql, &bound).await? {
+            let mut row = Vec::with_capacity(schema.columns.len());
+            for i in 0..schema.columns.len() {
+                row.push(r.try_get::<_, Option<&str>>(i)?.map_or(Datum::Null, |v| Datum::Text(v.as_bytes().to_vec().into())));
+            }
+            rows.push(row);
         }
-        decoder.finish()?;
         anyhow::Ok((snap, rows))
     }
     .await;
@@ -598,6 +667,42 @@ mod tests {
     fn key_comparison_quotes_values() {
         let keys = vec!["\"a\"".to_string(), "\"b\"".to_string()];
         assert_eq!(key_cmp(&keys, ">", &["1".into(), "it's".into()]), "(\"a\", \"b\") > ('1', 'it''s')");
+    }
+
+    #[test]
+    fn chunk_reads_bind_every_value() {
+        let col = |name: &str, type_name: &str, key: bool| sluice_core::ColumnSchema {
+            name: name.into(),
+            type_oid: 25,
+            type_name: type_name.into(),
+            pg_type: sluice_core::PgType::from_oid(25),
+            nullable: !key,
+            is_key: key,
+            enum_labels: vec![],
+        };
+        let schema = TableSchema {
+            name: TableName::new("public", "Orders"),
+            relid: 1,
+            columns: vec![col("id", "bigint", true), col("customer", "text", false)],
+            replica_identity: sluice_core::ReplicaIdentity::Default,
+        };
+        let hostile = "1') OR true; DROP TABLE orders; --".to_string();
+        let read = ChunkRead {
+            after: Some(vec!["7".into()]),
+            keys: Some(KeySet { columns: vec!["customer".into()], rows: vec![vec![hostile.clone()], vec!["c2".into()]] }),
+            row_filter: None,
+            limit: 100,
+        };
+        let (sql, params) = read.query(&schema).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT \"id\"::text AS v0, \"customer\"::text AS v1 FROM \"public\".\"Orders\" WHERE true AND (\"id\") > ($1::text::bigint) \
+             AND (\"customer\") IN (SELECT u.c0::text FROM unnest($2::text[]) AS u(c0)) ORDER BY \"id\" LIMIT 100"
+        );
+        assert!(!sql.contains("DROP"), "values are parameters, never SQL");
+        assert_eq!(params.len(), 2);
+        let bad = ChunkRead { keys: Some(KeySet { columns: vec!["nope".into()], rows: vec![] }), ..read };
+        assert!(bad.query(&schema).unwrap_err().to_string().contains("no column \"nope\""));
     }
 
     #[test]

@@ -32,6 +32,7 @@ static MIGRATIONS: &[Migration] = migrations! {
     5 "0005_search_sink",
     6 "0006_webhook_sink",
     7 "0007_slot_recovery",
+    8 "0008_resync_keys",
 };
 
 /// Serializes migrations of one database: pipelines starting together would otherwise

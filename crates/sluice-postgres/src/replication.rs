@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use sluice_core::source::{RetentionHealth, WalStatus};
 use sluice_core::{TableName, quote_ident};
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use crate::error::{PgError, Result};
 use crate::stream::{HEARTBEAT_PREFIX, RESYNC_PREFIX};
@@ -31,11 +32,14 @@ pub async fn drop_slot_if_idle(c: &Client, slot: &str) -> Result<Option<i32>> {
         .map_err(|e| PgError::from_pg(&format!("reading replication slot {slot}"), e))?;
     match row.map(|r| r.get::<_, Option<i32>>(0)) {
         None => Ok(None),
-        Some(None) => {
-            // Gone meanwhile is fine: the caller looks again.
-            let _ = c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
-            Ok(None)
-        }
+        Some(None) => match c.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await {
+            Ok(_) => Ok(None),
+            // Gone meanwhile is fine; taken meanwhile (object in use) the caller sees
+            // when it looks again.
+            Err(e) if matches!(e.code(), Some(&SqlState::UNDEFINED_OBJECT) | Some(&SqlState::OBJECT_IN_USE)) => Ok(None),
+            // Anything else (no privilege to drop it, say) is the answer, not a retry.
+            Err(e) => Err(PgError::from_pg(&format!("dropping replication slot {slot}"), e)),
+        },
         Some(Some(pid)) => Ok(Some(pid)),
     }
 }
@@ -225,4 +229,32 @@ pub async fn slot_confirmed_lsn(c: &Client, slot: &str) -> Result<sluice_core::L
         .await
         .map_err(|e| PgError::from_pg("reading the slot position", e))?;
     row.get::<_, String>(0).parse().map_err(|_| PgError::permanent("slot position is not an LSN"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot that cannot be dropped says why at once (the teardown step used to spin
+    /// on it); a slot that is gone is fine.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slot_that_cannot_be_dropped_is_an_error_not_a_loop() {
+        let pg = tokio::task::spawn_blocking(|| crate::cluster::TempCluster::start(&[])).await.unwrap().unwrap();
+        let admin = crate::cluster::superuser_client(pg.port, "postgres").await.unwrap();
+        admin
+            .batch_execute(
+                "SELECT pg_create_logical_replication_slot('held', 'pgoutput');
+                 CREATE ROLE weak LOGIN PASSWORD 'weak-pw';",
+            )
+            .await
+            .unwrap();
+        let weak = crate::PgConnConfig::new("127.0.0.1", pg.port, "weak", "weak-pw".to_string().into(), "postgres");
+        let weak = crate::connect(&weak, "test").await.unwrap();
+        let err = drop_slot_if_idle(&weak, "held").await.unwrap_err().to_string();
+        assert!(err.contains("dropping replication slot held") && err.contains("must be superuser or replication role"), "{err}");
+        assert!(slot_exists(&admin, "held").await.unwrap());
+        assert_eq!(drop_slot_if_idle(&admin, "held").await.unwrap(), None);
+        assert!(!slot_exists(&admin, "held").await.unwrap());
+        assert_eq!(drop_slot_if_idle(&admin, "held").await.unwrap(), None, "gone is fine");
+    }
 }

@@ -13,7 +13,11 @@ const DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS sluice_registry;
 CREATE TABLE IF NOT EXISTS sluice_registry.schemas (
     ctx text NOT NULL, id int4 NOT NULL, schema_type text NOT NULL, schema text NOT NULL,
-    PRIMARY KEY (ctx, id), UNIQUE (ctx, schema_type, schema));
+    PRIMARY KEY (ctx, id));
+-- Unique by a hash of the text: a btree entry holds at most ~2.7 KB, and schemas of
+-- wide tables are larger. (Registries from before kept the text itself unique.)
+CREATE UNIQUE INDEX IF NOT EXISTS schemas_unique_text ON sluice_registry.schemas (ctx, schema_type, md5(schema));
+ALTER TABLE sluice_registry.schemas DROP CONSTRAINT IF EXISTS schemas_ctx_schema_type_schema_key;
 CREATE TABLE IF NOT EXISTS sluice_registry.versions (
     ctx text NOT NULL, subject text NOT NULL, version int4 NOT NULL, schema_id int4 NOT NULL,
     deleted bool NOT NULL DEFAULT false, PRIMARY KEY (ctx, subject, version));
@@ -47,6 +51,9 @@ impl Qualified {
 }
 
 pub struct Store {
+    config: sluice_postgres::PgConnConfig,
+    /// Replaced when the database drops it (a restart, a failover): the next request
+    /// reconnects, so the registry outlives its database's restarts.
     client: Mutex<Client>,
 }
 
@@ -71,9 +78,25 @@ pub fn parse_avro(text: &str) -> Result<(Schema, String), ApiError> {
 }
 
 impl Store {
-    pub async fn open(client: Client) -> Result<Store, tokio_postgres::Error> {
-        client.batch_execute(DDL).await?;
-        Ok(Store { client: Mutex::new(client) })
+    /// Connects to the registry database and creates the registry's tables when missing.
+    pub async fn open(config: sluice_postgres::PgConnConfig) -> Result<Store, String> {
+        let client = Self::connect(&config).await?;
+        client.batch_execute(DDL).await.map_err(|e| format!("cannot create the registry tables: {e}"))?;
+        Ok(Store { config, client: Mutex::new(client) })
+    }
+
+    async fn connect(config: &sluice_postgres::PgConnConfig) -> Result<Client, String> {
+        sluice_postgres::connect_as(config, "the registry database", "", "sluice-registry").await.map_err(|e| e.to_string())
+    }
+
+    /// The connection, re-opened first when it was lost.
+    async fn conn(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, ApiError> {
+        let mut c = self.client.lock().await;
+        if c.is_closed() {
+            tracing::warn!("the registry database connection was lost; reconnecting");
+            *c = Self::connect(&self.config).await.map_err(ApiError::store)?;
+        }
+        Ok(c)
     }
 
     async fn versions_of<C: GenericClient>(c: &C, q: &Qualified, deleted: bool) -> Result<Vec<Version>, ApiError> {
@@ -107,7 +130,7 @@ impl Store {
 
     /// The compatibility in force for a subject: its own, else its context's, else BACKWARD.
     pub async fn compatibility(&self, q: &Qualified) -> Result<Compatibility, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         Self::effective_compat(&*c, q).await
     }
 
@@ -127,7 +150,7 @@ impl Store {
             return Err(ApiError::invalid_schema(format!("schema type {schema_type} is not supported; only AVRO is")));
         }
         let (schema, stored) = parse_avro(text)?;
-        let mut c = self.client.lock().await;
+        let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(db)?;
         tx.execute("SELECT pg_advisory_xact_lock(hashtext('sluice_registry:' || $1))", &[&q.ctx]).await.map_err(db)?;
         if Self::mode_of(&tx, q).await? == "READONLY" {
@@ -153,7 +176,7 @@ impl Store {
         }
         let id: i32 = match tx
             .query_opt(
-                "SELECT id FROM sluice_registry.schemas WHERE ctx = $1 AND schema_type = $2 AND schema = $3",
+                "SELECT id FROM sluice_registry.schemas WHERE ctx = $1 AND schema_type = $2 AND md5(schema) = md5($3) AND schema = $3",
                 &[&q.ctx, &schema_type, &stored],
             )
             .await
@@ -192,7 +215,7 @@ impl Store {
     }
 
     pub async fn subjects(&self, ctx_filter: Option<&str>, deleted: bool) -> Result<Vec<String>, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let rows = c
             .query(
                 "SELECT DISTINCT ctx, subject FROM sluice_registry.versions WHERE (NOT deleted OR $1)
@@ -205,7 +228,7 @@ impl Store {
     }
 
     pub async fn versions(&self, q: &Qualified, deleted: bool) -> Result<Vec<Version>, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let v = Self::versions_of(&*c, q, deleted).await?;
         if v.is_empty() {
             return Err(ApiError::subject_not_found(&q.display()));
@@ -235,13 +258,13 @@ impl Store {
     }
 
     pub async fn schema_by_id(&self, ctx: &str, id: i32) -> Result<String, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let row = c.query_opt("SELECT schema FROM sluice_registry.schemas WHERE ctx = $1 AND id = $2", &[&ctx, &id]).await.map_err(db)?;
         row.map(|r| r.get(0)).ok_or_else(|| ApiError::new(404, 40403, "Schema not found".to_string()))
     }
 
     pub async fn id_usage(&self, ctx: &str, id: i32) -> Result<Vec<(String, i32)>, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let rows = c
             .query(
                 "SELECT subject, version FROM sluice_registry.versions WHERE ctx = $1 AND schema_id = $2 AND NOT deleted ORDER BY 1, 2",
@@ -258,7 +281,7 @@ impl Store {
             Some(v) => vec![self.version(q, v, permanent).await?],
             None => self.versions(q, permanent).await?,
         };
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let mut out = Vec::new();
         for v in targets {
             if permanent {
@@ -315,13 +338,13 @@ impl Store {
     }
 
     pub async fn get_setting(&self, table: &str, q: &Qualified, subject_level: bool) -> Result<Option<String>, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let column = if table == "config" { "compatibility" } else { "mode" };
         Self::setting(&*c, table, column, q, subject_level).await
     }
 
     pub async fn put_setting(&self, table: &str, q: &Qualified, subject_level: bool, value: Option<&str>) -> Result<(), ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let column = if table == "config" { "compatibility" } else { "mode" };
         let subject = if subject_level { q.subject.as_str() } else { "" };
         match value {
@@ -344,7 +367,7 @@ impl Store {
     }
 
     pub async fn contexts(&self) -> Result<Vec<String>, ApiError> {
-        let c = self.client.lock().await;
+        let c = self.conn().await?;
         let rows = c.query("SELECT DISTINCT ctx FROM sluice_registry.versions ORDER BY 1", &[]).await.map_err(db)?;
         let mut out: Vec<String> = rows.iter().map(|r| format!(".{}", r.get::<_, String>(0))).collect();
         if !out.contains(&".".to_string()) {

@@ -513,7 +513,7 @@ impl SearchIndex {
 
     /// Makes every applied write searchable and truncates the translog.
     pub fn refresh(&self) -> EsResult<()> {
-        let mut st = self.state.lock().expect("poisoned");
+        let st = self.state.lock().expect("poisoned");
         if !st.dirty {
             return Ok(());
         }

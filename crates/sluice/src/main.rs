@@ -486,8 +486,7 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 async fn open_registry(dsn: &str) -> anyhow::Result<Arc<sluice_registry::Store>> {
     let cfg = sluice_postgres::parse_dsn(dsn).map_err(|e| anyhow::anyhow!("the registry database: {e}: check its connection string"))?;
-    let client = sluice_postgres::connect_as(&cfg, "the registry database", "", "sluice-registry").await?;
-    let store = sluice_registry::Store::open(client).await.map_err(|e| anyhow::anyhow!("cannot create the registry tables: {e}"))?;
+    let store = sluice_registry::Store::open(cfg).await.map_err(anyhow::Error::msg)?;
     Ok(Arc::new(store))
 }
 

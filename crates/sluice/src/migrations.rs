@@ -34,12 +34,15 @@ pub struct ModelCache {
     dsn: String,
     ttl: std::time::Duration,
     loads: tokio::sync::Semaphore,
-    models: std::sync::Mutex<std::collections::HashMap<Option<String>, (std::time::Instant, std::sync::Arc<Model>)>>,
+    models: std::sync::Mutex<std::collections::HashMap<Option<String>, Cached>>,
     /// One read per pipeline at a time: checks arriving together wait for it.
     gates: std::sync::Mutex<std::collections::HashMap<Option<String>, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Catalog reads made, for tests of the bounds above.
     reads: std::sync::atomic::AtomicUsize,
 }
+
+/// A model and when it was read.
+type Cached = (std::time::Instant, std::sync::Arc<Model>);
 
 pub const MAX_LOADS: usize = 2;
 pub const MAX_MODELS: usize = 64;

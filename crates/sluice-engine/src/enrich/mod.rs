@@ -40,12 +40,12 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use sluice_core::transform::{Chain, Step, TableTransform, spec::Compute};
-use sluice_core::{ColumnSchema, Datum, Lsn, Op, PgType, Row, SourcePosition, TableName, TableSchema, Transaction, quote_ident};
+use sluice_core::{ColumnSchema, Datum, Lsn, Op, PgType, Row, SourcePosition, TableName, TableSchema, Transaction};
 use sluice_postgres::{PgConnConfig, PgError, RowEnrich};
 use tokio_postgres::Client;
 
 use crate::metrics::Metrics;
-use sluice_core::quote_literal as literal;
+use crate::resync::KeySet;
 
 pub use config::*;
 use plan::*;

@@ -145,15 +145,11 @@ impl Enrichment {
                     .get(t)
                     .is_some_and(|(_, p)| l.on.iter().all(|o| p.source.columns.iter().any(|c| c.name == *o)));
                 let filter = (!all && on_source).then(|| {
-                    let cols: Vec<String> = l.on.iter().map(|c| quote_ident(c)).collect();
-                    let tuples: Vec<String> = keys
+                    let rows = keys
                         .iter()
-                        .map(|k| {
-                            let parts = if l.on.len() == 1 { vec![k.clone()] } else { serde_json::from_str(k).unwrap_or_default() };
-                            format!("({})", parts.iter().map(|p| literal(p)).collect::<Vec<_>>().join(", "))
-                        })
+                        .map(|k| if l.on.len() == 1 { vec![k.clone()] } else { serde_json::from_str(k).unwrap_or_default() })
                         .collect();
-                    format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
+                    KeySet { columns: l.on.clone(), rows }.to_json()
                 });
                 requests.push((t.to_string(), filter, format!("enrich:{} reference change", en.cfg.name)));
             }
@@ -165,7 +161,7 @@ impl Enrichment {
         let c = g.as_mut().expect("connected");
         for (table, filter, reason) in requests {
             c.execute(
-                "INSERT INTO sluice.resyncs (pipeline, id, table_name, filter, reason) VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO sluice.resyncs (pipeline, id, table_name, keys, reason) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT DO NOTHING",
                 &[&self.pipeline, &id, &table, &filter, &reason],
             )

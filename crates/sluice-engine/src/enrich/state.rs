@@ -97,7 +97,7 @@ impl Enrichment {
                 next.1 = if failing { (next.1 * 2).min(Duration::from_secs(30)) } else { Duration::from_secs(1) };
                 next.0 = now + next.1;
             }
-            let keys: Vec<String> = plan.keys.iter().map(|&i| quote_ident(&plan.source.columns[i].name)).collect();
+            let columns: Vec<String> = plan.keys.iter().map(|&i| plan.source.columns[i].name.clone()).collect();
             let tx = c.transaction().await.context("replaying enrichment failures")?;
             let rows = tx
                 .query(
@@ -109,27 +109,20 @@ impl Enrichment {
                 )
                 .await
                 .context("taking enrichment failures for a replay")?;
-            let tuples: Vec<String> = rows
-                .iter()
-                .map(|r| {
-                    let k: Vec<String> = r.get(0);
-                    format!("({})", k.iter().map(|v| literal(v)).collect::<Vec<_>>().join(", "))
-                })
-                .collect();
-            if tuples.is_empty() {
+            let keys = KeySet { columns, rows: rows.iter().map(|r| r.get::<_, Vec<String>>(0)).collect() };
+            if keys.rows.is_empty() {
                 continue;
             }
-            let filter = format!("({}) IN ({})", keys.join(", "), tuples.join(", "));
             let id = crate::resync::now_us();
             tx.execute(
-                "INSERT INTO sluice.resyncs (pipeline, id, table_name, filter, reason) VALUES ($1, $2, $3, $4, $5)",
-                &[&self.pipeline, &id, &table, &filter, &format!("enrich:{name} replay")],
+                "INSERT INTO sluice.resyncs (pipeline, id, table_name, keys, reason) VALUES ($1, $2, $3, $4, $5)",
+                &[&self.pipeline, &id, &table, &keys.to_json(), &format!("enrich:{name} replay")],
             )
             .await
             .context("requesting a replay of enrichment failures")?;
             tx.commit().await.context("replaying enrichment failures")?;
             self.requested.store(true, Ordering::Relaxed);
-            tracing::info!(enricher = %name, table = %table, rows = tuples.len(), "re-enriching failed or deferred rows");
+            tracing::info!(enricher = %name, table = %table, rows = keys.rows.len(), "re-enriching failed or deferred rows");
         }
         Ok(())
     }
