@@ -333,12 +333,60 @@ impl MirrorSpec {
 /// check). Kafka takes certificates inline instead (`ssl.ca.pem`, `ssl.certificate.pem`,
 /// `ssl.key.pem`).
 fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
+    /// The librdkafka properties a tenant may set: security with inline certificates,
+    /// and the producer's and consumer's batching and timeouts. Anything else (debug
+    /// logging, interceptors, isolation level, file paths) is the server's to decide.
+    const KAFKA_PROPERTIES: &[&str] = &[
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.password",
+        "ssl.ca.pem",
+        "ssl.certificate.pem",
+        "ssl.key.pem",
+        "ssl.key.password",
+        "ssl.endpoint.identification.algorithm",
+        "client.id",
+        "client.rack",
+        "compression.type",
+        "compression.codec",
+        "compression.level",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "batch.size",
+        "batch.num.messages",
+        "message.max.bytes",
+        "request.timeout.ms",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "socket.timeout.ms",
+        "socket.keepalive.enable",
+        "retry.backoff.ms",
+        "enable.idempotence",
+        "acks",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.wait.max.ms",
+        "max.partition.fetch.bytes",
+        "topic.metadata.refresh.interval.ms",
+    ];
     const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
     match v {
         Value::Object(m) => m.iter().find_map(|(k, v)| {
             let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
             let text = v.as_str().unwrap_or_default();
             match k.as_str() {
+                "properties" if v.is_object() => v
+                    .as_object()
+                    .and_then(|props| props.keys().find(|p| !KAFKA_PROPERTIES.contains(&p.as_str()) && !p.ends_with(".location")))
+                    .map(|p| {
+                        Invalid::new(
+                            &format!("{path}.{p}"),
+                            "is not a Kafka property a tenant may set (security with inline certificates, compression, batching and timeouts are)",
+                        )
+                    })
+                    .or_else(|| refused_setting(v, &path)),
                 "sslrootcert" | "sslcert" | "sslkey" | "plugin.library.paths" | "sasl.kerberos.keytab" | "sasl.kerberos.kinit.cmd" => {
                     Some(Invalid::new(&path, FILE))
                 }
@@ -685,6 +733,26 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("kafka.topic"));
         let e = kafka(", registry_context: other").scope_to_tenant("shop").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("kafka.registry_context"));
+    }
+
+    #[test]
+    fn tenants_set_only_listed_kafka_properties() {
+        let sink = |props: &str| {
+            SinkSpec::parse(
+                format!("{{name: k, kafka: {{brokers: 'b:9092', encoding: json, properties: {props}, state: {{host: h, user: u, password: p, database: d}}}}}}")
+                    .as_bytes(),
+            )
+        };
+        assert!(sink("{security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-512, sasl.password: x, linger.ms: '20'}").is_ok());
+        for (props, field) in [
+            ("{debug: all}", "kafka.properties.debug"),
+            ("{isolation.level: read_uncommitted}", "kafka.properties.isolation.level"),
+            ("{ssl.keystore.location: /k}", "kafka.properties.ssl.keystore.location"),
+            ("{acks: '1'}", "kafka.properties.acks"),
+        ] {
+            let e = sink(props).err().unwrap();
+            assert_eq!(e.field.as_deref(), Some(field), "{}", e.message);
+        }
     }
 
     #[test]

@@ -333,6 +333,7 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
         ("{ssl.ca.location: /etc/ssl/private/server.key}", "kafka.properties.ssl.ca.location"),
         ("{enable.idempotence: 'false'}", "kafka.properties.enable.idempotence"),
         ("{acks: '0'}", "kafka.properties.acks"),
+        ("{debug: all}", "kafka.properties.debug"),
     ] {
         let sink = format!(
             "name: k\nkafka: {{brokers: 'kafka.example.com:9092', encoding: json, properties: {props}, state: {{host: db.example.com, user: u, password: p, database: d}}}}\n"
