@@ -45,10 +45,26 @@ impl KafkaSinkError {
                     | C::InvalidTopic
                     | C::UnknownTopicOrPartition
             )
-        ) || matches!(e, rdkafka::error::KafkaError::ClientCreation(_));
+        ) || matches!(e, rdkafka::error::KafkaError::ClientCreation(_) | rdkafka::error::KafkaError::ClientConfig(..));
         let kind = if permanent { ErrorKind::Permanent } else { ErrorKind::Transient };
         Self::with_source(kind, format!("{context}: {e}"), e)
     }
 }
 
 pub type Result<T, E = KafkaSinkError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A setting librdkafka refuses is the configuration's fault: retrying cannot help
+    /// (it was retried every 10 s for good).
+    #[tokio::test]
+    async fn a_refused_client_setting_is_permanent() {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", "127.0.0.1:9").set("compression.type", "no-such-codec");
+        let e = crate::probe::brokers_answer(config, "127.0.0.1:9", "sink.kafka").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(e.to_string().contains("compression"), "{e}");
+    }
+}
