@@ -586,8 +586,7 @@ impl ChunkRead {
             cond.push(format!("({}) > ({})", names.join(", "), bound.join(", ")));
         }
         if let Some(set) = &self.keys {
-            let mut names = Vec::new();
-            let mut casts = Vec::new();
+            let (mut names, mut casts, mut arrays, mut aliases) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (n, col) in set.columns.iter().enumerate() {
                 let c = schema
                     .columns
@@ -596,12 +595,11 @@ impl ChunkRead {
                     .with_context(|| format!("resync of {}: no column {col:?}", schema.name))?;
                 let values: Vec<String> = set.rows.iter().map(|r| r.get(n).cloned().unwrap_or_default()).collect();
                 params.push(Box::new(values));
+                arrays.push(format!("${}::text[]", params.len()));
+                aliases.push(format!("c{n}"));
                 names.push(quote_ident(&c.name));
                 casts.push(format!("u.c{n}::{}", c.type_name));
             }
-            let arrays: Vec<String> =
-                (0..set.columns.len()).map(|n| format!("${}::text[]", params.len() - set.columns.len() + n + 1)).collect();
-            let aliases: Vec<String> = (0..set.columns.len()).map(|n| format!("c{n}")).collect();
             cond.push(format!(
                 "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
                 names.join(", "),

@@ -45,16 +45,14 @@ pub(crate) fn tls_reason(cfg: &PgConnConfig, detail: &str) -> String {
     let host = &cfg.host;
     if detail.contains("SSLRequest rejected") {
         format!("the server does not support SSL (sslmode {}): enable ssl on the server, or set sslmode to prefer", cfg.sslmode.as_str())
-    } else if detail.contains("UnknownIssuer") || detail.contains("unknown issuer") {
-        "the server's certificate is signed by an unknown CA: set sslrootcert to the authority that signed it".into()
     } else if detail.contains("NotValidForName") || detail.contains("not valid for name") {
         format!(
             "the server's certificate is not issued for {host} (hostname mismatch): connect by a name in the certificate, or use sslmode verify-ca"
         )
-    } else if detail.contains("Expired") || detail.contains("expired") {
-        "the server's certificate has expired".into()
     } else if detail.contains("CertificateRequired") || detail.contains("certificate required") {
         "the server requires a client certificate: set sslcert and sslkey".into()
+    } else if let Some(why) = sluice_core::https::certificate_problem(detail, "sslrootcert") {
+        why // an unknown CA, an expired certificate: said as for every TLS peer
     } else if detail.contains("TLS config error") {
         detail.trim_start_matches("TLS error: ").trim_start_matches("TLS config error: ").to_string()
     } else {
