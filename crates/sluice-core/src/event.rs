@@ -97,7 +97,14 @@ impl ChangeEvent {
     }
 }
 
-/// A committed source transaction, in commit order.
+/// A committed source transaction, in commit order; or a piece of one.
+///
+/// A transaction larger than the stream holds in memory (`batch.max_transaction_memory`)
+/// arrives in consecutive pieces sharing its `xid` and `commit_lsn`: every piece but the
+/// last `continues`, and only the last carries `end_lsn`. A piece is a batch of its own
+/// for every piece but the last, so nothing past a piece is confirmed before the last
+/// one is applied; a sink that commits transactions whole keeps its write open across
+/// the pieces (Postgres) or does not commit while one is open (Iceberg).
 #[derive(Debug, Clone)]
 pub struct Transaction {
     pub xid: u32,
@@ -111,4 +118,6 @@ pub struct Transaction {
     /// The schema changes the source recorded in this transaction (DDL capture), each
     /// placed among the events by its `seq`.
     pub ddl: Vec<crate::ddl::SchemaChange>,
+    /// More of this transaction follows in the next item (then `end_lsn` is zero).
+    pub continues: bool,
 }

@@ -187,19 +187,63 @@ fn default_chunk_rows() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Apply once this many changes are waiting (whole transactions are never split).
+    /// Apply once this many changes are waiting (transactions up to
+    /// `max_transaction_memory` are never split).
     #[serde(default = "default_max_rows")]
     pub max_rows: usize,
     /// How long a batch may wait for more changes before it is applied (0: apply
     /// what is there at once). For sinks that want few, large writes (webhooks).
     #[serde(default, with = "humantime_serde")]
     pub max_wait: Duration,
+    /// How much of one source transaction is held in memory (row images): a larger
+    /// one reaches the sink in pieces (the Postgres sink still commits it whole).
+    /// Bytes, or with a unit: `16MiB` (the default), `512KiB`, `1GiB`. At least 1 MiB.
+    #[serde(default = "default_max_transaction_memory", deserialize_with = "byte_size")]
+    pub max_transaction_memory: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_rows: default_max_rows(), max_wait: Duration::ZERO }
+        Self { max_rows: default_max_rows(), max_wait: Duration::ZERO, max_transaction_memory: default_max_transaction_memory() }
     }
+}
+
+fn default_max_transaction_memory() -> usize {
+    sluice_postgres::DEFAULT_MAX_TRANSACTION_MEMORY
+}
+
+/// A size as a number of bytes or a string with a binary unit (`64MiB`).
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let bytes = match Size::deserialize(d)? {
+        Size::Bytes(n) => Some(n),
+        Size::Text(t) => parse_byte_size(&t),
+    };
+    match bytes {
+        Some(n) if n >= 1 << 20 => usize::try_from(n).map_err(|_| serde::de::Error::custom("too large")),
+        Some(_) => Err(serde::de::Error::custom("max_transaction_memory: at least 1MiB")),
+        None => Err(serde::de::Error::custom("max_transaction_memory: a size in bytes, or with a unit: 16MiB, 512KiB, 1GiB")),
+    }
+}
+
+fn parse_byte_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
 }
 
 fn default_max_rows() -> usize {
@@ -397,6 +441,18 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
     }
 
     #[test]
+    fn transaction_memory_takes_bytes_or_units() {
+        assert_eq!(PipelineConfig::parse(GOOD).unwrap().batch.max_transaction_memory, 16 << 20);
+        for (text, want) in [("16MiB", 16usize << 20), ("2097152", 2 << 20), ("1GiB", 1 << 30), ("512 KiB", 0)] {
+            let c = PipelineConfig::parse(&format!("{GOOD}batch: {{max_transaction_memory: {text}}}\n"));
+            match c {
+                Ok(c) => assert_eq!(c.batch.max_transaction_memory, want, "{text}"),
+                Err(e) => assert!(want == 0 && e.contains("at least 1MiB"), "{text}: {e}"),
+            }
+        }
+    }
+
+    #[test]
     fn rejects_unknown_keys_everywhere() {
         for bad in [
             GOOD.replace("pipeline: orders", "pipeline: orders\ncolour: blue"),
@@ -424,6 +480,8 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, partitions: 0,"), "partitions"),
             (KAFKA.replace(", state: {host: 127.0.0.1, user: u, password: p, database: st}", ""), "missing field `state`"),
             (GOOD.replace("database: app,", "database: app, slot: My-Slot,"), "source.slot"),
+            (GOOD.to_string() + "batch: {max_transaction_memory: 64 elephants}\n", "batch: max_transaction_memory: a size"),
+            (GOOD.to_string() + "batch: {max_transaction_memory: 1KiB}\n", "batch: max_transaction_memory: at least 1MiB"),
         ];
         for (text, want) in cases {
             let err = PipelineConfig::parse(&text).unwrap_err();

@@ -260,10 +260,13 @@ impl Resync {
 
     /// Sees every transaction, in stream order, before it joins a batch.
     pub(crate) fn observe(&mut self, t: &Transaction) {
-        if self.recent.len() == RECENT_XIDS {
-            self.recent.pop_front();
+        // The pieces of a large transaction are one transaction.
+        if self.recent.back() != Some(&t.xid) {
+            if self.recent.len() == RECENT_XIDS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(t.xid);
         }
-        self.recent.push_back(t.xid);
         let Some(a) = &mut self.active else { return };
         for e in &t.events {
             if e.table.name != a.req.table {
@@ -359,7 +362,15 @@ impl Resync {
         if full {
             self.start(Request { id: a.req.id, table: a.req.table, last_key, keys: a.req.keys }).await?;
         }
-        Ok(Some(Transaction { xid: 0, commit_lsn: lsn, end_lsn: lsn, commit_time_us: position.commit_time_us, events, ddl: Vec::new() }))
+        Ok(Some(Transaction {
+            xid: 0,
+            commit_lsn: lsn,
+            end_lsn: lsn,
+            commit_time_us: position.commit_time_us,
+            events,
+            ddl: Vec::new(),
+            continues: false,
+        }))
     }
 
     /// Keys of the sink's rows in the chunk's key range.

@@ -33,6 +33,7 @@ static MIGRATIONS: &[Migration] = migrations! {
     6 "0006_webhook_sink",
     7 "0007_slot_recovery",
     8 "0008_resync_keys",
+    9 "0009_snapshot_key_bounds",
 };
 
 /// Serializes migrations of one database: pipelines starting together would otherwise

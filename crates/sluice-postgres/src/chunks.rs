@@ -28,6 +28,10 @@ pub(crate) struct Chunk {
     pub hi: Option<i64>,
     pub done: bool,
     pub snapshot_lsn: Option<Lsn>,
+    /// The bounds `[lo_key, hi_key)` of a table whose key is not one integer column:
+    /// the key's columns as text (`None`: open).
+    pub lo_key: Option<Vec<String>>,
+    pub hi_key: Option<Vec<String>>,
 }
 
 impl Chunk {
@@ -39,7 +43,7 @@ impl Chunk {
 pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<Chunk>> {
     let rows = client
         .query(
-            "SELECT table_name, chunk, lo, hi, done, snapshot_lsn::text FROM sluice.snapshot_chunks
+            "SELECT table_name, chunk, lo, hi, done, snapshot_lsn::text, lo_key, hi_key FROM sluice.snapshot_chunks
              WHERE pipeline = $1 ORDER BY table_name, chunk",
             &[&pipeline],
         )
@@ -55,6 +59,8 @@ pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<C
                 hi: r.get(3),
                 done: r.get(4),
                 snapshot_lsn: lsn.map(|l| l.parse()).transpose().map_err(|e: sluice_core::CoreError| PgError::permanent(e.to_string()))?,
+                lo_key: r.get(6),
+                hi_key: r.get(7),
             })
         })
         .collect()
@@ -82,12 +88,16 @@ impl SnapshotFilter {
     }
 
     /// The snapshot LSN of the chunk holding `key` (or of the table's only chunk).
+    /// Without an integer key to find the chunk by, the earliest of the table's chunks:
+    /// a change is skipped only when every chunk holds it. (A change that a later chunk
+    /// holds already is applied again; the stream brings every change after it too, so
+    /// a sink that keeps rows by key ends where the source is.)
     fn snapshot_lsn(&self, table: &str, key: Option<i64>) -> Option<Lsn> {
         let chunks = self.by_table.get(table)?;
         let chunk = match (chunks.len(), key) {
             (1, _) => &chunks[0],
             (_, Some(k)) => chunks.iter().find(|c| c.contains(k))?,
-            (_, None) => return chunks.iter().filter_map(|c| c.snapshot_lsn).max(),
+            (_, None) => return chunks.iter().map(|c| c.snapshot_lsn).min().flatten(),
         };
         chunk.snapshot_lsn
     }
@@ -107,6 +117,11 @@ impl SnapshotFilter {
             TruncateScope::Everything
         } else if before.is_empty() {
             TruncateScope::Nothing
+        } else if chunks.iter().any(|c| c.lo_key.is_some() || c.hi_key.is_some()) {
+            // Sampled key ranges have no integer bounds to delete by. Everything is
+            // right here too: every change after the earliest chunk is applied (see
+            // `snapshot_lsn`), so the rows later chunks copied come back from the stream.
+            TruncateScope::Everything
         } else {
             TruncateScope::Ranges(before.iter().map(|c| (c.lo, c.hi)).collect())
         }
@@ -157,7 +172,30 @@ mod tests {
     use super::*;
 
     fn chunk(n: i32, lo: Option<i64>, hi: Option<i64>, lsn: u64) -> Chunk {
-        Chunk { table: "public.t".into(), chunk: n, lo, hi, done: true, snapshot_lsn: Some(Lsn(lsn)) }
+        Chunk { table: "public.t".into(), chunk: n, lo, hi, done: true, snapshot_lsn: Some(Lsn(lsn)), lo_key: None, hi_key: None }
+    }
+
+    fn keyed(n: i32, lo: Option<&str>, hi: Option<&str>, lsn: u64) -> Chunk {
+        let key = |k: Option<&str>| k.map(|k| vec![k.to_string()]);
+        Chunk {
+            table: "public.u".into(),
+            chunk: n,
+            lo: None,
+            hi: None,
+            done: true,
+            snapshot_lsn: Some(Lsn(lsn)),
+            lo_key: key(lo),
+            hi_key: key(hi),
+        }
+    }
+
+    #[test]
+    fn sampled_key_ranges_skip_only_what_every_chunk_holds() {
+        let f = SnapshotFilter::new(vec![keyed(0, None, Some("8"), 10), keyed(1, Some("8"), None, 50)]);
+        assert!(f.covers("public.u", None, Lsn(9)), "both chunks were copied after LSN 9");
+        assert!(!f.covers("public.u", None, Lsn(20)), "chunk 0 was copied before LSN 20: its rows need the change");
+        assert_eq!(f.truncate_scope("public.u", Lsn(20)), TruncateScope::Everything);
+        assert_eq!(f.truncate_scope("public.u", Lsn(5)), TruncateScope::Nothing);
     }
 
     #[test]

@@ -26,4 +26,4 @@ pub use error::{PgError, Result};
 pub use sluice_core::SslMode;
 pub use snapshot::{CopyIntoState, RowEnrich, RowTarget, SnapshotOptions, SnapshotProgress, SnapshotTable, SnapshotXids, run_snapshot};
 pub use source::PostgresSource;
-pub use stream::{HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream};
+pub use stream::{DEFAULT_MAX_TRANSACTION_MEMORY, HEARTBEAT_PREFIX, RESYNC_PREFIX, ReplicationStream};

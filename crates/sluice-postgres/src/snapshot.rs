@@ -161,10 +161,19 @@ fn int_key(schema: &TableSchema) -> Option<&str> {
     }
 }
 
-/// Splits a table into key ranges of about `chunk_rows` rows (one chunk when the key
-/// is not a single integer column). The first and last ranges are open so rows
-/// inserted later still belong to a chunk.
-async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<(Vec<(Option<i64>, Option<i64>)>, u64)> {
+/// One planned chunk's bounds: integer keys' in `lo`/`hi`, any other key's (uuid, text,
+/// composite) in `lo_key`/`hi_key`, as text.
+#[derive(Debug, Default, Clone)]
+struct Bounds {
+    lo: Option<i64>,
+    hi: Option<i64>,
+    lo_key: Option<Vec<String>>,
+    hi_key: Option<Vec<String>>,
+}
+
+/// Splits a table into key ranges of about `chunk_rows` rows. The first and last
+/// ranges are open so rows inserted later still belong to a chunk.
+async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<(Vec<Bounds>, u64)> {
     let t = schema.name.quoted();
     let err = |e| PgError::from_pg(&format!("planning the snapshot of {}", schema.name), e);
     let est: f64 = client
@@ -176,33 +185,114 @@ async fn plan(client: &Client, schema: &TableSchema, chunk_rows: u64) -> Result<
         .map_err(err)?
         .get(0);
     let est = est.max(0.0) as u64;
-    let Some(key) = int_key(schema) else { return Ok((vec![(None, None)], est)) };
+    let n = est.div_ceil(chunk_rows.max(1)).clamp(1, 4096);
+    let Some(key) = int_key(schema) else { return Ok((sampled_ranges(client, schema, est, n).await?, est)) };
     let k = quote_ident(key);
     let row = client.query_one(&format!("SELECT min({k})::int8, max({k})::int8 FROM {t}"), &[]).await.map_err(err)?;
     let (Some(min), Some(max)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) else {
-        return Ok((vec![(None, None)], est));
+        return Ok((vec![Bounds::default()], est));
     };
-    let n = est.div_ceil(chunk_rows.max(1)).clamp(1, 4096) as i128;
+    let n = n as i128;
     let span = (max as i128 - min as i128 + 1).max(1);
     let mut bounds: Vec<i64> = (1..n).map(|i| (min as i128 + span * i / n) as i64).collect();
     bounds.dedup();
     let mut ranges = Vec::with_capacity(bounds.len() + 1);
     let mut lo = None;
     for b in bounds {
-        ranges.push((lo, Some(b)));
+        ranges.push(Bounds { lo, hi: Some(b), ..Bounds::default() });
         lo = Some(b);
     }
-    ranges.push((lo, None));
+    ranges.push(Bounds { lo, ..Bounds::default() });
     Ok((ranges, est))
 }
 
-fn chunk_predicate(shape: &Shape<'_>, c: &Chunk) -> String {
+/// Key ranges of a table whose key is not one integer column, cut at quantiles of a
+/// sample of its keys (about 20 per chunk, read from whole pages), in the key's own
+/// order (its columns' types and collations). Ranges of keys stay put whatever
+/// snapshot reads them, so a snapshot resumed after a crash copies each row once.
+async fn sampled_ranges(client: &Client, schema: &TableSchema, est: u64, n: u64) -> Result<Vec<Bounds>> {
+    let keys: Vec<&str> = schema.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
+    if n <= 1 || keys.is_empty() {
+        return Ok(vec![Bounds::default()]);
+    }
+    let pct = ((n * 20) as f64 * 100.0 / est.max(1) as f64).clamp(0.0001, 100.0);
+    let cols: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("t.{}::text AS _k{i}", quote_ident(k))).collect();
+    let order: Vec<String> = keys.iter().map(|k| format!("t.{}", quote_ident(k))).collect();
+    let sql =
+        format!("SELECT {} FROM {} t TABLESAMPLE SYSTEM ({pct:.6}) ORDER BY {}", cols.join(", "), schema.name.quoted(), order.join(", "));
+    // Inside the snapshot's transaction: a table that cannot be sampled is one chunk.
+    let err = |e| PgError::from_pg(&format!("planning the snapshot of {}", schema.name), e);
+    client.batch_execute("SAVEPOINT sample").await.map_err(err)?;
+    let rows = match client.query(&sql, &[]).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(table = %schema.name, error = %e, "the table's keys could not be sampled: it is copied as one chunk");
+            client.batch_execute("ROLLBACK TO SAVEPOINT sample").await.map_err(err)?;
+            return Ok(vec![Bounds::default()]);
+        }
+    };
+    client.batch_execute("RELEASE SAVEPOINT sample").await.map_err(err)?;
+    let samples: Vec<Vec<String>> =
+        rows.iter().map(|r| (0..keys.len()).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect()).collect();
+    let mut cuts: Vec<Vec<String>> =
+        (1..n).map(|i| i as usize * samples.len() / n as usize).filter_map(|i| samples.get(i).cloned()).collect();
+    cuts.dedup();
+    if let Some(first) = samples.first() {
+        // A cut at the smallest sampled key would leave the first range (almost) empty.
+        cuts.retain(|c| c != first);
+    }
+    let mut ranges = Vec::with_capacity(cuts.len() + 1);
+    let mut lo = None;
+    for c in cuts {
+        ranges.push(Bounds { lo_key: lo, hi_key: Some(c.clone()), ..Bounds::default() });
+        lo = Some(c);
+    }
+    ranges.push(Bounds { lo_key: lo, ..Bounds::default() });
+    Ok(ranges)
+}
+
+/// The rows of chunk `c`: its key range, and the table's row filter. Sampled bounds
+/// become literals quoted by the source itself (`quote_literal`, cast to each key
+/// column's type), so no text from the state database is ever SQL.
+async fn chunk_predicate(src: &Client, shape: &Shape<'_>, c: &Chunk) -> Result<String> {
     let filter = shape.row_filter.map_or(String::new(), |w| format!(" AND ({w})"));
-    let Some(key) = int_key(shape.schema) else { return format!("true{filter}") };
-    let k = quote_ident(key);
-    let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
-    let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
-    format!("{lo} AND {hi}{filter}")
+    if let Some(key) = int_key(shape.schema) {
+        let k = quote_ident(key);
+        let lo = c.lo.map_or("true".into(), |lo| format!("{k} >= {lo}"));
+        let hi = c.hi.map_or("true".into(), |hi| format!("{k} < {hi}"));
+        return Ok(format!("{lo} AND {hi}{filter}"));
+    }
+    let keys: Vec<&sluice_core::ColumnSchema> = shape.schema.columns.iter().filter(|c| c.is_key).collect();
+    let names: Vec<String> = keys.iter().map(|k| quote_ident(&k.name)).collect();
+    let oids: Vec<u32> = keys.iter().map(|k| k.type_oid).collect();
+    let tuple = format!("({})", names.join(", "));
+    let mut parts = Vec::new();
+    for (bound, op) in [(&c.lo_key, ">="), (&c.hi_key, "<")] {
+        let Some(values) = bound else { continue };
+        if values.len() != keys.len() {
+            return Err(PgError::permanent(format!(
+                "snapshot chunk {} of {} has bounds of {} columns, but the table's key has {}: the key changed during the snapshot; \
+                 run `sluice resync` for the table",
+                c.chunk,
+                shape.schema.name,
+                values.len(),
+                keys.len()
+            )));
+        }
+        let rows = src
+            .query(
+                "SELECT quote_literal(u.v) || '::' || format_type(u.o, NULL) FROM unnest($1::text[], $2::oid[]) WITH ORDINALITY AS u(v, o, i) ORDER BY u.i",
+                &[values, &oids],
+            )
+            .await
+            .map_err(|e| PgError::from_pg(&format!("reading snapshot chunk {} of {}", c.chunk, shape.schema.name), e))?;
+        let literals: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        parts.push(format!("{tuple} {op} ({})", literals.join(", ")));
+    }
+    if parts.is_empty() {
+        parts.push("true".into());
+    }
+    Ok(format!("{}{filter}", parts.join(" AND ")))
 }
 
 /// Copies every chunk not yet done. Returns at once when all are done. `state` is the
@@ -252,12 +342,12 @@ pub async fn run_snapshot<R: RowTarget>(
             continue;
         }
         let name = t.schema.name.to_string();
-        for (i, (lo, hi)) in ranges.iter().enumerate() {
+        for (i, b) in ranges.iter().enumerate() {
             state
                 .execute(
-                    "INSERT INTO sluice.snapshot_chunks (pipeline, table_name, chunk, lo, hi) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT DO NOTHING",
-                    &[&opts.pipeline, &name, &(i as i32), lo, hi],
+                    "INSERT INTO sluice.snapshot_chunks (pipeline, table_name, chunk, lo, hi, lo_key, hi_key)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    &[&opts.pipeline, &name, &(i as i32), &b.lo, &b.hi, &b.lo_key, &b.hi_key],
                 )
                 .await
                 .map_err(|e| PgError::from_pg("recording the snapshot plan", e))?;
@@ -354,7 +444,7 @@ async fn deliver_chunk<R: RowTarget>(
             "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT",
             cols.join(", "),
             schema.name.quoted(),
-            chunk_predicate(&shape, chunk)
+            chunk_predicate(src, &shape, chunk).await?
         ))
         .await
         .map_err(err)?;
@@ -410,7 +500,11 @@ async fn copy_chunk(
     let err = |e| PgError::from_pg(&ctx, e);
     dst.batch_execute("BEGIN").await.map_err(err)?;
     let out = src
-        .copy_out(&format!("COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT", schema.name.quoted(), chunk_predicate(&shape, chunk)))
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {} WHERE {}) TO STDOUT",
+            schema.name.quoted(),
+            chunk_predicate(src, &shape, chunk).await?
+        ))
         .await
         .map_err(err)?;
     let inp = dst.copy_in(&format!("COPY {} ({out_cols}) FROM STDIN", target.quoted())).await.map_err(err)?;

@@ -25,6 +25,7 @@ pub struct PostgresSource {
     filters: HashMap<TableName, replication::TableFilter>,
     /// The heartbeat's connection, opened again after it drops.
     heartbeat: Mutex<Option<Client>>,
+    max_transaction_memory: usize,
 }
 
 impl PostgresSource {
@@ -36,7 +37,14 @@ impl PostgresSource {
             publication: publication.to_string(),
             filters: HashMap::new(),
             heartbeat: Mutex::new(None),
+            max_transaction_memory: crate::stream::DEFAULT_MAX_TRANSACTION_MEMORY,
         }
+    }
+
+    /// How much of one transaction the stream holds before handing it on in pieces.
+    pub fn with_max_transaction_memory(mut self, bytes: usize) -> Self {
+        self.max_transaction_memory = bytes;
+        self
     }
 
     /// The row filters and column lists the publication gives its tables.
@@ -93,8 +101,10 @@ impl ChangeSource for PostgresSource {
     async fn open(&self, from: Lsn, tables: &[Arc<TableSchema>]) -> SourceResult<ReplicationStream> {
         // Relations the stream meets mid-flight are looked up in the catalog.
         let catalog = connect(&self.conn, "source").await.map_err(source_error)?;
-        let mut stream =
-            ReplicationStream::start(&self.conn, &self.slot, &self.publication, from, tables, catalog).await.map_err(source_error)?;
+        let mut stream = ReplicationStream::start(&self.conn, &self.slot, &self.publication, from, tables, catalog)
+            .await
+            .map_err(source_error)?
+            .with_max_transaction_memory(self.max_transaction_memory);
         stream.column_lists = self.filters.iter().filter_map(|(t, f)| Some((t.clone(), f.columns.clone()?))).collect();
         tracing::info!(slot = %self.slot, from = %from, "streaming");
         Ok(stream)

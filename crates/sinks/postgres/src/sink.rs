@@ -64,6 +64,11 @@ pub struct PostgresSink {
     filter: SnapshotFilter,
     filter_upstream: bool,
     buf: BytesMut,
+    /// A target transaction holds the pieces so far of a source transaction that
+    /// continues: the next batch writes into it, and its last piece commits it with the
+    /// checkpoint (a crash rolls it back, and the source sends the whole transaction
+    /// again).
+    open: bool,
 }
 
 impl PostgresSink {
@@ -81,6 +86,7 @@ impl PostgresSink {
             filter,
             filter_upstream: false,
             buf: BytesMut::with_capacity(1 << 20),
+            open: false,
         })
     }
 
@@ -268,8 +274,7 @@ impl PostgresSink {
                 self.ensure_schema(&e.table).await?;
             }
         }
-        let client = &self.client;
-        client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
+        self.begin().await?;
         let mut segment = Segment::new();
         for t in &todo {
             for e in &t.events {
@@ -282,10 +287,28 @@ impl PostgresSink {
             }
         }
         self.flush(&mut segment).await?;
-        let client = &self.client;
-        let checkpoint = Checkpoint { commit_lsn, end_lsn };
-        checkpoint.save(client, &self.pipeline, todo.len() as i64).await?;
-        client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
+        self.commit_unless_continued(last, Checkpoint { commit_lsn, end_lsn }, todo.len()).await
+    }
+
+    /// Starts the target transaction of a batch, unless the pieces before it of a
+    /// source transaction keep one open.
+    async fn begin(&mut self) -> Result<()> {
+        if !self.open {
+            self.client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch with the checkpoint, or keeps the target transaction open
+    /// when its last source transaction continues in the next batch.
+    async fn commit_unless_continued(&mut self, last: &Transaction, checkpoint: Checkpoint, txns: usize) -> Result<()> {
+        if last.continues {
+            self.open = true;
+            return Ok(());
+        }
+        checkpoint.save(&self.client, &self.pipeline, txns as i64).await?;
+        self.client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
+        self.open = false;
         self.checkpoint = checkpoint;
         Ok(())
     }
@@ -296,7 +319,7 @@ impl PostgresSink {
     async fn apply_with_ddl(&mut self, todo: &[&Transaction]) -> Result<()> {
         let last = todo.last().expect("a batch");
         let checkpoint = Checkpoint { commit_lsn: last.commit_lsn, end_lsn: last.end_lsn };
-        self.client.batch_execute("BEGIN").await.map_err(|e| PgError::from_pg("starting a sink transaction", e))?;
+        self.begin().await?;
         let mut segment = Segment::new();
         for t in todo {
             let mut ddl = t.ddl.iter().peekable();
@@ -322,10 +345,7 @@ impl PostgresSink {
             }
         }
         self.flush(&mut segment).await?;
-        checkpoint.save(&self.client, &self.pipeline, todo.len() as i64).await?;
-        self.client.batch_execute("COMMIT").await.map_err(|e| PgError::from_pg("committing to the sink", e))?;
-        self.checkpoint = checkpoint;
-        Ok(())
+        self.commit_unless_continued(last, checkpoint, todo.len()).await
     }
 
     /// Applies one captured statement's column changes to the target table. With
@@ -653,10 +673,17 @@ impl Sink for PostgresSink {
     }
 
     async fn apply(&mut self, txns: &[Transaction]) -> SinkResult<()> {
+        let was_open = self.open;
         let r = self.apply_inner(txns).await;
         if r.is_err() {
             // Leave the connection usable for a retry; the failed batch is rolled back.
             let _ = self.client.batch_execute("ROLLBACK").await;
+            if was_open || self.open {
+                // Tables and staging tables made inside the open transaction are gone
+                // with it; the source sends the whole transaction again.
+                self.open = false;
+                self.targets.clear();
+            }
         }
         r.map_err(sink_error)
     }

@@ -144,8 +144,10 @@ impl Pipeline {
             let deadline = Instant::now() + self.cfg.batch.max_wait;
             let mut next = Some(first);
             while let Some(item) = next.take() {
-                let ddl = matches!(&item, StreamItem::Txn(t) if !t.ddl.is_empty());
-                if ddl && !batch.is_empty() {
+                // Schema changes, and a piece of a transaction that continues (whose
+                // sink write stays open until its last piece), are batches of their own.
+                let alone = matches!(&item, StreamItem::Txn(t) if !t.ddl.is_empty() || t.continues);
+                if alone && !batch.is_empty() {
                     carry = Some(item);
                     break;
                 }
@@ -164,7 +166,7 @@ impl Pipeline {
                         }
                     }
                 }
-                if ddl {
+                if alone {
                     break;
                 }
                 if rows < max_rows && cost < BATCH_BUDGET_KB {
@@ -193,6 +195,7 @@ impl Pipeline {
                     self.metrics.set_halted(None);
                 }
                 self.record(&batch, &mut unseen);
+                // A piece that continues has no end yet: nothing past it is confirmed.
                 position = position.max(batch.last().map_or(Lsn::ZERO, |t| t.end_lsn));
                 batch.clear();
             }
@@ -284,8 +287,9 @@ impl Pipeline {
             }
             events += t.events.len() as u64;
             bytes += t.events.iter().map(|e| e.payload_bytes() as u64).sum::<u64>();
-            // A resync's chunk (xid 0) is no source commit: it has no lag.
-            if !t.events.is_empty() && t.xid != 0 {
+            // A resync's chunk (xid 0) is no source commit: it has no lag; a piece
+            // that continues is measured with its last piece.
+            if !t.events.is_empty() && t.xid != 0 && !t.continues {
                 unseen.push_back((t.end_lsn, t.commit_time_us));
             }
         }
@@ -295,7 +299,7 @@ impl Pipeline {
         drop(per_table);
         m.events.fetch_add(events, Ordering::Relaxed);
         m.bytes.fetch_add(bytes, Ordering::Relaxed);
-        m.transactions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        m.transactions.fetch_add(batch.iter().filter(|t| !t.continues).count() as u64, Ordering::Relaxed);
         m.batches.fetch_add(1, Ordering::Relaxed);
     }
 }

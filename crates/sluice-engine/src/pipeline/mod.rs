@@ -96,7 +96,9 @@ impl Pipeline {
         let state = cfg.state_connection();
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         let capture = Arc::new(
-            PostgresSource::new(source.clone(), &cfg.pipeline, &cfg.slot_name(), &cfg.publication_name()).with_filters(cfg.table_filters()),
+            PostgresSource::new(source.clone(), &cfg.pipeline, &cfg.slot_name(), &cfg.publication_name())
+                .with_filters(cfg.table_filters())
+                .with_max_transaction_memory(cfg.batch.max_transaction_memory),
         );
         Self {
             cfg,
