@@ -94,10 +94,13 @@ impl SnapshotFilter {
     /// a sink that keeps rows by key ends where the source is.)
     fn snapshot_lsn(&self, table: &str, key: Option<i64>) -> Option<Lsn> {
         let chunks = self.by_table.get(table)?;
+        // A key that reads as an integer (a numeric or text key's value) says nothing
+        // about sampled ranges.
+        let sampled = chunks.iter().any(|c| c.lo_key.is_some() || c.hi_key.is_some());
         let chunk = match (chunks.len(), key) {
             (1, _) => &chunks[0],
-            (_, Some(k)) => chunks.iter().find(|c| c.contains(k))?,
-            (_, None) => return chunks.iter().map(|c| c.snapshot_lsn).min().flatten(),
+            (_, Some(k)) if !sampled => chunks.iter().find(|c| c.contains(k))?,
+            _ => return chunks.iter().map(|c| c.snapshot_lsn).min().flatten(),
         };
         chunk.snapshot_lsn
     }
@@ -194,6 +197,8 @@ mod tests {
         let f = SnapshotFilter::new(vec![keyed(0, None, Some("8"), 10), keyed(1, Some("8"), None, 50)]);
         assert!(f.covers("public.u", None, Lsn(9)), "both chunks were copied after LSN 9");
         assert!(!f.covers("public.u", None, Lsn(20)), "chunk 0 was copied before LSN 20: its rows need the change");
+        let later_first = SnapshotFilter::new(vec![keyed(0, None, Some("8"), 50), keyed(1, Some("8"), None, 10)]);
+        assert!(!later_first.covers("public.u", Some(9), Lsn(20)), "a text or numeric key that reads as an integer finds no sampled chunk");
         assert_eq!(f.truncate_scope("public.u", Lsn(20)), TruncateScope::Everything);
         assert_eq!(f.truncate_scope("public.u", Lsn(5)), TruncateScope::Nothing);
     }
