@@ -26,9 +26,9 @@ pub const RESYNC_PREFIX: &str = "sluice.resync";
 
 /// How much of one source transaction the stream holds before it hands the
 /// transaction on in pieces (`batch.max_transaction_memory`). With the reader's
-/// buffer, the batch being applied and the sink's own copies, a pipeline stays under
-/// 100 MB resident through a transaction of any size at this setting (measured with a
-/// 2-million-row transaction); 64 MiB took it past 350 MB.
+/// buffer, the batch being applied and the sink's own copies, a pipeline peaked at
+/// 71-99 MiB resident through a 2-million-row transaction at this setting; 64 MiB took
+/// it past 350 MB.
 pub const DEFAULT_MAX_TRANSACTION_MEMORY: usize = 16 << 20;
 
 /// The size of the pieces after the first, once a transaction is known to be large:
