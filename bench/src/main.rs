@@ -9,12 +9,15 @@
 //!   cargo run --release -p sluice-bench -- enrich --rows 200000 --customers 100000
 //!   cargo run --release -p sluice-bench -- tls --rows 300000
 //!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- mirror --records 300000
+//!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- debezium --row-bytes 2000 --rows 200000
 
 mod control;
 mod ddl;
+mod debezium;
 mod enrich;
 mod iceberg;
 mod mirror;
+mod procs;
 mod resync;
 mod search;
 mod slots;
@@ -51,6 +54,27 @@ enum Bench {
         rows: u64,
         #[arg(long, default_value_t = 1000)]
         rows_per_txn: u64,
+    },
+    /// Sluice against Debezium 3.6.1.Final (its Postgres connector in the embedded
+    /// engine, jars from Maven Central; needs mvn, a JDK and the sluice binary built
+    /// beside the bench), same WAL, each from its own slot: into nothing (Sluice's whole
+    /// pipeline into the memory sink, Debezium into a counting consumer) and into Kafka as
+    /// JSON, each in its own process (rows/s, CPU, peak RSS); the server's own decoding
+    /// and pg_recvlogical as yardsticks; then lag into Kafka at a steady rate.
+    Debezium {
+        #[arg(long, default_value_t = 500_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 200)]
+        row_bytes: usize,
+        #[arg(long, default_value_t = 1000)]
+        rows_per_txn: u64,
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Skip the lag runs.
+        #[arg(long)]
+        no_lag: bool,
     },
     /// Kafka → Kafka between two real clusters, same run: a raw copy (the limit),
     /// `sluice mirror` and MirrorMaker 2 over the same backlog; how exactly each
@@ -803,6 +827,9 @@ async fn main() -> Result<()> {
         Bench::Migrations { rounds } => migrations(rounds)?,
         Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?
+        }
+        Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag } => {
+            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag).await?
         }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,

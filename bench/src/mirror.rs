@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use rand::Rng as _;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -20,6 +20,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use sluice_kafka::broker::TempBroker;
+
+use crate::procs::{Proc, java, maven_libs, sluice_bin, usage};
 
 const TOPIC: &str = "bench";
 const LAG_TOPIC: &str = "lagt";
@@ -43,33 +45,8 @@ fn now_ms() -> i64 {
 
 /// MirrorMaker 2's jars, fetched once from Maven Central into a cache outside the clone.
 fn mm2_libs() -> Result<PathBuf> {
-    let dir = PathBuf::from(format!("/var/cache/sluice/mirrormaker2-{MM2_VERSION}"));
-    if dir.join(format!("connect-mirror-{MM2_VERSION}.jar")).exists() {
-        return Ok(dir);
-    }
-    let pom = concat!(env!("CARGO_MANIFEST_DIR"), "/mm2/pom.xml");
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    eprintln!("fetching MirrorMaker 2 {MM2_VERSION} from Maven Central into {}", dir.display());
-    let st = Command::new("mvn")
-        .args(["-q", "-B", "-f", pom, "dependency:copy-dependencies", "-DincludeScope=runtime"])
-        .arg(format!("-DoutputDirectory={}", tmp.display()))
-        .status()
-        .context("run mvn (install Maven)")?;
-    if !st.success() {
-        bail!("mvn could not fetch connect-mirror {MM2_VERSION}");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)?;
-    Ok(dir)
-}
-
-fn sluice_bin() -> Result<PathBuf> {
-    let bin = std::env::current_exe()?.with_file_name("sluice");
-    if !bin.exists() {
-        bail!("no sluice binary beside the bench at {}: cargo build --release -p sluice", bin.display());
-    }
-    Ok(bin)
+    let pom = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/mm2/pom.xml"));
+    maven_libs(&format!("mirrormaker2-{MM2_VERSION}"), pom, &format!("connect-mirror-{MM2_VERSION}.jar"))
 }
 
 fn client(brokers: &str) -> ClientConfig {
@@ -209,27 +186,6 @@ fn raw_copy(a: &str, b: &str, n: u64, partitions: i32) -> Result<f64> {
     Ok(prog.rate())
 }
 
-/// CPU seconds and peak RSS (MB) of a running process.
-fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    let cpu = (ticks(11) + ticks(12)) / 100.0; // utime, stime (fields 14, 15)
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
-    (cpu, hwm.unwrap_or(0.0) / 1024.0)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_sluice(bin: &Path, dir: &Path, name: &str, a: &str, b: &str, topics: &str) -> Result<Proc> {
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
@@ -266,7 +222,7 @@ fn spawn_mm2(libs: &Path, dir: &Path, a: &str, b: &str) -> Result<Proc> {
     )?;
     let log = std::fs::File::create(dir.join("mm2.log"))?;
     Ok(Proc(
-        Command::new(std::env::var("JAVA").unwrap_or_else(|_| "java".into()))
+        java()
             .args(["-Xmx1g", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp"])
             .arg(format!("{}/*", libs.display()))
             .arg("org.apache.kafka.connect.mirror.MirrorMaker")
