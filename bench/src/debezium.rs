@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use sluice_postgres::cluster::{SUPERUSER, SUPERUSER_PASSWORD};
 use tokio_postgres::Client;
 
-use crate::procs::{Proc, context_switches, java, maven_libs, sluice_bin, usage};
+use crate::procs::{Proc, context_switches, events_applied, free_port, java, maven_libs, sluice_bin, usage};
 
 const DEBEZIUM: &str = "3.6.1.Final";
 /// Kafka Connect's default heap (`KAFKA_HEAP_OPTS`), what a Debezium deployment gets
@@ -109,18 +109,6 @@ impl Setup {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `sluice_events_total` of a pipeline process, from its `/metrics` (0 until it serves).
-fn events_applied(agent: &ureq::Agent, port: u16) -> u64 {
-    let Ok(mut resp) = agent.get(&format!("http://127.0.0.1:{port}/metrics")).call() else { return 0 };
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    text.lines().filter(|l| l.starts_with("sluice_events_total")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>()
-        as u64
-}
-
 /// Runs Sluice's pipeline `name` until `rows` changes are applied: its figures.
 fn sluice_run(setup: &Setup, name: &str, sink: &str, rows: u64, mb: f64) -> Result<Value> {
     let port = free_port()?;
@@ -172,6 +160,30 @@ fn debezium_run(setup: &Setup, slot: &str, mode: &str, rows: u64, mb: f64) -> Re
         "cpu_s": cpu, "cpu_us_per_row": cpu * 1e6 / rows as f64, "peak_rss_mb": figures["peak_rss_mb"],
         "heap": DEBEZIUM_HEAP,
     }))
+}
+
+/// Produces `n` records of 200 bytes to a topic of their own, acknowledged.
+pub(crate) fn warm_up(brokers: &str, n: u64) -> Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).set("linger.ms", "5").create()?;
+    let payload = [b'w'; 200];
+    for i in 0..n {
+        let key = i.to_string();
+        let mut rec = BaseRecord::to("warmup").key(key.as_bytes()).payload(&payload[..]);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    p.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(120))?;
+    Ok(())
 }
 
 fn kafka_consumer(brokers: &str) -> Result<BaseConsumer> {
@@ -268,9 +280,17 @@ async fn lag_run(
 }
 
 #[allow(clippy::too_many_lines)]
-pub async fn debezium(rows: u64, row_bytes: usize, per_txn: u64, rate: u64, seconds: u64, skip_lag: bool) -> Result<Value> {
+pub async fn debezium(
+    rows: u64,
+    row_bytes: usize,
+    per_txn: u64,
+    rate: u64,
+    seconds: u64,
+    skip_lag: bool,
+    sluice_only: bool,
+) -> Result<Value> {
     let work = tempfile::tempdir()?;
-    let classpath = harness(work.path())?;
+    let classpath = if sluice_only { String::new() } else { harness(work.path())? };
     let (src, dst) = crate::servers().await?;
     let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[])).await??;
     let setup = Setup { src: src.port, state: dst.port, brokers: broker.addr().to_string(), work: work.path().to_path_buf(), classpath };
@@ -316,20 +336,38 @@ pub async fn debezium(rows: u64, row_bytes: usize, per_txn: u64, rate: u64, seco
 
     eprintln!("Sluice into the null sink...");
     let sluice_null = tokio::task::block_in_place(|| sluice_run(&setup, "null", "null", rows, mb))?;
-    eprintln!("Debezium into a counting consumer...");
-    let dbz_null = tokio::task::block_in_place(|| debezium_run(&setup, "dbz_null", "null", rows, mb))?;
+    let dbz_null = if sluice_only {
+        Value::Null
+    } else {
+        eprintln!("Debezium into a counting consumer...");
+        tokio::task::block_in_place(|| debezium_run(&setup, "dbz_null", "null", rows, mb))?
+    };
+    // The broker's JVM compiles its hot paths during its first heavy load: it gets that
+    // load now, so neither peer pays for it.
+    eprintln!("warming the broker up...");
+    let b = setup.brokers.clone();
+    tokio::task::spawn_blocking(move || warm_up(&b, 300_000)).await??;
     eprintln!("Sluice into Kafka (JSON)...");
     let sluice_kafka = tokio::task::block_in_place(|| sluice_run(&setup, "kafka", "kafka", rows, mb))?;
-    eprintln!("Debezium into Kafka (JSON)...");
-    let dbz_kafka = tokio::task::block_in_place(|| debezium_run(&setup, "dbz_kafka", "kafka", rows, mb))?;
-    for (topic, who) in [("kafka.public.bench", "Sluice"), ("dbz.public.bench", "Debezium")] {
+    let dbz_kafka = if sluice_only {
+        Value::Null
+    } else {
+        eprintln!("Debezium into Kafka (JSON)...");
+        tokio::task::block_in_place(|| debezium_run(&setup, "dbz_kafka", "kafka", rows, mb))?
+    };
+    let topics: &[(&str, &str)] = if sluice_only {
+        &[("kafka.public.bench", "Sluice")]
+    } else {
+        &[("kafka.public.bench", "Sluice"), ("dbz.public.bench", "Debezium")]
+    };
+    for &(topic, who) in topics {
         let n = topic_len(&setup.brokers, topic)?;
         if n < rows as i64 {
             bail!("{who}'s topic {topic} holds {n} records, expected at least {rows}");
         }
     }
 
-    let lag = if skip_lag {
+    let lag = if skip_lag || sluice_only {
         Value::Null
     } else {
         eprintln!("lag at {rate} rows/s, Sluice then Debezium...");

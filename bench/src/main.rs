@@ -10,12 +10,14 @@
 //!   cargo run --release -p sluice-bench -- tls --rows 300000
 //!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- mirror --records 300000
 //!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- debezium --row-bytes 2000 --rows 200000
+//!   cargo build --release -p sluice && cargo run --release -p sluice-bench -- large-txn --rows 2000000
 
 mod control;
 mod ddl;
 mod debezium;
 mod enrich;
 mod iceberg;
+mod large_txn;
 mod mirror;
 mod procs;
 mod resync;
@@ -75,6 +77,9 @@ enum Bench {
         /// Skip the lag runs.
         #[arg(long)]
         no_lag: bool,
+        /// Sluice and the yardsticks only (no JVM, no lag runs): for working on Sluice.
+        #[arg(long)]
+        sluice_only: bool,
     },
     /// Kafka → Kafka between two real clusters, same run: a raw copy (the limit),
     /// `sluice mirror` and MirrorMaker 2 over the same backlog; how exactly each
@@ -119,6 +124,19 @@ enum Bench {
         /// Only the snapshot and its two baselines (a minute instead of many).
         #[arg(long)]
         snapshot_only: bool,
+    },
+    /// One source transaction of --rows inserts, then one of as many updates, through a
+    /// `sluice run` process into the Postgres sink: its peak RSS (VmHWM) and the time
+    /// from commit to the last row applied, against pg_recvlogical draining the same
+    /// transaction. Needs the sluice binary built beside the bench.
+    LargeTxn {
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 200)]
+        row_bytes: usize,
+        /// The pipeline's batch.max_transaction_memory.
+        #[arg(long, default_value = "16MiB")]
+        max_transaction_memory: String,
     },
     /// Commit-to-applied lag at a steady write rate into the Postgres sink.
     Lag {
@@ -535,6 +553,10 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
     // The broker: Apache Kafka (single-node KRaft), from .ci/install-deps.
     let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[])).await??;
     let brokers = broker.addr().to_string();
+    // The broker's JVM compiles its hot paths under its first heavy load: that load is
+    // given to it before anything is measured.
+    let b = brokers.clone();
+    tokio::task::spawn_blocking(move || debezium::warm_up(&b, 300_000)).await??;
     // Sluice's registry, in process, stored in the second server.
     let store = sluice_registry::Store::open(conn_cfg(dst.port, "bench")).await.map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -817,6 +839,9 @@ async fn main() -> Result<()> {
     let out = match Cli::parse().bench {
         Bench::Throughput { row_bytes, rows, rows_per_txn } => throughput(row_bytes, rows, rows_per_txn).await?,
         Bench::Lag { rate, seconds } => lag(rate, seconds).await?,
+        Bench::LargeTxn { rows, row_bytes, max_transaction_memory } => {
+            large_txn::large_txn(rows, row_bytes, &max_transaction_memory).await?
+        }
         Bench::Iceberg { row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only } => {
             iceberg::iceberg(row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only).await?
         }
@@ -828,8 +853,8 @@ async fn main() -> Result<()> {
         Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?
         }
-        Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag } => {
-            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag).await?
+        Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only } => {
+            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only).await?
         }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,

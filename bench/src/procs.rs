@@ -71,6 +71,18 @@ pub fn context_switches(pid: u32) -> (u64, u64) {
     sum
 }
 
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `sluice_events_total` of a pipeline process, from its `/metrics` (0 until it serves).
+pub fn events_applied(agent: &ureq::Agent, port: u16) -> u64 {
+    let Ok(mut resp) = agent.get(&format!("http://127.0.0.1:{port}/metrics")).call() else { return 0 };
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    text.lines().filter(|l| l.starts_with("sluice_events_total")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>()
+        as u64
+}
+
 /// A child killed (and reaped) when dropped, so a failed bench leaves nothing running.
 pub struct Proc(pub Child);
 

@@ -73,14 +73,17 @@ pub(crate) async fn load_chunks(client: &Client, pipeline: &str) -> Result<Vec<C
 pub struct SnapshotFilter {
     by_table: HashMap<String, Vec<Chunk>>,
     max_lsn: Lsn,
+    /// A chunk has no position yet (not copied): it may still be copied.
+    uncopied: bool,
 }
 
 impl SnapshotFilter {
     pub(crate) fn new(chunks: Vec<Chunk>) -> Self {
         let mut f = SnapshotFilter::default();
         for c in chunks {
-            if let Some(l) = c.snapshot_lsn {
-                f.max_lsn = f.max_lsn.max(l);
+            match c.snapshot_lsn {
+                Some(l) => f.max_lsn = f.max_lsn.max(l),
+                None => f.uncopied = true,
             }
             f.by_table.entry(c.table.clone()).or_default().push(c);
         }
@@ -128,6 +131,13 @@ impl SnapshotFilter {
         } else {
             TruncateScope::Ranges(before.iter().map(|c| (c.lo, c.hi)).collect())
         }
+    }
+
+    /// Whether a change committed at `commit_lsn` is past every chunk's position: the
+    /// sink then holds exactly the source's rows as they were before it (no chunk can
+    /// hold its effect, nor be copied later).
+    pub fn settled(&self, commit_lsn: Lsn) -> bool {
+        !self.uncopied && commit_lsn >= self.max_lsn
     }
 
     /// No snapshot chunk recorded (no snapshot ran, or none was started).
@@ -211,6 +221,18 @@ mod tests {
         assert!(!f.covers("public.t", Some(150), Lsn(50)));
         assert!(f.covers("public.t", Some(5), Lsn(9)));
         assert!(!f.covers("public.other", Some(5), Lsn(1)));
+    }
+
+    #[test]
+    fn settled_only_past_every_copied_chunk() {
+        let f = SnapshotFilter::new(vec![chunk(0, None, Some(100), 10), chunk(1, Some(100), None, 50)]);
+        assert!(!f.settled(Lsn(20)), "chunk 1 copied at 50 may hold a row inserted at 20");
+        assert!(f.settled(Lsn(50)) && f.settled(Lsn(60)));
+        let mut waiting = chunk(2, Some(200), None, 0);
+        waiting.snapshot_lsn = None;
+        let f = SnapshotFilter::new(vec![chunk(0, None, Some(100), 10), waiting]);
+        assert!(!f.settled(Lsn(1000)), "a chunk not copied yet may copy any row");
+        assert!(SnapshotFilter::default().settled(Lsn(1)), "no snapshot: nothing to overlap");
     }
 
     #[test]

@@ -126,3 +126,25 @@ async fn partitioned_table_replicates_through_its_root() {
     wait_equal(&env, "p", "id", Duration::from_secs(30)).await;
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
 }
+
+/// Batches of new rows are copied straight into the target. A key the target holds
+/// already (a row written there by someone else) fails that copy once; the table is
+/// merged from then on and ends equal to the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_rows_copied_straight_in_fall_back_to_the_merge_on_a_key_already_there() {
+    let env = Env::new("copyin").await;
+    let src = env.src().await;
+    src.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY, v text, n numeric(10,2), at timestamptz)").await.unwrap();
+    let mut p = env.spawn(&env.config(&["t"], ""));
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    src.batch_execute("INSERT INTO t SELECT g, 'row ' || g, g / 3.0, now() FROM generate_series(1, 3000) g").await.unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    assert!(!p.log().contains("merging this table's changes"), "{}", p.log());
+    env.dst().await.batch_execute("INSERT INTO t VALUES (5000, 'stale', 0, now())").await.unwrap();
+    src.batch_execute("INSERT INTO t SELECT g, 'late ' || g, 1, now() FROM generate_series(4001, 5001) g").await.unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(60)).await;
+    assert!(p.log().contains("merging this table's changes from now on"), "the direct copy was never tried: {}", p.log());
+    src.batch_execute("INSERT INTO t VALUES (6000, 'after', 2, now()); UPDATE t SET v = 'changed' WHERE id = 1").await.unwrap();
+    wait_equal(&env, "t", "id", Duration::from_secs(30)).await;
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+}

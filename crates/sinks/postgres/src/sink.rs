@@ -12,8 +12,8 @@
 //! columns. An unchanged TOAST column therefore never reaches a table as a value: the
 //! sink keeps the value it already holds, which is the one the source still holds.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
@@ -44,7 +44,27 @@ enum Pending {
     Move(Row, Row),
 }
 
-type Segment = HashMap<TableName, (Vec<Vec<u8>>, HashMap<Vec<u8>, Pending>)>;
+/// One table's pending changes in a segment: keys in first-change order, the change
+/// each key ends with, and whether every change was a plain insert of a new key past
+/// the snapshot's overlap (then the rows are copied straight into the target).
+#[derive(Default)]
+struct Staged {
+    order: Vec<Vec<u8>>,
+    map: HashMap<Vec<u8>, Pending>,
+    mixed: bool,
+}
+
+type Segment = HashMap<TableName, Staged>;
+
+/// Targets (`pipeline/table`) where a row copied straight in hit a key the target held
+/// already (rows written into the target by someone else, a resync's copy racing the
+/// stream): their changes go through the staging merge from then on, in this process.
+/// Process-wide because the pipeline reconnects its sink to retry the failed batch.
+static MERGE_ONLY: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+fn merge_only(pipeline: &str, target: &TableName) -> String {
+    format!("{pipeline}/{target}")
+}
 
 /// Fills unchanged TOAST placeholders from an earlier image of the same row.
 fn fill_unchanged(row: &mut Row, prev: &Row) {
@@ -424,12 +444,19 @@ impl PostgresSink {
         let Some(target) = self.targets.get(&e.table.name) else { return };
         let table = e.table.name.to_string();
         let covered = |row: &Row| self.filter.covers(&table, int_key(row, target.int_key), commit_lsn);
-        let (order, map) = segment.entry(e.table.name.clone()).or_default();
-        fn put(order: &mut Vec<Vec<u8>>, map: &mut HashMap<Vec<u8>, Pending>, key: Vec<u8>, p: Pending) {
-            if map.insert(key.clone(), p).is_none() {
+        let staged = segment.entry(e.table.name.clone()).or_default();
+        // Only an insert after every snapshot chunk's position is known not to be in
+        // the target (before it, a chunk copied later may hold the row already).
+        let plain_insert = e.op == Op::Insert && e.before.is_none() && self.filter.settled(commit_lsn);
+        staged.mixed |= !plain_insert;
+        let Staged { order, map, mixed } = staged;
+        let mut put = |order: &mut Vec<Vec<u8>>, map: &mut HashMap<Vec<u8>, Pending>, key: Vec<u8>, p: Pending| {
+            if map.insert(key.clone(), p).is_some() {
+                *mixed = true; // a key changed twice: the merge resolves it
+            } else {
                 order.push(key);
             }
-        }
+        };
         match (e.op, &e.before, &e.after) {
             (Op::Delete, Some(old), _) => {
                 if !covered(old) {
@@ -496,10 +523,62 @@ impl PostgresSink {
         self.client.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&format!("truncating {}", target.name), e))
     }
 
+    /// Only new rows: COPY them straight into the target, no staging table and no merge
+    /// (the target's input functions parse the text as the merge's casts would). A key
+    /// the target holds already fails the batch; the table is merged from then on.
+    async fn copy_inserts(&mut self, table: &TableName, order: &[Vec<u8>], map: &mut HashMap<Vec<u8>, Pending>) -> Result<()> {
+        let target = &self.targets[table];
+        let ncols = target.source.columns.len();
+        let buf = &mut self.buf;
+        buf.clear();
+        for key in order {
+            let Some(Pending::Upsert(row)) = map.remove(key) else { continue };
+            for (i, d) in row.iter().take(ncols).enumerate() {
+                if i > 0 {
+                    buf.put_u8(b'\t');
+                }
+                put_field(buf, d);
+            }
+            for _ in row.len()..ncols {
+                buf.put_slice(b"\t\\N");
+            }
+            buf.put_u8(b'\n');
+        }
+        let names: Vec<String> = target.source.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!("COPY {} ({}) FROM STDIN", target.name.quoted(), names.join(", "));
+        let data: Bytes = buf.split().freeze();
+        let copied = async {
+            let sink = self.client.copy_in(&sql).await?;
+            futures::pin_mut!(sink);
+            sink.send(data).await?;
+            sink.finish().await
+        }
+        .await;
+        match copied {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                MERGE_ONLY.lock().expect("merge-only set").insert(merge_only(&self.pipeline, &target.name));
+                tracing::warn!(table = %target.name, "an inserted row's key is in the target already: merging this table's changes from now on");
+                Err(PgError::transient(format!(
+                    "copying new rows into {}: a key is there already; retrying through the merge",
+                    target.name
+                )))
+            }
+            Err(e) => Err(PgError::from_pg(&format!("copying new rows into {}", target.name), e)),
+        }
+    }
+
     async fn flush(&mut self, segment: &mut Segment) -> Result<()> {
-        for (table, (order, mut map)) in segment.drain() {
+        for (table, Staged { order, mut map, mixed }) in segment.drain() {
             let target = &self.targets[&table];
             let ncols = target.source.columns.len();
+            if !mixed
+                && !order.is_empty()
+                && !MERGE_ONLY.lock().expect("merge-only set").contains(&merge_only(&self.pipeline, &target.name))
+            {
+                self.copy_inserts(&table, &order, &mut map).await?;
+                continue;
+            }
             let buf = &mut self.buf;
             buf.clear();
             let (mut deletes, mut upserts, mut partial, mut moves) = (false, false, false, false);
