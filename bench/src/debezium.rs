@@ -110,7 +110,7 @@ impl Setup {
 }
 
 /// Runs Sluice's pipeline `name` until `rows` changes are applied: its figures.
-fn sluice_run(setup: &Setup, name: &str, sink: &str, rows: u64, mb: f64) -> Result<Value> {
+fn sluice_run(setup: &Setup, source: &Client, name: &str, sink: &str, rows: u64, mb: f64) -> Result<Value> {
     let port = free_port()?;
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
     let t = Instant::now();
@@ -130,11 +130,16 @@ fn sluice_run(setup: &Setup, name: &str, sink: &str, rows: u64, mb: f64) -> Resu
     let secs = t.elapsed().as_secs_f64();
     let (cpu, rss) = usage(p.id());
     let (vol, invol) = context_switches(p.id());
+    // The walsender serving this pipeline started with it: its CPU is this run's.
+    let q = format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'sluice_{name}'");
+    let walsender: Option<i32> = tokio::runtime::Handle::current().block_on(source.query_one(&q, &[]))?.get(0);
+    let walsender_cpu = walsender.map_or(-1.0, |pid| usage(pid as u32).0);
     drop(p);
     Ok(json!({
         "seconds": secs, "rows_per_s": rows as f64 / secs, "mb_per_s": mb / secs,
         "cpu_s": cpu, "cpu_us_per_row": cpu * 1e6 / rows as f64, "peak_rss_mb": rss,
         "context_switches": {"voluntary": vol, "involuntary": invol},
+        "walsender_cpu_s": walsender_cpu, "walsender_busy": walsender_cpu / secs,
     }))
 }
 
@@ -335,7 +340,7 @@ pub async fn debezium(
     let recv_s = t.elapsed().as_secs_f64();
 
     eprintln!("Sluice into the null sink...");
-    let sluice_null = tokio::task::block_in_place(|| sluice_run(&setup, "null", "null", rows, mb))?;
+    let sluice_null = tokio::task::block_in_place(|| sluice_run(&setup, &s, "null", "null", rows, mb))?;
     let dbz_null = if sluice_only {
         Value::Null
     } else {
@@ -348,7 +353,7 @@ pub async fn debezium(
     let b = setup.brokers.clone();
     tokio::task::spawn_blocking(move || warm_up(&b, 300_000)).await??;
     eprintln!("Sluice into Kafka (JSON)...");
-    let sluice_kafka = tokio::task::block_in_place(|| sluice_run(&setup, "kafka", "kafka", rows, mb))?;
+    let sluice_kafka = tokio::task::block_in_place(|| sluice_run(&setup, &s, "kafka", "kafka", rows, mb))?;
     let dbz_kafka = if sluice_only {
         Value::Null
     } else {

@@ -246,10 +246,8 @@ pub trait Sink: Send + Sync + 'static {
         async { Err(SinkError::permanent("this sink has no initial load of its own")) }
     }
 
-    /// Applies whole source transactions; returns once they are durable in the sink
-    /// (with the position they came from, for sinks that keep their checkpoint), or,
-    /// for a sink that keeps batches in flight (Kafka), once they are handed on: then
-    /// [`durable_lsn`](Self::durable_lsn) says how far they are acknowledged.
+    /// Applies whole source transactions; returns only once they are durable in the
+    /// sink (with the position they came from, for sinks that keep their checkpoint).
     fn apply(&mut self, batch: &[Transaction]) -> impl Future<Output = SinkResult<()>> + Send;
 
     /// Up to where the source may forget, once everything up to `applied` was handed
@@ -263,12 +261,6 @@ pub trait Sink: Send + Sync + 'static {
     /// Called on a timer while streaming (every 500 ms), so a sink that commits on its
     /// own cadence commits what is due even when no batch comes.
     fn tick(&mut self) -> impl Future<Output = SinkResult<()>> + Send {
-        async { Ok(()) }
-    }
-
-    /// Waits until every batch handed to [`apply`](Self::apply) is durable (a clean
-    /// stop, so what was applied is confirmed before the process exits).
-    fn settle(&mut self) -> impl Future<Output = SinkResult<()>> + Send {
         async { Ok(()) }
     }
 
@@ -313,7 +305,6 @@ pub trait DynSink: Send + Sync {
     fn apply<'a>(&'a mut self, batch: &'a [Transaction]) -> BoxFuture<'a, SinkResult<()>>;
     fn durable_lsn(&self, applied: Lsn) -> Lsn;
     fn tick(&mut self) -> BoxFuture<'_, SinkResult<()>>;
-    fn settle(&mut self) -> BoxFuture<'_, SinkResult<()>>;
     fn teardown<'a>(&'a self, tables: &'a [TableName], purge: bool) -> BoxFuture<'a, SinkResult<()>>;
     fn health(&self) -> BoxFuture<'_, SinkResult<()>>;
 }
@@ -375,9 +366,6 @@ impl<S: Sink> DynSink for S {
     }
     fn tick(&mut self) -> BoxFuture<'_, SinkResult<()>> {
         Box::pin(Sink::tick(self))
-    }
-    fn settle(&mut self) -> BoxFuture<'_, SinkResult<()>> {
-        Box::pin(Sink::settle(self))
     }
     fn teardown<'a>(&'a self, tables: &'a [TableName], purge: bool) -> BoxFuture<'a, SinkResult<()>> {
         Box::pin(Sink::teardown(self, tables, purge))

@@ -1,17 +1,14 @@
 //! The Kafka sink: one topic per table, key = primary key, value = Debezium envelope.
 //!
 //! Delivery is at least once. The producer is idempotent with `acks=all`, so retries
-//! inside librdkafka neither duplicate nor reorder a partition's records. Up to
-//! [`IN_FLIGHT`] batches are produced before the oldest is acknowledged (the next
-//! batch is encoded while the broker acknowledges the last), and the pipeline confirms
-//! a batch's LSN to the source only once the broker acknowledged every record of it
-//! and of every batch before it ([`Sink::durable_lsn`]). After a crash, the source
-//! resends from the last confirmed LSN, so records past it may appear twice
+//! inside librdkafka neither duplicate nor reorder a partition's records; `apply`
+//! returns only after the broker acknowledged every record of the batch, and only
+//! then does the pipeline confirm the batch's LSN to the source. After a crash, the
+//! source resends from the last confirmed LSN, so records past it may appear twice
 //! (`source.commit_lsn` + `source.event_seq` identify a change for deduplication).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientConfig;
@@ -118,32 +115,10 @@ struct Inner {
     tables: Mutex<HashMap<TableName, Arc<TableOut>>>,
 }
 
-/// Batches produced and not yet acknowledged at once, at most. One more than one lets
-/// the next batch be encoded and sent while the broker acknowledges the last; past a
-/// few, librdkafka's own queue is what bounds it.
-pub const IN_FLIGHT: usize = 4;
-
-/// A batch handed to the producer: its end position, and whether the broker
-/// acknowledged all of its records (set by the task that waits for them).
-struct InFlight {
-    end: Lsn,
-    acked: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Result<()>>,
-}
-
-/// Cheap to clone: snapshot workers and the streaming loop share one producer (a clone
-/// has no batches in flight of its own).
+/// Cheap to clone: snapshot workers and the streaming loop share one producer.
+#[derive(Clone)]
 pub struct KafkaSink {
     inner: Arc<Inner>,
-    in_flight: VecDeque<InFlight>,
-    /// The end of the last batch known acknowledged and no longer in `in_flight`.
-    floor: Lsn,
-}
-
-impl Clone for KafkaSink {
-    fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), in_flight: VecDeque::new(), floor: Lsn::ZERO }
-    }
 }
 
 fn now_ms() -> i64 {
@@ -171,8 +146,7 @@ impl KafkaSink {
                 h.insert(Header { key: k, value: Some(v.as_bytes()) })
             })
         });
-        let inner = Arc::new(Inner { opts, producer, registry, headers, tables: Mutex::new(HashMap::new()) });
-        Ok(Self { inner, in_flight: VecDeque::new(), floor: Lsn::ZERO })
+        Ok(Self { inner: Arc::new(Inner { opts, producer, registry, headers, tables: Mutex::new(HashMap::new()) }) })
     }
 
     pub fn options(&self) -> &KafkaSinkOptions {
@@ -266,14 +240,6 @@ impl KafkaSink {
     }
 
     async fn produce<'a>(&self, items: impl Iterator<Item = (&'a Arc<TableOut>, &'a ChangeEvent)>) -> Result<()> {
-        for f in self.send_all(items).await? {
-            wait(f).await?;
-        }
-        Ok(())
-    }
-
-    /// Hands every record of `items` to librdkafka; the deliveries to wait for.
-    async fn send_all<'a>(&self, items: impl Iterator<Item = (&'a Arc<TableOut>, &'a ChangeEvent)>) -> Result<VecDeque<DeliveryFuture>> {
         let opts = &self.inner.opts;
         let meta = EventMeta { prefix: &opts.prefix, database: &opts.database, now_ms: now_ms() };
         let mut pending = VecDeque::new();
@@ -330,7 +296,10 @@ impl KafkaSink {
                 _ => tracing::warn!(table = %name, op = ?e.op, "change without a row image skipped"),
             }
         }
-        Ok(pending)
+        while let Some(f) = pending.pop_front() {
+            wait(f).await?;
+        }
+        Ok(())
     }
 
     /// Hands one record to librdkafka (which copies it), waiting for room when its
@@ -376,14 +345,6 @@ async fn wait(f: DeliveryFuture) -> Result<()> {
 impl KafkaSink {
     /// Produces the batch's records; returns once the broker acknowledged all of them.
     pub async fn apply(&self, txns: &[Transaction]) -> Result<()> {
-        for f in self.hand_over(txns).await? {
-            wait(f).await?;
-        }
-        Ok(())
-    }
-
-    /// Produces the batch's records; the deliveries to wait for.
-    async fn hand_over(&self, txns: &[Transaction]) -> Result<VecDeque<DeliveryFuture>> {
         // Every shape in the batch is registered before anything is produced, so a
         // rejected schema stops the batch whole.
         let mut outs: Vec<(&Arc<TableSchema>, Arc<TableOut>)> = Vec::new();
@@ -405,47 +366,7 @@ impl KafkaSink {
             };
             index.push(i);
         }
-        self.send_all(txns.iter().flat_map(|t| &t.events).zip(&index).map(|(e, &i)| (&outs[i].1, e))).await
-    }
-
-    /// Takes the oldest batch in flight off the queue once acknowledged (waiting for it
-    /// when `block`); a delivery that failed is the error.
-    async fn retire(&mut self, block: bool) -> Result<bool> {
-        match self.in_flight.front() {
-            Some(f) if block || f.task.is_finished() => {}
-            _ => return Ok(false),
-        }
-        let f = self.in_flight.pop_front().expect("a batch in flight");
-        match f.task.await {
-            Ok(Ok(())) => {
-                self.floor = self.floor.max(f.end);
-                Ok(true)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(KafkaSinkError::new(ErrorKind::Transient, "a Kafka delivery task stopped")),
-        }
-    }
-
-    /// Produces a batch without waiting for its acknowledgements (beyond [`IN_FLIGHT`]
-    /// batches, for the oldest one's).
-    async fn apply_in_flight(&mut self, txns: &[Transaction]) -> Result<()> {
-        while self.retire(false).await? {}
-        while self.in_flight.len() >= IN_FLIGHT {
-            self.retire(true).await?;
-        }
-        let deliveries = self.hand_over(txns).await?;
-        let acked = Arc::new(AtomicBool::new(deliveries.is_empty()));
-        let done = acked.clone();
-        let task = tokio::spawn(async move {
-            for f in deliveries {
-                wait(f).await?;
-            }
-            done.store(true, Ordering::Release);
-            Ok(())
-        });
-        // A piece of a transaction that continues has no end: it moves nothing.
-        self.in_flight.push_back(InFlight { end: txns.last().map_or(Lsn::ZERO, |t| t.end_lsn), acked, task });
-        Ok(())
+        self.produce(txns.iter().flat_map(|t| &t.events).zip(&index).map(|(e, &i)| (&outs[i].1, e))).await
     }
 }
 
@@ -480,30 +401,7 @@ impl Sink for KafkaSink {
     }
 
     async fn apply(&mut self, txns: &[Transaction]) -> SinkResult<()> {
-        self.apply_in_flight(txns).await.map_err(to_sink)
-    }
-
-    /// Everything handed over up to the first batch not acknowledged yet.
-    fn durable_lsn(&self, applied: Lsn) -> Lsn {
-        let mut durable = self.floor;
-        for f in &self.in_flight {
-            if !f.acked.load(Ordering::Acquire) {
-                return durable;
-            }
-            durable = durable.max(f.end);
-        }
-        applied
-    }
-
-    /// Notices a failed delivery even when no batch comes.
-    async fn tick(&mut self) -> SinkResult<()> {
-        while self.retire(false).await.map_err(to_sink)? {}
-        Ok(())
-    }
-
-    async fn settle(&mut self) -> SinkResult<()> {
-        while self.retire(true).await.map_err(to_sink)? {}
-        Ok(())
+        KafkaSink::apply(self, txns).await.map_err(to_sink)
     }
 
     async fn teardown(&self, tables: &[TableName], purge: bool) -> SinkResult<()> {

@@ -123,15 +123,7 @@ impl Pipeline {
             } else {
                 tokio::select! {
                     biased;
-                    _ = shutdown.changed() => {
-                        // A clean stop confirms every batch the sink took (one with
-                        // batches in flight acknowledges them first).
-                        if let Ok(s) = sink.sink_mut() {
-                            s.settle().await?;
-                            self.confirm(&*sink.sink, applied, acker, &mut unseen);
-                        }
-                        return Ok(());
-                    }
+                    _ = shutdown.changed() => return Ok(()),
                     item = rx.recv() => item,
                     _ = tick.tick() => {
                         if let Some(e) = &sink.enrichment {
@@ -194,13 +186,6 @@ impl Pipeline {
                 }
                 if let Err(e) = sink.apply(&mut batch).await {
                     return Err(if ddl { schema_change_refused(&batch, e) } else { e });
-                }
-                // A sink that keeps batches in flight (Kafka) keeps them only while a
-                // backlog brings the next batch at once: with nothing waiting, this one
-                // is waited for here, so lag and confirmation at a steady rate are what
-                // they are with one batch at a time.
-                if ddl || (carry.is_none() && rx.is_empty()) {
-                    sink.sink_mut()?.settle().await?;
                 }
                 if ddl {
                     self.after_schema_changes(sink, &batch, resync).await?;

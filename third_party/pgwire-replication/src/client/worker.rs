@@ -374,6 +374,14 @@ impl WorkerState {
         // How many messages to process in the tight loop before checking
         // stop signal and sending periodic status feedback.
         const DRAIN_BATCH: usize = 256;
+        // Patched (see PATCHED.md): messages taken since the last wait for the socket.
+        // When the last reads brought at least CATCH_UP_MESSAGES, the stream is behind
+        // (a backlog): the next read waits CATCH_UP_PAUSE first, so it takes a large
+        // chunk rather than waking for every few messages the server sends. At a
+        // steady rate reads bring a transaction or two and never wait.
+        const CATCH_UP_MESSAGES: usize = 64;
+        const CATCH_UP_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+        let mut streak = 0usize;
 
         loop {
             // Update applied LSN from client
@@ -416,6 +424,7 @@ impl WorkerState {
             // If we drained messages, loop back to check stop/status before
             // potentially blocking on the next read.
             if drained > 0 {
+                streak += drained;
                 // Check stop signal without blocking
                 if self.stop_rx.has_changed().unwrap_or(false) && *self.stop_rx.borrow() {
                     let _ = write_copy_done(stream).await;
@@ -436,6 +445,12 @@ impl WorkerState {
             // Otherwise a raise wakes the loop. Marking the watch seen and
             // clearing the signal before reading the LSN means a raise after
             // this point still wakes it.
+            if streak >= CATCH_UP_MESSAGES {
+                streak = 0;
+                tokio::time::sleep(CATCH_UP_PAUSE).await;
+                continue;
+            }
+            streak = 0;
             applied_rx.mark_unchanged();
             let applied = self.progress.take_signal();
             let pending = self.last_sent.is_none_or(|sent| applied > sent);
