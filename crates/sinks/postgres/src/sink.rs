@@ -572,8 +572,11 @@ impl PostgresSink {
         for (table, Staged { order, mut map, mixed }) in segment.drain() {
             let target = &self.targets[&table];
             let ncols = target.source.columns.len();
+            // Checked on what is pending too: a row the copy could not write as is (a
+            // delete, a move, an unchanged TOAST value) goes through the merge.
             if !mixed
                 && !order.is_empty()
+                && map.values().all(|p| matches!(p, Pending::Upsert(r) if !r.contains(&Datum::Unchanged)))
                 && !MERGE_ONLY.lock().expect("merge-only set").contains(&merge_only(&self.pipeline, &target.name))
             {
                 self.copy_inserts(&table, &order, &mut map).await?;
