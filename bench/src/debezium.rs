@@ -169,23 +169,12 @@ fn debezium_run(setup: &Setup, slot: &str, mode: &str, rows: u64, mb: f64) -> Re
 
 /// Produces `n` records of 200 bytes to a topic of their own, acknowledged.
 pub(crate) fn warm_up(brokers: &str, n: u64) -> Result<()> {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
-    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers).set("linger.ms", "5").create()?;
+    use rdkafka::producer::{BaseRecord, Producer as _};
+    let p = crate::mirror::producer(brokers)?;
     let payload = [b'w'; 200];
     for i in 0..n {
         let key = i.to_string();
-        let mut rec = BaseRecord::to("warmup").key(key.as_bytes()).payload(&payload[..]);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    p.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-        p.poll(Duration::ZERO);
+        crate::mirror::send(&p, BaseRecord::to("warmup").key(key.as_bytes()).payload(&payload[..]))?;
     }
     p.flush(Duration::from_secs(120))?;
     Ok(())

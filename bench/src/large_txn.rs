@@ -81,10 +81,8 @@ pub async fn large_txn(rows: u64, row_bytes: usize, max_transaction_memory: &str
             "ratio": recv_s / secs,
         }));
     }
-    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
     let d = crate::connect(dst.port, "bench").await?;
-    let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
-    if (a.get::<_, i64>(0), a.get::<_, String>(1)) != (b.get::<_, i64>(0), b.get::<_, String>(1)) {
+    if !crate::bench_equal(&s, &d).await? {
         bail!("the target differs from the source");
     }
     let (_, peak) = usage(p.id());

@@ -313,7 +313,8 @@ fn peak_rss_mb_of(status: &str) -> f64 {
     if kb < 0.0 { -1.0 } else { kb / 1024.0 }
 }
 
-/// A `kB` field (e.g. `VmRSS:`) of a `/proc/<pid>/status` file (-1 unknown).
+/// A numeric field (`VmRSS:` in kB, `voluntary_ctxt_switches:`) of a
+/// `/proc/<pid>/status` file (-1 unknown).
 fn status_kb(status: &str, field: &str) -> f64 {
     std::fs::read_to_string(status)
         .ok()
@@ -439,11 +440,9 @@ async fn wait_snapshot(metrics: &Metrics, handle: &mut tokio::task::JoinHandle<R
 /// Waits until the `bench` table is the same in the target as in the source (after
 /// `what`), for up to two minutes.
 async fn wait_bench_equal(s: &Client, d: &Client, handle: &tokio::task::JoinHandle<Result<()>>, what: &str) -> Result<()> {
-    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
-        if (a.get::<_, i64>(0), a.get::<_, String>(1)) == (b.get::<_, i64>(0), b.get::<_, String>(1)) {
+        if bench_equal(s, d).await? {
             return Ok(());
         }
         if Instant::now() > deadline || handle.is_finished() {
@@ -451,6 +450,13 @@ async fn wait_bench_equal(s: &Client, d: &Client, handle: &tokio::task::JoinHand
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether the `bench` table holds the same rows in the target as in the source.
+async fn bench_equal(s: &Client, d: &Client) -> Result<bool> {
+    let digest = "SELECT count(*), md5(string_agg(id || payload, ',' ORDER BY id)) FROM bench";
+    let (a, b) = (s.query_one(digest, &[]).await?, d.query_one(digest, &[]).await?);
+    Ok((a.get::<_, i64>(0), a.get::<_, String>(1)) == (b.get::<_, i64>(0), b.get::<_, String>(1)))
 }
 
 async fn wait_events(metrics: &Metrics, n: u64, handle: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {

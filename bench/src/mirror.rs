@@ -64,7 +64,7 @@ fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     Ok(())
 }
 
-fn producer(brokers: &str) -> Result<BaseProducer> {
+pub(crate) fn producer(brokers: &str) -> Result<BaseProducer> {
     Ok(client(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -73,7 +73,8 @@ fn producer(brokers: &str) -> Result<BaseProducer> {
         .create()?)
 }
 
-fn send(p: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
+/// Hands a record to the producer, serving deliveries while its queue is full.
+pub(crate) fn send(p: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
     loop {
         match p.send(rec) {
             Ok(()) => return Ok(()),

@@ -53,18 +53,15 @@ pub fn usage(pid: u32) -> (f64, f64) {
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     let cpu = (ticks(11) + ticks(12)) / 100.0; // utime, stime (fields 14, 15)
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
-    (cpu, hwm.unwrap_or(0.0) / 1024.0)
+    (cpu, crate::status_kb(&format!("/proc/{pid}/status"), "VmHWM:").max(0.0) / 1024.0)
 }
 
 /// Context switches (voluntary, involuntary) of every thread of a running process.
 pub fn context_switches(pid: u32) -> (u64, u64) {
     let mut sum = (0, 0);
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        let status = t.path().join("status");
+        let field = |name: &str| crate::status_kb(&status.to_string_lossy(), name).max(0.0) as u64;
         sum.0 += field("voluntary_ctxt_switches:");
         sum.1 += field("nonvoluntary_ctxt_switches:");
     }

@@ -93,11 +93,7 @@ impl Columns {
             let err = |reason: String| EncodeError::Value { column: c.name.clone(), reason };
             let value = match row.get(c.index).unwrap_or(&Datum::Null) {
                 Datum::Null => Value::Null,
-                Datum::Unchanged if c.textual && c.ty == PgType::Bytea => {
-                    union(c.nullable, out);
-                    bytes(UNAVAILABLE.as_bytes(), out);
-                    continue;
-                }
+                // The placeholder, as a string or as bytes: the same bytes in Avro.
                 Datum::Unchanged if c.textual => {
                     union(c.nullable, out);
                     bytes(UNAVAILABLE.as_bytes(), out);

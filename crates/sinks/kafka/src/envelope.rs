@@ -141,14 +141,7 @@ impl EventEncoder {
                 Body::Json { all, .. } => json_record(&self.table, row, all, out),
             };
         }
-        let p = &e.position;
-        let lsn = if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn };
-        let snapshot = if e.op == Op::Read { "true" } else { "false" };
-        let ts_ms = p.commit_time_us.div_euclid(1000);
-        let (txid, commit_lsn, seq) = match e.op {
-            Op::Read => (None, None, None),
-            _ => (Some(i64::from(p.xid)), Some(p.commit_lsn.0 as i64), Some(p.seq as i32)),
-        };
+        let Source { lsn, snapshot, ts_ms, txid, commit_lsn, seq } = Source::of(e);
         let name = &self.table.name;
         let mut op = [0u8; 4];
         let op: &str = e.op.code().encode_utf8(&mut op);
@@ -239,6 +232,34 @@ impl EventEncoder {
     }
 }
 
+/// The `source` block's facts of a change that come from its position.
+struct Source {
+    lsn: Lsn,
+    snapshot: &'static str,
+    ts_ms: i64,
+    txid: Option<i64>,
+    commit_lsn: Option<i64>,
+    seq: Option<i32>,
+}
+
+impl Source {
+    fn of(e: &ChangeEvent) -> Self {
+        let p = &e.position;
+        let (txid, commit_lsn, seq) = match e.op {
+            Op::Read => (None, None, None),
+            _ => (Some(i64::from(p.xid)), Some(p.commit_lsn.0 as i64), Some(p.seq as i32)),
+        };
+        Source {
+            lsn: if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn },
+            snapshot: if e.op == Op::Read { "true" } else { "false" },
+            ts_ms: p.commit_time_us.div_euclid(1000),
+            txid,
+            commit_lsn,
+            seq,
+        }
+    }
+}
+
 fn json_record(table: &TableSchema, row: &Row, order: &[usize], out: &mut Vec<u8>) -> Result<(), EncodeError> {
     json::write_record(table, row, order, out).map_err(|e| EncodeError::Value { column: e.column, reason: e.reason })
 }
@@ -252,8 +273,9 @@ mod tests {
 
     use super::*;
 
-    fn table() -> Arc<TableSchema> {
-        let col = |name: &str, ty: PgType, type_name: &str, key: bool| ColumnSchema {
+    /// A column; key columns are NOT NULL, the others nullable.
+    fn col(name: &str, ty: PgType, type_name: &str, key: bool) -> ColumnSchema {
+        ColumnSchema {
             name: name.into(),
             type_oid: 0,
             type_name: type_name.into(),
@@ -261,7 +283,10 @@ mod tests {
             nullable: !key,
             is_key: key,
             enum_labels: vec![],
-        };
+        }
+    }
+
+    fn table() -> Arc<TableSchema> {
         Arc::new(TableSchema {
             name: TableName::new("public", "items"),
             relid: 1,
@@ -287,23 +312,17 @@ mod tests {
     /// before it encoded straight from rows): the direct encoder is held to these bytes.
     fn avro_oracle(tbl: &Arc<TableSchema>, e: &ChangeEvent, meta: &EventMeta<'_>) -> Vec<u8> {
         let cols = Columns::new(tbl, false);
-        let p = &e.position;
-        let lsn = if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn };
-        let (txid, commit_lsn, seq) = match e.op {
-            Op::Read => (None, None, None),
-            _ => (Some(i64::from(p.xid)), Some(p.commit_lsn.0 as i64), Some(p.seq as i32)),
-        };
+        let Source { lsn, snapshot, ts_ms, txid, commit_lsn, seq } = Source::of(e);
         let opt = |v: Option<Avro>| match v {
             None => Avro::Union(0, Box::new(Avro::Null)),
             Some(v) => Avro::Union(1, Box::new(v)),
         };
         let image = |r: &Option<Row>| r.as_ref().map(|r| cols.record(r).unwrap());
-        let snapshot = if e.op == Op::Read { "true" } else { "false" };
         let source = Avro::Record(vec![
             ("version".into(), Avro::String(VERSION.into())),
             ("connector".into(), Avro::String("postgresql".into())),
             ("name".into(), Avro::String(meta.prefix.into())),
-            ("ts_ms".into(), Avro::Long(p.commit_time_us.div_euclid(1000))),
+            ("ts_ms".into(), Avro::Long(ts_ms)),
             ("snapshot".into(), Avro::Union(0, Box::new(Avro::String(snapshot.into())))),
             ("db".into(), Avro::String(meta.database.into())),
             ("sequence".into(), opt(None)),
@@ -329,18 +348,13 @@ mod tests {
 
     /// The JSON envelope as serde_json writes it from a value tree.
     fn json_oracle(tbl: &Arc<TableSchema>, e: &ChangeEvent, meta: &EventMeta<'_>) -> String {
-        let p = &e.position;
-        let lsn = if p.lsn > Lsn::ZERO { p.lsn } else { p.commit_lsn };
-        let (txid, commit_lsn, seq) = match e.op {
-            Op::Read => (None, None, None),
-            _ => (Some(i64::from(p.xid)), Some(p.commit_lsn.0 as i64), Some(p.seq as i32)),
-        };
+        let Source { lsn, snapshot, ts_ms, txid, commit_lsn, seq } = Source::of(e);
         let image = |r: &Option<Row>| r.as_ref().map(|r| sluice_core::json::record(tbl, r, None).unwrap());
         json!({
             "before": image(&e.before), "after": image(&e.after),
             "source": {
-                "version": VERSION, "connector": "postgresql", "name": meta.prefix, "ts_ms": p.commit_time_us.div_euclid(1000),
-                "snapshot": if e.op == Op::Read { "true" } else { "false" }, "db": meta.database, "sequence": null,
+                "version": VERSION, "connector": "postgresql", "name": meta.prefix, "ts_ms": ts_ms,
+                "snapshot": snapshot, "db": meta.database, "sequence": null,
                 "schema": tbl.name.schema, "table": tbl.name.name,
                 "txId": txid, "lsn": lsn.0, "xmin": null, "commit_lsn": commit_lsn, "event_seq": seq,
             },
@@ -351,15 +365,6 @@ mod tests {
 
     /// A table of every type the encoders treat differently.
     fn wide() -> Arc<TableSchema> {
-        let col = |name: &str, ty: PgType, type_name: &str, key: bool| ColumnSchema {
-            name: name.into(),
-            type_oid: 0,
-            type_name: type_name.into(),
-            pg_type: ty,
-            nullable: !key,
-            is_key: key,
-            enum_labels: vec![],
-        };
         Arc::new(TableSchema {
             name: TableName::new("shop", "wide"),
             relid: 2,
