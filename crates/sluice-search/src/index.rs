@@ -17,13 +17,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tantivy::collector::TopDocs;
 use tantivy::indexer::UserOperation;
 use tantivy::query::TermQuery;
 use tantivy::schema::{
     FAST, INDEXED, IndexRecordOption, JsonObjectOptions, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
 };
-use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{DocAddress, DocSet as _, Index, IndexReader, IndexWriter, ReloadPolicy, TERMINATED, TantivyDocument, Term};
 
 use crate::error::{EsError, EsResult};
 use crate::mapping::{Indexed, Mapping};
@@ -187,14 +186,51 @@ pub struct Outcome {
     pub seq: u64,
 }
 
-/// A translog entry: a decided write.
-#[derive(Serialize, Deserialize)]
+/// A translog entry: a decided write (one JSON line: `s`, `id`, `v` and `src` when not a
+/// delete). Written by `Logged::log_line`, read back at replay.
+#[derive(Deserialize)]
 struct Entry {
     s: u64,
     id: String,
     v: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     src: Option<Value>,
+}
+
+/// A decided write on its way to the translog and the writer. The source is shared with
+/// the batch's overlay and the real-time map, and serialized once, for the translog line
+/// and the stored `_source` alike.
+struct Logged {
+    s: u64,
+    id: String,
+    v: u64,
+    /// The source and its JSON; `None` for a delete.
+    src: Option<(Arc<Value>, Vec<u8>)>,
+}
+
+impl Logged {
+    fn new(s: u64, id: String, v: u64, src: Option<Arc<Value>>) -> EsResult<Logged> {
+        let src = match src {
+            Some(value) => {
+                let json = serde_json::to_vec(&*value).map_err(EsError::internal)?;
+                Some((value, json))
+            }
+            None => None,
+        };
+        Ok(Logged { s, id, v, src })
+    }
+
+    fn log_line(&self, buf: &mut Vec<u8>) -> EsResult<()> {
+        use std::io::Write as _;
+        write!(buf, "{{\"s\":{},\"v\":{},\"id\":", self.s, self.v).map_err(EsError::internal)?;
+        serde_json::to_writer(&mut *buf, &self.id).map_err(EsError::internal)?;
+        if let Some((_, json)) = &self.src {
+            buf.extend_from_slice(b",\"src\":");
+            buf.extend_from_slice(json);
+        }
+        buf.extend_from_slice(b"}\n");
+        Ok(())
+    }
 }
 
 struct WriteState {
@@ -285,6 +321,8 @@ impl SearchIndex {
         let mut file = File::open(self.dir.join(TRANSLOG_FILE))?;
         let mut good = 0u64;
         let mut replayed = 0usize;
+        // Logged documents were accepted under the mapping persisted before them.
+        let mut mapping = self.mapping.read().expect("poisoned").clone();
         {
             let mut r = BufReader::new(&mut file);
             let mut line = String::new();
@@ -298,10 +336,10 @@ impl SearchIndex {
                 good += n as u64;
                 if entry.s > committed {
                     let indexed = match &entry.src {
-                        Some(src) => Some(self.mapping.read().expect("poisoned").clone().index_doc(&entry.id, src)?.0),
+                        Some(src) => Some(mapping.index_doc(&entry.id, src)?.0),
                         None => None,
                     };
-                    self.apply(&mut st, entry, indexed)?;
+                    self.apply(&mut st, Logged::new(entry.s, entry.id, entry.v, entry.src.map(Arc::new))?, indexed)?;
                     replayed += 1;
                 }
             }
@@ -355,18 +393,32 @@ impl SearchIndex {
 
     /// The committed state of a document (refreshed searcher).
     fn committed(&self, id: &str) -> EsResult<Current> {
+        // The id's postings read directly, segment by segment: a search with a collector
+        // would allocate its top-k heap for every write of a bulk request.
         let searcher = self.reader.searcher();
-        let q = TermQuery::new(Term::from_field_text(self.fields.uid, id), IndexRecordOption::Basic);
-        let hits = searcher.search(&q, &TopDocs::with_limit(10_000).order_by_score())?;
-        for (_, addr) in hits {
-            let doc: TantivyDocument = searcher.doc(addr)?;
-            let version = doc.get_first(self.fields.version).and_then(|v| v.as_u64());
-            let seq = doc.get_first(self.fields.seq).and_then(|v| v.as_u64()).unwrap_or(0);
-            let Some(version) = version else { continue };
-            return Ok(match doc.get_first(self.fields.source).and_then(|v| v.as_bytes()) {
-                Some(bytes) => Current::Doc { version, seq, source: Arc::new(serde_json::from_slice(bytes).map_err(EsError::internal)?) },
-                None => Current::Deleted { version },
-            });
+        let term = Term::from_field_text(self.fields.uid, id);
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let Some(mut postings) = segment.inverted_index(self.fields.uid)?.read_postings(&term, IndexRecordOption::Basic)? else {
+                continue;
+            };
+            let alive = segment.alive_bitset();
+            let mut d = postings.doc();
+            while d != TERMINATED {
+                if alive.is_none_or(|a| a.is_alive(d)) {
+                    let doc: TantivyDocument = searcher.doc(DocAddress::new(ord as u32, d))?;
+                    // Nested objects carry the id but no version; the root or tombstone does.
+                    if let Some(version) = doc.get_first(self.fields.version).and_then(|v| v.as_u64()) {
+                        let seq = doc.get_first(self.fields.seq).and_then(|v| v.as_u64()).unwrap_or(0);
+                        return Ok(match doc.get_first(self.fields.source).and_then(|v| v.as_bytes()) {
+                            Some(bytes) => {
+                                Current::Doc { version, seq, source: Arc::new(serde_json::from_slice(bytes).map_err(EsError::internal)?) }
+                            }
+                            None => Current::Deleted { version },
+                        });
+                    }
+                }
+                d = postings.advance();
+            }
         }
         Ok(Current::Missing)
     }
@@ -392,25 +444,31 @@ impl SearchIndex {
         let mut mapping_changed = false;
         // Decisions see the earlier items of the same batch.
         let mut overlay: HashMap<String, Current> = HashMap::new();
-        let mut entries: Vec<(Entry, Option<Indexed>)> = Vec::with_capacity(ops.len());
+        let mut entries: Vec<(Logged, Option<Indexed>)> = Vec::with_capacity(ops.len());
         let mut results = Vec::with_capacity(ops.len());
         let mut seq = st.seq;
-        for op in ops {
-            let id = op.id.clone().unwrap_or_else(new_id);
+        for mut op in ops {
+            let id = op.id.take().unwrap_or_else(new_id);
             let current = match overlay.get(&id) {
                 Some(c) => c.clone(),
                 None => self.current(&st, &id)?,
             };
-            let decided = decide(&op, &id, &current, &self.name);
+            let decided = decide(&mut op, &id, &current, &self.name);
             match decided {
                 Ok((Some((version, src)), result, status)) => {
                     // Validated on a copy: a refused document leaves the mapping as it was.
                     let indexed = match &src {
                         Some(src) => {
-                            let mut m = mapping.clone();
-                            match m.index_doc(&id, src) {
-                                Ok((ix, changed)) => {
-                                    if changed {
+                            let fixed = mapping.index_fixed(&id, src).map(|ix| ix.map(|ix| (ix, None)));
+                            // A new field: the document is indexed on a copy, which becomes
+                            // the mapping only if the document is accepted.
+                            let grown = |mapping: &Mapping| {
+                                let mut m = mapping.clone();
+                                m.index_doc(&id, src).map(|(ix, changed)| (ix, changed.then_some(m)))
+                            };
+                            match fixed.transpose().unwrap_or_else(|| grown(&mapping)) {
+                                Ok((ix, grown)) => {
+                                    if let Some(m) = grown {
                                         mapping = m;
                                         mapping_changed = true;
                                     }
@@ -428,11 +486,11 @@ impl SearchIndex {
                     overlay.insert(
                         id.clone(),
                         match &src {
-                            Some(s) => Current::Doc { version, seq, source: Arc::new(s.clone()) },
+                            Some(s) => Current::Doc { version, seq, source: s.clone() },
                             None => Current::Deleted { version },
                         },
                     );
-                    entries.push((Entry { s: seq, id: id.clone(), v: version, src }, indexed));
+                    entries.push((Logged::new(seq, id.clone(), version, src)?, indexed));
                     results.push(ItemResult { op: op.op, id, outcome: Ok(Outcome { result, status, version, seq }) });
                 }
                 Ok((None, result, status)) => {
@@ -452,10 +510,9 @@ impl SearchIndex {
         if entries.is_empty() {
             return Ok(results);
         }
-        let mut buf = Vec::with_capacity(entries.len() * 256);
+        let mut buf = Vec::with_capacity(entries.iter().map(|(e, _)| e.src.as_ref().map_or(0, |(_, j)| j.len()) + 64).sum());
         for (e, _) in &entries {
-            serde_json::to_writer(&mut buf, e).map_err(EsError::internal)?;
-            buf.push(b'\n');
+            e.log_line(&mut buf)?;
         }
         append_durably(&mut st.translog, &buf)?;
         for (e, indexed) in entries {
@@ -473,7 +530,7 @@ impl SearchIndex {
         Ok(results)
     }
 
-    fn apply(&self, st: &mut WriteState, e: Entry, indexed: Option<Indexed>) -> EsResult<()> {
+    fn apply(&self, st: &mut WriteState, e: Logged, indexed: Option<Indexed>) -> EsResult<()> {
         let f = self.fields;
         // One group: the delete, the root and its nested objects land in one segment,
         // which `nested` queries rely on (see `query::ParentsQuery`).
@@ -483,10 +540,10 @@ impl SearchIndex {
         root.add_u64(f.version, e.v);
         root.add_u64(f.seq, e.s);
         match (&e.src, indexed) {
-            (Some(src), Some(indexed)) => {
+            (Some((src, json)), Some(indexed)) => {
                 let Indexed { kw, text, fields, children } = indexed;
                 root.add_u64(f.kind, KIND_ROOT);
-                root.add_bytes(f.source, &serde_json::to_vec(src).map_err(EsError::internal)?);
+                root.add_bytes(f.source, json);
                 add_json(&mut root, f, kw, text, &fields);
                 ops.push(UserOperation::Add(root));
                 for child in children {
@@ -498,7 +555,7 @@ impl SearchIndex {
                     ops.push(UserOperation::Add(d));
                 }
                 st.writer.run(ops)?;
-                st.live.insert(e.id, Live::Doc { version: e.v, seq: e.s, source: Arc::new(src.clone()) });
+                st.live.insert(e.id, Live::Doc { version: e.v, seq: e.s, source: src.clone() });
             }
             _ => {
                 root.add_u64(f.kind, KIND_TOMBSTONE);
@@ -585,11 +642,11 @@ fn new_id() -> String {
     format!("{:x}{:06x}", t, n & 0xff_ffff)
 }
 
-type Decision = (Option<(u64, Option<Value>)>, &'static str, u16);
+type Decision = (Option<(u64, Option<Arc<Value>>)>, &'static str, u16);
 
 /// What a write does given the document's current state: the version and source to write
 /// (`None` source = delete), or nothing (noop / not found), or an error for this item.
-fn decide(op: &WriteOp, id: &str, current: &Current, index: &str) -> EsResult<Decision> {
+fn decide(op: &mut WriteOp, id: &str, current: &Current, index: &str) -> EsResult<Decision> {
     let exists = matches!(current, Current::Doc { .. });
     let next_version = |provided: Option<u64>| -> EsResult<u64> {
         match op.version_type {
@@ -620,12 +677,15 @@ fn decide(op: &WriteOp, id: &str, current: &Current, index: &str) -> EsResult<De
     };
     match op.op {
         OpType::Index | OpType::Create => {
-            let src = op.body.clone().ok_or_else(|| EsError::parsing(format!("[{id}]: the document source is missing")))?;
+            if op.body.is_none() {
+                return Err(EsError::parsing(format!("[{id}]: the document source is missing")));
+            }
             if op.op == OpType::Create && exists {
                 return Err(EsError::conflict(index, id, "version conflict, document already exists".into()));
             }
             let v = next_version(op.version)?;
-            Ok((Some((v, Some(src))), if exists { "updated" } else { "created" }, if exists { 200 } else { 201 }))
+            let src = op.body.take().map(Arc::new);
+            Ok((Some((v, src)), if exists { "updated" } else { "created" }, if exists { 200 } else { 201 }))
         }
         OpType::Delete => {
             let v = next_version(op.version)?;
@@ -671,7 +731,7 @@ fn decide(op: &WriteOp, id: &str, current: &Current, index: &str) -> EsResult<De
                 }
             };
             let v = next_version(op.version)?;
-            Ok((Some((v, Some(merged))), if exists { "updated" } else { "created" }, if exists { 200 } else { 201 }))
+            Ok((Some((v, Some(Arc::new(merged)))), if exists { "updated" } else { "created" }, if exists { 200 } else { 201 }))
         }
     }
 }
@@ -739,6 +799,20 @@ fn append_durably(log: &mut impl Log, buf: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod translog_tests {
     use super::*;
+
+    /// A translog line written from the serialized source reads back as the entry.
+    #[test]
+    fn log_lines_read_back() {
+        let src = json!({"name": "a \"quoted\" név\n", "n": [1, 2.5, null], "o": {"k": true}});
+        for (id, src) in [("plain", Some(src)), ("with \"quotes\" and \\ ünï", None)] {
+            let logged = Logged::new(7, id.into(), 42, src.clone().map(Arc::new)).unwrap();
+            let mut buf = Vec::new();
+            logged.log_line(&mut buf).unwrap();
+            assert_eq!(buf.iter().filter(|b| **b == b'\n').count(), 1, "one line");
+            let e: Entry = serde_json::from_slice(&buf).unwrap();
+            assert_eq!((e.s, e.id.as_str(), e.v, e.src), (7, id, 42, src));
+        }
+    }
 
     /// An index that is never refreshed commits by itself past the bound: memory and
     /// the translog stay bounded, and nothing is lost.

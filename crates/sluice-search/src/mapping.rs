@@ -307,16 +307,34 @@ impl Mapping {
     /// Translates a document for indexing, adding unmapped fields when `dynamic` is true.
     /// Returns whether the mapping changed.
     pub fn index_doc(&mut self, id: &str, source: &Value) -> EsResult<(Indexed, bool)> {
+        let mut changed = false;
+        let out = self.index_with(id, source, true, &mut changed)?;
+        Ok((out, changed))
+    }
+
+    /// What `source` becomes under the mapping as it is, which this leaves unchanged;
+    /// `None` when the document needs a field the mapping does not have yet (then
+    /// `index_doc` on a copy). Most documents of a steady index add no field, and this
+    /// spares each of them a copy of the mapping.
+    pub fn index_fixed(&mut self, id: &str, source: &Value) -> EsResult<Option<Indexed>> {
+        let mut needs_field = false;
+        match self.index_with(id, source, false, &mut needs_field) {
+            Ok(out) => Ok(Some(out)),
+            Err(_) if needs_field => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn index_with(&mut self, id: &str, source: &Value, grow: bool, changed: &mut bool) -> EsResult<Indexed> {
         let Value::Object(obj) = source else {
             return Err(EsError::mapper(format!("failed to parse document [{id}]: the source must be a JSON object")));
         };
         let mut out = Indexed::default();
-        let mut changed = false;
-        let mut ctx = Ctx { id, dynamic: self.dynamic, changed: &mut changed, nested_children: &mut out.children };
+        let mut ctx = Ctx { id, dynamic: self.dynamic, grow, changed, nested_children: &mut out.children };
         let mut fields = Vec::new();
         index_object(&mut ctx, &mut self.properties, obj, "", &mut out.kw, &mut out.text, &mut fields)?;
         out.fields = fields;
-        Ok((out, changed))
+        Ok(out)
     }
 }
 
@@ -347,6 +365,8 @@ pub struct Child {
 struct Ctx<'a> {
     id: &'a str,
     dynamic: Dynamic,
+    /// Whether new fields may be added; when not, meeting one sets `changed` and stops.
+    grow: bool,
     changed: &'a mut bool,
     nested_children: &'a mut Vec<Child>,
 }
@@ -400,6 +420,10 @@ fn index_object(
                 }
                 Dynamic::False => continue,
                 Dynamic::True => match infer(value) {
+                    Some(_) if !ctx.grow => {
+                        *ctx.changed = true;
+                        return Err(EsError::mapper(format!("[{path}] is not mapped yet")));
+                    }
                     Some(f) => {
                         props.insert(name.clone(), f);
                         *ctx.changed = true;
@@ -789,5 +813,28 @@ mod tests {
         let e = m.index_doc("2", &json!({"n": "abc"})).unwrap_err();
         assert!(e.reason.contains("failed to parse field [n] of type [integer] in document with id '2'"), "{}", e.reason);
         assert!(m.index_doc("3", &json!({"n": 1u64 << 40})).is_err());
+    }
+
+    /// `index_fixed` gives what `index_doc` gives when no field is new, and otherwise
+    /// `None` with the mapping untouched, also for a new field inside a nested object.
+    #[test]
+    fn indexing_under_a_fixed_mapping() {
+        let mut m = Mapping::parse(&json!({"properties": {
+            "n": {"type": "integer"},
+            "title": {"type": "text"},
+            "configs": {"type": "nested", "properties": {"agg": {"type": "keyword"}}}
+        }}))
+        .unwrap();
+        let doc = json!({"n": 7, "title": "Hello", "configs": [{"agg": "sum"}]});
+        let fixed = m.index_fixed("1", &doc).unwrap().expect("no new field");
+        let (grown, changed) = m.clone().index_doc("1", &doc).unwrap();
+        assert!(!changed);
+        assert_eq!((fixed.kw, fixed.text, fixed.fields), (grown.kw, grown.text, grown.fields));
+        let before = m.clone();
+        for doc in [json!({"n": 1, "extra": "x"}), json!({"configs": [{"agg": "a", "window": 5}]})] {
+            assert!(m.index_fixed("2", &doc).unwrap().is_none(), "{doc}");
+            assert_eq!(m, before);
+        }
+        assert!(m.index_fixed("3", &json!({"n": "abc"})).is_err(), "a bad value is still an error");
     }
 }

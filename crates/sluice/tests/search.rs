@@ -359,6 +359,53 @@ async fn kill9_pipeline_and_search_service_index_equals_rebuild() {
     eprintln!("{statements} statements; index equals the rebuild");
 }
 
+/// The initial load keeps several `_bulk` requests in flight while it builds the next
+/// page: a kill -9 mid-load resumes after the last page whose requests, and all before
+/// it, were acknowledged, and the index ends equal to the source. (Saving a page's key
+/// when it is sent rather than acknowledged loses the pages in flight: this test failed
+/// with that change.)
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_during_the_initial_load_with_requests_in_flight_resumes_equal() {
+    let env = Env::new("search_load_kill").await;
+    let src = env.src().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    src.batch_execute(
+        "INSERT INTO metrics SELECT g, 1 + g % 3, 'disk io ' || g, 'gauge', 'ms', now() FROM generate_series(61, 8000) g;
+         INSERT INTO metric_configurations SELECT g, 61 + g % 7940, 'rollup', 'r' || g, g % 2 = 0 FROM generate_series(181, 24000) g;",
+    )
+    .await
+    .unwrap();
+    let svc = spawn_search(&env.dir).await;
+    let cfg = search_config(&env, &svc.url, "metrics", &format!("    max_in_flight_requests: 4\n{DOCUMENT}"));
+    let dst = env.dst().await;
+    let loading = async || {
+        dst.query_opt("SELECT last_key IS NOT NULL AND NOT done FROM sluice.search_loads", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, bool>(0))
+    };
+    let mut kills = 0;
+    let mut p = env.spawn(&cfg);
+    for _ in 0..3 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !loading().await && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !loading().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..150))).await;
+        p.kill9();
+        kills += 1;
+        p = env.spawn(&cfg);
+    }
+    assert!(kills > 0, "the load finished before it could be killed: make it larger");
+    wait_index_equals_source(&env, &svc, "metrics", Duration::from_secs(120)).await;
+    p.assert_running();
+    eprintln!("{kills} kills during the initial load; index equals the rebuild");
+}
+
 /// The service alone: an acknowledged bulk survives kill -9 before any refresh; bad
 /// input gets Elasticsearch's error bodies and spoils nothing else.
 #[tokio::test(flavor = "multi_thread")]

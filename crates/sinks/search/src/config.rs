@@ -37,6 +37,11 @@ pub struct SearchSinkConfig {
     /// Largest `_bulk` request body, in bytes (Elasticsearch advises 5-15 MB).
     #[serde(default = "default_bulk_bytes")]
     pub bulk_max_bytes: usize,
+    /// `_bulk` requests of the initial load sent before the first is answered (Kafka
+    /// Connect's Elasticsearch sink: `max.in.flight.requests`); pages are built in the
+    /// source meanwhile.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_requests: usize,
     /// Where the initial load's progress and refused documents (dead letters) are kept.
     pub state: PgConnConfig,
 }
@@ -47,6 +52,10 @@ fn default_bulk_docs() -> usize {
 
 fn default_bulk_bytes() -> usize {
     8 * 1024 * 1024
+}
+
+fn default_max_in_flight() -> usize {
+    3
 }
 
 impl SearchSinkConfig {
@@ -60,6 +69,7 @@ impl SearchSinkConfig {
             ca_file: self.ca_file.clone(),
             bulk_max_docs: self.bulk_max_docs,
             bulk_max_bytes: self.bulk_max_bytes,
+            max_in_flight_requests: self.max_in_flight_requests,
             pipeline: pipeline.to_string(),
         }
     }
@@ -94,6 +104,9 @@ impl SinkConfigure for SearchSinkConfig {
         }
         if self.bulk_max_bytes < 64 * 1024 || self.bulk_max_bytes > 100 * 1024 * 1024 {
             return Err("sink.search.bulk_max_bytes: must be between 65536 and 104857600 (64 KiB to 100 MiB)".into());
+        }
+        if self.max_in_flight_requests == 0 || self.max_in_flight_requests > 64 {
+            return Err("sink.search.max_in_flight_requests: must be between 1 and 64".into());
         }
         if self.password.is_some() && self.username.is_none() {
             return Err("sink.search.password: set username too (basic authentication)".into());

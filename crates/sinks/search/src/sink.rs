@@ -40,6 +40,8 @@ pub struct SearchSinkOptions {
     pub bulk_max_docs: usize,
     /// Bytes per `_bulk` request body (a request is cut before it grows past this).
     pub bulk_max_bytes: usize,
+    /// `_bulk` requests of a full load sent before the first is answered.
+    pub max_in_flight_requests: usize,
     /// Names this pipeline's rows in the state tables.
     pub pipeline: String,
 }
@@ -168,25 +170,26 @@ impl SearchSink {
             .query_opt("SELECT last_key, done FROM sluice.search_loads WHERE pipeline = $1 AND index_name = $2", &[p, ix])
             .await
             .map_err(|e| SearchError::pg("reading the search load state", e))?;
-        let mut last: Option<String> = match row {
+        let last: Option<String> = match row {
             Some(r) if r.get::<_, bool>(1) => return Ok(()),
             Some(r) => r.get(0),
             None => None,
         };
-        while let Some((ops, key)) = self.page(&last, version).await? {
-            let n = ops.len() as u64;
-            self.bulk(ops).await?;
-            last = Some(key);
-            self.state
-                .execute(
-                    "INSERT INTO sluice.search_loads (pipeline, index_name, last_key) VALUES ($1, $2, $3)
-                     ON CONFLICT (pipeline, index_name) DO UPDATE SET last_key = EXCLUDED.last_key",
-                    &[p, ix, &last],
-                )
-                .await
-                .map_err(|e| SearchError::pg("saving the search load state", e))?;
-            progress(n);
-        }
+        let progress = &progress;
+        let last = self
+            .load_pages(last, version, |key, n| async move {
+                self.state
+                    .execute(
+                        "INSERT INTO sluice.search_loads (pipeline, index_name, last_key) VALUES ($1, $2, $3)
+                         ON CONFLICT (pipeline, index_name) DO UPDATE SET last_key = EXCLUDED.last_key",
+                        &[p, ix, &key],
+                    )
+                    .await
+                    .map_err(|e| SearchError::pg("saving the search load state", e))?;
+                progress(n);
+                Ok(())
+            })
+            .await?;
         self.state
             .execute(
                 "INSERT INTO sluice.search_loads (pipeline, index_name, last_key, done) VALUES ($1, $2, $3, true)
@@ -318,12 +321,50 @@ impl SearchSink {
 
     /// After a TRUNCATE of a related table: every document again, with the new version.
     async fn rebuild_all(&self, version: u64) -> Result<()> {
-        let mut last: Option<String> = None;
-        while let Some((ops, key)) = self.page(&last, version).await? {
-            self.bulk(ops).await?;
-            last = Some(key);
-        }
+        self.load_pages(None, version, |_, _| async { Ok(()) }).await?;
         Ok(())
+    }
+
+    /// Every document after root key `after`, page by page: the next page is built in
+    /// the source while up to `max_in_flight_requests` pages are being indexed. `acked`
+    /// gets each page's last key and size once it and every page before it are
+    /// acknowledged, so a saved key never runs ahead of a page still in flight. Returns
+    /// the last key.
+    async fn load_pages<F, Fut>(&self, mut after: Option<String>, version: u64, mut acked: F) -> Result<Option<String>>
+    where
+        F: FnMut(String, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        use futures::StreamExt as _;
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        loop {
+            let page = {
+                let next = self.page(&after, version);
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        page = &mut next => break page?,
+                        Some(done) = in_flight.next() => {
+                            let (key, n) = done?;
+                            acked(key, n).await?;
+                        }
+                    }
+                }
+            };
+            let Some((ops, key)) = page else { break };
+            after = Some(key.clone());
+            let n = ops.len() as u64;
+            in_flight.push_back(async move { self.bulk(ops).await.map(|()| (key, n)) });
+            while in_flight.len() >= self.opts.max_in_flight_requests {
+                let (key, n) = in_flight.next().await.expect("not empty")?;
+                acked(key, n).await?;
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            let (key, n) = done?;
+            acked(key, n).await?;
+        }
+        Ok(after)
     }
 
     /// The documents of the next `bulk_max_docs` root keys after `after`, with the last
