@@ -362,7 +362,7 @@ async fn kill9_pipeline_and_search_service_index_equals_rebuild() {
 /// The initial load keeps several `_bulk` requests in flight while it builds the next
 /// page: a kill -9 mid-load resumes after the last page whose requests, and all before
 /// it, were acknowledged, and the index ends equal to the source. (Saving a page's key
-/// when it is sent rather than acknowledged loses the pages in flight: this test failed
+/// when it is sent rather than acknowledged loses the pages in flight: this test fails
 /// with that change.)
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_during_the_initial_load_with_requests_in_flight_resumes_equal() {
@@ -376,7 +376,10 @@ async fn kill9_during_the_initial_load_with_requests_in_flight_resumes_equal() {
     .await
     .unwrap();
     let svc = spawn_search(&env.dir).await;
-    let cfg = search_config(&env, &svc.url, "metrics", &format!("    max_in_flight_requests: 4\n{DOCUMENT}"));
+    // Every third request is refused (429) and retried after a backoff, so a kill often
+    // finds requests sent but not yet indexed.
+    let (url, _) = spawn_busy_proxy(svc.url.clone(), 0, 3).await;
+    let cfg = search_config(&env, &url, "metrics", &format!("    max_in_flight_requests: 4\n{DOCUMENT}"));
     let dst = env.dst().await;
     let loading = async || {
         dst.query_opt("SELECT last_key IS NOT NULL AND NOT done FROM sluice.search_loads", &[])
@@ -668,18 +671,25 @@ async fn refused_documents_are_dead_lettered_not_retried_forever() {
 
 /// Between the pipeline and the service: answers the first `reject` `_bulk` requests with
 /// 429 (Elasticsearch's back-pressure answer) and passes everything else through.
-async fn spawn_busy_proxy(target: String, reject: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A proxy to the service that answers 429 to the first `reject` `_bulk` requests, and
+/// then to every `reject_every`th one (0: none); returns its URL and how many it refused.
+async fn spawn_busy_proxy(target: String, reject: usize, reject_every: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use axum::response::IntoResponse as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let rejected = std::sync::Arc::new(AtomicUsize::new(0));
     let counter = rejected.clone();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
     let client = reqwest::Client::new();
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let (counter, client, target) = (counter.clone(), client.clone(), target.clone());
+        let (counter, seen, client, target) = (counter.clone(), seen.clone(), client.clone(), target.clone());
         async move {
             let (parts, body) = req.into_parts();
             let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-            if parts.uri.path().ends_with("/_bulk") && counter.load(Ordering::SeqCst) < reject {
+            let busy = parts.uri.path().ends_with("/_bulk") && {
+                let k = seen.fetch_add(1, Ordering::SeqCst);
+                k < reject || (reject_every > 0 && k % reject_every == 0)
+            };
+            if busy {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let busy = json!({"error": {"type": "es_rejected_execution_exception", "reason": "rejected execution"}, "status": 429});
                 return (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(busy)).into_response();
@@ -707,7 +717,7 @@ async fn busy_service_is_retried_with_backoff() {
     let src = env.src().await;
     src.batch_execute(SCHEMA).await.unwrap();
     let svc = spawn_search(&env.dir).await;
-    let (proxy, rejected) = spawn_busy_proxy(svc.url.clone(), 4).await;
+    let (proxy, rejected) = spawn_busy_proxy(svc.url.clone(), 4, 0).await;
     let cfg = search_config(&env, &proxy, "metrics", DOCUMENT);
     let mut p = env.spawn(&cfg);
     wait_for("streaming", Duration::from_secs(60), || async { p.log().contains("streaming") }).await;
