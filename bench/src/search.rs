@@ -97,17 +97,36 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
     let http = reqwest::Client::new();
 
     // Initial load through the real pipeline: documents built in the source, `_bulk`.
-    let yaml = format!(
-        "pipeline: bench\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, heartbeat_interval: 1s}}\n\
-         sink:\n  search:\n    url: {url}\n    index: metrics\n    document:{doc}    state: {{host: 127.0.0.1, port: {dp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}\n",
-        sp = src.port,
-        dp = dst.port,
-        url = svc.url,
-        doc = ms::DOCUMENT_YAML,
-    );
-    eprintln!("initial load of {docs} documents...");
+    // First with one request at a time (the baseline: how the sink loaded before), into
+    // its own index from its own slot, then with the sink's default requests in flight.
+    let yaml = |pipeline: &str, index: &str, in_flight: &str| {
+        format!(
+            "pipeline: {pipeline}\nsource: {{host: 127.0.0.1, port: {sp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench, heartbeat_interval: 1s}}\n\
+             sink:\n  search:\n    url: {url}\n    index: {index}\n{in_flight}    document:{doc}    state: {{host: 127.0.0.1, port: {dp}, user: {SUPERUSER}, password: {SUPERUSER_PASSWORD}, database: bench}}\n",
+            sp = src.port,
+            dp = dst.port,
+            url = svc.url,
+            doc = ms::DOCUMENT_YAML,
+        )
+    };
+    eprintln!("initial load of {docs} documents, one _bulk request at a time...");
+    let serial_s = {
+        let t = Instant::now();
+        let (metrics, stop, handle) = start_pipeline(&yaml("bench_serial", "metrics_serial", "    max_in_flight_requests: 1\n"))?;
+        while metrics.snapshot.chunks_done.load(Ordering::Relaxed) == 0 {
+            ensure!(!handle.is_finished(), "the pipeline stopped during the initial load");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ms::wait_for_count(&http, &svc.url, "metrics_serial", docs as u64, Duration::from_secs(60)).await?;
+        let s = t.elapsed().as_secs_f64();
+        let _ = stop.send(true);
+        handle.await??;
+        s
+    };
+    eprintln!("  searchable in {serial_s:.1}s");
+    eprintln!("initial load of {docs} documents, requests in flight (default)...");
     let t = Instant::now();
-    let (metrics, stop, handle) = start_pipeline(&yaml)?;
+    let (metrics, stop, handle) = start_pipeline(&yaml("bench", "metrics", ""))?;
     while metrics.snapshot.chunks_done.load(Ordering::Relaxed) == 0 {
         ensure!(!handle.is_finished(), "the pipeline stopped during the initial load");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -252,6 +271,8 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
             "docs_per_s": (docs as f64 / load_s).round(),
             "postgres_builds_all_docs_s": (build_s * 10.0).round() / 10.0,
             "ratio_to_postgres_build": ((load_s / build_s) * 100.0).round() / 100.0,
+            "one_request_at_a_time": {"searchable_s": (serial_s * 10.0).round() / 10.0, "docs_per_s": (docs as f64 / serial_s).round()},
+            "speedup_over_one_at_a_time": ((serial_s / load_s) * 100.0).round() / 100.0,
         },
         "service_bulk": {"docs_per_s": (docs as f64 / bulk_s).round(), "nested_docs_per_s": ((docs + children) as f64 / bulk_s).round(), "s": (bulk_s * 10.0).round() / 10.0},
         "page_queries": queries,
