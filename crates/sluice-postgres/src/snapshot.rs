@@ -266,9 +266,7 @@ async fn chunk_predicate(src: &Client, shape: &Shape<'_>, c: &Chunk) -> Result<S
     let names: Vec<String> = keys.iter().map(|k| quote_ident(&k.name)).collect();
     let oids: Vec<u32> = keys.iter().map(|k| k.type_oid).collect();
     let tuple = format!("({})", names.join(", "));
-    let mut parts = Vec::new();
-    for (bound, op) in [(&c.lo_key, ">="), (&c.hi_key, "<")] {
-        let Some(values) = bound else { continue };
+    for values in [&c.lo_key, &c.hi_key].into_iter().flatten() {
         if values.len() != keys.len() {
             return Err(PgError::permanent(format!(
                 "snapshot chunk {} of {} has bounds of {} columns, but the table's key has {}: the key changed during the snapshot; \
@@ -279,15 +277,25 @@ async fn chunk_predicate(src: &Client, shape: &Shape<'_>, c: &Chunk) -> Result<S
                 keys.len()
             )));
         }
-        let rows = src
-            .query(
-                "SELECT quote_literal(u.v) || '::' || format_type(u.o, NULL) FROM unnest($1::text[], $2::oid[]) WITH ORDINALITY AS u(v, o, i) ORDER BY u.i",
-                &[values, &oids],
-            )
-            .await
-            .map_err(|e| PgError::from_pg(&format!("reading snapshot chunk {} of {}", c.chunk, shape.schema.name), e))?;
-        let literals: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        parts.push(format!("{tuple} {op} ({})", literals.join(", ")));
+    }
+    // Both bounds' values quoted as typed literals by the server, in one round trip.
+    let empty = Vec::new();
+    let rows = src
+        .query(
+            "SELECT b.n, quote_literal(u.v) || '::' || format_type(u.o, NULL)
+             FROM (VALUES (1, $1::text[]), (2, $2::text[])) AS b(n, vals),
+                  unnest(b.vals, $3::oid[]) WITH ORDINALITY AS u(v, o, i)
+             WHERE b.vals IS NOT NULL ORDER BY b.n, u.i",
+            &[&c.lo_key.as_ref().unwrap_or(&empty), &c.hi_key.as_ref().unwrap_or(&empty), &oids],
+        )
+        .await
+        .map_err(|e| PgError::from_pg(&format!("reading snapshot chunk {} of {}", c.chunk, shape.schema.name), e))?;
+    let mut parts = Vec::new();
+    for (n, bound, op) in [(1, &c.lo_key, ">="), (2, &c.hi_key, "<")] {
+        if bound.is_some() {
+            let literals: Vec<String> = rows.iter().filter(|r| r.get::<_, i32>(0) == n).map(|r| r.get(1)).collect();
+            parts.push(format!("{tuple} {op} ({})", literals.join(", ")));
+        }
     }
     if parts.is_empty() {
         parts.push("true".into());
