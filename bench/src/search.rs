@@ -109,31 +109,27 @@ pub async fn metrics_summary(scale: f64, queries: usize, rate: u64, seconds: u64
             doc = ms::DOCUMENT_YAML,
         )
     };
-    eprintln!("initial load of {docs} documents, one _bulk request at a time...");
-    let serial_s = {
+    // Starts a pipeline and waits for its load: (the pipeline, seconds to acknowledged,
+    // seconds to searchable).
+    let load = async |yaml: String, index: &str| -> Result<_> {
         let t = Instant::now();
-        let (metrics, stop, handle) = start_pipeline(&yaml("bench_serial", "metrics_serial", "    max_in_flight_requests: 1\n"))?;
+        let (metrics, stop, handle) = start_pipeline(&yaml)?;
         while metrics.snapshot.chunks_done.load(Ordering::Relaxed) == 0 {
             ensure!(!handle.is_finished(), "the pipeline stopped during the initial load");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ms::wait_for_count(&http, &svc.url, "metrics_serial", docs as u64, Duration::from_secs(60)).await?;
-        let s = t.elapsed().as_secs_f64();
-        let _ = stop.send(true);
-        handle.await??;
-        s
+        let acked_s = t.elapsed().as_secs_f64();
+        ms::wait_for_count(&http, &svc.url, index, docs as u64, Duration::from_secs(60)).await?;
+        Ok(((metrics, stop, handle), acked_s, t.elapsed().as_secs_f64()))
     };
+    eprintln!("initial load of {docs} documents, one _bulk request at a time...");
+    let ((_, serial_stop, serial), _, serial_s) =
+        load(yaml("bench_serial", "metrics_serial", "    max_in_flight_requests: 1\n"), "metrics_serial").await?;
+    let _ = serial_stop.send(true);
+    serial.await??;
     eprintln!("  searchable in {serial_s:.1}s");
     eprintln!("initial load of {docs} documents, requests in flight (default)...");
-    let t = Instant::now();
-    let (metrics, stop, handle) = start_pipeline(&yaml("bench", "metrics", ""))?;
-    while metrics.snapshot.chunks_done.load(Ordering::Relaxed) == 0 {
-        ensure!(!handle.is_finished(), "the pipeline stopped during the initial load");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let acked_s = t.elapsed().as_secs_f64();
-    ms::wait_for_count(&http, &svc.url, "metrics", docs as u64, Duration::from_secs(60)).await?;
-    let load_s = t.elapsed().as_secs_f64();
+    let ((metrics, stop, handle), acked_s, load_s) = load(yaml("bench", "metrics", ""), "metrics").await?;
     eprintln!("  acknowledged in {acked_s:.1}s, searchable in {load_s:.1}s");
 
     // The page, both ways; every page must be the same.

@@ -458,28 +458,16 @@ impl SearchIndex {
                 Ok((Some((version, src)), result, status)) => {
                     // Validated on a copy: a refused document leaves the mapping as it was.
                     let indexed = match &src {
-                        Some(src) => {
-                            let fixed = mapping.index_fixed(&id, src).map(|ix| ix.map(|ix| (ix, None)));
-                            // A new field: the document is indexed on a copy, which becomes
-                            // the mapping only if the document is accepted.
-                            let grown = |mapping: &Mapping| {
-                                let mut m = mapping.clone();
-                                m.index_doc(&id, src).map(|(ix, changed)| (ix, changed.then_some(m)))
-                            };
-                            match fixed.transpose().unwrap_or_else(|| grown(&mapping)) {
-                                Ok((ix, grown)) => {
-                                    if let Some(m) = grown {
-                                        mapping = m;
-                                        mapping_changed = true;
-                                    }
-                                    Some(ix)
-                                }
-                                Err(e) => {
-                                    results.push(ItemResult { op: op.op, id, outcome: Err(e.with_index(&self.name)) });
-                                    continue;
-                                }
+                        Some(src) => match mapping.index_doc(&id, src) {
+                            Ok((ix, changed)) => {
+                                mapping_changed |= changed;
+                                Some(ix)
                             }
-                        }
+                            Err(e) => {
+                                results.push(ItemResult { op: op.op, id, outcome: Err(e.with_index(&self.name)) });
+                                continue;
+                            }
+                        },
                         None => None,
                     };
                     seq += 1;

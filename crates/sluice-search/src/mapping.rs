@@ -306,17 +306,24 @@ impl Mapping {
 
     /// Translates a document for indexing, adding unmapped fields when `dynamic` is true.
     /// Returns whether the mapping changed.
+    /// What `source` becomes in the index, and whether it added fields to the mapping. A
+    /// refused document leaves the mapping as it was: one that needs a new field is
+    /// indexed on a copy, which becomes the mapping only if the document is accepted;
+    /// the others (most, in a steady index) need no copy.
     pub fn index_doc(&mut self, id: &str, source: &Value) -> EsResult<(Indexed, bool)> {
+        if let Some(out) = self.index_fixed(id, source)? {
+            return Ok((out, false));
+        }
+        let mut grown = self.clone();
         let mut changed = false;
-        let out = self.index_with(id, source, true, &mut changed)?;
+        let out = grown.index_with(id, source, true, &mut changed)?;
+        *self = grown;
         Ok((out, changed))
     }
 
     /// What `source` becomes under the mapping as it is, which this leaves unchanged;
-    /// `None` when the document needs a field the mapping does not have yet (then
-    /// `index_doc` on a copy). Most documents of a steady index add no field, and this
-    /// spares each of them a copy of the mapping.
-    pub fn index_fixed(&mut self, id: &str, source: &Value) -> EsResult<Option<Indexed>> {
+    /// `None` when the document needs a field the mapping does not have yet.
+    fn index_fixed(&mut self, id: &str, source: &Value) -> EsResult<Option<Indexed>> {
         let mut needs_field = false;
         match self.index_with(id, source, false, &mut needs_field) {
             Ok(out) => Ok(Some(out)),
@@ -836,5 +843,8 @@ mod tests {
             assert_eq!(m, before);
         }
         assert!(m.index_fixed("3", &json!({"n": "abc"})).is_err(), "a bad value is still an error");
+        // A document needing a new field but refused for a bad value leaves no field behind.
+        assert!(m.index_doc("4", &json!({"brand_new": 1, "n": "abc"})).is_err());
+        assert_eq!(m, before);
     }
 }
