@@ -25,4 +25,4 @@ pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of
 pub use lsn::Lsn;
 pub use path::encode_path_segment;
 pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
-pub use value::{Interval, Numeric, PgType, Value};
+pub use value::{Interval, Numeric, PgType, Value, pg_epoch_micros};

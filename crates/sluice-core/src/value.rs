@@ -523,6 +523,18 @@ fn write_offset(s: &mut String, off: i32) {
 }
 
 fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
+    parse_timestamp_from(text, with_tz, 0)
+}
+
+/// Microseconds from 2000-01-01, Postgres's own epoch (its binary format), to the
+/// timestamp it printed as `text` in ISO style; `None` when not in that form.
+pub fn pg_epoch_micros(text: &str, with_tz: bool) -> Option<i64> {
+    parse_timestamp_from(text, with_tz, 10_957)
+}
+
+/// Microseconds from `epoch_days` after 1970-01-01; `None` outside i64 (the latest
+/// timestamps Postgres holds are past i64 microseconds from 1970).
+fn parse_timestamp_from(text: &str, with_tz: bool, epoch_days: i64) -> Option<i64> {
     match text {
         "infinity" => return Some(i64::MAX),
         "-infinity" => return Some(i64::MIN),
@@ -536,8 +548,10 @@ fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
     } else {
         (time, 0)
     };
-    let days = parse_ymd(date, bc)?;
-    Some(days * DAY_US + parse_time(time)? - i64::from(offset) * 1_000_000)
+    let days = parse_ymd(date, bc)? - epoch_days;
+    let t = days.checked_mul(DAY_US)?.checked_add(parse_time(time)?)?.checked_sub(i64::from(offset) * 1_000_000)?;
+    // The extremes stand for the infinities.
+    (t != i64::MAX && t != i64::MIN).then_some(t)
 }
 
 fn write_timestamp(s: &mut String, t: i64, with_tz: bool) {

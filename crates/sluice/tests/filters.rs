@@ -21,7 +21,10 @@ fn filtered_config(env: &Env, tables: &str) -> std::path::PathBuf {
 
 async fn source_digest(c: &tokio_postgres::Client, select: &str) -> (i64, String) {
     let row = c
-        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY id)), '') FROM ({select}) t"), &[])
+        .query_one(
+            &format!("SELECT count(*), coalesce(md5(string_agg(digest_row_::text, E'\\n' ORDER BY id)), '') FROM ({select}) digest_row_"),
+            &[],
+        )
         .await
         .unwrap();
     (row.get(0), row.get(1))

@@ -118,3 +118,47 @@ async fn streamed_values_decode_into_typed_values() {
     assert!(typed > 150, "only {typed} typed values");
     stream.shutdown().await;
 }
+
+/// New rows of a table whose every column has a binary COPY form are copied into the
+/// target in binary: every value, extremes included, arrives equal.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_rows_copied_in_binary_arrive_equal() {
+    let env = Env::new("binary").await;
+    let src = env.src().await;
+    src.batch_execute(
+        "CREATE TYPE colour AS ENUM ('red', 'green');
+         CREATE TABLE bin_types (
+            id int8 PRIMARY KEY, b bool, i2 int2, i4 int4, n numeric, n2 numeric(12,2), f4 float4, f8 float8,
+            tx text, vc varchar(20), ch char(5), by bytea, u uuid, j json, jb jsonb,
+            d date, ts timestamp, ts3 timestamp(3), tstz timestamptz, c colour
+         );",
+    )
+    .await
+    .unwrap();
+    let mut p = env.spawn(&env.config(&["bin_types"], ""));
+    wait_equal(&env, "bin_types", "id", Duration::from_secs(30)).await;
+    let rows = [
+        "(1, true, 32767, -2147483648, 12345678901234567890.123456789, 12.34, 1.5, -2.25e-300, 'plain', 'vc', 'ab',
+          '\\x00ff', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1,  2]}', '{\"b\": null}', '2024-02-29',
+          '1999-12-31 23:59:59.5', '2024-01-01 12:00:00.1239', '2024-06-01 12:00:00+02', 'red')",
+        "(2, false, -32768, 2147483647, 'NaN', -9999999999.99, 'NaN', 'Infinity', E'tab\\there\\nnewline \\\\ ünïcødé 🚀', '', '',
+          '\\x', '00000000-0000-0000-0000-000000000000', '[]', '{}', 'infinity', '-infinity', 'infinity', '-infinity', 'green')",
+        "(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+        "(4, true, 0, 0, '-Infinity', 0, '-Infinity', -0.0, repeat('é', 3000), 'x', 'xxxxx', decode(repeat('ab', 5000), 'hex'),
+          gen_random_uuid(), '1', '\"s\"', '0044-03-15 BC', '4713-01-01 00:00:00 BC', '0001-01-01 00:00:00.001 BC',
+          '0044-03-15 12:00:00+01 BC', NULL)",
+        "(5, true, 1, 1, '0.000000000000000000001', '-0.5', '3.4028235e38', '5e-324', 'a', 'b', 'c', '\\x01', gen_random_uuid(),
+          'null', '[1.50, 2e3]', '5874897-12-31', '294276-12-31 23:59:59.999999', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', 'red')",
+        "(6, false, -1, -1, '-0.0001', 0.5, '1.4e-45', '0.1', 'x', 'y', 'z', '\\x', gen_random_uuid(), '{}', '{\"k\": \"v\"}',
+          '2000-01-01', '2000-01-01 00:00:00', '1999-12-31 23:59:59.999', '1999-12-31 23:59:59.999999-12', 'green')",
+        "(7, true, 7, 7, '100000000', '-100000000', '-0.1', '-1.7976931348623157e308', 'q', 'r', 's', '\\xdeadbeef', gen_random_uuid(),
+          '3', '-3.25', '1582-10-10', '1066-10-14 09:00:00', '2038-01-19 03:14:07.5', '2038-01-19 03:14:07.5+14', 'red')",
+        "(8, true, 8, 8, '9999.9999', '0.01', '0', '0', 's', 's', 's', '\\x00', gen_random_uuid(), 'true', 'false',
+          '1999-12-31', '1999-12-31 23:59:59.999999', '2000-01-01 00:00:00.001', '2000-01-01 00:00:00.000001+00', 'green')",
+    ];
+    src.batch_execute(&format!("INSERT INTO bin_types VALUES {}", rows.join(","))).await.unwrap();
+    wait_equal(&env, "bin_types", "id", Duration::from_secs(30)).await;
+    let log = p.log();
+    assert!(log.contains("bin_types") && log.contains("binary"), "the rows should have been copied in binary: {log}");
+    assert_eq!(p.terminate(), Some(0), "{}", p.log());
+}

@@ -22,7 +22,9 @@ use sluice_core::sink::{Sink, SinkError, SinkResult, SnapshotMethod};
 use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Transaction, key_of, quote_ident};
 use tokio_postgres::Client;
 
-use sluice_postgres::{Checkpoint, PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_field};
+use sluice_postgres::{
+    BinaryField, Checkpoint, PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_binary_rows, put_field,
+};
 
 struct Target {
     source: Arc<TableSchema>,
@@ -33,6 +35,10 @@ struct Target {
     keys: Vec<usize>,
     /// Index of the single integer key column, when chunks can split by key range.
     int_key: Option<usize>,
+    /// How each column is written when new rows are copied in binary; `None` when a
+    /// column's type has no binary form here or the target's type differs from the
+    /// source's (binary input is not converted), and rows are copied as text.
+    binary: Option<Vec<BinaryField>>,
 }
 
 /// A pending change for one key within a segment.
@@ -265,7 +271,10 @@ impl PostgresSink {
             }
             _ => None,
         };
-        Ok(Target { source: schema.clone(), name: name.clone(), stage, types, keys, int_key })
+        let binary: Option<Vec<BinaryField>> =
+            schema.columns.iter().zip(&types).map(|(c, target_type)| BinaryField::of(c).filter(|_| *target_type == c.type_name)).collect();
+        tracing::info!(table = %name, format = if binary.is_some() { "binary" } else { "text" }, "new rows are copied into the target");
+        Ok(Target { source: schema.clone(), name: name.clone(), stage, types, keys, int_key, binary })
     }
 
     /// Makes sure the target matches a (possibly changed) source schema.
@@ -524,28 +533,31 @@ impl PostgresSink {
     }
 
     /// Only new rows: COPY them straight into the target, no staging table and no merge
-    /// (the target's input functions parse the text as the merge's casts would). A key
-    /// the target holds already fails the batch; the table is merged from then on.
+    /// (the target's input functions parse the text as the merge's casts would), in
+    /// binary when every column has a binary form. A key the target holds already fails
+    /// the batch; the table is merged from then on.
     async fn copy_inserts(&mut self, table: &TableName, order: &[Vec<u8>], map: &mut HashMap<Vec<u8>, Pending>) -> Result<()> {
         let target = &self.targets[table];
         let ncols = target.source.columns.len();
+        let rows: Vec<Row> = order
+            .iter()
+            .filter_map(|key| match map.remove(key) {
+                Some(Pending::Upsert(row)) => Some(row),
+                _ => None,
+            })
+            .collect();
         let buf = &mut self.buf;
         buf.clear();
-        for key in order {
-            let Some(Pending::Upsert(row)) = map.remove(key) else { continue };
-            for (i, d) in row.iter().take(ncols).enumerate() {
-                if i > 0 {
-                    buf.put_u8(b'\t');
-                }
-                put_field(buf, d);
+        let binary = target.binary.as_deref().is_some_and(|fields| put_binary_rows(buf, fields, &rows));
+        if !binary {
+            for row in &rows {
+                put_fields(buf, row, ncols);
+                buf.put_u8(b'\n');
             }
-            for _ in row.len()..ncols {
-                buf.put_slice(b"\t\\N");
-            }
-            buf.put_u8(b'\n');
         }
         let names: Vec<String> = target.source.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", target.name.quoted(), names.join(", "));
+        let format = if binary { " (FORMAT binary)" } else { "" };
+        let sql = format!("COPY {} ({}) FROM STDIN{format}", target.name.quoted(), names.join(", "));
         let data: Bytes = buf.split().freeze();
         let copied = async {
             let sink = self.client.copy_in(&sql).await?;
@@ -610,13 +622,8 @@ impl PostgresSink {
                     deletes |= op == b'D';
                     upserts |= op == b'U';
                 }
-                for d in row.iter().take(ncols) {
-                    buf.put_u8(b'\t');
-                    put_field(buf, d);
-                }
-                for _ in row.len()..ncols {
-                    buf.put_slice(b"\t\\N");
-                }
+                buf.put_u8(b'\t');
+                put_fields(buf, row, ncols);
                 for &k in &target.keys {
                     buf.put_u8(b'\t');
                     put_field(buf, old.map_or(&Datum::Null, |o| &o[k]));
@@ -707,6 +714,17 @@ impl PostgresSink {
             c.batch_execute(&sql).await.map_err(|e| PgError::from_pg(&ctx("applying changes to"), e))?;
         }
         Ok(())
+    }
+}
+
+/// A row's first `ncols` values as COPY text fields, tab-separated, NULL for the
+/// columns a short row lacks.
+fn put_fields(buf: &mut BytesMut, row: &Row, ncols: usize) {
+    for i in 0..ncols {
+        if i > 0 {
+            buf.put_u8(b'\t');
+        }
+        put_field(buf, row.get(i).unwrap_or(&Datum::Null));
     }
 }
 

@@ -402,7 +402,13 @@ where
 /// table does not exist.
 pub async fn try_digest(c: &Client, table: &str, order_by: &str) -> Option<(i64, String)> {
     let row = c
-        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"), &[])
+        // The alias is not a column name: a column named like it would stand for the row.
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(digest_row_::text, E'\\n' ORDER BY {order_by})), '') FROM {table} digest_row_"
+            ),
+            &[],
+        )
         .await
         .ok()?;
     Some((row.get(0), row.get(1)))
