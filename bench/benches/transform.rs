@@ -27,6 +27,7 @@ fn table() -> TableSchema {
                 nullable: i != 0,
                 is_key: i == 0,
                 enum_labels: vec![],
+                storage: Default::default(),
             }
         })
         .collect();

@@ -272,15 +272,26 @@ enum Bench {
         /// Chunks copied at once.
         #[arg(long, default_value_t = 2)]
         parallelism: usize,
+        /// The primary key's type: `int8` (chunks split by key range) or `uuid` (random
+        /// keys, chunks split by block range).
+        #[arg(long, default_value = "int8", value_parser = ["int8", "uuid"])]
+        key: String,
     },
 }
 
 /// The table the throughput benchmarks stream (`id`, `payload` stored inline, so row
 /// size is what is written), published as `publication`.
 async fn create_bench_table(s: &Client, publication: &str) -> Result<()> {
+    create_bench_table_sized(s, publication, 200).await
+}
+
+/// [`create_bench_table`] for rows of `row_bytes`: rows too wide for a page keep the
+/// payload out of line, uncompressed (`EXTERNAL`), so row size is still what is written.
+async fn create_bench_table_sized(s: &Client, publication: &str, row_bytes: usize) -> Result<()> {
+    let storage = if row_bytes <= 8000 { "PLAIN" } else { "EXTERNAL" };
     s.batch_execute(&format!(
         "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN;
+         ALTER TABLE bench ALTER COLUMN payload SET STORAGE {storage};
          CREATE PUBLICATION {publication} FOR TABLE bench;"
     ))
     .await?;
@@ -640,7 +651,7 @@ async fn kafka(rows: u64, per_txn: u64, rate: u64, seconds: u64) -> Result<serde
 async fn throughput(row_bytes: usize, rows: u64, per_txn: u64) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
-    create_bench_table(&s, "sluice_pg").await?;
+    create_bench_table_sized(&s, "sluice_pg", row_bytes).await?;
     for slot in ["recv_slot", "null_slot", "sluice_pg"] {
         s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")).await?;
     }
@@ -749,14 +760,15 @@ async fn lag(rate: u64, seconds: u64) -> Result<serde_json::Value> {
     }))
 }
 
-async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
+async fn snapshot(mb: u64, parallelism: usize, key: &str) -> Result<serde_json::Value> {
     let (src, dst) = servers().await?;
     let s = connect(src.port, "bench").await?;
     let rows = mb * 1_000_000 / 200;
-    eprintln!("creating a {mb} MB table ({rows} rows)...");
+    eprintln!("creating a {mb} MB table ({rows} rows, {key} key)...");
+    let id = if key == "uuid" { "gen_random_uuid()" } else { "g" };
     s.batch_execute(&format!(
-        "CREATE TABLE bench (id int8 PRIMARY KEY, payload text);
-         INSERT INTO bench SELECT g, rpad(md5(g::text), 160, 'x') FROM generate_series(1, {rows}) g;"
+        "CREATE TABLE bench (id {key} PRIMARY KEY, payload text);
+         INSERT INTO bench SELECT {id}, rpad(md5(g::text), 160, 'x') FROM generate_series(1, {rows}) g;"
     ))
     .await?;
     s.batch_execute("VACUUM ANALYZE bench").await?;
@@ -765,7 +777,7 @@ async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
 
     // Baseline: COPY out of the source piped into COPY into the target, by psql.
     let d = connect(dst.port, "bench").await?;
-    d.batch_execute("CREATE TABLE baseline (id int8 PRIMARY KEY, payload text)").await?;
+    d.batch_execute(&format!("CREATE TABLE baseline (id {key} PRIMARY KEY, payload text)")).await?;
     let t = Instant::now();
     let st = Command::new("bash")
         .arg("-c")
@@ -792,7 +804,7 @@ async fn snapshot(mb: u64, parallelism: usize) -> Result<serde_json::Value> {
         bail!("snapshot copied {copied} rows, expected {rows}");
     }
     Ok(serde_json::json!({
-        "bench": "snapshot", "table_mb": size_mb, "rows": rows, "parallelism": parallelism,
+        "bench": "snapshot", "key": key, "table_mb": size_mb, "rows": rows, "parallelism": parallelism,
         "copy_pipe_baseline": {"seconds": base_s, "mb_per_s": size_mb / base_s},
         "sluice_snapshot": {"seconds": sluice_s, "mb_per_s": size_mb / sluice_s},
         "ratio": base_s / sluice_s,
@@ -857,7 +869,7 @@ async fn main() -> Result<()> {
         Bench::Iceberg { row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only } => {
             iceberg::iceberg(row_bytes, rows, rows_per_txn, lag_rate, lag_seconds, snapshot_only).await?
         }
-        Bench::Snapshot { mb, parallelism } => snapshot(mb, parallelism).await?,
+        Bench::Snapshot { mb, parallelism, key } => snapshot(mb, parallelism, &key).await?,
         Bench::Resync { rows, rate, seconds } => resync::resync(rows, rate, seconds).await?,
         Bench::SlotLoss { rows } => slots::slot_loss(rows).await?,
         Bench::Tls { rows, row_bytes, rounds, compression } => tls::tls(rows, row_bytes, rounds, &compression).await?,

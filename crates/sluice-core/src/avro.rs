@@ -100,6 +100,7 @@ mod tests {
             nullable,
             is_key: key,
             enum_labels: vec![],
+            storage: Default::default(),
         }
     }
 

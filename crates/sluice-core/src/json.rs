@@ -157,6 +157,7 @@ mod tests {
                     nullable: true,
                     is_key: *name == "id",
                     enum_labels: vec![],
+                    storage: Default::default(),
                 })
                 .collect(),
         };

@@ -24,5 +24,5 @@ pub use error::{CoreError, ErrorKind};
 pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of};
 pub use lsn::Lsn;
 pub use path::encode_path_segment;
-pub use schema::{ColumnSchema, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
+pub use schema::{ColumnSchema, ColumnStorage, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
 pub use value::{Interval, Numeric, PgType, Value, pg_epoch_micros};

@@ -80,6 +80,39 @@ pub struct ColumnSchema {
     pub is_key: bool,
     /// The labels of an enum type (or of an array of enums), in order; empty otherwise.
     pub enum_labels: Vec<String>,
+    /// How the source stores the column, where it chose differently from the type's default.
+    pub storage: ColumnStorage,
+}
+
+/// A column's storage and compression as set on the source (`ALTER COLUMN .. SET
+/// STORAGE`, `SET COMPRESSION`), so a table Sluice creates in a Postgres target stores
+/// its values the same way: a `PLAIN` column is not compressed on every write there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ColumnStorage {
+    /// `PLAIN`, `EXTERNAL`, `MAIN` or `EXTENDED`; `None` for the type's default.
+    pub storage: Option<&'static str>,
+    /// `pglz` or `lz4`; `None` for the server's default.
+    pub compression: Option<&'static str>,
+}
+
+impl ColumnStorage {
+    /// From `pg_attribute.attstorage` (when it differs from the type's) and
+    /// `attcompression`; letters Postgres does not define are ignored.
+    pub fn from_pg(storage: Option<&str>, compression: Option<&str>) -> Self {
+        let storage = match storage {
+            Some("p") => Some("PLAIN"),
+            Some("e") => Some("EXTERNAL"),
+            Some("m") => Some("MAIN"),
+            Some("x") => Some("EXTENDED"),
+            _ => None,
+        };
+        let compression = match compression {
+            Some("p") => Some("pglz"),
+            Some("l") => Some("lz4"),
+            _ => None,
+        };
+        ColumnStorage { storage, compression }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -106,6 +106,7 @@ impl Model {
                     nullable: !c.not_null,
                     is_key: t.primary_key.contains(&c.name),
                     enum_labels: vec![],
+                    storage: Default::default(),
                 })
                 .collect(),
         })

@@ -688,6 +688,7 @@ mod tests {
             nullable: !key,
             is_key: key,
             enum_labels: vec![],
+            storage: Default::default(),
         };
         let schema = TableSchema {
             name: TableName::new("public", "Orders"),

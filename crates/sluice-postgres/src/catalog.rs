@@ -1,6 +1,6 @@
 //! Reads table definitions and replication objects from a source's catalog.
 
-use sluice_core::{ColumnSchema, PgType, ReplicaIdentity, TableName, TableSchema};
+use sluice_core::{ColumnSchema, ColumnStorage, PgType, ReplicaIdentity, TableName, TableSchema};
 use tokio_postgres::Client;
 
 use crate::error::{PgError, Result};
@@ -11,7 +11,10 @@ SELECT a.attname::text, a.atttypid::oid::int8, format_type(a.atttypid, a.atttypm
        COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
        t.typtype::text, et.typtype::text,
        COALESCE((SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e
-                 WHERE e.enumtypid = CASE WHEN t.typtype = 'e' THEN t.oid ELSE et.oid END), '{}')
+                 WHERE e.enumtypid = CASE WHEN t.typtype = 'e' THEN t.oid ELSE et.oid END), '{}'),
+       CASE WHEN a.attstorage <> t.typstorage THEN a.attstorage::text END,
+       -- attcompression is Postgres 14's; read through jsonb so older servers answer NULL.
+       NULLIF(to_jsonb(a)->>'attcompression', '')
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_type t ON t.oid = a.atttypid
@@ -66,6 +69,7 @@ pub async fn load_table(client: &Client, table: &TableName, source: &str) -> Res
                 nullable: r.get(3),
                 is_key: r.get(4),
                 enum_labels: r.get(7),
+                storage: ColumnStorage::from_pg(r.get::<_, Option<&str>>(8), r.get::<_, Option<&str>>(9)),
             }
         })
         .collect();

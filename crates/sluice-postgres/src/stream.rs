@@ -496,6 +496,7 @@ impl ReplicationStream {
                         nullable: true,
                         is_key: false,
                         enum_labels: row.get(2),
+                        storage: Default::default(),
                     }
                 }
             };

@@ -131,7 +131,9 @@ async fn new_rows_copied_in_binary_arrive_equal() {
             id int8 PRIMARY KEY, b bool, i2 int2, i4 int4, n numeric, n2 numeric(12,2), f4 float4, f8 float8,
             tx text, vc varchar(20), ch char(5), by bytea, u uuid, j json, jb jsonb,
             d date, ts timestamp, ts3 timestamp(3), tstz timestamptz, c colour
-         );",
+         );
+         ALTER TABLE bin_types ALTER COLUMN vc SET STORAGE PLAIN, ALTER COLUMN by SET STORAGE EXTERNAL,
+             ALTER COLUMN jb SET COMPRESSION lz4;",
     )
     .await
     .unwrap();
@@ -158,6 +160,22 @@ async fn new_rows_copied_in_binary_arrive_equal() {
     ];
     src.batch_execute(&format!("INSERT INTO bin_types VALUES {}", rows.join(","))).await.unwrap();
     wait_equal(&env, "bin_types", "id", Duration::from_secs(30)).await;
+    // The table Sluice created stores its columns as the source does.
+    let storage: Vec<(String, String, String)> = env
+        .dst()
+        .await
+        .query(
+            "SELECT attname::text, attstorage::text, attcompression::text FROM pg_attribute
+             WHERE attrelid = 'bin_types'::regclass AND attname IN ('vc', 'by', 'jb', 'tx') ORDER BY attname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [("by", "e", ""), ("jb", "x", "l"), ("tx", "x", ""), ("vc", "p", "")];
+    assert_eq!(storage, want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())));
     let log = p.log();
     assert!(log.contains("bin_types") && log.contains("binary"), "the rows should have been copied in binary: {log}");
     assert_eq!(p.terminate(), Some(0), "{}", p.log());

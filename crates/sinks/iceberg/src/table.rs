@@ -745,6 +745,7 @@ mod tests {
                     nullable: !key,
                     is_key: *key,
                     enum_labels: vec![],
+                    storage: Default::default(),
                 })
                 .collect(),
             replica_identity: ReplicaIdentity::Default,

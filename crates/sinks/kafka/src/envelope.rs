@@ -283,6 +283,7 @@ mod tests {
             nullable: !key,
             is_key: key,
             enum_labels: vec![],
+            storage: Default::default(),
         }
     }
 

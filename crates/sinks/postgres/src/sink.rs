@@ -166,6 +166,7 @@ impl PostgresSink {
             let ddl = format!("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))", name.quoted(), cols.join(", "), keys.join(", "));
             self.client.batch_execute(&ddl).await.map_err(err("creating table"))?;
             tracing::info!(table = %name, "created target table");
+            self.mirror_storage(&name, &schema.columns).await;
         }
         self.sync_columns(schema, &name).await?;
         let target = self.describe_target(schema, &name).await?;
@@ -199,6 +200,28 @@ impl PostgresSink {
         Ok("text".to_string())
     }
 
+    /// Gives columns Sluice just created the storage and compression the source set on
+    /// them. Only a cost, never a meaning, so a target that cannot (no lz4 in its build)
+    /// keeps its defaults with a warning.
+    async fn mirror_storage(&self, name: &TableName, cols: &[sluice_core::ColumnSchema]) {
+        let mut alters = Vec::new();
+        for c in cols {
+            if let Some(storage) = c.storage.storage {
+                alters.push(format!("ALTER COLUMN {} SET STORAGE {storage}", quote_ident(&c.name)));
+            }
+            if let Some(compression) = c.storage.compression {
+                alters.push(format!("ALTER COLUMN {} SET COMPRESSION {compression}", quote_ident(&c.name)));
+            }
+        }
+        if alters.is_empty() {
+            return;
+        }
+        if let Err(e) = self.client.batch_execute(&format!("ALTER TABLE {} {}", name.quoted(), alters.join(", "))).await {
+            let e = PgError::from_pg(&format!("setting the source's column storage on {name}"), e);
+            tracing::warn!(table = %name, error = %e, "target columns keep the default storage");
+        }
+    }
+
     /// Adds columns the source has and the target lacks (schema evolution).
     async fn sync_columns(&self, schema: &TableSchema, name: &TableName) -> Result<()> {
         let rows = self
@@ -215,6 +238,7 @@ impl PostgresSink {
             let ddl = format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", name.quoted(), quote_ident(&col.name));
             self.client.batch_execute(&ddl).await.map_err(|e| PgError::from_pg(&format!("adding column {} to {name}", col.name), e))?;
             tracing::info!(table = %name, column = %col.name, "added column to target table");
+            self.mirror_storage(name, std::slice::from_ref(col)).await;
         }
         Ok(())
     }

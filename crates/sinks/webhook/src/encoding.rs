@@ -106,6 +106,7 @@ mod tests {
             nullable: !key,
             is_key: key,
             enum_labels: vec![],
+            storage: Default::default(),
         };
         Arc::new(TableSchema {
             name: TableName::new("public", "orders"),

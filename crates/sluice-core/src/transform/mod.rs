@@ -385,6 +385,7 @@ fn column(name: &str, type_name: &str, pg_type: PgType, oid: u32) -> ColumnSchem
         nullable: true,
         is_key: false,
         enum_labels: vec![],
+        storage: Default::default(),
     }
 }
 

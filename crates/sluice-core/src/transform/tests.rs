@@ -6,7 +6,16 @@ use super::*;
 use crate::{ColumnSchema, SourcePosition};
 
 fn col(name: &str, pg_type: PgType, type_name: &str, key: bool) -> ColumnSchema {
-    ColumnSchema { name: name.into(), type_oid: 0, type_name: type_name.into(), pg_type, nullable: !key, is_key: key, enum_labels: vec![] }
+    ColumnSchema {
+        name: name.into(),
+        type_oid: 0,
+        type_name: type_name.into(),
+        pg_type,
+        nullable: !key,
+        is_key: key,
+        enum_labels: vec![],
+        storage: Default::default(),
+    }
 }
 
 fn orders() -> TableSchema {

@@ -114,6 +114,7 @@ impl Enrichment {
                 nullable: true,
                 is_key: false,
                 enum_labels: vec![],
+                storage: Default::default(),
             });
         }
         Ok(Plan { source: source.clone(), output: Arc::new(schema), steps, missing, keys: source.key_indexes().collect() })
