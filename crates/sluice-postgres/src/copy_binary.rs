@@ -222,34 +222,86 @@ fn put_numeric_special(buf: &mut BytesMut, sign: u16) -> bool {
     true
 }
 
+/// A binary COPY stream written into a buffer, row by row and field by field.
+pub struct BinaryRows<'a> {
+    buf: &'a mut BytesMut,
+    start: usize,
+}
+
+impl<'a> BinaryRows<'a> {
+    pub fn begin(buf: &'a mut BytesMut) -> Self {
+        let start = buf.len();
+        buf.put_slice(HEADER);
+        BinaryRows { buf, start }
+    }
+
+    /// Starts a row of `fields` fields.
+    pub fn row(&mut self, fields: i16) {
+        self.buf.put_i16(fields);
+    }
+
+    /// A value as `field`; `false` when its text is not in the form the type prints or
+    /// it is an unchanged TOAST value, which has no value to write.
+    pub fn value(&mut self, field: BinaryField, d: &Datum) -> bool {
+        match d {
+            Datum::Text(t) => field.put(self.buf, t),
+            Datum::Null => {
+                self.null();
+                true
+            }
+            Datum::Unchanged => false,
+        }
+    }
+
+    pub fn null(&mut self) {
+        self.buf.put_i32(-1);
+    }
+
+    /// A `"char"` value.
+    pub fn char(&mut self, c: u8) {
+        put_fixed(self.buf, &[c]);
+    }
+
+    /// A one-dimensional `bool[]` without NULLs.
+    pub fn bools(&mut self, flags: impl ExactSizeIterator<Item = bool>) {
+        let n = flags.len() as i32;
+        self.buf.put_i32(20 + 5 * n);
+        self.buf.put_i32(1); // dimensions
+        self.buf.put_i32(0); // no NULL elements
+        self.buf.put_u32(16); // bool's type oid
+        self.buf.put_i32(n);
+        self.buf.put_i32(1); // lower bound
+        for f in flags {
+            put_fixed(self.buf, &[u8::from(f)]);
+        }
+    }
+
+    pub fn finish(self) {
+        self.buf.put_i16(-1);
+    }
+
+    /// Takes back everything written since [`BinaryRows::begin`].
+    pub fn abandon(self) {
+        self.buf.truncate(self.start);
+    }
+}
+
 /// Writes rows as one binary COPY stream of `fields.len()` columns (a row shorter than
 /// that ends in NULLs). `false`, with `buf` as it was, when a value is not in the form
 /// its type prints: copy these rows as text.
 pub fn put_rows<'a>(buf: &mut BytesMut, fields: &[BinaryField], rows: impl IntoIterator<Item = &'a Row>) -> bool {
-    let start = buf.len();
-    buf.put_slice(HEADER);
     let Ok(ncols) = i16::try_from(fields.len()) else { return false };
+    let mut w = BinaryRows::begin(buf);
     for row in rows {
-        buf.put_i16(ncols);
-        for (i, f) in fields.iter().enumerate() {
-            match row.get(i) {
-                Some(Datum::Text(t)) => {
-                    if !f.put(buf, t) {
-                        buf.truncate(start);
-                        return false;
-                    }
-                }
-                // An unchanged TOAST value has no value to write: the caller sends such
-                // rows through the merge, which keeps the target's.
-                Some(Datum::Unchanged) => {
-                    buf.truncate(start);
-                    return false;
-                }
-                Some(Datum::Null) | None => buf.put_i32(-1),
+        w.row(ncols);
+        for (i, &f) in fields.iter().enumerate() {
+            if !w.value(f, row.get(i).unwrap_or(&Datum::Null)) {
+                w.abandon();
+                return false;
             }
         }
     }
-    buf.put_i16(-1);
+    w.finish();
     true
 }
 

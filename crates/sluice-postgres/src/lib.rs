@@ -22,7 +22,7 @@ pub use catalog::{SlotInfo, load_table, publication_tables, recover_refusal, slo
 pub use checkpoint::Checkpoint;
 pub use chunks::{SnapshotFilter, TruncateScope, int_key};
 pub use conn::{PgConnConfig, connect, connect_as, connect_listening, in_transaction, parse_dsn};
-pub use copy_binary::{BinaryField, put_rows as put_binary_rows};
+pub use copy_binary::{BinaryField, BinaryRows, put_rows as put_binary_rows};
 pub use copy_text::{CopyRowDecoder, decode_row, put_field, put_row};
 pub use error::{PgError, Result};
 pub use sluice_core::SslMode;

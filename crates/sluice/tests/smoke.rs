@@ -80,10 +80,13 @@ async fn metrics_endpoint_reports_events_lag_and_wal() {
         s.read_to_string(&mut body).unwrap();
         body
     };
-    // The WAL gauge is sampled with the heartbeat (every 500 ms here).
+    // The WAL gauge is sampled with the heartbeat (every 500 ms here), and events are
+    // counted just after the sink's commit, which the target can show first.
     let mut body = scrape();
     for _ in 0..50 {
-        if body.lines().any(|l| l.starts_with("sluice_wal_retained_bytes{") && !l.ends_with(" 0")) {
+        if body.lines().any(|l| l.starts_with("sluice_wal_retained_bytes{") && !l.ends_with(" 0"))
+            && body.lines().any(|l| l.starts_with("sluice_events_total{") && l.ends_with(" 500"))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

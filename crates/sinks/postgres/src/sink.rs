@@ -23,7 +23,8 @@ use sluice_core::{ChangeEvent, Datum, Lsn, Op, Row, TableName, TableSchema, Tran
 use tokio_postgres::Client;
 
 use sluice_postgres::{
-    BinaryField, Checkpoint, PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_binary_rows, put_field,
+    BinaryField, BinaryRows, Checkpoint, PgConnConfig, PgError, Result, SnapshotFilter, TruncateScope, connect, int_key, put_binary_rows,
+    put_field,
 };
 
 struct Target {
@@ -275,9 +276,15 @@ impl PostgresSink {
                 key_names.join(", ")
             )));
         }
+        let binary: Option<Vec<BinaryField>> =
+            schema.columns.iter().zip(&types).map(|(c, target_type)| BinaryField::of(c).filter(|_| *target_type == c.type_name)).collect();
+        tracing::info!(table = %name, format = if binary.is_some() { "binary" } else { "text" }, "changes are copied into the target");
+        // Staged as text and cast by the merge, or, when changes go in binary, typed as
+        // the target (the merge's casts are then no-ops).
         let stage = format!("_sluice_stage_{}", schema.relid);
-        let mut stage_cols: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i} text")).collect();
-        stage_cols.extend((0..keys.len()).map(|j| format!("o{j} text")));
+        let stage_type = |i: usize| if binary.is_some() { types[i].as_str() } else { "text" };
+        let mut stage_cols: Vec<String> = (0..schema.columns.len()).map(|i| format!("c{i} {}", stage_type(i))).collect();
+        stage_cols.extend(keys.iter().enumerate().map(|(j, &k)| format!("o{j} {}", stage_type(k))));
         self.client
             .batch_execute(&format!(
                 "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} (_op \"char\", _u bool[], {})",
@@ -295,9 +302,6 @@ impl PostgresSink {
             }
             _ => None,
         };
-        let binary: Option<Vec<BinaryField>> =
-            schema.columns.iter().zip(&types).map(|(c, target_type)| BinaryField::of(c).filter(|_| *target_type == c.type_name)).collect();
-        tracing::info!(table = %name, format = if binary.is_some() { "binary" } else { "text" }, "new rows are copied into the target");
         Ok(Target { source: schema.clone(), name: name.clone(), stage, types, keys, int_key, binary })
     }
 
@@ -618,50 +622,32 @@ impl PostgresSink {
                 self.copy_inserts(&table, &order, &mut map).await?;
                 continue;
             }
-            let buf = &mut self.buf;
-            buf.clear();
+            let pending: Vec<Pending> = order.iter().filter_map(|key| map.remove(key)).collect();
+            if pending.is_empty() {
+                continue;
+            }
             let (mut deletes, mut upserts, mut partial, mut moves) = (false, false, false, false);
-            for key in &order {
-                let Some(p) = map.remove(key) else { continue };
-                let (op, row, old) = match &p {
-                    Pending::Delete(r) => (b'D', r, None),
-                    Pending::Upsert(r) => (b'U', r, None),
-                    Pending::Move(old, r) => (b'M', r, Some(old)),
-                };
-                buf.put_u8(op);
-                buf.put_u8(b'\t');
+            for p in &pending {
+                let (op, row, _) = p.parts();
                 moves |= op == b'M';
                 if op != b'D' && row.contains(&Datum::Unchanged) {
-                    buf.put_u8(b'{');
-                    for (i, d) in row.iter().enumerate() {
-                        if i > 0 {
-                            buf.put_u8(b',');
-                        }
-                        buf.put_u8(if *d == Datum::Unchanged { b't' } else { b'f' });
-                    }
-                    buf.put_u8(b'}');
                     partial |= op == b'U';
                 } else {
-                    buf.put_slice(b"\\N");
                     deletes |= op == b'D';
                     upserts |= op == b'U';
                 }
-                buf.put_u8(b'\t');
-                put_fields(buf, row, ncols);
-                for &k in &target.keys {
-                    buf.put_u8(b'\t');
-                    put_field(buf, old.map_or(&Datum::Null, |o| &o[k]));
-                }
-                buf.put_u8(b'\n');
             }
-            if buf.is_empty() {
-                continue;
+            let buf = &mut self.buf;
+            buf.clear();
+            let binary = target.binary.as_deref().is_some_and(|fields| stage_binary(buf, fields, &target.keys, &pending));
+            if !binary {
+                stage_text(buf, ncols, &target.keys, &pending);
             }
             let data: Bytes = buf.split().freeze();
             let c = &self.client;
             let ctx = |what: &str| format!("{what} {}", target.name);
             let sink = c
-                .copy_in(&format!("COPY pg_temp.{} FROM STDIN", target.stage))
+                .copy_in(&format!("COPY pg_temp.{} FROM STDIN{}", target.stage, if binary { " (FORMAT binary)" } else { "" }))
                 .await
                 .map_err(|e| PgError::from_pg(&ctx("staging changes for"), e))?;
             futures::pin_mut!(sink);
@@ -739,6 +725,75 @@ impl PostgresSink {
         }
         Ok(())
     }
+}
+
+impl Pending {
+    /// The staged operation (`D`elete, `U`psert, `M`ove), the row, and for a move the
+    /// row under the old key.
+    fn parts(&self) -> (u8, &Row, Option<&Row>) {
+        match self {
+            Pending::Delete(r) => (b'D', r, None),
+            Pending::Upsert(r) => (b'U', r, None),
+            Pending::Move(old, r) => (b'M', r, Some(old)),
+        }
+    }
+}
+
+/// Stages changes as COPY text rows: `_op`, `_u` (which columns an update left
+/// unchanged, NULL when none), the row's columns, then the old key's.
+fn stage_text(buf: &mut BytesMut, ncols: usize, keys: &[usize], pending: &[Pending]) {
+    for p in pending {
+        let (op, row, old) = p.parts();
+        buf.put_u8(op);
+        buf.put_u8(b'\t');
+        if op != b'D' && row.contains(&Datum::Unchanged) {
+            buf.put_u8(b'{');
+            for (i, d) in row.iter().enumerate() {
+                if i > 0 {
+                    buf.put_u8(b',');
+                }
+                buf.put_u8(if *d == Datum::Unchanged { b't' } else { b'f' });
+            }
+            buf.put_u8(b'}');
+        } else {
+            buf.put_slice(b"\\N");
+        }
+        buf.put_u8(b'\t');
+        put_fields(buf, row, ncols);
+        for &k in keys {
+            buf.put_u8(b'\t');
+            put_field(buf, old.map_or(&Datum::Null, |o| &o[k]));
+        }
+        buf.put_u8(b'\n');
+    }
+}
+
+/// [`stage_text`] in binary, into a staging table typed as the target; `false`, with
+/// `buf` as it was, when a value is not in its type's printed form.
+fn stage_binary(buf: &mut BytesMut, fields: &[BinaryField], keys: &[usize], pending: &[Pending]) -> bool {
+    let Ok(n) = i16::try_from(2 + fields.len() + keys.len()) else { return false };
+    let mut w = BinaryRows::begin(buf);
+    for p in pending {
+        let (op, row, old) = p.parts();
+        w.row(n);
+        w.char(op);
+        if op != b'D' && row.contains(&Datum::Unchanged) {
+            w.bools(row.iter().map(|d| *d == Datum::Unchanged));
+        } else {
+            w.null();
+        }
+        // An unchanged value is staged as NULL; `_u` says to keep the target's.
+        let values = (0..fields.len()).map(|i| (fields[i], row.get(i).filter(|d| **d != Datum::Unchanged)));
+        let old_keys = keys.iter().map(|&k| (fields[k], old.map(|o| &o[k])));
+        for (f, d) in values.chain(old_keys) {
+            if !w.value(f, d.unwrap_or(&Datum::Null)) {
+                w.abandon();
+                return false;
+            }
+        }
+    }
+    w.finish();
+    true
 }
 
 /// A row's first `ncols` values as COPY text fields, tab-separated, NULL for the
