@@ -583,6 +583,8 @@ impl PostgresSink {
                 buf.put_u8(b'\n');
             }
         }
+        // Encoded: the rows need not stay in memory beside their copy while it is sent.
+        drop(rows);
         let names: Vec<String> = target.source.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let format = if binary { " (FORMAT binary)" } else { "" };
         let sql = format!("COPY {} ({}) FROM STDIN{format}", target.name.quoted(), names.join(", "));
@@ -643,6 +645,7 @@ impl PostgresSink {
             if !binary {
                 stage_text(buf, ncols, &target.keys, &pending);
             }
+            drop(pending);
             let data: Bytes = buf.split().freeze();
             let c = &self.client;
             let ctx = |what: &str| format!("{what} {}", target.name);
