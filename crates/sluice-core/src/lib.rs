@@ -25,4 +25,4 @@ pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of
 pub use lsn::Lsn;
 pub use path::encode_path_segment;
 pub use schema::{ColumnSchema, ColumnStorage, ReplicaIdentity, TableName, TableSchema, quote_ident, quote_literal};
-pub use value::{Interval, Numeric, PgType, Value, pg_epoch_micros};
+pub use value::{Interval, Numeric, PG_EPOCH_DAYS, PgType, Value, numeric_digits, pg_epoch_micros};

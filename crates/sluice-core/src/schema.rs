@@ -84,6 +84,24 @@ pub struct ColumnSchema {
     pub storage: ColumnStorage,
 }
 
+impl ColumnSchema {
+    /// A nullable, non-key column that Sluice adds (a transform's or an enricher's
+    /// output, a column added to a source table after start): no enum labels, the
+    /// type's default storage.
+    pub fn added(name: impl Into<String>, type_name: impl Into<String>, pg_type: PgType, type_oid: u32) -> Self {
+        ColumnSchema {
+            name: name.into(),
+            type_oid,
+            type_name: type_name.into(),
+            pg_type,
+            nullable: true,
+            is_key: false,
+            enum_labels: vec![],
+            storage: ColumnStorage::default(),
+        }
+    }
+}
+
 /// A column's storage and compression as set on the source (`ALTER COLUMN .. SET
 /// STORAGE`, `SET COMPRESSION`), so a table Sluice creates in a Postgres target stores
 /// its values the same way: a `PLAIN` column is not compressed on every write there.

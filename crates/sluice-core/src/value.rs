@@ -334,13 +334,22 @@ fn parse_numeric(text: &str) -> Option<Numeric> {
         "-Infinity" => return Some(Numeric::NegInfinity),
         _ => {}
     }
-    let digits = text.strip_prefix('-').unwrap_or(text);
+    numeric_digits(text).map(|_| Numeric::Finite(text.to_string()))
+}
+
+/// A finite numeric as Postgres prints it (`-12.50`), split into its sign (true when
+/// negative), integer digits and fraction digits; `None` in any other form.
+pub fn numeric_digits(text: &str) -> Option<(bool, &str, &str)> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, text),
+    };
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
     let ok = !int.is_empty()
         && int.bytes().all(|b| b.is_ascii_digit())
         && frac.bytes().all(|b| b.is_ascii_digit())
         && !(digits.contains('.') && frac.is_empty());
-    ok.then(|| Numeric::Finite(text.to_string()))
+    ok.then_some((negative, int, frac))
 }
 
 fn parse_float(text: &str) -> Option<f64> {
@@ -526,10 +535,14 @@ fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
     parse_timestamp_from(text, with_tz, 0)
 }
 
-/// Microseconds from 2000-01-01, Postgres's own epoch (its binary format), to the
-/// timestamp it printed as `text` in ISO style; `None` when not in that form.
+/// Days from 1970-01-01 ([`Value`]'s epoch) to 2000-01-01, Postgres's own (its binary
+/// format counts from there).
+pub const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// Microseconds from 2000-01-01, Postgres's own epoch, to the timestamp it printed as
+/// `text` in ISO style; `None` when not in that form.
 pub fn pg_epoch_micros(text: &str, with_tz: bool) -> Option<i64> {
-    parse_timestamp_from(text, with_tz, 10_957)
+    parse_timestamp_from(text, with_tz, PG_EPOCH_DAYS)
 }
 
 /// Microseconds from `epoch_days` after 1970-01-01; `None` outside i64 (the latest

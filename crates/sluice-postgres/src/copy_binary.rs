@@ -9,13 +9,10 @@
 //! second interpretation of a value.
 
 use bytes::{BufMut, BytesMut};
-use sluice_core::{ColumnSchema, Datum, Numeric, PgType, Row, Value, pg_epoch_micros};
+use sluice_core::{ColumnSchema, Datum, PG_EPOCH_DAYS, PgType, Row, Value, numeric_digits, pg_epoch_micros};
 
 /// The signature, flags and header-extension length that open a binary COPY stream.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-
-/// Days between 1970-01-01 ([`Value`]'s epoch) and 2000-01-01 (Postgres's).
-const EPOCH_DAYS: i64 = 10_957;
 
 /// How one column's text is written in binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +121,7 @@ impl BinaryField {
                 Ok(Value::Date(d)) => {
                     let d = match d {
                         i32::MAX | i32::MIN => d,
-                        _ => match i32::try_from(i64::from(d) - EPOCH_DAYS) {
+                        _ => match i32::try_from(i64::from(d) - PG_EPOCH_DAYS) {
                             Ok(d) => d,
                             Err(_) => return false,
                         },
@@ -167,19 +164,14 @@ fn plain_float(s: &str) -> Option<&str> {
 /// numeric's binary form: digit count, weight, sign, display scale, then base-10000
 /// digits. The server normalizes leading and trailing zero digits itself.
 fn put_numeric(buf: &mut BytesMut, s: &str) -> bool {
-    let (sign, int, frac) = match Value::parse(&PgType::Numeric, s) {
-        Ok(Value::Numeric(Numeric::NaN)) => return put_numeric_special(buf, 0xC000),
-        Ok(Value::Numeric(Numeric::PosInfinity)) => return put_numeric_special(buf, 0xD000),
-        Ok(Value::Numeric(Numeric::NegInfinity)) => return put_numeric_special(buf, 0xF000),
-        Ok(Value::Numeric(Numeric::Finite(_))) => {
-            let (sign, digits) = match s.strip_prefix('-') {
-                Some(d) => (0x4000u16, d),
-                None => (0, s),
-            };
-            let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-            (sign, int.trim_start_matches('0').as_bytes(), frac.as_bytes())
-        }
-        _ => return false,
+    let (sign, int, frac) = match s {
+        "NaN" => return put_numeric_special(buf, 0xC000),
+        "Infinity" => return put_numeric_special(buf, 0xD000),
+        "-Infinity" => return put_numeric_special(buf, 0xF000),
+        _ => match numeric_digits(s) {
+            Some((negative, int, frac)) => (if negative { 0x4000u16 } else { 0 }, int.trim_start_matches('0').as_bytes(), frac.as_bytes()),
+            None => return false,
+        },
     };
     let Ok(dscale) = i16::try_from(frac.len()) else { return false };
     // Whole groups of four decimal digits, the integer part padded on the left and the

@@ -486,18 +486,10 @@ impl ReplicationStream {
                         .await
                         .map_err(err)?;
                     let typtype: String = row.get(1);
-                    ColumnSchema {
-                        name: rc.name.clone(),
-                        type_oid: rc.type_oid,
-                        type_name: row.get(0),
-                        pg_type: if typtype == "e" { PgType::Enum } else { PgType::from_oid(rc.type_oid) },
-                        // A column added after start is never part of the key the sink
-                        // upserts by (that key was fixed when the target was created).
-                        nullable: true,
-                        is_key: false,
-                        enum_labels: row.get(2),
-                        storage: Default::default(),
-                    }
+                    // A column added after start is never part of the key the sink
+                    // upserts by (that key was fixed when the target was created).
+                    let pg_type = if typtype == "e" { PgType::Enum } else { PgType::from_oid(rc.type_oid) };
+                    ColumnSchema { enum_labels: row.get(2), ..ColumnSchema::added(&rc.name, row.get::<_, String>(0), pg_type, rc.type_oid) }
                 }
             };
             columns.push(col);

@@ -36,9 +36,10 @@ struct Target {
     keys: Vec<usize>,
     /// Index of the single integer key column, when chunks can split by key range.
     int_key: Option<usize>,
-    /// How each column is written when new rows are copied in binary; `None` when a
+    /// How each column is written when changes are copied in binary (new rows into the
+    /// target, others into the staging table, then typed as the target); `None` when a
     /// column's type has no binary form here or the target's type differs from the
-    /// source's (binary input is not converted), and rows are copied as text.
+    /// source's (binary input is not converted), and changes are copied as text.
     binary: Option<Vec<BinaryField>>,
 }
 
@@ -586,8 +587,7 @@ impl PostgresSink {
         // Encoded: the rows need not stay in memory beside their copy while it is sent.
         drop(rows);
         let names: Vec<String> = target.source.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let format = if binary { " (FORMAT binary)" } else { "" };
-        let sql = format!("COPY {} ({}) FROM STDIN{format}", target.name.quoted(), names.join(", "));
+        let sql = format!("COPY {} ({}) FROM STDIN{}", target.name.quoted(), names.join(", "), copy_format(binary));
         let data: Bytes = buf.split().freeze();
         let copied = async {
             let sink = self.client.copy_in(&sql).await?;
@@ -630,9 +630,9 @@ impl PostgresSink {
             }
             let (mut deletes, mut upserts, mut partial, mut moves) = (false, false, false, false);
             for p in &pending {
-                let (op, row, _) = p.parts();
+                let op = p.parts().0;
                 moves |= op == b'M';
-                if op != b'D' && row.contains(&Datum::Unchanged) {
+                if p.leaves_unchanged() {
                     partial |= op == b'U';
                 } else {
                     deletes |= op == b'D';
@@ -650,7 +650,7 @@ impl PostgresSink {
             let c = &self.client;
             let ctx = |what: &str| format!("{what} {}", target.name);
             let sink = c
-                .copy_in(&format!("COPY pg_temp.{} FROM STDIN{}", target.stage, if binary { " (FORMAT binary)" } else { "" }))
+                .copy_in(&format!("COPY pg_temp.{} FROM STDIN{}", target.stage, copy_format(binary)))
                 .await
                 .map_err(|e| PgError::from_pg(&ctx("staging changes for"), e))?;
             futures::pin_mut!(sink);
@@ -740,6 +740,17 @@ impl Pending {
             Pending::Move(old, r) => (b'M', r, Some(old)),
         }
     }
+
+    /// An upsert or move that left some TOAST values unchanged: its `_u` flags say which
+    /// columns keep the target's value.
+    fn leaves_unchanged(&self) -> bool {
+        !matches!(self, Pending::Delete(_)) && self.parts().1.contains(&Datum::Unchanged)
+    }
+}
+
+/// What a COPY statement adds for the format its data was written in.
+fn copy_format(binary: bool) -> &'static str {
+    if binary { " (FORMAT binary)" } else { "" }
 }
 
 /// Stages changes as COPY text rows: `_op`, `_u` (which columns an update left
@@ -749,7 +760,7 @@ fn stage_text(buf: &mut BytesMut, ncols: usize, keys: &[usize], pending: &[Pendi
         let (op, row, old) = p.parts();
         buf.put_u8(op);
         buf.put_u8(b'\t');
-        if op != b'D' && row.contains(&Datum::Unchanged) {
+        if p.leaves_unchanged() {
             buf.put_u8(b'{');
             for (i, d) in row.iter().enumerate() {
                 if i > 0 {
@@ -780,7 +791,7 @@ fn stage_binary(buf: &mut BytesMut, fields: &[BinaryField], keys: &[usize], pend
         let (op, row, old) = p.parts();
         w.row(n);
         w.char(op);
-        if op != b'D' && row.contains(&Datum::Unchanged) {
+        if p.leaves_unchanged() {
             w.bools(row.iter().map(|d| *d == Datum::Unchanged));
         } else {
             w.null();

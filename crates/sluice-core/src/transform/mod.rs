@@ -238,7 +238,7 @@ impl Chain {
                         Some(Meta::CommitTime) => ("timestamp with time zone", PgType::TimestampTz, 1184),
                         _ => ("text", PgType::Text, 25),
                     };
-                    schema.columns.push(column(&s.name, type_name, pg_type, oid));
+                    schema.columns.push(ColumnSchema::added(&s.name, type_name, pg_type, oid));
                     ops.push(RowOp::Insert(match (&s.value, s.source) {
                         (Some(v), _) => Insert::Static(Bytes::copy_from_slice(v.as_bytes())),
                         (None, Some(m)) => Insert::Meta(m, Bytes::copy_from_slice(source_name.as_bytes())),
@@ -256,7 +256,7 @@ impl Chain {
                     }
                     let to = p.casts[0].1.clone();
                     let (type_name, pg_type, oid) = to.target();
-                    schema.columns.push(column(&c.name, &type_name, pg_type, oid));
+                    schema.columns.push(ColumnSchema::added(&c.name, &type_name, pg_type, oid));
                     ops.push(RowOp::Compute { expr: e, vars, to, column: c.name.clone() });
                 }
                 Step::ValueToKey(s) => {
@@ -287,7 +287,7 @@ impl Chain {
                         let name = format!("{}{}{key}", s.field, s.separator);
                         taken(&schema, &name)?;
                         let (type_name, pg_type, oid) = to.target();
-                        schema.columns.push(column(&name, &type_name, pg_type.clone(), oid));
+                        schema.columns.push(ColumnSchema::added(&name, &type_name, pg_type.clone(), oid));
                         keys.push((key.clone(), pg_type, to.clone()));
                     }
                     ops.push(RowOp::Flatten { index: i, keys, column: s.field.clone() });
@@ -365,7 +365,7 @@ impl Chain {
                     for c in &mut schema.columns {
                         c.is_key = false;
                     }
-                    let mut key = column(&s.name, "text", PgType::Text, 25);
+                    let mut key = ColumnSchema::added(&s.name, "text", PgType::Text, 25);
                     (key.is_key, key.nullable) = (true, false);
                     schema.columns.push(key);
                     ops.push(RowOp::Composite { indexes: idx, separator: Bytes::copy_from_slice(s.separator.as_bytes()) });
@@ -373,19 +373,6 @@ impl Chain {
             }
         }
         Ok(TableTransform { output: Arc::new(schema), ops })
-    }
-}
-
-fn column(name: &str, type_name: &str, pg_type: PgType, oid: u32) -> ColumnSchema {
-    ColumnSchema {
-        name: name.into(),
-        type_oid: oid,
-        type_name: type_name.into(),
-        pg_type,
-        nullable: true,
-        is_key: false,
-        enum_labels: vec![],
-        storage: Default::default(),
     }
 }
 

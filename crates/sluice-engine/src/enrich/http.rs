@@ -39,16 +39,7 @@ impl FieldType {
             FieldType::Bool => ("boolean", PgType::Bool, 16),
             FieldType::Json => ("jsonb", PgType::Jsonb, 3802),
         };
-        ColumnSchema {
-            name,
-            type_oid: oid,
-            type_name: type_name.into(),
-            pg_type,
-            nullable: true,
-            is_key: false,
-            enum_labels: vec![],
-            storage: Default::default(),
-        }
+        ColumnSchema::added(name, type_name, pg_type, oid)
     }
 
     /// A JSON value as the column's text, or why it does not fit.

@@ -106,16 +106,7 @@ impl Enrichment {
             if schema.columns.iter().any(|c| c.name == MISSING_FIELD) {
                 return Err(format!("{} already has a column {MISSING_FIELD}, which enrichment adds", source.name));
             }
-            schema.columns.push(ColumnSchema {
-                name: MISSING_FIELD.into(),
-                type_oid: 25,
-                type_name: "text".into(),
-                pg_type: PgType::Text,
-                nullable: true,
-                is_key: false,
-                enum_labels: vec![],
-                storage: Default::default(),
-            });
+            schema.columns.push(ColumnSchema::added(MISSING_FIELD, "text", PgType::Text, 25));
         }
         Ok(Plan { source: source.clone(), output: Arc::new(schema), steps, missing, keys: source.key_indexes().collect() })
     }
