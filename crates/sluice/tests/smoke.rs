@@ -66,11 +66,21 @@ async fn metrics_endpoint_reports_events_lag_and_wal() {
     let child = std::process::Command::new(BIN)
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}"), "--config"])
         .arg(&cfg)
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.dir.join("metrics.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut p = Pipeline { child, log: env.dir.join("none") };
-    wait_equal(&env, "m", "id", Duration::from_secs(30)).await;
+    let mut p = Pipeline { child, log: env.dir.join("metrics.log") };
+    // The rows must arrive as changes, not in the snapshot (which the events counter
+    // does not count): an empty target table can exist before the slot does, so wait
+    // for the stream itself.
+    wait_for("the pipeline to stream from its slot", Duration::from_secs(30), || async {
+        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = $1", &[&format!("sluice_{}", env.db)])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
     src.batch_execute("INSERT INTO m SELECT generate_series(1, 500)").await.unwrap();
     wait_equal(&env, "m", "id", Duration::from_secs(30)).await;
     let scrape = || {
@@ -100,7 +110,7 @@ async fn metrics_endpoint_reports_events_lag_and_wal() {
             .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
     };
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    assert_eq!(value("sluice_events_total"), 500.0);
+    assert_eq!(value("sluice_events_total"), 500.0, "{}", p.log());
     assert!(value("sluice_bytes_total") > 0.0);
     assert!(value("sluice_lag_histogram_ms_count") >= 1.0);
     assert!(value("sluice_wal_retained_bytes") > 0.0);

@@ -209,6 +209,19 @@ pub struct WorkerState {
     last_sent: Option<Lsn>,
 }
 
+/// Patched (see PATCHED.md): refills `stream`'s empty buffer if the connection has
+/// data now, without waiting. Over TLS one read decrypts only a few KB, so a
+/// backlog is drained by refilling until nothing is left rather than by going
+/// through the wait phase every few KB.
+fn fill_now<S: AsyncRead + Unpin>(stream: &mut BufReader<S>) -> bool {
+    use tokio::io::AsyncBufRead;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        std::pin::Pin::new(stream).poll_fill_buf(&mut cx),
+        std::task::Poll::Ready(Ok(buf)) if !buf.is_empty()
+    )
+}
+
 impl WorkerState {
     pub fn new(
         cfg: ReplicationConfig,
@@ -401,7 +414,9 @@ impl WorkerState {
             // a large TCP segment, many WAL messages are available without syscalls.
             // Read them in a tight loop to avoid select!/timeout overhead per message.
             let mut drained = 0usize;
-            while stream.buffer().len() >= 5 && drained < DRAIN_BATCH {
+            while drained < DRAIN_BATCH
+                && (stream.buffer().len() >= 5 || (stream.buffer().is_empty() && fill_now(stream)))
+            {
                 let msg = reader.read(stream).await?;
                 drained += 1;
                 if msg.tag == b'E' {

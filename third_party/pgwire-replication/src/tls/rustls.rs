@@ -71,7 +71,7 @@ pub enum MaybeTlsStream {
     /// Unencrypted TCP connection
     Plain(TcpStream),
     /// TLS-encrypted connection (boxed to reduce enum size)
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<tokio::io::BufReader<TcpStream>>>),
 }
 
 impl MaybeTlsStream {
@@ -93,7 +93,7 @@ impl MaybeTlsStream {
     pub fn get_ref(&self) -> &TcpStream {
         match self {
             MaybeTlsStream::Plain(s) => s,
-            MaybeTlsStream::Tls(s) => s.get_ref().0,
+            MaybeTlsStream::Tls(s) => s.get_ref().0.get_ref(),
         }
     }
 }
@@ -201,6 +201,9 @@ pub async fn maybe_upgrade_to_tls(
     let server_name = rustls::pki_types::ServerName::try_from(sni.to_string())
         .map_err(|_| PgWireError::Tls(format!("invalid SNI hostname '{sni}'")))?;
 
+    // Patched (see PATCHED.md): rustls reads the socket 4 KB at a time; through a
+    // buffer, a backlog costs one recv per 128 KB instead of one per 4 KB.
+    let tcp = tokio::io::BufReader::with_capacity(128 * 1024, tcp);
     let tls_stream = connector
         .connect(server_name, tcp)
         .await
