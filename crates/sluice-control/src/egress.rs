@@ -7,8 +7,12 @@
 //! and Unix sockets. The operator allows ranges with `sluice server --allow-egress`.
 //!
 //! A name that does not resolve passes: nothing can be reached through it today, and
-//! the pipeline's own connection fails with its own message. (A name that resolves
-//! differently later is not re-checked at connect time.)
+//! the pipeline's own connection fails with its own message. Every start checks again
+//! (a pipeline or mirror claimed by the supervisor, each provisioning step): a name
+//! that resolves elsewhere since (DNS rebinding), or a policy the operator narrowed,
+//! leaves the resource failed with the refusal in its status, before it connects.
+//! Between that check and the connection the name is resolved once more by the
+//! client library; pinning the checked address is not done.
 
 use std::net::IpAddr;
 

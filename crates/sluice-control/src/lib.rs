@@ -131,6 +131,28 @@ impl Control {
         policy.check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
     }
 
+    /// Every host a stored pipeline or mirror names, checked again just before this
+    /// server connects to them: what was checked when it was saved no longer holds
+    /// once the name resolves elsewhere (DNS rebinding) or the operator has narrowed
+    /// `--allow-egress`. The error is one line for the resource's status.
+    pub(crate) async fn recheck_egress(&self, named: &[(&str, &Value)]) -> Result<(), String> {
+        let policy = self.egress.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for (at, settings) in named {
+            if let Err(refused) = policy.check_settings(at, settings).await {
+                return Err(format!("egress refused when connecting: {}", refused.message));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Control::recheck_egress`] for a pipeline: its source, its sink and its enrichers.
+    pub(crate) async fn recheck_pipeline_egress(&self, p: &Loaded) -> Result<(), String> {
+        let source = serde_json::json!({ "host": p.source.host });
+        let mut named: Vec<(&str, &Value)> = vec![("", &source), (&p.sink.kind, &p.sink.settings)];
+        named.extend(p.enrichers.iter().map(|e| ("", e)));
+        self.recheck_egress(&named).await
+    }
+
     /// Sends every pipeline's metrics to a DogStatsD agent, tagged with its tenant.
     pub fn set_dogstatsd(&self, d: sluice_engine::dogstatsd::DogStatsd) {
         self.signals.lock().unwrap_or_else(|e| e.into_inner()).statsd = Some(d);

@@ -354,6 +354,10 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
         None if step == Step::Forget => return Ok(()),
         None => return Err(StepError::Fatal(format!("pipeline {} no longer exists", wf.pipeline_id))),
     };
+    // Forgetting connects to nothing; every other step reaches the tenant's hosts.
+    if step != Step::Forget {
+        ctl.recheck_pipeline_egress(&p).await.map_err(StepError::Fatal)?;
+    }
     let obj = p.object_name();
     let role = quote_ident(&obj);
     let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;

@@ -140,7 +140,7 @@ async fn workflow_state(url: &str, token: &str, tenant: &str, id: i64) -> Value 
     call("GET", &format!("{url}/v1/tenants/{tenant}/workflows/{id}"), Some(token), None).await.1
 }
 
-async fn wait_workflow(url: &str, token: &str, tenant: &str, id: i64, limit: Duration) -> Value {
+pub(crate) async fn wait_workflow(url: &str, token: &str, tenant: &str, id: i64, limit: Duration) -> Value {
     let deadline = Instant::now() + limit;
     loop {
         let w = workflow_state(url, token, tenant, id).await;

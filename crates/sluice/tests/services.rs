@@ -4,6 +4,7 @@
 //! OpenSearch's own clients.
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -366,6 +367,27 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     let pipeline = "{name: p, source: main, sink: replica, tables: [orders]}";
     let (s, v) = http("POST", &format!("{base}/pipelines"), Some(&ctl.admin), Some(pipeline.into())).await;
     assert_eq!(s, 201, "{v}");
+    let wf = v["workflow"].as_i64().unwrap_or_else(|| panic!("a provisioning workflow: {v}"));
+    crate::control::wait_workflow(&open.url, &ctl.admin, "acme", wf, Duration::from_secs(60)).await;
+    wait_equal(&ctl.env, "orders", "id", Duration::from_secs(60)).await;
+
+    // The operator narrows the policy and the server restarts under the same id: the
+    // stored hosts were allowed when saved, and are checked again before anything
+    // connects (as a name that now resolves to loopback would be).
+    let mut open = open;
+    open.proc.kill9();
+    let narrowed = ctl.server_env("open", free_port(), None, &[("SLUICE_ALLOW_EGRESS", "")]).await;
+    let base = format!("{}/v1/tenants/acme", narrowed.url);
+    ctl.env.src().await.batch_execute("INSERT INTO orders VALUES (1)").await.unwrap();
+    wait_for("the pipeline to be refused at start", Duration::from_secs(30), || async {
+        let (_, v) = http("GET", &format!("{base}/pipelines/p"), Some(&ctl.admin), None).await;
+        let error = v["status"]["error"].as_str().unwrap_or("");
+        v["status"]["state"] == "failed" && error.contains("egress refused") && error.contains("loopback")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dst = ctl.env.dst().await;
+    assert_eq!(dst.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0), 0, "nothing was delivered");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -118,8 +118,15 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
         .await?;
     for row in claimed {
         let (id, generation, desired, purge): (i64, i32, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        let cfg = match crate::api::load_mirror(ctl, id).await {
-            Ok(Some((_, cfg))) => cfg,
+        let loaded = match crate::api::load_mirror(ctl, id).await {
+            Ok(Some((spec, cfg))) => match ctl.recheck_egress(&[("", &Value::Object(spec.settings))]).await {
+                Ok(()) => Ok(Some(cfg)),
+                Err(refused) => Err(anyhow::anyhow!(refused)),
+            },
+            other => other.map(|m| m.map(|(_, cfg)| cfg)),
+        };
+        let cfg = match loaded {
+            Ok(Some(cfg)) => cfg,
             Ok(None) => continue,
             Err(e) => {
                 c.execute(
