@@ -115,6 +115,9 @@ pub struct SourceSpec {
     /// (certificate files are the server operator's, never named by a tenant).
     #[serde(default)]
     pub sslmode: sluice_core::SslMode,
+    /// A private authority to trust instead, as PEM text (public: it is a certificate).
+    #[serde(default)]
+    pub sslrootcert_pem: Option<String>,
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
 }
@@ -138,19 +141,27 @@ impl SourceSpec {
         if s.heartbeat_interval < Duration::from_millis(100) {
             return Err(Invalid::new("heartbeat_interval", "must be at least 100ms"));
         }
+        if s.sslrootcert_pem.is_some() {
+            s.admin().check_tls().map_err(|m| Invalid::new("sslrootcert_pem", m))?;
+        }
         Ok(s)
     }
 
     /// What the API shows and stores in the clear.
     pub fn public(&self) -> Value {
-        json!({
+        let mut v = json!({
             "name": self.name, "host": self.host, "port": self.port, "database": self.database,
-            "admin_user": self.admin_user, "sslmode": self.sslmode.as_str(), "heartbeat_interval": humantime::format_duration(self.heartbeat_interval).to_string(),
-        })
+            "admin_user": self.admin_user, "sslmode": self.sslmode.as_str(),
+            "heartbeat_interval": humantime::format_duration(self.heartbeat_interval).to_string(),
+        });
+        if let Some(pem) = &self.sslrootcert_pem {
+            v["sslrootcert_pem"] = json!(pem);
+        }
+        v
     }
 
     pub fn admin(&self) -> sluice_postgres::PgConnConfig {
-        let tls = sluice_core::PgTls { sslmode: self.sslmode, ..Default::default() };
+        let tls = sluice_core::PgTls { sslmode: self.sslmode, sslrootcert_pem: self.sslrootcert_pem.clone(), ..Default::default() };
         sluice_postgres::PgConnConfig::with_tls(&self.host, self.port, &self.admin_user, self.admin_password.clone(), &self.database, tls)
     }
 
@@ -371,7 +382,7 @@ fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
         "max.partition.fetch.bytes",
         "topic.metadata.refresh.interval.ms",
     ];
-    const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
+    const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities, or the one given inline as sslrootcert_pem; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
     match v {
         Value::Object(m) => m.iter().find_map(|(k, v)| {
             let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
@@ -451,6 +462,7 @@ const SHOWN: &[&str] = &[
     "sslcert",
     "sslmode",
     "sslrootcert",
+    "sslrootcert_pem",
     "start_from",
     "table",
     "tables",
@@ -686,6 +698,7 @@ pub fn run_config(
             database: source.database.clone(),
             sslmode: source.sslmode,
             sslrootcert: None,
+            sslrootcert_pem: source.sslrootcert_pem.clone(),
             sslcert: None,
             sslkey: None,
             tables: spec.tables.iter().cloned().map(Into::into).collect(),
@@ -806,6 +819,19 @@ mod tests {
         assert!(e.message.contains("admin_password"), "{}", e.message);
         assert!(SourceSpec::parse(b"").err().unwrap().message.contains("empty"));
         assert!(SourceSpec::parse(b"{not json").is_err());
+        // A private authority is given inline (tenants name no files), and kept.
+        let e = SourceSpec::parse(
+            b"{name: a, host: h, database: d, admin_user: u, admin_password: p, sslmode: verify-full, sslrootcert_pem: junk}",
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.field.as_deref(), Some("sslrootcert_pem"), "{}", e.message);
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let body =
+            format!("{{name: a, host: h, database: d, admin_user: u, admin_password: p, sslmode: verify-full, sslrootcert_pem: {pem:?}}}");
+        let s = SourceSpec::parse(body.as_bytes()).unwrap();
+        assert_eq!(s.public()["sslrootcert_pem"], pem);
+        assert_eq!(s.admin().sslrootcert_pem.as_deref(), Some(pem));
     }
 
     #[test]

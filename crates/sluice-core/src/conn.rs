@@ -23,6 +23,10 @@ pub struct PgConnConfig {
     /// (the public web roots when absent).
     #[serde(default)]
     pub sslrootcert: Option<PathBuf>,
+    /// The same authorities as PEM text, for who may not name a file on the server
+    /// (a tenant of `sluice server`); in place of `sslrootcert`.
+    #[serde(default)]
+    pub sslrootcert_pem: Option<String>,
     /// PEM files of a client certificate and its key, for certificate authentication.
     #[serde(default)]
     pub sslcert: Option<PathBuf>,
@@ -65,6 +69,7 @@ impl SslMode {
 pub struct PgTls {
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
+    pub sslrootcert_pem: Option<String>,
     pub sslcert: Option<PathBuf>,
     pub sslkey: Option<PathBuf>,
 }
@@ -95,6 +100,7 @@ impl PgConnConfig {
             database: database.into(),
             sslmode: tls.sslmode,
             sslrootcert: tls.sslrootcert,
+            sslrootcert_pem: tls.sslrootcert_pem,
             sslcert: tls.sslcert,
             sslkey: tls.sslkey,
         }
@@ -110,7 +116,15 @@ impl PgConnConfig {
         if self.sslcert.is_some() != self.sslkey.is_some() {
             return Err("sslcert and sslkey go together: give both files for certificate authentication, or neither".into());
         }
-        if self.sslmode == SslMode::Disable && (self.sslrootcert.is_some() || self.sslcert.is_some()) {
+        if self.sslrootcert.is_some() && self.sslrootcert_pem.is_some() {
+            return Err("sslrootcert and sslrootcert_pem both name the trusted authorities: give one of them".into());
+        }
+        if let Some(pem) = &self.sslrootcert_pem
+            && !pem.contains("-----BEGIN CERTIFICATE-----")
+        {
+            return Err("sslrootcert_pem holds no certificate: paste the authority's PEM, from -----BEGIN CERTIFICATE----- on".into());
+        }
+        if self.sslmode == SslMode::Disable && (self.sslrootcert.is_some() || self.sslrootcert_pem.is_some() || self.sslcert.is_some()) {
             return Err(
                 "sslmode is disable but TLS files are given: set sslmode to verify-full (or remove sslrootcert/sslcert/sslkey)".into()
             );

@@ -50,6 +50,9 @@ pub struct SourceConfig {
     pub sslmode: sluice_core::SslMode,
     #[serde(default)]
     pub sslrootcert: Option<std::path::PathBuf>,
+    /// The authorities as PEM text, in place of `sslrootcert`.
+    #[serde(default)]
+    pub sslrootcert_pem: Option<String>,
     #[serde(default)]
     pub sslcert: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -147,6 +150,7 @@ impl SourceConfig {
         sluice_core::PgTls {
             sslmode: self.sslmode,
             sslrootcert: self.sslrootcert.clone(),
+            sslrootcert_pem: self.sslrootcert_pem.clone(),
             sslcert: self.sslcert.clone(),
             sslkey: self.sslkey.clone(),
         }

@@ -30,6 +30,7 @@ fn wire_tls(cfg: &PgConnConfig) -> pgwire_replication::TlsConfig {
     let mut tls = pgwire_replication::TlsConfig::disabled();
     tls.mode = mode;
     tls.ca_pem_path = cfg.sslrootcert.clone();
+    tls.ca_pem = cfg.sslrootcert_pem.as_ref().map(|p| p.as_bytes().to_vec());
     tls.client_cert_pem_path = cfg.sslcert.clone();
     tls.client_key_pem_path = cfg.sslkey.clone();
     tls

@@ -119,6 +119,26 @@ async fn postgres_over_verified_tls_snapshots_streams_and_says_why_tls_failed() 
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("TLS to localhost:{port} failed")) && err.contains("unknown CA"), "{err}");
 
+    // The authority given inline, as a tenant who may not name files gives it: trusted
+    // as the file is; another authority inline fails the same way; text that holds no
+    // certificate is refused before anything connects.
+    let inline = |pem: &std::path::Path| {
+        format!(
+            "  host: localhost\n  port: {port}\n  sslmode: verify-full\n  sslrootcert_pem: {:?}\n",
+            std::fs::read_to_string(pem).unwrap()
+        )
+    };
+    let (code, err) = check(&env, &inline(&ca));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = check(&env, &inline(&other));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("TLS to localhost:{port} failed")) && err.contains("unknown CA"), "{err}");
+    let (code, err) =
+        check(&env, &format!("  host: localhost\n  port: {port}\n  sslmode: verify-full\n  sslrootcert_pem: not a certificate\n"));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("sslrootcert_pem holds no certificate"), "{err}");
+
     let (code, err) = check(&env, &format!("  host: 127.0.0.1\n  port: {port}\n  sslmode: disable\n"));
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

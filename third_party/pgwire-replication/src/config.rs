@@ -72,6 +72,10 @@ pub struct TlsConfig {
     /// the Mozilla root certificates (webpki-roots) are used.
     pub ca_pem_path: Option<PathBuf>,
 
+    /// Patched (see PATCHED.md): the trusted CA certificates as PEM text, in place
+    /// of `ca_pem_path` (for callers that may not name files).
+    pub ca_pem: Option<Vec<u8>>,
+
     /// Override SNI hostname sent during TLS handshake.
     ///
     /// Useful when:

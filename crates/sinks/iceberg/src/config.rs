@@ -164,6 +164,9 @@ pub struct SqlCatalogConfig {
     pub sslmode: sluice_core::SslMode,
     #[serde(default)]
     pub sslrootcert: Option<std::path::PathBuf>,
+    /// The authorities as PEM text, in place of `sslrootcert`.
+    #[serde(default)]
+    pub sslrootcert_pem: Option<String>,
     #[serde(default)]
     pub sslcert: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -207,6 +210,7 @@ impl IcebergSinkConfig {
                 let tls = sluice_core::PgTls {
                     sslmode: c.sslmode,
                     sslrootcert: c.sslrootcert.clone(),
+                    sslrootcert_pem: c.sslrootcert_pem.clone(),
                     sslcert: c.sslcert.clone(),
                     sslkey: c.sslkey.clone(),
                 };

@@ -22,6 +22,9 @@ pub struct PostgresSinkConfig {
     pub sslmode: sluice_core::SslMode,
     #[serde(default)]
     pub sslrootcert: Option<std::path::PathBuf>,
+    /// The authorities as PEM text, in place of `sslrootcert`.
+    #[serde(default)]
+    pub sslrootcert_pem: Option<String>,
     #[serde(default)]
     pub sslcert: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -39,6 +42,7 @@ impl PostgresSinkConfig {
         let tls = sluice_core::PgTls {
             sslmode: self.sslmode,
             sslrootcert: self.sslrootcert.clone(),
+            sslrootcert_pem: self.sslrootcert_pem.clone(),
             sslcert: self.sslcert.clone(),
             sslkey: self.sslkey.clone(),
         };

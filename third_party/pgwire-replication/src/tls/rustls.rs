@@ -290,7 +290,18 @@ fn build_root_store(tls: &TlsConfig) -> Result<RootCertStore> {
 
     let mut roots = RootCertStore::empty();
 
-    if let Some(path) = &tls.ca_pem_path {
+    if let Some(pem) = &tls.ca_pem {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| PgWireError::Tls(format!("TLS config error: failed to parse the inline CA PEM: {e}")))?;
+        let (added, _ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(PgWireError::Tls(
+                "TLS config error: no valid CA certificates found in the inline CA PEM".into(),
+            ));
+        }
+    } else if let Some(path) = &tls.ca_pem_path {
         // Load custom CA certificates
         use rustls::pki_types::pem::PemObject;
 
