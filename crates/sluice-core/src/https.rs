@@ -4,17 +4,25 @@
 
 use std::path::Path;
 
-/// A client builder that trusts only the authority in `ca_file` (PEM) when one is
-/// given (a private CA), the system's authorities otherwise. `setting` names the
-/// option in errors (`sink.webhook.ca_file`).
-pub fn client(ca_file: Option<&Path>, setting: &str) -> Result<reqwest::ClientBuilder, String> {
+/// A client builder that trusts only the authority given (a private CA): a PEM file
+/// (`ca_file`), or PEM text (`ca_pem`, for tenants, who may not name a file on the
+/// server); the system's authorities when neither is. `setting` names the file
+/// option in errors (`sink.webhook.ca_file`); the text option is its `ca_pem` twin.
+pub fn client(ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Result<reqwest::ClientBuilder, String> {
     let builder = reqwest::Client::builder();
-    let Some(ca) = ca_file else { return Ok(builder) };
-    let pem = std::fs::read(ca).map_err(|e| format!("{setting} {}: {e}", ca.display()))?;
+    let pem_setting = setting.replace("ca_file", "ca_pem");
+    let (pem, what) = match (ca_file, ca_pem) {
+        (None, None) => return Ok(builder),
+        (Some(_), Some(_)) => return Err(format!("{setting} and {pem_setting} both name the trusted authority: give one of them")),
+        (Some(ca), None) => {
+            (std::fs::read(ca).map_err(|e| format!("{setting} {}: {e}", ca.display()))?, format!("{setting} {}", ca.display()))
+        }
+        (None, Some(text)) => (text.as_bytes().to_vec(), pem_setting),
+    };
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
         .ok()
         .filter(|c| !c.is_empty())
-        .ok_or_else(|| format!("{setting} {}: not a PEM certificate", ca.display()))?;
+        .ok_or_else(|| format!("{what}: not a PEM certificate"))?;
     Ok(builder.tls_certs_only(certs))
 }
 
@@ -72,7 +80,9 @@ mod tests {
         let why = super::certificate_problem("invalid peer certificate: UnknownIssuer", "sink.webhook.ca_file").unwrap();
         assert!(why.contains("unknown CA") && why.contains("sink.webhook.ca_file"), "{why}");
         assert!(super::certificate_problem("connection refused", "x").is_none());
-        let e = super::client(Some(std::path::Path::new("/nonexistent.pem")), "sink.webhook.ca_file").unwrap_err();
+        let e = super::client(Some(std::path::Path::new("/nonexistent.pem")), None, "sink.webhook.ca_file").unwrap_err();
         assert!(e.starts_with("sink.webhook.ca_file /nonexistent.pem"), "{e}");
+        let e = super::client(None, Some("junk"), "sink.webhook.ca_file").unwrap_err();
+        assert_eq!(e, "sink.webhook.ca_pem: not a PEM certificate");
     }
 }

@@ -212,7 +212,8 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     let (_, v) = call("GET", &format!("{url}/registry/subjects"), Some(&ctl.admin), None).await;
     assert_eq!(v, serde_json::json!([":.acme:orders-value", ":.globex:orders-value"]));
 
-    // A pipeline's search sink reaches the same service over HTTPS, trusting the test CA,
+    // A pipeline's search sink reaches the same service over HTTPS, trusting the test CA
+    // given inline (ca_pem),
     // with the tenant's token as its password: rows become documents in the tenant's index.
     let env = &ctl.env;
     let src = env.src().await;
@@ -225,11 +226,11 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     let cfg = env.write_config(&format!(
         "pipeline: {db}_search\nsource: {{host: 127.0.0.1, port: {sp}, user: {user}, password: {pw}, database: {db}, tables: [public.items], \
          heartbeat_interval: 500ms}}\nsink:\n  search:\n    url: {url}/search\n    index: acme.items\n    username: acme\n    password: {acme}\n    \
-         ca_file: {ca}\n    document: {{table: public.items}}\n    state: {{host: 127.0.0.1, port: {dp}, user: {user}, password: {pw}, database: {db}}}\n",
+         ca_pem: {ca:?}\n    document: {{table: public.items}}\n    state: {{host: 127.0.0.1, port: {dp}, user: {user}, password: {pw}, database: {db}}}\n",
         db = env.db,
         sp = env.src_port,
         dp = env.dst_port,
-        ca = CA.get().unwrap().display(),
+        ca = std::fs::read_to_string(CA.get().unwrap()).unwrap(), // inline, as a tenant gives it
     ));
     let mut p = env.spawn(&cfg);
     let count = |n: i64| {

@@ -23,7 +23,7 @@ impl RegistryClient {
     /// `ca_file`: the authority of an https registry's certificate, when private.
     pub fn new(base_url: &str, ca_file: Option<&std::path::Path>) -> Result<Self> {
         let shown = sluice_core::https::shown(base_url.trim_end_matches('/'));
-        let http = sluice_core::https::client(ca_file, "sink.kafka.registry_ca_file")
+        let http = sluice_core::https::client(ca_file, None, "sink.kafka.registry_ca_file")
             .map_err(|m| KafkaSinkError::new(ErrorKind::Permanent, m))?
             .timeout(std::time::Duration::from_secs(30))
             .build()

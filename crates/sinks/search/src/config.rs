@@ -30,6 +30,9 @@ pub struct SearchSinkConfig {
     /// it, the system's trusted authorities).
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// The same authority as PEM text, in place of `ca_file` (tenants give it so).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
     pub document: DocumentSpec,
     /// Documents per `_bulk` request (and root rows per page of the initial load).
     #[serde(default = "default_bulk_docs")]
@@ -67,6 +70,7 @@ impl SearchSinkConfig {
             password: self.password.clone(),
             api_key: self.api_key.clone(),
             ca_file: self.ca_file.clone(),
+            ca_pem: self.ca_pem.clone(),
             bulk_max_docs: self.bulk_max_docs,
             bulk_max_bytes: self.bulk_max_bytes,
             max_in_flight_requests: self.max_in_flight_requests,
@@ -89,6 +93,9 @@ impl SinkConfigure for SearchSinkConfig {
         }
         if self.ca_file.is_some() && !self.url.starts_with("https://") {
             return Err("sink.search.ca_file: only an https:// url uses it".into());
+        }
+        if self.ca_pem.is_some() && !self.url.starts_with("https://") {
+            return Err("sink.search.ca_pem: only an https:// url uses it".into());
         }
         let i = &self.index;
         if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {

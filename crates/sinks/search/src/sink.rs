@@ -36,6 +36,7 @@ pub struct SearchSinkOptions {
     pub api_key: Option<SecretString>,
     /// The authority of an https service's certificate (PEM), when not a public one.
     pub ca_file: Option<std::path::PathBuf>,
+    pub ca_pem: Option<String>,
     /// Documents per `_bulk` request.
     pub bulk_max_docs: usize,
     /// Bytes per `_bulk` request body (a request is cut before it grows past this).
@@ -81,7 +82,7 @@ impl SearchSink {
     /// Connects and checks that the search service answers; writes nothing (so
     /// `sluice check` can call it).
     pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
-        let http = sluice_core::https::client(opts.ca_file.as_deref(), "sink.search.ca_file")
+        let http = sluice_core::https::client(opts.ca_file.as_deref(), opts.ca_pem.as_deref(), "sink.search.ca_file")
             .map_err(SearchError::permanent)?
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))

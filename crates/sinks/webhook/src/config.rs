@@ -20,6 +20,9 @@ pub struct WebhookSinkConfig {
     /// it, the system's trusted authorities).
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// The same authority as PEM text, in place of `ca_file` (tenants give it so).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
     #[serde(default)]
     pub format: Format,
     /// Events per request at most.
@@ -88,6 +91,9 @@ impl SinkConfigure for WebhookSinkConfig {
         }
         if self.ca_file.is_some() && !self.url.starts_with("https://") {
             return Err("sink.webhook.ca_file: only an https:// url uses it".into());
+        }
+        if self.ca_pem.is_some() && !self.url.starts_with("https://") {
+            return Err("sink.webhook.ca_pem: only an https:// url uses it".into());
         }
         if self.max_events == 0 || self.max_events > 100_000 {
             return Err("sink.webhook.max_events: must be between 1 and 100000".into());

@@ -61,7 +61,7 @@ impl WebhookSink {
     /// Builds the HTTP client and connects the state database; sends nothing (a probe
     /// request would be a change to the endpoint's eyes).
     pub(crate) async fn connect(cfg: WebhookSinkConfig, ctx: &SinkContext) -> SinkResult<Self> {
-        let http = sluice_core::https::client(cfg.ca_file.as_deref(), "sink.webhook.ca_file")
+        let http = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "sink.webhook.ca_file")
             .map_err(SinkError::permanent)?
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))

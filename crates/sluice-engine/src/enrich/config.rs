@@ -136,6 +136,9 @@ pub struct HttpConfig {
     /// it, the system's trusted authorities).
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// The same authority as PEM text, in place of `ca_file` (tenants give it so).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
     /// The event's column whose value is sent as the key.
     pub key: String,
     /// Fields of the answer and their types (`string`, `int`, `float`, `bool`, `json`).
