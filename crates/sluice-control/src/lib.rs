@@ -125,10 +125,13 @@ impl Control {
         *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(e);
     }
 
+    fn egress_policy(&self) -> Arc<egress::Egress> {
+        self.egress.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Refuses (422 `egress_refused`) settings naming a host tenants may not reach.
     pub(crate) async fn check_egress(&self, at: &str, settings: &Value) -> Result<(), api::ApiError> {
-        let policy = self.egress.read().unwrap_or_else(|e| e.into_inner()).clone();
-        policy.check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
+        self.egress_policy().check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
     }
 
     /// Every host a stored pipeline or mirror names, checked again just before this
@@ -136,7 +139,7 @@ impl Control {
     /// once the name resolves elsewhere (DNS rebinding) or the operator has narrowed
     /// `--allow-egress`. The error is one line for the resource's status.
     pub(crate) async fn recheck_egress(&self, named: &[(&str, &Value)]) -> Result<(), String> {
-        let policy = self.egress.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let policy = self.egress_policy();
         for (at, settings) in named {
             if let Err(refused) = policy.check_settings(at, settings).await {
                 return Err(format!("egress refused when connecting: {}", refused.message));

@@ -26,6 +26,22 @@ pub fn client(ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Re
     Ok(builder.tls_certs_only(certs))
 }
 
+/// A private authority (`ca_file` or `ca_pem`) is only for an https URL: the error
+/// names the option given (`setting` names the file option, as for [`client`]).
+pub fn private_ca_needs_https(https: bool, ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Result<(), String> {
+    if https {
+        return Ok(());
+    }
+    let given = if ca_file.is_some() {
+        setting.to_string()
+    } else if ca_pem.is_some() {
+        setting.replace("ca_file", "ca_pem")
+    } else {
+        return Ok(());
+    };
+    Err(format!("{given}: only an https:// url uses it"))
+}
+
 /// When a request failed because the peer's certificate was refused: one line naming
 /// the peer, the cause and the fix (`ca_setting` is the option that names an
 /// authority). Other failures: `None`.

@@ -79,15 +79,7 @@ async fn slot_in_use_by_another_pipeline_is_refused() {
     env.src().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)").await.unwrap();
     let cfg = env.config(&["t"], "");
     let mut first = env.spawn(&cfg);
-    let src = env.src().await;
-    wait_for("the first pipeline to hold its slot", Duration::from_secs(30), || async {
-        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = $1", &[&format!("sluice_{}", env.db)])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    })
-    .await;
+    wait_slot_active(&env, "the first pipeline to hold its slot").await;
     expect_failure(&cfg, "is in use by another connection");
     first.assert_running();
     assert_eq!(first.terminate(), Some(0));

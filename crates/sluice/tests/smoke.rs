@@ -73,14 +73,7 @@ async fn metrics_endpoint_reports_events_lag_and_wal() {
     // The rows must arrive as changes, not in the snapshot (which the events counter
     // does not count): an empty target table can exist before the slot does, so wait
     // for the stream itself.
-    wait_for("the pipeline to stream from its slot", Duration::from_secs(30), || async {
-        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = $1", &[&format!("sluice_{}", env.db)])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    })
-    .await;
+    wait_slot_active(&env, "the pipeline to stream from its slot").await;
     src.batch_execute("INSERT INTO m SELECT generate_series(1, 500)").await.unwrap();
     wait_equal(&env, "m", "id", Duration::from_secs(30)).await;
     let scrape = || {

@@ -91,12 +91,8 @@ impl SinkConfigure for SearchSinkConfig {
         if self.api_key.is_some() && self.username.is_some() {
             return Err("sink.search: give username/password or api_key, not both".into());
         }
-        if self.ca_file.is_some() && !self.url.starts_with("https://") {
-            return Err("sink.search.ca_file: only an https:// url uses it".into());
-        }
-        if self.ca_pem.is_some() && !self.url.starts_with("https://") {
-            return Err("sink.search.ca_pem: only an https:// url uses it".into());
-        }
+        let https = self.url.starts_with("https://");
+        sluice_core::https::private_ca_needs_https(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.search.ca_file")?;
         let i = &self.index;
         if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {
             return Err(format!(

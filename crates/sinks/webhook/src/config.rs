@@ -89,12 +89,8 @@ impl SinkConfigure for WebhookSinkConfig {
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("sink.webhook.url: {:?} names no host", self.url));
         }
-        if self.ca_file.is_some() && !self.url.starts_with("https://") {
-            return Err("sink.webhook.ca_file: only an https:// url uses it".into());
-        }
-        if self.ca_pem.is_some() && !self.url.starts_with("https://") {
-            return Err("sink.webhook.ca_pem: only an https:// url uses it".into());
-        }
+        let https = self.url.starts_with("https://");
+        sluice_core::https::private_ca_needs_https(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.webhook.ca_file")?;
         if self.max_events == 0 || self.max_events > 100_000 {
             return Err("sink.webhook.max_events: must be between 1 and 100000".into());
         }

@@ -212,16 +212,14 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         let (tenant_id, sink) = loaded.as_ref().map(|p| (p.tenant_id, p.sink.kind.clone())).unwrap_or_default();
         let tenant: String =
             c.query_opt("SELECT name FROM tenants WHERE id = $1", &[&tenant_id]).await?.map(|r| r.get(0)).unwrap_or_default();
-        let checked = match loaded {
-            Some(p) => match ctl.recheck_pipeline_egress(&p).await {
-                Ok(()) => Some(p.run_config().map_err(|e| e.message)),
-                Err(refused) => Some(Err(refused)),
-            },
-            None => None,
+        let Some(p) = loaded else { continue };
+        let checked = match ctl.recheck_pipeline_egress(&p).await {
+            Ok(()) => p.run_config().map_err(|e| e.message),
+            Err(refused) => Err(refused),
         };
         let cfg = match checked {
-            Some(Ok(cfg)) => cfg,
-            Some(Err(error)) => {
+            Ok(cfg) => cfg,
+            Err(error) => {
                 tracing::error!(pipeline = id, %error, "pipeline not started");
                 c.execute(
                     "UPDATE pipelines SET owner = NULL, retry_at = now() + interval '60 s', status = $2 WHERE id = $1",
@@ -230,7 +228,6 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
                 .await?;
                 continue;
             }
-            None => continue,
         };
         let metrics = Arc::new(Metrics::default());
         let (stop, rx) = watch::channel(false);

@@ -77,9 +77,7 @@ impl Http {
         if cfg.fields.is_empty() {
             return Err("fields: name at least one field and its type".into());
         }
-        if (cfg.ca_file.is_some() || cfg.ca_pem.is_some()) && url.scheme() != "https" {
-            return Err(format!("{}: only an https:// url uses it", if cfg.ca_file.is_some() { "ca_file" } else { "ca_pem" }));
-        }
+        sluice_core::https::private_ca_needs_https(url.scheme() == "https", cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
         let client = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?
             .timeout(cfg.timeout)
             .build()

@@ -453,6 +453,17 @@ pub fn run_to_exit(args: &[&str], limit: Duration) -> (Option<i32>, String) {
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Waits until a pipeline of `env` streams from its slot (`sluice_<db>`, held active).
+pub async fn wait_slot_active(env: &Env, what: &str) {
+    let src = env.src().await;
+    let slot = format!("sluice_{}", env.db);
+    wait_for(what, Duration::from_secs(30), || async {
+        src.query_one("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = $1", &[&slot]).await.unwrap().get::<_, i64>(0)
+            == 1
+    })
+    .await;
+}
+
 /// Waits until the slot confirmed everything written so far (all delivered).
 pub async fn wait_caught_up(env: &Env, slot: &str, limit: Duration) {
     let src = env.src().await;

@@ -290,19 +290,14 @@ fn build_root_store(tls: &TlsConfig) -> Result<RootCertStore> {
 
     let mut roots = RootCertStore::empty();
 
-    if let Some(pem) = &tls.ca_pem {
+    // Custom CA certificates: inline (patched, see PATCHED.md) or from a file.
+    let custom = if let Some(pem) = &tls.ca_pem {
         use rustls::pki_types::pem::PemObject;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| PgWireError::Tls(format!("TLS config error: failed to parse the inline CA PEM: {e}")))?;
-        let (added, _ignored) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(PgWireError::Tls(
-                "TLS config error: no valid CA certificates found in the inline CA PEM".into(),
-            ));
-        }
+        Some((certs, "the inline CA PEM".to_string()))
     } else if let Some(path) = &tls.ca_pem_path {
-        // Load custom CA certificates
         use rustls::pki_types::pem::PemObject;
 
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
@@ -319,12 +314,16 @@ fn build_root_store(tls: &TlsConfig) -> Result<RootCertStore> {
                     path.display()
                 ))
             })?;
+        Some((certs, format!("'{}'", path.display())))
+    } else {
+        None
+    };
 
+    if let Some((certs, shown)) = custom {
         let (added, _ignored) = roots.add_parsable_certificates(certs);
         if added == 0 {
             return Err(PgWireError::Tls(format!(
-                "TLS config error: no valid CA certificates found in '{}'",
-                path.display()
+                "TLS config error: no valid CA certificates found in {shown}"
             )));
         }
     } else {
