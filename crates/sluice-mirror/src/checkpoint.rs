@@ -12,6 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::clusters::{Side, consumer};
+use crate::commit_log::CommitLog;
 use crate::config::MirrorConfig;
 use crate::error::{MirrorError, Result};
 use crate::offsets::{OffsetMap, Translation};
@@ -30,8 +31,11 @@ pub struct GroupOffset {
     pub translation: Translation,
 }
 
+/// A group's committed offsets: (topic, partition, offset), sorted.
+type Committed = Vec<(String, i32, i64)>;
+
 /// The group's committed source offsets for every partition the mirror copies.
-fn committed(client: &BaseConsumer, group: &str, map: &OffsetMap) -> Result<Vec<(String, i32, i64)>> {
+fn committed(client: &BaseConsumer, group: &str, map: &OffsetMap) -> Result<Committed> {
     let mut tpl = TopicPartitionList::new();
     for (t, p) in map.partitions.keys() {
         tpl.add_partition(t, *p);
@@ -69,31 +73,74 @@ pub fn translate_group(cfg: &MirrorConfig, map: &OffsetMap, group: &str) -> Resu
         .collect())
 }
 
+/// Whether a source group's offsets are translated: it matches `offsets.groups` and
+/// is not a mirror's own.
+fn wanted(groups: &regex::Regex, group: &str) -> bool {
+    groups.is_match(group) && !group.starts_with("sluice-mirror")
+}
+
+/// At most this many target clients are kept between passes (a client per group,
+/// since librdkafka fixes the group id): enough for the groups that commit often,
+/// without a client for each of thousands of groups that settled long ago.
+const TARGET_CLIENTS: usize = 64;
+
 /// Writes translated offsets of the source's groups to the target, periodically.
 pub(crate) struct GroupSync {
     groups: regex::Regex,
-    /// One client per group and side (a group id is fixed per client).
-    clients: HashMap<(String, bool), BaseConsumer>,
+    /// The source's commits as they happen; `None` when the source does not let the
+    /// mirror read its offsets log, and each group is asked instead.
+    log: Option<CommitLog>,
+    /// Clients with a group's id: on the source only when the log cannot be read, on
+    /// the target for the groups written lately.
+    clients: HashMap<(String, Side), BaseConsumer>,
     /// What each group's translation was when last settled (written, or found as far
     /// on the target): while it stays the same the target is not asked again, which
     /// saves two round trips a group a pass.
-    settled: HashMap<String, Vec<(String, i32, i64)>>,
+    settled: HashMap<String, Committed>,
 }
 
 impl GroupSync {
     pub fn new(cfg: &MirrorConfig) -> Result<Self> {
         let g = &cfg.offsets.groups;
         let groups = regex::Regex::new(&format!("^(?:{g})$")).map_err(|e| MirrorError::fatal(format!("offsets.groups: {e}")))?;
-        Ok(Self { groups, clients: HashMap::new(), settled: HashMap::new() })
+        let log = if g.is_empty() { None } else { Some(CommitLog::new(cfg)?) };
+        Ok(Self { groups, log, clients: HashMap::new(), settled: HashMap::new() })
     }
 
-    fn client(&mut self, cfg: &MirrorConfig, group: &str, target: bool) -> Result<&BaseConsumer> {
-        let key = (group.to_string(), target);
+    fn client(&mut self, cfg: &MirrorConfig, group: &str, side: Side) -> Result<&BaseConsumer> {
+        let key = (group.to_string(), side);
         if !self.clients.contains_key(&key) {
-            let side = if target { Side::Target } else { Side::Source };
+            if side == Side::Target && self.clients.keys().filter(|(_, s)| *s == Side::Target).count() >= TARGET_CLIENTS {
+                let old = self.clients.keys().find(|(_, s)| *s == Side::Target).cloned();
+                old.map(|k| self.clients.remove(&k));
+            }
             self.clients.insert(key.clone(), consumer(cfg, side, Some(group))?);
         }
         Ok(&self.clients[&key])
+    }
+
+    /// Every matching source group's committed offsets: from the offsets log, or, when
+    /// the source does not allow reading it, by asking each group.
+    fn source_offsets(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer) -> Result<Vec<(String, Committed)>> {
+        if let Some(log) = self.log.as_mut() {
+            let groups = &self.groups;
+            match log.catch_up(|g| wanted(groups, g)) {
+                Ok(()) => return Ok(log.groups().map(|(g, o)| (g.to_string(), o)).collect()),
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "asking each consumer group for its offsets instead");
+                    self.log = None;
+                }
+            }
+        }
+        let list = source.fetch_group_list(None, TIMEOUT).map_err(|e| MirrorError::kafka("listing the source's consumer groups", &e))?;
+        let names: Vec<String> = list.groups().iter().map(|g| g.name().to_string()).filter(|n| wanted(&self.groups, n)).collect();
+        let mut out = Vec::with_capacity(names.len());
+        for group in names {
+            let offsets = committed(self.client(cfg, &group, Side::Source)?, &group, map)?;
+            out.push((group, offsets));
+        }
+        Ok(out)
     }
 
     /// One pass over the source's groups; returns how many partition offsets it wrote.
@@ -101,16 +148,8 @@ impl GroupSync {
         if cfg.offsets.groups.is_empty() {
             return Ok(0);
         }
-        let list = source.fetch_group_list(None, TIMEOUT).map_err(|e| MirrorError::kafka("listing the source's consumer groups", &e))?;
-        let names: Vec<String> = list
-            .groups()
-            .iter()
-            .map(|g| g.name().to_string())
-            .filter(|n| self.groups.is_match(n) && !n.starts_with("sluice-mirror"))
-            .collect();
         let mut written = 0;
-        for group in names {
-            let src = committed(self.client(cfg, &group, false)?, &group, map)?;
+        for (group, src) in self.source_offsets(cfg, map, source)? {
             let mut wanted = Vec::new();
             for (topic, p, off) in &src {
                 if let Translation::Exact { target } = map.translate(topic, *p, *off) {
@@ -130,7 +169,7 @@ impl GroupSync {
                 want.add_partition_offset(topic, *p, Offset::Offset(*target))
                     .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
             }
-            let client = self.client(cfg, &group, true)?;
+            let client = self.client(cfg, &group, Side::Target)?;
             let have = client
                 .committed_offsets(want.clone(), TIMEOUT)
                 .map_err(|e| MirrorError::kafka(&format!("reading group {group}'s offsets on the target"), &e))?;

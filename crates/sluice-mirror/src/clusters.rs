@@ -29,7 +29,7 @@ const NOT_COPIED: &[&str] = &[
 ];
 
 /// Which side of the mirror, for messages and settings.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Side {
     Source,
     Target,
@@ -83,7 +83,7 @@ pub(crate) fn consumer(cfg: &MirrorConfig, side: Side, group: Option<&str>) -> R
     consumer_with(cfg, side, group, &[])
 }
 
-fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>, extra: &[(&str, String)]) -> Result<BaseConsumer> {
+pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>, extra: &[(&str, String)]) -> Result<BaseConsumer> {
     let mut c = client_config(cfg, side);
     c.set("enable.auto.commit", "false").set("isolation.level", "read_committed").set("enable.partition.eof", "false");
     if let Some(g) = group {

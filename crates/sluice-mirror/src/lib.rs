@@ -16,6 +16,7 @@
 mod check;
 mod checkpoint;
 mod clusters;
+mod commit_log;
 pub mod config;
 mod copy;
 mod error;
