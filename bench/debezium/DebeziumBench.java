@@ -73,6 +73,7 @@ public class DebeziumBench {
             Properties kp = new Properties();
             kp.setProperty("bootstrap.servers", a.get("brokers"));
             kp.setProperty("acks", "all");
+            kp.setProperty("compression.type", a.getOrDefault("compression", "none"));
             producer = new KafkaProducer<>(kp, new StringSerializer(), new StringSerializer());
         } else if (!mode.equals("null")) {
             throw new IllegalArgumentException("--mode: null or kafka, not " + mode);

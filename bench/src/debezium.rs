@@ -57,6 +57,8 @@ struct Setup {
     brokers: String,
     work: PathBuf,
     classpath: String,
+    /// The producers' `compression.type`.
+    compression: String,
 }
 
 impl Setup {
@@ -75,7 +77,12 @@ impl Setup {
     fn sluice_yaml(&self, name: &str, sink: &str) -> String {
         let sink = match sink {
             "null" => format!("{{memory: {{name: bench, keep: false, state: {}}}}}", self.state()),
-            _ => format!("{{kafka: {{brokers: '{}', encoding: json, state: {}}}}}", self.brokers, self.state()),
+            _ => format!(
+                "{{kafka: {{brokers: '{}', encoding: json, properties: {{compression.type: {}}}, state: {}}}}}",
+                self.brokers,
+                self.compression,
+                self.state()
+            ),
         };
         format!("pipeline: {name}\nsource: {}\nsink: {sink}\nsnapshot: {{enabled: false}}\n", self.source())
     }
@@ -103,6 +110,7 @@ impl Setup {
             .args(["--mode", mode, "--expect", &expect.to_string(), "--port", &self.src.to_string()])
             .args(["--user", SUPERUSER, "--password", SUPERUSER_PASSWORD, "--database", "bench"])
             .args(["--slot", slot, "--publication", "sluice_null", "--brokers", &self.brokers, "--topic", topic])
+            .args(["--compression", &self.compression])
             .stderr(log)
             .stdout(Stdio::piped())
             .spawn()?)
@@ -282,12 +290,20 @@ pub async fn debezium(
     seconds: u64,
     skip_lag: bool,
     sluice_only: bool,
+    compression: String,
 ) -> Result<Value> {
     let work = tempfile::tempdir()?;
     let classpath = if sluice_only { String::new() } else { harness(work.path())? };
     let (src, dst) = crate::servers().await?;
     let broker = tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&[])).await??;
-    let setup = Setup { src: src.port, state: dst.port, brokers: broker.addr().to_string(), work: work.path().to_path_buf(), classpath };
+    let setup = Setup {
+        src: src.port,
+        state: dst.port,
+        brokers: broker.addr().to_string(),
+        work: work.path().to_path_buf(),
+        classpath,
+        compression,
+    };
 
     let s = crate::connect(src.port, "bench").await?;
     s.batch_execute("CREATE TABLE bench (id int8 PRIMARY KEY, payload text); ALTER TABLE bench ALTER COLUMN payload SET STORAGE PLAIN")

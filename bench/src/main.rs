@@ -86,6 +86,9 @@ enum Bench {
         /// Sluice and the yardsticks only (no JVM, no lag runs): for working on Sluice.
         #[arg(long)]
         sluice_only: bool,
+        /// The producers' `compression.type` into Kafka (Sluice's and Debezium's alike).
+        #[arg(long, default_value = "none")]
+        compression: String,
     },
     /// Kafka → Kafka between two real clusters, same run: a raw copy (the limit),
     /// `sluice mirror` and MirrorMaker 2 over the same backlog; how exactly each
@@ -877,8 +880,8 @@ async fn main() -> Result<()> {
         Bench::Mirror { records, record_bytes, partitions, groups, rate, seconds, sluice_only } => {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?
         }
-        Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only } => {
-            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only).await?
+        Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only, compression } => {
+            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only, compression).await?
         }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
