@@ -282,16 +282,21 @@ async fn lag_run(
 }
 
 #[allow(clippy::too_many_lines)]
-pub async fn debezium(
-    rows: u64,
-    row_bytes: usize,
-    per_txn: u64,
-    rate: u64,
-    seconds: u64,
-    skip_lag: bool,
-    sluice_only: bool,
-    compression: String,
-) -> Result<Value> {
+/// What `sluice-bench debezium` was asked for.
+pub struct Args {
+    pub rows: u64,
+    pub row_bytes: usize,
+    pub per_txn: u64,
+    pub rate: u64,
+    pub seconds: u64,
+    pub skip_lag: bool,
+    pub sluice_only: bool,
+    /// The producers' `compression.type`.
+    pub compression: String,
+}
+
+pub async fn debezium(args: Args) -> Result<Value> {
+    let Args { rows, row_bytes, per_txn, rate, seconds, skip_lag, sluice_only, compression } = args;
     let work = tempfile::tempdir()?;
     let classpath = if sluice_only { String::new() } else { harness(work.path())? };
     let (src, dst) = crate::servers().await?;

@@ -881,7 +881,8 @@ async fn main() -> Result<()> {
             mirror::mirror(records, record_bytes, partitions, groups, rate, seconds, sluice_only).await?
         }
         Bench::Debezium { rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only, compression } => {
-            debezium::debezium(rows, row_bytes, rows_per_txn, rate, seconds, no_lag, sluice_only, compression).await?
+            let args = debezium::Args { rows, row_bytes, per_txn: rows_per_txn, rate, seconds, skip_lag: no_lag, sluice_only, compression };
+            debezium::debezium(args).await?
         }
         Bench::DdlTrigger { statements, rounds } => ddl::ddl_trigger(statements, rounds).await?,
         Bench::Enrich { rows, customers } => enrich::enrich(rows, customers).await?,
