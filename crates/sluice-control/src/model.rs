@@ -382,7 +382,7 @@ fn refused_setting(v: &Value, at: &str) -> Option<Invalid> {
         "max.partition.fetch.bytes",
         "topic.metadata.refresh.interval.ms",
     ];
-    const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities, or the one given inline as sslrootcert_pem, or a search sink's, webhook's or enricher's as ca_pem; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
+    const FILE: &str = "names a file on the Sluice server, which a tenant cannot: leave it out (sslmode verify-full trusts the public certificate authorities, or the one given inline as sslrootcert_pem, or a search sink's, webhook's or enricher's as ca_pem, or a schema registry's as registry_ca_pem; Kafka takes ssl.ca.pem, ssl.certificate.pem and ssl.key.pem inline)";
     match v {
         Value::Object(m) => m.iter().find_map(|(k, v)| {
             let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
@@ -456,6 +456,7 @@ const SHOWN: &[&str] = &[
     "refresh_interval",
     "region",
     "registry_ca_file",
+    "registry_ca_pem",
     "registry_context",
     "registry_url",
     "relation",

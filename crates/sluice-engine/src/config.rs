@@ -479,6 +479,10 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
             (GOOD.replace("postgres:", "kafak:"), "unknown variant"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, parttions: 3,"), "unknown field"),
             (KAFKA.replace("registry_url: http://127.0.0.1:8081,", ""), "sink.kafka.registry_url"),
+            (
+                KAFKA.replace("registry_url: http://127.0.0.1:8081,", "registry_url: http://127.0.0.1:8081, registry_ca_pem: x,"),
+                "sink.kafka.registry_ca_pem: only an https",
+            ),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"{prefix}.all\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"a/{table}\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, partitions: 0,"), "partitions"),

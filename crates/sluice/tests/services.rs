@@ -249,23 +249,26 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
 
     // A Kafka sink's Avro schemas go to the same registry over HTTPS, the tenant's token
     // as basic auth in the URL (Confluent's URL credentials), into the tenant's context.
+    // The authority is named by a file (another CA: refused) or given inline (the test
+    // CA, as a tenant gives it: trusted).
     let (_broker, brokers) = spawn_broker(&env.dir).await;
     let registry = format!("https://acme:{acme}@localhost:{port}/registry");
     let kafka = |ca: &str| {
         env.kafka_config(
             &["items"],
             &brokers,
-            &format!("    registry_url: {registry}\n    registry_ca_file: {ca}\n    registry_context: acme\n    topic_prefix: acme\n"),
+            &format!("    registry_url: {registry}\n    {ca}\n    registry_context: acme\n    topic_prefix: acme\n"),
             "",
         )
     };
-    let wrong = kafka(pki.path("other-ca.pem").to_str().unwrap());
+    let wrong = kafka(&format!("registry_ca_file: {}", pki.path("other-ca.pem").display()));
     let (code, stderr) = run_to_exit(&["run", "--config", wrong.to_str().unwrap()], std::time::Duration::from_secs(60));
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert!(code == Some(1) && errors.len() == 1, "{stderr}");
     assert!(errors[0].contains("unknown CA") && errors[0].contains("registry_ca_file"), "{}", errors[0]);
     assert!(!stderr.contains(&acme), "the token is not in the error: {stderr}");
-    let mut p = env.spawn(&kafka(CA.get().unwrap().to_str().unwrap()));
+    let inline = std::fs::read_to_string(CA.get().unwrap()).unwrap();
+    let mut p = env.spawn(&kafka(&format!("registry_ca_pem: {inline:?}")));
     wait_for("the items schema in acme's context", std::time::Duration::from_secs(60), || async {
         let (_, v) = call("GET", &format!("{url}/registry/subjects"), Some(&acme), None).await;
         v.as_array().is_some_and(|s| s.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with(":.acme:acme.") && s.contains("items"))))

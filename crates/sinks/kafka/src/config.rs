@@ -35,6 +35,10 @@ pub struct KafkaSinkConfig {
     /// PEM file of the authority that signed an https registry's certificate.
     #[serde(default)]
     pub registry_ca_file: Option<std::path::PathBuf>,
+    /// The same authority as PEM text, for those who may not name a file on the
+    /// server (a tenant); not with `registry_ca_file`.
+    #[serde(default)]
+    pub registry_ca_pem: Option<String>,
     /// Registry context the subjects live in (a tenant's), as `:.<context>:<subject>`.
     pub registry_context: Option<String>,
     #[serde(default = "one")]
@@ -87,6 +91,7 @@ impl KafkaSinkConfig {
             KafkaEncoding::Avro => Encoding::Avro {
                 registry_url: self.registry_url.clone().unwrap_or_default(),
                 ca_file: self.registry_ca_file.clone(),
+                ca_pem: self.registry_ca_pem.clone(),
                 context: self.registry_context.clone(),
             },
             KafkaEncoding::Json => Encoding::Json,
@@ -149,9 +154,13 @@ impl SinkConfigure for KafkaSinkConfig {
         {
             return Err(format!("sink.kafka.registry_url: {:?} must start with http:// or https://", sluice_core::https::shown(u)));
         }
-        if self.registry_ca_file.is_some() && !self.registry_url.as_deref().is_some_and(|u| u.starts_with("https://")) {
-            return Err("sink.kafka.registry_ca_file: only an https:// registry_url uses it".into());
-        }
+        let https = self.registry_url.as_deref().is_some_and(|u| u.starts_with("https://"));
+        sluice_core::https::private_ca_needs_https(
+            https,
+            self.registry_ca_file.as_deref(),
+            self.registry_ca_pem.as_deref(),
+            "sink.kafka.registry_ca_file",
+        )?;
         if let Some(c) = &self.registry_context
             && (c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
         {

@@ -20,10 +20,11 @@ pub struct RegistryClient {
 }
 
 impl RegistryClient {
-    /// `ca_file`: the authority of an https registry's certificate, when private.
-    pub fn new(base_url: &str, ca_file: Option<&std::path::Path>) -> Result<Self> {
+    /// `ca_file` or `ca_pem`: the authority of an https registry's certificate, when
+    /// private.
+    pub fn new(base_url: &str, ca_file: Option<&std::path::Path>, ca_pem: Option<&str>) -> Result<Self> {
         let shown = sluice_core::https::shown(base_url.trim_end_matches('/'));
-        let http = sluice_core::https::client(ca_file, None, "sink.kafka.registry_ca_file")
+        let http = sluice_core::https::client(ca_file, ca_pem, "sink.kafka.registry_ca_file")
             .map_err(|m| KafkaSinkError::new(ErrorKind::Permanent, m))?
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -182,5 +183,16 @@ mod tests {
         };
         assert_eq!(super::column_changes(&table("long"), &table("int")), ["column n changed from long to int"]);
         assert!(super::column_changes(&table("long"), &table("long")).is_empty());
+    }
+
+    #[test]
+    fn a_private_authority_is_a_file_or_pem_text_not_both_nor_junk() {
+        let err = |file: Option<&std::path::Path>, pem: Option<&str>| {
+            super::RegistryClient::new("https://registry.example:8081", file, pem).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let junk = err(None, Some("not a certificate"));
+        assert!(junk.contains("sink.kafka.registry_ca_pem: not a PEM certificate"), "{junk}");
+        let both = err(Some(std::path::Path::new("/etc/ssl/ca.pem")), Some("x"));
+        assert!(both.contains("registry_ca_file and sink.kafka.registry_ca_pem both name"), "{both}");
     }
 }

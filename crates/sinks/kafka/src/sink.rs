@@ -30,7 +30,7 @@ use crate::registry::RegistryClient;
 pub enum Encoding {
     /// Avro in Confluent's wire format, schemas registered at this registry URL under
     /// `<context><topic>-key` / `-value` (TopicNameStrategy).
-    Avro { registry_url: String, ca_file: Option<std::path::PathBuf>, context: Option<String> },
+    Avro { registry_url: String, ca_file: Option<std::path::PathBuf>, ca_pem: Option<String>, context: Option<String> },
     /// Schemaless JSON.
     Json,
 }
@@ -138,7 +138,9 @@ impl KafkaSink {
             .create()
             .map_err(|e| KafkaSinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
         let registry = match &opts.encoding {
-            Encoding::Avro { registry_url, ca_file, .. } => Some(RegistryClient::new(registry_url, ca_file.as_deref())?),
+            Encoding::Avro { registry_url, ca_file, ca_pem, .. } => {
+                Some(RegistryClient::new(registry_url, ca_file.as_deref(), ca_pem.as_deref())?)
+            }
             Encoding::Json => None,
         };
         let headers = (!opts.headers.is_empty()).then(|| {
