@@ -281,7 +281,6 @@ async fn lag_run(
     Ok((first_id as i64..=(first_id + written - 1) as i64, achieved))
 }
 
-#[allow(clippy::too_many_lines)]
 /// What `sluice-bench debezium` was asked for.
 pub struct Args {
     pub rows: u64,
@@ -295,6 +294,7 @@ pub struct Args {
     pub compression: String,
 }
 
+#[allow(clippy::too_many_lines)]
 pub async fn debezium(args: Args) -> Result<Value> {
     let Args { rows, row_bytes, per_txn, rate, seconds, skip_lag, sluice_only, compression } = args;
     let work = tempfile::tempdir()?;

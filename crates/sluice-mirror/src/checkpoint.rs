@@ -84,15 +84,37 @@ fn wanted(groups: &regex::Regex, group: &str) -> bool {
 /// without a client for each of thousands of groups that settled long ago.
 const TARGET_CLIENTS: usize = 64;
 
+/// The client with `group`'s id on `side` from `clients`, made when missing; when
+/// `bound` clients are kept already, one of them is dropped first.
+fn group_client<'a>(
+    clients: &'a mut HashMap<String, BaseConsumer>,
+    cfg: &MirrorConfig,
+    side: Side,
+    group: &str,
+    bound: usize,
+) -> Result<&'a BaseConsumer> {
+    if !clients.contains_key(group) {
+        if clients.len() >= bound
+            && let Some(old) = clients.keys().next().cloned()
+        {
+            clients.remove(&old);
+        }
+        clients.insert(group.to_string(), consumer(cfg, side, Some(group))?);
+    }
+    Ok(&clients[group])
+}
+
 /// Writes translated offsets of the source's groups to the target, periodically.
 pub(crate) struct GroupSync {
     groups: regex::Regex,
     /// The source's commits as they happen; `None` when the source does not let the
     /// mirror read its offsets log, and each group is asked instead.
     log: Option<CommitLog>,
-    /// Clients with a group's id: on the source only when the log cannot be read, on
-    /// the target for the groups written lately.
-    clients: HashMap<(String, Side), BaseConsumer>,
+    /// Clients with a group's id on the source, only when the log cannot be read.
+    source_clients: HashMap<String, BaseConsumer>,
+    /// Clients with a group's id on the target, for the groups written lately (at
+    /// most [`TARGET_CLIENTS`]).
+    target_clients: HashMap<String, BaseConsumer>,
     /// What each group's translation was when last settled (written, or found as far
     /// on the target): while it stays the same the target is not asked again, which
     /// saves two round trips a group a pass.
@@ -104,19 +126,7 @@ impl GroupSync {
         let g = &cfg.offsets.groups;
         let groups = regex::Regex::new(&format!("^(?:{g})$")).map_err(|e| MirrorError::fatal(format!("offsets.groups: {e}")))?;
         let log = if g.is_empty() { None } else { Some(CommitLog::new(cfg)?) };
-        Ok(Self { groups, log, clients: HashMap::new(), settled: HashMap::new() })
-    }
-
-    fn client(&mut self, cfg: &MirrorConfig, group: &str, side: Side) -> Result<&BaseConsumer> {
-        let key = (group.to_string(), side);
-        if !self.clients.contains_key(&key) {
-            if side == Side::Target && self.clients.keys().filter(|(_, s)| *s == Side::Target).count() >= TARGET_CLIENTS {
-                let old = self.clients.keys().find(|(_, s)| *s == Side::Target).cloned();
-                old.map(|k| self.clients.remove(&k));
-            }
-            self.clients.insert(key.clone(), consumer(cfg, side, Some(group))?);
-        }
-        Ok(&self.clients[&key])
+        Ok(Self { groups, log, source_clients: HashMap::new(), target_clients: HashMap::new(), settled: HashMap::new() })
     }
 
     /// Every matching source group's committed offsets: from the offsets log, or, when
@@ -137,7 +147,7 @@ impl GroupSync {
         let names: Vec<String> = list.groups().iter().map(|g| g.name().to_string()).filter(|n| wanted(&self.groups, n)).collect();
         let mut out = Vec::with_capacity(names.len());
         for group in names {
-            let offsets = committed(self.client(cfg, &group, Side::Source)?, &group, map)?;
+            let offsets = committed(group_client(&mut self.source_clients, cfg, Side::Source, &group, usize::MAX)?, &group, map)?;
             out.push((group, offsets));
         }
         Ok(out)
@@ -169,7 +179,7 @@ impl GroupSync {
                 want.add_partition_offset(topic, *p, Offset::Offset(*target))
                     .map_err(|e| MirrorError::kafka("building a group offset", &e))?;
             }
-            let client = self.client(cfg, &group, Side::Target)?;
+            let client = group_client(&mut self.target_clients, cfg, Side::Target, &group, TARGET_CLIENTS)?;
             let have = client
                 .committed_offsets(want.clone(), TIMEOUT)
                 .map_err(|e| MirrorError::kafka(&format!("reading group {group}'s offsets on the target"), &e))?;

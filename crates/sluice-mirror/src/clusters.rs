@@ -29,7 +29,7 @@ const NOT_COPIED: &[&str] = &[
 ];
 
 /// Which side of the mirror, for messages and settings.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
     Source,
     Target,
