@@ -67,12 +67,15 @@ pub struct Loaded {
     pub enrichers: Vec<Value>,
     pub role_password: String,
     pub install: String,
+    /// The server's egress policy when loaded: every connection made for the
+    /// pipeline goes through it.
+    pub egress: Arc<egress::Egress>,
 }
 
 impl Loaded {
     /// The runner's config: it connects as the pipeline's own replication role.
     pub fn run_config(&self) -> Result<PipelineConfig, Invalid> {
-        model::run_config(
+        let mut cfg = model::run_config(
             &self.install,
             self.id,
             &self.spec,
@@ -81,7 +84,14 @@ impl Loaded {
             &self.enrichers,
             &self.object_name(),
             &self.role_password,
-        )
+        )?;
+        cfg.egress = Some(self.egress.clone());
+        Ok(cfg)
+    }
+
+    /// The source as its admin, through the egress policy.
+    pub fn admin(&self) -> sluice_postgres::PgConnConfig {
+        self.source.admin().guarded(Some(&self.egress))
     }
 
     pub fn object_name(&self) -> String {
@@ -125,13 +135,13 @@ impl Control {
         *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(e);
     }
 
-    fn egress_policy(&self) -> Arc<egress::Egress> {
+    pub(crate) fn egress_policy(&self) -> Arc<egress::Egress> {
         self.egress.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Refuses (422 `egress_refused`) settings naming a host tenants may not reach.
     pub(crate) async fn check_egress(&self, at: &str, settings: &Value) -> Result<(), api::ApiError> {
-        self.egress_policy().check_settings(at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
+        egress::check_settings(&self.egress_policy(), at, settings).await.map_err(|i| api::ApiError::invalid("egress_refused", i))
     }
 
     /// Every host a stored pipeline or mirror names, checked again just before this
@@ -141,7 +151,7 @@ impl Control {
     pub(crate) async fn recheck_egress(&self, named: &[(&str, &Value)]) -> Result<(), String> {
         let policy = self.egress_policy();
         for (at, settings) in named {
-            if let Err(refused) = policy.check_settings(at, settings).await {
+            if let Err(refused) = egress::check_settings(&policy, at, settings).await {
                 return Err(format!("egress refused when connecting: {}", refused.message));
             }
         }
@@ -197,6 +207,7 @@ impl Control {
             source: SourceSpec::from_sealed(&open("sources", 7, 5)?)?,
             sink: SinkSpec::from_sealed(&open("sinks", 8, 6)?)?,
             install: self.install.clone(),
+            egress: self.egress_policy(),
         }))
     }
 

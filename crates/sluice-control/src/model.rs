@@ -716,6 +716,7 @@ pub fn run_config(
         enrich: enrichers.iter().enumerate().map(|(i, v)| typed(&format!("enrichers[{i}]"), v)).collect::<Result<_, _>>()?,
         // A tenant's alert settings apply to all its pipelines (the supervisor's).
         alerts: None,
+        egress: None, // the caller's policy: Loaded::run_config
     };
     cfg.validate().map_err(|m| {
         // The runner names its own keys; say them as the pipeline request does.

@@ -363,8 +363,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
     let cfg = p.run_config().map_err(|e| StepError::Fatal(e.message))?;
     // Reference tables of lookups in the source too: granted and published.
     let tables = cfg.source_tables();
-    let admin =
-        || async { Ok::<_, StepError>(sluice_postgres::connect(&p.source.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
+    let admin = || async { Ok::<_, StepError>(sluice_postgres::connect(&p.admin(), "source (admin)").await.map_err(anyhow::Error::from)?) };
     match step {
         Step::CheckSource => {
             let c = admin().await?;
@@ -429,7 +428,7 @@ async fn run_step(ctl: &Arc<Control>, wf: &Claimed, step: Step, cancel: watch::R
                 c.batch_execute(&format!("GRANT EXECUTE ON FUNCTION {function} TO {role}")).await.map_err(anyhow::Error::from)?;
             }
             let as_role =
-                sluice_postgres::connect(&cfg.source.connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
+                sluice_postgres::connect(&cfg.source_connection(), "source (pipeline role)").await.map_err(anyhow::Error::from)?;
             replication::emit_heartbeat(&as_role, &cfg.pipeline).await.map_err(anyhow::Error::from)?;
         }
         Step::PrepareSink => {

@@ -2,9 +2,12 @@
 //! the settings; connecting is `sluice-postgres`'s.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use secrecy::SecretString;
 use serde::Deserialize;
+
+use crate::egress::Egress;
 
 /// How to reach a Postgres database. The password never appears in logs or `Debug`.
 /// The TLS keys are libpq's, with libpq's meaning, so a DSN's settings carry over.
@@ -32,6 +35,11 @@ pub struct PgConnConfig {
     pub sslcert: Option<PathBuf>,
     #[serde(default)]
     pub sslkey: Option<PathBuf>,
+    /// The policy this connection's host must pass, checked on the addresses actually
+    /// connected to (a tenant's, under `sluice server`); none: any host. Never read
+    /// from a config: the server sets it.
+    #[serde(skip)]
+    pub egress: Option<Arc<Egress>>,
 }
 
 /// libpq's `sslmode`. The default is libpq's too: TLS when the server offers it.
@@ -103,7 +111,14 @@ impl PgConnConfig {
             sslrootcert_pem: tls.sslrootcert_pem,
             sslcert: tls.sslcert,
             sslkey: tls.sslkey,
+            egress: None,
         }
+    }
+
+    /// This connection, allowed only where `policy` lets it go (none: anywhere).
+    pub fn guarded(mut self, policy: Option<&Arc<Egress>>) -> Self {
+        self.egress = policy.cloned();
+        self
     }
 
     /// Where this points, for messages: never includes the password.

@@ -7,6 +7,7 @@
 pub mod avro;
 pub mod conn;
 pub mod ddl;
+pub mod egress;
 mod error;
 mod event;
 pub mod https;

@@ -95,6 +95,10 @@ pub struct SinkContext {
     pub source_tables: Vec<Arc<TableSchema>>,
     /// The pipeline's transforms (a sink may carry some itself: Kafka's headers).
     pub transforms: Vec<Step>,
+    /// Where the sink may connect: its Postgres connections take it
+    /// ([`PgConnConfig::guarded`]), its HTTP clients too
+    /// ([`crate::egress::guard_http`]). None: anywhere.
+    pub egress: Option<std::sync::Arc<crate::egress::Egress>>,
 }
 
 /// Where a sink's own initial load reports its progress.

@@ -1,6 +1,7 @@
 //! Pipeline configuration: one YAML file, strictly checked (unknown keys are errors).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -34,6 +35,11 @@ pub struct PipelineConfig {
     /// from each tenant's alert settings instead).
     #[serde(default)]
     pub alerts: Option<crate::alerts::AlertConfig>,
+    /// Where the pipeline may connect (a tenant's, set by `sluice server`; never read
+    /// from a config): every Postgres and HTTP client it opens checks the addresses
+    /// it connects to. None: anywhere (`sluice run`).
+    #[serde(skip)]
+    pub egress: Option<Arc<sluice_core::egress::Egress>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -392,7 +398,12 @@ impl PipelineConfig {
     /// The Postgres database holding the pipeline's state: the sink itself when the
     /// sink is Postgres, the configured state database otherwise.
     pub fn state_connection(&self) -> PgConnConfig {
-        self.sink.get().state()
+        self.sink.get().state().guarded(self.egress.as_ref())
+    }
+
+    /// The source database, as the pipeline connects to it.
+    pub fn source_connection(&self) -> PgConnConfig {
+        self.source.connection().guarded(self.egress.as_ref())
     }
 
     /// The listed tables, with the ones the sink needs added (a search document's

@@ -76,10 +76,26 @@ async fn open_stream(cfg: &PgConnConfig, what: &str) -> Result<MaybeTlsStream> {
     if let Err(e) = cfg.check_tls() {
         return Err(PgError::permanent(format!("{place}: {e}")));
     }
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)))
-        .await
-        .map_err(|_| PgError::transient(format!("{place}: timed out after 10s")))?
-        .map_err(|e| PgError::transient(format!("{place}: {e}")))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), async {
+        match &cfg.egress {
+            // The addresses checked are the addresses connected to.
+            Some(policy) => {
+                let addrs = policy.resolve(&cfg.host, cfg.port).await.map_err(egress_refused)?;
+                tokio::net::TcpStream::connect(&addrs[..]).await
+            }
+            None => tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await,
+        }
+    })
+    .await
+    .map_err(|_| PgError::transient(format!("{place}: timed out after 10s")))?
+    .map_err(|e| {
+        // A refusal stays a refusal until the settings or the policy change.
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            PgError::permanent(format!("{place}: {e}"))
+        } else {
+            PgError::transient(format!("{place}: {e}"))
+        }
+    })?;
     let _ = tcp.set_nodelay(true);
     maybe_upgrade_to_tls(tcp, &wire_tls(cfg), &cfg.host).await.map_err(|e| match e {
         pgwire_replication::PgWireError::Io(io) => PgError::transient(format!("{place}: {io}")),
@@ -98,9 +114,25 @@ async fn open(
     pg.connect_raw(stream, NoTls).await.map_err(|e| PgError::from_pg(&format!("cannot connect to {what} {}", cfg.describe()), e))
 }
 
-/// The replication connection's settings for `cfg`.
-pub(crate) fn replication_config(cfg: &PgConnConfig, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
-    pgwire_replication::ReplicationConfig::new(
+/// A refusal by the egress policy, carried through the I/O error of a connection.
+fn egress_refused(m: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("egress refused: {m}"))
+}
+
+/// The replication connection's settings for `cfg`. Under an egress policy the host
+/// is resolved and checked here, and the connection goes to the address checked (the
+/// name still serves TLS).
+pub(crate) async fn replication_config(cfg: &PgConnConfig, slot: &str, publication: &str) -> Result<pgwire_replication::ReplicationConfig> {
+    let addr = match &cfg.egress {
+        Some(policy) => Some(
+            policy
+                .resolve(&cfg.host, cfg.port)
+                .await
+                .map_err(|m| PgError::permanent(format!("cannot connect to source {}: egress refused: {m}", cfg.describe())))?[0],
+        ),
+        None => None,
+    };
+    let rc = pgwire_replication::ReplicationConfig::new(
         cfg.host.clone(),
         cfg.user.clone(),
         cfg.password.expose_secret().to_string(),
@@ -114,7 +146,11 @@ pub(crate) fn replication_config(cfg: &PgConnConfig, slot: &str, publication: &s
     .with_application_name(format!("sluice:{slot}"))
     .with_status_interval(Duration::from_millis(200))
     .with_wakeup_interval(Duration::from_secs(1))
-    .with_buffer_size(4096)
+    .with_buffer_size(4096);
+    Ok(match addr {
+        Some(a) => rc.with_hostaddr(a.ip()),
+        None => rc,
+    })
 }
 
 /// Opens a regular (non-replication) connection; `what` names it in errors.

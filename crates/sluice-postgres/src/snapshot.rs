@@ -325,7 +325,7 @@ pub async fn run_snapshot<R: RowTarget>(
     // The temporary slot lives as long as this session; its snapshot stays importable
     // until the session runs its next command.
     let mut repl =
-        pgwire_replication::ReplicationClient::connect_gated(crate::conn::replication_config(source, &opts.slot, &opts.publication))
+        pgwire_replication::ReplicationClient::connect_gated(crate::conn::replication_config(source, &opts.slot, &opts.publication).await?)
             .await
             .map_err(|e| crate::conn::wire_connect_error(source, "opening a replication connection for the snapshot", e))?;
     let temp_slot = format!("{}_snap_{}", opts.slot, std::process::id());

@@ -82,6 +82,7 @@ impl ReplicationStream {
         catalog: Client,
     ) -> Result<Self> {
         let rc = crate::conn::replication_config(cfg, slot, publication)
+            .await?
             .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
             .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0));
         cfg.check_tls().map_err(|e| PgError::permanent(format!("starting replication from {}: {e}", cfg.describe())))?;

@@ -7,6 +7,7 @@ mod avro;
 mod checks;
 mod control;
 mod ddl;
+mod egress;
 mod enrich;
 mod filters;
 mod iceberg;

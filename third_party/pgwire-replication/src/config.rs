@@ -329,6 +329,11 @@ pub struct ReplicationConfig {
     /// PostgreSQL server port (default: 5432).
     pub port: u16,
 
+    /// The address to connect to in place of resolving `host` (libpq's `hostaddr`;
+    /// `host` still names the server for TLS). Sluice patch: lets its caller connect
+    /// to the address it checked.
+    pub hostaddr: Option<std::net::IpAddr>,
+
     /// PostgreSQL username with replication privileges.
     ///
     /// The user must have the `REPLICATION` attribute or be a superuser.
@@ -499,6 +504,7 @@ impl Default for ReplicationConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 5432,
+            hostaddr: None,
             user: "postgres".into(),
             password: "postgres".into(),
             database: "postgres".into(),
@@ -628,6 +634,12 @@ impl ReplicationConfig {
     /// Set the server port.
     pub fn with_port(mut self, port: u16) -> Self {
         self.port = port;
+        self
+    }
+
+    /// Connect to `addr` instead of resolving `host` (Sluice patch).
+    pub fn with_hostaddr(mut self, addr: std::net::IpAddr) -> Self {
+        self.hostaddr = Some(addr);
         self
     }
 

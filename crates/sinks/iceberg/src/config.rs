@@ -18,6 +18,10 @@ use crate::storage::{Warehouse, bucket_of};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IcebergSinkConfig {
+    /// Where the sink may connect (its state database, a REST catalog), set from the
+    /// pipeline's context when it connects; never read from a config.
+    #[serde(skip)]
+    pub(crate) egress: Option<std::sync::Arc<sluice_core::egress::Egress>>,
     pub catalog: CatalogConfig,
     /// Where table files go: an absolute directory, a `file://` URL, or
     /// `s3://bucket/prefix` (with `s3`).
@@ -219,6 +223,7 @@ impl IcebergSinkConfig {
             (None, Some(s)) => s.as_ref().clone(),
             (None, None) => unreachable!("validated: a REST catalog comes with state"),
         }
+        .guarded(self.egress.as_ref())
     }
 
     /// The catalog: a SQL catalog is reached through the state database's client (its
@@ -226,7 +231,9 @@ impl IcebergSinkConfig {
     pub(crate) async fn catalog(&self) -> Result<Catalog, crate::error::IcebergError> {
         Ok(match (&self.catalog.sql, &self.catalog.rest) {
             (Some(c), _) => Catalog::Sql(SqlCatalog { name: c.name.clone(), typed: Default::default() }),
-            (None, Some(r)) => Catalog::Rest(RestCatalog::connect(&r.uri, r.warehouse.as_deref(), r.token.clone()).await?),
+            (None, Some(r)) => {
+                Catalog::Rest(RestCatalog::connect(&r.uri, r.warehouse.as_deref(), r.token.clone(), self.egress.as_ref()).await?)
+            }
             (None, None) => unreachable!("validated: a catalog is named"),
         })
     }
@@ -349,16 +356,27 @@ impl SinkConfigure for IcebergSinkConfig {
     }
 
     /// The engine reached the catalog database already (it is the state database), and
-    /// connecting would create the catalog's tables: only the layouts and the warehouse
-    /// are checked, so a bad one fails before anything is created.
+    /// connecting would create the catalog's tables: only the layouts, the warehouse and
+    /// a REST catalog's answer are checked, so a bad one fails before anything is
+    /// created.
     fn check<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<()>> {
-        Box::pin(self.preflight(ctx))
+        Box::pin(async move {
+            self.preflight(ctx).await?;
+            // A REST catalog is asked for its configuration (read only), so a wrong
+            // uri or a refused host fails the check, not the first commit.
+            if self.catalog.rest.is_some() {
+                let cfg = Self { egress: ctx.egress.clone(), ..self.clone() };
+                cfg.catalog().await.map_err(|e| SinkError::wrap(e.kind(), e))?;
+            }
+            Ok(())
+        })
     }
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
             self.preflight(ctx).await?;
-            let sink = IcebergSink::connect(self, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
+            let cfg = Self { egress: ctx.egress.clone(), ..self.clone() };
+            let sink = IcebergSink::connect(&cfg, &ctx.pipeline).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })
     }

@@ -49,8 +49,15 @@ fn path_segment(s: &str) -> String {
 impl RestCatalog {
     /// Reads the catalog's configuration (`GET /v1/config`), which may name a prefix
     /// for every other route.
-    pub async fn connect(uri: &str, warehouse: Option<&str>, token: Option<SecretString>) -> Result<Self, IcebergError> {
-        let http = reqwest::Client::builder()
+    /// `egress`: where the client may connect (none: anywhere).
+    pub async fn connect(
+        uri: &str,
+        warehouse: Option<&str>,
+        token: Option<SecretString>,
+        egress: Option<&std::sync::Arc<sluice_core::egress::Egress>>,
+    ) -> Result<Self, IcebergError> {
+        let http = sluice_core::egress::guard_http(reqwest::Client::builder(), uri, egress)
+            .map_err(IcebergError::permanent)?
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| IcebergError::permanent(format!("Iceberg REST catalog client: {e}")))?;

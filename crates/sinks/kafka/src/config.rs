@@ -179,7 +179,7 @@ impl SinkConfigure for KafkaSinkConfig {
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
             let opts = self.options(&ctx.pipeline, &ctx.source.database, &ctx.transforms);
-            let sink = KafkaSink::connect(opts).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
+            let sink = KafkaSink::connect(opts, ctx.egress.as_ref()).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })
     }

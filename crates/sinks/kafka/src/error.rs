@@ -63,7 +63,7 @@ mod tests {
     async fn a_refused_client_setting_is_permanent() {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", "127.0.0.1:9").set("compression.type", "no-such-codec");
-        let e = crate::probe::brokers_answer(config, "127.0.0.1:9", "sink.kafka").await.unwrap_err();
+        let e = crate::probe::brokers_answer(config, "127.0.0.1:9", "sink.kafka", None).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
         assert!(e.to_string().contains("compression"), "{e}");
     }

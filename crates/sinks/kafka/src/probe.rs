@@ -2,7 +2,7 @@
 //! handshake or SASL login only to the client's error callback (the metadata request
 //! itself just times out), so the probe keeps what that callback said.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -10,6 +10,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
 use sluice_core::ErrorKind;
+use sluice_core::egress::Egress;
 
 use crate::error::{KafkaSinkError, Result};
 
@@ -37,21 +38,37 @@ impl ProducerContext for LastError {
 }
 
 /// Fetches the cluster's metadata with `config` (within 10 s); `key` names the
-/// config block in the error.
-pub async fn brokers_answer(config: ClientConfig, brokers: &str, key: &str) -> Result<()> {
+/// config block in the error. Under an egress policy every broker the cluster
+/// advertises is checked too: the bootstrap brokers were checked when the pipeline
+/// started, but the cluster names the brokers the producer then connects to.
+pub async fn brokers_answer(config: ClientConfig, brokers: &str, key: &str, egress: Option<&Arc<Egress>>) -> Result<()> {
     let probe: BaseProducer<LastError> = config
         .create_with_context(LastError::default())
         .map_err(|e| KafkaSinkError::from_kafka(&format!("{key}: creating a Kafka client for {brokers}"), e))?;
-    let (brokers, key) = (brokers.to_string(), key.to_string());
-    tokio::task::spawn_blocking(move || {
-        let Err(e) = probe.client().fetch_metadata(None, Duration::from_secs(10)) else { return Ok(()) };
-        // Error events reach the context only when the client's queue is served.
-        probe.poll(Duration::from_millis(100));
-        let said = probe.context().0.lock().unwrap().take();
-        Err(failure(&brokers, &key, e, said))
+    let (shown, key_owned) = (brokers.to_string(), key.to_string());
+    let advertised = tokio::task::spawn_blocking(move || match probe.client().fetch_metadata(None, Duration::from_secs(10)) {
+        Ok(md) => Ok(md.brokers().iter().map(|b| (b.host().to_string(), b.port())).collect::<Vec<_>>()),
+        Err(e) => {
+            // Error events reach the context only when the client's queue is served.
+            probe.poll(Duration::from_millis(100));
+            let said = probe.context().0.lock().unwrap().take();
+            Err(failure(&shown, &key_owned, e, said))
+        }
     })
     .await
-    .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, "Kafka metadata task failed", e))?
+    .map_err(|e| KafkaSinkError::with_source(ErrorKind::Transient, "Kafka metadata task failed", e))??;
+    if let Some(policy) = egress {
+        for (host, port) in advertised {
+            let port = u16::try_from(port).unwrap_or_default();
+            policy.resolve(&host, port).await.map_err(|m| {
+                KafkaSinkError::new(
+                    ErrorKind::Permanent,
+                    format!("Kafka brokers {brokers} advertise broker {host}:{port}, where egress is refused: {m}"),
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// One line: what failed, from librdkafka's own words, and which settings to check.

@@ -22,9 +22,16 @@ pub struct RegistryClient {
 impl RegistryClient {
     /// `ca_file` or `ca_pem`: the authority of an https registry's certificate, when
     /// private.
-    pub fn new(base_url: &str, ca_file: Option<&std::path::Path>, ca_pem: Option<&str>) -> Result<Self> {
+    /// `egress`: where the client may connect (none: anywhere).
+    pub fn new(
+        base_url: &str,
+        ca_file: Option<&std::path::Path>,
+        ca_pem: Option<&str>,
+        egress: Option<&std::sync::Arc<sluice_core::egress::Egress>>,
+    ) -> Result<Self> {
         let shown = sluice_core::https::shown(base_url.trim_end_matches('/'));
         let http = sluice_core::https::client(ca_file, ca_pem, "sink.kafka.registry_ca_file")
+            .and_then(|b| sluice_core::egress::guard_http(b, base_url, egress))
             .map_err(|m| KafkaSinkError::new(ErrorKind::Permanent, m))?
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -188,7 +195,7 @@ mod tests {
     #[test]
     fn a_private_authority_is_a_file_or_pem_text_not_both_nor_junk() {
         let err = |file: Option<&std::path::Path>, pem: Option<&str>| {
-            super::RegistryClient::new("https://registry.example:8081", file, pem).err().map(|e| e.to_string()).unwrap_or_default()
+            super::RegistryClient::new("https://registry.example:8081", file, pem, None).err().map(|e| e.to_string()).unwrap_or_default()
         };
         let junk = err(None, Some("not a certificate"));
         assert!(junk.contains("sink.kafka.registry_ca_pem: not a PEM certificate"), "{junk}");

@@ -130,19 +130,24 @@ fn encode_err(table: &TableName, e: crate::avro::EncodeError) -> KafkaSinkError 
 }
 
 impl KafkaSink {
-    /// Creates the producer and checks the brokers answer (within 10 s).
-    pub async fn connect(opts: KafkaSinkOptions) -> Result<Self> {
-        crate::probe::brokers_answer(opts.client_config(), &opts.brokers, "sink.kafka").await?;
+    /// Creates the producer and checks the brokers answer (within 10 s). `egress`:
+    /// where the schema registry's client and the advertised brokers may be (the
+    /// bootstrap brokers are checked by the control plane before the pipeline starts;
+    /// librdkafka resolves broker names itself, so they are not pinned).
+    pub async fn connect(opts: KafkaSinkOptions, egress: Option<&std::sync::Arc<sluice_core::egress::Egress>>) -> Result<Self> {
+        // Built first (no I/O): a refused registry setting fails before any broker is
+        // asked.
+        let registry = match &opts.encoding {
+            Encoding::Avro { registry_url, ca_file, ca_pem, .. } => {
+                Some(RegistryClient::new(registry_url, ca_file.as_deref(), ca_pem.as_deref(), egress)?)
+            }
+            Encoding::Json => None,
+        };
+        crate::probe::brokers_answer(opts.client_config(), &opts.brokers, "sink.kafka", egress).await?;
         let producer: FutureProducer = opts
             .client_config()
             .create()
             .map_err(|e| KafkaSinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
-        let registry = match &opts.encoding {
-            Encoding::Avro { registry_url, ca_file, ca_pem, .. } => {
-                Some(RegistryClient::new(registry_url, ca_file.as_deref(), ca_pem.as_deref())?)
-            }
-            Encoding::Json => None,
-        };
         let headers = (!opts.headers.is_empty()).then(|| {
             opts.headers.iter().fold(OwnedHeaders::new_with_capacity(opts.headers.len()), |h, (k, v)| {
                 h.insert(Header { key: k, value: Some(v.as_bytes()) })

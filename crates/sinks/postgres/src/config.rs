@@ -75,7 +75,7 @@ impl SinkConfigure for PostgresSinkConfig {
 
     fn connect<'a>(&'a self, ctx: &'a SinkContext) -> BoxFuture<'a, SinkResult<Box<dyn DynSink>>> {
         Box::pin(async move {
-            let sink = PostgresSink::connect(&self.connection(), &ctx.pipeline, self.schema.clone())
+            let sink = PostgresSink::connect(&self.connection().guarded(ctx.egress.as_ref()), &ctx.pipeline, self.schema.clone())
                 .await
                 .map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)

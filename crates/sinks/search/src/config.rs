@@ -146,9 +146,10 @@ impl SinkConfigure for SearchSinkConfig {
             let plan = Arc::new(DocumentPlan::new(&self.document, &by_name).map_err(|e| SinkError::wrap(e.kind(), e))?);
             let pg = |e: sluice_postgres::PgError| SinkError::wrap(e.kind(), e);
             let source = sluice_postgres::connect(&ctx.source, "source").await.map_err(pg)?;
-            let state = sluice_postgres::connect(&self.state, "state database").await.map_err(pg)?;
-            let sink =
-                SearchSink::connect(self.options(&ctx.pipeline), plan, source, state).await.map_err(|e| SinkError::wrap(e.kind(), e))?;
+            let state = sluice_postgres::connect(&self.state.clone().guarded(ctx.egress.as_ref()), "state database").await.map_err(pg)?;
+            let sink = SearchSink::connect(self.options(&ctx.pipeline), ctx.egress.as_ref(), plan, source, state)
+                .await
+                .map_err(|e| SinkError::wrap(e.kind(), e))?;
             Ok(Box::new(sink) as Box<dyn DynSink>)
         })
     }

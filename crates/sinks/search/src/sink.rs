@@ -81,8 +81,16 @@ const RETRY_ATTEMPTS: u32 = 8;
 impl SearchSink {
     /// Connects and checks that the search service answers; writes nothing (so
     /// `sluice check` can call it).
-    pub async fn connect(opts: SearchSinkOptions, plan: Arc<DocumentPlan>, source: Client, state: Client) -> Result<SearchSink> {
+    /// `egress`: where the HTTP client may connect (none: anywhere).
+    pub async fn connect(
+        opts: SearchSinkOptions,
+        egress: Option<&Arc<sluice_core::egress::Egress>>,
+        plan: Arc<DocumentPlan>,
+        source: Client,
+        state: Client,
+    ) -> Result<SearchSink> {
         let http = sluice_core::https::client(opts.ca_file.as_deref(), opts.ca_pem.as_deref(), "sink.search.ca_file")
+            .and_then(|b| sluice_core::egress::guard_http(b, &opts.url, egress))
             .map_err(SearchError::permanent)?
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))

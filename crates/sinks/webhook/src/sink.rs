@@ -62,12 +62,15 @@ impl WebhookSink {
     /// request would be a change to the endpoint's eyes).
     pub(crate) async fn connect(cfg: WebhookSinkConfig, ctx: &SinkContext) -> SinkResult<Self> {
         let http = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "sink.webhook.ca_file")
+            .and_then(|b| sluice_core::egress::guard_http(b, &cfg.url, ctx.egress.as_ref()))
             .map_err(SinkError::permanent)?
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .build()
             .map_err(|e| SinkError::permanent(format!("webhook sink: HTTP client: {e}")))?;
-        let state = sluice_postgres::connect(&cfg.state, "state database").await.map_err(|e| SinkError::wrap(e.kind(), e))?;
+        let state = sluice_postgres::connect(&cfg.state.clone().guarded(ctx.egress.as_ref()), "state database")
+            .await
+            .map_err(|e| SinkError::wrap(e.kind(), e))?;
         let breaker = BREAKERS.lock().expect("breakers").entry(ctx.pipeline.clone()).or_default().clone();
         Ok(Self { cfg, pipeline: ctx.pipeline.clone(), database: ctx.source.database.clone(), http, state, breaker })
     }

@@ -54,9 +54,12 @@ pub(super) async fn validate_with(
     sink: &SinkSpec,
     enrichers: &[Value],
 ) -> Result<Vec<TableName>, ApiError> {
-    let admin = source.admin();
-    let cfg = run_config(&ctl.install, id, p, source, sink, enrichers, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
-        .map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
+    let policy = ctl.egress_policy();
+    let admin = source.admin().guarded(Some(&policy));
+    let mut cfg =
+        run_config(&ctl.install, id, p, source, sink, enrichers, &admin.user, secrecy::ExposeSecret::expose_secret(&admin.password))
+            .map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
+    cfg.egress = Some(policy);
     let tables = cfg.source_tables();
     let own_tables = cfg.tables();
     let c = sluice_postgres::connect(&admin, &format!("source {}", source.name)).await.map_err(|e| {
@@ -311,7 +314,7 @@ pub(super) async fn pipelines_resync(
             "pipeline {name:?} is {desired}: a resync is read by the running pipeline; resume it first (sluice pipelines resume {name})"
         )));
     }
-    let admin = p.source.admin();
+    let admin = p.admin();
     let src = sluice_postgres::connect(&admin, &format!("source {}", p.source.name))
         .await
         .map_err(|e| ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: e.to_string() }))?;
@@ -330,7 +333,7 @@ pub(super) async fn pipelines_recover(State(ctl): Ctl, caller: Caller, Path((ten
     let id = pipeline_row(&ctl, tid, &name).await?;
     let p = ctl.load_pipeline(id).await?.ok_or_else(|| ApiError::not_found("pipeline", &name))?;
     let cfg = p.run_config().map_err(|i| ApiError::invalid("invalid_pipeline", i))?;
-    let admin = p.source.admin();
+    let admin = p.admin();
     let src = sluice_postgres::connect(&admin, &format!("source {}", p.source.name))
         .await
         .map_err(|e| ApiError::invalid("source_unreachable", Invalid { field: Some("source".into()), message: e.to_string() }))?;

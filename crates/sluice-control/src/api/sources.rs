@@ -2,8 +2,8 @@
 
 use super::*;
 
-pub(super) async fn check_source_reachable(s: &SourceSpec) -> Result<(), ApiError> {
-    sluice_postgres::connect(&s.admin(), "source").await.map(drop).map_err(|e| {
+pub(super) async fn check_source_reachable(ctl: &Control, s: &SourceSpec) -> Result<(), ApiError> {
+    sluice_postgres::connect(&s.admin().guarded(Some(&ctl.egress_policy())), "source").await.map(drop).map_err(|e| {
         ApiError::invalid(
             "source_unreachable",
             Invalid {
@@ -24,7 +24,7 @@ pub(super) async fn sources_create(State(ctl): Ctl, caller: Caller, Path(tenant)
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let s = SourceSpec::parse(&body).map_err(|i| ApiError::invalid("invalid_source", i))?;
     ctl.check_egress("", &json!({ "host": s.host })).await?;
-    check_source_reachable(&s).await?;
+    check_source_reachable(&ctl, &s).await?;
     let n = ctl
         .db
         .get()
@@ -60,7 +60,7 @@ pub(super) async fn sources_put(State(ctl): Ctl, caller: Caller, Path((tenant, n
     if c.query_opt("SELECT 1 FROM sources WHERE tenant_id = $1 AND name = $2", &[&id, &name]).await?.is_none() {
         return Err(ApiError::not_found("source", &name));
     }
-    check_source_reachable(&s).await?;
+    check_source_reachable(&ctl, &s).await?;
     c.execute(
         "UPDATE sources SET spec = $3, sealed = $4, updated_at = now() WHERE tenant_id = $1 AND name = $2",
         &[&id, &name, &s.public(), &ctl.sealer.seal(Owner::new("sources", id, &name), &s.to_sealable())],

@@ -69,7 +69,7 @@ impl FieldType {
 }
 
 impl Http {
-    pub(crate) fn new(name: &str, cfg: &HttpConfig) -> Result<Self, String> {
+    pub(crate) fn new(name: &str, cfg: &HttpConfig, egress: Option<&std::sync::Arc<sluice_core::egress::Egress>>) -> Result<Self, String> {
         let url = reqwest::Url::parse(&cfg.url).map_err(|e| format!("url {:?}: {e}", cfg.url))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("url {:?}: use http:// or https://", cfg.url));
@@ -78,7 +78,8 @@ impl Http {
             return Err("fields: name at least one field and its type".into());
         }
         sluice_core::https::private_ca_needs_https(url.scheme() == "https", cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
-        let client = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?
+        let client = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
+        let client = sluice_core::egress::guard_http(client, &cfg.url, egress)?
             .timeout(cfg.timeout)
             .build()
             .map_err(|e| format!("http client: {e}"))?;

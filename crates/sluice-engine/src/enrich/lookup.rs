@@ -66,7 +66,7 @@ impl Lookup {
             fields: cfg.fields.clone(),
             prefix: cfg.prefix.clone().unwrap_or_else(|| format!("{name}_")),
             replicated: cfg.connection.is_none(),
-            conn: cfg.connection.clone().unwrap_or_else(|| source.clone()),
+            conn: cfg.connection.clone().map_or_else(|| source.clone(), |c| c.guarded(source.egress.as_ref())),
             client: Mutex::new(None),
             schema: None,
             sql: String::new(),

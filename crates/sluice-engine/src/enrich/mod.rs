@@ -102,12 +102,14 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// `source` carries the pipeline's egress policy, which every enricher's own
+    /// connections take too.
     pub(super) fn build(c: &EnricherConfig, source: &PgConnConfig) -> Result<Self, String> {
         if let Some(l) = &c.lookup {
             return Ok(Kind::Lookup(lookup::Lookup::new(&c.name, l, source).map_err(|m| format!("lookup: {m}"))?));
         }
         if let Some(h) = &c.http {
-            return Ok(Kind::Http(http::Http::new(&c.name, h).map_err(|m| format!("http: {m}"))?));
+            return Ok(Kind::Http(http::Http::new(&c.name, h, source.egress.as_ref()).map_err(|m| format!("http: {m}"))?));
         }
         let e = c.expression.as_ref().expect("one kind, checked");
         if e.fields.is_empty() {

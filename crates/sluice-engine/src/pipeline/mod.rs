@@ -92,7 +92,7 @@ pub fn error_kind(e: &anyhow::Error) -> ErrorKind {
 
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
-        let source = cfg.source.connection();
+        let source = cfg.source_connection();
         let state = cfg.state_connection();
         let chain = Arc::new(Chain::new(cfg.transforms.clone()).expect("transforms are validated when the config is parsed"));
         let capture = Arc::new(
@@ -226,6 +226,7 @@ impl Pipeline {
             source: self.source.clone(),
             source_tables: tables.to_vec(),
             transforms: self.cfg.transforms.clone(),
+            egress: self.cfg.egress.clone(),
         }
     }
 

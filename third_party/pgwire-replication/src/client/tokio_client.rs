@@ -483,7 +483,10 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
         return worker.run_on_stream(&mut stream).await;
     }
 
-    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+    let tcp = match cfg.hostaddr {
+        Some(addr) => TcpStream::connect((addr, cfg.port)).await?,
+        None => TcpStream::connect((cfg.host.as_str(), cfg.port)).await?,
+    };
     tcp.set_nodelay(true)?;
 
     #[cfg(feature = "tls-rustls")]
