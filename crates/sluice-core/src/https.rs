@@ -26,20 +26,31 @@ pub fn client(ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Re
     Ok(builder.tls_certs_only(certs))
 }
 
-/// A private authority (`ca_file` or `ca_pem`) is only for an https URL: the error
-/// names the option given (`setting` names the file option, as for [`client`]).
-pub fn private_ca_needs_https(https: bool, ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Result<(), String> {
-    if https {
-        return Ok(());
+/// Checks a private authority's settings without I/O: one of `ca_file` and `ca_pem`,
+/// the text a PEM certificate, and only for an https URL. The error names the option
+/// (`setting` names the file option, as for [`client`]). The file is read when the
+/// client is built.
+pub fn check_private_ca(https: bool, ca_file: Option<&Path>, ca_pem: Option<&str>, setting: &str) -> Result<(), String> {
+    let pem_setting = setting.replace("ca_file", "ca_pem");
+    if ca_file.is_some() && ca_pem.is_some() {
+        return Err(format!("{setting} and {pem_setting} both name the trusted authority: give one of them"));
     }
-    let given = if ca_file.is_some() {
-        setting.to_string()
-    } else if ca_pem.is_some() {
-        setting.replace("ca_file", "ca_pem")
-    } else {
-        return Ok(());
-    };
-    Err(format!("{given}: only an https:// url uses it"))
+    if !https {
+        let given = if ca_file.is_some() {
+            setting.to_string()
+        } else if ca_pem.is_some() {
+            pem_setting
+        } else {
+            return Ok(());
+        };
+        return Err(format!("{given}: only an https:// url uses it"));
+    }
+    if let Some(text) = ca_pem
+        && reqwest::Certificate::from_pem_bundle(text.as_bytes()).map_or(true, |c| c.is_empty())
+    {
+        return Err(format!("{pem_setting}: not a PEM certificate: paste the authority's PEM, from -----BEGIN CERTIFICATE----- on"));
+    }
+    Ok(())
 }
 
 /// When a request failed because the peer's certificate was refused: one line naming
@@ -100,5 +111,20 @@ mod tests {
         assert!(e.starts_with("sink.webhook.ca_file /nonexistent.pem"), "{e}");
         let e = super::client(None, Some("junk"), "sink.webhook.ca_file").unwrap_err();
         assert_eq!(e, "sink.webhook.ca_pem: not a PEM certificate");
+    }
+
+    #[test]
+    fn a_private_authority_is_checked_without_io() {
+        let check = |https, file: Option<&str>, pem: Option<&str>| {
+            super::check_private_ca(https, file.map(std::path::Path::new), pem, "sink.search.ca_file")
+        };
+        assert!(check(true, Some("/nonexistent.pem"), None).is_ok(), "the file is read when the client is built");
+        assert!(check(true, None, None).is_ok() && check(false, None, None).is_ok());
+        let both = check(true, Some("/ca.pem"), Some("x")).unwrap_err();
+        assert_eq!(both, "sink.search.ca_file and sink.search.ca_pem both name the trusted authority: give one of them");
+        let junk = check(true, None, Some("junk")).unwrap_err();
+        assert!(junk.starts_with("sink.search.ca_pem: not a PEM certificate: paste"), "{junk}");
+        assert_eq!(check(false, None, Some("x")).unwrap_err(), "sink.search.ca_pem: only an https:// url uses it");
+        assert_eq!(check(false, Some("/ca.pem"), None).unwrap_err(), "sink.search.ca_file: only an https:// url uses it");
     }
 }

@@ -494,6 +494,17 @@ sink: {kafka: {brokers: 127.0.0.1:9092, registry_url: http://127.0.0.1:8081, sta
                 KAFKA.replace("registry_url: http://127.0.0.1:8081,", "registry_url: http://127.0.0.1:8081, registry_ca_pem: x,"),
                 "sink.kafka.registry_ca_pem: only an https",
             ),
+            (
+                KAFKA.replace("registry_url: http://127.0.0.1:8081,", "registry_url: https://127.0.0.1:8081, registry_ca_pem: x,"),
+                "sink.kafka.registry_ca_pem: not a PEM certificate",
+            ),
+            (
+                KAFKA.replace(
+                    "registry_url: http://127.0.0.1:8081,",
+                    "registry_url: https://127.0.0.1:8081, registry_ca_file: /ca.pem, registry_ca_pem: x,",
+                ),
+                "sink.kafka.registry_ca_file and sink.kafka.registry_ca_pem both name the trusted authority",
+            ),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"{prefix}.all\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, topic: \"a/{table}\","), "sink.kafka.topic"),
             (KAFKA.replace("brokers: 127.0.0.1:9092,", "brokers: 127.0.0.1:9092, partitions: 0,"), "partitions"),

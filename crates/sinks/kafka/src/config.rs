@@ -155,7 +155,7 @@ impl SinkConfigure for KafkaSinkConfig {
             return Err(format!("sink.kafka.registry_url: {:?} must start with http:// or https://", sluice_core::https::shown(u)));
         }
         let https = self.registry_url.as_deref().is_some_and(|u| u.starts_with("https://"));
-        sluice_core::https::private_ca_needs_https(
+        sluice_core::https::check_private_ca(
             https,
             self.registry_ca_file.as_deref(),
             self.registry_ca_pem.as_deref(),

@@ -92,7 +92,7 @@ impl SinkConfigure for SearchSinkConfig {
             return Err("sink.search: give username/password or api_key, not both".into());
         }
         let https = self.url.starts_with("https://");
-        sluice_core::https::private_ca_needs_https(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.search.ca_file")?;
+        sluice_core::https::check_private_ca(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.search.ca_file")?;
         let i = &self.index;
         if i.is_empty() || i.starts_with(['_', '-', '+']) || i.chars().any(|c| c.is_uppercase() || "\\/*?\"<>| ,#:".contains(c)) {
             return Err(format!(

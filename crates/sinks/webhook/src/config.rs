@@ -90,7 +90,7 @@ impl SinkConfigure for WebhookSinkConfig {
             return Err(format!("sink.webhook.url: {:?} names no host", self.url));
         }
         let https = self.url.starts_with("https://");
-        sluice_core::https::private_ca_needs_https(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.webhook.ca_file")?;
+        sluice_core::https::check_private_ca(https, self.ca_file.as_deref(), self.ca_pem.as_deref(), "sink.webhook.ca_file")?;
         if self.max_events == 0 || self.max_events > 100_000 {
             return Err("sink.webhook.max_events: must be between 1 and 100000".into());
         }

@@ -77,7 +77,7 @@ impl Http {
         if cfg.fields.is_empty() {
             return Err("fields: name at least one field and its type".into());
         }
-        sluice_core::https::private_ca_needs_https(url.scheme() == "https", cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
+        sluice_core::https::check_private_ca(url.scheme() == "https", cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
         let client = sluice_core::https::client(cfg.ca_file.as_deref(), cfg.ca_pem.as_deref(), "ca_file")?;
         let client = sluice_core::egress::guard_http(client, &cfg.url, egress)?
             .timeout(cfg.timeout)
