@@ -57,7 +57,7 @@ async fn start_service(data: &std::path::Path, refresh_ms: u64) -> Result<Servic
 
 /// `search-serve`: the service alone (what `sluice search serve` runs).
 pub async fn serve(addr: std::net::SocketAddr, data: std::path::PathBuf, refresh_ms: u64) -> Result<()> {
-    let api = sluice_search::open_api(&data, Duration::from_millis(refresh_ms)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let api = sluice_search::open_api(&data, Duration::from_millis(refresh_ms), None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, api).await?;
     Ok(())

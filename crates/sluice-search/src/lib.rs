@@ -19,9 +19,13 @@ pub use service::SearchService;
 pub const DEFAULT_REFRESH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The HTTP API over the indices under `data` (opened, created when missing), with
-/// their periodic refresh running on the current tokio runtime.
-pub fn open_api(data: &std::path::Path, refresh: std::time::Duration) -> EsResult<axum::Router> {
-    let svc = SearchService::open(data, refresh)?;
+/// their periodic refresh running on the current tokio runtime; `max_per_tenant`
+/// caps each tenant's indices (`<tenant>.<name>`) when tenants share it.
+pub fn open_api(data: &std::path::Path, refresh: std::time::Duration, max_per_tenant: Option<usize>) -> EsResult<axum::Router> {
+    let mut svc = SearchService::open(data, refresh)?;
+    if let Some(n) = max_per_tenant {
+        svc = svc.with_max_per_tenant(n);
+    }
     // Detached: the refresher lives as long as the runtime.
     drop(svc.spawn_refresher());
     Ok(router(svc))

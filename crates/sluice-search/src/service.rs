@@ -20,6 +20,10 @@ pub struct SearchService {
     indices: RwLock<HashMap<String, Arc<SearchIndex>>>,
     /// Indices open at most ([`MAX_INDICES`]; tests lower it).
     max_indices: usize,
+    /// Indices open at most per tenant, when tenants share the service (`sluice
+    /// server` with the control plane, which names a tenant's indices
+    /// `<tenant>.<name>`): the names before the first `.` are counted.
+    max_per_tenant: Option<usize>,
     default_refresh: Duration,
     /// Serializes index creation and deletion.
     admin: Mutex<()>,
@@ -117,7 +121,14 @@ impl SearchService {
             default_refresh,
             admin: Mutex::new(()),
             max_indices: MAX_INDICES,
+            max_per_tenant: None,
         }))
+    }
+
+    /// Caps each tenant's indices at `n` (see `max_per_tenant`).
+    pub fn with_max_per_tenant(mut self: Arc<Self>, n: usize) -> Arc<Self> {
+        Arc::get_mut(&mut self).expect("set before the service is shared").max_per_tenant = Some(n);
+        self
     }
 
     pub fn get(&self, name: &str) -> EsResult<Arc<SearchIndex>> {
@@ -151,6 +162,18 @@ impl SearchService {
                     self.max_indices
                 ),
             ));
+        }
+        if let (Some(cap), Some((tenant, _))) = (self.max_per_tenant, name.split_once('.')) {
+            let prefix = format!("{tenant}.");
+            let theirs = self.indices.read().expect("poisoned").keys().filter(|n| n.starts_with(&prefix)).count();
+            if theirs >= cap {
+                return Err(EsError::bad_request(
+                    "validation_exception",
+                    format!(
+                        "Validation Failed: 1: this action would add [1] shards, but tenant [{tenant}] has [{theirs}]/[{cap}] indices open; delete indices it no longer needs, or ask the operator to raise --search-max-indices-per-tenant"
+                    ),
+                ));
+            }
         }
         let mut mapping = Mapping::default();
         let mut refresh = self.default_refresh;
@@ -274,5 +297,21 @@ mod tests {
         assert_eq!(svc.names(), ["a", "b"], "nothing half-made");
         svc.delete("a").unwrap();
         svc.create("c", &Value::Null).unwrap();
+    }
+
+    #[test]
+    fn each_tenants_indices_are_capped() {
+        let root = tempfile::tempdir().unwrap();
+        let svc = SearchService::open(root.path(), Duration::from_secs(1)).unwrap().with_max_per_tenant(2);
+        svc.create("acme.a", &Value::Null).unwrap();
+        svc.get_or_create("acme.b").unwrap();
+        let e = svc.get_or_create("acme.c").err().unwrap();
+        assert_eq!((e.status.as_u16(), e.kind), (400, "validation_exception"), "{}", e.reason);
+        assert!(e.reason.contains("tenant [acme] has [2]/[2]") && e.reason.contains("--search-max-indices-per-tenant"), "{}", e.reason);
+        svc.create("globex.a", &Value::Null).unwrap();
+        svc.create("plain", &Value::Null).unwrap();
+        assert_eq!(svc.names(), ["acme.a", "acme.b", "globex.a", "plain"], "nothing half-made");
+        svc.delete("acme.a").unwrap();
+        svc.create("acme.c", &Value::Null).unwrap();
     }
 }

@@ -161,6 +161,10 @@ enum Command {
         /// lives there) and CIDRs, comma-separated. Default: none of them.
         #[arg(long, env = "SLUICE_ALLOW_EGRESS", default_value = "")]
         allow_egress: String,
+        /// Indices each tenant may hold in the built-in search service (with the control
+        /// plane on); the service holds 1000 at most in all.
+        #[arg(long, env = "SLUICE_SEARCH_MAX_INDICES_PER_TENANT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        search_max_indices_per_tenant: u32,
     },
     /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
     /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
@@ -662,7 +666,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Search(SearchCommand::Serve { addr, data, refresh_interval }) => {
             init_logs(&cli.log, false);
-            let api = sluice_search::open_api(&data, refresh_interval)
+            let api = sluice_search::open_api(&data, refresh_interval, None)
                 .map_err(|e| anyhow::anyhow!("cannot open the search data directory {}: {e}", data.display()))?;
             serve(addr, api, "search service").await
         }
@@ -684,6 +688,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             plain_http,
             allow_egress,
+            search_max_indices_per_tenant,
         } => {
             init_logs(&cli.log, false);
             let tls = match (&tls_cert, &tls_key) {
@@ -723,8 +728,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let search = match &search_data {
                 Some(data) => Some(
-                    sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
-                        .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?,
+                    // Tenants share the service only behind the control plane's tokens.
+                    sluice_search::open_api(
+                        data,
+                        sluice_search::DEFAULT_REFRESH,
+                        control.is_some().then_some(search_max_indices_per_tenant as usize),
+                    )
+                    .map_err(|e| anyhow::anyhow!("cannot open the search data directory {} (--search-data): {e}", data.display()))?,
                 ),
                 None => None,
             };

@@ -38,7 +38,7 @@ struct App {
 
 /// Serves the built-in search service on `addr`; returns its URL.
 async fn start_search(addr: SocketAddr, data: &std::path::Path) -> Result<String> {
-    let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH)
+    let api = sluice_search::open_api(data, sluice_search::DEFAULT_REFRESH, None)
         .map_err(|e| anyhow::anyhow!("opening the search data directory: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --search-addr {addr}"))?;
     let url = format!("http://{}", listener.local_addr()?);

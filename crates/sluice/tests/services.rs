@@ -114,6 +114,7 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
         ("SLUICE_SEARCH_DATA", data.to_str().unwrap()),
         ("SLUICE_TLS_CERT", cert.to_str().unwrap()),
         ("SLUICE_TLS_KEY", key.to_str().unwrap()),
+        ("SLUICE_SEARCH_MAX_INDICES_PER_TENANT", "2"),
     ];
     let port = free_port();
     let mut server = ctl.server_env("s1", port, None, &vars).await;
@@ -246,6 +247,27 @@ async fn registry_and_search_take_tokens_and_keep_tenants_apart() {
     p.assert_running();
     assert!(!p.log().contains(&acme), "the token is never logged");
     assert_eq!(p.terminate(), Some(0), "{}", p.log());
+
+    // Each tenant's indices are capped (2 here): acme holds acme.orders and acme.items,
+    // so a third is refused, created neither by name nor by a write; globex, holding
+    // one, still creates its second.
+    let put = |path: &str, token: &str, body: Value| {
+        let req = client().put(format!("{url}/search/{path}")).bearer_auth(token).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, v) = put("acme.third", &acme, serde_json::json!({})).await;
+    assert_eq!((s, v["error"]["type"].as_str()), (400, Some("validation_exception")), "{v}");
+    let reason = v["error"]["reason"].as_str().unwrap();
+    assert!(reason.contains("tenant [acme] has [2]/[2] indices") && reason.contains("--search-max-indices-per-tenant"), "{reason}");
+    let (s, v) = put("acme.third/_doc/1", &acme, serde_json::json!({"x": 1})).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = call("GET", &format!("{url}/search/acme.third"), Some(&acme), None).await;
+    assert_eq!(s, 404, "nothing half-made");
+    let (s, v) = put("globex.more", &globex, serde_json::json!({})).await;
+    assert_eq!(s, 200, "{v}");
 
     // A Kafka sink's Avro schemas go to the same registry over HTTPS, the tenant's token
     // as basic auth in the URL (Confluent's URL credentials), into the tenant's context.
