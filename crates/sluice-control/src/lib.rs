@@ -42,6 +42,8 @@ pub struct Control {
     pub(crate) signals: std::sync::Mutex<supervisor::Signals>,
     /// The address ranges tenants may name besides public ones.
     egress: std::sync::RwLock<Arc<egress::Egress>>,
+    /// How many pipelines and mirrors each tenant may hold.
+    quotas: std::sync::RwLock<api::Quotas>,
     /// The pipelines this server runs, for `/metrics`.
     pub(crate) running: std::sync::Mutex<std::collections::BTreeMap<i64, Running>>,
 }
@@ -113,6 +115,7 @@ impl Control {
             wake_supervisor: Notify::new(),
             signals: Default::default(),
             egress: Default::default(),
+            quotas: Default::default(),
             running: Default::default(),
         }))
     }
@@ -133,6 +136,15 @@ impl Control {
     /// The ranges tenants may reach besides public addresses (default: none).
     pub fn set_egress(&self, e: egress::Egress) {
         *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(e);
+    }
+
+    /// How many pipelines and mirrors each tenant may hold (default 100 of each).
+    pub fn set_quotas(&self, q: api::Quotas) {
+        *self.quotas.write().unwrap_or_else(|e| e.into_inner()) = q;
+    }
+
+    pub(crate) fn quotas(&self) -> api::Quotas {
+        *self.quotas.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn egress_policy(&self) -> Arc<egress::Egress> {

@@ -165,6 +165,13 @@ enum Command {
         /// plane on); the service holds 1000 at most in all.
         #[arg(long, env = "SLUICE_SEARCH_MAX_INDICES_PER_TENANT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         search_max_indices_per_tenant: u32,
+        /// Pipelines each tenant may hold (each takes a replication slot on its source
+        /// and a share of the servers' cores).
+        #[arg(long, env = "SLUICE_MAX_PIPELINES_PER_TENANT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        max_pipelines_per_tenant: u32,
+        /// Mirrors each tenant may hold.
+        #[arg(long, env = "SLUICE_MAX_MIRRORS_PER_TENANT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        max_mirrors_per_tenant: u32,
     },
     /// Maintenance of the Iceberg tables of a pipeline whose sink is `iceberg:` (the sink
     /// also runs it on its own schedule: sink.iceberg.maintenance). Safe while the
@@ -689,6 +696,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             plain_http,
             allow_egress,
             search_max_indices_per_tenant,
+            max_pipelines_per_tenant,
+            max_mirrors_per_tenant,
         } => {
             init_logs(&cli.log, false);
             let tls = match (&tls_cert, &tls_key) {
@@ -714,6 +723,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     tracing::info!(server_id = %id, "control plane on");
                     let ctl = sluice::control::Control::new(db, sealer, id, lease).await?;
                     ctl.set_egress(sluice::control::egress::Egress::parse(&allow_egress).map_err(anyhow::Error::msg)?);
+                    ctl.set_quotas(sluice::control::api::Quotas {
+                        pipelines: max_pipelines_per_tenant as usize,
+                        mirrors: max_mirrors_per_tenant as usize,
+                    });
                     if let Some(d) = dogstatsd.connect()? {
                         ctl.set_dogstatsd(d);
                     }

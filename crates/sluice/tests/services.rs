@@ -373,7 +373,8 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     strict.proc.kill9();
 
     // The operator allows loopback: the same source is created.
-    let open = ctl.server_env("open", free_port(), None, &[("SLUICE_ALLOW_EGRESS", "loopback")]).await;
+    let open =
+        ctl.server_env("open", free_port(), None, &[("SLUICE_ALLOW_EGRESS", "loopback"), ("SLUICE_MAX_PIPELINES_PER_TENANT", "1")]).await;
     let base = format!("{}/v1/tenants/acme", open.url);
     let (s, v) =
         http("POST", &format!("{base}/sources"), Some(&ctl.admin), Some(ctl.source_yaml("main", "postgres", superuser_pw()))).await;
@@ -396,6 +397,21 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     let wf = v["workflow"].as_i64().unwrap_or_else(|| panic!("a provisioning workflow: {v}"));
     crate::control::wait_workflow(&open.url, &ctl.admin, "acme", wf, Duration::from_secs(60)).await;
     wait_equal(&ctl.env, "orders", "id", Duration::from_secs(60)).await;
+
+    // One pipeline per tenant on this server: a second is refused whole (no row, no
+    // provisioning), naming the quota and the flag that sets it.
+    let (s, v) = http(
+        "POST",
+        &format!("{base}/pipelines"),
+        Some(&ctl.admin),
+        Some("{name: q, source: main, sink: replica, tables: [orders]}".into()),
+    )
+    .await;
+    assert_eq!((s, v["error"]["type"].as_str()), (403, Some("quota_exceeded")), "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("holds 1 of its 1 pipelines") && m.contains("--max-pipelines-per-tenant"), "{m}");
+    let (_, v) = http("GET", &format!("{base}/pipelines"), Some(&ctl.admin), None).await;
+    assert_eq!(v["pipelines"].as_array().map(Vec::len), Some(1), "{v}");
 
     // The operator narrows the policy and the server restarts under the same id: the
     // stored hosts were allowed when saved, and are checked again before anything

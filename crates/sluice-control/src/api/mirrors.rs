@@ -80,7 +80,9 @@ pub(super) async fn mirrors_create(State(ctl): Ctl, caller: Caller, Path(tenant)
     }
     let id: i64 = c.query_one("SELECT nextval('mirrors_id_seq')", &[]).await?.get(0);
     check(m.config(&mirror_runner_name(&ctl.install, id)).map_err(|i| ApiError::invalid("invalid_mirror", i))?).await?;
-    let r = c
+    let mut conn = ctl.db.connect().await?;
+    let tx = quota::reserve(&ctl, &mut conn, tid, &tenant, quota::Counted::Mirrors).await?;
+    let r = tx
         .query_opt(
             &format!(
                 "INSERT INTO mirrors (id, tenant_id, name, spec, sealed) VALUES ($1, $2, $3, $4, $5)
@@ -90,6 +92,7 @@ pub(super) async fn mirrors_create(State(ctl): Ctl, caller: Caller, Path(tenant)
         )
         .await?
         .ok_or_else(|| ApiError::conflict(format!("mirror {:?} already exists in tenant {tenant:?}", m.name)))?;
+    tx.commit().await?;
     ctl.wake_supervisor.notify_one();
     tracing::info!(tenant = %tenant, mirror = %m.name, "mirror created");
     created(mirror_json(&ctl.install, &r))

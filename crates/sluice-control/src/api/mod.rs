@@ -11,6 +11,7 @@ mod error;
 mod metrics;
 mod mirrors;
 mod pipelines;
+mod quota;
 mod routes;
 mod sinks;
 mod sources;
@@ -32,6 +33,7 @@ use workflows::*;
 pub use auth::{Caller, Principal, Role, authenticate};
 pub use error::ApiError;
 pub(crate) use mirrors::load_mirror;
+pub use quota::Quotas;
 pub use routes::{openapi_paths, router};
 
 use std::sync::Arc;

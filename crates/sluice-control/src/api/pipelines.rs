@@ -187,8 +187,10 @@ pub(super) async fn pipelines_create(State(ctl): Ctl, caller: Caller, Path(tenan
     let id: i64 = c.query_one("SELECT nextval('pipelines_id_seq')", &[]).await?.get(0);
     let (source_id, sink_id, _) = validate_pipeline(&ctl, tid, id, &p).await?;
     let pw = ctl.sealer.seal(Owner::new("pipelines", tid, &p.name), new_password().as_bytes());
+    let mut conn = ctl.db.connect().await?;
+    let tx = quota::reserve(&ctl, &mut conn, tid, &tenant, quota::Counted::Pipelines).await?;
     // The pipeline and its provisioning workflow appear together or not at all.
-    let r = c
+    let r = tx
         .query_opt(
             "WITH p AS (INSERT INTO pipelines (id, tenant_id, name, source_id, sink_id, spec, role_password)
                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING id)
@@ -199,6 +201,7 @@ pub(super) async fn pipelines_create(State(ctl): Ctl, caller: Caller, Path(tenan
     let Some(r) = r else {
         return Err(ApiError::conflict(format!("pipeline {:?} already exists in tenant {tenant:?}", p.name)));
     };
+    tx.commit().await?;
     ctl.wake.notify_one();
     let wf: i64 = r.get(0);
     tracing::info!(tenant = %tenant, pipeline = %p.name, workflow = wf, "pipeline created; provisioning");

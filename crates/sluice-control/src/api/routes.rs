@@ -277,7 +277,7 @@ pub fn openapi_paths() -> serde_json::Map<String, Value> {
             "parameters": params,
             "responses": {
                 "200": { "description": "ok" }, "201": { "description": "created" }, "202": { "description": "workflow started" },
-                "401": { "description": "no or unknown token" }, "403": { "description": "role not allowed" },
+                "401": { "description": "no or unknown token" }, "403": { "description": "role not allowed, or the tenant's quota reached (quota_exceeded)" },
                 "404": { "description": "not found (or another tenant's)" }, "409": { "description": "conflict" },
                 "422": { "description": "invalid: {error: {type, message, field}}" }
             }
