@@ -12,8 +12,9 @@
 //! with the refusal in its status. A pipeline's own connections then go through the
 //! same policy (`sluice_core::egress`): Postgres and HTTP clients connect only to
 //! the addresses they checked, so a name that resolves elsewhere after these checks
-//! (DNS rebinding) is refused too. Kafka clients resolve broker names themselves:
-//! for them (brokers, mirrors' clusters) the checks here are the only ones.
+//! (DNS rebinding) is refused too. Kafka clients resolve broker names themselves, so
+//! for them the brokers each cluster advertises are checked at start as well (by the
+//! Kafka sink, and by [`check_mirror_brokers`] for a mirror), without pinning.
 
 use std::net::IpAddr;
 
@@ -49,6 +50,21 @@ pub async fn check_host(policy: &Egress, field: &str, host: &str) -> Result<(), 
     };
     for ip in addrs {
         policy.check_ip(host, ip).map_err(|m| Invalid::new(field, m))?;
+    }
+    Ok(())
+}
+
+/// Checks the brokers a mirror's clusters advertise (they are what librdkafka connects
+/// to after the bootstrap brokers, which were checked by name). A cluster that does
+/// not answer passes here: the mirror's own connection fails with its own message.
+pub async fn check_mirror_brokers(policy: &Egress, cfg: &sluice_mirror::MirrorConfig) -> Result<(), String> {
+    let cfg = cfg.clone();
+    let Ok(Ok(brokers)) = tokio::task::spawn_blocking(move || sluice_mirror::advertised_brokers(&cfg)).await else { return Ok(()) };
+    for (side, host, port) in brokers {
+        policy
+            .resolve(&host, port)
+            .await
+            .map_err(|m| format!("{side}.brokers: the cluster advertises broker {host}:{port}, where egress is refused: {m}"))?;
     }
     Ok(())
 }

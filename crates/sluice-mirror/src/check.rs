@@ -34,3 +34,16 @@ pub fn check(cfg: &MirrorConfig) -> Result<Vec<CheckedTopic>> {
         })
         .collect())
 }
+
+/// The brokers each cluster advertises (the config key of its side, host, port), from
+/// its metadata: librdkafka connects to these, not only to the bootstrap brokers the
+/// config names, so a server that limits where it connects checks them too.
+pub fn advertised_brokers(cfg: &MirrorConfig) -> Result<Vec<(&'static str, String, u16)>> {
+    let mut out = Vec::new();
+    for side in [Side::Source, Side::Target] {
+        let client = consumer(cfg, side, None)?;
+        let meta = metadata(cfg, side, &client)?;
+        out.extend(meta.brokers().iter().map(|b| (side.key(), b.host().to_string(), u16::try_from(b.port()).unwrap_or_default())));
+    }
+    Ok(out)
+}

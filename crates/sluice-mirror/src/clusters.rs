@@ -36,7 +36,7 @@ pub(crate) enum Side {
 }
 
 impl Side {
-    fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             Side::Source => "source.kafka",
             Side::Target => "sink.kafka",

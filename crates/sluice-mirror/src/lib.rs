@@ -25,7 +25,7 @@ mod schemas;
 pub mod stats;
 mod teardown;
 
-pub use check::{CheckedTopic, check};
+pub use check::{CheckedTopic, advertised_brokers, check};
 pub use checkpoint::{GroupOffset, translate_group};
 pub use config::{MirrorConfig, PROVENANCE_HEADER};
 pub use copy::{load_map, run};

@@ -136,7 +136,7 @@ async fn a_pipeline_connects_only_to_addresses_its_policy_allows() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_kafka_sink_checks_the_brokers_the_cluster_advertises() {
+async fn kafka_sinks_and_mirrors_check_the_brokers_each_cluster_advertises() {
     let dir = tempfile::tempdir().unwrap();
     let (_broker, brokers) = spawn_broker(dir.path()).await;
     let mut config = rdkafka::ClientConfig::new();
@@ -158,4 +158,19 @@ async fn a_kafka_sink_checks_the_brokers_the_cluster_advertises() {
         "{e}"
     );
     probe("127.0.0.1/32").await.unwrap();
+
+    // A mirror's clusters, as the supervisor checks them before a mirror starts.
+    let mirror = sluice_mirror::MirrorConfig::parse(&format!(
+        "pipeline: m_egress\nsource:\n  kafka:\n    cluster: a\n    brokers: \"{brokers}\"\n    topics_regex: \"orders.*\"\n\
+         sink:\n  kafka:\n    cluster: b\n    brokers: \"{brokers}\"\n"
+    ))
+    .unwrap();
+    let e = sluice_control::egress::check_mirror_brokers(&Egress::default(), &mirror).await.unwrap_err();
+    assert!(
+        e.starts_with(&format!(
+            "source.kafka.brokers: the cluster advertises broker {brokers}, where egress is refused: 127.0.0.1 is a loopback"
+        )),
+        "{e}"
+    );
+    sluice_control::egress::check_mirror_brokers(&Egress::parse("127.0.0.1/32").unwrap(), &mirror).await.unwrap();
 }

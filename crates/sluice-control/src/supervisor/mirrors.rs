@@ -119,9 +119,13 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
     for row in claimed {
         let (id, generation, desired, purge): (i64, i32, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
         let loaded = match crate::api::load_mirror(ctl, id).await {
-            Ok(Some((spec, cfg))) => {
-                ctl.recheck_egress(&[("", &Value::Object(spec.settings))]).await.map(|()| Some(cfg)).map_err(anyhow::Error::msg)
-            }
+            Ok(Some((spec, cfg))) => match ctl.recheck_egress(&[("", &Value::Object(spec.settings))]).await {
+                Ok(()) => crate::egress::check_mirror_brokers(&ctl.egress_policy(), &cfg)
+                    .await
+                    .map(|()| Some(cfg))
+                    .map_err(|m| anyhow::anyhow!("egress refused when connecting: {m}")),
+                Err(refused) => Err(anyhow::Error::msg(refused)),
+            },
             other => other.map(|m| m.map(|(_, cfg)| cfg)),
         };
         let cfg = match loaded {
