@@ -354,6 +354,15 @@ async fn tenants_cannot_reach_loopback_or_server_files_unless_the_server_allows_
     let (s, v) = http("POST", &format!("{base}/enrichers"), Some(&ctl.admin), Some(hook.into())).await;
     assert_eq!(s, 422, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("link-local"), "{v}");
+    // The tenant's alert webhook is a host the server posts to as well.
+    let (s, v) =
+        http("PUT", &format!("{base}/alerts"), Some(&ctl.admin), Some("webhook_url: 'http://127.0.0.1:9/hook?token=t0ps3cret'\n".into()))
+            .await;
+    assert_eq!(s, 422, "{v}");
+    refused(&v, "webhook_url");
+    assert!(!v.to_string().contains("t0ps3cret"), "the webhook's secret is not echoed: {v}");
+    let (_, v) = http("GET", &format!("{base}/alerts"), Some(&ctl.admin), None).await;
+    assert_eq!(v["configured"], false, "nothing stored: {v}");
     // Settings that would make the server read its own files, or give up delivery
     // guarantees, are refused whatever the policy.
     for (props, field) in [

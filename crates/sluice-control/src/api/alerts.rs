@@ -13,6 +13,7 @@ pub(super) async fn alerts_get(State(ctl): Ctl, caller: Caller, Path(tenant): Pa
 pub(super) async fn alerts_put(State(ctl): Ctl, caller: Caller, Path(tenant): Path<String>, body: Bytes) -> ApiResult {
     let id = caller.tenant(&ctl, &tenant, true).await?;
     let (_, raw, public) = parse_alerts(&body).map_err(|i| ApiError::invalid("invalid_alerts", i))?;
+    ctl.check_egress("", &raw).await?;
     let sealed = ctl.sealer.seal(Owner::new("alert_settings", id, ""), &serde_json::to_vec(&raw).map_err(anyhow::Error::from)?);
     ctl.db
         .get()

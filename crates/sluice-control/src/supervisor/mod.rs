@@ -257,7 +257,9 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
 pub(crate) struct Signals {
     pub(crate) statsd: Option<DogStatsd>,
     alerts: Alerts,
-    client: reqwest::Client,
+    /// The tenants' webhooks' client, resolving names through the egress policy
+    /// (built at first use: the policy is set after the control plane is made).
+    client: Option<reqwest::Client>,
 }
 
 /// Sends metrics when due, and evaluates each tenant's alert rules on its pipelines
@@ -288,11 +290,31 @@ async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Resu
             d.emit(&[("pipeline", &l.pipeline), ("tenant", &l.tenant), ("sink", &l.sink)], &l.metrics);
         }
     }
+    let policy = ctl.egress_policy();
     for l in local.values() {
         let Some(cfg) = settings.get(&l.tenant_id) else { continue };
         let subject = Subject { pipeline: l.pipeline.clone(), tenant: Some(l.tenant.clone()) };
         for n in s.alerts.evaluate(&subject, &l.metrics, cfg) {
-            deliver(&s.client, &cfg.webhook_url, n);
+            // A tenant's webhook is reached only where the egress policy lets it: an
+            // address literal is checked here, a name by the client at each connection.
+            if let Err(m) = policy.check_url_literal(secrecy::ExposeSecret::expose_secret(&cfg.webhook_url)) {
+                tracing::warn!(tenant = %l.tenant, error = %m, "alert not delivered: egress refused");
+                continue;
+            }
+            if s.client.is_none() {
+                match sluice_core::egress::guard_http(reqwest::Client::builder(), "", Some(&policy))
+                    .and_then(|b| b.build().map_err(|e| e.to_string()))
+                {
+                    Ok(c) => s.client = Some(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, "alert not delivered: no HTTP client");
+                        continue;
+                    }
+                }
+            }
+            if let Some(client) = &s.client {
+                deliver(client, &cfg.webhook_url, n);
+            }
         }
     }
     Ok(())
