@@ -28,6 +28,10 @@ pub struct MirrorConfig {
     pub batch: MirrorBatch,
     #[serde(default)]
     pub offsets: OffsetSync,
+    /// The server's egress policy over the mirror's registries (`sluice server` sets
+    /// it; never read from YAML; `sluice run` has none).
+    #[serde(skip)]
+    pub egress: Option<std::sync::Arc<sluice_core::egress::Egress>>,
 }
 
 /// `source:` holds one key naming the kind; a mirror reads Kafka.

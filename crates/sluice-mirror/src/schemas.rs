@@ -7,9 +7,12 @@
 //! the target's. Ids are cached: a schema costs a few HTTP calls once per run.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 use sluice_core::encode_path_segment;
+
+use sluice_core::egress::Egress;
 
 use crate::config::MirrorConfig;
 use crate::error::{MirrorError, Result};
@@ -26,11 +29,16 @@ pub(crate) struct SchemaIds {
 impl SchemaIds {
     pub fn new(cfg: &MirrorConfig) -> Option<Self> {
         let (source, target) = (cfg.source().registry_url.as_ref()?, cfg.target().registry_url.as_ref()?);
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(30)))
-            .build()
-            .into();
+        let config = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(std::time::Duration::from_secs(30)));
+        let agent = match &cfg.egress {
+            None => config.build().into(),
+            // Through a proxy the policy would check the proxy, not the registry.
+            Some(policy) => ureq::Agent::with_parts(
+                config.proxy(None).build(),
+                ureq::unversioned::transport::DefaultConnector::default(),
+                Guarded(policy.clone()),
+            ),
+        };
         Some(Self { source: source.trim_end_matches('/').into(), target: target.trim_end_matches('/').into(), agent, ids: HashMap::new() })
     }
 
@@ -60,7 +68,7 @@ impl SchemaIds {
 
     fn get(&self, base: &str, path: &str) -> Result<Option<Value>> {
         let url = format!("{base}{path}");
-        let mut r = self.agent.get(&url).call().map_err(|e| MirrorError::retry(format!("schema registry {base}: GET {path}: {e}")))?;
+        let mut r = self.agent.get(&url).call().map_err(|e| failed(e, format!("schema registry {base}: GET {path}")))?;
         match r.status().as_u16() {
             404 => Ok(None),
             200 => r.body_mut().read_json().map(Some).map_err(|e| MirrorError::retry(format!("schema registry {base}: GET {path}: {e}"))),
@@ -77,7 +85,7 @@ impl SchemaIds {
         let mut r = req
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
             .send_json(body)
-            .map_err(|e| MirrorError::retry(format!("target schema registry: {method} {path}: {e}")))?;
+            .map_err(|e| failed(e, format!("target schema registry: {method} {path}")))?;
         let status = r.status().as_u16();
         let v: Value = r.body_mut().read_json().unwrap_or(Value::Null);
         if status != 200 {
@@ -140,5 +148,99 @@ impl SchemaIds {
             return Err(MirrorError::fatal(format!("schema id {id} of the source registry has no subject to copy it under")));
         }
         Ok(target_id)
+    }
+}
+
+/// A registry that cannot be reached is worth retrying; one the egress policy refuses
+/// is not, and the policy's one line says why.
+fn failed(e: ureq::Error, context: String) -> MirrorError {
+    match e {
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            MirrorError::fatal(format!("{context}: egress refused: {io}"))
+        }
+        e => MirrorError::retry(format!("{context}: {e}")),
+    }
+}
+
+/// The registries' resolver under a server's egress policy: the addresses a name
+/// resolves to are checked here, and only those are connected to, so a name that
+/// moves to a refused address after the mirror's hosts were checked is refused too.
+#[derive(Debug)]
+struct Guarded(Arc<Egress>);
+
+impl ureq::unversioned::resolver::Resolver for Guarded {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let addrs = ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)?;
+        let host = uri.host().unwrap_or_default();
+        for a in &addrs {
+            self.0.check_ip(host, a.ip()).map_err(|m| ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, m)))?;
+        }
+        Ok(addrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A registry on 127.0.0.1 that knows no schema, counting the connections it takes.
+    fn registry() -> (u16, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                s.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let body = r#"{"error_code":40403,"message":"Schema not found"}"#;
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (port, seen)
+    }
+
+    fn config(port: u16, policy: Option<&str>) -> MirrorConfig {
+        let text = format!(
+            "pipeline: m\nsource:\n  kafka: {{cluster: a, brokers: 'x:1', topics: [t], registry_url: 'http://localhost:{port}'}}\nsink:\n  kafka: {{cluster: b, brokers: 'y:1', registry_url: 'http://localhost:{port}'}}\n"
+        );
+        let mut cfg = MirrorConfig::parse(&text).unwrap();
+        cfg.egress = policy.map(|p| Arc::new(Egress::parse(p).unwrap()));
+        cfg
+    }
+
+    #[test]
+    fn registries_are_reached_only_where_the_egress_policy_lets_them() {
+        let (port, seen) = registry();
+        let record = [0u8, 0, 0, 0, 7, 1, 2, 3];
+        let mut out = Vec::new();
+
+        // `localhost` is a name: the resolver checks what it resolves to, and connects nowhere.
+        let cfg = config(port, Some(""));
+        let e = SchemaIds::new(&cfg).unwrap().rewrite(&cfg, &record, &mut out).unwrap_err();
+        assert!(!e.is_retryable() && e.to_string().contains("egress refused") && e.to_string().contains("loopback"), "{e}");
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing connected");
+
+        // Allowed by the policy, or with no policy (`sluice run`), the registry answers.
+        for policy in [Some("127.0.0.1/32"), None] {
+            let cfg = config(port, policy);
+            let before = seen.load(Ordering::SeqCst);
+            assert_eq!(SchemaIds::new(&cfg).unwrap().rewrite(&cfg, &record, &mut out).unwrap(), None);
+            assert!(seen.load(Ordering::SeqCst) > before, "{policy:?}: the registry was asked");
+        }
     }
 }

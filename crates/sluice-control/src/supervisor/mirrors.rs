@@ -128,7 +128,7 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
             },
             other => other.map(|m| m.map(|(_, cfg)| cfg)),
         };
-        let cfg = match loaded {
+        let mut cfg = match loaded {
             Ok(Some(cfg)) => cfg,
             Ok(None) => continue,
             Err(e) => {
@@ -140,6 +140,7 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
                 continue;
             }
         };
+        cfg.egress = Some(ctl.egress_policy());
         let stats = Arc::new(MirrorStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let teardown = desired == "deleting";
