@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use sluice_mirror::MirrorStats;
 use tokio_postgres::Client;
 
+use super::leases;
 use crate::Control;
 
 pub(super) struct Running {
@@ -39,67 +40,48 @@ impl Running {
     }
 }
 
-fn status(r: &Running, server: &str, state: &str) -> Value {
-    let mut s = r.stats.summary();
-    s["state"] = json!(state);
-    s["server"] = json!(server);
-    s
+impl super::leases::Leased for Running {
+    const TABLE: &'static str = "mirrors";
+    const KIND: &'static str = "mirror";
+
+    fn status(&self, server: &str) -> Value {
+        let mut s = self.stats.summary();
+        s["state"] = json!(if self.teardown { "deleting" } else { "running" });
+        s["server"] = json!(server);
+        s
+    }
+
+    fn wanted(&self, desired: &str, generation: i32) -> bool {
+        if self.teardown { desired == "deleting" } else { desired == "running" && generation == self.generation }
+    }
+
+    fn ask_stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn task(&mut self) -> &mut tokio::task::JoinHandle<Result<()>> {
+        &mut self.task
+    }
+
+    fn stopping(&mut self) -> &mut bool {
+        &mut self.stopping
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn deletes_row(&self) -> bool {
+        self.teardown
+    }
 }
 
 pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Running>, stopping: bool) -> Result<()> {
     let me = &ctl.server_id;
-    let ids: Vec<i64> = local.keys().copied().collect();
-    let statuses: Vec<Value> =
-        ids.iter().map(|id| status(&local[id], me, if local[id].teardown { "deleting" } else { "running" })).collect();
-    let rows = c
-        .query(
-            "UPDATE mirrors m SET lease_until = now() + make_interval(secs => $2), status = u.status
-             FROM unnest($3::int8[], $4::jsonb[]) AS u(id, status)
-             WHERE m.id = u.id AND m.owner = $1
-             RETURNING m.id, m.desired, m.generation",
-            &[me, &ctl.lease.as_secs_f64(), &ids, &statuses],
-        )
-        .await?;
-    let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
-    let mut ended = Vec::new();
-    for (id, r) in local.iter_mut() {
-        let wanted = keep.remove(id).is_some_and(|(d, g)| if r.teardown { d == "deleting" } else { d == "running" && g == r.generation });
-        if !r.stopping && (!wanted || stopping || r.task.is_finished()) {
-            r.stop.store(true, Ordering::Relaxed);
-            r.stopping = true;
-        }
-        if r.stopping && (stopping || r.task.is_finished()) {
-            ended.push(*id);
-        }
-    }
-    for id in ended {
-        let mut r = local.remove(&id).expect("present");
-        let failure = match (&mut r.task).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(e) => Some(format!("mirror task: {e}")),
-        };
-        match failure {
-            Some(err) => {
-                tracing::error!(mirror = id, error = %err, teardown = r.teardown, "mirror failed");
-                let mut st = status(&r, me, "failed");
-                st["error"] = json!(err);
-                c.execute(
-                    "UPDATE mirrors SET owner = NULL, status = $3, retry_at = now() + interval '60 s' WHERE id = $1 AND owner = $2",
-                    &[&id, me, &st],
-                )
-                .await?;
-            }
-            None if r.teardown => {
-                c.execute("DELETE FROM mirrors WHERE id = $1 AND owner = $2 AND desired = 'deleting'", &[&id, me]).await?;
-                tracing::info!(mirror = id, "mirror torn down");
-            }
-            None => {
-                let st = status(&r, me, "stopped");
-                c.execute("UPDATE mirrors SET owner = NULL, status = $3 WHERE id = $1 AND owner = $2", &[&id, me, &st]).await?;
-                tracing::info!(mirror = id, ran_for = ?r.started.elapsed(), "mirror stopped on this server");
-            }
-        }
+    let wanted = leases::renew(c, me, ctl.lease.as_secs_f64(), local).await?;
+    for id in leases::ended(local, wanted, stopping) {
+        let r = local.remove(&id).expect("present");
+        leases::record_end(c, me, id, r).await?;
     }
     if stopping {
         return Ok(());
@@ -132,11 +114,7 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
             Ok(Some(cfg)) => cfg,
             Ok(None) => continue,
             Err(e) => {
-                c.execute(
-                    "UPDATE mirrors SET owner = NULL, retry_at = now() + interval '60 s', status = $2 WHERE id = $1",
-                    &[&id, &json!({"state": "failed", "error": format!("{e:#}")})],
-                )
-                .await?;
+                leases::not_started::<Running>(c, id, &format!("{e:#}")).await?;
                 continue;
             }
         };

@@ -6,6 +6,7 @@
 //! (and its replication slot admits one reader only, a second fence). Mirrors run
 //! under the same kind of lease (`mirrors`).
 
+mod leases;
 mod mirrors;
 
 use std::collections::HashMap;
@@ -35,9 +36,36 @@ struct Local {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<()>>,
     started: Instant,
-    /// Asked to stop; its lease is still renewed until its task ends, and the pass
-    /// never waits for it (the other pipelines' leases must not lapse meanwhile).
     stopping: bool,
+}
+
+impl leases::Leased for Local {
+    const TABLE: &'static str = "pipelines";
+    const KIND: &'static str = "pipeline";
+
+    fn status(&self, server: &str) -> Value {
+        status(&self.metrics, server)
+    }
+
+    fn wanted(&self, desired: &str, generation: i32) -> bool {
+        desired == "running" && generation == self.generation
+    }
+
+    fn ask_stop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn task(&mut self) -> &mut tokio::task::JoinHandle<Result<()>> {
+        &mut self.task
+    }
+
+    fn stopping(&mut self) -> &mut bool {
+        &mut self.stopping
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
 }
 
 fn status(m: &Metrics, server: &str) -> Value {
@@ -104,8 +132,8 @@ pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
         if stopping {
             stop_all(&mut local, &mut local_mirrors).await;
             if let Some(c) = &client {
-                let _ = c.execute("UPDATE pipelines SET owner = NULL WHERE owner = $1", &[&ctl.server_id]).await;
-                let _ = c.execute("UPDATE mirrors SET owner = NULL WHERE owner = $1", &[&ctl.server_id]).await;
+                leases::release_all::<Local>(c, &ctl.server_id).await;
+                leases::release_all::<mirrors::Running>(c, &ctl.server_id).await;
             }
             return;
         }
@@ -130,64 +158,15 @@ async fn stop_all(local: &mut HashMap<i64, Local>, mirrors: &mut HashMap<i64, mi
 async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, stopping: bool) -> Result<()> {
     let me = &ctl.server_id;
     // 1. Renew, publish status, learn what is wanted of the pipelines held here.
-    let ids: Vec<i64> = local.keys().copied().collect();
-    let statuses: Vec<Value> = ids.iter().map(|id| status(&local[id].metrics, me)).collect();
-    let rows = c
-        .query(
-            "UPDATE pipelines p SET lease_until = now() + make_interval(secs => $2), status = u.status
-             FROM unnest($3::int8[], $4::jsonb[]) AS u(id, status)
-             WHERE p.id = u.id AND p.owner = $1
-             RETURNING p.id, p.desired, p.generation",
-            &[me, &ctl.lease.as_secs_f64(), &ids, &statuses],
-        )
-        .await?;
-    let mut keep: HashMap<i64, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    let wanted = leases::renew(c, me, ctl.lease.as_secs_f64(), local).await?;
     // Before ended tasks are taken out: their last errors count too.
     signals(ctl, c, local).await?;
     // 2. Stop what is gone, no longer wanted, lost, or finished by itself. A pipeline
     //    told to stop is only awaited once its task has ended (it wakes the supervisor).
-    let mut ended = Vec::new();
-    for (id, l) in local.iter_mut() {
-        let wanted = keep.remove(id).is_some_and(|(d, g)| d == "running" && g == l.generation);
-        if !l.stopping && (!wanted || stopping || l.task.is_finished()) {
-            let _ = l.stop.send(true);
-            l.stopping = true;
-        }
-        // When this server shuts down it waits for them all (nothing else to renew).
-        if l.stopping && (stopping || l.task.is_finished()) {
-            ended.push(*id);
-        }
-    }
-    for id in ended {
+    for id in leases::ended(local, wanted, stopping) {
         let l = local.remove(&id).expect("present");
         ctl.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        let result = l.task.await; // finished, or this server is shutting down
-        let failure = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(e) => Some(format!("pipeline task: {e}")),
-        };
-        match failure {
-            // A pipeline that fails permanently waits a minute before it is tried again
-            // (anywhere), with its error in its status.
-            Some(err) => {
-                tracing::error!(pipeline = id, error = %err, "pipeline failed");
-                let mut st = status(&l.metrics, me);
-                st["state"] = json!("failed");
-                st["error"] = json!(err);
-                c.execute(
-                    "UPDATE pipelines SET owner = NULL, status = $3, retry_at = now() + interval '60 s' WHERE id = $1 AND owner = $2",
-                    &[&id, me, &st],
-                )
-                .await?;
-            }
-            None => {
-                let mut st = status(&l.metrics, me);
-                st["state"] = json!("stopped");
-                c.execute("UPDATE pipelines SET owner = NULL, status = $3 WHERE id = $1 AND owner = $2", &[&id, me, &st]).await?;
-                tracing::info!(pipeline = id, ran_for = ?l.started.elapsed(), "pipeline stopped on this server");
-            }
-        }
+        leases::record_end(c, me, id, l).await?;
     }
     if stopping {
         return Ok(());
@@ -220,12 +199,7 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
         let cfg = match checked {
             Ok(cfg) => cfg,
             Err(error) => {
-                tracing::error!(pipeline = id, %error, "pipeline not started");
-                c.execute(
-                    "UPDATE pipelines SET owner = NULL, retry_at = now() + interval '60 s', status = $2 WHERE id = $1",
-                    &[&id, &json!({"state": "failed", "error": error})],
-                )
-                .await?;
+                leases::not_started::<Local>(c, id, &error).await?;
                 continue;
             }
         };
@@ -257,9 +231,9 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
 pub(crate) struct Signals {
     pub(crate) statsd: Option<DogStatsd>,
     alerts: Alerts,
-    /// The tenants' webhooks' client, resolving names through the egress policy
-    /// (built at first use: the policy is set after the control plane is made).
-    client: Option<reqwest::Client>,
+    /// The tenants' webhooks' client, resolving names through the egress policy it
+    /// was built with (built at first use, again if the policy is replaced).
+    client: Option<(Arc<sluice_core::egress::Egress>, reqwest::Client)>,
 }
 
 /// Sends metrics when due, and evaluates each tenant's alert rules on its pipelines
@@ -301,18 +275,18 @@ async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Resu
                 tracing::warn!(tenant = %l.tenant, error = %m, "alert not delivered: egress refused");
                 continue;
             }
-            if s.client.is_none() {
+            if s.client.as_ref().is_none_or(|(p, _)| !Arc::ptr_eq(p, &policy)) {
                 match sluice_core::egress::guard_http(reqwest::Client::builder(), "", Some(&policy))
                     .and_then(|b| b.build().map_err(|e| e.to_string()))
                 {
-                    Ok(c) => s.client = Some(c),
+                    Ok(c) => s.client = Some((policy.clone(), c)),
                     Err(e) => {
                         tracing::error!(error = %e, "alert not delivered: no HTTP client");
                         continue;
                     }
                 }
             }
-            if let Some(client) = &s.client {
+            if let Some((_, client)) = &s.client {
                 deliver(client, &cfg.webhook_url, n);
             }
         }
