@@ -351,12 +351,15 @@ pub async fn debezium(args: Args) -> Result<Value> {
 
     eprintln!("Sluice into the null sink...");
     let sluice_null = tokio::task::block_in_place(|| sluice_run(&setup, &s, "null", "null", rows, mb))?;
-    let dbz_null = if sluice_only {
-        Value::Null
-    } else {
-        eprintln!("Debezium into a counting consumer...");
-        tokio::task::block_in_place(|| debezium_run(&setup, "dbz_null", "null", rows, mb))?
+    // Debezium over the same path, unless only Sluice is measured.
+    let debezium = |slot: &str, sink: &str, into: &str| -> Result<Value> {
+        if sluice_only {
+            return Ok(Value::Null);
+        }
+        eprintln!("Debezium into {into}...");
+        tokio::task::block_in_place(|| debezium_run(&setup, slot, sink, rows, mb))
     };
+    let dbz_null = debezium("dbz_null", "null", "a counting consumer")?;
     // The broker's JVM compiles its hot paths during its first heavy load: it gets that
     // load now, so neither peer pays for it.
     eprintln!("warming the broker up...");
@@ -364,12 +367,7 @@ pub async fn debezium(args: Args) -> Result<Value> {
     tokio::task::spawn_blocking(move || warm_up(&b, 300_000)).await??;
     eprintln!("Sluice into Kafka (JSON)...");
     let sluice_kafka = tokio::task::block_in_place(|| sluice_run(&setup, &s, "kafka", "kafka", rows, mb))?;
-    let dbz_kafka = if sluice_only {
-        Value::Null
-    } else {
-        eprintln!("Debezium into Kafka (JSON)...");
-        tokio::task::block_in_place(|| debezium_run(&setup, "dbz_kafka", "kafka", rows, mb))?
-    };
+    let dbz_kafka = debezium("dbz_kafka", "kafka", "Kafka (JSON)")?;
     let topics: &[(&str, &str)] = if sluice_only {
         &[("kafka.public.bench", "Sluice")]
     } else {
