@@ -21,7 +21,7 @@ pub mod transform;
 mod value;
 
 pub use conn::{PgConnConfig, PgTls, SslMode};
-pub use error::{CoreError, ErrorKind};
+pub use error::{CoreError, ErrorKind, one_line};
 pub use event::{ChangeEvent, Datum, Op, Row, SourcePosition, Transaction, key_of};
 pub use lsn::Lsn;
 pub use path::encode_path_segment;

@@ -93,7 +93,7 @@ impl SchemaIds {
             // which subject, and keep the mirror stopped rather than copy undecodable records.
             return Err(MirrorError::fatal(format!(
                 "target schema registry refused {method} {path} ({status}: {}); fix the target registry (compatibility, mode) and start the mirror again",
-                v.get("message").and_then(Value::as_str).unwrap_or("no message")
+                sluice_core::one_line(v.get("message").and_then(Value::as_str).unwrap_or("no message"))
             )));
         }
         Ok(v)

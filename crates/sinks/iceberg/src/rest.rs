@@ -94,7 +94,7 @@ impl RestCatalog {
             return Ok((status, body));
         }
         // The catalog's own error message (the protocol's `error.message`), one line.
-        let message = body["error"]["message"].as_str().unwrap_or("no message").lines().next().unwrap_or_default().to_string();
+        let message = sluice_core::one_line(body["error"]["message"].as_str().unwrap_or("no message"));
         let m = format!("Iceberg REST catalog at {}: {what}: HTTP {status}: {message}", self.uri);
         Err(match status {
             401 | 403 => IcebergError::permanent(format!("{m}; check sink.iceberg.catalog.rest.token")),

@@ -93,7 +93,11 @@ impl RegistryClient {
             }
             s => Err(KafkaSinkError::new(
                 ErrorKind::Permanent,
-                format!("schema registry {} answered {s} registering {subject}: {}", self.shown, reply["message"].as_str().unwrap_or("")),
+                format!(
+                    "schema registry {} answered {s} registering {subject}: {}",
+                    self.shown,
+                    sluice_core::one_line(reply["message"].as_str().unwrap_or(""))
+                ),
             )),
         }
     }

@@ -220,7 +220,7 @@ impl Pipeline {
         for c in batch.iter().flat_map(|t| &t.ddl) {
             match &c.kind {
                 SchemaChangeKind::Unsupported { reason } => {
-                    bail!(PgError::halted(format!("schema change `{}`: {reason}", one_line(&c.statement))))
+                    bail!(PgError::halted(format!("schema change `{}`: {reason}", sluice_core::one_line(&c.statement))))
                 }
                 SchemaChangeKind::TableAdded { schema } => sink.sink_mut()?.prepare(std::slice::from_ref(schema)).await?,
                 SchemaChangeKind::TableRemoved => {
@@ -325,13 +325,8 @@ fn schema_change_refused(batch: &[Transaction], e: anyhow::Error) -> anyhow::Err
     } else {
         "; change the sink so it can (or undo the change in the source) and the pipeline resumes by itself".into()
     };
-    PgError::halted(format!("the sink cannot take the schema change `{}` on {}: {e}{fix}", one_line(&c.statement), c.table)).into()
-}
-
-/// A statement on one line, shortened: it goes into a one-line message.
-fn one_line(statement: &str) -> String {
-    let s: String = statement.split_whitespace().collect::<Vec<_>>().join(" ");
-    if s.chars().count() > 200 { format!("{}...", s.chars().take(200).collect::<String>()) } else { s }
+    PgError::halted(format!("the sink cannot take the schema change `{}` on {}: {e}{fix}", sluice_core::one_line(&c.statement), c.table))
+        .into()
 }
 
 /// Test hook: `SLUICE_FAILPOINT=kill-after:ddl` kills this process with SIGKILL right
