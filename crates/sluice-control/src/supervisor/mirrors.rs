@@ -11,36 +11,23 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use anyhow::Result;
 use serde_json::{Value, json};
 use sluice_mirror::MirrorStats;
 use tokio_postgres::Client;
 
-use super::leases;
+use super::leases::{self, Held, Leased};
 use crate::Control;
 
 pub(super) struct Running {
-    generation: i32,
     stats: Arc<MirrorStats>,
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Result<()>>,
     /// A teardown rather than a copy.
     teardown: bool,
-    started: Instant,
-    stopping: bool,
 }
 
-impl Running {
-    /// Stops it and waits for the batch in flight to commit or abort.
-    pub(super) async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-    }
-}
-
-impl super::leases::Leased for Running {
+impl Leased for Running {
     const TABLE: &'static str = "mirrors";
     const KIND: &'static str = "mirror";
 
@@ -51,24 +38,13 @@ impl super::leases::Leased for Running {
         s
     }
 
-    fn wanted(&self, desired: &str, generation: i32) -> bool {
-        if self.teardown { desired == "deleting" } else { desired == "running" && generation == self.generation }
+    fn wanted(&self, desired: &str, same_generation: bool) -> bool {
+        if self.teardown { desired == "deleting" } else { desired == "running" && same_generation }
     }
 
-    fn ask_stop(&mut self) {
+    /// The copy stops after its batch in flight commits or aborts.
+    fn ask_stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-
-    fn task(&mut self) -> &mut tokio::task::JoinHandle<Result<()>> {
-        &mut self.task
-    }
-
-    fn stopping(&mut self) -> &mut bool {
-        &mut self.stopping
-    }
-
-    fn started(&self) -> Instant {
-        self.started
     }
 
     fn deletes_row(&self) -> bool {
@@ -76,7 +52,7 @@ impl super::leases::Leased for Running {
     }
 }
 
-pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Running>, stopping: bool) -> Result<()> {
+pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Held<Running>>, stopping: bool) -> Result<()> {
     let me = &ctl.server_id;
     let wanted = leases::renew(c, me, ctl.lease.as_secs_f64(), local).await?;
     for id in leases::ended(local, wanted, stopping) {
@@ -134,7 +110,7 @@ pub(super) async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64
             result.map_err(anyhow::Error::from)
         });
         tracing::info!(mirror = id, teardown, "mirror claimed by this server");
-        local.insert(id, Running { generation, stats, stop, task, teardown, started: Instant::now(), stopping: false });
+        local.insert(id, Held::new(Running { stats, stop, teardown }, generation, task));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use self::leases::{Held, Leased};
 use super::Control;
 use sluice_engine::alerts::{AlertConfig, Alerts, Subject, deliver};
 use sluice_engine::dogstatsd::DogStatsd;
@@ -26,7 +27,6 @@ use sluice_engine::metrics::Metrics;
 use sluice_engine::pipeline::Pipeline;
 
 struct Local {
-    generation: i32,
     /// Names for tags and alerts: pipeline, tenant (id and name), sink kind.
     pipeline: String,
     tenant_id: i64,
@@ -34,12 +34,9 @@ struct Local {
     sink: String,
     metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<()>>,
-    started: Instant,
-    stopping: bool,
 }
 
-impl leases::Leased for Local {
+impl Leased for Local {
     const TABLE: &'static str = "pipelines";
     const KIND: &'static str = "pipeline";
 
@@ -47,24 +44,12 @@ impl leases::Leased for Local {
         status(&self.metrics, server)
     }
 
-    fn wanted(&self, desired: &str, generation: i32) -> bool {
-        desired == "running" && generation == self.generation
+    fn wanted(&self, desired: &str, same_generation: bool) -> bool {
+        desired == "running" && same_generation
     }
 
-    fn ask_stop(&mut self) {
+    fn ask_stop(&self) {
         let _ = self.stop.send(true);
-    }
-
-    fn task(&mut self) -> &mut tokio::task::JoinHandle<Result<()>> {
-        &mut self.task
-    }
-
-    fn stopping(&mut self) -> &mut bool {
-        &mut self.stopping
-    }
-
-    fn started(&self) -> Instant {
-        self.started
     }
 }
 
@@ -96,8 +81,8 @@ fn status(m: &Metrics, server: &str) -> Value {
 }
 
 pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
-    let mut local: HashMap<i64, Local> = HashMap::new();
-    let mut local_mirrors: HashMap<i64, mirrors::Running> = HashMap::new();
+    let mut local: HashMap<i64, Held<Local>> = HashMap::new();
+    let mut local_mirrors: HashMap<i64, Held<mirrors::Running>> = HashMap::new();
     let mut client: Option<Client> = None;
     let mut last_renewed = Instant::now();
     loop {
@@ -145,17 +130,16 @@ pub async fn supervisor(ctl: Arc<Control>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
-async fn stop_all(local: &mut HashMap<i64, Local>, mirrors: &mut HashMap<i64, mirrors::Running>) {
+async fn stop_all(local: &mut HashMap<i64, Held<Local>>, mirrors: &mut HashMap<i64, Held<mirrors::Running>>) {
     for (_, l) in local.drain() {
-        let _ = l.stop.send(true);
-        let _ = l.task.await;
+        l.stop().await;
     }
     for (_, m) in mirrors.drain() {
         m.stop().await;
     }
 }
 
-async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, stopping: bool) -> Result<()> {
+async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Held<Local>>, stopping: bool) -> Result<()> {
     let me = &ctl.server_id;
     // 1. Renew, publish status, learn what is wanted of the pipelines held here.
     let wanted = leases::renew(c, me, ctl.lease.as_secs_f64(), local).await?;
@@ -218,10 +202,7 @@ async fn pass(ctl: &Arc<Control>, c: &Client, local: &mut HashMap<i64, Local>, s
             id,
             crate::Running { tenant_id, tenant: tenant.clone(), pipeline: name.clone(), sink: sink.clone(), metrics: metrics.clone() },
         );
-        local.insert(
-            id,
-            Local { generation, pipeline: name, tenant_id, tenant, sink, metrics, stop, task, started: Instant::now(), stopping: false },
-        );
+        local.insert(id, Held::new(Local { pipeline: name, tenant_id, tenant, sink, metrics, stop }, generation, task));
     }
     Ok(())
 }
@@ -238,11 +219,11 @@ pub(crate) struct Signals {
 
 /// Sends metrics when due, and evaluates each tenant's alert rules on its pipelines
 /// here, delivering what fires or resolves to the tenant's webhook.
-async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Result<()> {
+async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Held<Local>>) -> Result<()> {
     if local.is_empty() {
         return Ok(()); // no pipelines here: nothing to send or evaluate, no query
     }
-    let tenants: Vec<i64> = local.values().map(|l| l.tenant_id).collect();
+    let tenants: Vec<i64> = local.values().map(|l| l.kind.tenant_id).collect();
     let rows = c.query("SELECT tenant_id, sealed FROM alert_settings WHERE tenant_id = ANY($1)", &[&tenants]).await?;
     let mut settings: HashMap<i64, AlertConfig> = HashMap::new();
     for r in rows {
@@ -260,12 +241,12 @@ async fn signals(ctl: &Control, c: &Client, local: &HashMap<i64, Local>) -> Resu
     if let Some(d) = s.statsd.as_mut()
         && d.due()
     {
-        for l in local.values() {
+        for l in local.values().map(|h| &h.kind) {
             d.emit(&[("pipeline", &l.pipeline), ("tenant", &l.tenant), ("sink", &l.sink)], &l.metrics);
         }
     }
     let policy = ctl.egress_policy();
-    for l in local.values() {
+    for l in local.values().map(|h| &h.kind) {
         let Some(cfg) = settings.get(&l.tenant_id) else { continue };
         let subject = Subject { pipeline: l.pipeline.clone(), tenant: Some(l.tenant.clone()) };
         for n in s.alerts.evaluate(&subject, &l.metrics, cfg) {
