@@ -146,7 +146,11 @@ pub(crate) async fn replication_config(cfg: &PgConnConfig, slot: &str, publicati
     .with_application_name(format!("sluice:{slot}"))
     .with_status_interval(Duration::from_millis(200))
     .with_wakeup_interval(Duration::from_secs(1))
-    .with_buffer_size(4096);
+    .with_buffer_size(4096)
+    // A source on the same host: the walsender's sends gather into large segments
+    // while the reader pauses (BENCHMARKS.md, 2026-12-04, "a small window on
+    // loopback"); the kernel doubles this. Over a network autotuning keeps its window.
+    .with_loopback_recv_buffer(32 * 1024);
     Ok(match addr {
         Some(a) => rc.with_hostaddr(a.ip()),
         None => rc,

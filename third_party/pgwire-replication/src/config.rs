@@ -334,6 +334,12 @@ pub struct ReplicationConfig {
     /// to the address it checked.
     pub hostaddr: Option<std::net::IpAddr>,
 
+    /// Patched (see PATCHED.md): the receive buffer (`SO_RCVBUF`) to set on a TCP
+    /// connection whose peer is a loopback address; `None` keeps the kernel's
+    /// autotuning. Over a network it is never set (a fixed window caps throughput at
+    /// window / round trip).
+    pub loopback_recv_buffer: Option<usize>,
+
     /// PostgreSQL username with replication privileges.
     ///
     /// The user must have the `REPLICATION` attribute or be a superuser.
@@ -505,6 +511,7 @@ impl Default for ReplicationConfig {
             host: "127.0.0.1".into(),
             port: 5432,
             hostaddr: None,
+            loopback_recv_buffer: None,
             user: "postgres".into(),
             password: "postgres".into(),
             database: "postgres".into(),
@@ -665,6 +672,12 @@ impl ReplicationConfig {
     /// Set an optional stop LSN for bounded replay.
     pub fn with_stop_lsn(mut self, lsn: Lsn) -> Self {
         self.stop_at_lsn = Some(lsn);
+        self
+    }
+
+    /// Set the receive buffer of a connection to a loopback address.
+    pub fn with_loopback_recv_buffer(mut self, bytes: usize) -> Self {
+        self.loopback_recv_buffer = Some(bytes);
         self
     }
 

@@ -488,6 +488,15 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
         None => TcpStream::connect((cfg.host.as_str(), cfg.port)).await?,
     };
     tcp.set_nodelay(true)?;
+    // Patched (see PATCHED.md): over loopback the server's every send of a message
+    // runs the whole receive path inline while the window is open; a small window
+    // fills while the reader pauses, and the server's sends then gather into large
+    // segments.
+    if let Some(n) = cfg.loopback_recv_buffer {
+        if tcp.peer_addr()?.ip().is_loopback() {
+            socket2::SockRef::from(&tcp).set_recv_buffer_size(n)?;
+        }
+    }
 
     #[cfg(feature = "tls-rustls")]
     {
