@@ -464,6 +464,14 @@ fn single_row(rows: Vec<QueryRow>, columns: usize, command: &str) -> Result<Quer
 }
 
 async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result<()> {
+    let r = connect_and_run(worker, cfg).await;
+    // Patched (see PATCHED.md): the second handle on the socket must not keep the
+    // connection open once the stream is done.
+    worker.widen = None;
+    r
+}
+
+async fn connect_and_run(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result<()> {
     #[cfg(unix)]
     if cfg.is_unix_socket() {
         if cfg.tls.mode.requires_tls() {
@@ -495,6 +503,9 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
     if let Some(n) = cfg.loopback_recv_buffer {
         if tcp.peer_addr()?.ip().is_loopback() {
             socket2::SockRef::from(&tcp).set_recv_buffer_size(n)?;
+            // A second handle on the same socket, to widen it if messages are large.
+            use std::os::fd::AsFd as _;
+            worker.widen = Some(socket2::Socket::from(tcp.as_fd().try_clone_to_owned()?));
         }
     }
 

@@ -207,7 +207,15 @@ pub struct WorkerState {
     gate: Option<mpsc::Receiver<GateCommand>>,
     /// The applied LSN in the last status update written to the server, if any.
     last_sent: Option<Lsn>,
+    /// Patched (see PATCHED.md): the socket whose receive buffer was made small
+    /// (loopback); widened once, the first time a message is too large for it.
+    pub(crate) widen: Option<socket2::Socket>,
 }
+
+/// Patched (see PATCHED.md): a message at least this large widens a small receive
+/// buffer to `WIDE_RECV_BUFFER` (a window of a few such messages).
+const WIDE_MESSAGE: usize = 4 * 1024;
+const WIDE_RECV_BUFFER: usize = 256 * 1024;
 
 /// Patched (see PATCHED.md): refills `stream`'s empty buffer if the connection has
 /// data now, without waiting. Over TLS one read decrypts only a few KB, so a
@@ -239,6 +247,7 @@ impl WorkerState {
             started: None,
             gate: None,
             last_sent: None,
+            widen: None,
         }
     }
 
@@ -535,6 +544,12 @@ impl WorkerState {
         last_applied: &mut Lsn,
         last_status_sent: &mut Instant,
     ) -> Result<bool> {
+        if payload.len() >= WIDE_MESSAGE {
+            if let Some(socket) = self.widen.take() {
+                // Best effort: the stream works either way.
+                let _ = socket.set_recv_buffer_size(WIDE_RECV_BUFFER);
+            }
+        }
         let cd = parse_copy_data(payload)?;
 
         match cd {
