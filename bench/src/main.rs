@@ -365,6 +365,11 @@ fn start_pipeline(yaml: &str) -> Result<sluice::demo::Running> {
 
 /// Drains `slot` up to `end` with Postgres's own `pg_recvlogical` (pgoutput v1).
 fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()> {
+    recvlogical_sslmode(port, slot, publication, end, "disable")
+}
+
+/// `pg_recvlogical` draining `slot` up to `end` with libpq's `sslmode`.
+fn recvlogical_sslmode(port: u16, slot: &str, publication: &str, end: &str, sslmode: &str) -> Result<()> {
     let bin = Command::new("pg_config").arg("--bindir").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let recvlogical = bin.map(|b| format!("{b}/pg_recvlogical")).filter(|p| std::path::Path::new(p).exists());
     let recvlogical = recvlogical.unwrap_or_else(|| {
@@ -382,6 +387,7 @@ fn recvlogical(port: u16, slot: &str, publication: &str, end: &str) -> Result<()
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER, "-d", "bench", "--slot", slot, "--start"])
         .args(["-o", "proto_version=1", "-o", &format!("publication_names={publication}"), "--endpos", end, "-f", "/dev/null", "--no-loop"])
         .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .env("PGSSLMODE", sslmode)
         .status()
         .context("running pg_recvlogical")?;
     if !st.success() {

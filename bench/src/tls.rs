@@ -3,6 +3,11 @@
 //! on the replication stream, the catalog and the sink; Kafka SASL_SSL with
 //! SCRAM-SHA-512), alternating the order each round. Certificates come from a
 //! throwaway CA made with the `openssl` command.
+//!
+//! Capture alone is measured the same way, as the yardstick for both: `pg_recvlogical`
+//! (libpq and OpenSSL, `sslmode=require`) and Sluice into its null sink. What TLS
+//! costs the walsender shows in the first; what it costs Sluice's reader, in the gap
+//! between the two.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,6 +22,21 @@ use crate::{connect, create_bench_table, peak_rss_mb, start_pipeline, write_rows
 enum Sink {
     Postgres,
     Kafka,
+    /// The memory sink keeping nothing: capture and the whole pipeline, no delivery.
+    Null,
+    /// `pg_recvlogical` into `/dev/null`: not Sluice, the yardstick.
+    Recvlogical,
+}
+
+impl Sink {
+    fn label(self) -> &'static str {
+        match self {
+            Sink::Postgres => "to_pg",
+            Sink::Kafka => "to_kafka",
+            Sink::Null => "to_null",
+            Sink::Recvlogical => "recvlogical",
+        }
+    }
 }
 
 struct Run<'a> {
@@ -38,6 +58,7 @@ impl Run<'_> {
         };
         let sink = match sink {
             Sink::Postgres => format!("{{postgres: {{{}, schema: {name}}}}}", conn(self.dst)),
+            Sink::Null | Sink::Recvlogical => format!("{{memory: {{name: {name}, keep: false, state: {{{}}}}}}}", conn(self.dst)),
             Sink::Kafka if tls => format!(
                 "{{kafka: {{brokers: '{}', encoding: json, topic_prefix: {name}, properties: {{security.protocol: SASL_SSL, \
                  sasl.mechanism: SCRAM-SHA-512, sasl.username: sluice, sasl.password: bench-secret, ssl.ca.location: '{}', \
@@ -62,8 +83,14 @@ impl Run<'_> {
     }
 
     /// Seconds for the pipeline `name` to apply `rows` changes from its slot.
-    async fn drain(&self, name: &str, sink: Sink, tls: bool, rows: u64) -> Result<f64> {
+    async fn drain(&self, name: &str, sink: Sink, tls: bool, rows: u64, end: &str) -> Result<f64> {
         let t = Instant::now();
+        if sink == Sink::Recvlogical {
+            let (port, name, end) = (self.src, name.to_string(), end.to_string());
+            let sslmode = if tls { "require" } else { "disable" };
+            tokio::task::spawn_blocking(move || crate::recvlogical_sslmode(port, &name, "bench_pub", &end, sslmode)).await??;
+            return Ok(t.elapsed().as_secs_f64());
+        }
         let (metrics, stop, handle) = start_pipeline(&self.yaml(name, sink, tls))?;
         while metrics.events.load(Ordering::Relaxed) < rows {
             if handle.is_finished() {
@@ -110,21 +137,16 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize, compression: &str) 
         .flat_map(|r| {
             // Alternate which goes first, so warming up favours neither.
             let modes = if r % 2 == 0 { [false, true] } else { [true, false] };
-            [Sink::Postgres, Sink::Kafka].into_iter().flat_map(move |sink| {
-                modes.map(|tls| {
-                    (
-                        format!("{}_{}_{r}", if sink == Sink::Postgres { "to_pg" } else { "to_kafka" }, if tls { "tls" } else { "plain" }),
-                        sink,
-                        tls,
-                    )
-                })
-            })
+            [Sink::Recvlogical, Sink::Null, Sink::Postgres, Sink::Kafka]
+                .into_iter()
+                .flat_map(move |sink| modes.map(|tls| (format!("{}_{}_{r}", sink.label(), if tls { "tls" } else { "plain" }), sink, tls)))
         })
         .collect();
     for (name, _, _) in &names {
         s.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")).await?;
     }
     write_rows(&s, rows, row_bytes, 1000).await?;
+    let end: String = s.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
     let run = Run {
         pki: &pki,
         compression,
@@ -133,25 +155,27 @@ pub async fn tls(rows: u64, row_bytes: usize, rounds: usize, compression: &str) 
         brokers: broker.addr(),
         secure_brokers: broker.secure_addr().unwrap_or_default(),
     };
-    let mut secs: std::collections::BTreeMap<(bool, bool), Vec<f64>> = Default::default();
+    let mut secs: std::collections::BTreeMap<(&str, bool), Vec<f64>> = Default::default();
     for (name, sink, tls) in &names {
-        let t = run.drain(name, *sink, *tls, rows).await?;
+        let t = run.drain(name, *sink, *tls, rows, &end).await?;
         eprintln!("{name}: {t:.2} s ({:.0} rows/s)", rows as f64 / t);
-        secs.entry((*sink == Sink::Kafka, *tls)).or_default().push(t);
+        secs.entry((sink.label(), *tls)).or_default().push(t);
     }
-    let rate = |kafka: bool, tls: bool| rows as f64 / median(secs[&(kafka, tls)].clone());
-    let report = |kafka: bool| {
-        let (plain, tls) = (rate(kafka, false), rate(kafka, true));
+    let rate = |sink: Sink, tls: bool| rows as f64 / median(secs[&(sink.label(), tls)].clone());
+    let report = |sink: Sink| {
+        let (plain, tls) = (rate(sink, false), rate(sink, true));
         serde_json::json!({
             "plain_rows_per_s": plain, "tls_rows_per_s": tls, "tls_vs_plain": tls / plain,
             "tls_cost_pct": (1.0 - tls / plain) * 100.0,
-            "plain_seconds": secs[&(kafka, false)], "tls_seconds": secs[&(kafka, true)],
+            "plain_seconds": secs[&(sink.label(), false)], "tls_seconds": secs[&(sink.label(), true)],
         })
     };
     Ok(serde_json::json!({
         "bench": "tls", "rows": rows, "row_bytes": row_bytes, "rounds": rounds, "kafka_compression": compression,
-        "postgres_to_postgres": report(false),
-        "postgres_to_kafka_json": report(true),
+        "pg_recvlogical": report(Sink::Recvlogical),
+        "capture_null_sink": report(Sink::Null),
+        "postgres_to_postgres": report(Sink::Postgres),
+        "postgres_to_kafka_json": report(Sink::Kafka),
         "peak_rss_mb": peak_rss_mb(),
     }))
 }

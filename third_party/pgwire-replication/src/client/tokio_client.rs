@@ -515,7 +515,10 @@ async fn connect_and_run(worker: &mut WorkerState, cfg: &ReplicationConfig) -> R
         let upgraded = maybe_upgrade_to_tls(tcp, &cfg.tls, &cfg.host).await?;
         match upgraded {
             MaybeTlsStream::Plain(mut s) => worker.run_on_stream(&mut s).await,
-            MaybeTlsStream::Tls(mut s) => worker.run_on_stream(s.as_mut()).await,
+            MaybeTlsStream::Tls(mut s) => {
+                worker.tls_reads = true;
+                worker.run_on_stream(s.as_mut()).await
+            }
         }
     }
 

@@ -210,6 +210,9 @@ pub struct WorkerState {
     /// Patched (see PATCHED.md): the socket whose receive buffer was made small
     /// (loopback); widened once, the first time a message is too large for it.
     pub(crate) widen: Option<socket2::Socket>,
+    /// Patched (see PATCHED.md): the stream is TLS, so drains end on message
+    /// boundaries.
+    pub(crate) tls_reads: bool,
 }
 
 /// Patched (see PATCHED.md): a message at least this large widens a small receive
@@ -248,6 +251,7 @@ impl WorkerState {
             gate: None,
             last_sent: None,
             widen: None,
+            tls_reads: false,
         }
     }
 
@@ -403,7 +407,14 @@ impl WorkerState {
         // steady rate reads bring a transaction or two and never wait.
         const CATCH_UP_MESSAGES: usize = 64;
         const CATCH_UP_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+        // Patched (see PATCHED.md): over TLS a drain ends on a message boundary (a
+        // record holds whole messages), so it never waits for the rest of a message
+        // and each pause reads what one window held. A streak this large filled the
+        // window, and the server is waiting on it: the next pause only lasts to the
+        // timer's next tick.
+        const FULL_WINDOW: usize = 48 * 1024;
         let mut streak = 0usize;
+        let mut streak_bytes = 0usize;
 
         loop {
             // Update applied LSN from client
@@ -428,6 +439,7 @@ impl WorkerState {
             {
                 let msg = reader.read(stream).await?;
                 drained += 1;
+                streak_bytes += msg.payload.len();
                 if msg.tag == b'E' {
                     return Err(PgWireError::Server(parse_error_response(&msg.payload)));
                 }
@@ -469,9 +481,15 @@ impl WorkerState {
             // Otherwise a raise wakes the loop. Marking the watch seen and
             // clearing the signal before reading the LSN means a raise after
             // this point still wakes it.
+            let bytes = std::mem::take(&mut streak_bytes);
             if streak >= CATCH_UP_MESSAGES {
                 streak = 0;
-                tokio::time::sleep(CATCH_UP_PAUSE).await;
+                let pause = if self.tls_reads && bytes >= FULL_WINDOW {
+                    std::time::Duration::from_micros(1)
+                } else {
+                    CATCH_UP_PAUSE
+                };
+                tokio::time::sleep(pause).await;
                 continue;
             }
             streak = 0;
