@@ -232,7 +232,9 @@ enum Bench {
     },
     /// What TLS costs: the same WAL through Postgres → Postgres and Postgres → Kafka
     /// (JSON) pipelines in the clear and over TLS (Postgres verify-full; Kafka SASL_SSL
-    /// with SCRAM-SHA-512), --rounds alternating rounds of each; rows/s and the ratio.
+    /// with SCRAM-SHA-512), and captured alone (pg_recvlogical with sslmode=require,
+    /// Sluice's null sink) as the yardstick; --rounds alternating rounds of each;
+    /// rows/s and the ratio.
     Tls {
         #[arg(long, default_value_t = 300_000)]
         rows: u64,
