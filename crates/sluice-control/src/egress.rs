@@ -12,9 +12,12 @@
 //! with the refusal in its status. A pipeline's own connections then go through the
 //! same policy (`sluice_core::egress`): Postgres and HTTP clients connect only to
 //! the addresses they checked, so a name that resolves elsewhere after these checks
-//! (DNS rebinding) is refused too. Kafka clients resolve broker names themselves, so
-//! for them the brokers each cluster advertises are checked at start as well (by the
-//! Kafka sink, and by [`check_mirror_brokers`] for a mirror), without pinning.
+//! (DNS rebinding) is refused too. Kafka clients resolve broker names themselves and
+//! connect to the brokers each cluster advertises: each of their connections is
+//! checked on the address librdkafka resolved, just before it is made (the connect
+//! hook of `sluice_kafka::probe::Guarded`). The advertised brokers are also checked
+//! by name at start (by the Kafka sink, and by [`check_mirror_brokers`] for a
+//! mirror), so a refusal is one clear line before anything is produced.
 
 use std::net::IpAddr;
 
@@ -57,9 +60,17 @@ pub async fn check_host(policy: &Egress, field: &str, host: &str) -> Result<(), 
 /// Checks the brokers a mirror's clusters advertise (they are what librdkafka connects
 /// to after the bootstrap brokers, which were checked by name). A cluster that does
 /// not answer passes here: the mirror's own connection fails with its own message.
+/// A connection the policy refused does not.
 pub async fn check_mirror_brokers(policy: &Egress, cfg: &sluice_mirror::MirrorConfig) -> Result<(), String> {
-    let cfg = cfg.clone();
-    let Ok(Ok(brokers)) = tokio::task::spawn_blocking(move || sluice_mirror::advertised_brokers(&cfg)).await else { return Ok(()) };
+    let mut cfg = cfg.clone();
+    // The probe's own connections go through the policy too.
+    cfg.egress = Some(std::sync::Arc::new(policy.clone()));
+    let brokers = match tokio::task::spawn_blocking(move || sluice_mirror::advertised_brokers(&cfg)).await {
+        Ok(Ok(brokers)) => brokers,
+        // Refused at the connection (the bootstrap name resolves elsewhere now).
+        Ok(Err(e)) if !e.is_retryable() => return Err(e.to_string()),
+        _ => return Ok(()),
+    };
     for (side, host, port) in brokers {
         policy
             .resolve(&host, port)

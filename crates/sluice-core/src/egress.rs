@@ -146,6 +146,42 @@ pub fn guard_http(builder: reqwest::ClientBuilder, url: &str, policy: Option<&Ar
     Ok(builder.no_proxy().dns_resolver(Arc::new(Resolver(policy.clone()))))
 }
 
+/// What a Kafka client's connect hook asks before each broker connection (the
+/// patched rdkafka's `ClientContext::allow_connect`): librdkafka resolves the
+/// bootstrap brokers and every broker the cluster advertises itself, so the check
+/// belongs on the address it is about to connect to. Keeps the last refusal, which
+/// says more than librdkafka's "Permission denied".
+#[derive(Debug, Default)]
+pub struct BrokerGuard {
+    policy: Option<Arc<Egress>>,
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl BrokerGuard {
+    /// No policy: every connection is allowed.
+    pub fn new(policy: Option<Arc<Egress>>) -> Self {
+        Self { policy, refused: Default::default() }
+    }
+
+    /// Whether a client may connect to `addr`, which librdkafka resolved for `broker`
+    /// (`host:port`).
+    pub fn allow(&self, addr: SocketAddr, broker: &str) -> bool {
+        let Some(policy) = &self.policy else { return true };
+        match policy.check_ip(broker, addr.ip()) {
+            Ok(()) => true,
+            Err(m) => {
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("egress refused: Kafka broker {m}"));
+                false
+            }
+        }
+    }
+
+    /// The last connection refused, one line.
+    pub fn refusal(&self) -> Option<String> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// The range `ip` falls in, and which `--allow-egress` word allows it (none: only an
 /// explicit range does); `None` for a public address.
 fn classify(ip: IpAddr) -> Option<(&'static str, Option<Allowed>)> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
+use sluice_kafka::probe::Guarded;
 use serde::Serialize;
 
 use crate::clusters::{Side, consumer};
@@ -35,7 +36,7 @@ pub struct GroupOffset {
 type Committed = Vec<(String, i32, i64)>;
 
 /// The group's committed source offsets for every partition the mirror copies.
-fn committed(client: &BaseConsumer, group: &str, map: &OffsetMap) -> Result<Committed> {
+fn committed(client: &BaseConsumer<Guarded>, group: &str, map: &OffsetMap) -> Result<Committed> {
     let mut tpl = TopicPartitionList::new();
     for (t, p) in map.partitions.keys() {
         tpl.add_partition(t, *p);
@@ -87,12 +88,12 @@ const TARGET_CLIENTS: usize = 64;
 /// The client with `group`'s id on `side` from `clients`, made when missing; when
 /// `bound` clients are kept already, one of them is dropped first.
 fn group_client<'a>(
-    clients: &'a mut HashMap<String, BaseConsumer>,
+    clients: &'a mut HashMap<String, BaseConsumer<Guarded>>,
     cfg: &MirrorConfig,
     side: Side,
     group: &str,
     bound: usize,
-) -> Result<&'a BaseConsumer> {
+) -> Result<&'a BaseConsumer<Guarded>> {
     if !clients.contains_key(group) {
         if clients.len() >= bound
             && let Some(old) = clients.keys().next().cloned()
@@ -111,10 +112,10 @@ pub(crate) struct GroupSync {
     /// mirror read its offsets log, and each group is asked instead.
     log: Option<CommitLog>,
     /// Clients with a group's id on the source, only when the log cannot be read.
-    source_clients: HashMap<String, BaseConsumer>,
+    source_clients: HashMap<String, BaseConsumer<Guarded>>,
     /// Clients with a group's id on the target, for the groups written lately (at
     /// most [`TARGET_CLIENTS`]).
-    target_clients: HashMap<String, BaseConsumer>,
+    target_clients: HashMap<String, BaseConsumer<Guarded>>,
     /// What each group's translation was when last settled (written, or found as far
     /// on the target): while it stays the same the target is not asked again, which
     /// saves two round trips a group a pass.
@@ -131,7 +132,7 @@ impl GroupSync {
 
     /// Every matching source group's committed offsets: from the offsets log, or, when
     /// the source does not allow reading it, by asking each group.
-    fn source_offsets(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer) -> Result<Vec<(String, Committed)>> {
+    fn source_offsets(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer<Guarded>) -> Result<Vec<(String, Committed)>> {
         if let Some(log) = self.log.as_mut() {
             let groups = &self.groups;
             match log.catch_up(|g| wanted(groups, g)) {
@@ -154,7 +155,7 @@ impl GroupSync {
     }
 
     /// One pass over the source's groups; returns how many partition offsets it wrote.
-    pub fn run(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer, target: &BaseConsumer) -> Result<usize> {
+    pub fn run(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer<Guarded>, target: &BaseConsumer<Guarded>) -> Result<usize> {
         if cfg.offsets.groups.is_empty() {
             return Ok(0);
         }

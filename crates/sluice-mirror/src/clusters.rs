@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
+use sluice_kafka::probe::Guarded;
 
 use crate::config::{HEARTBEATS_TOPIC, MirrorConfig};
 use crate::error::{MirrorError, Result};
@@ -65,9 +65,12 @@ fn cluster_name(cfg: &MirrorConfig, side: Side) -> (&str, &str) {
 }
 
 /// The cluster's metadata, or one line saying it cannot be reached.
-pub(crate) fn metadata(cfg: &MirrorConfig, side: Side, client: &BaseConsumer) -> Result<Metadata> {
+pub(crate) fn metadata(cfg: &MirrorConfig, side: Side, client: &BaseConsumer<Guarded>) -> Result<Metadata> {
     client.fetch_metadata(None, TIMEOUT).map_err(|e| {
         let (name, brokers) = cluster_name(cfg, side);
+        if let Some(refusal) = client.context().refusal() {
+            return MirrorError::fatal(format!("{}.brokers: cluster {name} at {brokers}: {refusal}", side.key()));
+        }
         MirrorError::kafka(
             &format!(
                 "{}.brokers: cluster {name} at {brokers} did not answer within {} s; check the address, the security settings and that the brokers are up",
@@ -79,11 +82,11 @@ pub(crate) fn metadata(cfg: &MirrorConfig, side: Side, client: &BaseConsumer) ->
     })
 }
 
-pub(crate) fn consumer(cfg: &MirrorConfig, side: Side, group: Option<&str>) -> Result<BaseConsumer> {
+pub(crate) fn consumer(cfg: &MirrorConfig, side: Side, group: Option<&str>) -> Result<BaseConsumer<Guarded>> {
     consumer_with(cfg, side, group, &[])
 }
 
-pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>, extra: &[(&str, String)]) -> Result<BaseConsumer> {
+pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>, extra: &[(&str, String)]) -> Result<BaseConsumer<Guarded>> {
     let mut c = client_config(cfg, side);
     c.set("enable.auto.commit", "false").set("isolation.level", "read_committed").set("enable.partition.eof", "false");
     if let Some(g) = group {
@@ -92,7 +95,8 @@ pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>,
     for (k, v) in extra {
         c.set(*k, v);
     }
-    c.create().map_err(|e| MirrorError::kafka(&format!("{}: creating a Kafka client", side.key()), &e))
+    c.create_with_context(Guarded::new(cfg.egress.as_ref()))
+        .map_err(|e| MirrorError::kafka(&format!("{}: creating a Kafka client", side.key()), &e))
 }
 
 /// The consumer the copy reads with. librdkafka prefetches up to 100,000 records
@@ -100,7 +104,7 @@ pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>,
 /// (`fetch.queue.backoff.ms`) before fetching again: the copy, which drains a batch
 /// in tens of milliseconds, found the queue empty for ~0.5 s every few batches. So
 /// the queue is kept about one batch deep per partition and refilled at once.
-pub(crate) fn copy_consumer(cfg: &MirrorConfig, group: &str) -> Result<BaseConsumer> {
+pub(crate) fn copy_consumer(cfg: &MirrorConfig, group: &str) -> Result<BaseConsumer<Guarded>> {
     let extra = [
         ("queued.min.messages", cfg.batch.max_records.clamp(1000, 1_000_000).to_string()),
         ("queued.max.messages.kbytes", "32768".to_string()),
@@ -109,8 +113,10 @@ pub(crate) fn copy_consumer(cfg: &MirrorConfig, group: &str) -> Result<BaseConsu
     consumer_with(cfg, Side::Source, Some(group), &extra)
 }
 
-pub(crate) fn admin(cfg: &MirrorConfig, side: Side) -> Result<AdminClient<DefaultClientContext>> {
-    client_config(cfg, side).create().map_err(|e| MirrorError::kafka(&format!("{}: creating a Kafka admin client", side.key()), &e))
+pub(crate) fn admin(cfg: &MirrorConfig, side: Side) -> Result<AdminClient<Guarded>> {
+    client_config(cfg, side)
+        .create_with_context(Guarded::new(cfg.egress.as_ref()))
+        .map_err(|e| MirrorError::kafka(&format!("{}: creating a Kafka admin client", side.key()), &e))
 }
 
 /// A source topic the mirror copies, as it is now.
@@ -190,8 +196,8 @@ pub(crate) fn check_partition_counts(cfg: &MirrorConfig, topics: &[SourceTopic],
 
 /// Keeps the target's topics shaped like their sources.
 pub(crate) struct TargetTopics {
-    src_admin: AdminClient<DefaultClientContext>,
-    tgt_admin: AdminClient<DefaultClientContext>,
+    src_admin: AdminClient<Guarded>,
+    tgt_admin: AdminClient<Guarded>,
     /// The configs last copied to each target topic.
     copied: HashMap<String, BTreeMap<String, String>>,
 }
@@ -289,7 +295,7 @@ impl TargetTopics {
         Self::create_on(&self.tgt_admin, new, "target")
     }
 
-    fn create_on(admin: &AdminClient<DefaultClientContext>, new: &NewTopic<'_>, side: &str) -> Result<()> {
+    fn create_on(admin: &AdminClient<Guarded>, new: &NewTopic<'_>, side: &str) -> Result<()> {
         let res = block(admin.create_topics([new], &admin_opts()))
             .map_err(|e| MirrorError::kafka(&format!("creating topic {} on the {side}", new.name), &e))?;
         for r in res {

@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
+use sluice_kafka::probe::Guarded;
 
 use crate::clusters::{Side, consumer_with};
 use crate::config::MirrorConfig;
@@ -65,7 +66,7 @@ fn offset(v: &[u8]) -> Option<i64> {
 
 /// Every matching group's latest committed offsets on the source, kept up to date.
 pub(crate) struct CommitLog {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Guarded>,
     assigned: bool,
     /// group → (topic, partition) → committed offset (the next record to read).
     groups: HashMap<String, BTreeMap<(String, i32), i64>>,

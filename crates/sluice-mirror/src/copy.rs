@@ -17,6 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use sluice_kafka::probe::Guarded;
 
 use crate::checkpoint::GroupSync;
 use crate::clusters::{Side, SourceTopic, TargetTopics, client_config, consumer, copy_consumer, metadata, source_topics};
@@ -42,9 +43,16 @@ struct Acks {
     /// Offsets records acknowledged (their offsets are not needed; a failed one fails
     /// the commit).
     offsets_acked: std::sync::atomic::AtomicUsize,
+    guard: Guarded,
 }
 
-impl ClientContext for Acks {}
+impl ClientContext for Acks {
+    const CHECK_CONNECT: bool = true;
+
+    fn allow_connect(&self, addr: std::net::SocketAddr, broker: &str) -> bool {
+        self.guard.allow_connect(addr, broker)
+    }
+}
 
 impl ProducerContext for Acks {
     type DeliveryOpaque = Box<usize>;
@@ -148,9 +156,9 @@ pub fn load_map(cfg: &MirrorConfig) -> Result<OffsetMap> {
 }
 
 struct Mirror {
-    source: BaseConsumer,
+    source: BaseConsumer<Guarded>,
     /// A plain client of the target, for group listings.
-    target: BaseConsumer,
+    target: BaseConsumer<Guarded>,
     producer: BaseProducer<Acks>,
     /// Shapes target topics: here at start, then on the side thread.
     targets: Option<TargetTopics>,
@@ -162,7 +170,7 @@ struct Mirror {
     /// Reused buffers for keys and values whose schema ids are rewritten.
     bufs: (Vec<u8>, Vec<u8>),
     /// Writes heartbeats into the source's heartbeats topic.
-    heartbeat: Option<BaseProducer>,
+    heartbeat: Option<BaseProducer<Guarded>>,
 }
 
 /// What writing one record needs: borrowed field by field beside the source consumer,
@@ -236,7 +244,7 @@ impl Mirror {
             .set("compression.type", "none")
             .set("transaction.timeout.ms", TXN_TIMEOUT.as_millis().to_string())
             .set("queue.buffering.max.kbytes", "131072");
-        let producer = BaseProducer::from_config_and_context(&pc, Acks::default())
+        let producer = BaseProducer::from_config_and_context(&pc, Acks { guard: Guarded::new(cfg.egress.as_ref()), ..Acks::default() })
             .map_err(|e| MirrorError::kafka("sink.kafka: creating the transactional producer", &e))?;
         let mut topics = source_topics(cfg, &smeta, true)?;
         let targets = TargetTopics::new(cfg)?;
@@ -247,7 +255,7 @@ impl Mirror {
             topics = source_topics(cfg, &metadata(cfg, Side::Source, &source)?, true)?;
             let mut hc = client_config(cfg, Side::Source);
             hc.set("enable.idempotence", "true").set("acks", "all");
-            Some(hc.create::<BaseProducer>().map_err(|e| MirrorError::kafka("source.kafka: creating the heartbeat producer", &e))?)
+            Some(hc.create_with_context::<_, BaseProducer<Guarded>>(Guarded::new(cfg.egress.as_ref())).map_err(|e| MirrorError::kafka("source.kafka: creating the heartbeat producer", &e))?)
         };
         // Fences an earlier instance (a crashed one) and aborts its open transaction,
         // so the offsets topic read next holds only committed batches.
@@ -502,8 +510,8 @@ impl Mirror {
 /// The side thread's state: its own clients of both clusters, the target topics it
 /// shapes, and its copy of the offset map (from the committed batches).
 struct SideWork {
-    source: BaseConsumer,
-    target: BaseConsumer,
+    source: BaseConsumer<Guarded>,
+    target: BaseConsumer<Guarded>,
     targets: TargetTopics,
     map: OffsetMap,
     topics: Vec<SourceTopic>,

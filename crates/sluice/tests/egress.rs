@@ -135,15 +135,23 @@ async fn a_pipeline_connects_only_to_addresses_its_policy_allows() {
     }
 }
 
+/// Kafka clients resolve broker names themselves and connect to whatever brokers the
+/// cluster advertises, so the policy is checked in librdkafka's connect hook, on the
+/// address it is about to connect to: nothing before the hook checks the bootstrap
+/// broker here (as if its name had moved to a refused address after the control
+/// plane's check), so what refuses is the connection itself.
 #[tokio::test(flavor = "multi_thread")]
-async fn kafka_sinks_and_mirrors_check_the_brokers_each_cluster_advertises() {
+async fn kafka_clients_connect_only_where_the_policy_allows() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+    use sluice_kafka::probe::Guarded;
+
     let dir = tempfile::tempdir().unwrap();
     let (_broker, brokers) = spawn_broker(dir.path()).await;
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &brokers);
-    // The bootstrap broker was checked before (by the control plane); the brokers the
-    // cluster then names are checked here, before a producer connects to them. This
-    // broker names itself, at 127.0.0.1.
+    let refused = format!("egress refused: Kafka broker {brokers} is a loopback address (127.0.0.1)");
+
+    // The sink's probe: refused at the connection, one line.
     let probe = |policy: &str| {
         let policy = Arc::new(Egress::parse(policy).unwrap());
         let config = config.clone();
@@ -151,26 +159,70 @@ async fn kafka_sinks_and_mirrors_check_the_brokers_each_cluster_advertises() {
         async move { sluice_kafka::probe::brokers_answer(config, &brokers, "sink.kafka", Some(&policy)).await }
     };
     let e = probe("").await.unwrap_err().to_string();
+    assert!(e.starts_with(&format!("sink.kafka.brokers {brokers}: {refused}")) && e.contains("--allow-egress"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    probe("127.0.0.1/32").await.unwrap();
+
+    // The sink's producer (librdkafka's future producer wraps the context): a record
+    // under a policy that refuses the broker is never delivered; allowed, it is.
+    let send = |policy: &str| {
+        let policy = Arc::new(Egress::parse(policy).unwrap());
+        let mut config = config.clone();
+        config.set("message.timeout.ms", "3000");
+        async move {
+            let guard = Guarded::new(Some(&policy));
+            let producer: FutureProducer<Guarded> = config.create_with_context(guard.clone()).unwrap();
+            let sent = producer.send(FutureRecord::<(), _>::to("egress_pinned").payload("x"), Duration::from_secs(5)).await;
+            producer.flush(Duration::from_secs(1)).ok();
+            (sent.map(|_| ()).map_err(|(e, _)| e.to_string()), guard.refusal())
+        }
+    };
+    let (sent, refusal) = send("").await;
+    assert!(sent.is_err(), "delivered to a refused broker");
+    assert!(refusal.as_deref().is_some_and(|r| r.starts_with(&refused)), "{refusal:?}");
+    let (sent, refusal) = send("127.0.0.1/32").await;
+    assert_eq!((sent, refusal), (Ok(()), None));
+
+    // A cluster whose broker advertises an address the policy refuses (127.0.0.2)
+    // while its bootstrap address is allowed: the probe refuses it by name, in one
+    // line, before a producer exists; a client's connections to it are refused at the
+    // hook (without the hook, librdkafka would try it and find nothing listening).
+    let advertising =
+        tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&["advertised.listeners=PLAINTEXT://127.0.0.2:{port}"]))
+            .await
+            .unwrap()
+            .unwrap();
+    let boot = advertising.addr().to_string();
+    let port = boot.rsplit_once(':').unwrap().1;
+    let mut other = config.clone();
+    other.set("bootstrap.servers", &boot);
+    let policy = Arc::new(Egress::parse("127.0.0.1/32").unwrap());
+    let e = sluice_kafka::probe::brokers_answer(other.clone(), &boot, "sink.kafka", Some(&policy)).await.unwrap_err().to_string();
     assert!(
-        e.contains(&format!(
-            "Kafka brokers {brokers} advertise broker {brokers}, where egress is refused: 127.0.0.1 is a loopback address"
+        e.starts_with(&format!(
+            "Kafka brokers {boot} advertise broker 127.0.0.2:{port}, where egress is refused: 127.0.0.2 is a loopback address"
         )),
         "{e}"
     );
-    probe("127.0.0.1/32").await.unwrap();
+    other.set("message.timeout.ms", "3000");
+    let guard = Guarded::new(Some(&policy));
+    let producer: FutureProducer<Guarded> = other.create_with_context(guard.clone()).unwrap();
+    let sent = producer.send(FutureRecord::<(), _>::to("egress_pinned").payload("x"), Duration::from_secs(5)).await;
+    assert!(sent.is_err(), "delivered through a refused broker");
+    let refusal = guard.refusal().unwrap_or_default();
+    assert!(
+        refusal.starts_with(&format!("egress refused: Kafka broker 127.0.0.2:{port} is a loopback address (127.0.0.2)")),
+        "{refusal}"
+    );
 
-    // A mirror's clusters, as the supervisor checks them before a mirror starts.
+    // A mirror's clusters, as the supervisor checks them before a mirror starts: its
+    // clients go through the same hook.
     let mirror = sluice_mirror::MirrorConfig::parse(&format!(
         "pipeline: m_egress\nsource:\n  kafka:\n    cluster: a\n    brokers: \"{brokers}\"\n    topics_regex: \"orders.*\"\n\
          sink:\n  kafka:\n    cluster: b\n    brokers: \"{brokers}\"\n"
     ))
     .unwrap();
     let e = sluice_control::egress::check_mirror_brokers(&Egress::default(), &mirror).await.unwrap_err();
-    assert!(
-        e.starts_with(&format!(
-            "source.kafka.brokers: the cluster advertises broker {brokers}, where egress is refused: 127.0.0.1 is a loopback"
-        )),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("source.kafka.brokers: cluster a at {brokers}: {refused}")), "{e}");
     sluice_control::egress::check_mirror_brokers(&Egress::parse("127.0.0.1/32").unwrap(), &mirror).await.unwrap();
 }

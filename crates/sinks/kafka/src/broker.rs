@@ -30,7 +30,8 @@ fn free_port() -> std::io::Result<u16> {
 
 impl TempBroker {
     /// Formats a new KRaft log directory and starts the broker; returns once it
-    /// accepts connections. `extra_conf` lines are appended to `server.properties`.
+    /// accepts connections. `extra_conf` lines are appended to `server.properties`
+    /// (later keys win), with `{port}` standing for the plaintext listener's port.
     pub fn start(extra_conf: &[&str]) -> std::io::Result<TempBroker> {
         Self::start_with(extra_conf, None)
     }
@@ -96,7 +97,7 @@ impl TempBroker {
             ));
         }
         for line in extra_conf {
-            conf.push_str(line);
+            conf.push_str(&line.replace("{port}", &port.to_string()));
             conf.push('\n');
         }
         let props = dir.join("server.properties");

@@ -13,16 +13,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use sluice_core::egress::Egress;
 use sluice_core::sink::{Sink, SinkResult, SnapshotChunk, SnapshotMethod};
 use sluice_core::{ChangeEvent, ErrorKind, Lsn, Op, Row, SourcePosition, TableName, TableSchema, Transaction};
 use tokio::sync::Mutex;
 
 use crate::envelope::{EventEncoder, EventMeta, value_schema};
 use crate::error::{KafkaSinkError, Result};
+use crate::probe::Guarded;
 use crate::registry::RegistryClient;
 
 /// How records are encoded.
@@ -107,7 +108,9 @@ struct TableOut {
 
 struct Inner {
     opts: KafkaSinkOptions,
-    producer: FutureProducer,
+    producer: FutureProducer<Guarded>,
+    /// Where the admin clients made later may connect.
+    egress: Option<Arc<Egress>>,
     registry: Option<RegistryClient>,
     headers: Option<OwnedHeaders>,
     /// The encoder of each table's current shape; held across registration so one
@@ -131,10 +134,9 @@ fn encode_err(table: &TableName, e: crate::avro::EncodeError) -> KafkaSinkError 
 
 impl KafkaSink {
     /// Creates the producer and checks the brokers answer (within 10 s). `egress`:
-    /// where the schema registry's client and the advertised brokers may be (the
-    /// bootstrap brokers are checked by the control plane before the pipeline starts;
-    /// librdkafka resolves broker names itself, so they are not pinned).
-    pub async fn connect(opts: KafkaSinkOptions, egress: Option<&std::sync::Arc<sluice_core::egress::Egress>>) -> Result<Self> {
+    /// where the schema registry's client and every Kafka client may connect (each
+    /// broker connection is checked on the address librdkafka resolved: [`Guarded`]).
+    pub async fn connect(opts: KafkaSinkOptions, egress: Option<&Arc<Egress>>) -> Result<Self> {
         // Built first (no I/O): a refused registry setting fails before any broker is
         // asked.
         let registry = match &opts.encoding {
@@ -144,28 +146,37 @@ impl KafkaSink {
             Encoding::Json => None,
         };
         crate::probe::brokers_answer(opts.client_config(), &opts.brokers, "sink.kafka", egress).await?;
-        let producer: FutureProducer = opts
+        let producer: FutureProducer<Guarded> = opts
             .client_config()
-            .create()
+            .create_with_context(Guarded::new(egress))
             .map_err(|e| KafkaSinkError::from_kafka(&format!("creating a Kafka producer for {}", opts.brokers), e))?;
         let headers = (!opts.headers.is_empty()).then(|| {
             opts.headers.iter().fold(OwnedHeaders::new_with_capacity(opts.headers.len()), |h, (k, v)| {
                 h.insert(Header { key: k, value: Some(v.as_bytes()) })
             })
         });
-        Ok(Self { inner: Arc::new(Inner { opts, producer, registry, headers, tables: Mutex::new(HashMap::new()) }) })
+        let egress = egress.cloned();
+        Ok(Self { inner: Arc::new(Inner { opts, producer, egress, registry, headers, tables: Mutex::new(HashMap::new()) }) })
     }
 
     pub fn options(&self) -> &KafkaSinkOptions {
         &self.inner.opts
     }
 
+    fn admin(&self) -> Result<AdminClient<Guarded>> {
+        let guard = Guarded::new(self.inner.egress.as_ref());
+        self.inner
+            .opts
+            .client_config()
+            .create_with_context(guard)
+            .map_err(|e| KafkaSinkError::from_kafka("creating a Kafka admin client", e))
+    }
+
     /// Creates the table's topic when missing and registers its schemas.
     pub async fn prepare_table(&self, schema: &Arc<TableSchema>) -> Result<()> {
         let opts = &self.inner.opts;
         let topic = opts.topic_for(&schema.name);
-        let admin: AdminClient<DefaultClientContext> =
-            opts.client_config().create().map_err(|e| KafkaSinkError::from_kafka("creating a Kafka admin client", e))?;
+        let admin = self.admin()?;
         let new = NewTopic::new(&topic, opts.partitions, TopicReplication::Fixed(opts.replication_factor));
         let results = admin
             .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
@@ -189,8 +200,7 @@ impl KafkaSink {
     pub async fn remove_table(&self, table: &TableName) -> Result<()> {
         let opts = &self.inner.opts;
         let topic = opts.topic_for(table);
-        let admin: AdminClient<DefaultClientContext> =
-            opts.client_config().create().map_err(|e| KafkaSinkError::from_kafka("creating a Kafka admin client", e))?;
+        let admin = self.admin()?;
         let results = admin
             .delete_topics(&[&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
             .await
