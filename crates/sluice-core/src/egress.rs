@@ -146,6 +146,20 @@ pub fn guard_http(builder: reqwest::ClientBuilder, url: &str, policy: Option<&Ar
     Ok(builder.no_proxy().dns_resolver(Arc::new(Resolver(policy.clone()))))
 }
 
+/// The egress refusal among `e`'s causes, one line: a client built by [`guard_http`]
+/// reports it only as the cause of a failed request, often several layers down.
+pub fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if let Some(at) = text.find("egress refused: ") {
+            return Some(text[at..].lines().next().unwrap_or_default().to_string());
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// What a Kafka client's connect hook asks before each broker connection (the
 /// patched rdkafka's `ClientContext::allow_connect`): librdkafka resolves the
 /// bootstrap brokers and every broker the cluster advertises itself, so the check

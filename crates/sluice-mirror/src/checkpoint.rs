@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_kafka::probe::Guarded;
 use serde::Serialize;
+use sluice_kafka::probe::Guarded;
 
 use crate::clusters::{Side, consumer};
 use crate::commit_log::CommitLog;
@@ -155,7 +155,13 @@ impl GroupSync {
     }
 
     /// One pass over the source's groups; returns how many partition offsets it wrote.
-    pub fn run(&mut self, cfg: &MirrorConfig, map: &OffsetMap, source: &BaseConsumer<Guarded>, target: &BaseConsumer<Guarded>) -> Result<usize> {
+    pub fn run(
+        &mut self,
+        cfg: &MirrorConfig,
+        map: &OffsetMap,
+        source: &BaseConsumer<Guarded>,
+        target: &BaseConsumer<Guarded>,
+    ) -> Result<usize> {
         if cfg.offsets.groups.is_empty() {
             return Ok(0);
         }

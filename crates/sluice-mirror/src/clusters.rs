@@ -86,7 +86,12 @@ pub(crate) fn consumer(cfg: &MirrorConfig, side: Side, group: Option<&str>) -> R
     consumer_with(cfg, side, group, &[])
 }
 
-pub(crate) fn consumer_with(cfg: &MirrorConfig, side: Side, group: Option<&str>, extra: &[(&str, String)]) -> Result<BaseConsumer<Guarded>> {
+pub(crate) fn consumer_with(
+    cfg: &MirrorConfig,
+    side: Side,
+    group: Option<&str>,
+    extra: &[(&str, String)],
+) -> Result<BaseConsumer<Guarded>> {
     let mut c = client_config(cfg, side);
     c.set("enable.auto.commit", "false").set("isolation.level", "read_committed").set("enable.partition.eof", "false");
     if let Some(g) = group {

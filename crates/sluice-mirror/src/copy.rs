@@ -255,7 +255,10 @@ impl Mirror {
             topics = source_topics(cfg, &metadata(cfg, Side::Source, &source)?, true)?;
             let mut hc = client_config(cfg, Side::Source);
             hc.set("enable.idempotence", "true").set("acks", "all");
-            Some(hc.create_with_context::<_, BaseProducer<Guarded>>(Guarded::new(cfg.egress.as_ref())).map_err(|e| MirrorError::kafka("source.kafka: creating the heartbeat producer", &e))?)
+            Some(
+                hc.create_with_context::<_, BaseProducer<Guarded>>(Guarded::new(cfg.egress.as_ref()))
+                    .map_err(|e| MirrorError::kafka("source.kafka: creating the heartbeat producer", &e))?,
+            )
         };
         // Fences an earlier instance (a crashed one) and aborts its open transaction,
         // so the offsets topic read next holds only committed batches.

@@ -107,6 +107,14 @@ async fn a_pipeline_connects_only_to_addresses_its_policy_allows() {
             format!("  iceberg:\n    warehouse: {dir}/warehouse\n    catalog: {{rest: {{uri: 'http://127.0.0.2:9'}}}}\n{state}"),
         ),
         (
+            "the Iceberg object store",
+            format!(
+                "  iceberg:\n    warehouse: s3://lake/w\n    s3: {{endpoint: 'http://127.0.0.2:9', access_key_id: a, secret_access_key: b, \
+                 path_style_access: true}}\n    catalog:\n      sql:\n{}",
+                pg(&env, "127.0.0.1", "        ")
+            ),
+        ),
+        (
             "a sink's state database",
             format!("  webhook:\n    url: http://127.0.0.1:9/hook\n    state:\n{}", pg(&env, "127.0.0.2", "      ")),
         ),
@@ -184,9 +192,9 @@ async fn kafka_clients_connect_only_where_the_policy_allows() {
     assert_eq!((sent, refusal), (Ok(()), None));
 
     // A cluster whose broker advertises an address the policy refuses (127.0.0.2)
-    // while its bootstrap address is allowed: the probe refuses it by name, in one
-    // line, before a producer exists; a client's connections to it are refused at the
-    // hook (without the hook, librdkafka would try it and find nothing listening).
+    // while its bootstrap address is allowed: the probe refuses it, in one line,
+    // before a producer exists; a client's connections to it are refused at the hook
+    // (without the hook, librdkafka would try it and find nothing listening).
     let advertising =
         tokio::task::spawn_blocking(|| sluice_kafka::broker::TempBroker::start(&["advertised.listeners=PLAINTEXT://127.0.0.2:{port}"]))
             .await
@@ -197,23 +205,18 @@ async fn kafka_clients_connect_only_where_the_policy_allows() {
     let mut other = config.clone();
     other.set("bootstrap.servers", &boot);
     let policy = Arc::new(Egress::parse("127.0.0.1/32").unwrap());
+    // (Refused by name once the metadata names it, or at the hook when librdkafka
+    // already moved its metadata request to that broker: either way one line.)
     let e = sluice_kafka::probe::brokers_answer(other.clone(), &boot, "sink.kafka", Some(&policy)).await.unwrap_err().to_string();
-    assert!(
-        e.starts_with(&format!(
-            "Kafka brokers {boot} advertise broker 127.0.0.2:{port}, where egress is refused: 127.0.0.2 is a loopback address"
-        )),
-        "{e}"
-    );
+    assert!(e.contains(&format!("127.0.0.2:{port}")) && e.contains("is a loopback address (127.0.0.2)"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
     other.set("message.timeout.ms", "3000");
     let guard = Guarded::new(Some(&policy));
     let producer: FutureProducer<Guarded> = other.create_with_context(guard.clone()).unwrap();
     let sent = producer.send(FutureRecord::<(), _>::to("egress_pinned").payload("x"), Duration::from_secs(5)).await;
     assert!(sent.is_err(), "delivered through a refused broker");
     let refusal = guard.refusal().unwrap_or_default();
-    assert!(
-        refusal.starts_with(&format!("egress refused: Kafka broker 127.0.0.2:{port} is a loopback address (127.0.0.2)")),
-        "{refusal}"
-    );
+    assert!(refusal.starts_with(&format!("egress refused: Kafka broker 127.0.0.2:{port} is a loopback address (127.0.0.2)")), "{refusal}");
 
     // A mirror's clusters, as the supervisor checks them before a mirror starts: its
     // clients go through the same hook.

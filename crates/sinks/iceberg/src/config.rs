@@ -103,25 +103,6 @@ pub struct S3StorageConfig {
     pub path_style_access: bool,
 }
 
-impl S3StorageConfig {
-    /// The settings as Iceberg's `FileIO` properties (the names every engine uses).
-    pub(crate) fn file_io_props(&self) -> Vec<(&'static str, String)> {
-        use secrecy::ExposeSecret;
-        let mut p = vec![
-            (iceberg::io::S3_REGION, self.region.clone()),
-            (iceberg::io::S3_ACCESS_KEY_ID, self.access_key_id.clone()),
-            (iceberg::io::S3_SECRET_ACCESS_KEY, self.secret_access_key.expose_secret().to_string()),
-            (iceberg::io::S3_PATH_STYLE_ACCESS, self.path_style_access.to_string()),
-            (iceberg::io::S3_DISABLE_CONFIG_LOAD, "true".into()),
-            (iceberg::io::S3_DISABLE_EC2_METADATA, "true".into()),
-        ];
-        if let Some(e) = &self.endpoint {
-            p.push((iceberg::io::S3_ENDPOINT, e.clone()));
-        }
-        p
-    }
-}
-
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -245,7 +226,7 @@ impl IcebergSinkConfig {
 
     /// The warehouse's storage (the settings are validated).
     pub(crate) fn warehouse(&self) -> SinkResult<Warehouse> {
-        Warehouse::new(&self.warehouse, self.s3.as_deref()).map_err(SinkError::permanent)
+        Warehouse::new(&self.warehouse, self.s3.as_deref(), self.egress.as_ref()).map_err(SinkError::permanent)
     }
 
     /// The layouts against the captured tables' columns, then the warehouse: a bad
@@ -258,7 +239,9 @@ impl IcebergSinkConfig {
         for t in &ctx.source_tables {
             self.layout_of(t).map_err(SinkError::permanent)?;
         }
-        self.warehouse()?.probe().await.map_err(SinkError::permanent)
+        let egress = ctx.egress.as_ref().or(self.egress.as_ref());
+        let warehouse = Warehouse::new(&self.warehouse, self.s3.as_deref(), egress).map_err(SinkError::permanent)?;
+        warehouse.probe().await.map_err(SinkError::permanent)
     }
 
     /// The partition spec and sort order configured for a source table, bound to the

@@ -6,10 +6,18 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use iceberg::io::{FileIO, FileIOBuilder};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use iceberg::io::{
+    FileIO, FileIOBuilder, FileMetadata, FileRead, FileWrite, InputFile, OutputFile, Storage, StorageConfig, StorageFactory,
+};
 use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
 use opendal::Operator;
+use opendal::layers::{HttpClientLayer, RetryLayer, TimeoutLayer};
+use opendal::raw::HttpClient;
 use secrecy::ExposeSecret;
+use sluice_core::egress::Egress;
 
 use crate::config::S3StorageConfig;
 
@@ -48,14 +56,10 @@ pub(crate) fn bucket_of(url: &str) -> Option<&str> {
 
 impl Warehouse {
     /// `warehouse` is validated: an absolute path, a `file://` URL, or `s3://bucket/...`
-    /// with `s3` settings.
-    pub fn new(warehouse: &str, s3: Option<&S3StorageConfig>) -> Result<Self, String> {
-        let mut io = FileIOBuilder::new(Arc::new(OpenDalResolvingStorageFactory::new()));
+    /// with `s3` settings. `egress`: where the object store's client may connect.
+    pub fn new(warehouse: &str, s3: Option<&S3StorageConfig>, egress: Option<&Arc<Egress>>) -> Result<Self, String> {
         if let (Some(bucket), Some(s3)) = (bucket_of(warehouse), s3) {
             let url = warehouse.trim_end_matches('/').replacen("s3a://", "s3://", 1);
-            for (k, v) in s3.file_io_props() {
-                io = io.with_prop(k, v);
-            }
             let mut b = opendal::services::S3::default()
                 .bucket(bucket)
                 .region(&s3.region)
@@ -69,9 +73,25 @@ impl Warehouse {
             if !s3.path_style_access {
                 b = b.enable_virtual_host_style();
             }
-            let op = Operator::new(b).map_err(|e| format!("sink.iceberg.s3: {e}"))?.finish();
-            return Ok(Self { url, io: io.build(), op, base: format!("s3://{bucket}/") });
+            // The object store's client resolves names through the egress policy and
+            // connects only to the addresses it checked (no endpoint: AWS, by name).
+            let client = sluice_core::egress::guard_http(reqwest::Client::builder(), s3.endpoint.as_deref().unwrap_or_default(), egress)
+                .map_err(|m| format!("sink.iceberg.s3.endpoint: {m}"))?
+                .build()
+                .map_err(|e| format!("sink.iceberg.s3: {e}"))?;
+            // As the Iceberg crate's own S3 storage: each attempt bounded, retried.
+            let op = Operator::new(b)
+                .map_err(|e| format!("sink.iceberg.s3: {e}"))?
+                .finish()
+                .layer(HttpClientLayer::new(HttpClient::with(client)))
+                .layer(TimeoutLayer::new())
+                .layer(RetryLayer::new());
+            let base = format!("s3://{bucket}/");
+            let files = S3Files { base: base.clone(), op: Some(op.clone()) };
+            let io = FileIOBuilder::new(Arc::new(S3FilesFactory(files))).build();
+            return Ok(Self { url, io, op, base });
         }
+        let io = FileIOBuilder::new(Arc::new(OpenDalResolvingStorageFactory::new()));
         let path = warehouse.strip_prefix("file://").unwrap_or(warehouse).trim_end_matches('/');
         let op = Operator::new(opendal::services::Fs::default().root("/")).map_err(|e| format!("sink.iceberg.warehouse: {e}"))?.finish();
         Ok(Self { url: format!("file://{path}"), io: io.build(), op, base: "file:///".into() })
@@ -94,7 +114,10 @@ impl Warehouse {
             self.io.delete(&probe).await
         }
         .await;
-        r.map_err(|e| self.unwritable(&e.to_string()))
+        r.map_err(|e| match sluice_core::egress::refusal_in(&e) {
+            Some(refused) => format!("sink.iceberg.s3.endpoint: {refused}"),
+            None => self.unwritable(&e.to_string()),
+        })
     }
 
     fn unwritable(&self, e: &str) -> String {
@@ -138,6 +161,136 @@ impl Warehouse {
     }
 }
 
+/// Table files in an S3 bucket, through one OpenDAL operator whose HTTP client is
+/// Sluice's (under the egress policy). The Iceberg crate's own S3 storage builds a
+/// fresh operator, with a client of its own, for every file; no setting reaches that
+/// client. Never serialized in Sluice (the trait asks for it): a deserialized copy
+/// has no operator and fails every call.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct S3Files {
+    /// `s3://bucket/`: what every path starts with.
+    base: String,
+    #[serde(skip)]
+    op: Option<Operator>,
+}
+
+impl S3Files {
+    /// The operator and `path`'s key in the bucket.
+    fn at<'a>(&self, path: &'a str) -> iceberg::Result<(&Operator, &'a str)> {
+        let op = self.op.as_ref().ok_or_else(|| io_error("the warehouse's object store is not open here".into()))?;
+        let key = path
+            .strip_prefix(self.base.as_str())
+            .or_else(|| path.strip_prefix("s3a://").and_then(|p| p.strip_prefix(&self.base["s3://".len()..])))
+            .ok_or_else(|| io_error(format!("{path} is not in {}", self.base)))?;
+        Ok((op, key))
+    }
+}
+
+fn io_error(message: String) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, message)
+}
+
+/// As the Iceberg crate's own storage reports them (the sink's retry decisions rest on it).
+fn from_opendal(e: opendal::Error) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failure in doing io operation").with_source(e)
+}
+
+#[typetag::serde(name = "SluiceS3Files")]
+#[async_trait::async_trait]
+impl Storage for S3Files {
+    async fn exists(&self, path: &str) -> iceberg::Result<bool> {
+        let (op, key) = self.at(path)?;
+        op.exists(key).await.map_err(from_opendal)
+    }
+
+    async fn metadata(&self, path: &str) -> iceberg::Result<FileMetadata> {
+        let (op, key) = self.at(path)?;
+        Ok(FileMetadata { size: op.stat(key).await.map_err(from_opendal)?.content_length() })
+    }
+
+    async fn read(&self, path: &str) -> iceberg::Result<Bytes> {
+        let (op, key) = self.at(path)?;
+        Ok(op.read(key).await.map_err(from_opendal)?.to_bytes())
+    }
+
+    async fn reader(&self, path: &str) -> iceberg::Result<Box<dyn FileRead>> {
+        let (op, key) = self.at(path)?;
+        Ok(Box::new(Reader(op.reader(key).await.map_err(from_opendal)?)))
+    }
+
+    async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
+        let (op, key) = self.at(path)?;
+        op.write(key, bs).await.map_err(from_opendal).map(|_| ())
+    }
+
+    async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
+        let (op, key) = self.at(path)?;
+        Ok(Box::new(Writer(op.writer(key).await.map_err(from_opendal)?)))
+    }
+
+    async fn delete(&self, path: &str) -> iceberg::Result<()> {
+        let (op, key) = self.at(path)?;
+        op.delete(key).await.map_err(from_opendal)
+    }
+
+    async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
+        let (op, key) = self.at(path)?;
+        let dir = format!("{}/", key.trim_end_matches('/'));
+        op.delete_with(&dir).recursive(true).await.map_err(from_opendal)
+    }
+
+    async fn delete_stream(&self, mut paths: BoxStream<'static, String>) -> iceberg::Result<()> {
+        let Some(op) = &self.op else { return Err(io_error("the warehouse's object store is not open here".into())) };
+        let mut deleter = op.deleter().await.map_err(from_opendal)?;
+        while let Some(path) = paths.next().await {
+            let (_, key) = self.at(&path)?;
+            deleter.delete(key.to_string()).await.map_err(from_opendal)?;
+        }
+        deleter.close().await.map_err(from_opendal)
+    }
+
+    fn new_input(&self, path: &str) -> iceberg::Result<InputFile> {
+        Ok(InputFile::new(Arc::new(self.clone()), path.to_string()))
+    }
+
+    fn new_output(&self, path: &str) -> iceberg::Result<OutputFile> {
+        Ok(OutputFile::new(Arc::new(self.clone()), path.to_string()))
+    }
+}
+
+/// Hands out the one [`S3Files`] whatever the properties (they are Sluice's own).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct S3FilesFactory(S3Files);
+
+#[typetag::serde(name = "SluiceS3FilesFactory")]
+impl StorageFactory for S3FilesFactory {
+    fn build(&self, _: &StorageConfig) -> iceberg::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(self.0.clone()))
+    }
+}
+
+struct Reader(opendal::Reader);
+
+#[async_trait::async_trait]
+impl FileRead for Reader {
+    async fn read(&self, range: std::ops::Range<u64>) -> iceberg::Result<Bytes> {
+        Ok(self.0.read(range).await.map_err(from_opendal)?.to_bytes())
+    }
+}
+
+struct Writer(opendal::Writer);
+
+#[async_trait::async_trait]
+impl FileWrite for Writer {
+    async fn write(&mut self, bs: Bytes) -> iceberg::Result<()> {
+        self.0.write(bs).await.map_err(from_opendal)
+    }
+
+    async fn close(&mut self) -> iceberg::Result<()> {
+        self.0.close().await.map(|_| ()).map_err(from_opendal)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,7 +304,31 @@ mod tests {
         assert_eq!(normalized("file:/w/a.json"), "file:///w/a.json");
         assert_eq!(normalized("file:///w/a.json"), "file:///w/a.json");
         assert_eq!(normalized("s3://b/a"), "s3://b/a");
-        let w = Warehouse::new("/tmp/w/", None).unwrap();
+        let w = Warehouse::new("/tmp/w/", None, None).unwrap();
         assert_eq!((w.url.as_str(), w.key("file:///tmp/w/a.db")), ("file:///tmp/w", "tmp/w/a.db".to_string()));
+    }
+
+    /// The object store's client resolves the endpoint's name through the egress
+    /// policy: refused where the policy refuses the address, whatever listens there.
+    #[tokio::test]
+    async fn the_object_store_is_reached_only_where_the_policy_allows() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let s3: S3StorageConfig = serde_yaml::from_str(&format!(
+            "{{endpoint: 'http://localhost:{port}', access_key_id: a, secret_access_key: b, path_style_access: true}}"
+        ))
+        .unwrap();
+        let probe = |policy: &str| {
+            let policy = Arc::new(Egress::parse(policy).unwrap());
+            let w = Warehouse::new("s3://lake/w", Some(&s3), Some(&policy)).unwrap();
+            async move { w.probe().await.unwrap_err() }
+        };
+        let refused = probe("").await;
+        assert!(refused.contains("egress refused: localhost is a loopback address (127.0.0.1)"), "{refused}");
+        // Allowed, it fails for another reason: nothing listens there.
+        let allowed = probe("loopback").await;
+        assert!(
+            allowed.starts_with("sink.iceberg.warehouse: cannot write files under s3://lake/w") && !allowed.contains("egress"),
+            "{allowed}"
+        );
     }
 }
