@@ -95,6 +95,16 @@ impl ChangeEvent {
         let len = |r: &Option<Row>| r.as_ref().map_or(0, |r| r.iter().map(|d| d.as_text().map_or(0, <[u8]>::len)).sum());
         len(&self.before) + len(&self.after)
     }
+
+    /// What the event holds in memory, as allocated: its row images' bytes and the
+    /// structures around them (the event, each image's vector of values, each value's
+    /// slice of the message). Every memory bound counts events by it (a transaction
+    /// held by the source, the pipeline's buffer and batches), so each bound is near
+    /// what is resident.
+    pub fn resident_bytes(&self) -> usize {
+        let values = self.before.as_ref().map_or(0, Vec::len) + self.after.as_ref().map_or(0, Vec::len);
+        self.payload_bytes() + 48 * values + 160
+    }
 }
 
 /// A committed source transaction, in commit order; or a piece of one.

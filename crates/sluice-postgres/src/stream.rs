@@ -35,14 +35,6 @@ pub const DEFAULT_MAX_TRANSACTION_MEMORY: usize = 16 << 20;
 /// small, so the reader, the channel and the sink hold little of it at once.
 const PIECE_BYTES: usize = 4 << 20;
 
-/// What an event is counted as against the memory bound: its row images' bytes and
-/// the structures around them (the event, each image's vector of values, each value's
-/// slice of the message), as allocated, so the bound is near what is resident.
-fn event_cost(e: &ChangeEvent) -> usize {
-    let values = e.before.as_ref().map_or(0, Vec::len) + e.after.as_ref().map_or(0, Vec::len);
-    e.payload_bytes() + 48 * values + 160
-}
-
 pub struct ReplicationStream {
     client: ReplicationClient,
     catalog: Client,
@@ -299,7 +291,7 @@ impl ReplicationStream {
             seq: self.seq_base + txn.events.len() as u32,
         };
         let e = ChangeEvent { op, table, before, after, position };
-        self.held += event_cost(&e);
+        self.held += e.resident_bytes();
         txn.events.push(e);
         Ok(())
     }

@@ -21,7 +21,7 @@ use sluice_core::ddl::SchemaChangeKind;
 use sluice_core::sink::{DynSink, LoadProgress, SinkContext, SinkError, SnapshotChunk, SnapshotMethod};
 use sluice_core::source::{Acker, ChangeSource, ChangeStream, RetentionHealth, SourceError, StreamItem, WalStatus};
 use sluice_core::transform::{Chain, TableTransform};
-use sluice_core::{ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
+use sluice_core::{ChangeEvent, ErrorKind, Lsn, Row, TableName, TableSchema, Transaction, quote_ident};
 use sluice_postgres::{CopyIntoState, PgConnConfig, PgError, PostgresSource, RowTarget, SnapshotFilter, SnapshotOptions, SnapshotTable};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_postgres::Client;
@@ -59,21 +59,24 @@ pub struct Pipeline {
 /// pipeline gives up (a crashed predecessor's walsender lingers until it notices).
 pub(super) const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
 
-/// Row data buffered between the source reader and the sink, in KiB.
+/// What is buffered between the source reader and the sink, in KiB of events as
+/// resident (`ChangeEvent::resident_bytes`).
 pub(super) const BUFFER_BUDGET_KB: usize = 8 * 1024;
 
 /// Rows per resync chunk (at most): each chunk is held in memory until its high
 /// watermark comes back through the stream.
 pub(super) const RESYNC_CHUNK_ROWS: u64 = 4096;
 
-/// A sink batch stops growing at this much row data (KiB), or at `batch.max_rows`.
+/// A sink batch stops growing at this much (KiB of events as resident), or at
+/// `batch.max_rows`.
 pub(super) const BATCH_BUDGET_KB: u32 = 4 * 1024;
 
-/// What an item holds against the buffer budget: at least 1 KiB, at most all of it
-/// (a transaction bigger than the budget still passes, alone).
+/// What an item holds against the buffer budget, as the source counts it against its
+/// own bound: at least 1 KiB, at most all of it (a transaction bigger than the budget
+/// still passes, alone).
 pub(super) fn item_cost_kb(item: &StreamItem) -> u32 {
     let bytes = match item {
-        StreamItem::Txn(t) => t.events.iter().map(|e| e.payload_bytes() + 64).sum::<usize>(),
+        StreamItem::Txn(t) => t.events.iter().map(ChangeEvent::resident_bytes).sum::<usize>(),
         StreamItem::Position(_) | StreamItem::Mark(..) => 0,
     };
     (bytes / 1024).clamp(1, BUFFER_BUDGET_KB) as u32
