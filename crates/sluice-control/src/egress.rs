@@ -67,8 +67,9 @@ pub async fn check_mirror_brokers(policy: &Egress, cfg: &sluice_mirror::MirrorCo
     cfg.egress = Some(std::sync::Arc::new(policy.clone()));
     let brokers = match tokio::task::spawn_blocking(move || sluice_mirror::advertised_brokers(&cfg)).await {
         Ok(Ok(brokers)) => brokers,
-        // Refused at the connection (the bootstrap name resolves elsewhere now).
-        Ok(Err(e)) if !e.is_retryable() => return Err(e.to_string()),
+        // Refused at the connection (the bootstrap name resolves elsewhere now); any
+        // other failure is the mirror's own to report, not an egress refusal.
+        Ok(Err(e)) if sluice_core::egress::refusal_in(&e).is_some() => return Err(e.to_string()),
         _ => return Ok(()),
     };
     for (side, host, port) in brokers {
