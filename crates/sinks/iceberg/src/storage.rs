@@ -175,9 +175,15 @@ struct S3Files {
 }
 
 impl S3Files {
+    /// The operator, once the storage is open in this process (a deserialized copy
+    /// is not).
+    fn op(&self) -> iceberg::Result<&Operator> {
+        self.op.as_ref().ok_or_else(|| io_error("the warehouse's object store is not open here".into()))
+    }
+
     /// The operator and `path`'s key in the bucket.
     fn at<'a>(&self, path: &'a str) -> iceberg::Result<(&Operator, &'a str)> {
-        let op = self.op.as_ref().ok_or_else(|| io_error("the warehouse's object store is not open here".into()))?;
+        let op = self.op()?;
         let key = path
             .strip_prefix(self.base.as_str())
             .or_else(|| path.strip_prefix("s3a://").and_then(|p| p.strip_prefix(&self.base["s3://".len()..])))
@@ -240,8 +246,7 @@ impl Storage for S3Files {
     }
 
     async fn delete_stream(&self, mut paths: BoxStream<'static, String>) -> iceberg::Result<()> {
-        let Some(op) = &self.op else { return Err(io_error("the warehouse's object store is not open here".into())) };
-        let mut deleter = op.deleter().await.map_err(from_opendal)?;
+        let mut deleter = self.op()?.deleter().await.map_err(from_opendal)?;
         while let Some(path) = paths.next().await {
             let (_, key) = self.at(&path)?;
             deleter.delete(key.to_string()).await.map_err(from_opendal)?;
