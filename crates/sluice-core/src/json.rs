@@ -91,25 +91,21 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    let mut words = bytes.chunks_exact(8);
-    let mut at = 0;
-    for w in &mut words {
-        if may_need_escape(u64::from_le_bytes(w.try_into().expect("eight bytes"))) {
-            for (j, &b) in w.iter().enumerate() {
-                if needs_escape(b) {
-                    out.extend_from_slice(&bytes[start..at + j]);
-                    escape(b, out);
-                    start = at + j + 1;
-                }
-            }
+    // Words of eight bytes, then the tail byte by byte; every byte of a word the quick
+    // test reports, and of the tail, is checked on its own.
+    for (n, chunk) in bytes.chunks(8).enumerate() {
+        if let Ok(w) = <[u8; 8]>::try_from(chunk)
+            && !may_need_escape(u64::from_le_bytes(w))
+        {
+            continue;
         }
-        at += 8;
-    }
-    for (j, &b) in words.remainder().iter().enumerate() {
-        if needs_escape(b) {
-            out.extend_from_slice(&bytes[start..at + j]);
-            escape(b, out);
-            start = at + j + 1;
+        for (j, &b) in chunk.iter().enumerate() {
+            if needs_escape(b) {
+                let at = n * 8 + j;
+                out.extend_from_slice(&bytes[start..at]);
+                escape(b, out);
+                start = at + 1;
+            }
         }
     }
     out.extend_from_slice(&bytes[start..]);

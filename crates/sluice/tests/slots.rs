@@ -102,10 +102,7 @@ async fn a_lost_slot_halts_and_recovers_without_emptying_the_sink() {
     // to report (whether any change reaches the pipeline between SIGCONT and the halt
     // is a matter of timing).
     src.batch_execute("UPDATE items SET n = n + 1 WHERE id = 1").await.unwrap();
-    wait_for("the change streamed", Duration::from_secs(30), || async {
-        env.dst().await.query_one("SELECT n FROM items WHERE id = 1", &[]).await.unwrap().get::<_, i32>(0) == 1
-    })
-    .await;
+    wait_equal(&env, "items", "id", Duration::from_secs(30)).await;
 
     // Paused while the source writes on and removes the WAL the slot needed.
     signal(&p, "-STOP");
